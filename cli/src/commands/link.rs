@@ -1,0 +1,110 @@
+//! `pycstore link PREFIX...`: materialize pycs for every source of the prefixes.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use pycstore_store::{Flavor, LinkMode, LinkOptions};
+
+use crate::args::{GlobalArgs, InvalidationMode, LinkArgs, LinkModeArg};
+use crate::output::{human_bytes, Bar};
+
+/// How many failures the human summary lists before counting the rest.
+const SHOW_FAILURES: usize = 50;
+
+pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
+    let options = settings(args);
+    let store = super::open_store(global)?;
+    let bar = Bar::new(!args.quiet && !args.json && std::io::stderr().is_terminal());
+    let report = pycstore_store::link(&store, &args.prefixes, &options, &bar)?;
+    bar.finish();
+
+    let mut failures = report.failures.clone();
+    failures.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        writeln!(stdout)?;
+    } else {
+        let mut stderr = std::io::stderr().lock();
+        for failure in failures.iter().take(if args.quiet {
+            usize::MAX
+        } else {
+            SHOW_FAILURES
+        }) {
+            writeln!(
+                stderr,
+                "pycstore: {}: {}",
+                failure.path.display(),
+                failure.message
+            )?;
+        }
+        if failures.len() > SHOW_FAILURES && !args.quiet {
+            writeln!(
+                stderr,
+                "pycstore: ... and {} more failures (--json lists all)",
+                failures.len() - SHOW_FAILURES
+            )?;
+        }
+        if !args.quiet {
+            let s = &report.stats;
+            let modes: Vec<&str> = report.link_modes.iter().map(|m| m.as_str()).collect();
+            writeln!(
+                stdout,
+                "{}{} sources, {} pycs: {} up to date, {} linked from the store, {} compiled, {} failed{} in {:.2}s",
+                if options.dry_run { "dry run: " } else { "" },
+                s.sources,
+                s.pycs,
+                s.up_to_date,
+                s.hits,
+                s.compiled,
+                s.failed,
+                if s.skipped > 0 { format!(", {} skipped (changed during the run)", s.skipped) } else { String::new() },
+                report.elapsed_seconds,
+            )?;
+            if s.bytes_shared + s.bytes_copied > 0 {
+                writeln!(
+                    stdout,
+                    "placed {} sharing the store's blocks, {} copied (link mode: {})",
+                    human_bytes(s.bytes_shared),
+                    human_bytes(s.bytes_copied),
+                    modes.join(", ")
+                )?;
+            }
+        }
+    }
+    Ok(if report.stats.failed > 0 || !report.failures.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn settings(args: &LinkArgs) -> LinkOptions {
+    LinkOptions {
+        python: args.python.clone(),
+        optimize: args.optimize.clone(),
+        flavor: match args.invalidation_mode {
+            InvalidationMode::CheckedHash => Flavor::CheckedHash,
+            InvalidationMode::UncheckedHash => Flavor::UncheckedHash,
+            InvalidationMode::Timestamp => Flavor::Timestamp,
+        },
+        link_mode: match args.link_mode {
+            LinkModeArg::Auto => LinkMode::Auto,
+            LinkModeArg::Reflink => LinkMode::Reflink,
+            LinkModeArg::Hardlink => LinkMode::Hardlink,
+            LinkModeArg::Copy => LinkMode::Copy,
+        },
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1),
+        excludes: args.exclude.clone(),
+        dry_run: args.dry_run,
+        timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),
+    }
+}

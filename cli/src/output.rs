@@ -1,0 +1,61 @@
+//! Progress bars and summaries for humans; JSON for machines.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pycstore_store::link::Progress;
+
+/// A progress bar on stderr when it is a terminal, else nothing.
+pub struct Bar {
+    bar: ProgressBar,
+}
+
+impl Bar {
+    pub fn new(enabled: bool) -> Bar {
+        let bar = if enabled {
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} pycs ({per_sec})",
+            )
+            .expect("valid template"),
+        );
+        Bar { bar }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, total: u64) {
+        self.bar.set_length(total);
+    }
+
+    fn advance(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    fn warn(&self, message: &str) {
+        self.bar
+            .suspend(|| eprintln!("pycstore: warning: {message}"));
+    }
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,71 @@
+//! Typed errors of the store library. Every variant names the path it is
+//! about, so the binary can print one line a user can act on.
+
+use std::io;
+use std::path::PathBuf;
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong while opening or using the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem operation failed; the message of `fs-err` names the path.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+
+    /// The RocksDB index could not be opened or used.
+    #[error("the store index at `{path}` failed: {message}")]
+    Index {
+        /// The index directory.
+        path: PathBuf,
+        /// RocksDB's own message.
+        message: String,
+    },
+
+    /// An interpreter could not be probed.
+    #[error("failed to probe the Python interpreter `{path}`: {message}")]
+    Probe {
+        /// The executable that was run.
+        path: PathBuf,
+        /// What went wrong, with the interpreter's stderr when there was any.
+        message: String,
+    },
+
+    /// An interpreter that pycstore cannot produce pycs for.
+    #[error("the Python interpreter `{path}` is not supported: {reason}")]
+    Unsupported {
+        /// The executable.
+        path: PathBuf,
+        /// Why, in words a user can act on.
+        reason: String,
+    },
+
+    /// No interpreter could be found for a prefix.
+    #[error(
+        "no Python interpreter found in `{prefix}` (looked for bin/python3, bin/python, \
+         bin/pypy3); pass `--python PATH`"
+    )]
+    NoInterpreter {
+        /// The prefix that was searched.
+        prefix: PathBuf,
+    },
+
+    /// An exclude pattern did not parse.
+    #[error("invalid exclude pattern `{pattern}`: {message}")]
+    Pattern {
+        /// The pattern as given.
+        pattern: String,
+        /// The glob parser's message.
+        message: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn index(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
+        Error::Index {
+            path: path.into(),
+            message: err.to_string(),
+        }
+    }
+}

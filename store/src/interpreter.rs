@@ -1,0 +1,232 @@
+//! Interpreters: what a Python executable answers when asked, and where to
+//! find the one that belongs to a prefix.
+//!
+//! A probe costs a process start, so its answer is cached in the index keyed
+//! by the executable's path and identity (the resolved file's device, inode,
+//! size and mtime): replacing the interpreter invalidates the cache.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::index::Index;
+use crate::pyc::{source_hash, HashVariant};
+use crate::{Error, Result};
+
+/// Asks the interpreter what decides its pycs. Runs isolated (`-I`) so the
+/// user's `PYTHON*` variables cannot change the answer.
+const PROBE: &str = r#"
+import sys, json, sysconfig, importlib.util
+print(json.dumps({
+    "implementation": sys.implementation.name,
+    "version": "%d.%d.%d" % sys.version_info[:3],
+    "cache_tag": sys.implementation.cache_tag,
+    "magic": importlib.util.MAGIC_NUMBER.hex(),
+    "probe_hash": importlib.util.source_hash(b"pycstore probe").hex(),
+    "prefix": sys.prefix,
+    "stdlib": sysconfig.get_path("stdlib"),
+    "purelib": sysconfig.get_path("purelib"),
+}))
+"#;
+
+/// Bump when the probe's fields change, so cached probes are redone.
+const PROBE_VERSION: u32 = 1;
+
+#[derive(Deserialize)]
+struct RawProbe {
+    implementation: String,
+    version: String,
+    cache_tag: Option<String>,
+    magic: String,
+    probe_hash: String,
+    prefix: PathBuf,
+    stdlib: PathBuf,
+    purelib: PathBuf,
+}
+
+/// A probed interpreter.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Interpreter {
+    /// The executable as given (not resolved: a venv's `bin/python` symlink
+    /// knows its venv).
+    pub executable: PathBuf,
+    /// `sys.implementation.name`: `cpython`, `pypy`.
+    pub implementation: String,
+    /// `major.minor.micro`.
+    pub version: String,
+    /// `sys.implementation.cache_tag`: names the pyc files (`cpython-311`).
+    pub cache_tag: String,
+    /// `importlib.util.MAGIC_NUMBER`.
+    pub magic: [u8; 4],
+    /// The SipHash of its `source_hash`.
+    pub hash_variant: HashVariant,
+    /// `sys.prefix`.
+    pub prefix: PathBuf,
+    /// The standard library directory.
+    pub stdlib: PathBuf,
+    /// `site-packages`.
+    pub purelib: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedProbe {
+    version: u32,
+    identity: (u64, u64, u64, i64),
+    interpreter: Interpreter,
+}
+
+impl Interpreter {
+    /// Probes `executable`, using the index's cached answer when the
+    /// executable is unchanged.
+    pub fn probe(executable: &Path, index: Option<&Index>) -> Result<Interpreter> {
+        let meta = std::fs::metadata(executable).map_err(|e| Error::Probe {
+            path: executable.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let identity = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+        );
+        if let Some(index) = index {
+            if let Some(raw) = index.interpreter(executable)? {
+                if let Ok(cached) = serde_json::from_slice::<CachedProbe>(&raw) {
+                    if cached.version == PROBE_VERSION && cached.identity == identity {
+                        return Ok(cached.interpreter);
+                    }
+                }
+            }
+        }
+        let interpreter = Self::run_probe(executable)?;
+        if let Some(index) = index {
+            let cached = CachedProbe {
+                version: PROBE_VERSION,
+                identity,
+                interpreter: interpreter.clone(),
+            };
+            index.put_interpreter(
+                executable,
+                &serde_json::to_vec(&cached).expect("serializable"),
+            )?;
+        }
+        Ok(interpreter)
+    }
+
+    fn run_probe(executable: &Path) -> Result<Interpreter> {
+        let fail = |message: String| Error::Probe {
+            path: executable.to_path_buf(),
+            message,
+        };
+        let output = Command::new(executable)
+            .args(["-I", "-c", PROBE])
+            .output()
+            .map_err(|e| fail(e.to_string()))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr.lines().last().unwrap_or("").trim().to_string();
+            return Err(
+                if last.contains("SyntaxError") || last.contains("source_hash") {
+                    Error::Unsupported {
+                        path: executable.to_path_buf(),
+                        reason:
+                            "pycstore needs Python 3.7 or later (hash-based pycs, 16-byte headers)"
+                                .into(),
+                    }
+                } else {
+                    fail(format!("exited with {}: {last}", output.status))
+                },
+            );
+        }
+        let raw: RawProbe = serde_json::from_slice(&output.stdout)
+            .map_err(|e| fail(format!("unexpected answer: {e}")))?;
+        let unsupported = |reason: String| Error::Unsupported {
+            path: executable.to_path_buf(),
+            reason,
+        };
+        let cache_tag = raw.cache_tag.ok_or_else(|| {
+            unsupported(
+                "its sys.implementation.cache_tag is None: it never reads or writes pycs".into(),
+            )
+        })?;
+        let magic: [u8; 4] = decode_hex(&raw.magic)
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| fail(format!("unexpected magic number `{}`", raw.magic)))?;
+        let want = decode_hex(&raw.probe_hash).unwrap_or_default();
+        let hash_variant = HashVariant::ALL
+            .into_iter()
+            .find(|v| source_hash(*v, magic, b"pycstore probe").as_slice() == want)
+            .ok_or_else(|| {
+                unsupported("its source hash is neither SipHash-1-3 nor SipHash-2-4".into())
+            })?;
+        Ok(Interpreter {
+            executable: executable.to_path_buf(),
+            implementation: raw.implementation,
+            version: raw.version,
+            cache_tag,
+            magic,
+            hash_variant,
+            prefix: raw.prefix,
+            stdlib: raw.stdlib,
+            purelib: raw.purelib,
+        })
+    }
+
+    /// The pyc file name of `stem` (a module file name without `.py`) for
+    /// optimize level `optimize`: `stem.TAG.pyc`, `stem.TAG.opt-1.pyc`.
+    pub fn pyc_name(&self, stem: &str, optimize: u8) -> String {
+        if optimize == 0 {
+            format!("{stem}.{}.pyc", self.cache_tag)
+        } else {
+            format!("{stem}.{}.opt-{optimize}.pyc", self.cache_tag)
+        }
+    }
+}
+
+/// Finds the interpreter of a venv, conda env or CPython install.
+pub fn find_in_prefix(prefix: &Path) -> Result<PathBuf> {
+    let bin = prefix.join("bin");
+    for name in ["python3", "python", "pypy3", "pypy"] {
+        let candidate = bin.join(name);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    // A CPython install may only have bin/python3.N.
+    if let Ok(entries) = std::fs::read_dir(&bin) {
+        let mut versioned: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("python3.") && n[8..].chars().all(|c| c.is_ascii_digit())
+                })
+            })
+            .filter(|p| is_executable(p))
+            .collect();
+        versioned.sort();
+        if let Some(found) = versioned.pop() {
+            return Ok(found);
+        }
+    }
+    Err(Error::NoInterpreter {
+        prefix: prefix.to_path_buf(),
+    })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -1,0 +1,69 @@
+//! Compile keys: what decides the bytes of a compiled module.
+//!
+//! The key is blake3 over a versioned domain tag, the blake3 of the raw source
+//! bytes, the interpreter's magic number, the optimize level and a word of
+//! compile-affecting flags. The source's path is deliberately not part of it:
+//! CPython rewrites `co_filename` on import, so one object serves every copy of
+//! a file.
+
+use std::fmt;
+
+/// blake3 of a source file's raw bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceDigest(pub [u8; 32]);
+
+impl SourceDigest {
+    /// Hashes source bytes.
+    pub fn of(source: &[u8]) -> Self {
+        SourceDigest(*blake3::hash(source).as_bytes())
+    }
+}
+
+/// Flags that change what `compile()` produces. Workers run isolated with none
+/// of them set today; the word is in the key so that adding one (for example
+/// `-X no_debug_ranges`) can never collide with existing entries.
+pub const COMPILE_FLAGS_DEFAULT: u32 = 0;
+
+/// The key of one compilation: (source, magic, optimize level, flags).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CompileKey(pub [u8; 32]);
+
+impl CompileKey {
+    /// Derives the key of compiling `source` for an interpreter with `magic`.
+    pub fn new(source: &SourceDigest, magic: [u8; 4], optimize: u8, flags: u32) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"pycstore compile key v1\0");
+        hasher.update(&source.0);
+        hasher.update(&magic);
+        hasher.update(&[optimize]);
+        hasher.update(&flags.to_le_bytes());
+        CompileKey(*hasher.finalize().as_bytes())
+    }
+}
+
+impl fmt::Debug for CompileKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_input_changes_the_key() {
+        let a = SourceDigest::of(b"x = 1\n");
+        let b = SourceDigest::of(b"x = 2\n");
+        let magic = [0xa7, 0x0d, 0x0d, 0x0a];
+        let base = CompileKey::new(&a, magic, 0, 0);
+        assert_ne!(base, CompileKey::new(&b, magic, 0, 0));
+        assert_ne!(base, CompileKey::new(&a, [0xcb, 0x0d, 0x0d, 0x0a], 0, 0));
+        assert_ne!(base, CompileKey::new(&a, magic, 1, 0));
+        assert_ne!(base, CompileKey::new(&a, magic, 0, 1));
+        assert_eq!(base, CompileKey::new(&a, magic, 0, 0));
+    }
+}

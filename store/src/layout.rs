@@ -1,0 +1,129 @@
+//! Where the store lives and what lies inside it.
+//!
+//! ```text
+//! $PYCSTORE_DIR (default $XDG_CACHE_HOME/pycstore), mode 0700
+//! ├── CACHEDIR.TAG        tells backup tools to skip the store
+//! ├── objects-v1/         immutable, read-only pyc files (mode 0444)
+//! │   └── 3f/             sharded by the first byte of the blake3 of the bytes
+//! │       └── 9a0c…e1     the remaining 62 hex digits
+//! ├── index-v1/           RocksDB: compile keys → objects, failures, probes,
+//! │                       the stat cache and what was linked where
+//! └── tmp/                files being written; renamed into place when whole,
+//!                         leftovers older than an hour are swept on open
+//! ```
+//!
+//! Each bucket carries its layout version in its name; a bump leaves the old
+//! bucket as garbage for `gc` instead of misreading it.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use fs_err as fs;
+
+use crate::index::Index;
+use crate::objects::Objects;
+use crate::Result;
+
+/// The bucket holding objects, with its layout version.
+pub const OBJECTS_DIR: &str = "objects-v1";
+/// The bucket holding the RocksDB index, with its layout version.
+pub const INDEX_DIR: &str = "index-v1";
+/// Scratch space for files being written.
+pub const TMP_DIR: &str = "tmp";
+
+const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
+# This file is a cache directory tag created by pycstore.\n\
+# For information about cache directory tags see https://bford.info/cachedir/\n";
+
+/// An open store: its objects and its index.
+pub struct Store {
+    root: PathBuf,
+    /// The immutable pyc files.
+    pub objects: Objects,
+    /// The RocksDB index.
+    pub index: Index,
+}
+
+impl Store {
+    /// Opens the store at `root`, creating it private to its owner if missing.
+    pub fn open(root: &Path) -> Result<Store> {
+        if !root.exists() {
+            if let Some(parent) = root.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(root) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(fs_error(e, "create the store directory", root)),
+            }
+        }
+        for dir in [OBJECTS_DIR, TMP_DIR] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root.join(dir))
+                .map_err(|e| fs_error(e, "create", &root.join(dir)))?;
+        }
+        let tag = root.join("CACHEDIR.TAG");
+        if !tag.exists() {
+            crate::objects::write_atomic(
+                &root.join(TMP_DIR),
+                &tag,
+                CACHEDIR_TAG.as_bytes(),
+                0o644,
+            )?;
+        }
+        sweep_tmp(&root.join(TMP_DIR));
+        let index = Index::open(&root.join(INDEX_DIR))?;
+        Ok(Store {
+            objects: Objects::new(root.join(OBJECTS_DIR), root.join(TMP_DIR)),
+            index,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// The default store location: `$XDG_CACHE_HOME/pycstore`, else
+/// `~/.cache/pycstore`.
+pub fn default_root() -> Option<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(xdg).join("pycstore"));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|home| PathBuf::from(home).join(".cache").join("pycstore"))
+}
+
+/// Removes leftovers of writers that died: anything in `tmp/` untouched for an
+/// hour. Younger files may belong to a running process.
+fn sweep_tmp(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    let cutoff = SystemTime::now() - Duration::from_secs(3600);
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < cutoff);
+        if old {
+            let path = entry.path();
+            // Objects are read-only; make the leftover removable first.
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+fn fs_error(err: std::io::Error, action: &str, path: &Path) -> crate::Error {
+    crate::Error::Io(std::io::Error::new(
+        err.kind(),
+        format!("failed to {action} `{}`: {err}", path.display()),
+    ))
+}

@@ -1,0 +1,29 @@
+//! `pycstore-store`: a content-addressed store of compiled Python bytecode.
+//!
+//! Each compiled `.pyc` is keyed by what decides its bytes (the source's
+//! blake3, the interpreter's magic number, the optimize level and any
+//! compile-affecting flag), kept once as an immutable, read-only object, and
+//! materialized into Python prefixes by reflink, hardlink or copy. The crate
+//! holds the on-disk [`layout`], the RocksDB [`index`], the [`objects`], the
+//! [`interpreter`] probe, the pyc [`format`](pyc), the [`compile`] pool and the
+//! [`link`] pipeline that ties them together.
+#![deny(missing_docs)]
+
+pub mod compile;
+pub mod error;
+pub mod index;
+pub mod interpreter;
+pub mod key;
+pub mod layout;
+pub mod link;
+pub mod materialize;
+pub mod objects;
+pub mod pyc;
+pub mod walk;
+
+pub use error::{Error, Result};
+pub use interpreter::Interpreter;
+pub use layout::Store;
+pub use link::{link, LinkOptions, LinkReport, LinkStats};
+pub use materialize::LinkMode;
+pub use pyc::Flavor;

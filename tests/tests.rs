@@ -1,1 +1,9 @@
+//! End-to-end tests of the `pycstore` binary: real interpreters importing
+//! real packages from pycs that pycstore placed.
 
+#[macro_use]
+mod util;
+
+mod cli;
+mod flavors;
+mod interpreters;

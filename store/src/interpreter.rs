@@ -32,7 +32,7 @@ print(json.dumps({
 "#;
 
 /// Bump when the probe's fields change, so cached probes are redone.
-const PROBE_VERSION: u32 = 1;
+const PROBE_VERSION: u32 = 2;
 
 #[derive(Deserialize)]
 struct RawProbe {
@@ -58,7 +58,8 @@ pub struct Interpreter {
     pub version: String,
     /// `sys.implementation.cache_tag`: names the pyc files (`cpython-311`).
     pub cache_tag: String,
-    /// `importlib.util.MAGIC_NUMBER`.
+    /// `importlib.util.MAGIC_NUMBER` (hex in JSON).
+    #[serde(with = "magic_hex")]
     pub magic: [u8; 4],
     /// The SipHash of its `source_hash`.
     pub hash_variant: HashVariant,
@@ -229,4 +230,19 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+mod magic_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(magic: &[u8; 4], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&magic.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 4], D::Error> {
+        let s = String::deserialize(d)?;
+        super::decode_hex(&s)
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom(format!("bad magic `{s}`")))
+    }
 }

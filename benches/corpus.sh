@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on the reference corpus (../shared/corpus, a CPython
+# 3.11 venv of ~7,000 .py files): what each way of giving an environment its
+# .pyc files costs in time and disk, and what the pycs are worth at import.
+#
+#   benches/corpus.sh
+#
+# Timed with hyperfine, RUNS runs each (default 3), state reset by --prepare
+# before every run:
+#   compileall       python -m compileall -q -j0 on a copy of the corpus
+#                    without pycs
+#   uv               uv pip install of the corpus requirements into a fresh
+#                    venv from a warm uv cache (--link-mode copy), without and
+#                    with --compile-bytecode; the difference is what
+#                    compiling costs an install
+#   link cold        pycstore link on a copy without pycs, empty store
+#   link warm        pycstore link into a fresh copy, warm store
+#   link again       pycstore link on a prefix it has already linked
+#   import           the corpus import workload with compileall's pycs, with
+#                    pycstore's, and with none (PYTHONDONTWRITEBYTECODE=1)
+# Measured with du (hard links counted once): the store, what compileall's
+# pycs add to every prefix, and the new blocks a second linked prefix adds.
+#
+# Prints a Markdown report and writes it to benches/results/corpus-DATE.md,
+# with hyperfine's JSON in benches/results/corpus-DATE/. Scratch data (the
+# corpus and its copies, the store, uv and its cache) lives in BENCH_DIR,
+# default ~/.cache/pycstore-bench; reruns reuse the corpus and the caches.
+#
+# Environment: RUNS, BENCH_DIR, CARGO_TARGET_DIR (default
+# ~/.cache/pycstore-target), PYCSTORE (a pycstore binary to measure instead
+# of building this checkout), PYTHON (the corpus interpreter, default
+# make-corpus.sh's CPython 3.11).
+set -euo pipefail
+
+repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+shared=$(cd "$repo/../shared" && pwd)
+bench=${BENCH_DIR:-$HOME/.cache/pycstore-bench}
+runs=${RUNS:-3}
+python=${PYTHON:-/root/.pyenv/versions/3.11.7/bin/python3.11}
+requirements=$shared/corpus/requirements.txt
+workload=$shared/corpus/import-workload.py
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
+# Only compileall, uv --compile-bytecode and pycstore may write pycs here.
+export PYTHONDONTWRITEBYTECODE=1
+# Only the report goes to stdout; progress and hyperfine's output to stderr.
+exec 3>&1 1>&2
+
+say() { printf '\n=== %s ===\n' "$*"; }
+q() { printf '%q' "$1"; }
+# A shell command removing every pyc under a prefix.
+rm_pycs() { echo "find $(q "$1") -name __pycache__ -type d -prune -exec rm -rf {} +"; }
+fresh_copy() { rm -rf "$1" && cp -a "$corpus" "$1"; }
+count_pycs() { find "$1" -name '*.pyc' | wc -l; }
+# Disk use in KiB of all arguments together, each hard-linked file once.
+kib() { du -skc "$@" | tail -n 1 | cut -f 1; }
+
+say "setup"
+"$repo/scripts/setup" --no-install
+
+date=$(date +%Y-%m-%d)
+results=$repo/benches/results
+json=$results/corpus-$date
+work=$bench/work
+mkdir -p "$json" "$work"
+
+if [[ -n ${PYCSTORE:-} ]]; then
+  pycstore=$PYCSTORE
+else
+  say "cargo build --release"
+  (cd "$repo" && cargo build --release)
+  pycstore=$CARGO_TARGET_DIR/release/pycstore
+fi
+
+# One corpus per requirements, build script and interpreter.
+corpus=$bench/corpus-$(cat "$requirements" "$shared/corpus/make-corpus.sh" <(echo "$python") |
+  sha256sum | cut -c 1-12)
+if [[ ! -e $corpus.done ]]; then
+  say "building the corpus in $corpus"
+  rm -rf "$corpus"
+  "$shared/corpus/make-corpus.sh" "$corpus" "$python"
+  touch "$corpus.done"
+fi
+
+uv=$(command -v uv || echo "$bench/uv/bin/uv")
+if [[ ! -x $uv ]]; then
+  say "installing uv into $bench/uv"
+  rm -rf "$bench/uv"
+  "$python" -m venv "$bench/uv"
+  "$bench/uv/bin/python" -m pip install --quiet --disable-pip-version-check uv
+fi
+export UV_CACHE_DIR=$bench/uv-cache UV_PYTHON_DOWNLOADS=never
+
+hyperfine_to() {
+  local name=$1
+  shift
+  hyperfine --style basic --runs "$runs" --export-json "$json/$name.json" "$@"
+}
+
+say "python -m compileall"
+compiled=$work/compileall
+fresh_copy "$compiled"
+hyperfine_to compileall --prepare "$(rm_pycs "$compiled")" \
+  -n "compileall -j0" "$(q "$compiled/bin/python") -m compileall -q -j0 $(q "$compiled")"
+
+say "uv pip install, with and without --compile-bytecode"
+venv=$work/uv-venv
+new_venv="rm -rf $(q "$venv") && $(q "$uv") venv -q --python $(q "$python") $(q "$venv")"
+install="$(q "$uv") pip install -q --python $(q "$venv/bin/python") --link-mode copy -r $(q "$requirements")"
+sh -c "$new_venv && $install" # warms the uv cache
+hyperfine_to uv \
+  -n "uv pip install" --prepare "$new_venv" "$install" \
+  -n "uv pip install --compile-bytecode" --prepare "$new_venv" "$install --compile-bytecode"
+uv_pycs=$(count_pycs "$venv")
+
+say "pycstore link"
+store=$work/store
+link="$(q "$pycstore") --store $(q "$store") link -q"
+rm_store="chmod -R u+w $(q "$store") 2>/dev/null; rm -rf $(q "$store")"
+cold=$work/link-cold
+fresh_copy "$cold"
+hyperfine_to link-cold --prepare "$rm_store && $(rm_pycs "$cold")" \
+  -n "pycstore link, empty store" "$link $(q "$cold")"
+linked=$work/link-warm
+hyperfine_to link-warm --prepare "rm -rf $(q "$linked") && cp -a $(q "$corpus") $(q "$linked")" \
+  -n "pycstore link, warm store" "$link $(q "$linked")"
+hyperfine_to link-again --warmup 1 \
+  -n "pycstore link, already linked" "$link $(q "$linked")"
+
+say "disk"
+second=$work/link-second
+fresh_copy "$second"
+before=$(kib "$store" "$linked" "$second")
+"$pycstore" --store "$store" link -q "$second"
+second_kib=$(($(kib "$store" "$linked" "$second") - before))
+store_kib=$(kib "$store")
+compileall_kib=$(($(kib "$compiled") - $(kib "$corpus")))
+
+say "import workload"
+none=$work/no-pycs
+fresh_copy "$none"
+import() { echo "PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg $(q "$1/bin/python") -W ignore $(q "$workload")"; }
+# Modules of the prefix that one run of the workload compiled from source
+# (python -v: "# code object from PATH.py", unquoted, when no pyc was used).
+from_source() {
+  MPLBACKEND=Agg "$1/bin/python" -v -W ignore "$workload" 2>&1 >/dev/null |
+    grep -F "# code object from $1/" | grep -c '\.py$' || true
+}
+hyperfine_to import --warmup 1 \
+  -n "compileall's pycs" "$(import "$compiled")" \
+  -n "pycstore's pycs" "$(import "$linked")" \
+  -n "no pycs" "$(import "$none")"
+
+say "report"
+report=$results/corpus-$date.md
+"$python" - "$json" \
+  date="$date" \
+  kernel="$(uname -r)" \
+  cpu="$(grep -m 1 '^model name' /proc/cpuinfo | cut -d : -f 2- | sed 's/^ *//')" \
+  nproc="$(nproc)" \
+  fs="$(stat -f -c %T "$work")" \
+  python="$("$python" -c 'import platform; print(platform.python_version())')" \
+  pycstore="$("$pycstore" --version 2>/dev/null || echo "pycstore (version unknown)")" \
+  commit="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")" \
+  uv="$("$uv" --version)" \
+  runs="$runs" \
+  py_files="$(find "$corpus" -name '*.py' | wc -l)" \
+  py_bytes="$(find "$corpus" -name '*.py' -printf '%s\n' | awk '{s += $1} END {print s}')" \
+  pycs_compileall="$(count_pycs "$compiled")" \
+  pycs_uv="$uv_pycs" \
+  pycs_cold="$(count_pycs "$cold")" \
+  pycs_linked="$(count_pycs "$linked")" \
+  from_source_compileall="$(from_source "$compiled")" \
+  from_source_pycstore="$(from_source "$linked")" \
+  from_source_none="$(from_source "$none")" \
+  store_kib="$store_kib" \
+  compileall_kib="$compileall_kib" \
+  second_kib="$second_kib" \
+  <<'PY' | tee "$report" >&3
+"""Turns the hyperfine JSON of corpus.sh into a Markdown report."""
+import json
+import sys
+from pathlib import Path
+
+info = dict(arg.split("=", 1) for arg in sys.argv[2:])
+results = {}
+for path in Path(sys.argv[1]).glob("*.json"):
+    for r in json.loads(path.read_text())["results"]:
+        results[r["command"]] = r
+
+
+def mean(name):
+    return results[name]["mean"]
+
+
+def cell(name):
+    r = results[name]
+    return f"{r['mean']:.3f} ± {r['stddev'] or 0:.3f} | {r['min']:.3f}"
+
+
+def ratio(a, b):
+    return f"{a / b:.1f}x"
+
+
+def mib(kib):
+    return f"{int(kib) / 1024:.1f} MiB"
+
+
+uv_cost = mean("uv pip install --compile-bytecode") - mean("uv pip install")
+warm = mean("pycstore link, warm store")
+
+print(f"""# pycstore on the reference corpus, {info['date']}
+
+- Linux {info['kernel']}, {info['cpu']}, {info['nproc']} CPUs; scratch on {info['fs']}
+- corpus: {info['py_files']} .py files, {int(info['py_bytes']) / 1e6:.0f} MB of source, CPython {info['python']}
+- {info['pycstore']} ({info['commit']}), {info['uv']}; hyperfine runs per measurement: {info['runs']}
+
+## Making the pycs
+
+| | mean ± σ (s) | min (s) | pycs |
+|---|---|---|---|
+| `python -m compileall -q -j0` | {cell("compileall -j0")} | {info['pycs_compileall']} |
+| `uv pip install` | {cell("uv pip install")} | 0 |
+| `uv pip install --compile-bytecode` | {cell("uv pip install --compile-bytecode")} | {info['pycs_uv']} |
+| uv's compile step (difference) | {uv_cost:.3f} | | |
+| `pycstore link`, empty store | {cell("pycstore link, empty store")} | {info['pycs_cold']} |
+| `pycstore link`, warm store, fresh copy | {cell("pycstore link, warm store")} | {info['pycs_linked']} |
+| `pycstore link`, already linked | {cell("pycstore link, already linked")} | {info['pycs_linked']} |
+
+| ratio | |
+|---|---|
+| compileall / warm link | {ratio(mean("compileall -j0"), warm)} |
+| uv's compile step / warm link | {ratio(uv_cost, warm)} |
+| compileall / cold link | {ratio(mean("compileall -j0"), mean("pycstore link, empty store"))} |
+| warm link / already linked | {ratio(warm, mean("pycstore link, already linked"))} |
+
+## Importing 370 modules (import-workload.py)
+
+| pycs | mean ± σ (s) | min (s) | modules compiled from source |
+|---|---|---|---|
+| compileall's | {cell("compileall's pycs")} | {info['from_source_compileall']} |
+| pycstore's | {cell("pycstore's pycs")} | {info['from_source_pycstore']} |
+| none | {cell("no pycs")} | {info['from_source_none']} |
+
+| ratio | |
+|---|---|
+| no pycs / pycstore's | {ratio(mean("no pycs"), mean("pycstore's pycs"))} |
+| pycstore's / compileall's | {ratio(mean("pycstore's pycs"), mean("compileall's pycs"))} |
+
+## Disk (du, hard links counted once)
+
+| | |
+|---|---|
+| store (objects and index) | {mib(info['store_kib'])} |
+| compileall's pycs, in every prefix | {mib(info['compileall_kib'])} |
+| a second linked prefix adds | {mib(info['second_kib'])} |
+
+du does not see blocks that reflinked files share: where pycstore reflinks (XFS,
+btrfs), the prefix numbers overstate what is really new.""")
+PY
+echo "report: $report"

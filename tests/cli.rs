@@ -1,0 +1,242 @@
+//! What a user sees from `pycstore link` on awkward input: per-file reports,
+//! exit codes, the negative cache, dry runs, excludes, symlinks and
+//! read-only directories.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::util::*;
+
+#[test]
+fn bad_files_are_reported_and_the_rest_is_linked() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/good.py", "x = 1\n");
+    t.write("app/syntax.py", "def f(:\n");
+    t.write("app/nul.py", b"x = 1\0\n");
+    t.write("app/latin.py", b"# -*- coding: utf-8 -*-\nx = '\xe9'\n");
+    t.write("app/py2.py", "print 'hello'\n");
+    t.write("app/cookie.py", "# -*- coding: no-such-codec -*-\nx = 1\n");
+    let app = t.join("app");
+
+    let (out, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["compiled"], 1, "{json}");
+    assert_eq!(json["failed"], 5, "{json}");
+    let failures = json["failures"].as_array().unwrap();
+    for name in ["syntax.py", "nul.py", "latin.py", "py2.py", "cookie.py"] {
+        let f = failures
+            .iter()
+            .find(|f| f["path"].as_str().unwrap().ends_with(name))
+            .unwrap_or_else(|| panic!("{name} not reported: {json}"));
+        assert!(
+            f["message"].as_str().unwrap().contains("does not compile"),
+            "{f}"
+        );
+    }
+    assert!(app.join("__pycache__/good.cpython-311.pyc").exists());
+    assert!(!app.join("__pycache__/syntax.cpython-311.pyc").exists());
+
+    // Humans get one line per failure naming the file, and a summary.
+    let out = run(t
+        .pycstore()
+        .args(["link", "--python"])
+        .arg(&python)
+        .arg(&app));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: does not compile",
+            app.join("syntax.py").display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("5 failed"),
+        "{:?}",
+        out
+    );
+
+    // Failures are remembered: no worker is started for them again.
+    let (_, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_eq!(json["compiled"], 0, "{json}");
+    assert_eq!(json["failed"], 5, "{json}");
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/a.py", "x = 1\n");
+    let app = t.join("app");
+    let (out, json) = link_json(
+        t.pycstore()
+            .args(["link", "--dry-run", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_output!(out, out.status.success(), "dry run failed");
+    assert_eq!(json["compiled"], 1, "{json}");
+    assert!(pycs_under(&app).is_empty());
+    assert!(pycs_under(&t.store()).is_empty());
+}
+
+#[test]
+fn excludes_by_name_and_by_path() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/a.py", "");
+    t.write("app/tests/t.py", "");
+    t.write("app/pkg/vendored/v.py", "");
+    t.write("app/pkg/kept.py", "");
+    let app = t.join("app");
+    run_ok(
+        t.pycstore()
+            .args([
+                "link",
+                "--exclude",
+                "tests",
+                "--exclude",
+                "pkg/vendored",
+                "--python",
+            ])
+            .arg(&python)
+            .arg(&app),
+    );
+    let names: Vec<String> = pycs_under(&app)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "__pycache__/a.cpython-311.pyc",
+            "pkg/__pycache__/kept.cpython-311.pyc"
+        ]
+    );
+}
+
+#[test]
+fn never_writes_through_a_symlinked_pycache() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/a.py", "x = 1\n");
+    t.write("app/sub/b.py", "x = 2\n");
+    std::fs::create_dir(t.join("outside")).unwrap();
+    std::os::unix::fs::symlink(t.join("outside"), t.join("app/sub/__pycache__")).unwrap();
+    let app = t.join("app");
+    let (out, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["failed"], 1, "{json}");
+    assert!(
+        json["failures"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symlink"),
+        "{json}"
+    );
+    assert_eq!(
+        std::fs::read_dir(t.join("outside")).unwrap().count(),
+        0,
+        "wrote through the symlink"
+    );
+    assert!(app.join("__pycache__/a.cpython-311.pyc").exists());
+}
+
+#[test]
+fn read_only_directories_are_reported_not_fatal() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/a.py", "x = 1\n");
+    let ro = t.join("app/ro");
+    t.write("app/ro/b.py", "x = 2\n");
+    // Root ignores permission bits; the immutable attribute stops it too.
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let immutable = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&ro)
+        .status();
+    let locked = std::fs::write(ro.join("probe"), "").is_err();
+    let app = t.join("app");
+    let (out, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    if immutable.is_ok_and(|s| s.success()) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&ro)
+            .status();
+    }
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(
+        locked,
+        "could not make {} read-only for this user (chattr +i failed)",
+        ro.display()
+    );
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(json["compiled"], 1, "{json}");
+    assert_eq!(json["failed"], 1, "{json}");
+    let failure = &json["failures"][0];
+    assert!(
+        failure["path"].as_str().unwrap().ends_with("ro/b.py"),
+        "{json}"
+    );
+    assert!(
+        failure["message"].as_str().unwrap().contains("__pycache__"),
+        "{json}"
+    );
+    assert!(app.join("__pycache__/a.cpython-311.pyc").exists(), "{json}");
+}
+
+#[test]
+fn no_interpreter_is_a_clear_error() {
+    let t = TestDir::new();
+    t.write("app/a.py", "");
+    let out = run(t.pycstore().arg("link").arg(t.join("app")));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no Python interpreter found") && stderr.contains("--python"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_store_is_private_and_objects_read_only() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/a.py", "x = 1\n");
+    run_ok(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(t.join("app")),
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&t.store()), 0o700);
+    assert!(t.store().join("CACHEDIR.TAG").exists());
+    let objects: Vec<_> = walkdir::WalkDir::new(t.store().join("objects-v1"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .collect();
+    assert_eq!(objects.len(), 1);
+    assert_eq!(mode(objects[0].path()), 0o444);
+}

@@ -1,0 +1,119 @@
+//! All three invalidation modes and all three optimize levels, imported by a
+//! real interpreter under `-O` and `-OO`.
+
+use std::os::unix::fs::MetadataExt;
+
+use crate::util::*;
+
+const MODULE: &str = "\"\"\"A docstring, dropped at -OO.\"\"\"\n\
+def f(x):\n    \"\"\"Doc.\"\"\"\n    assert x, 'asserts vanish at -O'\n    return x\n";
+
+#[test]
+fn every_flavor_and_optimize_level_imports() {
+    let python = python("3.12");
+    for (mode, flags) in [
+        ("checked-hash", 3u8),
+        ("unchecked-hash", 1),
+        ("timestamp", 0),
+    ] {
+        let t = TestDir::new();
+        t.write("app/pkg/__init__.py", "");
+        t.write("app/pkg/mod.py", MODULE);
+        t.write("app/pkg/plain.py", "VALUE = 42\n");
+        let app = t.join("app");
+        let (out, json) = link_json(
+            t.pycstore()
+                .args([
+                    "link",
+                    "--optimize",
+                    "0,1,2",
+                    "--invalidation-mode",
+                    mode,
+                    "--python",
+                ])
+                .arg(&python)
+                .arg(&app),
+        );
+        assert_output!(out, out.status.success(), "{mode}: link failed");
+        assert_eq!(json["pycs"], 9, "{json}");
+        assert_eq!(json["failed"], 0, "{json}");
+
+        let cache = app.join("pkg/__pycache__");
+        for name in [
+            "mod.cpython-312.pyc",
+            "mod.cpython-312.opt-1.pyc",
+            "mod.cpython-312.opt-2.pyc",
+        ] {
+            let bytes = std::fs::read(cache.join(name)).unwrap();
+            assert_eq!(bytes[4], flags, "{mode}: flags of {name}");
+        }
+        // A module with no docstrings or asserts compiles alike at every
+        // level: one object, one inode.
+        let inode = |n: &str| std::fs::metadata(cache.join(n)).unwrap().ino();
+        assert_eq!(
+            inode("plain.cpython-312.pyc"),
+            inode("plain.cpython-312.opt-2.pyc"),
+            "{mode}"
+        );
+        assert_ne!(
+            inode("mod.cpython-312.pyc"),
+            inode("mod.cpython-312.opt-2.pyc"),
+            "{mode}"
+        );
+
+        let path = [("PYTHONPATH", app.as_os_str())];
+        let check = "import pkg.mod, pkg.plain, sys; \
+                     print(sys.flags.optimize, pkg.mod.__doc__ is None, pkg.plain.VALUE)";
+        for (flag, expect) in [
+            (None, "0 False 42"),
+            (Some("-O"), "1 False 42"),
+            (Some("-OO"), "2 True 42"),
+        ] {
+            let mut args = Vec::new();
+            args.extend(flag);
+            args.extend(["-c", check]);
+            let log = python_v(&python, &args, &path);
+            assert_nothing_compiled(&log, &app, 3);
+            assert_eq!(
+                String::from_utf8_lossy(&log.output.stdout).trim(),
+                expect,
+                "{mode} {flag:?}"
+            );
+        }
+    }
+}
+
+/// Asking for another flavor of something already compiled derives it from
+/// the stored body: no compile.
+#[test]
+fn a_new_flavor_reuses_the_compiled_body() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("a/m.py", MODULE);
+    t.write("b/m.py", MODULE);
+    let (_, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(t.join("a")),
+    );
+    assert_eq!(json["compiled"], 1, "{json}");
+    let (_, json) = link_json(
+        t.pycstore()
+            .args(["link", "--invalidation-mode", "unchecked-hash", "--python"])
+            .arg(&python)
+            .arg(t.join("b")),
+    );
+    assert_eq!(
+        (json["compiled"].as_u64(), json["hits"].as_u64()),
+        (Some(0), Some(1)),
+        "{json}"
+    );
+    let b = t.join("b");
+    let log = python_v(
+        &python,
+        &["-c", "import m"],
+        &[("PYTHONPATH", b.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &b, 1);
+}

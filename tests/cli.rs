@@ -240,3 +240,75 @@ fn the_store_is_private_and_objects_read_only() {
     assert_eq!(objects.len(), 1);
     assert_eq!(mode(objects[0].path()), 0o444);
 }
+
+/// A wrapper interpreter whose first compile worker misbehaves (`mode`:
+/// "crash" dies on its first request, "hang" never answers); later workers
+/// are the real thing.
+fn misbehaving_python(t: &TestDir, mode: &str) -> std::path::PathBuf {
+    let real = python("3.11");
+    let state = t.join("spawned");
+    let bad = match mode {
+        "crash" => "import os, sys; sys.stdout.write('pycstore-worker 1\\n'); sys.stdout.flush(); \
+                    sys.stdin.buffer.readline(); os.kill(os.getpid(), 9)",
+        _ => "import sys, time; sys.stdout.write('pycstore-worker 1\\n'); sys.stdout.flush(); time.sleep(600)",
+    };
+    let script = format!(
+        "#!/bin/bash\n\
+         # A compile worker is started as `python -I -S ...`.\n\
+         if [ \"$1\" = -I ] && [ \"$2\" = -S ] && [ ! -e '{state}' ]; then\n\
+         \x20 touch '{state}'\n\
+         \x20 exec '{real}' -c \"{bad}\"\n\
+         fi\n\
+         exec '{real}' \"$@\"\n",
+        state = state.display(),
+        real = real.display(),
+    );
+    let path = t.write("bin/python3", script);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn a_crashed_or_hung_worker_is_replaced_and_its_file_reported() {
+    for mode in ["crash", "hang"] {
+        let t = TestDir::new();
+        let python = misbehaving_python(&t, mode);
+        for name in ["a", "b", "c"] {
+            t.write(format!("app/{name}.py"), format!("{name} = 1\n"));
+        }
+        let app = t.join("app");
+        let started = std::time::Instant::now();
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "-j", "1", "--compile-timeout", "3", "--python"])
+                .arg(&python)
+                .arg(&app),
+        );
+        assert_eq!(out.status.code(), Some(1), "{mode}: {json}");
+        assert_eq!(
+            (json["compiled"].as_u64(), json["failed"].as_u64()),
+            (Some(2), Some(1)),
+            "{mode}: {json}"
+        );
+        let message = json["failures"][0]["message"].as_str().unwrap();
+        let expected = if mode == "crash" {
+            "died"
+        } else {
+            "longer than 3s"
+        };
+        assert!(message.contains(expected), "{mode}: {message}");
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "{mode}: the run waited for the hung worker"
+        );
+        // Not the source's fault, so not remembered: the next run compiles it.
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "--python"])
+                .arg(&python)
+                .arg(&app),
+        );
+        assert_output!(out, out.status.success(), "{mode}: second run");
+        assert_eq!(json["compiled"], 1, "{mode}: {json}");
+    }
+}

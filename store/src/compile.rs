@@ -164,14 +164,13 @@ impl Worker {
         match reply {
             Ok(Ok(Reply::Ok(body))) => Outcome::Compiled(body),
             Ok(Ok(Reply::Err(message))) => Outcome::Rejected(message),
-            Ok(Err(e)) => Outcome::WorkerFailed(format!(
-                "the compile worker failed: {e}{}",
-                self.stderr_suffix()
-            )),
-            Err(RecvTimeoutError::Disconnected) => {
+            Ok(Err(e)) if e.kind() != io::ErrorKind::UnexpectedEof => Outcome::WorkerFailed(
+                format!("the compile worker failed: {e}{}", self.stderr_suffix()),
+            ),
+            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
                 Outcome::WorkerFailed(format!(
-                    "the compile worker died ({status}){}",
+                    "the compile worker died ({status}) while compiling this file{}",
                     self.stderr_suffix()
                 ))
             }

@@ -15,6 +15,7 @@
 //! points at a missing object after a crash.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -153,6 +154,9 @@ impl StatRecord {
 pub struct Index {
     db: DB,
     path: PathBuf,
+    /// Whether this process wrote anything: then its memtables are flushed
+    /// on close, so the next open does not replay the write-ahead log.
+    dirty: AtomicBool,
 }
 
 impl Index {
@@ -175,6 +179,7 @@ impl Index {
                     return Ok(Index {
                         db,
                         path: path.to_path_buf(),
+                        dirty: AtomicBool::new(false),
                     })
                 }
                 Err(e) if is_lock_error(&e) && started.elapsed() < LOCK_WAIT => {
@@ -214,6 +219,7 @@ impl Index {
     }
 
     fn put(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.dirty.store(true, Ordering::Relaxed);
         self.db
             .put_cf(self.cf(cf), key, value)
             .map_err(|e| Error::index(&self.path, e))
@@ -281,6 +287,18 @@ impl Index {
         Ok(self
             .get(CF_LINKS, pyc.as_os_str().as_encoded_bytes())?
             .and_then(|v| v.get(..32).and_then(|b| b.try_into().ok()).map(ObjectId)))
+    }
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        if self.dirty.load(Ordering::Relaxed) {
+            for name in FAMILIES {
+                if let Err(e) = self.db.flush_cf(self.cf(name)) {
+                    tracing::debug!("flushing `{}` ({name}) failed: {e}", self.path.display());
+                }
+            }
+        }
     }
 }
 

@@ -30,10 +30,13 @@ use crate::pyc::{self, Flavor, HeaderInput, HeaderVerdict, HEADER_LEN};
 use crate::walk::{self, Excludes, Found};
 use crate::{Result, Store};
 
-/// A stat-cache record is trusted only for files whose last change is this
-/// much older than the moment they were hashed (a file changed within the
-/// same clock tick as the hash could otherwise hide its change).
-const RACY_WINDOW_NS: i64 = 2_000_000_000;
+/// A stat-cache record is trusted only for files whose last change is older
+/// than the moment they were hashed by more than the filesystem's timestamp
+/// granularity: a file changed again within the same clock tick could
+/// otherwise hide its change. Kernel file times tick every few milliseconds;
+/// filesystems with whole-second times get a two-second window.
+const RACY_WINDOW_NS: i64 = 100_000_000;
+const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
 
 /// What `link` should do.
 #[derive(Clone, Debug)]
@@ -383,7 +386,7 @@ impl Run<'_> {
                 && r.size == meta.size()
                 && r.mtime_ns == mtime_ns
                 && r.ctime_ns == ctime_ns
-                && ctime_ns.max(mtime_ns) + RACY_WINDOW_NS < r.seen_ns
+                && ctime_ns.max(mtime_ns) + racy_window(&meta) < r.seen_ns
         };
         let bytes = OnceLock::new();
         let digest = match cached.filter(fresh) {
@@ -662,6 +665,14 @@ impl Run<'_> {
 enum Destination {
     UpToDate,
     Replace,
+}
+
+fn racy_window(meta: &std::fs::Metadata) -> i64 {
+    if meta.ctime_nsec() == 0 {
+        RACY_WINDOW_COARSE_NS
+    } else {
+        RACY_WINDOW_NS
+    }
 }
 
 fn pyc_suffix(interpreter: &Interpreter, optimize: u8) -> String {

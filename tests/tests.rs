@@ -7,3 +7,5 @@ mod util;
 mod cli;
 mod flavors;
 mod interpreters;
+mod link_modes;
+mod stdlib;

@@ -70,7 +70,7 @@ impl Entry {
 
 /// Which entry of a compile key: a flavor (with the source's stat for
 /// timestamp pycs, whose header depends on it), or the body in any flavor.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntrySlot {
     /// Any pyc with this body; its header is replaced to derive other flavors.
     Body,

@@ -26,7 +26,7 @@ use crate::index::{Entry, EntrySlot, StatRecord};
 use crate::interpreter::{self, Interpreter};
 use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::materialize::{LinkMode, Materializer};
-use crate::pyc::{self, Flavor, HeaderInput, HeaderVerdict, HEADER_LEN};
+use crate::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
 use crate::walk::{self, Excludes, Found};
 use crate::{Result, Store};
 
@@ -446,38 +446,31 @@ impl Run<'_> {
         target: Target,
         tx: &crossbeam_channel::Sender<CompileJob>,
     ) -> std::result::Result<(), String> {
+        self.settle_or_compile(target, tx, true)
+    }
+
+    fn settle_or_compile(
+        &self,
+        target: Target,
+        tx: &crossbeam_channel::Sender<CompileJob>,
+        recheck: bool,
+    ) -> std::result::Result<(), String> {
         let index = &self.store.index;
-        let interpreter = &self.interpreters[target.interpreter];
-        let entry = index
-            .entry(&target.key, self.slot(&target))
-            .map_err(|e| e.to_string())?;
-        match self.destination(&target, entry.as_ref()) {
-            Destination::UpToDate => {
-                self.count(|s| s.up_to_date += 1);
-                self.progress.advance(1);
-                return Ok(());
-            }
-            Destination::Replace => {}
+        if let Some(entry) = self.usable_entry(&target, self.slot(&target))? {
+            return self.settle(&target, &entry, Settled::Hit);
         }
-        if let Some(entry) = entry {
-            return self.place(&target, &entry, false);
-        }
-        if let Some(body) = index
-            .entry(&target.key, EntrySlot::Body)
-            .map_err(|e| e.to_string())?
-        {
+        if let Some(body) = self.usable_entry(&target, EntrySlot::Body)? {
             // Compiled before in another flavor: swap the header.
             if self.options.dry_run {
-                self.count(|s| s.hits += 1);
-                self.progress.advance(1);
-                return Ok(());
+                return self.settle(&target, &body, Settled::Hit);
             }
             match self.store.objects.read(&body.object) {
                 Ok(bytes)
                     if bytes.len() as u64 == body.size && bytes[..HEADER_LEN] == body.header =>
                 {
-                    let entry = self.store_pyc(&target, &bytes[HEADER_LEN..])?;
-                    return self.place(&target, &entry, false);
+                    let entry =
+                        self.store_pyc(&target, self.slot(&target), &bytes[HEADER_LEN..])?;
+                    return self.settle(&target, &entry, Settled::Hit);
                 }
                 Ok(_) => self.progress.warn(&format!(
                     "store object {:?} does not match its index entry; recompiling `{}`",
@@ -491,10 +484,7 @@ impl Run<'_> {
             }
         }
         if let Some(message) = index.failure(&target.key).map_err(|e| e.to_string())? {
-            return Err(format!(
-                "does not compile for {}: {message}",
-                interpreter.cache_tag
-            ));
+            return Err(self.rejected(&target, &message));
         }
         if self.options.dry_run {
             self.count(|s| s.compiled += 1);
@@ -502,57 +492,88 @@ impl Run<'_> {
             return Ok(());
         }
         let mut inflight = self.inflight.lock().unwrap();
-        let key = target.key;
+        if let Some(waiting) = inflight.get_mut(&target.key) {
+            waiting.push(target);
+            return Ok(());
+        }
+        // A compile of this key may have finished since the lookups above:
+        // it records the body before leaving `inflight`.
+        if recheck && self.usable_entry(&target, EntrySlot::Body)?.is_some() {
+            drop(inflight);
+            return self.settle_or_compile(target, tx, false);
+        }
         let job = CompileJob {
-            key,
+            key: target.key,
             source: Arc::clone(&target.source),
             interpreter: target.interpreter,
             optimize: target.optimize,
         };
-        match inflight.get_mut(&key) {
-            Some(waiting) => waiting.push(target),
-            None => {
-                inflight.insert(key, vec![target]);
-                tx.send(job).expect("compile threads outlive the walk");
-            }
-        }
+        inflight.insert(target.key, vec![target]);
+        tx.send(job).expect("compile threads outlive the walk");
         Ok(())
     }
 
-    /// Is the pyc already there and valid in the wanted flavor?
-    fn destination(&self, target: &Target, entry: Option<&Entry>) -> Destination {
-        let Ok(mut file) = open_no_follow(&target.pyc) else {
-            return Destination::Replace;
+    /// An index entry whose object is present with the recorded size. A
+    /// missing or damaged object is a miss (and is rewritten by the compile
+    /// that follows), never something to link.
+    fn usable_entry(
+        &self,
+        target: &Target,
+        slot: EntrySlot,
+    ) -> std::result::Result<Option<Entry>, String> {
+        let Some(entry) = self
+            .store
+            .index
+            .entry(&target.key, slot)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
         };
-        let mut header = [0u8; HEADER_LEN];
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if file.read_exact(&mut header).is_err() || len <= HEADER_LEN as u64 {
-            return Destination::Replace;
-        }
-        if entry.is_some_and(|e| e.header == header && e.size == len) {
-            return Destination::UpToDate;
-        }
-        let interpreter = &self.interpreters[target.interpreter];
-        let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
-        if flags != self.options.flavor.flags() {
-            return Destination::Replace;
-        }
-        let verdict = pyc::judge_header(
-            &header,
-            interpreter.magic,
-            interpreter.hash_variant,
-            target.source.meta.mtime(),
-            target.source.meta.size(),
-            || target.source.bytes().ok().map(|b| b.to_vec()),
-        );
-        match verdict {
-            HeaderVerdict::Valid => Destination::UpToDate,
-            HeaderVerdict::Stale => Destination::Replace,
+        let path = self.store.objects.path(&entry.object);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == entry.size => Ok(Some(entry)),
+            Ok(meta) => {
+                self.progress.warn(&format!(
+                    "store object `{}` has {} bytes, its index entry says {}; it will be rewritten \
+                     (run `pycstore verify` to check the whole store)",
+                    path.display(),
+                    meta.len(),
+                    entry.size
+                ));
+                Ok(None)
+            }
+            Err(_) => Ok(None),
         }
     }
 
-    /// Writes the object for `target` with `body`, records its entries.
-    fn store_pyc(&self, target: &Target, body: &[u8]) -> std::result::Result<Entry, String> {
+    fn rejected(&self, target: &Target, message: &str) -> String {
+        format!(
+            "does not compile for {}: {message}",
+            self.interpreters[target.interpreter].cache_tag
+        )
+    }
+
+    /// Whether the destination already holds exactly this object's bytes
+    /// (same header and size: for one source and flavor only the body could
+    /// differ, and a body of the same size compiled from the same source is
+    /// the same code). Anything else there (stale, truncated, another
+    /// flavor, a symlink) is replaced by the store's known-good object.
+    fn up_to_date(&self, target: &Target, entry: &Entry) -> bool {
+        let Ok(mut file) = open_no_follow(&target.pyc) else {
+            return false;
+        };
+        let mut header = [0u8; HEADER_LEN];
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        len == entry.size && file.read_exact(&mut header).is_ok() && header == entry.header
+    }
+
+    /// Writes the object for `target` with `body` and records its entries.
+    fn store_pyc(
+        &self,
+        target: &Target,
+        slot: EntrySlot,
+        body: &[u8],
+    ) -> std::result::Result<Entry, String> {
         let interpreter = &self.interpreters[target.interpreter];
         let input = target
             .source
@@ -569,7 +590,7 @@ impl Run<'_> {
         };
         let index = &self.store.index;
         index
-            .put_entry(&target.key, self.slot(target), &entry)
+            .put_entry(&target.key, slot, &entry)
             .map_err(|e| e.to_string())?;
         if index
             .entry(&target.key, EntrySlot::Body)
@@ -583,12 +604,19 @@ impl Run<'_> {
         Ok(entry)
     }
 
-    fn place(
+    /// Leaves the destination alone when it already holds the object, else
+    /// places the object there.
+    fn settle(
         &self,
         target: &Target,
         entry: &Entry,
-        compiled: bool,
+        how: Settled,
     ) -> std::result::Result<(), String> {
+        if self.up_to_date(target, entry) {
+            self.count(|s| s.up_to_date += 1);
+            self.progress.advance(1);
+            return Ok(());
+        }
         if self.options.dry_run {
             self.count(|s| s.hits += 1);
             self.progress.advance(1);
@@ -604,10 +632,9 @@ impl Run<'_> {
             .put_link(&target.pyc, &entry.object, self.options.flavor)
             .map_err(|e| e.to_string())?;
         self.count(|s| {
-            if compiled {
-                s.compiled += 1;
-            } else {
-                s.hits += 1;
+            match how {
+                Settled::Compiled => s.compiled += 1,
+                Settled::Hit => s.hits += 1,
             }
             if mode.shares_blocks() {
                 s.bytes_shared += entry.size;
@@ -634,6 +661,23 @@ impl Run<'_> {
                 Ok(bytes) => slot.compile(&bytes, &job.source.path, job.optimize),
                 Err(message) => Outcome::WorkerFailed(message),
             };
+            // Record the result while the key is still in flight, so a miss
+            // of the same key arriving now finds it instead of compiling again.
+            let first = match &outcome {
+                Outcome::Compiled(body) => {
+                    let inflight = self.inflight.lock().unwrap();
+                    let first = &inflight[&job.key][0];
+                    let slot = self.slot(first);
+                    Some(self.store_pyc(first, slot, body).map(|entry| (slot, entry)))
+                }
+                Outcome::Rejected(message) => {
+                    if let Err(e) = self.store.index.put_failure(&job.key, message) {
+                        tracing::debug!("cannot remember a compile failure: {e}");
+                    }
+                    None
+                }
+                Outcome::WorkerFailed(_) => None,
+            };
             let targets = self
                 .inflight
                 .lock()
@@ -641,18 +685,20 @@ impl Run<'_> {
                 .remove(&job.key)
                 .unwrap_or_default();
             for target in targets {
-                let result = match &outcome {
-                    Outcome::Compiled(body) => self
-                        .store_pyc(&target, body)
-                        .and_then(|entry| self.place(&target, &entry, true)),
-                    Outcome::Rejected(message) => {
-                        let _ = self.store.index.put_failure(&target.key, message);
-                        Err(format!(
-                            "does not compile for {}: {message}",
-                            self.interpreters[target.interpreter].cache_tag
-                        ))
+                let result = match (&outcome, &first) {
+                    (Outcome::Compiled(_), Some(Err(message))) => Err(message.clone()),
+                    (Outcome::Compiled(body), Some(Ok((slot, entry)))) => {
+                        // Timestamp pycs of sources with other stats need their own header.
+                        let entry = if self.slot(&target) == *slot {
+                            Ok(*entry)
+                        } else {
+                            self.store_pyc(&target, self.slot(&target), body)
+                        };
+                        entry.and_then(|entry| self.settle(&target, &entry, Settled::Compiled))
                     }
-                    Outcome::WorkerFailed(message) => Err(message.clone()),
+                    (Outcome::Rejected(message), _) => Err(self.rejected(&target, message)),
+                    (Outcome::WorkerFailed(message), _) => Err(message.clone()),
+                    (Outcome::Compiled(_), None) => unreachable!("compiled outcomes are stored"),
                 };
                 if let Err(message) = result {
                     self.fail(&target.source.path, message, 1);
@@ -662,9 +708,10 @@ impl Run<'_> {
     }
 }
 
-enum Destination {
-    UpToDate,
-    Replace,
+#[derive(Clone, Copy)]
+enum Settled {
+    Hit,
+    Compiled,
 }
 
 fn racy_window(meta: &std::fs::Metadata) -> i64 {

@@ -157,7 +157,7 @@ report=$results/corpus-$date.md
   kernel="$(uname -r)" \
   cpu="$(grep -m 1 '^model name' /proc/cpuinfo | cut -d : -f 2- | sed 's/^ *//')" \
   nproc="$(nproc)" \
-  fs="$(stat -f -c %T "$work")" \
+  fs="$(findmnt -n -o FSTYPE -T "$work")" \
   python="$("$python" -c 'import platform; print(platform.python_version())')" \
   pycstore="$("$pycstore" --version 2>/dev/null || echo "pycstore (version unknown)")" \
   commit="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")" \
@@ -225,6 +225,8 @@ print(f"""# pycstore on the reference corpus, {info['date']}
 | `pycstore link`, empty store | {cell("pycstore link, empty store")} | {info['pycs_cold']} |
 | `pycstore link`, warm store, fresh copy | {cell("pycstore link, warm store")} | {info['pycs_linked']} |
 | `pycstore link`, already linked | {cell("pycstore link, already linked")} | {info['pycs_linked']} |
+
+uv installs into a venv without pip, so it writes fewer pycs than the others.
 
 | ratio | |
 |---|---|

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pycstore_store::index::{Entry, EntrySlot, StatRecord};
+use pycstore_store::index::{Entry, EntrySlot, StatRecord, Writes};
 use pycstore_store::key::{CompileKey, SourceDigest};
 use pycstore_store::materialize::Materializer;
 use pycstore_store::pyc::{source_hash, HashVariant};
@@ -48,16 +48,14 @@ fn index(c: &mut Criterion) {
     let keys: Vec<CompileKey> = (0..10_000u32)
         .map(|i| CompileKey::new(&SourceDigest::of(&i.to_le_bytes()), MAGIC, 0, 0))
         .collect();
+    let mut writes = Writes::default();
     for (i, key) in keys.iter().enumerate() {
         let entry = Entry {
             object: pycstore_store::objects::ObjectId([i as u8; 32]),
             size: 1000,
             header: [0; 16],
         };
-        store
-            .index
-            .put_entry(key, EntrySlot::Hashed(Flavor::CheckedHash), &entry)
-            .unwrap();
+        writes.entry(key, EntrySlot::Hashed(Flavor::CheckedHash), &entry);
         let record = StatRecord {
             dev: 1,
             ino: i as u64,
@@ -67,17 +65,18 @@ fn index(c: &mut Criterion) {
             seen_ns: 0,
             digest: SourceDigest([0; 32]),
         };
-        store
-            .index
-            .put_stat(Path::new(&format!("/prefix/pkg/mod{i}.py")), &record)
-            .unwrap();
+        writes.stat(Path::new(&format!("/prefix/pkg/mod{i}.py")), &record);
     }
+    store.index().unwrap().apply(writes).unwrap();
+    c.bench_function("index session open + close", |b| {
+        b.iter(|| drop(store.index().unwrap()))
+    });
+    let index = store.index().unwrap();
     let mut i = 0;
     c.bench_function("index entry lookup (10k entries)", |b| {
         b.iter(|| {
             i = (i + 7919) % keys.len();
-            store
-                .index
+            index
                 .entry(&keys[i], EntrySlot::Hashed(Flavor::CheckedHash))
                 .unwrap()
         })
@@ -85,8 +84,7 @@ fn index(c: &mut Criterion) {
     c.bench_function("stat cache lookup (10k entries)", |b| {
         b.iter(|| {
             i = (i + 7919) % keys.len();
-            store
-                .index
+            index
                 .stat(Path::new(&format!("/prefix/pkg/mod{i}.py")))
                 .unwrap()
         })

@@ -2,38 +2,84 @@
 //! besides the objects themselves.
 //!
 //! ```text
-//! column family   key                                    value
-//! entries         compile key ‖ flavor tag [‖ mtime ‖ size] object id ‖ size ‖ header
-//!                 compile key ‖ 0   (any flavor: the body)  the same, for deriving
-//! failures        compile key                            the compiler's message
-//! stat            absolute source path                   dev ‖ ino ‖ size ‖ mtime ‖ ctime ‖ seen ‖ blake3
-//! interpreters    executable path                        identity + probe (JSON)
-//! links           absolute pyc path                      object id ‖ flavor tag
+//! column family   key                                     value
+//! entries         compile key ‖ flavor tag [‖ mtime ‖ size]  object id ‖ size ‖ header
+//!                 compile key ‖ 0  (any flavor: the body)     the same, to derive flavors
+//! failures        compile key                             the compiler's message
+//! stat            absolute source path                    dev ‖ ino ‖ size ‖ mtime ‖ ctime ‖ seen ‖ blake3
+//! interpreters    executable path                         identity + probe (JSON)
+//! links           absolute pyc path                       object id ‖ flavor tag
+//! dirs            absolute __pycache__ path               (empty): created by pycstore
+//! used            object id                               last use, seconds since the epoch
+//! counters        interpreter label, or "" for the reset time   Counters (JSON)
 //! ```
 //!
-//! Objects are written before the entries that name them, so an entry never
-//! points at a missing object after a crash.
+//! RocksDB lets one process open a database at a time, so the index is used
+//! in short sessions: [`Index::open`] waits for `index-v1.lock`, and a
+//! session lasts a lookup pass or the write of a batch of [`Writes`]
+//! gathered while compiling. Objects are written before the entries that
+//! name them, so an entry never points at a missing object after a crash.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::key::{CompileKey, SourceDigest};
+use crate::lock::{self, LockGuard, LockMode};
 use crate::objects::ObjectId;
 use crate::pyc::{Flavor, HEADER_LEN};
 use crate::{Error, Result};
 
-const CF_ENTRIES: &str = "entries";
-const CF_FAILURES: &str = "failures";
-const CF_STAT: &str = "stat";
-const CF_INTERPRETERS: &str = "interpreters";
-const CF_LINKS: &str = "links";
-const FAMILIES: [&str; 5] = [CF_ENTRIES, CF_FAILURES, CF_STAT, CF_INTERPRETERS, CF_LINKS];
+/// The column families, in the order of the table above.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    /// Compile key (and flavor) → object.
+    Entries,
+    /// Compile key → compiler message.
+    Failures,
+    /// Source path → stat + digest.
+    Stat,
+    /// Executable → probe.
+    Interpreters,
+    /// pyc path → object.
+    Links,
+    /// `__pycache__` directories pycstore created.
+    Dirs,
+    /// Object → last use.
+    Used,
+    /// Usage counters.
+    Counters,
+}
 
-/// How long to wait for another process holding the index before giving up.
-const LOCK_WAIT: Duration = Duration::from_secs(600);
+impl Family {
+    const ALL: [Family; 8] = [
+        Family::Entries,
+        Family::Failures,
+        Family::Stat,
+        Family::Interpreters,
+        Family::Links,
+        Family::Dirs,
+        Family::Used,
+        Family::Counters,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::Entries => "entries",
+            Family::Failures => "failures",
+            Family::Stat => "stat",
+            Family::Interpreters => "interpreters",
+            Family::Links => "links",
+            Family::Dirs => "dirs",
+            Family::Used => "used",
+            Family::Counters => "counters",
+        }
+    }
+}
 
 /// One stored pyc: which object, how big, and its header (to recognise a
 /// destination that already holds it without reading the object).
@@ -56,7 +102,8 @@ impl Entry {
         v
     }
 
-    fn decode(v: &[u8]) -> Option<Entry> {
+    /// Decodes a value of the entries family; `None` when malformed.
+    pub fn decode(v: &[u8]) -> Option<Entry> {
         if v.len() != 32 + 8 + HEADER_LEN {
             return None;
         }
@@ -150,162 +197,300 @@ impl StatRecord {
     }
 }
 
-/// The open index.
+/// Usage counters of one interpreter since the last `stats --zero`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// pycs placed from objects the store already had.
+    pub hits: u64,
+    /// pycs that needed a compile.
+    pub misses: u64,
+    /// Compiles run (one per distinct compile key).
+    pub compiles: u64,
+    /// pycs that could not be produced (sources that do not compile,
+    /// crashed workers).
+    pub failures: u64,
+}
+
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.compiles += o.compiles;
+        self.failures += o.failures;
+    }
+}
+
+/// Index writes gathered outside a session, applied in one batch.
+#[derive(Default)]
+pub struct Writes {
+    ops: Vec<(Family, Vec<u8>, Option<Vec<u8>>)>,
+    counters: BTreeMap<String, Counters>,
+}
+
+impl Writes {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.counters.is_empty()
+    }
+
+    /// How many writes are pending.
+    pub fn len(&self) -> usize {
+        self.ops.len() + self.counters.len()
+    }
+
+    /// Records a stored pyc.
+    pub fn entry(&mut self, key: &CompileKey, slot: EntrySlot, entry: &Entry) {
+        self.ops
+            .push((Family::Entries, entry_key(key, slot), Some(entry.encode())));
+    }
+
+    /// Remembers that a source does not compile.
+    pub fn failure(&mut self, key: &CompileKey, message: &str) {
+        self.ops.push((
+            Family::Failures,
+            key.0.to_vec(),
+            Some(message.as_bytes().to_vec()),
+        ));
+    }
+
+    /// Records the stat cache's view of a source.
+    pub fn stat(&mut self, path: &Path, record: &StatRecord) {
+        self.ops
+            .push((Family::Stat, path_key(path), Some(record.encode())));
+    }
+
+    /// Records that `pyc` was materialized from `object`.
+    pub fn link(&mut self, pyc: &Path, object: &ObjectId, flavor: Flavor) {
+        let mut v = object.0.to_vec();
+        v.push(flavor.tag());
+        self.ops.push((Family::Links, path_key(pyc), Some(v)));
+    }
+
+    /// Records that pycstore created this `__pycache__` directory.
+    pub fn created_dir(&mut self, dir: &Path) {
+        self.ops
+            .push((Family::Dirs, path_key(dir), Some(Vec::new())));
+    }
+
+    /// Records a use of `object` at `when` (seconds since the epoch).
+    pub fn used(&mut self, object: &ObjectId, when: u64) {
+        self.ops.push((
+            Family::Used,
+            object.0.to_vec(),
+            Some(when.to_le_bytes().to_vec()),
+        ));
+    }
+
+    /// Adds to the counters of interpreter `label`.
+    pub fn count(&mut self, label: &str, counters: Counters) {
+        *self.counters.entry(label.to_string()).or_default() += counters;
+    }
+
+    /// Deletes a key.
+    pub fn delete(&mut self, family: Family, key: &[u8]) {
+        self.ops.push((family, key.to_vec(), None));
+    }
+
+    /// Moves everything of `other` into `self`.
+    pub fn append(&mut self, other: &mut Writes) {
+        self.ops.append(&mut other.ops);
+        for (label, c) in std::mem::take(&mut other.counters) {
+            *self.counters.entry(label).or_default() += c;
+        }
+    }
+}
+
+/// The key of a path in the stat, links and dirs families.
+pub fn path_key(path: &Path) -> Vec<u8> {
+    path.as_os_str().as_encoded_bytes().to_vec()
+}
+
+/// An open session on the index.
 pub struct Index {
     db: DB,
     path: PathBuf,
-    /// Whether this process wrote anything: then its memtables are flushed
-    /// on close, so the next open does not replay the write-ahead log.
-    dirty: AtomicBool,
+    /// The families this session wrote: flushed on close.
+    wrote: Vec<Family>,
+    _lock: LockGuard,
 }
 
 impl Index {
-    /// Opens (creating if needed) the index at `path`. When another process
-    /// holds it, waits and says so once on stderr.
+    /// Opens (creating if needed) the index at `path`, waiting for other
+    /// processes' sessions to end.
     pub fn open(path: &Path) -> Result<Index> {
+        let lock_path = path.with_extension("lock");
+        let guard = lock::lock(&lock_path, LockMode::Exclusive, "")?;
+        let db =
+            DB::open_cf_descriptors(&Self::options(), path, Self::families()).map_err(|e| {
+                Error::Index {
+                    path: path.to_path_buf(),
+                    message: format!(
+                    "{e}; run `pycstore verify --repair` to repair or rebuild it (objects are kept)"
+                ),
+                }
+            })?;
+        Ok(Index {
+            db,
+            path: path.to_path_buf(),
+            wrote: Vec::new(),
+            _lock: guard,
+        })
+    }
+
+    fn options() -> Options {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(2);
         opts.set_max_log_file_size(1 << 20);
-        let started = Instant::now();
-        let mut said = false;
-        loop {
-            let families = FAMILIES
-                .iter()
-                .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-            match DB::open_cf_descriptors(&opts, path, families) {
-                Ok(db) => {
-                    return Ok(Index {
-                        db,
-                        path: path.to_path_buf(),
-                        dirty: AtomicBool::new(false),
-                    })
-                }
-                Err(e) if is_lock_error(&e) && started.elapsed() < LOCK_WAIT => {
-                    if !said {
-                        eprintln!(
-                            "pycstore: waiting for another pycstore process using the store index `{}`",
-                            path.display()
-                        );
-                        said = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    return Err(Error::Index {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "{e}; if the index is damaged, move `{}` aside and run `pycstore link` again \
-                             to rebuild it (objects are kept)",
-                            path.display()
-                        ),
-                    })
-                }
-            }
-        }
+        opts
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+    /// Every family keeps a bloom filter: most lookups of a warm run go to
+    /// small files flushed by earlier sessions.
+    fn families() -> impl Iterator<Item = ColumnFamilyDescriptor> {
+        Family::ALL.iter().map(|f| {
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            let mut opts = Options::default();
+            opts.set_block_based_table_factory(&table);
+            ColumnFamilyDescriptor::new(f.name(), opts)
+        })
+    }
+
+    /// Tries RocksDB's own repair on a damaged index (the caller holds the
+    /// store exclusively).
+    pub fn repair(path: &Path) -> Result<()> {
+        DB::repair(&Self::options(), path).map_err(|e| Error::index(path, e))
+    }
+
+    fn cf(&self, family: Family) -> &rocksdb::ColumnFamily {
         self.db
-            .cf_handle(name)
+            .cf_handle(family.name())
             .expect("column families are created on open")
     }
 
-    fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    /// Reads one value.
+    pub fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db
-            .get_cf(self.cf(cf), key)
+            .get_cf(self.cf(family), key)
             .map_err(|e| Error::index(&self.path, e))
     }
 
-    fn put(&self, cf: &str, key: &[u8], value: &[u8]) -> Result<()> {
-        self.dirty.store(true, Ordering::Relaxed);
+    /// Every key and value of a family whose key starts with `prefix`.
+    pub fn scan(&self, family: Family, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(family),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|e| Error::index(&self.path, e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Applies gathered writes in one atomic batch.
+    pub fn apply(&mut self, writes: Writes) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (family, key, value) in &writes.ops {
+            if !self.wrote.contains(family) {
+                self.wrote.push(*family);
+            }
+            match value {
+                Some(v) => batch.put_cf(self.cf(*family), key, v),
+                None => batch.delete_cf(self.cf(*family), key),
+            }
+        }
+        if !writes.counters.is_empty() && !self.wrote.contains(&Family::Counters) {
+            self.wrote.push(Family::Counters);
+        }
+        for (label, add) in writes.counters {
+            let mut c = self.counters(&label)?;
+            c += add;
+            let json = serde_json::to_vec(&c).expect("counters serialize");
+            batch.put_cf(self.cf(Family::Counters), label.as_bytes(), json);
+        }
         self.db
-            .put_cf(self.cf(cf), key, value)
+            .write(batch)
             .map_err(|e| Error::index(&self.path, e))
     }
 
     /// Looks up a stored pyc. An undecodable value is a miss.
     pub fn entry(&self, key: &CompileKey, slot: EntrySlot) -> Result<Option<Entry>> {
         Ok(self
-            .get(CF_ENTRIES, &entry_key(key, slot))?
+            .get(Family::Entries, &entry_key(key, slot))?
             .and_then(|v| Entry::decode(&v)))
-    }
-
-    /// Records a stored pyc.
-    pub fn put_entry(&self, key: &CompileKey, slot: EntrySlot, entry: &Entry) -> Result<()> {
-        self.put(CF_ENTRIES, &entry_key(key, slot), &entry.encode())
     }
 
     /// The compiler's message for a source that does not compile, if known.
     pub fn failure(&self, key: &CompileKey) -> Result<Option<String>> {
         Ok(self
-            .get(CF_FAILURES, &key.0)?
+            .get(Family::Failures, &key.0)?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
-    /// Remembers that a source does not compile, so it is not retried.
-    pub fn put_failure(&self, key: &CompileKey, message: &str) -> Result<()> {
-        self.put(CF_FAILURES, &key.0, message.as_bytes())
     }
 
     /// The stat cache's record of a source path.
     pub fn stat(&self, path: &Path) -> Result<Option<StatRecord>> {
         Ok(self
-            .get(CF_STAT, path.as_os_str().as_encoded_bytes())?
+            .get(Family::Stat, &path_key(path))?
             .and_then(|v| StatRecord::decode(&v)))
-    }
-
-    /// Updates the stat cache.
-    pub fn put_stat(&self, path: &Path, record: &StatRecord) -> Result<()> {
-        self.put(
-            CF_STAT,
-            path.as_os_str().as_encoded_bytes(),
-            &record.encode(),
-        )
     }
 
     /// A cached interpreter probe (JSON).
     pub fn interpreter(&self, exe: &Path) -> Result<Option<Vec<u8>>> {
-        self.get(CF_INTERPRETERS, exe.as_os_str().as_encoded_bytes())
+        self.get(Family::Interpreters, &path_key(exe))
     }
 
     /// Caches an interpreter probe (JSON).
-    pub fn put_interpreter(&self, exe: &Path, probe: &[u8]) -> Result<()> {
-        self.put(CF_INTERPRETERS, exe.as_os_str().as_encoded_bytes(), probe)
+    pub fn put_interpreter(&mut self, exe: &Path, probe: &[u8]) -> Result<()> {
+        let mut w = Writes::default();
+        w.ops
+            .push((Family::Interpreters, path_key(exe), Some(probe.to_vec())));
+        self.apply(w)
     }
 
-    /// Records that `pyc` was materialized from `object`.
-    pub fn put_link(&self, pyc: &Path, object: &ObjectId, flavor: Flavor) -> Result<()> {
-        let mut v = object.0.to_vec();
-        v.push(flavor.tag());
-        self.put(CF_LINKS, pyc.as_os_str().as_encoded_bytes(), &v)
-    }
-
-    /// The object recorded for a materialized pyc path, if any.
-    pub fn link_of(&self, pyc: &Path) -> Result<Option<ObjectId>> {
+    /// The counters of interpreter `label` ("" holds the time of the last reset).
+    pub fn counters(&self, label: &str) -> Result<Counters> {
         Ok(self
-            .get(CF_LINKS, pyc.as_os_str().as_encoded_bytes())?
-            .and_then(|v| v.get(..32).and_then(|b| b.try_into().ok()).map(ObjectId)))
+            .get(Family::Counters, label.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
+    }
+
+    /// The index directory.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
 impl Drop for Index {
+    /// Flushes what this session wrote, so the next session does not replay
+    /// the write-ahead log, and compacts when small files pile up.
     fn drop(&mut self) {
-        if self.dirty.load(Ordering::Relaxed) {
-            for name in FAMILIES {
-                if let Err(e) = self.db.flush_cf(self.cf(name)) {
-                    tracing::debug!("flushing `{}` ({name}) failed: {e}", self.path.display());
-                }
+        for family in std::mem::take(&mut self.wrote) {
+            let cf = self.cf(family);
+            if let Err(e) = self.db.flush_cf(cf) {
+                tracing::debug!("flushing `{}` failed: {e}", self.path.display());
+            }
+            let level0 = self
+                .db
+                .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            if level0 >= 8 {
+                self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
             }
         }
     }
-}
-
-fn is_lock_error(e: &rocksdb::Error) -> bool {
-    let s = e.to_string();
-    s.contains("lock")
-        && (s.contains("Resource temporarily unavailable") || s.contains("No locks available"))
 }
 
 #[cfg(test)]
@@ -313,18 +498,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_round_trip_per_slot() {
+    fn writes_round_trip_per_slot() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index")).unwrap();
+        let path = dir.path().join("index");
         let key = CompileKey([7; 32]);
         let entry = Entry {
             object: ObjectId([9; 32]),
             size: 1234,
             header: [3; 16],
         };
-        index
-            .put_entry(&key, EntrySlot::Hashed(Flavor::CheckedHash), &entry)
-            .unwrap();
+        let rec = StatRecord {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+            seen_ns: 6,
+            digest: SourceDigest([8; 32]),
+        };
+        {
+            let mut index = Index::open(&path).unwrap();
+            let mut w = Writes::default();
+            w.entry(&key, EntrySlot::Hashed(Flavor::CheckedHash), &entry);
+            w.stat(Path::new("/a/b.py"), &rec);
+            w.count(
+                "cpython-311",
+                Counters {
+                    hits: 2,
+                    ..Counters::default()
+                },
+            );
+            w.count(
+                "cpython-311",
+                Counters {
+                    hits: 1,
+                    compiles: 1,
+                    ..Counters::default()
+                },
+            );
+            index.apply(w).unwrap();
+        }
+        // A second session (the first released the lock) sees it all.
+        let index = Index::open(&path).unwrap();
         assert_eq!(
             index
                 .entry(&key, EntrySlot::Hashed(Flavor::CheckedHash))
@@ -338,16 +553,9 @@ mod tests {
                 .unwrap(),
             None
         );
-        let rec = StatRecord {
-            dev: 1,
-            ino: 2,
-            size: 3,
-            mtime_ns: 4,
-            ctime_ns: 5,
-            seen_ns: 6,
-            digest: SourceDigest([8; 32]),
-        };
-        index.put_stat(Path::new("/a/b.py"), &rec).unwrap();
         assert_eq!(index.stat(Path::new("/a/b.py")).unwrap(), Some(rec));
+        let c = index.counters("cpython-311").unwrap();
+        assert_eq!((c.hits, c.compiles), (3, 1));
+        assert_eq!(index.scan(Family::Stat, b"/a/").unwrap().len(), 1);
     }
 }

@@ -81,7 +81,7 @@ struct CachedProbe {
 impl Interpreter {
     /// Probes `executable`, using the index's cached answer when the
     /// executable is unchanged.
-    pub fn probe(executable: &Path, index: Option<&Index>) -> Result<Interpreter> {
+    pub fn probe(executable: &Path, mut index: Option<&mut Index>) -> Result<Interpreter> {
         let meta = std::fs::metadata(executable).map_err(|e| Error::Probe {
             path: executable.to_path_buf(),
             message: e.to_string(),
@@ -92,7 +92,7 @@ impl Interpreter {
             meta.size(),
             meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
         );
-        if let Some(index) = index {
+        if let Some(index) = index.as_deref() {
             if let Some(raw) = index.interpreter(executable)? {
                 if let Ok(cached) = serde_json::from_slice::<CachedProbe>(&raw) {
                     if cached.version == PROBE_VERSION && cached.identity == identity {
@@ -102,7 +102,7 @@ impl Interpreter {
             }
         }
         let interpreter = Self::run_probe(executable)?;
-        if let Some(index) = index {
+        if let Some(index) = index.as_deref_mut() {
             let cached = CachedProbe {
                 version: PROBE_VERSION,
                 identity,

@@ -7,7 +7,9 @@
 //! │   └── 3f/             sharded by the first byte of the blake3 of the bytes
 //! │       └── 9a0c…e1     the remaining 62 hex digits
 //! ├── index-v1/           RocksDB: compile keys → objects, failures, probes,
-//! │                       the stat cache and what was linked where
+//! │                       the stat cache, what was linked where, use times
+//! ├── index-v1.lock       held during the short sessions on the index
+//! ├── lock                shared by every command, exclusive for gc
 //! └── tmp/                files being written; renamed into place when whole,
 //!                         leftovers older than an hour are swept on open
 //! ```
@@ -22,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use fs_err as fs;
 
 use crate::index::Index;
+use crate::lock::{self, LockGuard, LockMode};
 use crate::objects::Objects;
 use crate::Result;
 
@@ -36,18 +39,24 @@ const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 # This file is a cache directory tag created by pycstore.\n\
 # For information about cache directory tags see https://bford.info/cachedir/\n";
 
-/// An open store: its objects and its index.
+/// An open store: its objects, and the way to its index.
 pub struct Store {
     root: PathBuf,
     /// The immutable pyc files.
     pub objects: Objects,
-    /// The RocksDB index.
-    pub index: Index,
+    _lock: LockGuard,
 }
 
 impl Store {
-    /// Opens the store at `root`, creating it private to its owner if missing.
+    /// Opens the store at `root` for use alongside other processes, creating
+    /// it private to its owner if missing.
     pub fn open(root: &Path) -> Result<Store> {
+        Self::open_with(root, LockMode::Shared)
+    }
+
+    /// Opens the store holding its lock in `mode`: exclusive for commands
+    /// that delete objects (`gc`, `verify --repair`).
+    pub fn open_with(root: &Path, mode: LockMode) -> Result<Store> {
         if !root.exists() {
             if let Some(parent) = root.parent() {
                 fs::create_dir_all(parent)?;
@@ -74,13 +83,28 @@ impl Store {
                 0o644,
             )?;
         }
+        let what = match mode {
+            LockMode::Shared => "a running `pycstore gc` to finish",
+            LockMode::Exclusive => "other pycstore processes using the store to finish",
+        };
+        let guard = lock::lock(&root.join("lock"), mode, what)?;
         sweep_tmp(&root.join(TMP_DIR));
-        let index = Index::open(&root.join(INDEX_DIR))?;
         Ok(Store {
             objects: Objects::new(root.join(OBJECTS_DIR), root.join(TMP_DIR)),
-            index,
             root: root.to_path_buf(),
+            _lock: guard,
         })
+    }
+
+    /// Opens a session on the index, waiting for other processes' sessions.
+    /// Keep it short: one process at a time can have one.
+    pub fn index(&self) -> Result<Index> {
+        Index::open(&self.index_path())
+    }
+
+    /// The index directory.
+    pub fn index_path(&self) -> PathBuf {
+        self.root.join(INDEX_DIR)
     }
 
     /// The store's root directory.

@@ -16,9 +16,11 @@ pub mod interpreter;
 pub mod key;
 pub mod layout;
 pub mod link;
+pub mod lock;
 pub mod materialize;
 pub mod objects;
 pub mod pyc;
+pub mod source;
 pub mod walk;
 
 pub use error::{Error, Result};

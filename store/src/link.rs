@@ -1,42 +1,44 @@
 //! `link`: put a valid pyc beside every source of one or more prefixes.
 //!
-//! The pipeline, per source file: stat it; take its blake3 from the stat
-//! cache or read and hash it; for each interpreter and optimize level derive
-//! the compile key and look it up. A hit costs a link. A miss goes to the
-//! compile pool (interpreter processes started on the first miss, so a warm
-//! run starts none), whose threads write the object, record the entry and
-//! place the pyc while the walk goes on. Misses of one key compile once.
+//! The RocksDB index lets one process at a time open it, so it is held only
+//! while walking, and a long cold compile never blocks another process:
+//!
+//! 1. walk (one index session): stat each source, take its blake3 from the
+//!    stat cache or read and hash it, derive the compile key of every
+//!    (interpreter, optimize level) and look it up; place hits at once,
+//!    derive other flavors from stored bodies, and send misses to the
+//!    compile pool (interpreter processes started on the first miss, so a
+//!    warm run starts none);
+//! 2. compile (no session): compile threads write each object and place its
+//!    pycs; misses of one key compile once;
+//! 3. record: what was compiled, placed and counted goes to the index in
+//!    batches (every few seconds during long compiles, and at the end).
 //!
 //! Nothing stops at a bad file: each failure is reported with its path and
 //! the run finishes the rest.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::compile::{Outcome, WorkerSlot};
-use crate::index::{Entry, EntrySlot, StatRecord};
-use crate::interpreter::{self, Interpreter};
-use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
+use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
+use crate::interpreter::Interpreter;
+use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
 use crate::materialize::{LinkMode, Materializer};
-use crate::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
-use crate::walk::{self, Excludes, Found};
+use crate::pyc::{self, Flavor, HEADER_LEN};
+use crate::source::{Hashed, Plan, Source};
+use crate::walk::Excludes;
 use crate::{Result, Store};
 
-/// A stat-cache record is trusted only for files whose last change is older
-/// than the moment they were hashed by more than the filesystem's timestamp
-/// granularity: a file changed again within the same clock tick could
-/// otherwise hide its change. Kernel file times tick every few milliseconds;
-/// filesystems with whole-second times get a two-second window.
-const RACY_WINDOW_NS: i64 = 100_000_000;
-const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
+/// How often compile threads hand what they recorded to the index.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 /// What `link` should do.
 #[derive(Clone, Debug)]
@@ -51,7 +53,7 @@ pub struct LinkOptions {
     pub link_mode: LinkMode,
     /// Compile processes per interpreter.
     pub jobs: usize,
-    /// Exclude patterns (see [`walk::Excludes`]).
+    /// Exclude patterns (see [`Excludes`]).
     pub excludes: Vec<String>,
     /// Report what would happen, write nothing.
     pub dry_run: bool,
@@ -66,7 +68,7 @@ pub struct LinkStats {
     pub sources: u64,
     /// pycs wanted: sources × interpreters × optimize levels.
     pub pycs: u64,
-    /// Valid pycs of the wanted flavor already in place, left alone.
+    /// pycs already in place, identical to the store's: left alone.
     pub up_to_date: u64,
     /// pycs placed from objects the store already had.
     pub hits: u64,
@@ -114,7 +116,7 @@ pub trait Progress: Sync {
     fn start(&self, _total: u64) {}
     /// `n` more pycs were settled.
     fn advance(&self, _n: u64) {}
-    /// A warning for the user, said once.
+    /// A warning for the user.
     fn warn(&self, message: &str) {
         eprintln!("pycstore: warning: {message}");
     }
@@ -123,6 +125,16 @@ pub trait Progress: Sync {
 /// A [`Progress`] that shows nothing but warnings.
 pub struct NoProgress;
 impl Progress for NoProgress {}
+
+/// The label of an interpreter in the usage counters.
+pub fn counter_label(interpreter: &Interpreter) -> String {
+    let magic: String = interpreter
+        .magic
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{} {magic}", interpreter.cache_tag)
+}
 
 /// Links the prefixes. Fatal errors (no interpreter, no index) are errors;
 /// everything per file is in the report.
@@ -134,150 +146,129 @@ pub fn link(
 ) -> Result<LinkReport> {
     let started = Instant::now();
     let excludes = Excludes::new(&options.excludes)?;
+    let mut optimize = options.optimize.clone();
+    optimize.sort_unstable();
+    optimize.dedup();
 
-    // Which interpreters serve which prefix.
-    let mut interpreters: Vec<Interpreter> = Vec::new();
-    let index_of = |exe: &Path, interpreters: &mut Vec<Interpreter>| -> Result<usize> {
-        if let Some(i) = interpreters.iter().position(|p| p.executable == exe) {
-            return Ok(i);
-        }
-        interpreters.push(Interpreter::probe(exe, Some(&store.index))?);
-        Ok(interpreters.len() - 1)
-    };
-    let mut plan: Vec<(PathBuf, Vec<usize>)> = Vec::new();
-    for prefix in prefixes {
-        let prefix = std::path::absolute(prefix)?;
-        let chosen = if options.python.is_empty() {
-            vec![index_of(
-                &interpreter::find_in_prefix(&prefix)?,
-                &mut interpreters,
-            )?]
-        } else {
-            options
-                .python
-                .iter()
-                .map(|exe| index_of(exe, &mut interpreters))
-                .collect::<Result<Vec<_>>>()?
-        };
-        plan.push((prefix, chosen));
-    }
-
+    let warn = |message: String| progress.warn(&message);
     let mut failures = Vec::new();
-    let mut sources = Vec::new();
-    for (prefix, chosen) in &plan {
-        if !prefix.is_dir() {
-            failures.push(Failure {
-                path: prefix.clone(),
-                message: "not a directory".into(),
-            });
-            continue;
-        }
-        let (found, errors) = walk::walk(prefix, &excludes);
+    let run;
+    {
+        // Phase 1: one index session for the probes and every lookup.
+        let mut index = store.index()?;
+        let plan = Plan::new(prefixes, &options.python, &mut index)?;
+        let (found, errors) = plan.walk(&excludes);
+        tracing::debug!(
+            "found {} sources in {:.3}s",
+            found.len(),
+            started.elapsed().as_secs_f64()
+        );
         failures.extend(
             errors
                 .into_iter()
                 .map(|(path, message)| Failure { path, message }),
         );
-        sources.extend(found.into_iter().map(|f| (f, chosen.clone())));
+        let total: u64 = found
+            .iter()
+            .map(|(_, chosen)| (chosen.len() * optimize.len()) as u64)
+            .sum();
+        progress.start(total);
+        run = Run {
+            store,
+            options,
+            interpreters: plan.interpreters,
+            materializer: Materializer::new(&store.objects, options.link_mode, &warn),
+            stats: Mutex::new(LinkStats {
+                sources: found.len() as u64,
+                pycs: total,
+                ..LinkStats::default()
+            }),
+            failures: Mutex::new(failures),
+            inflight: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::new()),
+            writes: Mutex::new(Writes::default()),
+            counters: Mutex::new(HashMap::new()),
+            last_flush: Mutex::new(Instant::now()),
+            session_open: AtomicBool::new(true),
+            progress,
+            now_ns: now_ns(),
+        };
+        // Phase 2 runs while the lookups go on: hits are placed at once,
+        // misses go to the compile threads, which outlive the session.
+        let (tx, rx) = crossbeam_channel::unbounded::<CompileJob>();
+        let mut index = Some(index);
+        let closed = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..options.jobs.max(1))
+                .map(|_| {
+                    let rx = rx.clone();
+                    let run = &run;
+                    scope.spawn(move || run.compile_loop(rx))
+                })
+                .collect();
+            drop(rx);
+            let session = index.as_ref().expect("open until the walk ends");
+            found.par_iter().for_each(|(found, chosen)| {
+                for target in run.look_up(session, found, chosen, &optimize) {
+                    let path = target.source.path.clone();
+                    let interpreter = target.interpreter;
+                    if let Err(message) = run.act(target, &tx) {
+                        run.fail(&path, interpreter, message);
+                    }
+                }
+            });
+            tracing::debug!(
+                "walked and looked up in {:.3}s",
+                started.elapsed().as_secs_f64()
+            );
+            let mut session = index.take().expect("open until the walk ends");
+            let closed = if options.dry_run {
+                Ok(())
+            } else {
+                session.apply(std::mem::take(&mut *run.writes.lock().unwrap()))
+            };
+            drop(session);
+            run.session_open.store(false, Ordering::Relaxed);
+            drop(tx);
+            for worker in workers {
+                worker.join().expect("compile threads do not panic");
+            }
+            closed
+        });
+        closed?;
     }
 
-    let mut optimize = options.optimize.clone();
-    optimize.sort_unstable();
-    optimize.dedup();
-    let per_source = |chosen: &Vec<usize>| (chosen.len() * optimize.len()) as u64;
-    let total: u64 = sources.iter().map(|(_, c)| per_source(c)).sum();
-    progress.start(total);
-
-    let warn = |message: String| progress.warn(&message);
-    let run = Run {
-        store,
-        options,
-        optimize,
-        interpreters: &interpreters,
-        materializer: Materializer::new(&store.objects, options.link_mode, &warn),
-        stats: Mutex::new(LinkStats {
-            sources: sources.len() as u64,
-            pycs: total,
-            ..LinkStats::default()
-        }),
-        failures: Mutex::new(failures),
-        inflight: Mutex::new(HashMap::new()),
-        progress,
-        now_ns: now_ns(),
-    };
-
-    let (tx, rx) = crossbeam_channel::unbounded::<CompileJob>();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..options.jobs.max(1))
-            .map(|_| {
-                let rx = rx.clone();
-                let run = &run;
-                scope.spawn(move || run.compile_loop(rx))
-            })
-            .collect();
-        drop(rx);
-        sources
-            .par_iter()
-            .for_each(|(found, chosen)| run.source(found, chosen, &tx));
-        drop(tx);
-        for worker in workers {
-            worker.join().expect("compile threads do not panic");
-        }
-    });
-
-    let link_modes = run.materializer.modes_used();
-    let stats = run.stats.into_inner().unwrap();
-    let failures = run.failures.into_inner().unwrap();
-    Ok(LinkReport {
+    // Phase 3: record.
+    tracing::debug!("compiled at {:.3}s", started.elapsed().as_secs_f64());
+    if !options.dry_run {
+        run.flush()?;
+    }
+    tracing::debug!("recorded at {:.3}s", started.elapsed().as_secs_f64());
+    let Run {
+        materializer,
         stats,
-        link_modes,
-        interpreters,
         failures,
+        interpreters,
+        ..
+    } = run;
+    Ok(LinkReport {
+        stats: stats.into_inner().unwrap(),
+        link_modes: materializer.modes_used(),
+        interpreters,
+        failures: failures.into_inner().unwrap(),
         elapsed_seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-/// A source file being linked: its stat, its digest, and its bytes once read.
-struct Source {
-    path: PathBuf,
-    dir_dev: u64,
-    meta: std::fs::Metadata,
-    digest: SourceDigest,
-    bytes: OnceLock<std::result::Result<Arc<Vec<u8>>, String>>,
-}
-
-impl Source {
-    /// The source bytes, read at most once and checked against the digest
-    /// the keys were made from.
-    fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, String> {
-        self.bytes
-            .get_or_init(|| {
-                let bytes = read_source(&self.path).map_err(|e| e.to_string())?;
-                if SourceDigest::of(&bytes) != self.digest {
-                    return Err("changed while being linked".into());
-                }
-                Ok(Arc::new(bytes))
-            })
-            .clone()
-    }
-
-    fn header_input(
-        &self,
-        interpreter: &Interpreter,
-        flavor: Flavor,
-    ) -> std::result::Result<HeaderInput, String> {
-        Ok(match flavor {
-            Flavor::Timestamp => HeaderInput::Stat {
-                mtime: self.meta.mtime(),
-                size: self.meta.size(),
-            },
-            _ => HeaderInput::Hash(pyc::source_hash(
-                interpreter.hash_variant,
-                interpreter.magic,
-                &self.bytes()?,
-            )),
-        })
-    }
+/// What the index said about one wanted pyc.
+enum Lookup {
+    /// The store has this pyc.
+    Entry(Entry),
+    /// The store has the body in another flavor.
+    Body(Entry),
+    /// The source does not compile (remembered).
+    Rejected(String),
+    /// Never compiled.
+    Miss,
 }
 
 /// One pyc to produce.
@@ -287,6 +278,7 @@ struct Target {
     optimize: u8,
     key: CompileKey,
     pyc: PathBuf,
+    lookup: Lookup,
 }
 
 struct CompileJob {
@@ -299,13 +291,22 @@ struct CompileJob {
 struct Run<'a> {
     store: &'a Store,
     options: &'a LinkOptions,
-    optimize: Vec<u8>,
-    interpreters: &'a [Interpreter],
+    interpreters: Vec<Interpreter>,
     materializer: Materializer<'a>,
     stats: Mutex<LinkStats>,
     failures: Mutex<Vec<Failure>>,
     /// Misses being compiled, with every target waiting for them.
     inflight: Mutex<HashMap<CompileKey, Vec<Target>>>,
+    /// Bodies compiled by this run, recorded before their key leaves
+    /// `inflight`, so a late miss of the same key uses them.
+    compiled: Mutex<HashMap<CompileKey, (EntrySlot, Entry)>>,
+    /// Index writes not yet applied.
+    writes: Mutex<Writes>,
+    /// Usage counters per interpreter.
+    counters: Mutex<HashMap<usize, Counters>>,
+    last_flush: Mutex<Instant>,
+    /// While the lookup session is open, compile threads keep their writes.
+    session_open: AtomicBool,
     progress: &'a dyn Progress,
     now_ns: i64,
 }
@@ -315,176 +316,138 @@ impl Run<'_> {
         f(&mut self.stats.lock().unwrap());
     }
 
-    fn fail(&self, path: &Path, message: impl Into<String>, pycs: u64) {
+    fn tally(&self, interpreter: usize, f: impl FnOnce(&mut Counters)) {
+        f(self
+            .counters
+            .lock()
+            .unwrap()
+            .entry(interpreter)
+            .or_default());
+    }
+
+    fn fail(&self, path: &Path, interpreter: usize, message: impl Into<String>) {
+        self.fail_many(path, Some(interpreter), message, 1);
+    }
+
+    fn fail_many(
+        &self,
+        path: &Path,
+        interpreter: Option<usize>,
+        message: impl Into<String>,
+        pycs: u64,
+    ) {
         self.failures.lock().unwrap().push(Failure {
             path: path.to_path_buf(),
             message: message.into(),
         });
         self.count(|s| s.failed += pycs);
+        if let Some(i) = interpreter {
+            self.tally(i, |c| c.failures += pycs);
+        }
         self.progress.advance(pycs);
     }
 
-    /// Settles every pyc of one source file.
-    fn source(&self, found: &Found, chosen: &[usize], tx: &crossbeam_channel::Sender<CompileJob>) {
-        let pycs = (chosen.len() * self.optimize.len()) as u64;
-        let source = match self.hash(found) {
-            Ok(Some(source)) => Arc::new(source),
-            Ok(None) => {
+    /// For one source: hash it, look up each of its pycs.
+    fn look_up(
+        &self,
+        index: &Index,
+        found: &crate::walk::Found,
+        chosen: &[usize],
+        optimize: &[u8],
+    ) -> Vec<Target> {
+        let pycs = (chosen.len() * optimize.len()) as u64;
+        let hashed = if self.options.dry_run {
+            Source::hash(found, index, self.now_ns, None)
+        } else {
+            let mut writes = Writes::default();
+            let hashed = Source::hash(found, index, self.now_ns, Some(&mut writes));
+            self.writes.lock().unwrap().append(&mut writes);
+            hashed
+        };
+        let source = match hashed {
+            Hashed::Source(source) => Arc::new(source),
+            Hashed::Skipped => {
                 self.count(|s| s.skipped += pycs);
                 self.progress.advance(pycs);
-                return;
+                return Vec::new();
             }
-            Err(message) => return self.fail(&found.path, message, pycs),
+            Hashed::Failed(message) => {
+                self.fail_many(&found.path, None, message, pycs);
+                return Vec::new();
+            }
         };
-        let (Some(dir), Some(name)) = (source.path.parent(), source.path.file_name()) else {
-            return self.fail(&found.path, "not a file path", pycs);
-        };
-        let stem = &name.as_encoded_bytes()[..name.len() - 3];
-        // SAFETY: `stem` is a prefix of an OsStr ending in the ASCII ".py".
-        let stem = unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(stem) };
+        let mut targets = Vec::with_capacity(pycs as usize);
         for &i in chosen {
             let interpreter = &self.interpreters[i];
-            for &optimize in &self.optimize {
-                let mut file = OsString::from(stem);
-                file.push(pyc_suffix(interpreter, optimize));
-                let target = Target {
+            for &optimize in optimize {
+                let Some(pyc) = source.pyc_path(interpreter, optimize) else {
+                    self.fail(&source.path, i, "not a module file name");
+                    continue;
+                };
+                let key = CompileKey::new(
+                    &source.digest,
+                    interpreter.magic,
+                    optimize,
+                    COMPILE_FLAGS_DEFAULT,
+                );
+                let mut target = Target {
                     source: Arc::clone(&source),
                     interpreter: i,
                     optimize,
-                    key: CompileKey::new(
-                        &source.digest,
-                        interpreter.magic,
-                        optimize,
-                        COMPILE_FLAGS_DEFAULT,
-                    ),
-                    pyc: dir.join("__pycache__").join(file),
+                    key,
+                    pyc,
+                    lookup: Lookup::Miss,
                 };
-                if let Err(message) = self.target(target, tx) {
-                    self.fail(&found.path, message, 1);
+                match self.lookup(index, &target) {
+                    Ok(lookup) => {
+                        target.lookup = lookup;
+                        targets.push(target);
+                    }
+                    Err(e) => self.fail(&source.path, i, e.to_string()),
                 }
             }
         }
+        targets
     }
 
-    /// Stats and hashes a source; `None` when it vanished.
-    fn hash(&self, found: &Found) -> std::result::Result<Option<Source>, String> {
-        let meta = match std::fs::metadata(&found.path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot stat: {e}")),
-        };
-        let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-        let ctime_ns = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
-        let cached = self
-            .store
-            .index
-            .stat(&found.path)
-            .map_err(|e| e.to_string())?;
-        let fresh = |r: &StatRecord| {
-            r.dev == meta.dev()
-                && r.ino == meta.ino()
-                && r.size == meta.size()
-                && r.mtime_ns == mtime_ns
-                && r.ctime_ns == ctime_ns
-                && ctime_ns.max(mtime_ns) + racy_window(&meta) < r.seen_ns
-        };
-        let bytes = OnceLock::new();
-        let digest = match cached.filter(fresh) {
-            Some(record) => record.digest,
-            None => {
-                let data = match read_source(&found.path) {
-                    Ok(data) => data,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(format!("cannot read: {e}")),
-                };
-                let digest = SourceDigest::of(&data);
-                if data.len() as u64 != meta.size() {
-                    // Changed between stat and read: leave it for the next run.
-                    return Ok(None);
-                }
-                if !self.options.dry_run {
-                    let record = StatRecord {
-                        dev: meta.dev(),
-                        ino: meta.ino(),
-                        size: meta.size(),
-                        mtime_ns,
-                        ctime_ns,
-                        seen_ns: self.now_ns,
-                        digest,
-                    };
-                    self.store
-                        .index
-                        .put_stat(&found.path, &record)
-                        .map_err(|e| e.to_string())?;
-                }
-                let _ = bytes.set(Ok(Arc::new(data)));
-                digest
-            }
-        };
-        Ok(Some(Source {
-            path: found.path.clone(),
-            dir_dev: found.dir_dev,
-            meta,
-            digest,
-            bytes,
-        }))
+    fn lookup(&self, index: &Index, target: &Target) -> Result<Lookup> {
+        if let Some(entry) = index.entry(&target.key, self.slot(target))? {
+            return Ok(Lookup::Entry(entry));
+        }
+        if let Some(body) = index.entry(&target.key, EntrySlot::Body)? {
+            return Ok(Lookup::Body(body));
+        }
+        if let Some(message) = index.failure(&target.key)? {
+            return Ok(Lookup::Rejected(message));
+        }
+        Ok(Lookup::Miss)
     }
 
     fn slot(&self, target: &Target) -> EntrySlot {
-        match self.options.flavor {
-            Flavor::Timestamp => EntrySlot::Timestamp {
-                mtime: target.source.meta.mtime(),
-                size: target.source.meta.size(),
-            },
-            flavor => EntrySlot::Hashed(flavor),
-        }
+        slot_of(self.options.flavor, &target.source)
     }
 
-    /// Settles one pyc: up to date, a hit, a cached failure, or a compile job.
-    fn target(
+    /// For one pyc: up to date, a hit, a cached failure, or a compile job.
+    fn act(
         &self,
-        target: Target,
+        mut target: Target,
         tx: &crossbeam_channel::Sender<CompileJob>,
     ) -> std::result::Result<(), String> {
-        self.settle_or_compile(target, tx, true)
-    }
-
-    fn settle_or_compile(
-        &self,
-        target: Target,
-        tx: &crossbeam_channel::Sender<CompileJob>,
-        recheck: bool,
-    ) -> std::result::Result<(), String> {
-        let index = &self.store.index;
-        if let Some(entry) = self.usable_entry(&target, self.slot(&target))? {
-            return self.settle(&target, &entry, Settled::Hit);
-        }
-        if let Some(body) = self.usable_entry(&target, EntrySlot::Body)? {
-            // Compiled before in another flavor: swap the header.
-            if self.options.dry_run {
-                return self.settle(&target, &body, Settled::Hit);
+        let lookup = std::mem::replace(&mut target.lookup, Lookup::Miss);
+        match lookup {
+            Lookup::Entry(entry) if self.object_ok(&entry) => {
+                return self.settle(&target, &entry, Settled::Hit)
             }
-            match self.store.objects.read(&body.object) {
-                Ok(bytes)
-                    if bytes.len() as u64 == body.size && bytes[..HEADER_LEN] == body.header =>
-                {
-                    let entry =
-                        self.store_pyc(&target, self.slot(&target), &bytes[HEADER_LEN..])?;
+            Lookup::Body(body) if self.object_ok(&body) => {
+                if self.options.dry_run {
+                    return self.settle(&target, &body, Settled::Hit);
+                }
+                if let Some(entry) = self.derive(&target, &body)? {
                     return self.settle(&target, &entry, Settled::Hit);
                 }
-                Ok(_) => self.progress.warn(&format!(
-                    "store object {:?} does not match its index entry; recompiling `{}`",
-                    body.object,
-                    target.source.path.display()
-                )),
-                Err(e) => self.progress.warn(&format!(
-                    "{e}; recompiling `{}`",
-                    target.source.path.display()
-                )),
             }
-        }
-        if let Some(message) = index.failure(&target.key).map_err(|e| e.to_string())? {
-            return Err(self.rejected(&target, &message));
+            Lookup::Rejected(message) => return Err(self.rejected(&target, &message)),
+            _ => {}
         }
         if self.options.dry_run {
             self.count(|s| s.compiled += 1);
@@ -496,11 +459,18 @@ impl Run<'_> {
             waiting.push(target);
             return Ok(());
         }
-        // A compile of this key may have finished since the lookups above:
-        // it records the body before leaving `inflight`.
-        if recheck && self.usable_entry(&target, EntrySlot::Body)?.is_some() {
+        let done = self.compiled.lock().unwrap().get(&target.key).copied();
+        if let Some((slot, body)) = done {
             drop(inflight);
-            return self.settle_or_compile(target, tx, false);
+            let entry = if self.slot(&target) == slot {
+                Some(body)
+            } else {
+                self.derive(&target, &body)?
+            };
+            return match entry {
+                Some(entry) => self.settle(&target, &entry, Settled::Compiled),
+                None => Err("the object compiled by this run is unreadable".into()),
+            };
         }
         let job = CompileJob {
             key: target.key,
@@ -513,25 +483,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// An index entry whose object is present with the recorded size. A
-    /// missing or damaged object is a miss (and is rewritten by the compile
-    /// that follows), never something to link.
-    fn usable_entry(
-        &self,
-        target: &Target,
-        slot: EntrySlot,
-    ) -> std::result::Result<Option<Entry>, String> {
-        let Some(entry) = self
-            .store
-            .index
-            .entry(&target.key, slot)
-            .map_err(|e| e.to_string())?
-        else {
-            return Ok(None);
-        };
+    /// Whether an entry's object is present with the recorded size. A missing
+    /// or damaged object is a miss (and is rewritten by the compile that
+    /// follows), never something to link.
+    fn object_ok(&self, entry: &Entry) -> bool {
         let path = self.store.objects.path(&entry.object);
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.len() == entry.size => Ok(Some(entry)),
+            Ok(meta) if meta.len() == entry.size => true,
             Ok(meta) => {
                 self.progress.warn(&format!(
                     "store object `{}` has {} bytes, its index entry says {}; it will be rewritten \
@@ -540,9 +498,35 @@ impl Run<'_> {
                     meta.len(),
                     entry.size
                 ));
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Makes this target's flavor from a stored body; `None` when the body's
+    /// object does not match its entry (then it is recompiled).
+    fn derive(&self, target: &Target, body: &Entry) -> std::result::Result<Option<Entry>, String> {
+        match self.store.objects.read(&body.object) {
+            Ok(bytes) if bytes.len() as u64 == body.size && bytes[..HEADER_LEN] == body.header => {
+                self.store_pyc(target, self.slot(target), &bytes[HEADER_LEN..], false)
+                    .map(Some)
+            }
+            Ok(_) => {
+                self.progress.warn(&format!(
+                    "store object {:?} does not match its index entry; recompiling `{}`",
+                    body.object,
+                    target.source.path.display()
+                ));
                 Ok(None)
             }
-            Err(_) => Ok(None),
+            Err(e) => {
+                self.progress.warn(&format!(
+                    "{e}; recompiling `{}`",
+                    target.source.path.display()
+                ));
+                Ok(None)
+            }
         }
     }
 
@@ -573,6 +557,7 @@ impl Run<'_> {
         target: &Target,
         slot: EntrySlot,
         body: &[u8],
+        new_body: bool,
     ) -> std::result::Result<Entry, String> {
         let interpreter = &self.interpreters[target.interpreter];
         let input = target
@@ -588,18 +573,10 @@ impl Run<'_> {
             size: bytes.len() as u64,
             header,
         };
-        let index = &self.store.index;
-        index
-            .put_entry(&target.key, slot, &entry)
-            .map_err(|e| e.to_string())?;
-        if index
-            .entry(&target.key, EntrySlot::Body)
-            .map_err(|e| e.to_string())?
-            .is_none()
-        {
-            index
-                .put_entry(&target.key, EntrySlot::Body, &entry)
-                .map_err(|e| e.to_string())?;
+        let mut writes = self.writes.lock().unwrap();
+        writes.entry(&target.key, slot, &entry);
+        if new_body {
+            writes.entry(&target.key, EntrySlot::Body, &entry);
         }
         Ok(entry)
     }
@@ -622,15 +599,23 @@ impl Run<'_> {
             self.progress.advance(1);
             return Ok(());
         }
-        ensure_pycache(target.pyc.parent().expect("pyc paths have a parent"))?;
+        let dir = target.pyc.parent().expect("pyc paths have a parent");
+        if ensure_pycache(dir)? {
+            self.writes.lock().unwrap().created_dir(dir);
+        }
         let mode = self
             .materializer
             .place(&entry.object, &target.pyc, target.source.dir_dev)
             .map_err(|e| e.to_string())?;
-        self.store
-            .index
-            .put_link(&target.pyc, &entry.object, self.options.flavor)
-            .map_err(|e| e.to_string())?;
+        {
+            let mut writes = self.writes.lock().unwrap();
+            writes.link(&target.pyc, &entry.object, self.options.flavor);
+            writes.used(&entry.object, (self.now_ns / 1_000_000_000) as u64);
+        }
+        self.tally(target.interpreter, |c| match how {
+            Settled::Compiled => c.misses += 1,
+            Settled::Hit => c.hits += 1,
+        });
         self.count(|s| {
             match how {
                 Settled::Compiled => s.compiled += 1,
@@ -661,38 +646,43 @@ impl Run<'_> {
                 Ok(bytes) => slot.compile(&bytes, &job.source.path, job.optimize),
                 Err(message) => Outcome::WorkerFailed(message),
             };
+            self.tally(job.interpreter, |c| c.compiles += 1);
             // Record the result while the key is still in flight, so a miss
             // of the same key arriving now finds it instead of compiling again.
-            let first = match &outcome {
-                Outcome::Compiled(body) => {
-                    let inflight = self.inflight.lock().unwrap();
-                    let first = &inflight[&job.key][0];
-                    let slot = self.slot(first);
-                    Some(self.store_pyc(first, slot, body).map(|entry| (slot, entry)))
-                }
-                Outcome::Rejected(message) => {
-                    if let Err(e) = self.store.index.put_failure(&job.key, message) {
-                        tracing::debug!("cannot remember a compile failure: {e}");
+            let targets = {
+                let mut inflight = self.inflight.lock().unwrap();
+                let stored = match &outcome {
+                    Outcome::Compiled(body) => {
+                        let first = &inflight[&job.key][0];
+                        let slot = self.slot(first);
+                        let stored = self.store_pyc(first, slot, body, true);
+                        if let Ok(entry) = &stored {
+                            self.compiled
+                                .lock()
+                                .unwrap()
+                                .insert(job.key, (slot, *entry));
+                        }
+                        Some(stored.map(|entry| (slot, entry)))
                     }
-                    None
-                }
-                Outcome::WorkerFailed(_) => None,
+                    Outcome::Rejected(message) => {
+                        self.writes.lock().unwrap().failure(&job.key, message);
+                        None
+                    }
+                    Outcome::WorkerFailed(_) => None,
+                };
+                (inflight.remove(&job.key).unwrap_or_default(), stored)
             };
-            let targets = self
-                .inflight
-                .lock()
-                .unwrap()
-                .remove(&job.key)
-                .unwrap_or_default();
+            let (targets, stored) = targets;
             for target in targets {
-                let result = match (&outcome, &first) {
+                let interpreter = target.interpreter;
+                let result = match (&outcome, &stored) {
                     (Outcome::Compiled(_), Some(Err(message))) => Err(message.clone()),
                     (Outcome::Compiled(body), Some(Ok((slot, entry)))) => {
                         // Timestamp pycs of sources with other stats need their own header.
                         let entry = if self.slot(&target) == *slot {
                             Ok(*entry)
                         } else {
-                            self.store_pyc(&target, self.slot(&target), body)
+                            self.store_pyc(&target, self.slot(&target), body, false)
                         };
                         entry.and_then(|entry| self.settle(&target, &entry, Settled::Compiled))
                     }
@@ -701,10 +691,31 @@ impl Run<'_> {
                     (Outcome::Compiled(_), None) => unreachable!("compiled outcomes are stored"),
                 };
                 if let Err(message) = result {
-                    self.fail(&target.source.path, message, 1);
+                    self.fail(&target.source.path, interpreter, message);
+                }
+            }
+            let due = !self.session_open.load(Ordering::Relaxed)
+                && self.last_flush.lock().unwrap().elapsed() >= FLUSH_EVERY;
+            if due {
+                *self.last_flush.lock().unwrap() = Instant::now();
+                if let Err(e) = self.flush() {
+                    self.progress
+                        .warn(&format!("cannot record progress in the index yet: {e}"));
                 }
             }
         }
+    }
+
+    /// Applies the pending writes and counters in one index session.
+    fn flush(&self) -> Result<()> {
+        let mut writes = std::mem::take(&mut *self.writes.lock().unwrap());
+        for (i, counters) in self.counters.lock().unwrap().drain() {
+            writes.count(&counter_label(&self.interpreters[i]), counters);
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.store.index()?.apply(writes)
     }
 }
 
@@ -714,41 +725,37 @@ enum Settled {
     Compiled,
 }
 
-fn racy_window(meta: &std::fs::Metadata) -> i64 {
-    if meta.ctime_nsec() == 0 {
-        RACY_WINDOW_COARSE_NS
-    } else {
-        RACY_WINDOW_NS
+/// The entry slot of a source's pyc in `flavor`.
+pub(crate) fn slot_of(flavor: Flavor, source: &Source) -> EntrySlot {
+    use std::os::unix::fs::MetadataExt;
+    match flavor {
+        Flavor::Timestamp => EntrySlot::Timestamp {
+            mtime: source.meta.mtime(),
+            size: source.meta.size(),
+        },
+        flavor => EntrySlot::Hashed(flavor),
     }
 }
 
-fn pyc_suffix(interpreter: &Interpreter, optimize: u8) -> String {
-    if optimize == 0 {
-        format!(".{}.pyc", interpreter.cache_tag)
-    } else {
-        format!(".{}.opt-{optimize}.pyc", interpreter.cache_tag)
-    }
-}
-
-/// Creates `__pycache__` if missing; refuses one that is a symlink, so a
-/// link planted in a prefix can never redirect writes elsewhere.
-fn ensure_pycache(dir: &Path) -> std::result::Result<(), String> {
+/// Creates `__pycache__` if missing (returning true); refuses one that is a
+/// symlink, so a link planted in a prefix can never redirect writes.
+fn ensure_pycache(dir: &Path) -> std::result::Result<bool, String> {
     match std::fs::symlink_metadata(dir) {
         Ok(meta) if meta.file_type().is_symlink() => Err(format!(
             "`{}` is a symlink; pycstore never writes through symlinks (remove it, or exclude the directory)",
             dir.display()
         )),
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => Ok(false),
         Ok(_) => Err(format!("`{}` exists and is not a directory", dir.display())),
         Err(_) => match std::fs::create_dir(dir) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => ensure_pycache(dir),
             Err(e) => Err(format!("cannot create `{}`: {e}", dir.display())),
         },
     }
 }
 
-fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
+pub(crate) fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -756,11 +763,7 @@ fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
         .open(path)
 }
 
-fn read_source(path: &Path) -> io::Result<Vec<u8>> {
-    std::fs::read(path)
-}
-
-fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)

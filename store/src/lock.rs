@@ -1,0 +1,64 @@
+//! Locks that let many processes use one store at once.
+//!
+//! - `STORE/lock`: every command holds it for its whole run, shared, except
+//!   `gc` and `verify --repair`, which hold it exclusive: they may delete
+//!   objects, so no one else may be about to link one.
+//! - `STORE/index-v1.lock`: exclusive, held only for the short sessions in
+//!   which a process reads or writes the RocksDB index (RocksDB itself lets
+//!   one process at a time open it). Nobody holds it while compiling, so a
+//!   long cold compile never blocks another process's hits.
+//!
+//! Both are `flock(2)` locks: released by the kernel when a process dies,
+//! so a `kill -9` never leaves a stale lock behind.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+use crate::objects::with_path;
+
+/// Shared or exclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Many holders at once.
+    Shared,
+    /// One holder, no shared holders.
+    Exclusive,
+}
+
+/// A held lock; dropping it releases the lock.
+#[derive(Debug)]
+pub struct LockGuard {
+    _file: File,
+}
+
+/// Takes the lock on `path` (creating the file), waiting as long as it
+/// takes; says once on stderr what it waits for, naming `what`.
+pub fn lock(path: &Path, mode: LockMode, what: &str) -> io::Result<LockGuard> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| with_path(e, "open the lock file", path))?;
+    let attempt = match mode {
+        LockMode::Shared => file.try_lock_shared(),
+        LockMode::Exclusive => file.try_lock(),
+    };
+    match attempt {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            if !what.is_empty() {
+                eprintln!("pycstore: waiting for {what} (`{}`)", path.display());
+            }
+            match mode {
+                LockMode::Shared => file.lock_shared(),
+                LockMode::Exclusive => file.lock(),
+            }
+            .map_err(|e| with_path(e, "lock", path))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(with_path(e, "lock", path)),
+    }
+    Ok(LockGuard { _file: file })
+}

@@ -28,6 +28,12 @@ pub struct GlobalArgs {
     /// The store directory [default: $XDG_CACHE_HOME/pycstore, else ~/.cache/pycstore].
     #[arg(long, global = true, env = env::PYCSTORE_DIR, value_name = "DIR")]
     pub store: Option<PathBuf>,
+
+    /// When creating the store, share it with this group (mode 2770) instead
+    /// of keeping it private to its owner. Members of the group can then run
+    /// code in every environment linked from it.
+    #[arg(long, global = true, env = env::PYCSTORE_SHARED_GROUP, value_name = "GROUP")]
+    pub shared_group: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -35,6 +41,144 @@ pub enum Command {
     /// Put a valid pyc beside every .py file of each prefix (venv, conda env,
     /// CPython install, or any directory of sources with --python).
     Link(LinkArgs),
+
+    /// Remove the pycs pycstore placed in each prefix (and the __pycache__
+    /// directories it created, when left empty); nothing else.
+    Unlink(UnlinkArgs),
+
+    /// Report, per interpreter, how many sources have a pyc from the store,
+    /// a foreign valid pyc, a stale pyc, or none.
+    Status(StatusArgs),
+
+    /// Show what the store holds and how it was used since the last --zero.
+    Stats(StatsArgs),
+
+    /// Evict least recently used objects (those still linked somewhere
+    /// last) until the store fits --max-size, or those unused for --older-than.
+    Gc(GcArgs),
+
+    /// Check every object against its name and the index, both ways.
+    Verify(VerifyArgs),
+
+    /// Write store entries to a zstd-compressed pack (for CI caches).
+    Export(ExportArgs),
+
+    /// Add the entries of a pack to the store, after checking all of it.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UnlinkArgs {
+    /// Prefixes to clean.
+    #[arg(required = true, value_name = "PREFIX")]
+    pub prefixes: Vec<PathBuf>,
+
+    /// Report what would be removed, remove nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Prefixes to report on.
+    #[arg(required = true, value_name = "PREFIX")]
+    pub prefixes: Vec<PathBuf>,
+
+    /// Interpreter to report for (repeatable) [default: the prefix's bin/python3].
+    #[arg(long, value_name = "PATH")]
+    pub python: Vec<PathBuf>,
+
+    /// Optimize levels to report on, comma-separated.
+    #[arg(long, short = 'O', value_delimiter = ',', default_value = "0", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub optimize: Vec<u8>,
+
+    /// The invalidation mode pycs from the store are expected in.
+    #[arg(long, value_enum, default_value_t = InvalidationMode::CheckedHash)]
+    pub invalidation_mode: InvalidationMode,
+
+    /// Skip files and directories matching this glob (as for link).
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Print as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Reset the usage counters (after printing them).
+    #[arg(long, short = 'z')]
+    pub zero: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Evict until the objects take at most this much disk (e.g. 500M, 2G).
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<String>,
+
+    /// Evict objects unused for longer than this (e.g. 30d, 12h, 90m).
+    #[arg(long, value_name = "AGE")]
+    pub older_than: Option<String>,
+
+    /// Report what would be evicted, evict nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Drop what is broken (objects, entries, a damaged index) so the next
+    /// link recompiles it.
+    #[arg(long)]
+    pub repair: bool,
+
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The pack to write (`-` for stdout).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Only entries for this interpreter (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub python: Vec<PathBuf>,
+
+    /// Only entries linked into this prefix (repeatable).
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Vec<PathBuf>,
+
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The pack to read (`-` for stdin).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -6,3 +6,5 @@ pub const PYCSTORE_DIR: &str = "PYCSTORE_DIR";
 pub const PYCSTORE_COMPILE_TIMEOUT: &str = pycstore_store::compile::TIMEOUT_ENV;
 /// Log filter in `tracing` syntax (`debug`, `pycstore_store=trace`).
 pub const PYCSTORE_LOG: &str = "PYCSTORE_LOG";
+/// The group to share a newly created store with (`--shared-group`).
+pub const PYCSTORE_SHARED_GROUP: &str = "PYCSTORE_SHARED_GROUP";

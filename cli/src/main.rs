@@ -30,7 +30,14 @@ fn main() -> ExitCode {
 
 fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        args::Command::Link(ref link) => commands::link::run(&cli.global, link),
+        args::Command::Link(ref args) => commands::link::run(&cli.global, args),
+        args::Command::Unlink(ref args) => commands::unlink::run(&cli.global, args),
+        args::Command::Status(ref args) => commands::status::run(&cli.global, args),
+        args::Command::Stats(ref args) => commands::stats::run(&cli.global, args),
+        args::Command::Gc(ref args) => commands::gc::run(&cli.global, args),
+        args::Command::Verify(ref args) => commands::verify::run(&cli.global, args),
+        args::Command::Export(ref args) => commands::export::run(&cli.global, args),
+        args::Command::Import(ref args) => commands::import::run(&cli.global, args),
     }
 }
 

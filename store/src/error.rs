@@ -51,6 +51,15 @@ pub enum Error {
         prefix: PathBuf,
     },
 
+    /// A store that is not safe to use.
+    #[error("refusing to use the store at `{path}`: {reason}")]
+    Untrusted {
+        /// The store directory.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// An exclude pattern did not parse.
     #[error("invalid exclude pattern `{pattern}`: {message}")]
     Pattern {

@@ -26,7 +26,7 @@ use fs_err as fs;
 use crate::index::Index;
 use crate::lock::{self, LockGuard, LockMode};
 use crate::objects::Objects;
-use crate::Result;
+use crate::{trust, Result};
 
 /// The bucket holding objects, with its layout version.
 pub const OBJECTS_DIR: &str = "objects-v1";
@@ -57,20 +57,28 @@ impl Store {
     /// Opens the store holding its lock in `mode`: exclusive for commands
     /// that delete objects (`gc`, `verify --repair`).
     pub fn open_with(root: &Path, mode: LockMode) -> Result<Store> {
+        Self::open_shared(root, mode, None)
+    }
+
+    /// Opens the store; when it does not exist yet and `shared_group` is
+    /// given, creates it owned by that group (mode 2770) instead of private.
+    /// A store owned by someone else is refused unless it was created shared
+    /// with a group the caller is in: whoever can write the store can run
+    /// code in every environment linked from it.
+    pub fn open_shared(root: &Path, mode: LockMode, shared_group: Option<&str>) -> Result<Store> {
         if !root.exists() {
-            if let Some(parent) = root.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            match std::fs::DirBuilder::new().mode(0o700).create(root) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(fs_error(e, "create the store directory", root)),
-            }
+            create_root(root, shared_group)?;
         }
+        trust::check(root)?;
+        let dir_mode = if trust::is_shared(root) {
+            0o2770
+        } else {
+            0o700
+        };
         for dir in [OBJECTS_DIR, TMP_DIR] {
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o700)
+                .mode(dir_mode)
                 .create(root.join(dir))
                 .map_err(|e| fs_error(e, "create", &root.join(dir)))?;
         }
@@ -111,6 +119,21 @@ impl Store {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+fn create_root(root: &Path, shared_group: Option<&str>) -> Result<()> {
+    if let Some(parent) = root.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(fs_error(e, "create the store directory", root)),
+    }
+    if let Some(group) = shared_group {
+        trust::share(root, group)?;
+    }
+    Ok(())
 }
 
 /// The default store location: `$XDG_CACHE_HOME/pycstore`, else

@@ -21,6 +21,7 @@ pub mod materialize;
 pub mod objects;
 pub mod pyc;
 pub mod source;
+pub mod trust;
 pub mod walk;
 
 pub use error::{Error, Result};

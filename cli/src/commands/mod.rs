@@ -1,20 +1,39 @@
 //! One module per subcommand.
 
+pub mod export;
+pub mod gc;
+pub mod import;
 pub mod link;
+pub mod stats;
+pub mod status;
+pub mod unlink;
+pub mod verify;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
+use pycstore_store::lock::LockMode;
+
 use crate::args::GlobalArgs;
 
-/// Opens the store chosen by `--store`, `PYCSTORE_DIR` or the default.
+/// Opens the store chosen by `--store`, `PYCSTORE_DIR` or the default, for
+/// use alongside other processes.
 pub fn open_store(global: &GlobalArgs) -> anyhow::Result<pycstore_store::Store> {
+    open_store_with(global, LockMode::Shared)
+}
+
+/// Opens the store holding its lock in `mode` (exclusive for commands that
+/// delete objects).
+pub fn open_store_with(
+    global: &GlobalArgs,
+    mode: LockMode,
+) -> anyhow::Result<pycstore_store::Store> {
     let root: PathBuf = match &global.store {
         Some(dir) => dir.clone(),
         None => pycstore_store::layout::default_root()
             .context("no store location: set --store, PYCSTORE_DIR, XDG_CACHE_HOME or HOME")?,
     };
-    pycstore_store::Store::open(&root)
+    pycstore_store::Store::open_shared(&root, mode, global.shared_group.as_deref())
         .with_context(|| format!("cannot open the store at `{}`", root.display()))
 }

@@ -7,5 +7,6 @@ mod util;
 mod cli;
 mod flavors;
 mod interpreters;
+mod lifecycle;
 mod link_modes;
 mod stdlib;

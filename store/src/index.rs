@@ -286,6 +286,11 @@ impl Writes {
         *self.counters.entry(label.to_string()).or_default() += counters;
     }
 
+    /// Writes a raw key and value.
+    pub fn put(&mut self, family: Family, key: &[u8], value: &[u8]) {
+        self.ops.push((family, key.to_vec(), Some(value.to_vec())));
+    }
+
     /// Deletes a key.
     pub fn delete(&mut self, family: Family, key: &[u8]) {
         self.ops.push((family, key.to_vec(), None));

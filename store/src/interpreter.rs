@@ -16,7 +16,8 @@ use crate::pyc::{source_hash, HashVariant};
 use crate::{Error, Result};
 
 /// Asks the interpreter what decides its pycs. Runs isolated (`-I`) so the
-/// user's `PYTHON*` variables cannot change the answer.
+/// user's `PYTHON*` variables cannot change the answer, and with `-B`: site
+/// imports (a venv's `.pth` files) must not write pycs into the prefix.
 const PROBE: &str = r#"
 import sys, json, sysconfig, importlib.util
 print(json.dumps({
@@ -122,7 +123,7 @@ impl Interpreter {
             message,
         };
         let output = Command::new(executable)
-            .args(["-I", "-c", PROBE])
+            .args(["-I", "-B", "-c", PROBE])
             .output()
             .map_err(|e| fail(e.to_string()))?;
         if !output.status.success() {

@@ -19,8 +19,10 @@ pub mod link;
 pub mod lock;
 pub mod materialize;
 pub mod objects;
+pub mod prefix;
 pub mod pyc;
 pub mod source;
+pub mod stats;
 pub mod trust;
 pub mod walk;
 

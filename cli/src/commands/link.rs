@@ -84,11 +84,7 @@ fn settings(args: &LinkArgs) -> LinkOptions {
     LinkOptions {
         python: args.python.clone(),
         optimize: args.optimize.clone(),
-        flavor: match args.invalidation_mode {
-            InvalidationMode::CheckedHash => Flavor::CheckedHash,
-            InvalidationMode::UncheckedHash => Flavor::UncheckedHash,
-            InvalidationMode::Timestamp => Flavor::Timestamp,
-        },
+        flavor: flavor(args.invalidation_mode),
         link_mode: match args.link_mode {
             LinkModeArg::Auto => LinkMode::Auto,
             LinkModeArg::Reflink => LinkMode::Reflink,
@@ -106,5 +102,14 @@ fn settings(args: &LinkArgs) -> LinkOptions {
         excludes: args.exclude.clone(),
         dry_run: args.dry_run,
         timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),
+    }
+}
+
+/// The store's flavor of an `--invalidation-mode`.
+pub fn flavor(mode: InvalidationMode) -> Flavor {
+    match mode {
+        InvalidationMode::CheckedHash => Flavor::CheckedHash,
+        InvalidationMode::UncheckedHash => Flavor::UncheckedHash,
+        InvalidationMode::Timestamp => Flavor::Timestamp,
     }
 }

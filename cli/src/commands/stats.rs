@@ -1,9 +1,56 @@
-//! `pycstore stats`.
+//! `pycstore stats`: what the store holds and how it was used since the last
+//! `--zero`.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use crate::args::GlobalArgs;
+use crate::args::{GlobalArgs, StatsArgs};
+use crate::output::human_bytes;
 
-pub fn run(_global: &GlobalArgs, _args: &crate::args::StatsArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`pycstore stats` is not available in this build")
+pub fn run(global: &GlobalArgs, args: &StatsArgs) -> anyhow::Result<ExitCode> {
+    let store = super::open_store(global)?;
+    let stats = pycstore_store::stats::stats(&store, args.zero)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &stats)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "store                {}", stats.store.display())?;
+    writeln!(out, "objects              {}", stats.objects)?;
+    writeln!(
+        out,
+        "object size          {} ({} on disk)",
+        human_bytes(stats.object_bytes),
+        human_bytes(stats.disk_bytes)
+    )?;
+    writeln!(out, "entries              {}", stats.entries)?;
+    writeln!(
+        out,
+        "linked pycs          {} ({} as separate files, dedup ratio {:.2})",
+        stats.linked_pycs,
+        human_bytes(stats.logical_bytes),
+        stats.dedup_ratio
+    )?;
+    writeln!(out, "known failures       {}", stats.known_failures)?;
+    if stats.usage.is_empty() {
+        writeln!(out, "usage                none recorded")?;
+    }
+    for (label, c) in &stats.usage {
+        let wanted = c.hits + c.misses;
+        let rate = if wanted > 0 {
+            100.0 * c.hits as f64 / wanted as f64
+        } else {
+            0.0
+        };
+        writeln!(
+            out,
+            "{label:<20} {} hits, {} misses ({rate:.1}% hit rate), {} compiles, {} failures",
+            c.hits, c.misses, c.compiles, c.failures
+        )?;
+    }
+    if args.zero {
+        writeln!(out, "counters reset")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,9 +1,46 @@
-//! `pycstore status`.
+//! `pycstore status PREFIX...`: per interpreter, how many sources have a pyc
+//! from the store, a foreign valid pyc, a stale pyc, or none.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use crate::args::GlobalArgs;
+use pycstore_store::prefix::StatusOptions;
 
-pub fn run(_global: &GlobalArgs, _args: &crate::args::StatusArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`pycstore status` is not available in this build")
+use crate::args::{GlobalArgs, StatusArgs};
+
+pub fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let store = super::open_store(global)?;
+    let options = StatusOptions {
+        python: args.python.clone(),
+        optimize: args.optimize.clone(),
+        flavor: super::link::flavor(args.invalidation_mode),
+        excludes: args.exclude.clone(),
+    };
+    let report = pycstore_store::prefix::status(&store, &args.prefixes, &options)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{} sources", report.sources)?;
+        for (label, c) in &report.interpreters {
+            writeln!(
+                out,
+                "{label}: {} pycs: {} from the store, {} foreign, {} stale, {} missing ({} do not compile)",
+                c.pycs, c.from_store, c.foreign, c.stale, c.missing, c.does_not_compile
+            )?;
+        }
+        for path in &report.unreadable {
+            writeln!(
+                std::io::stderr(),
+                "pycstore: {}: cannot be read",
+                path.display()
+            )?;
+        }
+    }
+    Ok(if report.unreadable.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

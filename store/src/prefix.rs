@@ -1,0 +1,321 @@
+//! What pycstore knows and does about a prefix after `link`: `status`
+//! (which sources have a pyc from the store, a foreign valid pyc, a stale
+//! pyc, or none) and `unlink` (remove exactly the pycs pycstore placed).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::index::{path_key, EntrySlot, Family, Writes};
+use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
+use crate::link::{now_ns, open_no_follow, slot_of};
+use crate::objects::ObjectId;
+use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
+use crate::source::{Hashed, Plan, Source};
+use crate::walk::Excludes;
+use crate::{Result, Store};
+
+/// What `status` should look at.
+#[derive(Clone, Debug)]
+pub struct StatusOptions {
+    /// Interpreters; empty: each prefix's own.
+    pub python: Vec<PathBuf>,
+    /// Optimize levels.
+    pub optimize: Vec<u8>,
+    /// The flavor pycs from the store are expected in.
+    pub flavor: Flavor,
+    /// Exclude patterns, as for `link`.
+    pub excludes: Vec<String>,
+}
+
+/// The state of the pycs of one interpreter across the prefixes.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PycCounts {
+    /// pycs wanted: sources × optimize levels.
+    pub pycs: u64,
+    /// Identical to the store's object for the source.
+    pub from_store: u64,
+    /// Valid for the source (import would use it), but not the store's.
+    pub foreign: u64,
+    /// Present but not valid: import would recompile.
+    pub stale: u64,
+    /// No pyc at all.
+    pub missing: u64,
+    /// Of the missing, sources the store knows do not compile.
+    pub does_not_compile: u64,
+}
+
+/// The report of `status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusReport {
+    /// Sources found.
+    pub sources: u64,
+    /// Per interpreter (by cache tag and executable).
+    pub interpreters: BTreeMap<String, PycCounts>,
+    /// Sources that could not be read.
+    pub unreadable: Vec<PathBuf>,
+}
+
+/// Reports on the pycs of the prefixes; writes nothing.
+pub fn status(
+    store: &Store,
+    prefixes: &[PathBuf],
+    options: &StatusOptions,
+) -> Result<StatusReport> {
+    let excludes = Excludes::new(&options.excludes)?;
+    let mut index = store.index()?;
+    let plan = Plan::new(prefixes, &options.python, &mut index)?;
+    let (found, errors) = plan.walk(&excludes);
+    let now = now_ns();
+    let index = &index;
+    let per_source: Vec<std::result::Result<Vec<(usize, State)>, PathBuf>> = found
+        .par_iter()
+        .map(|(found, chosen)| {
+            let source = match Source::hash(found, index, now, None) {
+                Hashed::Source(source) => source,
+                Hashed::Skipped => return Ok(Vec::new()),
+                Hashed::Failed(_) => return Err(found.path.clone()),
+            };
+            let mut states = Vec::new();
+            for &i in chosen {
+                let interpreter = &plan.interpreters[i];
+                for &optimize in &options.optimize {
+                    let key = CompileKey::new(
+                        &source.digest,
+                        interpreter.magic,
+                        optimize,
+                        COMPILE_FLAGS_DEFAULT,
+                    );
+                    let slot = match options.flavor {
+                        Flavor::Timestamp => slot_of(Flavor::Timestamp, &source),
+                        flavor => EntrySlot::Hashed(flavor),
+                    };
+                    let entry = index.entry(&key, slot).ok().flatten();
+                    let Some(pyc) = source.pyc_path(interpreter, optimize) else {
+                        continue;
+                    };
+                    let state = match read_head(&pyc) {
+                        None => {
+                            if index.failure(&key).ok().flatten().is_some() {
+                                State::DoesNotCompile
+                            } else {
+                                State::Missing
+                            }
+                        }
+                        Some((header, len)) => {
+                            if entry.is_some_and(|e| e.header == header && e.size == len) {
+                                State::FromStore
+                            } else {
+                                let verdict = pyc::judge_header(
+                                    &header,
+                                    interpreter.magic,
+                                    interpreter.hash_variant,
+                                    source.meta.mtime(),
+                                    source.meta.size(),
+                                    || source.bytes().ok().map(|b| b.to_vec()),
+                                );
+                                match verdict {
+                                    HeaderVerdict::Valid if len > HEADER_LEN as u64 => {
+                                        State::Foreign
+                                    }
+                                    _ => State::Stale,
+                                }
+                            }
+                        }
+                    };
+                    states.push((i, state));
+                }
+            }
+            Ok(states)
+        })
+        .collect();
+    let mut report = StatusReport {
+        sources: found.len() as u64,
+        interpreters: BTreeMap::new(),
+        unreadable: errors.into_iter().map(|(p, _)| p).collect(),
+    };
+    let labels: Vec<String> = plan
+        .interpreters
+        .iter()
+        .map(|i| format!("{} ({})", i.cache_tag, i.executable.display()))
+        .collect();
+    for label in &labels {
+        report
+            .interpreters
+            .insert(label.clone(), PycCounts::default());
+    }
+    for states in per_source {
+        match states {
+            Err(path) => report.unreadable.push(path),
+            Ok(states) => {
+                for (i, state) in states {
+                    let c = report
+                        .interpreters
+                        .get_mut(&labels[i])
+                        .expect("every label inserted");
+                    c.pycs += 1;
+                    match state {
+                        State::FromStore => c.from_store += 1,
+                        State::Foreign => c.foreign += 1,
+                        State::Stale => c.stale += 1,
+                        State::Missing => c.missing += 1,
+                        State::DoesNotCompile => {
+                            c.missing += 1;
+                            c.does_not_compile += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    report.unreadable.sort();
+    Ok(report)
+}
+
+enum State {
+    FromStore,
+    Foreign,
+    Stale,
+    Missing,
+    DoesNotCompile,
+}
+
+/// The first 16 bytes and the size of a pyc, if there is a regular file.
+fn read_head(pyc: &Path) -> Option<([u8; HEADER_LEN], u64)> {
+    let mut file = open_no_follow(pyc).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut header = [0u8; HEADER_LEN];
+    if len < HEADER_LEN as u64 || file.read_exact(&mut header).is_err() {
+        return Some(([0; HEADER_LEN], len));
+    }
+    Some((header, len))
+}
+
+/// The report of `unlink`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UnlinkReport {
+    /// pycs removed.
+    pub removed: u64,
+    /// Bytes of the pycs removed.
+    pub bytes: u64,
+    /// pycs pycstore placed that were replaced since (by Python recompiling
+    /// an edited source, or by hand): left alone.
+    pub changed: u64,
+    /// pycs pycstore placed that are gone already.
+    pub gone: u64,
+    /// `__pycache__` directories pycstore created, removed because empty.
+    pub dirs_removed: u64,
+    /// What could not be removed, and why.
+    pub failures: Vec<(PathBuf, String)>,
+}
+
+/// Removes the pycs pycstore placed under the prefixes, and the
+/// `__pycache__` directories it created once they are empty.
+pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<UnlinkReport> {
+    let mut links = Vec::new();
+    let mut dirs = Vec::new();
+    {
+        let index = store.index()?;
+        for prefix in prefixes {
+            let mut key = path_key(&std::path::absolute(prefix)?);
+            key.push(b'/');
+            links.extend(index.scan(Family::Links, &key)?);
+            dirs.extend(index.scan(Family::Dirs, &key)?);
+        }
+    }
+    let decoded: Vec<(PathBuf, Option<ObjectId>)> = links
+        .into_iter()
+        .map(|(k, v)| {
+            let path = PathBuf::from(unsafe_os_string(k));
+            let id = v.get(..32).and_then(|b| b.try_into().ok()).map(ObjectId);
+            (path, id)
+        })
+        .collect();
+    enum Done {
+        Removed(u64),
+        Changed,
+        Gone,
+        Failed(String),
+    }
+    let outcomes: Vec<(PathBuf, Done)> = decoded
+        .into_par_iter()
+        .map(|(pyc, id)| {
+            let done = match std::fs::symlink_metadata(&pyc) {
+                Err(_) => Done::Gone,
+                Ok(meta) if !meta.is_file() => Done::Changed,
+                Ok(meta) => {
+                    let ours = id.is_some_and(|id| is_object(store, &pyc, &meta, &id));
+                    if !ours {
+                        Done::Changed
+                    } else if dry_run {
+                        Done::Removed(meta.len())
+                    } else {
+                        match std::fs::remove_file(&pyc) {
+                            Ok(()) => Done::Removed(meta.len()),
+                            Err(e) => Done::Failed(e.to_string()),
+                        }
+                    }
+                }
+            };
+            (pyc, done)
+        })
+        .collect();
+    let mut report = UnlinkReport::default();
+    let mut writes = Writes::default();
+    for (pyc, done) in outcomes {
+        match done {
+            Done::Removed(bytes) => {
+                report.removed += 1;
+                report.bytes += bytes;
+                writes.delete(Family::Links, &path_key(&pyc));
+            }
+            Done::Changed => {
+                report.changed += 1;
+                writes.delete(Family::Links, &path_key(&pyc));
+            }
+            Done::Gone => {
+                report.gone += 1;
+                writes.delete(Family::Links, &path_key(&pyc));
+            }
+            Done::Failed(message) => report.failures.push((pyc, message)),
+        }
+    }
+    for (key, _) in dirs {
+        let dir = PathBuf::from(unsafe_os_string(key.clone()));
+        let empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none());
+        match empty {
+            Ok(true) => {
+                if dry_run || std::fs::remove_dir(&dir).is_ok() {
+                    report.dirs_removed += 1;
+                    writes.delete(Family::Dirs, &key);
+                }
+            }
+            Ok(false) => {}
+            Err(_) => writes.delete(Family::Dirs, &key),
+        }
+    }
+    if !dry_run {
+        store.index()?.apply(writes)?;
+    }
+    Ok(report)
+}
+
+/// Whether the file at `pyc` still holds the object `id`: the same inode as
+/// the object (a hardlink), or the same bytes (a reflink or copy).
+fn is_object(store: &Store, pyc: &Path, meta: &std::fs::Metadata, id: &ObjectId) -> bool {
+    if let Ok(object) = std::fs::metadata(store.objects.path(id)) {
+        if object.dev() == meta.dev() && object.ino() == meta.ino() {
+            return true;
+        }
+    }
+    std::fs::read(pyc).is_ok_and(|bytes| ObjectId::of(&bytes) == *id)
+}
+
+fn unsafe_os_string(bytes: Vec<u8>) -> std::ffi::OsString {
+    // SAFETY: index keys of paths are `as_encoded_bytes` of real paths.
+    unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) }
+}

@@ -1,0 +1,208 @@
+//! `status`, `unlink` and `stats` on a real venv, and who may use a store.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+
+use crate::util::*;
+
+fn status_counts(t: &TestDir, prefix: &std::path::Path) -> serde_json::Value {
+    let out = run_ok(t.pycstore().arg("status").arg(prefix).arg("--json"));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let interpreters = json["interpreters"].as_object().unwrap();
+    assert_eq!(interpreters.len(), 1, "{json}");
+    interpreters.values().next().unwrap().clone()
+}
+
+#[test]
+fn status_tells_store_foreign_stale_and_missing() {
+    let t = TestDir::new();
+    let venv = t.join("venv");
+    make_venv(&python("3.11"), &venv);
+    let before = status_counts(&t, &venv);
+    let pycs = before["pycs"].as_u64().unwrap();
+    assert!(pycs > 300, "{before}");
+    assert_eq!(before["missing"], pycs, "{before}");
+
+    run_ok(t.pycstore().arg("link").arg(&venv).arg("-q"));
+    let linked = status_counts(&t, &venv);
+    assert_eq!(linked["from_store"], pycs, "{linked}");
+
+    // Python compiles an edited module itself: that pyc is foreign. A pyc
+    // whose source changed afterwards is stale. A removed pyc is missing.
+    let site = venv.join("lib/python3.11/site-packages/pip");
+    std::fs::write(site.join("__main__.py"), "print('edited')\n").unwrap();
+    let py = venv.join("bin/python");
+    run_ok(
+        Command::new(&py)
+            .args(["-c", "import pip.__main__"])
+            .env_remove("PYTHONDONTWRITEBYTECODE"),
+    );
+    std::fs::write(site.join("__init__.py"), "# changed\n").unwrap();
+    std::fs::remove_file(site.join("__pycache__/py.cpython-311.pyc")).ok();
+    let removed = std::fs::remove_file(site.join("_internal/__pycache__/main.cpython-311.pyc"));
+    assert!(removed.is_ok());
+    let after = status_counts(&t, &venv);
+    assert_eq!(after["foreign"], 1, "{after}");
+    assert_eq!(after["stale"], 1, "{after}");
+    assert_eq!(after["missing"], 1, "{after}");
+    assert_eq!(after["from_store"], pycs - 3, "{after}");
+}
+
+#[test]
+fn unlink_removes_only_what_link_placed() {
+    let t = TestDir::new();
+    let app = t.join("app");
+    t.write("app/pkg/__init__.py", "");
+    t.write("app/pkg/a.py", "A = 1\n");
+    let edited = t.write("app/pkg/b.py", "B = 1\n");
+    t.write("app/other/c.py", "C = 1\n");
+    // A pyc and a __pycache__ that were there before pycstore.
+    std::fs::create_dir(t.join("app/other/__pycache__")).unwrap();
+    let mine = t.write("app/other/__pycache__/notes.txt", "keep me");
+    let python = python("3.11");
+    run_ok(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_eq!(pycs_under(&app).len(), 4);
+
+    // Python rewrites the pyc of an edited source: no longer pycstore's.
+    std::fs::write(&edited, "B = 2\n").unwrap();
+    run_ok(
+        Command::new(&python)
+            .args(["-c", "import pkg.b"])
+            .env("PYTHONPATH", &app)
+            .env_remove("PYTHONDONTWRITEBYTECODE"),
+    );
+
+    let out = run_ok(t.pycstore().args(["unlink", "--json"]).arg(&app));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (json["removed"].as_u64(), json["changed"].as_u64()),
+        (Some(3), Some(1)),
+        "{json}"
+    );
+    let left: Vec<String> = pycs_under(&app)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(left, ["pkg/__pycache__/b.cpython-311.pyc"]);
+    assert!(mine.exists(), "unlink removed a file it did not place");
+    assert!(t.join("app/other/__pycache__").is_dir());
+    // The sources are untouched and the store still has its objects.
+    assert_eq!(
+        std::fs::read_to_string(t.join("app/pkg/a.py")).unwrap(),
+        "A = 1\n"
+    );
+    // Linking again is all hits.
+    let (_, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_eq!(json["compiled"], 0, "{json}");
+}
+
+#[test]
+fn stats_counts_and_zeroes() {
+    let t = TestDir::new();
+    let python = python("3.11");
+    for prefix in ["a", "b"] {
+        t.write(format!("{prefix}/m.py"), "X = 1\n");
+        t.write(format!("{prefix}/same.py"), "X = 1\n");
+        t.write(format!("{prefix}/bad.py"), "def (:\n");
+    }
+    run(t
+        .pycstore()
+        .args(["link", "--python"])
+        .arg(&python)
+        .arg(t.join("a")));
+    run(t
+        .pycstore()
+        .args(["link", "--python"])
+        .arg(&python)
+        .arg(t.join("b")));
+    let out = run_ok(t.pycstore().args(["stats", "--json"]));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        stats["objects"], 1,
+        "identical sources share one object: {stats}"
+    );
+    assert_eq!(stats["linked_pycs"], 4, "{stats}");
+    assert!(stats["dedup_ratio"].as_f64().unwrap() > 3.9, "{stats}");
+    assert_eq!(stats["known_failures"], 1, "{stats}");
+    let usage = stats["usage"].as_object().unwrap();
+    let (label, c) = usage.iter().next().unwrap();
+    assert!(label.starts_with("cpython-311 "), "{label}");
+    assert_eq!(
+        (
+            c["hits"].as_u64(),
+            c["misses"].as_u64(),
+            c["compiles"].as_u64(),
+            c["failures"].as_u64()
+        ),
+        (Some(2), Some(2), Some(2), Some(2)),
+        "{stats}"
+    );
+    let human = run_ok(t.pycstore().args(["stats", "--zero"]));
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("50.0% hit rate"),
+        "{human:?}"
+    );
+    let out = run_ok(t.pycstore().args(["stats", "--json"]));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(stats["usage"].as_object().unwrap().is_empty(), "{stats}");
+    assert!(stats["since"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn a_store_of_another_user_is_refused_unless_shared() {
+    let t = TestDir::new();
+    t.write("app/m.py", "X = 1\n");
+    let python = python("3.11");
+    run_ok(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(t.join("app")),
+    );
+    assert_eq!(std::fs::metadata(t.store()).unwrap().mode() & 0o7777, 0o700);
+    // Hand the store to another user: refused, with what to do.
+    std::os::unix::fs::chown(t.store(), Some(65534), None).unwrap();
+    let out = run(t
+        .pycstore()
+        .args(["link", "--python"])
+        .arg(&python)
+        .arg(t.join("app")));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to use the store") && stderr.contains("--shared-group"),
+        "{stderr}"
+    );
+    std::os::unix::fs::chown(t.store(), Some(0), None).unwrap();
+
+    // A store made writable by everyone is refused too.
+    std::fs::set_permissions(t.store(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run(t.pycstore().arg("stats"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    std::fs::set_permissions(t.store(), std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Created shared with a group the caller is in: usable by its members.
+    let shared = t.join("shared");
+    let out = run_ok(
+        crate::util::pycstore(&shared)
+            .args(["--shared-group", "root", "link", "--python"])
+            .arg(&python)
+            .arg(t.join("app")),
+    );
+    assert!(out.status.success());
+    let meta = std::fs::metadata(&shared).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o2770);
+    assert_eq!(meta.gid(), 0);
+    std::os::unix::fs::chown(&shared, Some(65534), None).unwrap();
+    run_ok(crate::util::pycstore(&shared).arg("stats"));
+}

@@ -18,6 +18,9 @@
 #   link again       pycstore link on a prefix it has already linked
 #   import           the corpus import workload with compileall's pycs, with
 #                    pycstore's, and with none (PYTHONDONTWRITEBYTECODE=1)
+#   export, import   pycstore export of the linked store's entries to a pack,
+#                    and pycstore import of the pack into an empty store;
+#                    next to the cold link, what a CI cache of pycs saves
 # Measured with du (hard links counted once): the store, what compileall's
 # pycs add to every prefix, and the new blocks a second linked prefix adds.
 #
@@ -150,6 +153,29 @@ hyperfine_to import --warmup 1 \
   -n "pycstore's pycs" "$(import "$linked")" \
   -n "no pycs" "$(import "$none")"
 
+say "pycstore export and import"
+pack=$work/pycs.pack
+imported=$work/store-imported
+# Replaced stores are moved aside, and removed at the end: ext4 without a
+# journal skips inodes freed in the last minute when it allocates, at a cost
+# that grows with their number, so creating thousands of objects right after
+# removing thousands measures the benchmark's own rm -rf. A CI job imports
+# on a fresh machine. For the same reason, let the earlier steps' removals age.
+trash=$work/trash
+mkdir -p "$trash"
+sleep 60
+hyperfine_to pack-export --prepare "rm -f $(q "$pack")" \
+  -n "pycstore export" "$(q "$pycstore") --store $(q "$store") export $(q "$pack")"
+set_aside="if [ -e $(q "$imported") ]; then mv $(q "$imported") $(q "$trash")/\$(date +%s%N); fi"
+hyperfine_to pack-import --prepare "$set_aside" \
+  -n "pycstore import" "$(q "$pycstore") --store $(q "$imported") import $(q "$pack")"
+exported=$("$pycstore" --store "$store" export --json "$pack")
+# What the import is for: a fresh prefix links from it without compiling.
+from_pack=$work/link-from-pack
+fresh_copy "$from_pack"
+after_import=$("$pycstore" --store "$imported" link --json "$from_pack")
+chmod -R u+w "$trash" && rm -rf "$trash"
+
 say "report"
 report=$results/corpus-$date.md
 "$python" - "$json" \
@@ -175,6 +201,8 @@ report=$results/corpus-$date.md
   store_kib="$store_kib" \
   compileall_kib="$compileall_kib" \
   second_kib="$second_kib" \
+  exported="$exported" \
+  after_import="$after_import" \
   <<'PY' | tee "$report" >&3
 """Turns the hyperfine JSON of corpus.sh into a Markdown report."""
 import json
@@ -207,6 +235,9 @@ def mib(kib):
 
 uv_cost = mean("uv pip install --compile-bytecode") - mean("uv pip install")
 warm = mean("pycstore link, warm store")
+exported = json.loads(info["exported"])
+after_import = json.loads(info["after_import"])
+carry = mean("pycstore export") + mean("pycstore import")
 
 print(f"""# pycstore on the reference corpus, {info['date']}
 
@@ -234,6 +265,25 @@ uv installs into a venv without pip, so it writes fewer pycs than the others.
 | uv's compile step / warm link | {ratio(uv_cost, warm)} |
 | compileall / cold link | {ratio(mean("compileall -j0"), mean("pycstore link, empty store"))} |
 | warm link / already linked | {ratio(warm, mean("pycstore link, already linked"))} |
+
+## Carrying the pycs to another store (export, import)
+
+A pack of the linked store: {exported['entries']} entries, {exported['objects']} objects
+({mib(exported['object_bytes'] / 1024)}), {mib(exported['pack_bytes'] / 1024)} compressed.
+
+| | mean ± σ (s) | min (s) |
+|---|---|---|
+| `pycstore export` | {cell("pycstore export")} |
+| `pycstore import`, empty store | {cell("pycstore import")} |
+| export + import | {carry:.3f} | |
+| `pycstore link`, empty store | {cell("pycstore link, empty store")} |
+
+| ratio | |
+|---|---|
+| cold link / (export + import) | {ratio(mean("pycstore link, empty store"), carry)} |
+
+Linking a fresh copy of the corpus from the imported store: {after_import['hits']} pycs
+from the store, {after_import['compiled']} compiled.
 
 ## Importing 370 modules (import-workload.py)
 

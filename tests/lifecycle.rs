@@ -203,6 +203,19 @@ fn a_store_of_another_user_is_refused_unless_shared() {
     let meta = std::fs::metadata(&shared).unwrap();
     assert_eq!(meta.mode() & 0o7777, 0o2770);
     assert_eq!(meta.gid(), 0);
+    // The group's members can open the index after this process wrote it.
+    for entry in std::fs::read_dir(shared.join("index-v1"))
+        .unwrap()
+        .flatten()
+    {
+        let mode = entry.metadata().unwrap().mode();
+        assert_eq!(
+            mode & 0o060,
+            0o060,
+            "{} is not group-writable",
+            entry.path().display()
+        );
+    }
     std::os::unix::fs::chown(&shared, Some(65534), None).unwrap();
     run_ok(crate::util::pycstore(&shared).arg("stats"));
 }

@@ -5,8 +5,15 @@
 mod util;
 
 mod cli;
+mod concurrency;
+mod crash;
 mod flavors;
+mod fuse;
+mod gc;
+mod hostile;
 mod interpreters;
 mod lifecycle;
 mod link_modes;
+mod pack;
 mod stdlib;
+mod verify;

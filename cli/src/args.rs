@@ -65,6 +65,99 @@ pub enum Command {
 
     /// Add the entries of a pack to the store, after checking all of it.
     Import(ImportArgs),
+
+    /// Serve the store's pycs through FUSE where pycs cannot be written: a
+    /// read-only overlay of a prefix whose __pycache__ directories hold them
+    /// (--source PREFIX MOUNTPOINT, or --over PREFIX), or a tree for
+    /// PYTHONPYCACHEPREFIX (--pycache-prefix MOUNTPOINT). Misses compile on
+    /// first access. Runs until unmounted (`pycstore unmount`, SIGTERM).
+    Mount(MountArgs),
+
+    /// Unmount a view mounted by `pycstore mount`; its server then exits.
+    Unmount(UnmountArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("view").required(true).args(["source", "over", "pycache_prefix"])))]
+pub struct MountArgs {
+    /// Overlay view: serve PREFIX read-only at MOUNTPOINT, every directory
+    /// of sources with a __pycache__ of pycs from the store.
+    #[arg(long, value_name = "PREFIX", requires = "mountpoint")]
+    pub source: Option<PathBuf>,
+
+    /// Overlay view mounted over PREFIX itself, so its paths, shebangs and
+    /// pyvenv.cfg stay valid; the files underneath are served through a
+    /// descriptor opened before mounting.
+    #[arg(long, value_name = "PREFIX", conflicts_with = "mountpoint")]
+    pub over: Option<PathBuf>,
+
+    /// Pycache-prefix view at MOUNTPOINT, for PYTHONPYCACHEPREFIX=MOUNTPOINT:
+    /// MOUNTPOINT/DIR/NAME.TAG.pyc is the pyc of /DIR/NAME.py. pycs Python
+    /// writes there are checked against their source and stored.
+    #[arg(long, requires = "mountpoint")]
+    pub pycache_prefix: bool,
+
+    /// Where to mount (an existing directory; not with --over).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: Option<PathBuf>,
+
+    /// Interpreter to serve pycs for (repeatable) [default: the prefix's
+    /// bin/python3; python3 on PATH for --pycache-prefix].
+    #[arg(long, value_name = "PATH")]
+    pub python: Vec<PathBuf>,
+
+    /// Optimize levels to serve, comma-separated: 0 (plain), 1 (-O), 2 (-OO).
+    #[arg(long, short = 'O', value_delimiter = ',', default_value = "0", value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub optimize: Vec<u8>,
+
+    /// How Python decides a served pyc is still valid (timestamp headers
+    /// carry the live source's mtime and size).
+    #[arg(long, value_enum, default_value_t = InvalidationMode::CheckedHash)]
+    pub invalidation_mode: InvalidationMode,
+
+    /// Compile processes per interpreter [default: the number of CPUs].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+
+    /// Never compile in the mount: a miss has no pyc, Python compiles it
+    /// itself (and, in the pycache-prefix view, what it writes is stored).
+    #[arg(long)]
+    pub no_compile: bool,
+
+    /// Let other users (and root) see the mount. Whoever can read it runs
+    /// the store's code; non-root users need user_allow_other in
+    /// /etc/fuse.conf.
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Detach once the mount is up; the exit status says whether it is.
+    #[arg(long, short = 'd')]
+    pub daemon: bool,
+
+    /// Set by --daemon on the detached server it starts: say "ready" on
+    /// stdout once mounted, then let go of the terminal.
+    #[arg(long, hide = true)]
+    pub daemon_child: bool,
+
+    /// Threads answering the kernel [default: twice the CPUs, at least 4].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Per-file compile timeout in seconds, 0 for none.
+    #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
+    pub compile_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct UnmountArgs {
+    /// The mount point (for --over, the prefix).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+
+    /// Detach the mount even while processes use it; it goes away when the
+    /// last one leaves.
+    #[arg(long, short = 'l')]
+    pub lazy: bool,
 }
 
 #[derive(Args, Debug)]
@@ -122,13 +215,18 @@ pub struct StatsArgs {
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
-    /// Evict until the objects take at most this much disk (e.g. 500M, 2G).
-    #[arg(long, value_name = "SIZE")]
-    pub max_size: Option<String>,
+    /// Evict least recently used objects until the objects take at most this
+    /// much disk: a number of bytes with an optional unit, K/M/G/T (powers
+    /// of 1000) or KiB/MiB/GiB/TiB (powers of 1024), e.g. 500M, 2G, 1.5GiB.
+    /// Objects still linked into a prefix go last.
+    #[arg(long, value_name = "SIZE", value_parser = pycstore_store::gc::parse_size)]
+    pub max_size: Option<u64>,
 
-    /// Evict objects unused for longer than this (e.g. 30d, 12h, 90m).
-    #[arg(long, value_name = "AGE")]
-    pub older_than: Option<String>,
+    /// Evict objects unused for longer than this: a number and a unit, s, m,
+    /// h, d or w, e.g. 30d, 12h, 90m, 45s. Objects still linked into a
+    /// prefix are kept (evicting them would free nothing).
+    #[arg(long, value_name = "AGE", value_parser = pycstore_store::gc::parse_age)]
+    pub older_than: Option<std::time::Duration>,
 
     /// Report what would be evicted, evict nothing.
     #[arg(long, short = 'n')]
@@ -141,8 +239,10 @@ pub struct GcArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// Drop what is broken (objects, entries, a damaged index) so the next
-    /// link recompiles it.
+    /// Drop what is broken (damaged objects and the entries naming them,
+    /// entries naming missing objects, orphaned objects), fix permissions,
+    /// repair or rebuild a damaged index; the next link compiles again what
+    /// was dropped. Waits for other pycstore processes to finish.
     #[arg(long)]
     pub repair: bool,
 

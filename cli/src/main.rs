@@ -38,6 +38,8 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         args::Command::Verify(ref args) => commands::verify::run(&cli.global, args),
         args::Command::Export(ref args) => commands::export::run(&cli.global, args),
         args::Command::Import(ref args) => commands::import::run(&cli.global, args),
+        args::Command::Mount(ref args) => commands::mount::run(&cli.global, args),
+        args::Command::Unmount(ref args) => commands::unmount::run(args),
     }
 }
 

@@ -68,6 +68,16 @@ pub enum Error {
         /// The glob parser's message.
         message: String,
     },
+
+    /// A pack that is not a whole, intact pycstore pack; nothing of it was
+    /// added to the store.
+    #[error("rejected the pack `{path}`: {message}; nothing was imported")]
+    Pack {
+        /// The pack file (`<stdin>` when read from standard input).
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 impl Error {

@@ -21,6 +21,7 @@
 //! name them, so an entry never points at a missing object after a crash.
 
 use std::collections::BTreeMap;
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
@@ -305,6 +306,46 @@ impl Writes {
     }
 }
 
+/// RocksDB (as packaged by Debian, with its assertions on) aborts the whole
+/// process when it cannot write its own log while opening: refuse to open on
+/// a full filesystem instead, with a message that says what to do.
+const MIN_FREE_BYTES: u64 = 4 << 20;
+
+fn check_free_space(path: &Path) -> Result<()> {
+    let dir = if path.exists() {
+        path
+    } else {
+        path.parent().unwrap_or(path)
+    };
+    let Ok(cpath) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is
+    // NUL-terminated.
+    let free = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(cpath.as_ptr(), &mut st) != 0 {
+            return Ok(());
+        }
+        st.f_bavail as u64 * st.f_frsize as u64
+    };
+    if free < MIN_FREE_BYTES {
+        return Err(Error::Index {
+            path: path.to_path_buf(),
+            message: format!(
+                "No space left on device: only {} KiB free on the store's filesystem; free some \
+                 space (`pycstore gc --max-size SIZE`) and run again",
+                free / 1024
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The first failed write of this process (a full disk): RocksDB is not
+/// opened again after it.
+static FAILED_WRITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// The key of a path in the stat, links and dirs families.
 pub fn path_key(path: &Path) -> Vec<u8> {
     path.as_os_str().as_encoded_bytes().to_vec()
@@ -312,32 +353,69 @@ pub fn path_key(path: &Path) -> Vec<u8> {
 
 /// An open session on the index.
 pub struct Index {
-    db: DB,
+    db: ManuallyDrop<DB>,
     path: PathBuf,
     /// The families this session wrote: flushed on close.
     wrote: Vec<Family>,
+    /// A write failed (a full disk): nothing more is asked of RocksDB,
+    /// which recovers from its log on the next open.
+    failed: bool,
+    /// The store is shared with a group: files are left group-writable.
+    shared: bool,
     _lock: LockGuard,
 }
 
 impl Index {
-    /// Opens (creating if needed) the index at `path`, waiting for other
-    /// processes' sessions to end.
+    /// Opens (creating if needed) the index at `path` for reading and
+    /// writing, waiting for other processes' sessions to end.
     pub fn open(path: &Path) -> Result<Index> {
+        Self::open_session(path, false)
+    }
+
+    /// Opens the index for reading only: sessions of readers share the
+    /// lock and cost no writes (a read-write open of RocksDB writes a new
+    /// manifest and options file and syncs them). Falls back to a read-write
+    /// session when the index does not exist yet.
+    pub fn open_read_only(path: &Path) -> Result<Index> {
+        if !path.join("CURRENT").exists() {
+            return Self::open(path);
+        }
+        Self::open_session(path, true)
+    }
+
+    fn open_session(path: &Path, read_only: bool) -> Result<Index> {
+        if let Some(message) = FAILED_WRITE.get() {
+            return Err(Error::Index {
+                path: path.to_path_buf(),
+                message: format!("an earlier write in this run failed: {message}"),
+            });
+        }
         let lock_path = path.with_extension("lock");
-        let guard = lock::lock(&lock_path, LockMode::Exclusive, "")?;
-        let db =
-            DB::open_cf_descriptors(&Self::options(), path, Self::families()).map_err(|e| {
-                Error::Index {
-                    path: path.to_path_buf(),
-                    message: format!(
-                    "{e}; run `pycstore verify --repair` to repair or rebuild it (objects are kept)"
-                ),
-                }
-            })?;
+        let mode = if read_only {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        };
+        let guard = lock::lock(&lock_path, mode, "")?;
+        let opened = if read_only {
+            let names = Family::ALL.iter().map(|f| f.name());
+            DB::open_cf_for_read_only(&Self::options(), path, names, false)
+        } else {
+            check_free_space(path)?;
+            DB::open_cf_descriptors(&Self::options(), path, Self::families())
+        };
+        let db = opened.map_err(|e| Error::Index {
+            path: path.to_path_buf(),
+            message: format!(
+                "{e}; run `pycstore verify --repair` to repair or rebuild it (objects are kept)"
+            ),
+        })?;
         Ok(Index {
-            db,
+            db: ManuallyDrop::new(db),
             path: path.to_path_buf(),
             wrote: Vec::new(),
+            failed: false,
+            shared: path.parent().is_some_and(crate::trust::is_shared),
             _lock: guard,
         })
     }
@@ -423,9 +501,12 @@ impl Index {
             let json = serde_json::to_vec(&c).expect("counters serialize");
             batch.put_cf(self.cf(Family::Counters), label.as_bytes(), json);
         }
-        self.db
-            .write(batch)
-            .map_err(|e| Error::index(&self.path, e))
+        let written = self.db.write(batch);
+        if let Err(e) = &written {
+            self.failed = true;
+            let _ = FAILED_WRITE.set(e.to_string());
+        }
+        written.map_err(|e| Error::index(&self.path, e))
     }
 
     /// Looks up a stored pyc. An undecodable value is a miss.
@@ -480,10 +561,17 @@ impl Drop for Index {
     /// Flushes what this session wrote, so the next session does not replay
     /// the write-ahead log, and compacts when small files pile up.
     fn drop(&mut self) {
+        if self.failed {
+            // Closing RocksDB after a failed write (a full disk) makes the
+            // library abort the process; leave the database as a crash
+            // would, to be recovered from its log by the next session.
+            return;
+        }
         for family in std::mem::take(&mut self.wrote) {
             let cf = self.cf(family);
             if let Err(e) = self.db.flush_cf(cf) {
                 tracing::debug!("flushing `{}` failed: {e}", self.path.display());
+                return;
             }
             let level0 = self
                 .db
@@ -494,6 +582,26 @@ impl Drop for Index {
             if level0 >= 8 {
                 self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
             }
+        }
+        // SAFETY: `db` is not used after this, and dropped only here.
+        unsafe { ManuallyDrop::drop(&mut self.db) };
+        if self.shared {
+            share_files(&self.path);
+        }
+    }
+}
+
+/// In a store shared with a group, RocksDB's files (created under the
+/// process umask) are made group-writable, so the next member can open them.
+fn share_files(dir: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.uid() == uid && meta.mode() & 0o060 != 0o060 {
+            let mode = meta.mode() & 0o7777 | 0o060;
+            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode));
         }
     }
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::index::Index;
+use crate::index::{Family, Index, Writes};
 use crate::pyc::{source_hash, HashVariant};
 use crate::{Error, Result};
 
@@ -82,7 +82,23 @@ struct CachedProbe {
 impl Interpreter {
     /// Probes `executable`, using the index's cached answer when the
     /// executable is unchanged.
-    pub fn probe(executable: &Path, mut index: Option<&mut Index>) -> Result<Interpreter> {
+    pub fn probe(executable: &Path, index: Option<&mut Index>) -> Result<Interpreter> {
+        let Some(index) = index else {
+            return Self::run_probe(executable);
+        };
+        let mut writes = Writes::default();
+        let interpreter = Self::probe_cached(executable, index, &mut writes)?;
+        index.apply(writes)?;
+        Ok(interpreter)
+    }
+
+    /// Probes `executable` unless `index` has its answer; a new answer is
+    /// recorded into `writes`.
+    pub fn probe_cached(
+        executable: &Path,
+        index: &Index,
+        writes: &mut Writes,
+    ) -> Result<Interpreter> {
         let meta = std::fs::metadata(executable).map_err(|e| Error::Probe {
             path: executable.to_path_buf(),
             message: e.to_string(),
@@ -93,27 +109,24 @@ impl Interpreter {
             meta.size(),
             meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
         );
-        if let Some(index) = index.as_deref() {
-            if let Some(raw) = index.interpreter(executable)? {
-                if let Ok(cached) = serde_json::from_slice::<CachedProbe>(&raw) {
-                    if cached.version == PROBE_VERSION && cached.identity == identity {
-                        return Ok(cached.interpreter);
-                    }
+        if let Some(raw) = index.interpreter(executable)? {
+            if let Ok(cached) = serde_json::from_slice::<CachedProbe>(&raw) {
+                if cached.version == PROBE_VERSION && cached.identity == identity {
+                    return Ok(cached.interpreter);
                 }
             }
         }
         let interpreter = Self::run_probe(executable)?;
-        if let Some(index) = index.as_deref_mut() {
-            let cached = CachedProbe {
-                version: PROBE_VERSION,
-                identity,
-                interpreter: interpreter.clone(),
-            };
-            index.put_interpreter(
-                executable,
-                &serde_json::to_vec(&cached).expect("serializable"),
-            )?;
-        }
+        let cached = CachedProbe {
+            version: PROBE_VERSION,
+            identity,
+            interpreter: interpreter.clone(),
+        };
+        writes.put(
+            Family::Interpreters,
+            &crate::index::path_key(executable),
+            &serde_json::to_vec(&cached).expect("serializable"),
+        );
         Ok(interpreter)
     }
 

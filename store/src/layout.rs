@@ -44,7 +44,9 @@ pub struct Store {
     root: PathBuf,
     /// The immutable pyc files.
     pub objects: Objects,
-    _lock: LockGuard,
+    /// The store lock, held for the store's lifetime unless it was opened
+    /// with [`Store::open_unlocked`].
+    _lock: Option<LockGuard>,
 }
 
 impl Store {
@@ -66,6 +68,32 @@ impl Store {
     /// with a group the caller is in: whoever can write the store can run
     /// code in every environment linked from it.
     pub fn open_shared(root: &Path, mode: LockMode, shared_group: Option<&str>) -> Result<Store> {
+        Self::open_inner(root, Some(mode), shared_group)
+    }
+
+    /// Opens the store without holding its lock, for a long-running process
+    /// (a FUSE mount) that must not block `gc` for its whole life: it takes
+    /// the lock with [`Store::lock_shared`] only around writing objects and
+    /// recording them, and treats an object it cannot open as a miss.
+    pub fn open_unlocked(root: &Path, shared_group: Option<&str>) -> Result<Store> {
+        Self::open_inner(root, None, shared_group)
+    }
+
+    /// Takes the store lock shared for as long as the guard lives (waiting
+    /// for a running `gc`), for a store opened with [`Store::open_unlocked`].
+    pub fn lock_shared(&self) -> Result<LockGuard> {
+        Ok(lock::lock(
+            &self.root.join("lock"),
+            LockMode::Shared,
+            "a running `pycstore gc` to finish",
+        )?)
+    }
+
+    fn open_inner(
+        root: &Path,
+        mode: Option<LockMode>,
+        shared_group: Option<&str>,
+    ) -> Result<Store> {
         if !root.exists() {
             create_root(root, shared_group)?;
         }
@@ -91,11 +119,16 @@ impl Store {
                 0o644,
             )?;
         }
-        let what = match mode {
-            LockMode::Shared => "a running `pycstore gc` to finish",
-            LockMode::Exclusive => "other pycstore processes using the store to finish",
+        let guard = match mode {
+            Some(mode) => {
+                let what = match mode {
+                    LockMode::Shared => "a running `pycstore gc` to finish",
+                    LockMode::Exclusive => "other pycstore processes using the store to finish",
+                };
+                Some(lock::lock(&root.join("lock"), mode, what)?)
+            }
+            None => None,
         };
-        let guard = lock::lock(&root.join("lock"), mode, what)?;
         sweep_tmp(&root.join(TMP_DIR));
         Ok(Store {
             objects: Objects::new(root.join(OBJECTS_DIR), root.join(TMP_DIR)),
@@ -108,6 +141,12 @@ impl Store {
     /// Keep it short: one process at a time can have one.
     pub fn index(&self) -> Result<Index> {
         Index::open(&self.index_path())
+    }
+
+    /// Opens a read-only session on the index; readers do not wait for
+    /// each other.
+    pub fn index_reader(&self) -> Result<Index> {
+        Index::open_read_only(&self.index_path())
     }
 
     /// The index directory.

@@ -6,11 +6,13 @@
 //! materialized into Python prefixes by reflink, hardlink or copy. The crate
 //! holds the on-disk [`layout`], the RocksDB [`index`], the [`objects`], the
 //! [`interpreter`] probe, the pyc [`format`](pyc), the [`compile`] pool and the
-//! [`link`] pipeline that ties them together.
+//! [`link`] pipeline that ties them together; [`pack`]s carry entries and
+//! objects from one store to another.
 #![deny(missing_docs)]
 
 pub mod compile;
 pub mod error;
+pub mod gc;
 pub mod index;
 pub mod interpreter;
 pub mod key;
@@ -19,11 +21,13 @@ pub mod link;
 pub mod lock;
 pub mod materialize;
 pub mod objects;
+pub mod pack;
 pub mod prefix;
 pub mod pyc;
 pub mod source;
 pub mod stats;
 pub mod trust;
+pub mod verify;
 pub mod walk;
 
 pub use error::{Error, Result};

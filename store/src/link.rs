@@ -154,9 +154,11 @@ pub fn link(
     let mut failures = Vec::new();
     let run;
     {
-        // Phase 1: one index session for the probes and every lookup.
-        let mut index = store.index()?;
-        let plan = Plan::new(prefixes, &options.python, &mut index)?;
+        // Phase 1: one read-only index session for the probes and every
+        // lookup; what it learns is written in one session at its end.
+        let index = store.index_reader()?;
+        let mut learned = Writes::default();
+        let plan = Plan::resolve(prefixes, &options.python, &index, &mut learned)?;
         let (found, errors) = plan.walk(&excludes);
         tracing::debug!(
             "found {} sources in {:.3}s",
@@ -186,7 +188,7 @@ pub fn link(
             failures: Mutex::new(failures),
             inflight: Mutex::new(HashMap::new()),
             compiled: Mutex::new(HashMap::new()),
-            writes: Mutex::new(Writes::default()),
+            writes: Mutex::new(learned),
             counters: Mutex::new(HashMap::new()),
             last_flush: Mutex::new(Instant::now()),
             session_open: AtomicBool::new(true),
@@ -220,13 +222,13 @@ pub fn link(
                 "walked and looked up in {:.3}s",
                 started.elapsed().as_secs_f64()
             );
-            let mut session = index.take().expect("open until the walk ends");
-            let closed = if options.dry_run {
+            drop(index.take());
+            let writes = std::mem::take(&mut *run.writes.lock().unwrap());
+            let closed = if options.dry_run || writes.is_empty() {
                 Ok(())
             } else {
-                session.apply(std::mem::take(&mut *run.writes.lock().unwrap()))
+                store.index().and_then(|mut session| session.apply(writes))
             };
-            drop(session);
             run.session_open.store(false, Ordering::Relaxed);
             drop(tx);
             for worker in workers {
@@ -234,13 +236,17 @@ pub fn link(
             }
             closed
         });
-        closed?;
+        if let Err(e) = closed {
+            run.index_failed(e);
+        }
     }
 
     // Phase 3: record.
     tracing::debug!("compiled at {:.3}s", started.elapsed().as_secs_f64());
     if !options.dry_run {
-        run.flush()?;
+        if let Err(e) = run.flush() {
+            run.index_failed(e);
+        }
     }
     tracing::debug!("recorded at {:.3}s", started.elapsed().as_secs_f64());
     let Run {
@@ -483,25 +489,26 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Whether an entry's object is present with the recorded size. A missing
-    /// or damaged object is a miss (and is rewritten by the compile that
-    /// follows), never something to link.
+    /// Whether an entry's object is present with the recorded size and
+    /// header. A missing or damaged object is a miss (and is rewritten by the
+    /// compile that follows), never something to link.
     fn object_ok(&self, entry: &Entry) -> bool {
         let path = self.store.objects.path(&entry.object);
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.len() == entry.size => true,
-            Ok(meta) => {
-                self.progress.warn(&format!(
-                    "store object `{}` has {} bytes, its index entry says {}; it will be rewritten \
-                     (run `pycstore verify` to check the whole store)",
-                    path.display(),
-                    meta.len(),
-                    entry.size
-                ));
-                false
-            }
-            Err(_) => false,
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            return false;
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut header = [0u8; HEADER_LEN];
+        if len == entry.size && file.read_exact(&mut header).is_ok() && header == entry.header {
+            return true;
         }
+        self.progress.warn(&format!(
+            "store object `{}` does not match its index entry ({len} bytes, {} expected); \
+             it will be rewritten (run `pycstore verify` to check the whole store)",
+            path.display(),
+            entry.size
+        ));
+        false
     }
 
     /// Makes this target's flavor from a stored body; `None` when the body's
@@ -704,6 +711,15 @@ impl Run<'_> {
                 }
             }
         }
+    }
+
+    /// Reports that what this run learned could not be recorded: the pycs
+    /// placed are fine, the next run compiles their objects' entries again.
+    fn index_failed(&self, e: crate::Error) {
+        self.failures.lock().unwrap().push(Failure {
+            path: self.store.index_path(),
+            message: format!("{e}; what this run compiled is not recorded"),
+        });
     }
 
     /// Applies the pending writes and counters in one index session.

@@ -24,12 +24,41 @@ impl ObjectId {
     pub fn to_hex(&self) -> String {
         blake3::Hash::from(self.0).to_hex().to_string()
     }
+
+    /// Parses 64 lowercase hex digits (the form [`ObjectId::to_hex`]
+    /// writes); `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<ObjectId> {
+        let digits = hex.as_bytes();
+        if digits.len() != 64
+            || !digits
+                .iter()
+                .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return None;
+        }
+        let nibble = |c: u8| if c <= b'9' { c - b'0' } else { c - b'a' + 10 };
+        let mut id = [0u8; 32];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = nibble(digits[2 * i]) << 4 | nibble(digits[2 * i + 1]);
+        }
+        Some(ObjectId(id))
+    }
 }
 
 impl fmt::Debug for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex()[..16])
     }
+}
+
+/// What the objects bucket holds, as found by [`Objects::list`].
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Everything named like an object (`xx/` + 62 hex digits), whatever
+    /// it holds: checking the bytes is the caller's business.
+    pub objects: Vec<ObjectId>,
+    /// Everything else in the bucket: pycstore never writes such names.
+    pub strays: Vec<PathBuf>,
 }
 
 /// The objects bucket of a store.
@@ -49,12 +78,14 @@ impl Objects {
         self.dir.join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Stores `bytes` and returns their id. Storing bytes that are already
-    /// present costs one `stat`.
+    /// Stores `bytes` and returns their id. Bytes already present are not
+    /// written again; a damaged file under their name is replaced.
     pub fn put(&self, bytes: &[u8]) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
         let path = self.path(&id);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64)
+            && std::fs::read(&path).is_ok_and(|existing| existing == bytes)
+        {
             return Ok(id);
         }
         if let Some(shard) = path.parent() {
@@ -69,6 +100,60 @@ impl Objects {
         fs::read(self.path(id))
     }
 
+    /// The bucket directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Lists the whole bucket, one shard directory per task.
+    pub fn list(&self) -> io::Result<Listing> {
+        use rayon::prelude::*;
+        let mut shards = Vec::new();
+        let mut listing = Listing::default();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let is_shard = name.len() == 2
+                && name.to_str().is_some_and(|n| {
+                    n.bytes()
+                        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+                })
+                && entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_shard {
+                shards.push(entry.path());
+            } else {
+                listing.strays.push(entry.path());
+            }
+        }
+        let found: Vec<Listing> = shards
+            .par_iter()
+            .map(|shard| -> io::Result<Listing> {
+                let prefix = shard
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                let mut listing = Listing::default();
+                for entry in fs::read_dir(shard)? {
+                    let entry = entry?;
+                    let id = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|rest| ObjectId::from_hex(&format!("{prefix}{rest}")));
+                    match id {
+                        Some(id) => listing.objects.push(id),
+                        None => listing.strays.push(entry.path()),
+                    }
+                }
+                Ok(listing)
+            })
+            .collect::<io::Result<_>>()?;
+        for mut part in found {
+            listing.objects.append(&mut part.objects);
+            listing.strays.append(&mut part.strays);
+        }
+        Ok(listing)
+    }
+
     /// Gives an object a fresh inode with the same bytes, for when its link
     /// count reached the filesystem's limit (EMLINK). Existing links keep the
     /// old inode; new links go to the new one.
@@ -76,6 +161,47 @@ impl Objects {
         let path = self.path(id);
         let bytes = fs::read(&path)?;
         write_atomic(&self.tmp, &path, &bytes, 0o444)
+    }
+
+    /// Whether the object `id` is present with `size` bytes (one `stat`).
+    pub fn contains(&self, id: &ObjectId, size: u64) -> bool {
+        std::fs::symlink_metadata(self.path(id)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Writes an object's bytes (which the caller has checked against its
+    /// id) to a read-only temp file in the store's scratch space, for
+    /// [`Objects::adopt`] to move into place later. Dropped instead, the
+    /// temp file is removed.
+    pub fn write_temp(&self, bytes: &[u8]) -> io::Result<tempfile::TempPath> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".pycstore-")
+            .suffix(".tmp")
+            .tempfile_in(&self.tmp)
+            .map_err(|e| with_path(e, "create a temp file in", &self.tmp))?;
+        tmp.write_all(bytes)
+            .map_err(|e| with_path(e, "write", tmp.path()))?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| with_path(e, "set permissions of", tmp.path()))?;
+        Ok(tmp.into_temp_path())
+    }
+
+    /// Moves a temp file from [`Objects::write_temp`] into place as the
+    /// object `id` (replacing any file of that name: objects with one name
+    /// have the same bytes).
+    pub fn adopt(&self, id: &ObjectId, temp: tempfile::TempPath) -> io::Result<()> {
+        let path = self.path(id);
+        // Most shards exist: try first, create the shard when it is missing.
+        let temp = match temp.persist(&path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound => e.path,
+            Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
+        };
+        if let Some(shard) = path.parent() {
+            fs::create_dir_all(shard)?;
+        }
+        temp.persist(&path)
+            .map_err(|e| with_path(e.error, "rename a temp file to", &path))
     }
 }
 
@@ -125,5 +251,27 @@ mod tests {
         let after = std::fs::metadata(objects.path(&a)).unwrap().ino();
         assert_ne!(before, after);
         assert_eq!(objects.read(&a).unwrap(), b"same bytes");
+    }
+
+    #[test]
+    fn list_finds_objects_and_strays() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let a = objects.put(b"first object bytes").unwrap();
+        let b = objects.put(b"second object bytes").unwrap();
+        std::fs::write(objects.dir().join("README"), "").unwrap();
+        let shard = objects.path(&a).parent().unwrap().to_path_buf();
+        std::fs::write(shard.join("not-an-object"), "").unwrap();
+        let listing = objects.list().unwrap();
+        let mut found = listing.objects.clone();
+        found.sort_by_key(|id| id.0);
+        let mut expected = vec![a, b];
+        expected.sort_by_key(|id| id.0);
+        assert_eq!(found, expected);
+        assert_eq!(listing.strays.len(), 2, "{:?}", listing.strays);
+        assert_eq!(ObjectId::from_hex(&a.to_hex()), Some(a));
+        assert_eq!(ObjectId::from_hex(&a.to_hex().to_uppercase()), None);
     }
 }

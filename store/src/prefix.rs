@@ -67,8 +67,9 @@ pub fn status(
     options: &StatusOptions,
 ) -> Result<StatusReport> {
     let excludes = Excludes::new(&options.excludes)?;
-    let mut index = store.index()?;
-    let plan = Plan::new(prefixes, &options.python, &mut index)?;
+    let index = store.index_reader()?;
+    let mut probes = crate::index::Writes::default();
+    let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
     let (found, errors) = plan.walk(&excludes);
     let now = now_ns();
     let index = &index;
@@ -219,7 +220,7 @@ pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<Unli
     let mut links = Vec::new();
     let mut dirs = Vec::new();
     {
-        let index = store.index()?;
+        let index = store.index_reader()?;
         for prefix in prefixes {
             let mut key = path_key(&std::path::absolute(prefix)?);
             key.push(b'/');

@@ -172,25 +172,38 @@ pub struct Plan {
 
 impl Plan {
     /// Resolves each prefix's interpreters: `python` when given, else the
-    /// prefix's own.
+    /// prefix's own; new probes are cached in the index.
     pub fn new(prefixes: &[PathBuf], python: &[PathBuf], index: &mut Index) -> Result<Plan> {
+        let mut writes = Writes::default();
+        let plan = Self::resolve(prefixes, python, index, &mut writes)?;
+        index.apply(writes)?;
+        Ok(plan)
+    }
+
+    /// As [`Plan::new`], recording new probes into `writes`.
+    pub fn resolve(
+        prefixes: &[PathBuf],
+        python: &[PathBuf],
+        index: &Index,
+        writes: &mut Writes,
+    ) -> Result<Plan> {
         let mut interpreters: Vec<Interpreter> = Vec::new();
-        let mut index_of = |exe: &Path, index: &mut Index| -> Result<usize> {
+        let mut index_of = |exe: &Path, writes: &mut Writes| -> Result<usize> {
             if let Some(i) = interpreters.iter().position(|p| p.executable == exe) {
                 return Ok(i);
             }
-            interpreters.push(Interpreter::probe(exe, Some(index))?);
+            interpreters.push(Interpreter::probe_cached(exe, index, writes)?);
             Ok(interpreters.len() - 1)
         };
         let mut resolved = Vec::new();
         for prefix in prefixes {
             let prefix = std::path::absolute(prefix)?;
             let chosen = if python.is_empty() {
-                vec![index_of(&interpreter::find_in_prefix(&prefix)?, index)?]
+                vec![index_of(&interpreter::find_in_prefix(&prefix)?, writes)?]
             } else {
                 python
                     .iter()
-                    .map(|exe| index_of(exe, index))
+                    .map(|exe| index_of(exe, writes))
                     .collect::<Result<Vec<_>>>()?
             };
             resolved.push((prefix, chosen));

@@ -72,7 +72,7 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
     stats.object_bytes = sizes.values().map(|s| s.0).sum();
     stats.disk_bytes = sizes.values().map(|s| s.1).sum();
     {
-        let index = store.index()?;
+        let index = store.index_reader()?;
         for (key, value) in index.scan(Family::Entries, b"")? {
             // Body entries (slot tag 0) repeat an entry of some flavor.
             if key.get(32) != Some(&0) && Entry::decode(&value).is_some() {

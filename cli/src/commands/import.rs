@@ -1,9 +1,50 @@
-//! `pycstore import`.
+//! `pycstore import FILE`: add the entries and objects of a pack to the
+//! store, after checking every byte of it; a damaged pack adds nothing.
 
+use std::io::{BufReader, Write};
+use std::path::Path;
 use std::process::ExitCode;
 
-use crate::args::GlobalArgs;
+use anyhow::Context;
+use pycstore_store::pack;
 
-pub fn run(_global: &GlobalArgs, _args: &crate::args::ImportArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`pycstore import` is not available in this build")
+use crate::args::{GlobalArgs, ImportArgs};
+use crate::output::human_bytes;
+
+pub fn run(global: &GlobalArgs, args: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let store = super::open_store(global)?;
+    let from_stdin = args.file == Path::new("-");
+    let report = if from_stdin {
+        pack::import(&store, std::io::stdin().lock(), Path::new("<stdin>"))?
+    } else {
+        let file = std::fs::File::open(&args.file)
+            .with_context(|| format!("cannot open the pack `{}`", args.file.display()))?;
+        pack::import(&store, BufReader::with_capacity(1 << 20, file), &args.file)?
+    };
+
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        writeln!(stdout)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        stdout,
+        "imported {} new entries (of {}), {} new failures (of {}) and {} new objects ({}) \
+         from {} ({}) in {:.2}s",
+        report.entries_added,
+        report.entries,
+        report.failures_added,
+        report.failures,
+        report.objects_added,
+        human_bytes(report.object_bytes),
+        if from_stdin {
+            "stdin".to_string()
+        } else {
+            format!("`{}`", args.file.display())
+        },
+        human_bytes(report.pack_bytes),
+        report.elapsed_seconds,
+    )?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -4,9 +4,11 @@ pub mod export;
 pub mod gc;
 pub mod import;
 pub mod link;
+pub mod mount;
 pub mod stats;
 pub mod status;
 pub mod unlink;
+pub mod unmount;
 pub mod verify;
 
 use std::path::PathBuf;

@@ -1,9 +1,152 @@
-//! `pycstore verify`.
+//! `pycstore verify [--repair]`: check every object against its name and
+//! the index against the objects; repair what is broken.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use crate::args::GlobalArgs;
+use pycstore_store::lock::LockMode;
+use pycstore_store::verify::{IndexState, VerifyOptions, VerifyReport};
 
-pub fn run(_global: &GlobalArgs, _args: &crate::args::VerifyArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`pycstore verify` is not available in this build")
+use crate::args::{GlobalArgs, VerifyArgs};
+use crate::output::human_bytes;
+
+/// How many problems the human summary lists before counting the rest.
+const SHOW_PROBLEMS: usize = 50;
+
+pub fn run(global: &GlobalArgs, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let options = VerifyOptions {
+        repair: args.repair,
+    };
+    // Repair deletes objects: nobody may be about to link one.
+    let mode = if args.repair {
+        LockMode::Exclusive
+    } else {
+        LockMode::Shared
+    };
+    let store = super::open_store_with(global, mode)?;
+    let report = pycstore_store::verify::verify(&store, &options)?;
+
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        writeln!(stdout)?;
+    } else {
+        let mut stderr = std::io::stderr().lock();
+        for problem in report.problems.iter().take(SHOW_PROBLEMS) {
+            writeln!(
+                stderr,
+                "pycstore: {}: {}",
+                problem.path.display(),
+                problem.message
+            )?;
+        }
+        if report.problems.len() > SHOW_PROBLEMS {
+            writeln!(
+                stderr,
+                "pycstore: ... and {} more problems (--json lists all)",
+                report.problems.len() - SHOW_PROBLEMS
+            )?;
+        }
+        writeln!(stdout, "{}", summary(&report))?;
+    }
+    Ok(if report.broken() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One line: what was checked, what is wrong, what repair did.
+fn summary(report: &VerifyReport) -> String {
+    let s = &report.stats;
+    let found: Vec<String> = [
+        (s.corrupt, "damaged object", "damaged objects"),
+        (
+            s.bad_permissions,
+            "object with wrong permissions",
+            "objects with wrong permissions",
+        ),
+        (s.unreadable, "unreadable object", "unreadable objects"),
+        (s.strays, "stray file", "stray files"),
+        (s.missing_objects, "missing object", "missing objects"),
+        (
+            s.mismatched_entries,
+            "entry that disagrees with its object",
+            "entries that disagree with their objects",
+        ),
+        (
+            s.malformed_entries,
+            "undecodable entry",
+            "undecodable entries",
+        ),
+        (
+            s.damaged_links,
+            "damaged pyc in a prefix",
+            "damaged pycs in prefixes",
+        ),
+    ]
+    .into_iter()
+    .filter(|(n, ..)| *n > 0)
+    .map(|(n, one, many)| plural(n, one, many))
+    .collect();
+    let index = match report.index {
+        IndexState::Ok => "",
+        IndexState::Damaged => ", the index is damaged",
+        IndexState::Repaired => ", the index was damaged",
+        IndexState::Rebuilt => ", the index was damaged beyond repair",
+    };
+    let mut line = format!(
+        "checked {} ({}) and {}: {}{index}; {}",
+        plural(s.objects, "object", "objects"),
+        human_bytes(s.bytes),
+        plural(s.entries, "index entry", "index entries"),
+        if found.is_empty() {
+            "no problems".to_string()
+        } else {
+            found.join(", ")
+        },
+        plural(s.orphans, "orphaned object", "orphaned objects"),
+    );
+    if let Some(r) = &report.repairs {
+        let mut done = Vec::new();
+        match report.index {
+            IndexState::Repaired => done.push("repaired the index".to_string()),
+            IndexState::Rebuilt => done.push("started an empty index".to_string()),
+            _ => {}
+        }
+        for (n, one, many) in [
+            (r.objects_removed, "object removed", "objects removed"),
+            (r.orphans_removed, "orphan removed", "orphans removed"),
+            (r.entries_removed, "entry removed", "entries removed"),
+            (r.permissions_fixed, "permission fixed", "permissions fixed"),
+            (
+                r.links_removed,
+                "damaged pyc removed from a prefix",
+                "damaged pycs removed from prefixes",
+            ),
+        ] {
+            if n > 0 {
+                done.push(plural(n, one, many));
+            }
+        }
+        line.push_str(&format!(
+            "; repair: {}",
+            if done.is_empty() {
+                "nothing to do".to_string()
+            } else {
+                done.join(", ")
+            }
+        ));
+        if report.broken() {
+            line.push_str(" (some problems remain, see above)");
+        }
+    } else if report.broken() {
+        line.push_str("; run `pycstore verify --repair` to fix");
+    }
+    line.push_str(&format!(" in {:.2}s", report.elapsed_seconds));
+    line
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

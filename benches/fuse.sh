@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The corpus import workload (../shared/corpus/import-workload.py) on a
+# read-only prefix served by `pycstore mount`, against the same workload on
+# the local disk with pycs and on the read-only prefix without any:
+#
+#   benches/fuse.sh
+#
+# Timed with hyperfine, RUNS runs each (default 5, after a warmup), all with
+# PYTHONDONTWRITEBYTECODE=1:
+#   local disk        a copy of the corpus with pycstore's pycs linked in
+#   overlay, warm     a read-only copy (a read-only bind mount over itself)
+#                     with `pycstore mount --over` on top, the store holding
+#                     every pyc already
+#   read-only         the same read-only copy without the mount: no pycs,
+#                     and Python can write none
+#   overlay, cold     first access through a fresh mount on an empty store:
+#                     every pyc compiled by the mount as it is imported
+#                     (the mount is remade before each run)
+#
+# Prints a Markdown report and writes it to benches/results/fuse-DATE.md,
+# with hyperfine's JSON in benches/results/fuse-DATE/. Reuses corpus.sh's
+# corpus in BENCH_DIR (default ~/.cache/pycstore-bench), building it if
+# missing; it is never modified: everything runs on copies in
+# BENCH_DIR/fuse. Needs root (bind mounts) and fuse3.
+#
+# Environment: RUNS, BENCH_DIR, CARGO_TARGET_DIR (default
+# ~/.cache/pycstore-target), PYCSTORE (a pycstore binary to measure instead
+# of building this checkout), PYTHON (the corpus interpreter, default
+# make-corpus.sh's CPython 3.11).
+set -euo pipefail
+
+repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+shared=$(cd "$repo/../shared" && pwd)
+bench=${BENCH_DIR:-$HOME/.cache/pycstore-bench}
+runs=${RUNS:-5}
+python=${PYTHON:-/root/.pyenv/versions/3.11.7/bin/python3.11}
+requirements=$shared/corpus/requirements.txt
+workload=$shared/corpus/import-workload.py
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
+export PYTHONDONTWRITEBYTECODE=1
+exec 3>&1 1>&2
+
+say() { printf '\n=== %s ===\n' "$*"; }
+q() { printf '%q' "$1"; }
+
+if [[ $EUID -ne 0 ]]; then
+  echo "fuse.sh: needs root for the read-only bind mount" >&2
+  exit 1
+fi
+
+date=$(date +%Y-%m-%d)
+results=$repo/benches/results
+json=$results/fuse-$date
+work=$bench/fuse
+mkdir -p "$json" "$work"
+
+if [[ -n ${PYCSTORE:-} ]]; then
+  pycstore=$PYCSTORE
+else
+  say "cargo build --release"
+  (cd "$repo" && cargo build --release)
+  pycstore=$CARGO_TARGET_DIR/release/pycstore
+fi
+
+# The same corpus as corpus.sh.
+corpus=$bench/corpus-$(cat "$requirements" "$shared/corpus/make-corpus.sh" <(echo "$python") |
+  sha256sum | cut -c 1-12)
+if [[ ! -e $corpus.done ]]; then
+  say "building the corpus in $corpus"
+  rm -rf "$corpus"
+  "$shared/corpus/make-corpus.sh" "$corpus" "$python"
+  touch "$corpus.done"
+fi
+
+local_copy=$work/local
+ro=$work/read-only
+store=$work/store
+cold_store=$work/cold-store
+
+cleanup() {
+  "$pycstore" unmount "$ro" 2>/dev/null || true
+  while mountpoint -q "$ro"; do umount "$ro" || break; done
+}
+trap cleanup EXIT
+cleanup
+
+say "copies"
+rm_pycs() { find "$1" -name __pycache__ -type d -prune -exec rm -rf {} +; }
+chmod -R u+w "$store" "$cold_store" 2>/dev/null || true
+rm -rf "$local_copy" "$ro" "$store" "$cold_store"
+cp -a "$corpus" "$local_copy"
+cp -a "$corpus" "$ro"
+rm_pycs "$local_copy"
+rm_pycs "$ro"
+"$pycstore" --store "$store" link -q "$local_copy"
+mount --bind "$ro" "$ro"
+mount -o remount,ro,bind "$ro"
+
+import() { echo "MPLBACKEND=Agg $(q "$1/bin/python") -W ignore $(q "$workload")"; }
+mount_over() { echo "$(q "$pycstore") --store $(q "$1") mount --over $(q "$ro") --daemon >/dev/null"; }
+# Modules of the prefix one run compiled from source.
+from_source() {
+  MPLBACKEND=Agg "$1/bin/python" -v -W ignore "$workload" 2>&1 >/dev/null |
+    grep -F "# code object from $1/" | grep -c '\.py$' || true
+}
+hyperfine_to() {
+  local name=$1
+  shift
+  hyperfine --style basic --export-json "$json/$name.json" "$@"
+}
+
+say "read-only prefix, no pycs"
+hyperfine_to read-only --runs "$runs" --warmup 1 -n "read-only, no pycs" "$(import "$ro")"
+from_source_ro=$(from_source "$ro")
+
+say "overlay, warm store"
+sh -c "$(mount_over "$store")"
+from_source_overlay=$(from_source "$ro")
+hyperfine_to warm --runs "$runs" --warmup 1 \
+  -n "local disk, pycstore's pycs" "$(import "$local_copy")" \
+  -n "overlay, warm store" "$(import "$ro")"
+"$pycstore" unmount "$ro"
+sleep 1
+
+say "overlay, cold store (first access compiles)"
+remount="$pycstore unmount $(q "$ro") 2>/dev/null; sleep 0.5; chmod -R u+w $(q "$cold_store") 2>/dev/null; rm -rf $(q "$cold_store"); $(mount_over "$cold_store")"
+hyperfine_to cold --runs "$runs" --prepare "$remount" \
+  -n "overlay, empty store" "$(import "$ro")"
+"$pycstore" unmount "$ro"
+sleep 1
+compiled=$("$pycstore" --store "$cold_store" stats --json |
+  "$python" -c 'import json, sys; d = json.load(sys.stdin); print(d.get("objects", "?"))')
+
+say "report"
+report=$results/fuse-$date.md
+"$python" - "$json" \
+  date="$date" \
+  kernel="$(uname -r)" \
+  cpu="$(grep -m 1 '^model name' /proc/cpuinfo | cut -d : -f 2- | sed 's/^ *//')" \
+  nproc="$(nproc)" \
+  fs="$(findmnt -n -o FSTYPE -T "$work")" \
+  python="$("$python" -c 'import platform; print(platform.python_version())')" \
+  pycstore="$("$pycstore" --version 2>/dev/null || echo "pycstore (version unknown)")" \
+  commit="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")" \
+  runs="$runs" \
+  py_files="$(find "$corpus" -name '*.py' | wc -l)" \
+  from_source_ro="$from_source_ro" \
+  from_source_overlay="$from_source_overlay" \
+  compiled="$compiled" \
+  <<'PY' | tee "$report" >&3
+"""Turns the hyperfine JSON of fuse.sh into a Markdown report."""
+import json
+import sys
+from pathlib import Path
+
+info = dict(arg.split("=", 1) for arg in sys.argv[2:])
+results = {}
+for path in Path(sys.argv[1]).glob("*.json"):
+    for r in json.loads(path.read_text())["results"]:
+        results[r["command"]] = r
+
+
+def mean(name):
+    return results[name]["mean"]
+
+
+def cell(name):
+    r = results[name]
+    return f"{r['mean']:.3f} ± {r['stddev'] or 0:.3f} | {r['min']:.3f}"
+
+
+local = mean("local disk, pycstore's pycs")
+overlay = mean("overlay, warm store")
+ro = mean("read-only, no pycs")
+cold = mean("overlay, empty store")
+
+print(f"""# The import workload through `pycstore mount`, {info['date']}
+
+- Linux {info['kernel']}, {info['cpu']}, {info['nproc']} CPUs; scratch on {info['fs']}
+- corpus: {info['py_files']} .py files, CPython {info['python']}; import-workload.py imports 370 modules
+- {info['pycstore']} ({info['commit']}); hyperfine runs per measurement: {info['runs']}
+
+| | mean ± σ (s) | min (s) |
+|---|---|---|
+| local disk, pycstore's pycs | {cell("local disk, pycstore's pycs")} |
+| read-only prefix, overlay mounted over it, warm store | {cell("overlay, warm store")} |
+| read-only prefix, no pycs | {cell("read-only, no pycs")} |
+| read-only prefix, overlay on an empty store (first access compiles) | {cell("overlay, empty store")} |
+
+| ratio | | target |
+|---|---|---|
+| overlay / local disk | {overlay / local:.2f}x | at most 1.25x |
+| read-only without pycs / overlay | {ro / overlay:.2f}x | at least 2x |
+| first access / warm overlay | {cold / overlay:.2f}x | |
+
+- modules of the prefix compiled from source by one run: {info['from_source_ro']} on the
+  read-only prefix, {info['from_source_overlay']} through the overlay;
+- first access: the mount compiled {info['compiled']} pycs into the empty store, costing
+  {cold - overlay:.3f} s over a warm run ({(cold - overlay) / max(int(info['compiled']) if info['compiled'].isdigit() else 1, 1) * 1000:.1f} ms per pyc),
+  against {ro - overlay:.3f} s that every run pays without pycs.""")
+PY
+echo "report: $report"

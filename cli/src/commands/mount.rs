@@ -1,0 +1,168 @@
+//! `pycstore mount`: serve the store's pycs through FUSE (an overlay of a
+//! prefix, or a PYTHONPYCACHEPREFIX tree) until unmounted.
+//!
+//! In the foreground by default; `--daemon` starts the same command again
+//! as a detached server (`--daemon-child`, its own session) and exits once
+//! that server says the mount is up, or with the server's status if it
+//! could not mount.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use pycstore_fuse::{MountOptions, View};
+
+use crate::args::{GlobalArgs, MountArgs};
+
+/// What the detached server prints on stdout once mounted.
+const READY: &str = "ready";
+
+pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
+    let options = settings(args)?;
+    if args.daemon && !args.daemon_child {
+        return daemonize();
+    }
+    let root: PathBuf = match &global.store {
+        Some(dir) => dir.clone(),
+        None => pycstore_store::layout::default_root()
+            .context("no store location: set --store, PYCSTORE_DIR, XDG_CACHE_HOME or HOME")?,
+    };
+    let store = pycstore_store::Store::open_unlocked(&root, global.shared_group.as_deref())
+        .with_context(|| format!("cannot open the store at `{}`", root.display()))?;
+    let mount = pycstore_fuse::mount(store, &options)
+        .with_context(|| format!("cannot mount `{}`", options.mountpoint.display()))?;
+    let tags: Vec<String> = mount
+        .interpreters()
+        .iter()
+        .map(|i| i.cache_tag.clone())
+        .collect();
+    let mountpoint = mount.mountpoint().to_path_buf();
+    let what = match &options.view {
+        View::Overlay { source } if *source == options.mountpoint => {
+            format!("overlay over `{}`", source.display())
+        }
+        View::Overlay { source } => format!("overlay of `{}`", source.display()),
+        View::PycachePrefix => "pycache prefix".to_string(),
+    };
+    eprintln!(
+        "pycstore: serving the {what} at `{}` for {} ({} pycs); `pycstore unmount {}` ends it",
+        mountpoint.display(),
+        tags.join(", "),
+        options.flavor.as_str(),
+        mountpoint.display()
+    );
+    if args.daemon_child {
+        detach()?;
+    }
+    let report = mount.run()?;
+    eprintln!(
+        "pycstore: unmounted `{}`: {} pycs served from the store, {} compiled on first access \
+         in {:.2}s, {} without a pyc, {} written by Python stored, {} refused",
+        mountpoint.display(),
+        report.hits,
+        report.compiled,
+        report.compile_seconds,
+        report.failed,
+        report.ingested,
+        report.refused
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn settings(args: &MountArgs) -> anyhow::Result<MountOptions> {
+    let (view, mountpoint) = match (&args.source, &args.over, &args.mountpoint) {
+        (Some(source), _, Some(mountpoint)) => (
+            View::Overlay {
+                source: std::path::absolute(source)?,
+            },
+            mountpoint.clone(),
+        ),
+        (None, Some(over), _) => {
+            let over = std::path::absolute(over)?;
+            (
+                View::Overlay {
+                    source: over.clone(),
+                },
+                over,
+            )
+        }
+        (None, None, Some(mountpoint)) if args.pycache_prefix => {
+            (View::PycachePrefix, mountpoint.clone())
+        }
+        _ => anyhow::bail!(
+            "give --source PREFIX MOUNTPOINT, --over PREFIX or --pycache-prefix MOUNTPOINT"
+        ),
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Ok(MountOptions {
+        view,
+        mountpoint: std::path::absolute(mountpoint)?,
+        python: args.python.clone(),
+        optimize: args.optimize.clone(),
+        flavor: super::link::flavor(args.invalidation_mode),
+        jobs: args.jobs.unwrap_or(cpus).max(1),
+        timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),
+        allow_other: args.allow_other,
+        compile: !args.no_compile,
+        threads: args.threads.unwrap_or((2 * cpus).max(4)),
+    })
+}
+
+/// Starts this command again as a detached server and waits for it to say
+/// the mount is up.
+fn daemonize() -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find the pycstore executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the mount server")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no pipe from the mount server")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim_end() == READY {
+        println!("{}", child.id());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.wait()?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(2).clamp(1, 255) as u8
+    ))
+}
+
+/// In the detached server, once mounted: tell the parent, leave the working
+/// directory (it could hold a filesystem busy) and the terminal.
+fn detach() -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{READY}")?;
+    stdout.flush()?;
+    drop(stdout);
+    std::env::set_current_dir("/")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors, from a descriptor we own.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+    Ok(())
+}

@@ -1,0 +1,1215 @@
+//! The FUSE filesystem of both views.
+//!
+//! - Overlay: the tree under the base directory, read-only, where every
+//!   directory holding `.py` files also has a `__pycache__` listing and
+//!   serving `NAME.TAG[.opt-N].pyc` for the view's interpreters from the
+//!   store (what a real `__pycache__` underneath holds shows through for
+//!   other names).
+//! - Pycache prefix: the tree `PYTHONPYCACHEPREFIX` points at. Its
+//!   directories mirror the directories of the whole filesystem, and
+//!   `DIR/NAME.TAG.pyc` is the pyc of `/DIR/NAME.py`. Python may write there
+//!   (temp file, then rename): what it writes is checked against the source
+//!   and stored.
+//!
+//! Inodes: the root is 1; every other node is numbered when first seen and
+//! keyed by what it stands for. A served pyc is keyed by its path and the
+//! state of its source (device, inode, size, mtime, ctime): its size is
+//! known at lookup and never changes; a changed source gets a new inode.
+//! Callbacks take `&self`, so all state is behind locks; each callback is
+//! one match on a helper returning `Result<_, Errno>`, ending in `reply.*`.
+//! A lookup that needs a compile is answered from its own thread, so a
+//! compile never holds up the threads reading requests from the kernel.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::hash::{Hash, Hasher};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::pycs::{Found, Pycs, Served, Source, SourceState};
+use crate::under::{Meta, Under};
+
+/// How long the kernel may cache what a file or directory of the tree is.
+const TREE_TTL: Duration = Duration::from_secs(5);
+/// How long the kernel may cache a served pyc's entry and attributes: a
+/// changed source shows a new pyc within this time.
+const PYC_TTL: Duration = Duration::from_secs(1);
+/// The largest pyc Python may write into the pycache-prefix view.
+const MAX_WRITTEN: usize = 256 << 20;
+const PYCACHE: &str = "__pycache__";
+
+/// Which view a filesystem presents.
+pub(crate) enum Kind {
+    /// The tree itself, with `__pycache__` directories from the store.
+    Overlay,
+    /// A `PYTHONPYCACHEPREFIX` tree; the base is `/`.
+    PycachePrefix {
+        /// The mount point relative to `/`, hidden from the view.
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Path(PathBuf),
+    Pycache(PathBuf),
+    Pyc(PathBuf, SourceState),
+    Written(u64),
+}
+
+/// A pyc from the store with the stat of its source.
+struct PycNode {
+    served: Served,
+    source: Meta,
+}
+
+/// A file Python is writing into the pycache-prefix view.
+struct Written {
+    dir: PathBuf,
+    name: OsString,
+    data: Vec<u8>,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: SystemTime,
+    /// Still reachable by its name (not renamed away or unlinked).
+    linked: bool,
+}
+
+#[derive(Clone)]
+enum Node {
+    /// A file, directory or symlink of the tree (in the pycache-prefix view,
+    /// a directory).
+    Real(PathBuf),
+    /// The overlay's `__pycache__` of the directory at this path.
+    Pycache(PathBuf),
+    /// A pyc from the store.
+    Pyc(Arc<PycNode>),
+    /// A file being written by Python.
+    Written(Arc<Mutex<Written>>),
+}
+
+struct Slot {
+    node: Node,
+    key: Key,
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Nodes {
+    slots: HashMap<u64, Slot>,
+    by_key: HashMap<Key, u64>,
+    /// Files being written, by directory and name.
+    written: HashMap<(PathBuf, OsString), u64>,
+    next: u64,
+}
+
+impl Nodes {
+    fn get(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.slots
+            .get(&ino.0)
+            .map(|s| s.node.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// The node for `key`, made by `make` if new; counts a lookup when the
+    /// kernel is told about it.
+    fn insert(&mut self, key: Key, counted: bool, make: impl FnOnce() -> Node) -> (u64, Node) {
+        if let Some(&ino) = self.by_key.get(&key) {
+            if let Some(slot) = self.slots.get_mut(&ino) {
+                if counted {
+                    slot.lookups += 1;
+                }
+                return (ino, slot.node.clone());
+            }
+        }
+        self.next += 1;
+        let ino = self.next;
+        let node = make();
+        self.by_key.insert(key.clone(), ino);
+        self.slots.insert(
+            ino,
+            Slot {
+                node: node.clone(),
+                key,
+                lookups: u64::from(counted),
+            },
+        );
+        (ino, node)
+    }
+
+    /// The kernel forgot `n` lookups: pycs and written files it no longer
+    /// knows are dropped (tree nodes stay, so their numbers stay stable).
+    fn forget(&mut self, ino: u64, n: u64) {
+        let Some(slot) = self.slots.get_mut(&ino) else {
+            return;
+        };
+        slot.lookups = slot.lookups.saturating_sub(n);
+        let droppable = match &slot.node {
+            Node::Pyc(_) => true,
+            Node::Written(w) => !w.lock().map(|w| w.linked).unwrap_or(false),
+            Node::Real(_) | Node::Pycache(_) => false,
+        };
+        if slot.lookups == 0 && droppable {
+            if let Some(slot) = self.slots.remove(&ino) {
+                if self.by_key.get(&slot.key) == Some(&ino) {
+                    self.by_key.remove(&slot.key);
+                }
+            }
+        }
+    }
+}
+
+enum Handle {
+    Shared(Arc<std::fs::File>),
+    Pyc(Arc<PycNode>),
+    Dir(Arc<Vec<(u64, FileType, OsString)>>),
+    Written(Arc<Mutex<Written>>),
+}
+
+/// What a lookup found: an answer, or a miss to compile first.
+enum Resolved {
+    Entry(Duration, FileAttr),
+    Compile(CompileJob),
+}
+
+struct CompileJob {
+    pyc: PathBuf,
+    source: Source,
+    interp: usize,
+    optimize: u8,
+}
+
+struct Inner {
+    under: Under,
+    pycs: Arc<Pycs>,
+    kind: Kind,
+    nodes: Mutex<Nodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Files of the tree read without a handle, by node.
+    files: Mutex<HashMap<u64, Arc<std::fs::File>>>,
+    next_fh: AtomicU64,
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+/// The filesystem of a view.
+pub(crate) struct PycFs {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn kind_of(t: rustix::fs::FileType) -> FileType {
+    use rustix::fs::FileType as T;
+    match t {
+        T::Directory => FileType::Directory,
+        T::Symlink => FileType::Symlink,
+        T::Fifo => FileType::NamedPipe,
+        T::Socket => FileType::Socket,
+        T::CharacterDevice => FileType::CharDevice,
+        T::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// A number for a listed name that has no node yet (readdir needs one;
+/// the kernel numbers nodes from lookups).
+fn listing_ino(dir: &Path, name: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    dir.hash(&mut h);
+    name.hash(&mut h);
+    h.finish() | 1 << 63
+}
+
+fn is_source(name: &[u8], kind: rustix::fs::FileType) -> Option<&[u8]> {
+    use rustix::fs::FileType as T;
+    let stem = name.strip_suffix(b".py")?;
+    (!stem.is_empty() && matches!(kind, T::RegularFile | T::Symlink | T::Unknown)).then_some(stem)
+}
+
+impl PycFs {
+    pub(crate) fn new(under: Under, pycs: Arc<Pycs>, kind: Kind) -> PycFs {
+        let mut nodes = Nodes {
+            next: 1,
+            ..Nodes::default()
+        };
+        nodes.by_key.insert(Key::Path(PathBuf::new()), 1);
+        nodes.slots.insert(
+            1,
+            Slot {
+                node: Node::Real(PathBuf::new()),
+                key: Key::Path(PathBuf::new()),
+                lookups: 1,
+            },
+        );
+        PycFs {
+            inner: Arc::new(Inner {
+                under,
+                pycs,
+                kind,
+                nodes: Mutex::new(nodes),
+                handles: Mutex::new(HashMap::new()),
+                files: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                // SAFETY: geteuid and getegid have no preconditions.
+                uid: unsafe { libc::geteuid() },
+                gid: unsafe { libc::getegid() },
+                pid: std::process::id(),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn overlay(&self) -> bool {
+        matches!(self.kind, Kind::Overlay)
+    }
+
+    fn tree_attr(&self, ino: u64, meta: &Meta) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: meta.size,
+            blocks: meta.blocks,
+            atime: time(meta.atime_ns),
+            mtime: time(meta.mtime_ns),
+            ctime: time(meta.ctime_ns),
+            crtime: time(meta.ctime_ns),
+            kind: kind_of(meta.file_type()),
+            perm: (meta.mode & 0o7777) as u16,
+            nlink: meta.nlink,
+            uid: meta.uid,
+            gid: meta.gid,
+            rdev: meta.rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// A directory the view makes up (an overlay `__pycache__`, a
+    /// directory of the pycache-prefix view), with the times of `meta`.
+    fn made_dir_attr(&self, ino: u64, meta: &Meta, perm: u16, uid: u32, gid: u32) -> FileAttr {
+        FileAttr {
+            kind: FileType::Directory,
+            perm,
+            nlink: 2,
+            uid,
+            gid,
+            size: 4096,
+            blocks: 8,
+            rdev: 0,
+            ..self.tree_attr(ino, meta)
+        }
+    }
+
+    fn pyc_attr(&self, ino: u64, pyc: &PycNode) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: pyc.served.size,
+            blocks: pyc.served.size.div_ceil(512),
+            atime: time(pyc.source.mtime_ns),
+            mtime: time(pyc.source.mtime_ns),
+            ctime: time(pyc.source.ctime_ns),
+            crtime: time(pyc.source.ctime_ns),
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            nlink: 1,
+            uid: pyc.source.uid,
+            gid: pyc.source.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn written_attr(&self, ino: u64, w: &Written) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: w.data.len() as u64,
+            blocks: (w.data.len() as u64).div_ceil(512),
+            atime: w.mtime,
+            mtime: w.mtime,
+            ctime: w.mtime,
+            crtime: w.mtime,
+            kind: FileType::RegularFile,
+            perm: (w.mode & 0o777) as u16,
+            nlink: u32::from(w.linked),
+            uid: w.uid,
+            gid: w.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> Result<(Duration, FileAttr), Errno> {
+        match node {
+            Node::Real(rel) if self.overlay() => {
+                Ok((TREE_TTL, self.tree_attr(ino, &self.under.lstat(rel)?)))
+            }
+            Node::Real(rel) => {
+                let meta = self.under.stat(rel)?;
+                if !meta.is_dir() {
+                    return Err(Errno::ENOENT);
+                }
+                Ok((
+                    PYC_TTL,
+                    self.made_dir_attr(ino, &meta, 0o755, self.uid, self.gid),
+                ))
+            }
+            Node::Pycache(dir) => {
+                let meta = self.under.lstat(dir)?;
+                Ok((
+                    TREE_TTL,
+                    self.made_dir_attr(ino, &meta, 0o555, meta.uid, meta.gid),
+                ))
+            }
+            Node::Pyc(pyc) => Ok((PYC_TTL, self.pyc_attr(ino, pyc))),
+            Node::Written(w) => Ok((PYC_TTL, self.written_attr(ino, &lock(w)))),
+        }
+    }
+
+    /// Whether a request comes from this process or one it started (a
+    /// compile worker): such a request never waits for a compile, or a
+    /// worker starting up through the view could wait for itself.
+    fn is_ours(&self, pid: u32) -> bool {
+        if pid == self.pid {
+            return true;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        ppid == Some(self.pid)
+    }
+
+    fn has_sources(&self, dir: &Path) -> bool {
+        self.under
+            .list(dir)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .any(|e| is_source(e.name.as_bytes(), e.kind).is_some())
+            })
+            .unwrap_or(false)
+    }
+
+    fn entry(&self, key: Key, make: impl FnOnce() -> Node) -> Result<Resolved, Errno> {
+        let (ino, node) = lock(&self.nodes).insert(key, true, make);
+        let (ttl, attr) = self.attr(ino, &node)?;
+        Ok(Resolved::Entry(ttl, attr))
+    }
+
+    fn lookup(&self, parent: INodeNo, name: &OsStr, pid: u32) -> Result<Resolved, Errno> {
+        let parent = lock(&self.nodes).get(parent)?;
+        match (&self.kind, parent) {
+            (Kind::Overlay, Node::Real(dir)) => {
+                if name == PYCACHE {
+                    let rel = dir.join(PYCACHE);
+                    let real = self.under.lstat(&rel);
+                    if real.as_ref().is_ok_and(|m| m.is_dir()) || self.has_sources(&dir) {
+                        return self.entry(Key::Pycache(dir.clone()), || Node::Pycache(dir));
+                    }
+                    real?;
+                    return self.entry(Key::Path(rel.clone()), || Node::Real(rel));
+                }
+                let rel = dir.join(name);
+                self.under.lstat(&rel)?;
+                self.entry(Key::Path(rel.clone()), || Node::Real(rel))
+            }
+            (Kind::Overlay, Node::Pycache(dir)) => {
+                if let Some(found) = self.pyc_lookup(&dir, &dir.join(PYCACHE), name, pid)? {
+                    return Ok(found);
+                }
+                let rel = dir.join(PYCACHE).join(name);
+                self.under.lstat(&rel)?;
+                self.entry(Key::Path(rel.clone()), || Node::Real(rel))
+            }
+            (Kind::PycachePrefix { mountpoint }, Node::Real(dir)) => {
+                let rel = dir.join(name);
+                if &rel == mountpoint {
+                    return Err(Errno::ENOENT);
+                }
+                let written = lock(&self.nodes)
+                    .written
+                    .get(&(dir.clone(), name.to_os_string()))
+                    .copied();
+                if let Some(ino) = written {
+                    let mut nodes = lock(&self.nodes);
+                    let slot = nodes.slots.get_mut(&ino).ok_or(Errno::ENOENT)?;
+                    slot.lookups += 1;
+                    let node = slot.node.clone();
+                    drop(nodes);
+                    let (ttl, attr) = self.attr(ino, &node)?;
+                    return Ok(Resolved::Entry(ttl, attr));
+                }
+                if self.under.stat(&rel).is_ok_and(|m| m.is_dir()) {
+                    return self.entry(Key::Path(rel.clone()), || Node::Real(rel));
+                }
+                match self.pyc_lookup(&dir, &dir, name, pid)? {
+                    Some(found) => Ok(found),
+                    None => Err(Errno::ENOENT),
+                }
+            }
+            (_, Node::Pyc(_) | Node::Written(_))
+            | (Kind::PycachePrefix { .. }, Node::Pycache(_)) => Err(Errno::ENOTDIR),
+        }
+    }
+
+    /// Looks up `name` in a directory of pycs (`pyc_dir`) whose sources are
+    /// in `source_dir`: `None` when the name is not a pyc this view serves
+    /// or has no source.
+    fn pyc_lookup(
+        &self,
+        source_dir: &Path,
+        pyc_dir: &Path,
+        name: &OsStr,
+        pid: u32,
+    ) -> Result<Option<Resolved>, Errno> {
+        let pycs = &self.pycs;
+        let Some((stem, interp, optimize)) = pycs.parse_name(name.as_bytes()) else {
+            return Ok(None);
+        };
+        let mut file = stem.to_vec();
+        file.extend_from_slice(b".py");
+        let source_rel = source_dir.join(OsStr::from_bytes(&file));
+        let meta = match self.under.stat(&source_rel) {
+            Ok(meta) if meta.is_file() => meta,
+            _ => return Ok(None),
+        };
+        let pyc = pyc_dir.join(name);
+        let key = Key::Pyc(pyc.clone(), SourceState::of(&meta));
+        let known = {
+            let mut nodes = lock(&self.nodes);
+            let ino = nodes.by_key.get(&key).copied();
+            let known = ino.and_then(|ino| Some((ino, nodes.slots.get(&ino)?.node.clone())));
+            match known {
+                // `gc` removed its object: readers holding it keep it, new
+                // lookups get a new pyc, so the space is freed once the
+                // kernel forgets the old one.
+                Some((_, Node::Pyc(p))) if !p.served.in_store() => {
+                    nodes.by_key.remove(&key);
+                    None
+                }
+                Some((ino, node)) => {
+                    if let Some(slot) = nodes.slots.get_mut(&ino) {
+                        slot.lookups += 1;
+                    }
+                    Some((ino, node))
+                }
+                None => None,
+            }
+        };
+        if let Some((ino, node)) = known {
+            let (ttl, attr) = self.attr(ino, &node)?;
+            return Ok(Some(Resolved::Entry(ttl, attr)));
+        }
+        let source = pycs.source(&self.under, &source_rel, meta)?;
+        match pycs.find(&source, interp, optimize) {
+            Found::Served(served) => Ok(Some(self.pyc_entry(pyc, &source, served)?)),
+            Found::Absent => Err(Errno::ENOENT),
+            Found::Failed(e) => Err(e),
+            Found::Miss if !pycs.compiles() || self.is_ours(pid) => Err(Errno::ENOENT),
+            Found::Miss => Ok(Some(Resolved::Compile(CompileJob {
+                pyc,
+                source,
+                interp,
+                optimize,
+            }))),
+        }
+    }
+
+    fn pyc_entry(&self, pyc: PathBuf, source: &Source, served: Served) -> Result<Resolved, Errno> {
+        let key = Key::Pyc(pyc, SourceState::of(&source.meta));
+        let meta = source.meta;
+        self.entry(key, move || {
+            Node::Pyc(Arc::new(PycNode {
+                served,
+                source: meta,
+            }))
+        })
+    }
+
+    fn compile(&self, job: CompileJob) -> Result<(Duration, FileAttr), Errno> {
+        let served = self
+            .pycs
+            .compile_miss(&self.under, &job.source, job.interp, job.optimize)?
+            .ok_or(Errno::ENOENT)?;
+        match self.pyc_entry(job.pyc, &job.source, served)? {
+            Resolved::Entry(ttl, attr) => Ok((ttl, attr)),
+            Resolved::Compile(_) => Err(Errno::EIO),
+        }
+    }
+
+    fn getattr(&self, ino: INodeNo) -> Result<(Duration, FileAttr), Errno> {
+        let node = lock(&self.nodes).get(ino)?;
+        self.attr(ino.0, &node)
+    }
+
+    fn add_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, handle);
+        FileHandle(fh)
+    }
+
+    /// Files are not opened through the view: the first open answers
+    /// ENOSYS, so the kernel stops sending OPEN and RELEASE (two round trips
+    /// per file Python imports) and reads by inode, keeping the page cache.
+    /// Reads then find the file by its node (see [`Inner::node_file`]).
+    fn open(&self, ino: INodeNo, flags: OpenFlags) -> Result<(FileHandle, FopenFlags), Errno> {
+        let node = lock(&self.nodes).get(ino)?;
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match node {
+            Node::Written(w) => Ok((self.add_handle(Handle::Written(w)), FopenFlags::empty())),
+            _ if writing => Err(if self.overlay() {
+                Errno::EROFS
+            } else {
+                Errno::EACCES
+            }),
+            Node::Real(_) if !self.overlay() => Err(Errno::EISDIR),
+            Node::Pycache(_) => Err(Errno::EISDIR),
+            Node::Real(_) | Node::Pyc(_) => Err(Errno::ENOSYS),
+        }
+    }
+
+    /// The open file behind a node, for reads without a handle: a pyc's
+    /// object, or the tree's file (opened once and kept until the kernel
+    /// forgets the node).
+    fn node_file(&self, ino: INodeNo) -> Result<Handle, Errno> {
+        let node = lock(&self.nodes).get(ino)?;
+        match node {
+            Node::Pyc(pyc) => Ok(Handle::Pyc(pyc)),
+            Node::Written(w) => Ok(Handle::Written(w)),
+            Node::Real(rel) if self.overlay() => {
+                if let Some(file) = lock(&self.files).get(&ino.0) {
+                    return Ok(Handle::Shared(Arc::clone(file)));
+                }
+                let file = Arc::new(self.under.open_file(&rel)?);
+                lock(&self.files).insert(ino.0, Arc::clone(&file));
+                Ok(Handle::Shared(file))
+            }
+            Node::Real(_) | Node::Pycache(_) => Err(Errno::EISDIR),
+        }
+    }
+
+    fn read(&self, ino: INodeNo, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let handle = match lock(&self.handles).get(&fh.0) {
+            Some(Handle::Shared(file)) => Handle::Shared(Arc::clone(file)),
+            Some(Handle::Pyc(pyc)) => Handle::Pyc(Arc::clone(pyc)),
+            Some(Handle::Written(w)) => Handle::Written(Arc::clone(w)),
+            Some(Handle::Dir(_)) => return Err(Errno::EISDIR),
+            None if fh.0 == 0 => self.node_file(ino)?,
+            None => return Err(Errno::EBADF),
+        };
+        self.read_from(&handle, offset, size)
+    }
+
+    fn read_from(&self, handle: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        match handle {
+            Handle::Shared(file) => {
+                let mut buf = vec![0u8; size as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                Ok(buf)
+            }
+            Handle::Pyc(pyc) => Ok(pyc.served.read(offset, size)?),
+            Handle::Written(w) => {
+                let w = lock(w);
+                let start = (offset as usize).min(w.data.len());
+                let end = (start + size as usize).min(w.data.len());
+                Ok(w.data[start..end].to_vec())
+            }
+            Handle::Dir(_) => Err(Errno::EISDIR),
+        }
+    }
+
+    fn release(&self, fh: FileHandle) -> Result<(), Errno> {
+        let handle = lock(&self.handles).remove(&fh.0);
+        if let Some(Handle::Written(w)) = handle {
+            // A pyc written under its final name, not through a temp file.
+            let (dir, name, data) = {
+                let w = lock(&w);
+                if !w.linked {
+                    return Ok(());
+                }
+                (w.dir.clone(), w.name.clone(), w.data.clone())
+            };
+            if self.pycs.parse_any_name(name.as_bytes()).is_some() {
+                if self.ingest(&dir, &name, &data).is_ok() {
+                    lock(&self.nodes).written.remove(&(dir, name));
+                    lock(&w).linked = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn listing(&self, ino: INodeNo) -> Result<Vec<(u64, FileType, OsString)>, Errno> {
+        let node = lock(&self.nodes).get(ino)?;
+        let mut out: Vec<(u64, FileType, OsString)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (ino.0, FileType::Directory, "..".into()),
+        ];
+        match (&self.kind, node) {
+            (Kind::Overlay, Node::Real(dir)) => {
+                let entries = self.under.list(&dir)?;
+                let sources = entries
+                    .iter()
+                    .any(|e| is_source(e.name.as_bytes(), e.kind).is_some());
+                let mut nodes = lock(&self.nodes);
+                let mut pycache = false;
+                for e in entries {
+                    if e.name == PYCACHE && (sources || e.kind == rustix::fs::FileType::Directory) {
+                        pycache = true;
+                        let (ino, _) = nodes.insert(Key::Pycache(dir.clone()), false, || {
+                            Node::Pycache(dir.clone())
+                        });
+                        out.push((ino, FileType::Directory, e.name));
+                        continue;
+                    }
+                    let rel = dir.join(&e.name);
+                    let (ino, _) = nodes.insert(Key::Path(rel.clone()), false, || Node::Real(rel));
+                    out.push((ino, kind_of(e.kind), e.name));
+                }
+                if sources && !pycache {
+                    let (ino, _) = nodes.insert(Key::Pycache(dir.clone()), false, || {
+                        Node::Pycache(dir.clone())
+                    });
+                    out.push((ino, FileType::Directory, PYCACHE.into()));
+                }
+            }
+            (Kind::Overlay, Node::Pycache(dir)) => {
+                let pyc_dir = dir.join(PYCACHE);
+                let mut served = std::collections::HashSet::new();
+                for e in self.under.list(&dir)? {
+                    if let Some(stem) = is_source(e.name.as_bytes(), e.kind) {
+                        for name in self.pycs.names(stem) {
+                            out.push((
+                                listing_ino(&pyc_dir, &name),
+                                FileType::RegularFile,
+                                OsStr::from_bytes(&name).to_os_string(),
+                            ));
+                            served.insert(name);
+                        }
+                    }
+                }
+                if let Ok(entries) = self.under.list(&pyc_dir) {
+                    let mut nodes = lock(&self.nodes);
+                    for e in entries {
+                        if served.contains(e.name.as_bytes()) {
+                            continue;
+                        }
+                        let rel = pyc_dir.join(&e.name);
+                        let (ino, _) =
+                            nodes.insert(Key::Path(rel.clone()), false, || Node::Real(rel));
+                        out.push((ino, kind_of(e.kind), e.name));
+                    }
+                }
+            }
+            (Kind::PycachePrefix { mountpoint }, Node::Real(dir)) => {
+                let entries = self.under.list(&dir)?;
+                let mut dirs = Vec::new();
+                for e in entries {
+                    let rel = dir.join(&e.name);
+                    if let Some(stem) = is_source(e.name.as_bytes(), e.kind) {
+                        for name in self.pycs.names(stem) {
+                            out.push((
+                                listing_ino(&dir, &name),
+                                FileType::RegularFile,
+                                OsStr::from_bytes(&name).to_os_string(),
+                            ));
+                        }
+                        continue;
+                    }
+                    let is_dir = match e.kind {
+                        rustix::fs::FileType::Directory => true,
+                        rustix::fs::FileType::Symlink => {
+                            self.under.stat(&rel).is_ok_and(|m| m.is_dir())
+                        }
+                        _ => false,
+                    };
+                    if is_dir && &rel != mountpoint {
+                        dirs.push((rel, e.name));
+                    }
+                }
+                let mut nodes = lock(&self.nodes);
+                for (rel, name) in dirs {
+                    let (ino, _) = nodes.insert(Key::Path(rel.clone()), false, || Node::Real(rel));
+                    out.push((ino, FileType::Directory, name));
+                }
+                for ((wdir, name), ino) in &nodes.written {
+                    if wdir == &dir {
+                        out.push((*ino, FileType::RegularFile, name.clone()));
+                    }
+                }
+            }
+            _ => return Err(Errno::ENOTDIR),
+        }
+        Ok(out)
+    }
+
+    fn opendir(&self, ino: INodeNo) -> Result<FileHandle, Errno> {
+        let listing = self.listing(ino)?;
+        Ok(self.add_handle(Handle::Dir(Arc::new(listing))))
+    }
+
+    fn dir_entries(&self, fh: FileHandle) -> Result<Arc<Vec<(u64, FileType, OsString)>>, Errno> {
+        match lock(&self.handles).get(&fh.0) {
+            Some(Handle::Dir(listing)) => Ok(Arc::clone(listing)),
+            Some(_) => Err(Errno::ENOTDIR),
+            None => Err(Errno::EBADF),
+        }
+    }
+
+    fn readlink(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
+        match lock(&self.nodes).get(ino)? {
+            Node::Real(rel) if self.overlay() => Ok(self.under.readlink(&rel)?),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// The directory of the pycache-prefix view at `parent`.
+    fn writable_dir(&self, parent: INodeNo) -> Result<PathBuf, Errno> {
+        match (&self.kind, lock(&self.nodes).get(parent)?) {
+            (Kind::PycachePrefix { .. }, Node::Real(dir)) => Ok(dir),
+            (Kind::Overlay, _) => Err(Errno::EROFS),
+            _ => Err(Errno::ENOTDIR),
+        }
+    }
+
+    /// The pyc name a file being written stands for: its own name, or the
+    /// name of Python's temp file (`NAME.TAG.pyc.ID`) without the suffix.
+    fn written_target<'n>(&self, name: &'n [u8]) -> Option<&'n [u8]> {
+        if self.pycs.parse_any_name(name).is_some() {
+            return Some(name);
+        }
+        let dot = name.iter().rposition(|&c| c == b'.')?;
+        let base = &name[..dot];
+        self.pycs.parse_any_name(base).map(|_| base)
+    }
+
+    fn create(
+        &self,
+        req_uid: u32,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+    ) -> Result<(Duration, FileAttr, FileHandle), Errno> {
+        let dir = self.writable_dir(parent)?;
+        if req_uid != self.uid {
+            return Err(Errno::EACCES);
+        }
+        if self.written_target(name.as_bytes()).is_none() {
+            return Err(Errno::EACCES);
+        }
+        let key = (dir.clone(), name.to_os_string());
+        let mut nodes = lock(&self.nodes);
+        if nodes.written.contains_key(&key) {
+            return Err(Errno::EEXIST);
+        }
+        nodes.next += 1;
+        let id = nodes.next;
+        let w = Arc::new(Mutex::new(Written {
+            dir,
+            name: name.to_os_string(),
+            data: Vec::new(),
+            uid: self.uid,
+            gid: self.gid,
+            mode: mode & 0o666,
+            mtime: SystemTime::now(),
+            linked: true,
+        }));
+        let (ino, _) = nodes.insert(Key::Written(id), true, || Node::Written(Arc::clone(&w)));
+        nodes.written.insert(key, ino);
+        drop(nodes);
+        let attr = self.written_attr(ino, &lock(&w));
+        let fh = self.add_handle(Handle::Written(w));
+        Ok((PYC_TTL, attr, fh))
+    }
+
+    fn write(&self, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let handle = lock(&self.handles).get(&fh.0).map(|h| match h {
+            Handle::Written(w) => Some(Arc::clone(w)),
+            _ => None,
+        });
+        let w = match handle {
+            Some(Some(w)) => w,
+            Some(None) => return Err(Errno::EBADF),
+            None => match lock(&self.nodes).get(ino)? {
+                Node::Written(w) => w,
+                _ if self.overlay() => return Err(Errno::EROFS),
+                _ => return Err(Errno::EACCES),
+            },
+        };
+        let mut w = lock(&w);
+        let end = offset as usize + data.len();
+        if end > MAX_WRITTEN {
+            return Err(Errno::EFBIG);
+        }
+        if w.data.len() < end {
+            w.data.resize(end, 0);
+        }
+        w.data[offset as usize..end].copy_from_slice(data);
+        w.mtime = SystemTime::now();
+        Ok(data.len() as u32)
+    }
+
+    fn setattr(&self, ino: INodeNo, size: Option<u64>) -> Result<(Duration, FileAttr), Errno> {
+        let node = lock(&self.nodes).get(ino)?;
+        match &node {
+            Node::Written(w) => {
+                if let Some(size) = size {
+                    if size as usize > MAX_WRITTEN {
+                        return Err(Errno::EFBIG);
+                    }
+                    lock(w).data.resize(size as usize, 0);
+                }
+                self.attr(ino.0, &node)
+            }
+            _ if self.overlay() => Err(Errno::EROFS),
+            _ => Err(Errno::EPERM),
+        }
+    }
+
+    /// Checks and stores what Python wrote as `dir/name`.
+    fn ingest(&self, dir: &Path, name: &OsStr, data: &[u8]) -> Result<(), Errno> {
+        let (stem, interp, optimize) = self
+            .pycs
+            .parse_any_name(name.as_bytes())
+            .ok_or(Errno::EACCES)?;
+        let mut file = stem.to_vec();
+        file.extend_from_slice(b".py");
+        let source = dir.join(OsStr::from_bytes(&file));
+        self.pycs
+            .ingest(&self.under, &source, interp, optimize, data)
+    }
+
+    fn rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+    ) -> Result<(), Errno> {
+        let dir = self.writable_dir(parent)?;
+        let newdir = self.writable_dir(newparent)?;
+        let key = (dir, name.to_os_string());
+        let ino = lock(&self.nodes)
+            .written
+            .get(&key)
+            .copied()
+            .ok_or(Errno::EACCES)?;
+        let node = lock(&self.nodes).get(INodeNo(ino))?;
+        let Node::Written(w) = node else {
+            return Err(Errno::EIO);
+        };
+        let data = lock(&w).data.clone();
+        let result = self.ingest(&newdir, newname, &data);
+        let mut nodes = lock(&self.nodes);
+        nodes.written.remove(&key);
+        {
+            let mut w = lock(&w);
+            w.linked = false;
+            w.dir = newdir;
+            w.name = newname.to_os_string();
+        }
+        if nodes.slots.get(&ino).is_some_and(|s| s.lookups == 0) {
+            nodes.forget(ino, 0);
+        }
+        result
+    }
+
+    fn unlink(&self, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
+        let dir = self.writable_dir(parent)?;
+        let mut nodes = lock(&self.nodes);
+        let ino = nodes
+            .written
+            .remove(&(dir, name.to_os_string()))
+            .ok_or(Errno::EACCES)?;
+        if let Ok(Node::Written(w)) = nodes.get(INodeNo(ino)) {
+            lock(&w).linked = false;
+        }
+        Ok(())
+    }
+}
+
+impl Filesystem for PycFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for flag in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            if let Err(unsupported) = config.add_capabilities(flag) {
+                tracing::debug!("the kernel does not support {unsupported:?}");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.inner.lookup(parent, name, req.pid()) {
+            Ok(Resolved::Entry(ttl, attr)) => reply.entry(&ttl, &attr, Generation(0)),
+            Ok(Resolved::Compile(job)) => {
+                let inner = Arc::clone(&self.inner);
+                // If no thread can be started, the dropped reply answers EIO.
+                let _ = std::thread::Builder::new()
+                    .name("pycstore-miss".into())
+                    .spawn(move || match inner.compile(job) {
+                        Ok((ttl, attr)) => reply.entry(&ttl, &attr, Generation(0)),
+                        Err(e) => reply.error(e),
+                    });
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let gone = {
+            let mut nodes = lock(&self.inner.nodes);
+            nodes.forget(ino.0, nlookup);
+            nodes.slots.get(&ino.0).is_none_or(|s| s.lookups == 0)
+        };
+        if gone {
+            lock(&self.inner.files).remove(&ino.0);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inner.getattr(ino) {
+            Ok((ttl, attr)) => reply.attr(&ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.inner.setattr(ino, size) {
+            Ok((ttl, attr)) => reply.attr(&ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inner.readlink(ino) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.inner.open(ino, flags) {
+            Ok((fh, flags)) => reply.opened(fh, flags),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.inner.read(ino, fh, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.inner.write(ino, fh, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.inner.release(fh) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inner.opendir(ino) {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.inner.dir_entries(fh) {
+            Ok(entries) => {
+                for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.inner.release(fh) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.inner.create(req.uid(), parent, name, mode) {
+            Ok((ttl, attr, fh)) => {
+                reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty())
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.inner.rename(parent, name, newparent, newname) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// No file of a view is a terminal (Python asks, for every file it opens).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.inner.unlink(parent, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

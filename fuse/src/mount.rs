@@ -1,0 +1,403 @@
+//! Mounting a view, serving it until it is unmounted, and unmounting.
+//!
+//! The mount is read-only for the overlay, named `pycstore` (fsname and
+//! subtype, as `/proc/self/mountinfo` shows it), checked by the kernel
+//! against the attributes (`default_permissions`), and visible to the
+//! mounting user only unless `allow_other` is asked for. Serving ends when
+//! the mount goes away: `pycstore unmount`, `fusermount3 -u`, `umount`, or a
+//! SIGTERM, SIGINT or SIGHUP to the server, which unmounts (lazily when the
+//! mount is busy). If the server dies, the kernel fails every access to the
+//! mount point with ENOTCONN ("Transport endpoint is not connected") until
+//! it is unmounted: nothing hangs.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use pycstore_store::pyc::Flavor;
+use pycstore_store::{interpreter, Interpreter, Store};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::fs::{Kind, PycFs};
+use crate::pycs::{Pycs, PycsSettings, FLUSH_EVERY};
+use crate::under::Under;
+use crate::Error;
+
+/// Which view to mount.
+#[derive(Clone, Debug)]
+pub enum View {
+    /// A read-only mirror of `source` with the store's pycs in its
+    /// `__pycache__` directories. The mount point may be `source` itself.
+    Overlay {
+        /// The prefix to serve.
+        source: PathBuf,
+    },
+    /// A tree for `PYTHONPYCACHEPREFIX`: `MOUNT/DIR/NAME.TAG.pyc` is the pyc
+    /// of `/DIR/NAME.py`.
+    PycachePrefix,
+}
+
+/// What to mount, and how.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// The view.
+    pub view: View,
+    /// Where to mount it.
+    pub mountpoint: PathBuf,
+    /// Interpreters to serve pycs for; empty: the prefix's own (overlay) or
+    /// `python3` on `PATH` (pycache prefix).
+    pub python: Vec<PathBuf>,
+    /// Optimize levels to serve.
+    pub optimize: Vec<u8>,
+    /// The invalidation mode of the pycs served.
+    pub flavor: Flavor,
+    /// Compile processes per interpreter.
+    pub jobs: usize,
+    /// Per-file compile timeout.
+    pub timeout: Option<Duration>,
+    /// Let other users see the mount (needs `user_allow_other` in
+    /// `/etc/fuse.conf` for non-root users).
+    pub allow_other: bool,
+    /// Compile misses on first access; without it a miss has no pyc (and in
+    /// the pycache-prefix view, Python's own compile is stored).
+    pub compile: bool,
+    /// Threads reading requests from the kernel.
+    pub threads: usize,
+}
+
+/// What a mount did, reported when it ends.
+#[derive(Clone, Debug, Default)]
+pub struct MountReport {
+    /// pyc lookups served from objects the store had.
+    pub hits: u64,
+    /// Misses compiled on first access.
+    pub compiled: u64,
+    /// Wall time those compiles took, in seconds.
+    pub compile_seconds: f64,
+    /// Sources that do not compile, or compiles that failed.
+    pub failed: u64,
+    /// pycs written by Python (pycache-prefix view) and stored.
+    pub ingested: u64,
+    /// pycs written by Python that did not pass the checks.
+    pub refused: u64,
+}
+
+/// A mounted view, not yet serving.
+pub struct Mount {
+    session: Session<PycFs>,
+    pycs: Arc<Pycs>,
+    mountpoint: PathBuf,
+}
+
+/// Mounts a view of `store` (opened with [`Store::open_unlocked`]: a mount
+/// takes the store lock only around its writes). The interpreters are
+/// probed and the tree opened before mounting, so mounting over the prefix
+/// itself works. Returns once the kernel has the mount; nothing is served
+/// before [`Mount::run`].
+pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let mountpoint =
+        std::path::absolute(&options.mountpoint).map_err(io_err(&options.mountpoint))?;
+    if !mountpoint.is_dir() {
+        return Err(Error::Io {
+            path: mountpoint,
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    let (under, kind, default_python) = match &options.view {
+        View::Overlay { source } => {
+            let source = std::path::absolute(source).map_err(io_err(source))?;
+            let under = Under::open(&source).map_err(io_err(&source))?;
+            let python = if options.python.is_empty() {
+                vec![interpreter::find_in_prefix(&source)?]
+            } else {
+                Vec::new()
+            };
+            (under, Kind::Overlay, python)
+        }
+        View::PycachePrefix => {
+            let under = Under::open(Path::new("/")).map_err(io_err(Path::new("/")))?;
+            let rel = mountpoint
+                .strip_prefix("/")
+                .unwrap_or(&mountpoint)
+                .to_path_buf();
+            let python = if options.python.is_empty() {
+                vec![on_path("python3").ok_or_else(|| {
+                    Error::NoPython("no `python3` on PATH; name one with --python".into())
+                })?]
+            } else {
+                Vec::new()
+            };
+            (under, Kind::PycachePrefix { mountpoint: rel }, python)
+        }
+    };
+    let python = if options.python.is_empty() {
+        default_python
+    } else {
+        options.python.clone()
+    };
+    let pycs = Arc::new(Pycs::new(
+        store,
+        &PycsSettings {
+            python: &python,
+            optimize: &options.optimize,
+            flavor: options.flavor,
+            jobs: options.jobs,
+            timeout: options.timeout,
+            compile: options.compile,
+        },
+    )?);
+    raise_open_files_limit();
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("pycstore".into()),
+        MountOption::Subtype("pycstore".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+        match options.view {
+            View::Overlay { .. } => MountOption::RO,
+            View::PycachePrefix => MountOption::RW,
+        },
+    ];
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    let fs = PycFs::new(under, Arc::clone(&pycs), kind);
+    let session = Session::new(fs, &mountpoint, &config).map_err(|source| Error::Mount {
+        path: mountpoint.clone(),
+        source,
+    })?;
+    Ok(Mount {
+        session,
+        pycs,
+        mountpoint,
+    })
+}
+
+impl Mount {
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The interpreters served.
+    pub fn interpreters(&self) -> Vec<Interpreter> {
+        self.pycs
+            .interps
+            .iter()
+            .map(|i| i.interpreter.clone())
+            .collect()
+    }
+
+    /// Serves until the mount goes away (unmounted by anyone, or by this
+    /// process on SIGTERM, SIGINT or SIGHUP), recording what was compiled
+    /// and used in the index every second and once more at the end.
+    pub fn run(mut self) -> Result<MountReport, Error> {
+        // fuser warns about every request a view leaves to the kernel's
+        // defaults (they answer ENOSYS by design) and about unmounting a
+        // mount that is already gone; only its errors are worth showing.
+        log::set_max_level(log::LevelFilter::Error);
+        let mut unmounter = self.session.unmount_callable();
+        let mountpoint = self.mountpoint.clone();
+        let mut signals =
+            signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|source| {
+                Error::Io {
+                    path: mountpoint.clone(),
+                    source,
+                }
+            })?;
+        let signal_handle = signals.handle();
+        let on_signal = std::thread::spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!("signal {signal}: unmounting `{}`", mountpoint.display());
+                if let Err(e) = unmounter.unmount() {
+                    tracing::debug!("unmount failed ({e}); detaching lazily");
+                    lazy_unmount(&mountpoint);
+                }
+            }
+        });
+
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flusher = {
+            let stop = Arc::clone(&stop);
+            let pycs = Arc::clone(&self.pycs);
+            std::thread::spawn(move || loop {
+                let (lock, cv) = &*stop;
+                let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let (stopped, _) = cv
+                    .wait_timeout(stopped, FLUSH_EVERY)
+                    .unwrap_or_else(|e| e.into_inner());
+                if *stopped {
+                    return;
+                }
+                drop(stopped);
+                pycs.flush();
+            })
+        };
+
+        let pycs = Arc::clone(&self.pycs);
+        let path = self.mountpoint.clone();
+        let served = self.session.run();
+
+        signal_handle.close();
+        let _ = on_signal.join();
+        *stop.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        stop.1.notify_all();
+        let _ = flusher.join();
+        pycs.flush();
+        served.map_err(|source| Error::Io { path, source })?;
+
+        let s = &pycs.stats;
+        Ok(MountReport {
+            hits: s.hits.load(Ordering::Relaxed),
+            compiled: s.compiled.load(Ordering::Relaxed),
+            compile_seconds: s.compile_us.load(Ordering::Relaxed) as f64 / 1e6,
+            failed: s.failed.load(Ordering::Relaxed),
+            ingested: s.ingested.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Unmounts a pycstore mount: `umount` as root, else `fusermount3 -u`; a
+/// busy mount is refused unless `lazy`, which detaches it now and lets it go
+/// when its last user leaves. Refuses anything that is not a pycstore
+/// mount. The server process ends by itself once the mount is gone.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Error> {
+    let path = std::path::absolute(mountpoint).map_err(|source| Error::Io {
+        path: mountpoint.to_path_buf(),
+        source,
+    })?;
+    if !is_pycstore_mount(&path) {
+        return Err(Error::NotMounted(path));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        return match umount2(&path, flags) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(Error::Unmount {
+                path,
+                message: if e.raw_os_error() == Some(libc::EBUSY) {
+                    format!("{e}; a process is using it (retry with --lazy to detach it now)")
+                } else {
+                    e.to_string()
+                },
+            }),
+        };
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let output = cmd
+        .arg("--")
+        .arg(&path)
+        .output()
+        .map_err(|e| Error::Unmount {
+            path: path.clone(),
+            message: format!("cannot run fusermount3 (apt-get install fuse3): {e}"),
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Unmount {
+            path,
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn lazy_unmount(path: &Path) {
+    if umount2(path, libc::MNT_DETACH).is_err() {
+        let _ = std::process::Command::new("fusermount3")
+            .args(["-u", "-z", "--"])
+            .arg(path)
+            .output();
+    }
+}
+
+/// Whether `/proc/self/mountinfo` lists a pycstore FUSE mount at `path`.
+pub(crate) fn is_pycstore_mount(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else {
+            return false;
+        };
+        let point = left.split(' ').nth(4).map(unescape_mountinfo);
+        let mut right = right.split(' ');
+        let fstype = right.next().unwrap_or("");
+        let source = right.next().unwrap_or("");
+        point.as_deref() == Some(&*want) && fstype.starts_with("fuse") && source == "pycstore"
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(n) = u8::from_str_radix(digits, 8) {
+                out.push(n);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Served pycs keep their objects open (so `gc` cannot pull one from under
+/// a reader): allow as many descriptors as the hard limit does.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,0 +1,868 @@
+//! The pycs a view serves: for a source of the tree, an interpreter and an
+//! optimize level, the store's compiled body behind a header made for the
+//! live source, so one object serves every flavor.
+//!
+//! The index is RocksDB, which one process at a time may open, so a mount
+//! never holds it while serving: it loads the stored bodies and the known
+//! compile failures into memory at start, opens a short session only to
+//! re-check a miss when another process used the index since its own last
+//! session, and records what it compiled in batches from a background
+//! thread. It does not hold the store lock either (that would block `gc`
+//! for as long as the mount lives): it takes it shared around writing an
+//! object and until the batch naming it is recorded. An object that cannot
+//! be opened (`gc` evicted it) is a miss, compiled again.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::Errno;
+use pycstore_store::compile::{Outcome, WorkerSlot};
+use pycstore_store::index::{Counters, Entry, EntrySlot, Family, Index, Writes};
+use pycstore_store::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
+use pycstore_store::lock::LockGuard;
+use pycstore_store::objects::ObjectId;
+use pycstore_store::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
+use pycstore_store::{Interpreter, Store};
+
+use crate::under::{Meta, Under};
+use crate::Error;
+
+/// How often compiled pycs, use times and counters are recorded in the index.
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// A stat-cache record is trusted only for files whose last change is older
+/// than the moment they were hashed by more than the timestamp granularity
+/// (as for `link`'s stat cache).
+const RACY_WINDOW_NS: i64 = 100_000_000;
+const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
+
+/// An interpreter a view serves pycs for, with its compile workers.
+pub(crate) struct Interp {
+    /// What the probe said.
+    pub interpreter: Interpreter,
+    label: String,
+    pool: Pool,
+}
+
+/// Long-lived compile workers of one interpreter, at most `max` at once.
+struct Pool {
+    executable: PathBuf,
+    timeout: Option<Duration>,
+    max: usize,
+    state: Mutex<(Vec<WorkerSlot>, usize)>,
+    freed: Condvar,
+}
+
+impl Pool {
+    fn take(&self) -> WorkerSlot {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(slot) = state.0.pop() {
+                return slot;
+            }
+            if state.1 < self.max {
+                state.1 += 1;
+                return WorkerSlot::new(self.executable.clone(), self.timeout);
+            }
+            state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn give(&self, slot: WorkerSlot) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0.push(slot);
+        self.freed.notify_one();
+    }
+}
+
+/// What identifies one state of a source file: a change to any of these
+/// makes a new pyc (with a new inode), never a changed one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SourceState {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl SourceState {
+    pub fn of(meta: &Meta) -> SourceState {
+        SourceState {
+            dev: meta.dev,
+            ino: meta.ino,
+            size: meta.size,
+            mtime_ns: meta.mtime_ns,
+            ctime_ns: meta.ctime_ns,
+        }
+    }
+}
+
+/// A source file as the view knows it: its stat, digest and source hashes.
+pub(crate) struct Source {
+    /// Its path relative to the tree's base.
+    pub rel: PathBuf,
+    /// `stat` (following a symlink).
+    pub meta: Meta,
+    digest: SourceDigest,
+    /// `importlib.util.source_hash` for each interpreter.
+    hashes: Vec<[u8; 8]>,
+}
+
+#[derive(Clone)]
+struct Known {
+    state: SourceState,
+    digest: SourceDigest,
+    hashes: Vec<[u8; 8]>,
+}
+
+/// One served pyc: a header made for the source, and the store object whose
+/// bytes after the header are the body. The object stays readable while it
+/// is open, even if `gc` removes it.
+pub(crate) struct Served {
+    pub header: [u8; HEADER_LEN],
+    pub object: File,
+    pub size: u64,
+    /// Where the object lives in the store.
+    pub path: PathBuf,
+}
+
+impl Served {
+    /// Whether the store still holds this object (`gc` may have removed it;
+    /// the open file stays readable for those who have it).
+    pub fn in_store(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.object.metadata(), std::fs::metadata(&self.path)) {
+            (Ok(open), Ok(stored)) => open.dev() == stored.dev() && open.ino() == stored.ino(),
+            _ => false,
+        }
+    }
+
+    /// Up to `len` bytes at `offset`.
+    pub fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        if offset >= self.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + u64::from(len)).min(self.size);
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut pos = offset;
+        let mut filled = 0;
+        while pos < HEADER_LEN as u64 && pos < end {
+            out[filled] = self.header[pos as usize];
+            pos += 1;
+            filled += 1;
+        }
+        while filled < out.len() {
+            let n = self.object.read_at(&mut out[filled..], pos)?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            filled += n;
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Pycs::find`] knows without compiling.
+pub(crate) enum Found {
+    /// The store has it.
+    Served(Served),
+    /// The source does not compile for this interpreter.
+    Absent,
+    /// Nobody compiled it yet.
+    Miss,
+    /// The store could not be read (not a miss: compiling again would not
+    /// help).
+    Failed(Errno),
+}
+
+/// Counters of one mount, for its final report.
+#[derive(Default, Debug)]
+pub struct MountStats {
+    /// pycs served from objects already in the store.
+    pub hits: AtomicU64,
+    /// Compiles run for misses.
+    pub compiled: AtomicU64,
+    /// Time spent in those compiles, in microseconds (first-access cost).
+    pub compile_us: AtomicU64,
+    /// Sources that do not compile, or workers that failed.
+    pub failed: AtomicU64,
+    /// pycs written by Python into the pycache-prefix view and stored.
+    pub ingested: AtomicU64,
+    /// pycs written by Python that were refused.
+    pub refused: AtomicU64,
+}
+
+#[derive(Default)]
+struct Flight {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Flight {
+    fn wait(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    writes: Writes,
+    used: HashSet<ObjectId>,
+    counters: HashMap<usize, Counters>,
+    /// Shared store locks taken for objects written since the last flush:
+    /// `gc` waits until their entries are recorded, so it never takes them
+    /// for orphans.
+    guards: Vec<LockGuard>,
+}
+
+/// The settings of [`Pycs::new`].
+pub(crate) struct PycsSettings<'a> {
+    pub python: &'a [PathBuf],
+    pub optimize: &'a [u8],
+    pub flavor: Flavor,
+    pub jobs: usize,
+    pub timeout: Option<Duration>,
+    pub compile: bool,
+}
+
+/// The store as a view sees it.
+pub(crate) struct Pycs {
+    store: Store,
+    /// The interpreters served, in the order given.
+    pub interps: Vec<Interp>,
+    /// The optimize levels served.
+    pub optimize: Vec<u8>,
+    flavor: Flavor,
+    compile: bool,
+    bodies: RwLock<HashMap<CompileKey, Entry>>,
+    failures: RwLock<HashSet<CompileKey>>,
+    sources: Mutex<HashMap<(u64, u64), Known>>,
+    inflight: Mutex<HashMap<CompileKey, Arc<Flight>>>,
+    pending: Mutex<Pending>,
+    /// The index directory's mtime after this mount's last session: while it
+    /// is unchanged, no other process touched the index.
+    index_seen: Mutex<Option<SystemTime>>,
+    recheck: Mutex<()>,
+    /// Counters for the final report.
+    pub stats: MountStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pycs {
+    /// Probes the interpreters and loads what the index knows, in one session.
+    pub fn new(store: Store, settings: &PycsSettings<'_>) -> Result<Pycs, Error> {
+        let mut index = store.index()?;
+        let mut interps: Vec<Interp> = Vec::new();
+        for exe in settings.python {
+            let interpreter = Interpreter::probe(exe, Some(&mut index))?;
+            if interps
+                .iter()
+                .any(|i| i.interpreter.cache_tag == interpreter.cache_tag)
+            {
+                continue;
+            }
+            interps.push(Interp {
+                label: pycstore_store::link::counter_label(&interpreter),
+                pool: Pool {
+                    executable: exe.clone(),
+                    timeout: settings.timeout,
+                    max: settings.jobs.max(1),
+                    state: Mutex::new((Vec::new(), 0)),
+                    freed: Condvar::new(),
+                },
+                interpreter,
+            });
+        }
+        let mut bodies = HashMap::new();
+        for (k, v) in index.scan(Family::Entries, b"")? {
+            if k.len() == 33 && k[32] == 0 {
+                if let (Ok(key), Some(entry)) = (<[u8; 32]>::try_from(&k[..32]), Entry::decode(&v))
+                {
+                    bodies.insert(CompileKey(key), entry);
+                }
+            }
+        }
+        let mut failures = HashSet::new();
+        for (k, _) in index.scan(Family::Failures, b"")? {
+            if let Ok(key) = <[u8; 32]>::try_from(k.as_slice()) {
+                failures.insert(CompileKey(key));
+            }
+        }
+        drop(index);
+        tracing::debug!(
+            "loaded {} stored bodies and {} known failures",
+            bodies.len(),
+            failures.len()
+        );
+        let mut optimize = settings.optimize.to_vec();
+        optimize.sort_unstable();
+        optimize.dedup();
+        let pycs = Pycs {
+            index_seen: Mutex::new(None),
+            store,
+            interps,
+            optimize,
+            flavor: settings.flavor,
+            compile: settings.compile,
+            bodies: RwLock::new(bodies),
+            failures: RwLock::new(failures),
+            sources: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
+            recheck: Mutex::new(()),
+            stats: MountStats::default(),
+        };
+        pycs.note_index_seen();
+        Ok(pycs)
+    }
+
+    /// For a file name in a pycache directory: the source stem, the
+    /// interpreter and the optimize level, when it names a pyc this view
+    /// serves (`STEM.TAG.pyc`, `STEM.TAG.opt-N.pyc`).
+    pub fn parse_name<'n>(&self, name: &'n [u8]) -> Option<(&'n [u8], usize, u8)> {
+        for (i, interp) in self.interps.iter().enumerate() {
+            for &opt in &self.optimize {
+                let suffix = interp.interpreter.pyc_name("", opt);
+                if let Some(stem) = name.strip_suffix(suffix.as_bytes()) {
+                    if !stem.is_empty() {
+                        return Some((stem, i, opt));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Like [`Pycs::parse_name`], for any interpreter of the view and any
+    /// optimize level, whether served or not (what Python may write).
+    pub fn parse_any_name<'n>(&self, name: &'n [u8]) -> Option<(&'n [u8], usize, u8)> {
+        for (i, interp) in self.interps.iter().enumerate() {
+            for opt in 0..=2u8 {
+                let suffix = interp.interpreter.pyc_name("", opt);
+                if let Some(stem) = name.strip_suffix(suffix.as_bytes()) {
+                    if !stem.is_empty() {
+                        return Some((stem, i, opt));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The names of the pycs served for the source stem `stem`.
+    pub fn names(&self, stem: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for interp in &self.interps {
+            for &opt in &self.optimize {
+                let mut name = stem.to_vec();
+                name.extend_from_slice(interp.interpreter.pyc_name("", opt).as_bytes());
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// Stats and identifies a source: its digest from the cache when the
+    /// file is unchanged, else read and hashed.
+    pub fn source(&self, under: &Under, rel: &Path, meta: Meta) -> Result<Source, Errno> {
+        let state = SourceState::of(&meta);
+        if let Some(known) = lock(&self.sources).get(&(meta.dev, meta.ino)) {
+            if known.state == state {
+                return Ok(Source {
+                    rel: rel.to_path_buf(),
+                    meta,
+                    digest: known.digest,
+                    hashes: known.hashes.clone(),
+                });
+            }
+        }
+        let (read_meta, bytes) = under.read(rel).map_err(Errno::from)?;
+        if SourceState::of(&read_meta) != state || bytes.len() as u64 != meta.size {
+            // Changed while being read: the caller's stat is already stale.
+            return Err(Errno::ESTALE);
+        }
+        let digest = SourceDigest::of(&bytes);
+        let hashes: Vec<[u8; 8]> = self
+            .interps
+            .iter()
+            .map(|i| pyc::source_hash(i.interpreter.hash_variant, i.interpreter.magic, &bytes))
+            .collect();
+        let window = if meta.ctime_ns % 1_000_000_000 == 0 {
+            RACY_WINDOW_COARSE_NS
+        } else {
+            RACY_WINDOW_NS
+        };
+        if meta.ctime_ns.max(meta.mtime_ns) + window < now_ns() {
+            lock(&self.sources).insert(
+                (meta.dev, meta.ino),
+                Known {
+                    state,
+                    digest,
+                    hashes: hashes.clone(),
+                },
+            );
+        }
+        Ok(Source {
+            rel: rel.to_path_buf(),
+            meta,
+            digest,
+            hashes,
+        })
+    }
+
+    fn key(&self, source: &Source, interp: usize, optimize: u8) -> CompileKey {
+        CompileKey::new(
+            &source.digest,
+            self.interps[interp].interpreter.magic,
+            optimize,
+            COMPILE_FLAGS_DEFAULT,
+        )
+    }
+
+    /// The header of the source's pyc in this view's flavor: from the
+    /// source's hash, or from the live source's mtime and size.
+    fn header(&self, source: &Source, interp: usize) -> [u8; HEADER_LEN] {
+        let input = match self.flavor {
+            Flavor::Timestamp => HeaderInput::Stat {
+                mtime: source.meta.mtime_secs(),
+                size: source.meta.size,
+            },
+            _ => HeaderInput::Hash(source.hashes[interp]),
+        };
+        pyc::header(self.interps[interp].interpreter.magic, self.flavor, input)
+    }
+
+    fn slot(&self, flavor: Flavor, meta: &Meta) -> EntrySlot {
+        match flavor {
+            Flavor::Timestamp => EntrySlot::Timestamp {
+                mtime: meta.mtime_secs(),
+                size: meta.size,
+            },
+            flavor => EntrySlot::Hashed(flavor),
+        }
+    }
+
+    /// Opens an entry's object, checking its size and header; `Ok(None)`
+    /// when it is missing or damaged (a miss), an error when it cannot be
+    /// opened for another reason (out of descriptors).
+    fn open_object(&self, entry: &Entry) -> Result<Option<File>, Errno> {
+        let file = match File::open(self.store.objects.path(&entry.object)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                tracing::warn!("cannot open object {:?}: {e}", entry.object);
+                return Err(Errno::from(e));
+            }
+        };
+        let Ok(meta) = file.metadata() else {
+            return Ok(None);
+        };
+        let mut header = [0u8; HEADER_LEN];
+        let ok = meta.is_file()
+            && meta.len() == entry.size
+            && file.read_exact_at(&mut header, 0).is_ok()
+            && header == entry.header;
+        Ok(ok.then_some(file))
+    }
+
+    /// The pyc of `source` for an interpreter and optimize level, if the
+    /// store has it, without compiling.
+    pub fn find(&self, source: &Source, interp: usize, optimize: u8) -> Found {
+        self.find_counted(source, interp, optimize, true)
+    }
+
+    fn find_counted(&self, source: &Source, interp: usize, optimize: u8, hit: bool) -> Found {
+        let key = self.key(source, interp, optimize);
+        let entry = self
+            .bodies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        if let Some(entry) = entry {
+            match self.open_object(&entry) {
+                Err(e) => return Found::Failed(e),
+                Ok(Some(object)) => {
+                    let mut pending = lock(&self.pending);
+                    pending.used.insert(entry.object);
+                    if hit {
+                        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        pending.counters.entry(interp).or_default().hits += 1;
+                    }
+                    return Found::Served(Served {
+                        header: self.header(source, interp),
+                        object,
+                        size: entry.size,
+                        path: self.store.objects.path(&entry.object),
+                    });
+                }
+                Ok(None) => {
+                    tracing::debug!(
+                        "object {:?} of `{}` is gone or damaged: a miss",
+                        entry.object,
+                        source.rel.display()
+                    );
+                    self.bodies
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                }
+            }
+        }
+        if self
+            .failures
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&key)
+        {
+            return Found::Absent;
+        }
+        Found::Miss
+    }
+
+    /// Whether misses are compiled by the view.
+    pub fn compiles(&self) -> bool {
+        self.compile
+    }
+
+    /// Compiles a miss (or waits for the compile of the same key already
+    /// running), then serves it; `None` when the source does not compile.
+    pub fn compile_miss(
+        &self,
+        under: &Under,
+        source: &Source,
+        interp: usize,
+        optimize: u8,
+    ) -> Result<Option<Served>, Errno> {
+        match self.find(source, interp, optimize) {
+            Found::Served(s) => return Ok(Some(s)),
+            Found::Absent => return Ok(None),
+            Found::Failed(e) => return Err(e),
+            Found::Miss if !self.compile => return Ok(None),
+            Found::Miss => {}
+        }
+        let key = self.key(source, interp, optimize);
+        if self.recheck(&key) {
+            match self.find_counted(source, interp, optimize, false) {
+                Found::Served(s) => return Ok(Some(s)),
+                Found::Absent => return Ok(None),
+                Found::Failed(e) => return Err(e),
+                Found::Miss => {}
+            }
+        }
+        let (flight, leader) = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(&key) {
+                Some(flight) => (Arc::clone(flight), false),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    inflight.insert(key, Arc::clone(&flight));
+                    (flight, true)
+                }
+            }
+        };
+        if leader {
+            let result = self.compile(under, source, interp, optimize, &key);
+            lock(&self.inflight).remove(&key);
+            flight.finish();
+            result?;
+        } else {
+            flight.wait();
+        }
+        match self.find_counted(source, interp, optimize, false) {
+            Found::Served(s) => Ok(Some(s)),
+            Found::Failed(e) => Err(e),
+            Found::Absent | Found::Miss => Ok(None),
+        }
+    }
+
+    fn compile(
+        &self,
+        under: &Under,
+        source: &Source,
+        interp: usize,
+        optimize: u8,
+        key: &CompileKey,
+    ) -> Result<(), Errno> {
+        let (meta, bytes) = under.read(&source.rel).map_err(Errno::from)?;
+        if SourceState::of(&meta) != SourceState::of(&source.meta)
+            || SourceDigest::of(&bytes) != source.digest
+        {
+            return Err(Errno::ESTALE);
+        }
+        let pool = &self.interps[interp].pool;
+        let started = Instant::now();
+        let mut slot = pool.take();
+        let outcome = slot.compile(&bytes, &under.display_path(&source.rel), optimize);
+        pool.give(slot);
+        self.stats
+            .compile_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match outcome {
+            Outcome::Compiled(body) => {
+                self.stats.compiled.fetch_add(1, Ordering::Relaxed);
+                let header = self.header(source, interp);
+                let mut pyc = Vec::with_capacity(HEADER_LEN + body.len());
+                pyc.extend_from_slice(&header);
+                pyc.extend_from_slice(&body);
+                let slot = self.slot(self.flavor, &source.meta);
+                self.store_pyc(
+                    key,
+                    slot,
+                    &pyc,
+                    |c| {
+                        c.compiles += 1;
+                        c.misses += 1;
+                    },
+                    interp,
+                )
+            }
+            Outcome::Rejected(message) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "`{}` does not compile for {}: {message}",
+                    under.display_path(&source.rel).display(),
+                    self.interps[interp].interpreter.cache_tag
+                );
+                self.failures
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*key);
+                let mut pending = lock(&self.pending);
+                pending.writes.failure(key, &message);
+                let c = pending.counters.entry(interp).or_default();
+                c.compiles += 1;
+                c.failures += 1;
+                Ok(())
+            }
+            Outcome::WorkerFailed(message) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "cannot compile `{}`: {message}; Python compiles it itself",
+                    under.display_path(&source.rel).display()
+                );
+                lock(&self.pending)
+                    .counters
+                    .entry(interp)
+                    .or_default()
+                    .failures += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a pyc as an object and records it for its key: as the body
+    /// every flavor is derived from, and in its own slot.
+    fn store_pyc(
+        &self,
+        key: &CompileKey,
+        slot: EntrySlot,
+        pyc: &[u8],
+        count: impl FnOnce(&mut Counters),
+        interp: usize,
+    ) -> Result<(), Errno> {
+        let guard = self.store.lock_shared().map_err(|e| {
+            tracing::warn!("cannot lock the store: {e}");
+            Errno::EIO
+        })?;
+        let object = self.store.objects.put(pyc).map_err(|e| {
+            tracing::warn!("cannot write an object: {e}");
+            Errno::from(e)
+        })?;
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&pyc[..HEADER_LEN]);
+        let entry = Entry {
+            object,
+            size: pyc.len() as u64,
+            header,
+        };
+        {
+            let mut pending = lock(&self.pending);
+            pending.writes.entry(key, EntrySlot::Body, &entry);
+            pending.writes.entry(key, slot, &entry);
+            pending.used.insert(object);
+            count(pending.counters.entry(interp).or_default());
+            pending.guards.push(guard);
+        }
+        self.bodies
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*key, entry);
+        Ok(())
+    }
+
+    /// Checks a pyc that Python wrote for the source `rel` and stores it:
+    /// the magic must be the interpreter's, the flags a valid flavor, the
+    /// header must match the live source (its hash, or its mtime and size),
+    /// and the body must start like a marshalled code object.
+    pub fn ingest(
+        &self,
+        under: &Under,
+        rel: &Path,
+        interp: usize,
+        optimize: u8,
+        data: &[u8],
+    ) -> Result<(), Errno> {
+        let refuse = |why: &str| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "refused the pyc written for `{}`: {why}",
+                under.display_path(rel).display()
+            );
+            Err(Errno::EINVAL)
+        };
+        let interpreter = &self.interps[interp].interpreter;
+        if data.len() <= HEADER_LEN {
+            return refuse("too short");
+        }
+        if data[..4] != interpreter.magic {
+            return refuse("not the interpreter's magic number");
+        }
+        let flavor = match u32::from_le_bytes([data[4], data[5], data[6], data[7]]) {
+            0b11 => Flavor::CheckedHash,
+            0b01 => Flavor::UncheckedHash,
+            0b00 => Flavor::Timestamp,
+            _ => return refuse("invalid flags"),
+        };
+        let (meta, bytes) = under.read(rel).map_err(Errno::from)?;
+        let expected = match flavor {
+            Flavor::Timestamp => HeaderInput::Stat {
+                mtime: meta.mtime_secs(),
+                size: meta.size,
+            },
+            _ => HeaderInput::Hash(pyc::source_hash(
+                interpreter.hash_variant,
+                interpreter.magic,
+                &bytes,
+            )),
+        };
+        if data[..HEADER_LEN] != pyc::header(interpreter.magic, flavor, expected) {
+            return refuse("its header does not match the source");
+        }
+        // marshal TYPE_CODE ('c'), possibly with FLAG_REF.
+        if data[HEADER_LEN] & 0x7f != b'c' {
+            return refuse("its body is not a code object");
+        }
+        let key = CompileKey::new(
+            &SourceDigest::of(&bytes),
+            interpreter.magic,
+            optimize,
+            COMPILE_FLAGS_DEFAULT,
+        );
+        let known = self
+            .bodies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        if known.is_some_and(|entry| matches!(self.open_object(&entry), Ok(Some(_)))) {
+            return Ok(());
+        }
+        let slot = self.slot(flavor, &meta);
+        self.store_pyc(&key, slot, data, |c| c.misses += 1, interp)?;
+        self.stats.ingested.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether another process recorded `key` (compiled or failed) since
+    /// this mount last looked: one short session, only when the index
+    /// changed since this mount's last one.
+    fn recheck(&self, key: &CompileKey) -> bool {
+        let _one = lock(&self.recheck);
+        let now = index_mtime(&self.store.index_path());
+        if now.is_some() && now == *lock(&self.index_seen) {
+            return false;
+        }
+        let found = (|| -> pycstore_store::Result<bool> {
+            let index = self.store.index()?;
+            if let Some(entry) = index.entry(key, EntrySlot::Body)? {
+                self.bodies
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*key, entry);
+                return Ok(true);
+            }
+            if index.failure(key)?.is_some() {
+                self.failures
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(*key);
+                return Ok(true);
+            }
+            Ok(false)
+        })();
+        self.note_index_seen();
+        found.unwrap_or_else(|e| {
+            tracing::debug!("cannot re-check a miss in the index: {e}");
+            false
+        })
+    }
+
+    fn note_index_seen(&self) {
+        *lock(&self.index_seen) = index_mtime(&self.store.index_path());
+    }
+
+    /// Records what was compiled, used and counted since the last flush, in
+    /// one short index session.
+    pub fn flush(&self) {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let Pending {
+            mut writes,
+            used,
+            counters,
+            guards,
+        } = pending;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        for object in &used {
+            writes.used(object, now);
+        }
+        for (interp, c) in counters {
+            writes.count(&self.interps[interp].label, c);
+        }
+        if writes.is_empty() {
+            return;
+        }
+        let result = self
+            .store
+            .index()
+            .and_then(|mut index: Index| index.apply(writes));
+        if let Err(e) = result {
+            tracing::warn!("cannot record what the mount compiled in the index: {e}");
+        }
+        self.note_index_seen();
+        drop(guards);
+    }
+}
+
+fn index_mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}

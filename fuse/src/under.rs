@@ -1,0 +1,199 @@
+//! The tree beneath a view, reached through a directory descriptor opened
+//! before mounting: when the mount covers the prefix itself (`--over`), its
+//! path leads back into the mount, and only the descriptor still reaches the
+//! files underneath. Every operation is relative to it.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+
+/// A directory tree reached through a descriptor.
+pub(crate) struct Under {
+    base: OwnedFd,
+    root: PathBuf,
+}
+
+/// `stat` of a file of the tree, in the form the views need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Meta {
+    fn from_stat(st: &Stat) -> Meta {
+        let ns = |s: i64, n: u64| s * 1_000_000_000 + n as i64;
+        Meta {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime_ns: ns(st.st_atime, st.st_atime_nsec),
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
+    /// The file type bits.
+    pub fn file_type(&self) -> FileType {
+        FileType::from_raw_mode(self.mode)
+    }
+
+    /// Whether this is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.file_type() == FileType::Directory
+    }
+
+    /// Whether this is a regular file.
+    pub fn is_file(&self) -> bool {
+        self.file_type() == FileType::RegularFile
+    }
+
+    /// `st_mtime` in whole seconds (what timestamp pycs record).
+    pub fn mtime_secs(&self) -> i64 {
+        self.mtime_ns.div_euclid(1_000_000_000)
+    }
+}
+
+/// One entry of a directory listing.
+pub(crate) struct Listed {
+    pub name: OsString,
+    pub kind: FileType,
+}
+
+impl Under {
+    /// Opens `root` (following symlinks) as the base of a tree.
+    pub fn open(root: &Path) -> io::Result<Under> {
+        let base = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| with_path(e.into(), "open the directory", root))?;
+        Ok(Under {
+            base,
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The path of `rel` as it was before mounting (for messages and for
+    /// naming compiled files).
+    pub fn display_path(&self, rel: &Path) -> PathBuf {
+        if rel.as_os_str().is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
+    }
+
+    /// `lstat` of `rel` (a symlink is reported as itself).
+    pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
+        let st = rustix::fs::statat(&self.base, arg(rel), AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(Meta::from_stat(&st))
+    }
+
+    /// `stat` of `rel`, following a final symlink.
+    pub fn stat(&self, rel: &Path) -> io::Result<Meta> {
+        let st = rustix::fs::statat(&self.base, arg(rel), AtFlags::empty())?;
+        Ok(Meta::from_stat(&st))
+    }
+
+    /// Opens a regular file for reading; a final symlink is refused (the
+    /// kernel follows symlinks itself, through the view).
+    pub fn open_file(&self, rel: &Path) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.base,
+            arg(rel),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Reads a whole file, following a final symlink (a source file may be
+    /// one).
+    pub fn read(&self, rel: &Path) -> io::Result<(Meta, Vec<u8>)> {
+        let fd = rustix::fs::openat(
+            &self.base,
+            arg(rel),
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        )?;
+        let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
+        let mut bytes = Vec::with_capacity(meta.size as usize);
+        File::from(fd).read_to_end(&mut bytes)?;
+        Ok((meta, bytes))
+    }
+
+    /// The target of a symlink.
+    pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        Ok(rustix::fs::readlinkat(&self.base, arg(rel), Vec::new())?.into_bytes())
+    }
+
+    /// The entries of a directory, without `.` and `..`.
+    pub fn list(&self, rel: &Path) -> io::Result<Vec<Listed>> {
+        let fd = rustix::fs::openat(
+            &self.base,
+            arg(rel),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::new(fd)? {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let mut kind = entry.file_type();
+            if kind == FileType::Unknown {
+                let child = rel.join(OsStr::from_bytes(name));
+                kind = self
+                    .lstat(&child)
+                    .map(|m| m.file_type())
+                    .unwrap_or(FileType::Unknown);
+            }
+            out.push(Listed {
+                name: OsStr::from_bytes(name).to_os_string(),
+                kind,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The relative path as an argument of the `*at` calls: `.` for the base.
+fn arg(rel: &Path) -> &Path {
+    if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    }
+}
+
+fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {
+    io::Error::new(
+        err.kind(),
+        format!("failed to {action} `{}`: {err}", path.display()),
+    )
+}

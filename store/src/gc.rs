@@ -1,0 +1,593 @@
+//! `gc`: keep the store within a size or an age by evicting the least
+//! recently used objects, and remove what no run will ever read again.
+//!
+//! What goes, in this order:
+//!
+//! 1. always: old layout buckets (`objects-v0/`, `index-v0/`, …) and indexes
+//!    that `verify --repair` set aside (`index-v1.broken-*`); leftovers in
+//!    `tmp/`; orphaned objects, which no index entry names, so no `link`
+//!    can find them (a crash between writing an object and recording it
+//!    leaves one);
+//! 2. with `--older-than AGE`: objects last used longer ago than `AGE`;
+//! 3. with `--max-size SIZE`: least recently used first, until the objects
+//!    take at most `SIZE` of disk.
+//!
+//! Last use is the index's use time of the object (recorded by every `link`
+//! that places it), else the file's mtime. An object still hard linked into
+//! a prefix (link count > 1) frees nothing when the store lets go of it, so
+//! `--older-than` keeps it and `--max-size` evicts it only when evicting
+//! every other object was not enough. Evicting an object removes the index
+//! entries that name it (the next `link` of their sources compiles again)
+//! and its use time; the record of what was linked where stays, it
+//! describes the prefixes. Entries are removed before their objects, so a
+//! crash in between leaves orphans for the next `gc`, never an entry naming
+//! a missing object.
+//!
+//! `gc` holds the store lock exclusively: no other process may be about to
+//! link an object it deletes.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::index::{Entry, Family, Writes};
+use crate::layout::{INDEX_DIR, OBJECTS_DIR, TMP_DIR};
+use crate::link::Failure;
+use crate::objects::{with_path, ObjectId};
+use crate::{Result, Store};
+
+/// Files and directories of the store root that belong to the current
+/// layout; `gc` leaves them alone.
+pub const KNOWN_ROOT_ENTRIES: &[&str] = &[
+    "CACHEDIR.TAG",
+    crate::trust::SHARED_MARKER,
+    OBJECTS_DIR,
+    INDEX_DIR,
+    "index-v1.lock",
+    "lock",
+    TMP_DIR,
+];
+
+/// Leftovers in `tmp/` younger than this may belong to a process that is
+/// creating the store (it writes `CACHEDIR.TAG` before taking the lock).
+const TMP_GRACE: Duration = Duration::from_secs(60);
+
+/// What `gc` should evict.
+#[derive(Clone, Debug, Default)]
+pub struct GcOptions {
+    /// Evict until the objects take at most this many bytes of disk.
+    pub max_size: Option<u64>,
+    /// Evict objects last used longer ago than this.
+    pub older_than: Option<Duration>,
+    /// Report what would go; remove nothing.
+    pub dry_run: bool,
+}
+
+/// Counters of one `gc` run. Sizes on disk are `st_blocks` × 512; sizes of
+/// pycs are their lengths.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct GcStats {
+    /// Objects in the store before the run.
+    pub objects_before: u64,
+    /// Disk they took before the run.
+    pub bytes_before: u64,
+    /// Objects left in the store.
+    pub objects_after: u64,
+    /// Disk they take.
+    pub bytes_after: u64,
+    /// Objects evicted, for any reason.
+    pub evicted: u64,
+    /// Of these, orphans: objects no index entry named.
+    pub evicted_orphans: u64,
+    /// Of these, objects still linked into prefixes: they freed nothing.
+    pub evicted_linked: u64,
+    /// Size of the pycs evicted.
+    pub freed_logical: u64,
+    /// Disk freed by evicting them: the blocks of the ones no prefix links.
+    pub freed_physical: u64,
+    /// Index entries removed with their objects.
+    pub entries_removed: u64,
+    /// Old layout buckets and set-aside indexes removed.
+    pub old_layouts_removed: u64,
+    /// Disk freed by removing them.
+    pub old_layouts_bytes: u64,
+    /// Leftover temp files removed.
+    pub tmp_removed: u64,
+}
+
+/// The outcome of `gc`.
+#[derive(Debug, Serialize)]
+pub struct GcReport {
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: GcStats,
+    /// Whether this was a dry run (then the counters say what would go).
+    pub dry_run: bool,
+    /// The old layout buckets and set-aside indexes removed.
+    pub old_layouts: Vec<PathBuf>,
+    /// What could not be removed; the next `gc` tries again.
+    pub failures: Vec<Failure>,
+    /// Wall time in seconds.
+    pub elapsed_seconds: f64,
+}
+
+/// One object, as `gc` weighs it.
+struct Candidate {
+    id: ObjectId,
+    size: u64,
+    disk: u64,
+    linked: bool,
+    last_use: u64,
+    orphan: bool,
+}
+
+/// Runs `gc` on a store opened with [`LockMode::Exclusive`](crate::lock::LockMode).
+pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
+    let started = Instant::now();
+    let mut stats = GcStats::default();
+    let mut failures = Vec::new();
+
+    let old_layouts = old_layouts(store.root())?;
+    for path in &old_layouts {
+        stats.old_layouts_removed += 1;
+        stats.old_layouts_bytes += freed_by_tree(path);
+        if !options.dry_run {
+            if let Err(e) = remove_tree(path) {
+                failures.push(failure(path, e));
+            }
+        }
+    }
+    stats.tmp_removed = sweep_tmp(&store.root().join(TMP_DIR), options.dry_run, &mut failures);
+
+    // The objects: size, disk, links, mtime. Under the exclusive lock
+    // nothing appears or vanishes meanwhile.
+    let listing = store.objects.list()?;
+    let mut candidates: Vec<Candidate> = listing
+        .objects
+        .par_iter()
+        .filter_map(|id| {
+            let path = store.objects.path(id);
+            let meta = std::fs::symlink_metadata(&path).ok()?;
+            if !meta.is_file() {
+                // Not something `link` wrote: `verify` reports it.
+                return None;
+            }
+            Some(Candidate {
+                id: *id,
+                size: meta.len(),
+                disk: disk_usage(&meta),
+                linked: meta.nlink() > 1,
+                last_use: meta.mtime().max(0) as u64,
+                orphan: true,
+            })
+        })
+        .collect();
+    stats.objects_before = candidates.len() as u64;
+    stats.bytes_before = candidates.iter().map(|c| c.disk).sum();
+
+    // One index session: read which entries name each object and when each
+    // was last used, decide, and remove the entries of what goes.
+    let mut index = store.index()?;
+    let mut entries: HashMap<ObjectId, Vec<Vec<u8>>> = HashMap::new();
+    for (key, value) in index.scan(Family::Entries, b"")? {
+        if let Some(entry) = Entry::decode(&value) {
+            entries.entry(entry.object).or_default().push(key);
+        }
+    }
+    let used: HashMap<ObjectId, u64> = index
+        .scan(Family::Used, b"")?
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let id = ObjectId(key.as_slice().try_into().ok()?);
+            let when = u64::from_le_bytes(value.as_slice().try_into().ok()?);
+            Some((id, when))
+        })
+        .collect();
+    for c in &mut candidates {
+        c.orphan = !entries.contains_key(&c.id);
+        if let Some(&when) = used.get(&c.id) {
+            c.last_use = when;
+        }
+    }
+
+    let evict = choose(&candidates, options, now_seconds());
+
+    let mut writes = Writes::default();
+    for &i in &evict {
+        let c = &candidates[i];
+        for key in entries.get(&c.id).into_iter().flatten() {
+            writes.delete(Family::Entries, key);
+            stats.entries_removed += 1;
+        }
+        if used.contains_key(&c.id) {
+            writes.delete(Family::Used, &c.id.0);
+        }
+        stats.evicted += 1;
+        stats.evicted_orphans += c.orphan as u64;
+        stats.evicted_linked += c.linked as u64;
+        stats.freed_logical += c.size;
+        if !c.linked {
+            stats.freed_physical += c.disk;
+        }
+    }
+    if !options.dry_run {
+        index.apply(writes)?;
+    }
+    drop(index);
+
+    if !options.dry_run {
+        let removed: Vec<std::result::Result<(), Failure>> = evict
+            .par_iter()
+            .map(|&i| {
+                let path = store.objects.path(&candidates[i].id);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(failure(&path, with_path(e, "remove", &path))),
+                }
+            })
+            .collect();
+        failures.extend(removed.into_iter().filter_map(|r| r.err()));
+    }
+
+    stats.objects_after = stats.objects_before - stats.evicted;
+    stats.bytes_after = stats.bytes_before - evict.iter().map(|&i| candidates[i].disk).sum::<u64>();
+    Ok(GcReport {
+        stats,
+        dry_run: options.dry_run,
+        old_layouts,
+        failures,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The indices of the candidates to evict, in eviction order: orphans, then
+/// unlinked objects unused since before `--older-than`, then by size: least
+/// recently used first, objects linked into prefixes last.
+fn choose(candidates: &[Candidate], options: &GcOptions, now: u64) -> Vec<usize> {
+    let mut chosen = vec![false; candidates.len()];
+    let mut order = Vec::new();
+    let mut by_age: Vec<usize> = (0..candidates.len()).collect();
+    by_age.sort_by_key(|&i| {
+        let c = &candidates[i];
+        (c.linked, c.last_use, c.id.0)
+    });
+    for &i in &by_age {
+        if candidates[i].orphan {
+            chosen[i] = true;
+            order.push(i);
+        }
+    }
+    if let Some(age) = options.older_than {
+        let cutoff = now.saturating_sub(age.as_secs());
+        for &i in &by_age {
+            let c = &candidates[i];
+            if !chosen[i] && !c.linked && c.last_use < cutoff {
+                chosen[i] = true;
+                order.push(i);
+            }
+        }
+    }
+    if let Some(max) = options.max_size {
+        let mut total: u64 = (0..candidates.len())
+            .filter(|&i| !chosen[i])
+            .map(|i| candidates[i].disk)
+            .sum();
+        for &i in &by_age {
+            if total <= max {
+                break;
+            }
+            if !chosen[i] {
+                chosen[i] = true;
+                order.push(i);
+                total -= candidates[i].disk;
+            }
+        }
+    }
+    order
+}
+
+/// Entries of the store root left by other layout versions: `objects-vN`
+/// and `index-vN` (with its `.lock`) other than the current ones, and
+/// indexes `verify --repair` moved aside. Anything else unknown is left
+/// alone: it is not pycstore's.
+fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let entries = fs_err::read_dir(root)?;
+    for entry in entries {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if KNOWN_ROOT_ENTRIES.contains(&name.as_str()) {
+            continue;
+        }
+        let versioned = |bucket: &str| {
+            name.strip_prefix(bucket)
+                .map(|rest| rest.strip_suffix(".lock").unwrap_or(rest))
+                .is_some_and(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
+        };
+        let set_aside = name.starts_with(&format!("{INDEX_DIR}.broken-"));
+        if versioned("objects-v") || versioned("index-v") || set_aside {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes temp files no process is writing: under the exclusive lock, all
+/// but the youngest (see [`TMP_GRACE`]). Returns how many went.
+fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<Failure>) -> u64 {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return 0;
+    };
+    let cutoff = SystemTime::now() - TMP_GRACE;
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < cutoff);
+        if !old {
+            continue;
+        }
+        removed += 1;
+        if !dry_run {
+            if let Err(e) = remove_tree(&entry.path()) {
+                failures.push(failure(&entry.path(), e));
+            }
+        }
+    }
+    removed
+}
+
+/// Removes a file or a directory tree; directories made read-only (old
+/// object shards may be) are made writable first.
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| with_path(e, "stat", path))?;
+    if !meta.is_dir() {
+        return std::fs::remove_file(path).map_err(|e| with_path(e, "remove", path));
+    }
+    if std::fs::remove_dir_all(path).is_ok() {
+        return Ok(());
+    }
+    for entry in walkdir::WalkDir::new(path).into_iter().flatten() {
+        if entry.file_type().is_dir() {
+            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o700));
+        }
+    }
+    std::fs::remove_dir_all(path).map_err(|e| with_path(e, "remove", path))
+}
+
+/// Disk a tree frees when removed: the blocks of its files that have no
+/// other link.
+fn freed_by_tree(path: &Path) -> u64 {
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_dir() || m.nlink() == 1)
+        .map(|m| disk_usage(&m))
+        .sum()
+}
+
+fn disk_usage(meta: &std::fs::Metadata) -> u64 {
+    meta.blocks() * 512
+}
+
+fn failure(path: &Path, err: std::io::Error) -> Failure {
+    Failure {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    }
+}
+
+fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Parses a size: a number with an optional unit, `B`, `K`/`KB`, `M`/`MB`,
+/// `G`/`GB`, `T`/`TB` (powers of 1000) or `KiB`, `MiB`, `GiB`, `TiB`
+/// (powers of 1024), in any case: `500M`, `2G`, `1.5GiB`, `1000000`.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || {
+        format!("`{text}` is not a size: give a number of bytes with an optional unit (500M, 2G, 1.5GiB)")
+    };
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let multiplier: f64 = match unit.as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    Ok((number * multiplier).round() as u64)
+}
+
+/// Parses an age: a number and a unit, `s`, `m`, `h`, `d` or `w`
+/// (`30d`, `12h`, `90m`, `45s`, `1.5d`). A bare number is refused: it is
+/// too easy to mean days and say seconds.
+pub fn parse_age(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("`{text}` is not an age: give a number and a unit (30d, 12h, 90m, 45s)");
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let seconds: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        "d" | "day" | "days" => 86_400.0,
+        "w" | "week" | "weeks" => 7.0 * 86_400.0,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs_f64(number * seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::EntrySlot;
+    use crate::key::CompileKey;
+    use crate::pyc::Flavor;
+
+    #[test]
+    fn sizes_and_ages_parse() {
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("2gb"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(1_610_612_736));
+        assert_eq!(parse_size("64 KiB"), Ok(65_536));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(90 * 60)));
+        assert_eq!(parse_age("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert!(parse_age("30").unwrap_err().contains("30d"));
+        assert!(parse_age("3y").is_err());
+    }
+
+    fn candidate(n: u8, last_use: u64, linked: bool, orphan: bool) -> Candidate {
+        Candidate {
+            id: ObjectId([n; 32]),
+            size: 1000,
+            disk: 4096,
+            linked,
+            last_use,
+            orphan,
+        }
+    }
+
+    #[test]
+    fn orphans_first_then_least_recently_used_then_linked() {
+        let c = [
+            candidate(0, 100, true, false),  // oldest, but linked
+            candidate(1, 300, false, false), // newest unlinked
+            candidate(2, 200, false, false), // oldest unlinked
+            candidate(3, 900, false, true),  // orphan
+            candidate(4, 250, true, false),  // linked, newer
+        ];
+        let now = 1000;
+        // No limit: orphans only.
+        assert_eq!(choose(&c, &GcOptions::default(), now), [3]);
+        // Room for three: the orphan and the least recently used unlinked one.
+        let fit = |objects: u64| GcOptions {
+            max_size: Some(objects * 4096),
+            ..GcOptions::default()
+        };
+        assert_eq!(choose(&c, &fit(3), now), [3, 2]);
+        // Room for one: every unlinked object, then the older linked one.
+        assert_eq!(choose(&c, &fit(1), now), [3, 2, 1, 0]);
+        assert_eq!(choose(&c, &fit(0), now), [3, 2, 1, 0, 4]);
+        // By age: linked objects are kept, however old.
+        let old = GcOptions {
+            older_than: Some(Duration::from_secs(750)),
+            ..GcOptions::default()
+        };
+        assert_eq!(choose(&c, &old, now), [3, 2]);
+    }
+
+    #[test]
+    fn evicts_entries_with_their_objects_and_old_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::open_with(&root, crate::lock::LockMode::Exclusive).unwrap();
+        let mut writes = Writes::default();
+        let mut ids = Vec::new();
+        for n in 0..4u8 {
+            let bytes = vec![n; 100];
+            let id = store.objects.put(&bytes).unwrap();
+            let entry = Entry {
+                object: id,
+                size: 100,
+                header: [n; 16],
+            };
+            let key = CompileKey([n; 32]);
+            writes.entry(&key, EntrySlot::Hashed(Flavor::CheckedHash), &entry);
+            writes.entry(&key, EntrySlot::Body, &entry);
+            // Object 0 has no use time: its mtime (now) makes it the newest.
+            if n > 0 {
+                writes.used(&id, 1000 + n as u64);
+            }
+            ids.push(id);
+        }
+        store.index().unwrap().apply(writes).unwrap();
+        let orphan = store.objects.put(b"no entry names me").unwrap();
+        std::fs::create_dir_all(root.join("objects-v0/ab")).unwrap();
+        std::fs::write(root.join("objects-v0/ab/cd"), "old").unwrap();
+        std::fs::create_dir(root.join("index-v0")).unwrap();
+        std::fs::write(root.join("notes"), "not pycstore's").unwrap();
+
+        let disk: u64 = ids
+            .iter()
+            .map(|id| disk_usage(&std::fs::metadata(store.objects.path(id)).unwrap()))
+            .sum();
+        let options = GcOptions {
+            max_size: Some(disk - 1),
+            ..GcOptions::default()
+        };
+        let dry = gc(
+            &store,
+            &GcOptions {
+                dry_run: true,
+                ..options.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!((dry.stats.evicted, dry.stats.old_layouts_removed), (2, 2));
+        assert!(store.objects.path(&orphan).exists());
+        assert!(root.join("objects-v0").exists());
+
+        let report = gc(&store, &options).unwrap();
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        let s = &report.stats;
+        assert_eq!((s.objects_before, s.evicted, s.evicted_orphans), (5, 2, 1));
+        assert_eq!((s.entries_removed, s.freed_logical), (2, 100 + 17));
+        assert_eq!(s.objects_after, 3);
+        assert!(!store.objects.path(&orphan).exists());
+        assert!(!store.objects.path(&ids[1]).exists(), "least recently used");
+        for id in [ids[0], ids[2], ids[3]] {
+            assert!(store.objects.path(&id).exists());
+        }
+        let index = store.index().unwrap();
+        let key = CompileKey([1; 32]);
+        assert_eq!(index.entry(&key, EntrySlot::Body).unwrap(), None);
+        assert_eq!(index.get(Family::Used, &ids[1].0).unwrap(), None);
+        assert!(index
+            .entry(&CompileKey([2; 32]), EntrySlot::Body)
+            .unwrap()
+            .is_some());
+        drop(index);
+        assert_eq!(
+            report.old_layouts,
+            [root.join("index-v0"), root.join("objects-v0")]
+        );
+        assert!(!root.join("objects-v0").exists() && !root.join("index-v0").exists());
+        assert!(root.join("notes").exists());
+    }
+}

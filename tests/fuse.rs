@@ -1,0 +1,585 @@
+//! `pycstore mount`: read-only prefixes import everything from pycs served
+//! through FUSE (the overlay view and the pycache-prefix view), stay byte
+//! for byte unchanged, and keep being served while `link` and `gc` use the
+//! same store; `pycstore unmount` and SIGTERM end the server, and a dead
+//! server makes the mount point fail instead of hang.
+//!
+//! These tests need /dev/fuse, `fusermount3` and root (for read-only bind
+//! mounts); without them they say "skipped", unless
+//! PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where they fail.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// Modules of pip that pull in a few hundred files, vendored packages included.
+const PIP_IMPORTS: &str = "import pip._internal.cli.main, pip._internal.commands.install, \
+    pip._vendor.packaging.version, pip._vendor.rich.console, pip._vendor.requests";
+
+/// Whether FUSE mounts can be tested here; says "skipped" when not.
+fn fuse_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fusermount = Command::new("fusermount3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && fusermount && Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
+        "FUSE tests need root, /dev/fuse and fusermount3 (apt-get install fuse3), and \
+         PYCSTORE_TEST_REQUIRE_FS is set"
+    );
+    eprintln!("SKIPPED: FUSE tests need root, /dev/fuse and fusermount3 (apt-get install fuse3)");
+    false
+}
+
+/// Whether /proc/self/mountinfo lists a pycstore mount at `path`.
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_str().unwrap();
+    info.lines().any(|line| {
+        let (left, right) = line.split_once(" - ").unwrap_or(("", ""));
+        left.split(' ').nth(4) == Some(want) && right.contains(" pycstore ")
+    })
+}
+
+/// A running `pycstore mount`, unmounted (and its server waited for) on drop.
+struct Mounted {
+    child: Option<Child>,
+    mountpoint: PathBuf,
+    store: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Mounted {
+    /// Starts `pycstore mount ARGS` in the background and waits until the
+    /// mount is up.
+    fn start(t: &TestDir, store: &Path, mountpoint: &Path, args: &[&OsStr]) -> Mounted {
+        static MOUNTS: AtomicUsize = AtomicUsize::new(0);
+        let stderr = t.join(format!(
+            "mount-{}.stderr",
+            MOUNTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let child = pycstore(store)
+            .arg("mount")
+            .args(args)
+            .env_remove("PYTHONPYCACHEPREFIX")
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start pycstore mount");
+        let mut m = Mounted {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            store: store.to_path_buf(),
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_mounted(mountpoint) {
+            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("pycstore mount exited with {status}:\n{}", m.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no mount after 60s:\n{}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for the server to exit by itself; returns its stderr.
+    fn wait(&mut self, within: Duration) -> String {
+        let mut child = self.child.take().expect("server still running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = self.log();
+                assert!(status.success(), "the server exited with {status}:\n{log}");
+                return log;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not exit within {within:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `pycstore unmount`, then the server's final report.
+    fn unmount(&mut self) -> String {
+        run_ok(pycstore(&self.store).arg("unmount").arg(&self.mountpoint));
+        assert!(!is_mounted(&self.mountpoint));
+        self.wait(Duration::from_secs(30))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = pycstore(&self.store)
+                .args(["unmount", "--lazy"])
+                .arg(&self.mountpoint)
+                .output();
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A directory made read-only by a read-only bind mount over itself,
+/// released on drop.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn new(dir: &Path) -> ReadOnly {
+        run_ok(Command::new("mount").arg("--bind").arg(dir).arg(dir));
+        let guard = ReadOnly(dir.to_path_buf());
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "remount,ro,bind"])
+                .arg(dir),
+        );
+        assert!(
+            std::fs::write(dir.join("probe"), "x").is_err(),
+            "`{}` is still writable",
+            dir.display()
+        );
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// blake3 of a tree: every path, type, mode, size, symlink target and file
+/// content, in order.
+fn tree_hash(root: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let entry = entry.unwrap();
+        let meta = entry.path().symlink_metadata().unwrap();
+        h.update(entry.path().as_os_str().as_encoded_bytes());
+        h.update(&meta.mode().to_le_bytes());
+        h.update(&meta.mtime().to_le_bytes());
+        if meta.file_type().is_symlink() {
+            h.update(
+                std::fs::read_link(entry.path())
+                    .unwrap()
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
+        } else if meta.is_file() {
+            h.update(&std::fs::read(entry.path()).unwrap());
+        } else {
+            assert!(!meta.file_type().is_fifo());
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn venv_python(venv: &Path) -> PathBuf {
+    venv.join("bin").join("python")
+}
+
+/// The number in the server's final report before `what`.
+fn reported(log: &str, what: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("unmounted"))
+        .unwrap_or_else(|| panic!("no final report:\n{log}"));
+    let before = line
+        .split(what)
+        .next()
+        .unwrap_or_else(|| panic!("no `{what}` in {line}"));
+    before
+        .split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count before `{what}` in {line}"))
+}
+
+/// Asserts that modules under `root` were imported from pycs under the
+/// pycache prefix (`PREFIX/ROOT`), none compiled from source.
+fn assert_served_by_prefix(log: &ImportLog, prefix: &Path, root: &Path, at_least: usize) {
+    assert_nothing_compiled(log, root, 0);
+    let mirrored = prefix.join(root.strip_prefix("/").unwrap());
+    assert_nothing_compiled(log, &mirrored, at_least);
+}
+
+/// A venv made read-only, mounted over itself: pip imports with nothing
+/// compiled from source, twice; unmounting leaves the venv as it was.
+fn overlay_over_read_only_venv(version: &str) {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let venv = t.join("venv");
+    make_venv(&python(version), &venv);
+    let before = tree_hash(&venv);
+    let ro = ReadOnly::new(&venv);
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &venv,
+        &[OsStr::new("--over"), venv.as_os_str()],
+    );
+
+    let log = python_v(&venv_python(&venv), &["-c", PIP_IMPORTS], &[]);
+    assert_nothing_compiled(&log, &venv, 100);
+    let pycs = pycs_under(&venv);
+    assert!(pycs.len() > 100, "the overlay lists no pycs: {pycs:?}");
+    let log = python_v(&venv_python(&venv), &["-c", PIP_IMPORTS], &[]);
+    assert_nothing_compiled(&log, &venv, 100);
+
+    let report = m.unmount();
+    assert!(
+        reported(&report, "compiled on first access") > 100,
+        "{report}"
+    );
+    drop(ro);
+    assert!(pycs_under(&venv).is_empty());
+    assert_eq!(tree_hash(&venv), before, "the prefix changed");
+}
+
+#[test]
+fn overlay_cpython_3_11() {
+    overlay_over_read_only_venv("3.11");
+}
+
+#[test]
+fn overlay_cpython_3_13() {
+    overlay_over_read_only_venv("3.13");
+}
+
+#[test]
+fn overlay_pypy_3_9() {
+    overlay_over_read_only_venv("pypy3.9");
+}
+
+/// Each invalidation mode gives pycs whose header is right for the live
+/// source, and a source that does not compile simply has no pyc.
+#[test]
+fn overlay_flavors_and_bad_sources() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = t.join("app");
+    t.write("app/pkg/__init__.py", "from . import mod\n");
+    t.write("app/pkg/mod.py", "VALUE = 42\n");
+    t.write("app/pkg/broken.py", "def (:\n");
+    let py = python("3.11");
+    for (mode, flags) in [
+        ("checked-hash", 3u32),
+        ("unchecked-hash", 1),
+        ("timestamp", 0),
+    ] {
+        let mnt = t.join(format!("mnt-{mode}"));
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mounted::start(
+            &t,
+            &t.store(),
+            &mnt,
+            &[
+                OsStr::new("--source"),
+                src.as_os_str(),
+                mnt.as_os_str(),
+                OsStr::new("--python"),
+                py.as_os_str(),
+                OsStr::new("--invalidation-mode"),
+                OsStr::new(mode),
+            ],
+        );
+        let pyc = mnt.join("pkg/__pycache__/mod.cpython-311.pyc");
+        let meta = std::fs::metadata(&pyc).unwrap();
+        let mut bytes = Vec::new();
+        File::open(&pyc).unwrap().read_to_end(&mut bytes).unwrap();
+        assert_eq!(
+            bytes.len() as u64,
+            meta.len(),
+            "size at lookup != bytes read"
+        );
+        assert_eq!(
+            u32::from_le_bytes(bytes[4..8].try_into().unwrap()),
+            flags,
+            "{mode}"
+        );
+        if mode == "timestamp" {
+            let source = std::fs::metadata(src.join("pkg/mod.py")).unwrap();
+            assert_eq!(
+                u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+                source.mtime() as u32
+            );
+            assert_eq!(
+                u32::from_le_bytes(bytes[12..16].try_into().unwrap()),
+                source.len() as u32
+            );
+        }
+        assert!(!mnt.join("pkg/__pycache__/broken.cpython-311.pyc").exists());
+        let code = format!(
+            "import sys; sys.path.insert(0, {:?}); import pkg",
+            mnt.to_str().unwrap()
+        );
+        let log = python_v(&py, &["-c", &code], &[]);
+        assert_nothing_compiled(&log, &mnt, 2);
+        m.unmount();
+    }
+}
+
+/// PYTHONPYCACHEPREFIX pointed at the view: a read-only venv and the
+/// stdlib import with nothing compiled from source; with --no-compile,
+/// Python compiles once, what it writes is checked and stored, and the
+/// second run compiles nothing.
+#[test]
+fn pycache_prefix_view() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let venv = t.join("venv");
+    make_venv(&py, &venv);
+    let before = tree_hash(&venv);
+    let ro = ReadOnly::new(&venv);
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let code = format!("{PIP_IMPORTS}, json, email.parser, http.client");
+    let env = [("PYTHONPYCACHEPREFIX", prefix.as_os_str())];
+    let stdlib = py.parent().unwrap().parent().unwrap().join("lib");
+
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    for _ in 0..2 {
+        let log = python_v(&venv_python(&venv), &["-c", &code], &env);
+        assert_served_by_prefix(&log, &prefix, &venv, 100);
+        assert_served_by_prefix(&log, &prefix, &stdlib, 20);
+    }
+    m.unmount();
+
+    let store = t.join("store-ingest");
+    let mut m = Mounted::start(
+        &t,
+        &store,
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--no-compile"),
+        ],
+    );
+    let first = python_v(&venv_python(&venv), &["-c", &code], &env);
+    assert_output!(
+        first.output,
+        first.output.status.success(),
+        "first run failed"
+    );
+    let from_source = first
+        .from_source
+        .iter()
+        .filter(|p| p.starts_with(venv.to_str().unwrap()))
+        .count();
+    assert!(
+        from_source > 100,
+        "expected Python to compile: {from_source}"
+    );
+    let second = python_v(&venv_python(&venv), &["-c", &code], &env);
+    assert_served_by_prefix(&second, &prefix, &venv, 100);
+    let report = m.unmount();
+    assert!(
+        reported(&report, "written by Python stored") as usize >= from_source,
+        "{report}"
+    );
+    assert_eq!(reported(&report, "compiled on first access"), 0, "{report}");
+
+    // What was stored serves a compiling mount with nothing to compile.
+    let mut m = Mounted::start(
+        &t,
+        &store,
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    let log = python_v(&venv_python(&venv), &["-c", &code], &env);
+    assert_served_by_prefix(&log, &prefix, &venv, 100);
+    let report = m.unmount();
+    assert_eq!(reported(&report, "compiled on first access"), 0, "{report}");
+
+    drop(ro);
+    assert_eq!(tree_hash(&venv), before, "the prefix changed");
+}
+
+/// Several processes importing at once from a cold store all succeed with
+/// whole pycs; the mount keeps serving while `link` and `gc --max-size 0`
+/// run on the same store, and compiles again what gc removed.
+#[test]
+fn concurrent_readers_link_and_gc() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let venv = t.join("venv");
+    make_venv(&py, &venv);
+    let other = t.join("other");
+    make_venv(&py, &other);
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[OsStr::new("--source"), venv.as_os_str(), mnt.as_os_str()],
+    );
+    let import = |n: usize| -> Vec<ImportLog> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|_| s.spawn(|| python_v(&venv_python(&mnt), &["-c", PIP_IMPORTS], &[])))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let logs = import(4);
+    for log in &logs {
+        assert_nothing_compiled(log, &mnt, 100);
+    }
+    let modules = logs[0]
+        .from_pyc
+        .iter()
+        .filter(|p| p.starts_with(mnt.to_str().unwrap()))
+        .count() as u64;
+
+    // Served pycs have the size their lookup said, read whole by anyone.
+    for pyc in pycs_under(&mnt).iter().take(50) {
+        let path = mnt.join(pyc);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(std::fs::read(&path).unwrap().len() as u64, len, "{pyc:?}");
+    }
+
+    // link and gc on the same store while processes import.
+    std::thread::scope(|s| {
+        let link = s.spawn(|| run_ok(t.pycstore().args(["link", "-q"]).arg(&other)));
+        let readers = s.spawn(|| import(2));
+        link.join().unwrap();
+        for log in readers.join().unwrap() {
+            assert_nothing_compiled(&log, &mnt, 100);
+        }
+    });
+    let gc = run_ok(t.pycstore().args(["gc", "--max-size", "0", "--json"]));
+    let gc: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
+    assert!(gc["evicted"].as_u64().unwrap() > 100, "{gc}");
+    // Past the kernel's cache of pyc entries, lookups find the objects gone
+    // and compile them again.
+    std::thread::sleep(Duration::from_secs(2));
+    for log in import(2) {
+        assert_nothing_compiled(&log, &mnt, 100);
+    }
+    let report = m.unmount();
+    let compiled = reported(&report, "compiled on first access");
+    assert!(
+        compiled >= modules + modules / 2,
+        "expected the evicted pycs compiled again ({modules} modules): {report}"
+    );
+}
+
+/// --daemon returns once the mount is up; SIGTERM unmounts; a killed server
+/// leaves a mount point that fails at once, and `pycstore unmount` clears it.
+#[test]
+fn daemon_sigterm_and_dead_server() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    t.write("app/mod.py", "VALUE = 1\n");
+    let src = t.join("app");
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let py = python("3.11");
+    let args = |cmd: &mut Command| {
+        cmd.arg("mount")
+            .arg("--daemon")
+            .arg("--source")
+            .arg(&src)
+            .arg(&mnt)
+            .arg("--python")
+            .arg(&py)
+            .stderr(Stdio::null());
+    };
+
+    let mut cmd = t.pycstore();
+    args(&mut cmd);
+    let out = run_ok(&mut cmd);
+    assert!(
+        is_mounted(&mnt),
+        "--daemon returned before the mount was up"
+    );
+    assert!(mnt.join("__pycache__/mod.cpython-311.pyc").is_file());
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while is_mounted(&mnt) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "SIGTERM did not end the server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut cmd = t.pycstore();
+    args(&mut cmd);
+    let out = run_ok(&mut cmd);
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = std::fs::read_dir(&mnt).map(|_| ()).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    run_ok(t.pycstore().arg("unmount").arg(&mnt));
+    assert!(!is_mounted(&mnt));
+    let out = run(t.pycstore().arg("unmount").arg(&mnt));
+    assert_output!(
+        out,
+        !out.status.success(),
+        "unmounting a non-mount must fail"
+    );
+}

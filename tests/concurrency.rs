@@ -78,7 +78,7 @@ print(n)
 }
 
 #[test]
-fn eight_links_on_one_store_all_succeed() {
+fn eight_links_a_gc_and_a_verify_on_one_store_all_succeed() {
     let t = TestDir::new();
     let prefixes = venvs(&t, 7);
     for round in 0..2 {
@@ -100,6 +100,11 @@ fn eight_links_on_one_store_all_succeed() {
             })
             .collect();
         children.push(("stats".into(), spawn(t.pycstore().arg("stats"))));
+        children.push((
+            "gc".into(),
+            spawn(t.pycstore().args(["gc", "--max-size", "4M"])),
+        ));
+        children.push(("verify".into(), spawn(t.pycstore().arg("verify"))));
         children.push((
             "status".into(),
             spawn(t.pycstore().arg("status").arg(&prefixes[1])),

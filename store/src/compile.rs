@@ -149,8 +149,13 @@ impl Worker {
             self.stdin.flush()
         })();
         if let Err(e) = sent {
+            // It died before taking the whole request (EPIPE), or cannot be
+            // talked to: either way it is done for.
+            tracing::debug!("writing to the compile worker failed: {e}");
+            let _ = self.child.kill();
+            let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
             return Outcome::WorkerFailed(format!(
-                "the compile worker stopped reading: {e}{}",
+                "the compile worker died ({status}) while compiling this file{}",
                 self.stderr_suffix()
             ));
         }

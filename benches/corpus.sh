@@ -128,6 +128,9 @@ hyperfine_to link-warm --prepare "rm -rf $(q "$linked") && cp -a $(q "$corpus") 
   -n "pycstore link, warm store" "$link $(q "$linked")"
 hyperfine_to link-again --warmup 1 \
   -n "pycstore link, already linked" "$link $(q "$linked")"
+hyperfine_to inspect --warmup 1 \
+  -n "pycstore stats" "$(q "$pycstore") --store $(q "$store") stats" \
+  -n "pycstore status" "$(q "$pycstore") --store $(q "$store") status $(q "$linked")"
 
 say "disk"
 second=$work/link-second
@@ -135,12 +138,22 @@ fresh_copy "$second"
 before=$(kib "$store" "$linked" "$second")
 "$pycstore" --store "$store" link -q "$second"
 second_kib=$(($(kib "$store" "$linked" "$second") - before))
+# What those new blocks are: __pycache__ directories (their own blocks), pyc
+# files that are not links to the store (none with hardlinks), the index.
+sum_k() { awk '{s += $1} END {print s + 0}'; }
+second_dirs_kib=$(find "$second" -name __pycache__ -type d -printf '%k\n' | sum_k)
+second_dirs=$(find "$second" -name __pycache__ -type d | wc -l)
+second_unshared_kib=$(find "$second" -name '*.pyc' -links 1 -printf '%k\n' | sum_k)
+second_pyc_kib=$(find "$second" -name '*.pyc' -printf '%k\n' | sum_k)
 store_kib=$(kib "$store")
 compileall_kib=$(($(kib "$compiled") - $(kib "$corpus")))
 
 say "import workload"
 none=$work/no-pycs
 fresh_copy "$none"
+unchecked=$work/unchecked
+fresh_copy "$unchecked"
+"$pycstore" --store "$store" link -q --invalidation-mode unchecked-hash "$unchecked"
 import() { echo "PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg $(q "$1/bin/python") -W ignore $(q "$workload")"; }
 # Modules of the prefix that one run of the workload compiled from source
 # (python -v: "# code object from PATH.py", unquoted, when no pyc was used).
@@ -151,6 +164,7 @@ from_source() {
 hyperfine_to import --warmup 1 \
   -n "compileall's pycs" "$(import "$compiled")" \
   -n "pycstore's pycs" "$(import "$linked")" \
+  -n "pycstore's pycs, unchecked-hash" "$(import "$unchecked")" \
   -n "no pycs" "$(import "$none")"
 
 say "pycstore export and import"
@@ -202,6 +216,10 @@ report=$results/corpus-$date.md
   store_kib="$store_kib" \
   compileall_kib="$compileall_kib" \
   second_kib="$second_kib" \
+  second_dirs_kib="$second_dirs_kib" \
+  second_dirs="$second_dirs" \
+  second_unshared_kib="$second_unshared_kib" \
+  second_pyc_kib="$second_pyc_kib" \
   exported="$exported" \
   after_import="$after_import" \
   <<'PY' | tee "$report" >&3
@@ -257,6 +275,8 @@ print(f"""# pycstore on the reference corpus, {info['date']}
 | `pycstore link`, empty store | {cell("pycstore link, empty store")} | {info['pycs_cold']} |
 | `pycstore link`, warm store, fresh copy | {cell("pycstore link, warm store")} | {info['pycs_linked']} |
 | `pycstore link`, already linked | {cell("pycstore link, already linked")} | {info['pycs_linked']} |
+| `pycstore stats` | {cell("pycstore stats")} | |
+| `pycstore status`, linked corpus | {cell("pycstore status")} | |
 
 uv installs into a venv without pip, so it writes fewer pycs than the others.
 
@@ -297,7 +317,8 @@ from the store, {after_import['compiled']} compiled.
 | ratio | |
 |---|---|
 | no pycs / pycstore's | {ratio(mean("no pycs"), mean("pycstore's pycs"))} |
-| pycstore's / compileall's | {ratio(mean("pycstore's pycs"), mean("compileall's pycs"))} |
+| pycstore's / compileall's | {ratio(mean("pycstore's pycs"), mean("compileall's pycs"))} ({100 * (mean("pycstore's pycs") / mean("compileall's pycs") - 1):+.1f}%) |
+| pycstore's unchecked-hash / compileall's | {ratio(mean("pycstore's pycs, unchecked-hash"), mean("compileall's pycs"))} ({100 * (mean("pycstore's pycs, unchecked-hash") / mean("compileall's pycs") - 1):+.1f}%) |
 
 ## Disk (du, hard links counted once)
 
@@ -306,6 +327,8 @@ from the store, {after_import['compiled']} compiled.
 | store (objects and index) | {mib(info['store_kib'])} |
 | compileall's pycs, in every prefix | {mib(info['compileall_kib'])} |
 | a second linked prefix adds | {mib(info['second_kib'])} |
+| … of which its {info['second_dirs']} `__pycache__` directories | {mib(info['second_dirs_kib'])} |
+| … of which pyc files not shared with the store | {mib(info['second_unshared_kib'])} of {mib(info['second_pyc_kib'])} of pycs ({100 * int(info['second_unshared_kib']) / max(1, int(info['second_pyc_kib'])):.2f}%) |
 
 du does not see blocks that reflinked files share: where pycstore reflinks (XFS,
 btrfs), the prefix numbers overstate what is really new.""")

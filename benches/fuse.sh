@@ -177,7 +177,7 @@ cold = mean("overlay, empty store")
 print(f"""# The import workload through `pycstore mount`, {info['date']}
 
 - Linux {info['kernel']}, {info['cpu']}, {info['nproc']} CPUs; scratch on {info['fs']}
-- corpus: {info['py_files']} .py files, CPython {info['python']}; import-workload.py imports 370 modules
+- corpus: {info['py_files']} .py files, CPython {info['python']}; import-workload.py imports 370 packages, {info['from_source_ro']} modules in all
 - {info['pycstore']} ({info['commit']}); hyperfine runs per measurement: {info['runs']}
 
 | | mean ± σ (s) | min (s) |
@@ -194,7 +194,7 @@ print(f"""# The import workload through `pycstore mount`, {info['date']}
 | first access / warm overlay | {cold / overlay:.2f}x | |
 
 - modules of the prefix compiled from source by one run: {info['from_source_ro']} on the
-  read-only prefix, {info['from_source_overlay']} through the overlay;
+  read-only prefix, {info['from_source_overlay']} through the overlay (warm store);
 - first access: the mount compiled {info['compiled']} pycs into the empty store, costing
   {cold - overlay:.3f} s over a warm run ({(cold - overlay) / max(int(info['compiled']) if info['compiled'].isdigit() else 1, 1) * 1000:.1f} ms per pyc),
   against {ro - overlay:.3f} s that every run pays without pycs.""")

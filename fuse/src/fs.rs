@@ -41,11 +41,14 @@ use fuser::{
 use crate::pycs::{Found, Pycs, Served, Source, SourceState};
 use crate::under::{Meta, Under};
 
-/// How long the kernel may cache what a file or directory of the tree is.
-const TREE_TTL: Duration = Duration::from_secs(5);
+/// How long the kernel may cache what a file or directory of the tree is,
+/// or that a name is not there (the tree is meant to be read-only).
+const TREE_TTL: Duration = Duration::from_secs(30);
 /// How long the kernel may cache a served pyc's entry and attributes: a
-/// changed source shows a new pyc within this time.
-const PYC_TTL: Duration = Duration::from_secs(1);
+/// changed source shows a new pyc within this time (until then Python finds
+/// the old pyc stale by its header and compiles in memory, unless it is an
+/// unchecked-hash pyc), and an object `gc` removed is let go.
+const PYC_TTL: Duration = Duration::from_secs(5);
 /// The largest pyc Python may write into the pycache-prefix view.
 const MAX_WRITTEN: usize = 256 << 20;
 const PYCACHE: &str = "__pycache__";
@@ -172,17 +175,53 @@ impl Nodes {
     }
 }
 
+/// A directory listing: node (or listing) number, type and name.
+type Listing = Vec<(u64, FileType, OsString)>;
+
 enum Handle {
     Shared(Arc<std::fs::File>),
     Pyc(Arc<PycNode>),
-    Dir(Arc<Vec<(u64, FileType, OsString)>>),
+    Dir(Arc<Listing>),
     Written(Arc<Mutex<Written>>),
 }
 
-/// What a lookup found: an answer, or a miss to compile first.
+/// What a lookup found: an answer, a name that is not there (which the
+/// kernel may remember for a while), or a miss to compile first.
 enum Resolved {
     Entry(Duration, FileAttr),
+    Absent(Duration),
     Compile(CompileJob),
+}
+
+/// The attributes of a negative entry: node 0 tells the kernel the name does
+/// not exist, and to remember that for the entry's time to live.
+fn negative() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// A lookup of a name of the (read-only) tree that is not there.
+fn tree_lookup<T>(result: std::io::Result<T>) -> Result<Option<T>, Errno> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Errno::from(e)),
+    }
 }
 
 struct CompileJob {
@@ -440,7 +479,9 @@ impl Inner {
                     return self.entry(Key::Path(rel.clone()), || Node::Real(rel));
                 }
                 let rel = dir.join(name);
-                self.under.lstat(&rel)?;
+                if tree_lookup(self.under.lstat(&rel))?.is_none() {
+                    return Ok(Resolved::Absent(TREE_TTL));
+                }
                 self.entry(Key::Path(rel.clone()), || Node::Real(rel))
             }
             (Kind::Overlay, Node::Pycache(dir)) => {
@@ -448,7 +489,9 @@ impl Inner {
                     return Ok(found);
                 }
                 let rel = dir.join(PYCACHE).join(name);
-                self.under.lstat(&rel)?;
+                if tree_lookup(self.under.lstat(&rel))?.is_none() {
+                    return Ok(Resolved::Absent(PYC_TTL));
+                }
                 self.entry(Key::Path(rel.clone()), || Node::Real(rel))
             }
             (Kind::PycachePrefix { mountpoint }, Node::Real(dir)) => {
@@ -563,7 +606,7 @@ impl Inner {
             .ok_or(Errno::ENOENT)?;
         match self.pyc_entry(job.pyc, &job.source, served)? {
             Resolved::Entry(ttl, attr) => Ok((ttl, attr)),
-            Resolved::Compile(_) => Err(Errno::EIO),
+            Resolved::Absent(_) | Resolved::Compile(_) => Err(Errno::EIO),
         }
     }
 
@@ -667,19 +710,19 @@ impl Inner {
                 }
                 (w.dir.clone(), w.name.clone(), w.data.clone())
             };
-            if self.pycs.parse_any_name(name.as_bytes()).is_some() {
-                if self.ingest(&dir, &name, &data).is_ok() {
-                    lock(&self.nodes).written.remove(&(dir, name));
-                    lock(&w).linked = false;
-                }
+            if self.pycs.parse_any_name(name.as_bytes()).is_some()
+                && self.ingest(&dir, &name, &data).is_ok()
+            {
+                lock(&self.nodes).written.remove(&(dir, name));
+                lock(&w).linked = false;
             }
         }
         Ok(())
     }
 
-    fn listing(&self, ino: INodeNo) -> Result<Vec<(u64, FileType, OsString)>, Errno> {
+    fn listing(&self, ino: INodeNo) -> Result<Listing, Errno> {
         let node = lock(&self.nodes).get(ino)?;
-        let mut out: Vec<(u64, FileType, OsString)> = vec![
+        let mut out: Listing = vec![
             (ino.0, FileType::Directory, ".".into()),
             (ino.0, FileType::Directory, "..".into()),
         ];
@@ -786,7 +829,7 @@ impl Inner {
         Ok(self.add_handle(Handle::Dir(Arc::new(listing))))
     }
 
-    fn dir_entries(&self, fh: FileHandle) -> Result<Arc<Vec<(u64, FileType, OsString)>>, Errno> {
+    fn dir_entries(&self, fh: FileHandle) -> Result<Arc<Listing>, Errno> {
         match lock(&self.handles).get(&fh.0) {
             Some(Handle::Dir(listing)) => Ok(Arc::clone(listing)),
             Some(_) => Err(Errno::ENOTDIR),
@@ -981,8 +1024,10 @@ impl Filesystem for PycFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.inner.pycs.stats.op(0);
         match self.inner.lookup(parent, name, req.pid()) {
             Ok(Resolved::Entry(ttl, attr)) => reply.entry(&ttl, &attr, Generation(0)),
+            Ok(Resolved::Absent(ttl)) => reply.entry(&ttl, &negative(), Generation(0)),
             Ok(Resolved::Compile(job)) => {
                 let inner = Arc::clone(&self.inner);
                 // If no thread can be started, the dropped reply answers EIO.
@@ -998,6 +1043,7 @@ impl Filesystem for PycFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.pycs.stats.op(9);
         let gone = {
             let mut nodes = lock(&self.inner.nodes);
             nodes.forget(ino.0, nlookup);
@@ -1009,6 +1055,7 @@ impl Filesystem for PycFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.inner.pycs.stats.op(1);
         match self.inner.getattr(ino) {
             Ok((ttl, attr)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(e),
@@ -1033,6 +1080,7 @@ impl Filesystem for PycFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.inner.pycs.stats.op(11);
         match self.inner.setattr(ino, size) {
             Ok((ttl, attr)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(e),
@@ -1040,6 +1088,7 @@ impl Filesystem for PycFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.inner.pycs.stats.op(7);
         match self.inner.readlink(ino) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
@@ -1047,6 +1096,7 @@ impl Filesystem for PycFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.inner.pycs.stats.op(2);
         match self.inner.open(ino, flags) {
             Ok((fh, flags)) => reply.opened(fh, flags),
             Err(e) => reply.error(e),
@@ -1064,6 +1114,7 @@ impl Filesystem for PycFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.inner.pycs.stats.op(3);
         match self.inner.read(ino, fh, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
@@ -1082,6 +1133,7 @@ impl Filesystem for PycFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.inner.pycs.stats.op(11);
         match self.inner.write(ino, fh, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -1096,7 +1148,10 @@ impl Filesystem for PycFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        self.inner.pycs.stats.op(11);
+        // Nothing is buffered: ENOSYS tells the kernel to stop sending
+        // FLUSH on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -1109,6 +1164,7 @@ impl Filesystem for PycFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.inner.pycs.stats.op(11);
         match self.inner.release(fh) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1116,8 +1172,17 @@ impl Filesystem for PycFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.inner.pycs.stats.op(4);
+        // The overlay's directories change only when the tree does: let the
+        // kernel keep their listings (Python lists every package directory
+        // it imports from, in every process).
+        let cache = if self.inner.overlay() {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
         match self.inner.opendir(ino) {
-            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Ok(fh) => reply.opened(fh, cache),
             Err(e) => reply.error(e),
         }
     }
@@ -1130,6 +1195,7 @@ impl Filesystem for PycFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.inner.pycs.stats.op(5);
         match self.inner.dir_entries(fh) {
             Ok(entries) => {
                 for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
@@ -1151,6 +1217,7 @@ impl Filesystem for PycFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.inner.pycs.stats.op(6);
         match self.inner.release(fh) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1167,6 +1234,7 @@ impl Filesystem for PycFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        self.inner.pycs.stats.op(10);
         match self.inner.create(req.uid(), parent, name, mode) {
             Ok((ttl, attr, fh)) => {
                 reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty())
@@ -1185,6 +1253,7 @@ impl Filesystem for PycFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.inner.pycs.stats.op(11);
         match self.inner.rename(parent, name, newparent, newname) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1203,10 +1272,12 @@ impl Filesystem for PycFs {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        self.inner.pycs.stats.op(8);
         reply.error(Errno::ENOSYS);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.inner.pycs.stats.op(11);
         match self.inner.unlink(parent, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

@@ -141,9 +141,23 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
     } else {
         options.python.clone()
     };
+    // An interpreter inside the tree a mount covers (`--over` an install)
+    // runs its compile workers through the descriptor: a worker started
+    // through the mount would keep it busy, so that it could not be
+    // unmounted while the server runs.
+    let workers: Vec<PathBuf> = python
+        .iter()
+        .map(|exe| match (&options.view, exe.strip_prefix(&mountpoint)) {
+            (View::Overlay { .. }, Ok(rel)) if under_is(&options.view, &mountpoint) => {
+                under.descriptor_path(rel)
+            }
+            _ => exe.clone(),
+        })
+        .collect();
     let pycs = Arc::new(Pycs::new(
         store,
         &PycsSettings {
+            workers: &workers,
             python: &python,
             optimize: &options.optimize,
             flavor: options.flavor,
@@ -259,6 +273,12 @@ impl Mount {
         served.map_err(|source| Error::Io { path, source })?;
 
         let s = &pycs.stats;
+        let ops: Vec<String> = crate::pycs::OPS
+            .iter()
+            .zip(&s.ops)
+            .map(|(name, n)| format!("{name} {}", n.load(Ordering::Relaxed)))
+            .collect();
+        tracing::debug!("requests served: {}", ops.join(", "));
         Ok(MountReport {
             hits: s.hits.load(Ordering::Relaxed),
             compiled: s.compiled.load(Ordering::Relaxed),
@@ -318,6 +338,14 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Error> {
             path,
             message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         })
+    }
+}
+
+/// Whether the overlay's source is the mount point itself (`--over`).
+fn under_is(view: &View, mountpoint: &Path) -> bool {
+    match view {
+        View::Overlay { source } => std::path::absolute(source).is_ok_and(|s| s == mountpoint),
+        View::PycachePrefix => false,
     }
 }
 
@@ -399,5 +427,17 @@ fn raise_open_files_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b"), "/tmp/a b");
+        assert_eq!(unescape_mountinfo(r"/tmp/tab\011x\\"), "/tmp/tab\tx\\\\");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 }

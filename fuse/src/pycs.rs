@@ -68,7 +68,18 @@ impl Pool {
             }
             if state.1 < self.max {
                 state.1 += 1;
-                return WorkerSlot::new(self.executable.clone(), self.timeout);
+                // A worker starting up imports modules; through an overlay
+                // over an interpreter's own prefix those could be misses of
+                // this very mount, looked up by the reader the worker is
+                // starting for: the worker reads no pycs at all (and writes
+                // none).
+                return WorkerSlot::with_args(
+                    self.executable.clone(),
+                    self.timeout,
+                    ["-B", "-X", "pycache_prefix=/dev/null/pycstore"]
+                        .map(Into::into)
+                        .to_vec(),
+                );
             }
             state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
@@ -198,6 +209,31 @@ pub struct MountStats {
     pub ingested: AtomicU64,
     /// pycs written by Python that were refused.
     pub refused: AtomicU64,
+    /// Requests from the kernel, by operation (see [`OPS`]).
+    pub ops: [AtomicU64; OPS.len()],
+}
+
+/// The operations counted in [`MountStats::ops`].
+pub const OPS: [&str; 12] = [
+    "lookup",
+    "getattr",
+    "open",
+    "read",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "readlink",
+    "ioctl",
+    "forget",
+    "create",
+    "other",
+];
+
+impl MountStats {
+    /// Counts one request of operation `op` (an index into [`OPS`]).
+    pub fn op(&self, op: usize) {
+        self.ops[op.min(OPS.len() - 1)].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -234,6 +270,9 @@ struct Pending {
 /// The settings of [`Pycs::new`].
 pub(crate) struct PycsSettings<'a> {
     pub python: &'a [PathBuf],
+    /// How compile workers start each interpreter of `python` (the same
+    /// path, or one that does not go through the mount).
+    pub workers: &'a [PathBuf],
     pub optimize: &'a [u8],
     pub flavor: Flavor,
     pub jobs: usize,
@@ -272,7 +311,7 @@ impl Pycs {
     pub fn new(store: Store, settings: &PycsSettings<'_>) -> Result<Pycs, Error> {
         let mut index = store.index()?;
         let mut interps: Vec<Interp> = Vec::new();
-        for exe in settings.python {
+        for (exe, worker) in settings.python.iter().zip(settings.workers) {
             let interpreter = Interpreter::probe(exe, Some(&mut index))?;
             if interps
                 .iter()
@@ -283,7 +322,7 @@ impl Pycs {
             interps.push(Interp {
                 label: pycstore_store::link::counter_label(&interpreter),
                 pool: Pool {
-                    executable: exe.clone(),
+                    executable: worker.clone(),
                     timeout: settings.timeout,
                     max: settings.jobs.max(1),
                     state: Mutex::new((Vec::new(), 0)),
@@ -865,4 +904,39 @@ fn now_ns() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every read of a served pyc, at any offset and length, is the header
+    /// made for the source followed by the object's body: never a mix.
+    #[test]
+    fn served_reads_are_header_then_body() {
+        let path = std::env::temp_dir().join(format!("pycstore-served-{}", std::process::id()));
+        let mut object = vec![0xAAu8; HEADER_LEN];
+        object.extend((0..300u32).map(|i| i as u8));
+        std::fs::write(&path, &object).unwrap();
+        let served = Served {
+            header: [7u8; HEADER_LEN],
+            object: File::open(&path).unwrap(),
+            size: object.len() as u64,
+            path: path.clone(),
+        };
+        let mut want = vec![7u8; HEADER_LEN];
+        want.extend_from_slice(&object[HEADER_LEN..]);
+        for offset in [0u64, 1, 15, 16, 17, 200, 315, 316, 400] {
+            for len in [0u32, 1, 15, 16, 100, 4096] {
+                let got = served.read(offset, len).unwrap();
+                let start = (offset as usize).min(want.len());
+                let end = (start + len as usize).min(want.len());
+                assert_eq!(got, &want[start..end], "offset {offset} len {len}");
+            }
+        }
+        assert!(served.in_store());
+        std::fs::remove_file(&path).unwrap();
+        assert!(!served.in_store());
+        assert_eq!(served.read(16, 4).unwrap(), &want[16..20]);
+    }
 }

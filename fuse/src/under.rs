@@ -106,6 +106,19 @@ impl Under {
         }
     }
 
+    /// A path to `rel` for other processes that reaches the tree through
+    /// this process's descriptor (`/proc/PID/fd/N/REL`), not through the
+    /// path a mount may cover.
+    pub fn descriptor_path(&self, rel: &Path) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.base.as_raw_fd()
+        ))
+        .join(rel)
+    }
+
     /// `lstat` of `rel` (a symlink is reported as itself).
     pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
         let st = rustix::fs::statat(&self.base, arg(rel), AtFlags::SYMLINK_NOFOLLOW)?;

@@ -15,6 +15,7 @@
 //! A worker that crashes, hangs past the per-file timeout or answers garbage
 //! is killed; the file is reported and the next request gets a fresh process.
 
+use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -82,9 +83,11 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(executable: &Path) -> Result<Worker, String> {
+    fn spawn(executable: &Path, extra_args: &[OsString]) -> Result<Worker, String> {
         let mut child = Command::new(executable)
-            .args(["-I", "-S", "-W", "ignore", "-c", WORKER])
+            .args(["-I", "-S", "-W", "ignore"])
+            .args(extra_args)
+            .args(["-c", WORKER])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -216,15 +219,29 @@ pub const TIMEOUT_ENV: &str = "PYCSTORE_COMPILE_TIMEOUT";
 pub struct WorkerSlot {
     executable: PathBuf,
     timeout: Option<Duration>,
+    extra_args: Vec<OsString>,
     worker: Option<Worker>,
 }
 
 impl WorkerSlot {
     /// A slot for `executable`; `timeout` bounds each file (None: no limit).
     pub fn new(executable: PathBuf, timeout: Option<Duration>) -> Self {
+        Self::with_args(executable, timeout, Vec::new())
+    }
+
+    /// Like [`WorkerSlot::new`], with more interpreter options before the
+    /// worker's code (a FUSE mount starts its workers with `-B -X
+    /// pycache_prefix=...`, so that starting one never reads a pyc the mount
+    /// itself would have to compile).
+    pub fn with_args(
+        executable: PathBuf,
+        timeout: Option<Duration>,
+        extra_args: Vec<OsString>,
+    ) -> Self {
         WorkerSlot {
             executable,
             timeout,
+            extra_args,
             worker: None,
         }
     }
@@ -232,7 +249,7 @@ impl WorkerSlot {
     /// Compiles `source` as if it were the file `name`.
     pub fn compile(&mut self, source: &[u8], name: &Path, optimize: u8) -> Outcome {
         if self.worker.is_none() {
-            match Worker::spawn(&self.executable) {
+            match Worker::spawn(&self.executable, &self.extra_args) {
                 Ok(w) => self.worker = Some(w),
                 Err(e) => return Outcome::WorkerFailed(e),
             }

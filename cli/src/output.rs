@@ -1,5 +1,8 @@
 //! Progress bars and summaries for humans; JSON for machines.
 
+use std::io::Write;
+use std::path::Path;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pycstore_store::link::Progress;
 
@@ -58,4 +61,29 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// How many per-file problems a human summary lists before counting the rest.
+pub const SHOW_PROBLEMS: usize = 50;
+
+/// Prints one line per problem on stderr, naming its path, at most `limit`
+/// of them and then how many more there are (`--json` lists them all).
+pub fn print_problems<'a>(
+    problems: impl ExactSizeIterator<Item = (&'a Path, &'a str)>,
+    limit: usize,
+    noun: &str,
+) -> std::io::Result<()> {
+    let total = problems.len();
+    let mut stderr = std::io::stderr().lock();
+    for (path, message) in problems.take(limit) {
+        writeln!(stderr, "pycstore: {}: {message}", path.display())?;
+    }
+    if total > limit {
+        writeln!(
+            stderr,
+            "pycstore: ... and {} more {noun} (--json lists all)",
+            total - limit
+        )?;
+    }
+    Ok(())
 }

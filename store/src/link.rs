@@ -199,7 +199,7 @@ pub fn link(
         // misses go to the compile threads, which outlive the session.
         let (tx, rx) = crossbeam_channel::unbounded::<CompileJob>();
         let mut index = Some(index);
-        let closed = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let workers: Vec<_> = (0..options.jobs.max(1))
                 .map(|_| {
                     let rx = rx.clone();
@@ -222,23 +222,15 @@ pub fn link(
                 "walked and looked up in {:.3}s",
                 started.elapsed().as_secs_f64()
             );
+            // What the walk learned is written with the compile threads'
+            // results: by their periodic flush, or at the end.
             drop(index.take());
-            let writes = std::mem::take(&mut *run.writes.lock().unwrap());
-            let closed = if options.dry_run || writes.is_empty() {
-                Ok(())
-            } else {
-                store.index().and_then(|mut session| session.apply(writes))
-            };
             run.session_open.store(false, Ordering::Relaxed);
             drop(tx);
             for worker in workers {
                 worker.join().expect("compile threads do not panic");
             }
-            closed
         });
-        if let Err(e) = closed {
-            run.index_failed(e);
-        }
     }
 
     // Phase 3: record.

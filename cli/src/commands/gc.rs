@@ -8,10 +8,9 @@ use pycstore_store::gc::{GcOptions, GcReport};
 use pycstore_store::lock::LockMode;
 
 use crate::args::{GcArgs, GlobalArgs};
-use crate::output::human_bytes;
+use crate::output::{human_bytes, print_problems, SHOW_PROBLEMS};
 
 /// How many failures the human summary lists before counting the rest.
-const SHOW_FAILURES: usize = 50;
 
 pub fn run(global: &GlobalArgs, args: &GcArgs) -> anyhow::Result<ExitCode> {
     let options = GcOptions {
@@ -28,22 +27,14 @@ pub fn run(global: &GlobalArgs, args: &GcArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_writer_pretty(&mut stdout, &report)?;
         writeln!(stdout)?;
     } else {
-        let mut stderr = std::io::stderr().lock();
-        for failure in report.failures.iter().take(SHOW_FAILURES) {
-            writeln!(
-                stderr,
-                "pycstore: {}: {}",
-                failure.path.display(),
-                failure.message
-            )?;
-        }
-        if report.failures.len() > SHOW_FAILURES {
-            writeln!(
-                stderr,
-                "pycstore: ... and {} more failures (--json lists all)",
-                report.failures.len() - SHOW_FAILURES
-            )?;
-        }
+        print_problems(
+            report
+                .failures
+                .iter()
+                .map(|f| (f.path.as_path(), f.message.as_str())),
+            SHOW_PROBLEMS,
+            "failures",
+        )?;
         writeln!(stdout, "{}", summary(&report))?;
     }
     Ok(if report.failures.is_empty() {

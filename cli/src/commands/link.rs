@@ -7,10 +7,7 @@ use std::time::Duration;
 use pycstore_store::{Flavor, LinkMode, LinkOptions};
 
 use crate::args::{GlobalArgs, InvalidationMode, LinkArgs, LinkModeArg};
-use crate::output::{human_bytes, Bar};
-
-/// How many failures the human summary lists before counting the rest.
-const SHOW_FAILURES: usize = 50;
+use crate::output::{human_bytes, print_problems, Bar, SHOW_PROBLEMS};
 
 pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
     let options = settings(args);
@@ -26,26 +23,17 @@ pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_writer_pretty(&mut stdout, &report)?;
         writeln!(stdout)?;
     } else {
-        let mut stderr = std::io::stderr().lock();
-        for failure in failures.iter().take(if args.quiet {
-            usize::MAX
-        } else {
-            SHOW_FAILURES
-        }) {
-            writeln!(
-                stderr,
-                "pycstore: {}: {}",
-                failure.path.display(),
-                failure.message
-            )?;
-        }
-        if failures.len() > SHOW_FAILURES && !args.quiet {
-            writeln!(
-                stderr,
-                "pycstore: ... and {} more failures (--json lists all)",
-                failures.len() - SHOW_FAILURES
-            )?;
-        }
+        print_problems(
+            failures
+                .iter()
+                .map(|f| (f.path.as_path(), f.message.as_str())),
+            if args.quiet {
+                usize::MAX
+            } else {
+                SHOW_PROBLEMS
+            },
+            "failures",
+        )?;
         if !args.quiet {
             let s = &report.stats;
             let modes: Vec<&str> = report.link_modes.iter().map(|m| m.as_str()).collect();

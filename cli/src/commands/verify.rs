@@ -8,10 +8,9 @@ use pycstore_store::lock::LockMode;
 use pycstore_store::verify::{IndexState, VerifyOptions, VerifyReport};
 
 use crate::args::{GlobalArgs, VerifyArgs};
-use crate::output::human_bytes;
+use crate::output::{human_bytes, print_problems, SHOW_PROBLEMS};
 
 /// How many problems the human summary lists before counting the rest.
-const SHOW_PROBLEMS: usize = 50;
 
 pub fn run(global: &GlobalArgs, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let options = VerifyOptions {
@@ -31,22 +30,14 @@ pub fn run(global: &GlobalArgs, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_writer_pretty(&mut stdout, &report)?;
         writeln!(stdout)?;
     } else {
-        let mut stderr = std::io::stderr().lock();
-        for problem in report.problems.iter().take(SHOW_PROBLEMS) {
-            writeln!(
-                stderr,
-                "pycstore: {}: {}",
-                problem.path.display(),
-                problem.message
-            )?;
-        }
-        if report.problems.len() > SHOW_PROBLEMS {
-            writeln!(
-                stderr,
-                "pycstore: ... and {} more problems (--json lists all)",
-                report.problems.len() - SHOW_PROBLEMS
-            )?;
-        }
+        print_problems(
+            report
+                .problems
+                .iter()
+                .map(|p| (p.path.as_path(), p.message.as_str())),
+            SHOW_PROBLEMS,
+            "problems",
+        )?;
         writeln!(stdout, "{}", summary(&report))?;
     }
     Ok(if report.broken() {

@@ -83,7 +83,7 @@ fn sources_changing_during_the_walk() {
                 round += 1;
                 for i in (0..200).step_by(3) {
                     let path = app.join(format!("m{i}.py"));
-                    if round % 2 == 0 {
+                    if round.is_multiple_of(2) {
                         let _ = std::fs::remove_file(&path);
                     }
                     std::fs::write(&path, format!("VALUE = {}\n", i as u64 + 1000 * round))

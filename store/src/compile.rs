@@ -146,7 +146,7 @@ impl Worker {
     ) -> Outcome {
         let name = name.as_os_str().as_encoded_bytes();
         let sent = (|| {
-            write!(self.stdin, "{optimize} {} {}\n", name.len(), source.len())?;
+            writeln!(self.stdin, "{optimize} {} {}", name.len(), source.len())?;
             self.stdin.write_all(name)?;
             self.stdin.write_all(source)?;
             self.stdin.flush()

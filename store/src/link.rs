@@ -363,7 +363,7 @@ impl Run<'_> {
             hashed
         };
         let source = match hashed {
-            Hashed::Source(source) => Arc::new(source),
+            Hashed::Source(source) => Arc::<Source>::from(source),
             Hashed::Skipped => {
                 self.count(|s| s.skipped += pycs);
                 self.progress.advance(pycs);

@@ -39,7 +39,7 @@ pub struct Source {
 /// What became of hashing a found file.
 pub enum Hashed {
     /// Hashed (or known from the stat cache).
-    Source(Source),
+    Source(Box<Source>),
     /// It vanished or changed while being read: the next run picks it up.
     Skipped,
     /// It could not be read.
@@ -103,13 +103,13 @@ impl Source {
                 digest
             }
         };
-        Hashed::Source(Source {
+        Hashed::Source(Box::new(Source {
             path: found.path.clone(),
             dir_dev: found.dir_dev,
             meta,
             digest,
             bytes,
-        })
+        }))
     }
 
     /// The source bytes, read at most once and checked against the digest
@@ -161,6 +161,10 @@ pub fn pyc_path(source: &Path, interpreter: &Interpreter, optimize: u8) -> Optio
     file.push(interpreter.pyc_name("", optimize));
     Some(dir.join("__pycache__").join(file))
 }
+
+/// What [`Plan::walk`] found: each source with the indexes of its
+/// interpreters, and the paths that could not be read, with why.
+pub type Walked = (Vec<(Found, Vec<usize>)>, Vec<(PathBuf, String)>);
 
 /// The prefixes to work on, each with the interpreters it is for.
 pub struct Plan {
@@ -216,7 +220,7 @@ impl Plan {
 
     /// Walks every prefix: the sources with their interpreters, and what
     /// could not be read.
-    pub fn walk(&self, excludes: &Excludes) -> (Vec<(Found, Vec<usize>)>, Vec<(PathBuf, String)>) {
+    pub fn walk(&self, excludes: &Excludes) -> Walked {
         let mut sources = Vec::new();
         let mut errors = Vec::new();
         for (prefix, chosen) in &self.prefixes {

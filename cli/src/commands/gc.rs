@@ -10,8 +10,6 @@ use pycstore_store::lock::LockMode;
 use crate::args::{GcArgs, GlobalArgs};
 use crate::output::{human_bytes, print_problems, SHOW_PROBLEMS};
 
-/// How many failures the human summary lists before counting the rest.
-
 pub fn run(global: &GlobalArgs, args: &GcArgs) -> anyhow::Result<ExitCode> {
     let options = GcOptions {
         max_size: args.max_size,

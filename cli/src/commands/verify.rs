@@ -10,8 +10,6 @@ use pycstore_store::verify::{IndexState, VerifyOptions, VerifyReport};
 use crate::args::{GlobalArgs, VerifyArgs};
 use crate::output::{human_bytes, print_problems, SHOW_PROBLEMS};
 
-/// How many problems the human summary lists before counting the rest.
-
 pub fn run(global: &GlobalArgs, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let options = VerifyOptions {
         repair: args.repair,

@@ -87,3 +87,11 @@ pub fn print_problems<'a>(
     }
     Ok(())
 }
+
+/// Writes `value` as pretty JSON and a newline: the `--json` output of every
+/// command.
+pub fn write_json(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -36,8 +36,7 @@ pub fn run(global: &GlobalArgs, args: &ExportArgs) -> anyhow::Result<ExitCode> {
 
     if args.json {
         let mut stdout = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut stdout, &report)?;
-        writeln!(stdout)?;
+        crate::output::write_json(&mut stdout, &report)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut stderr = std::io::stderr().lock();

@@ -24,8 +24,7 @@ pub fn run(global: &GlobalArgs, args: &ImportArgs) -> anyhow::Result<ExitCode> {
 
     let mut stdout = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &report)?;
-        writeln!(stdout)?;
+        crate::output::write_json(&mut stdout, &report)?;
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(

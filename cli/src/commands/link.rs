@@ -20,8 +20,7 @@ pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
     failures.sort_by(|a, b| a.path.cmp(&b.path));
     let mut stdout = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &report)?;
-        writeln!(stdout)?;
+        crate::output::write_json(&mut stdout, &report)?;
     } else {
         print_problems(
             failures

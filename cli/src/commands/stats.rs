@@ -12,8 +12,7 @@ pub fn run(global: &GlobalArgs, args: &StatsArgs) -> anyhow::Result<ExitCode> {
     let stats = pycstore_store::stats::stats(&store, args.zero)?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &stats)?;
-        writeln!(out)?;
+        crate::output::write_json(&mut out, &stats)?;
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(out, "store                {}", stats.store.display())?;

@@ -19,8 +19,7 @@ pub fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let report = pycstore_store::prefix::status(&store, &args.prefixes, &options)?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
+        crate::output::write_json(&mut out, &report)?;
     } else {
         writeln!(out, "{} sources", report.sources)?;
         for (label, c) in &report.interpreters {

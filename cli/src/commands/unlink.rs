@@ -12,8 +12,7 @@ pub fn run(global: &GlobalArgs, args: &UnlinkArgs) -> anyhow::Result<ExitCode> {
     let report = pycstore_store::prefix::unlink(&store, &args.prefixes, args.dry_run)?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
+        crate::output::write_json(&mut out, &report)?;
     } else {
         for (path, message) in &report.failures {
             writeln!(std::io::stderr(), "pycstore: {}: {message}", path.display())?;

@@ -24,7 +24,7 @@ const PIP_IMPORTS: &str = "import pip._internal.cli.main, pip._internal.commands
     pip._vendor.packaging.version, pip._vendor.rich.console, pip._vendor.requests";
 
 /// Whether FUSE mounts can be tested here; says "skipped" when not.
-fn fuse_available() -> bool {
+pub(crate) fn fuse_available() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let fusermount = Command::new("fusermount3")
@@ -44,7 +44,7 @@ fn fuse_available() -> bool {
 }
 
 /// Whether /proc/self/mountinfo lists a pycstore mount at `path`.
-fn is_mounted(path: &Path) -> bool {
+pub(crate) fn is_mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = path.to_str().unwrap();
     info.lines().any(|line| {
@@ -54,7 +54,7 @@ fn is_mounted(path: &Path) -> bool {
 }
 
 /// A running `pycstore mount`, unmounted (and its server waited for) on drop.
-struct Mounted {
+pub(crate) struct Mounted {
     child: Option<Child>,
     mountpoint: PathBuf,
     store: PathBuf,
@@ -64,7 +64,7 @@ struct Mounted {
 impl Mounted {
     /// Starts `pycstore mount ARGS` in the background and waits until the
     /// mount is up.
-    fn start(t: &TestDir, store: &Path, mountpoint: &Path, args: &[&OsStr]) -> Mounted {
+    pub(crate) fn start(t: &TestDir, store: &Path, mountpoint: &Path, args: &[&OsStr]) -> Mounted {
         static MOUNTS: AtomicUsize = AtomicUsize::new(0);
         let stderr = t.join(format!(
             "mount-{}.stderr",
@@ -99,7 +99,7 @@ impl Mounted {
         m
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
@@ -123,7 +123,7 @@ impl Mounted {
     }
 
     /// `pycstore unmount`, then the server's final report.
-    fn unmount(&mut self) -> String {
+    pub(crate) fn unmount(&mut self) -> String {
         run_ok(pycstore(&self.store).arg("unmount").arg(&self.mountpoint));
         assert!(!is_mounted(&self.mountpoint));
         self.wait(Duration::from_secs(30))
@@ -151,10 +151,10 @@ impl Drop for Mounted {
 
 /// A directory made read-only by a read-only bind mount over itself,
 /// released on drop.
-struct ReadOnly(PathBuf);
+pub(crate) struct ReadOnly(PathBuf);
 
 impl ReadOnly {
-    fn new(dir: &Path) -> ReadOnly {
+    pub(crate) fn new(dir: &Path) -> ReadOnly {
         run_ok(Command::new("mount").arg("--bind").arg(dir).arg(dir));
         let guard = ReadOnly(dir.to_path_buf());
         run_ok(
@@ -179,7 +179,7 @@ impl Drop for ReadOnly {
 
 /// blake3 of a tree: every path, type, mode, size, symlink target and file
 /// content, in order.
-fn tree_hash(root: &Path) -> String {
+pub(crate) fn tree_hash(root: &Path) -> String {
     let mut h = blake3::Hasher::new();
     for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
         let entry = entry.unwrap();
@@ -203,12 +203,12 @@ fn tree_hash(root: &Path) -> String {
     h.finalize().to_hex().to_string()
 }
 
-fn venv_python(venv: &Path) -> PathBuf {
+pub(crate) fn venv_python(venv: &Path) -> PathBuf {
     venv.join("bin").join("python")
 }
 
 /// The number in the server's final report before `what`.
-fn reported(log: &str, what: &str) -> u64 {
+pub(crate) fn reported(log: &str, what: &str) -> u64 {
     let line = log
         .lines()
         .find(|l| l.contains("unmounted"))
@@ -226,7 +226,12 @@ fn reported(log: &str, what: &str) -> u64 {
 
 /// Asserts that modules under `root` were imported from pycs under the
 /// pycache prefix (`PREFIX/ROOT`), none compiled from source.
-fn assert_served_by_prefix(log: &ImportLog, prefix: &Path, root: &Path, at_least: usize) {
+pub(crate) fn assert_served_by_prefix(
+    log: &ImportLog,
+    prefix: &Path,
+    root: &Path,
+    at_least: usize,
+) {
     assert_nothing_compiled(log, root, 0);
     let mirrored = prefix.join(root.strip_prefix("/").unwrap());
     assert_nothing_compiled(log, &mirrored, at_least);
@@ -571,7 +576,13 @@ fn concurrent_readers_link_and_gc() {
         &t,
         &t.store(),
         &mnt,
-        &[OsStr::new("--source"), venv.as_os_str(), mnt.as_os_str()],
+        &[
+            OsStr::new("--source"),
+            venv.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--cache-ttl"),
+            OsStr::new("2"),
+        ],
     );
     let import = |n: usize| -> Vec<ImportLog> {
         std::thread::scope(|s| {
@@ -610,9 +621,9 @@ fn concurrent_readers_link_and_gc() {
     let gc = run_ok(t.pycstore().args(["gc", "--max-size", "0", "--json"]));
     let gc: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
     assert!(gc["evicted"].as_u64().unwrap() > 100, "{gc}");
-    // Past the kernel's cache of pyc entries (5s), lookups find the objects
-    // gone and compile them again.
-    std::thread::sleep(Duration::from_secs(6));
+    // Past the kernel's cache of pyc entries (--cache-ttl 2), lookups find
+    // the objects gone and compile them again.
+    std::thread::sleep(Duration::from_secs(3));
     for log in import(2) {
         assert_nothing_compiled(&log, &mnt, 100);
     }
@@ -654,9 +665,10 @@ fn daemon_sigterm_and_dead_server() {
             .stderr(Stdio::null());
     };
 
+    let log = t.join("mount.log");
     let mut cmd = t.pycstore();
     args(&mut cmd);
-    let out = run_ok(&mut cmd);
+    let out = run_ok(cmd.arg("--log").arg(&log));
     assert!(
         is_mounted(&mnt),
         "--daemon returned before the mount was up"
@@ -670,6 +682,11 @@ fn daemon_sigterm_and_dead_server() {
         assert!(Instant::now() < deadline, "SIGTERM did not end the server");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The detached server's messages went to its log, its final report last.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("pycstore: serving the overlay"), "{log}");
+    assert_eq!(reported(&log, "compiled on first access"), 1, "{log}");
+    assert!(!log.contains('\x1b'), "colors in the log file: {log:?}");
 
     let mut cmd = t.pycstore();
     args(&mut cmd);

@@ -134,10 +134,21 @@ pub struct MountArgs {
     #[arg(long, short = 'd')]
     pub daemon: bool,
 
+    /// Append the server's messages (warnings, the final report) to FILE;
+    /// a detached server otherwise discards them.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+
     /// Set by --daemon on the detached server it starts: say "ready" on
     /// stdout once mounted, then let go of the terminal.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
+
+    /// How long the kernel may cache names, attributes and listings of the
+    /// view: changes to the tree (and pycs of changed sources) show within
+    /// this time. Longer suits immutable stacks.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub cache_ttl: u64,
 
     /// Threads answering the kernel [default: twice the CPUs, at least 4].
     #[arg(long, value_name = "N")]

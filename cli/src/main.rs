@@ -4,6 +4,7 @@
 //! reported); 2 the command could not run (bad flags, no store, no
 //! interpreter).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,7 +16,8 @@ mod output;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    init_logging(cli.verbose);
+    let to_file = matches!(&cli.command, args::Command::Mount(m) if m.log.is_some());
+    init_logging(cli.verbose, std::io::stderr().is_terminal() && !to_file);
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -43,7 +45,9 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to standard error, in color on a terminal (not when a mount sends
+/// its messages to a file).
+fn init_logging(verbose: u8, ansi: bool) {
     let default = match verbose {
         0 => "warn",
         1 => "pycstore=debug,pycstore_store=debug",
@@ -54,6 +58,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .without_time()
         .init();
 }

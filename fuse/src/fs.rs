@@ -41,14 +41,6 @@ use fuser::{
 use crate::pycs::{Found, Pycs, Served, Source, SourceState};
 use crate::under::{Meta, Under};
 
-/// How long the kernel may cache what a file or directory of the tree is,
-/// or that a name is not there (the tree is meant to be read-only).
-const TREE_TTL: Duration = Duration::from_secs(30);
-/// How long the kernel may cache a served pyc's entry and attributes: a
-/// changed source shows a new pyc within this time (until then Python finds
-/// the old pyc stale by its header and compiles in memory, unless it is an
-/// unchecked-hash pyc), and an object `gc` removed is let go.
-const PYC_TTL: Duration = Duration::from_secs(5);
 /// The largest pyc Python may write into the pycache-prefix view.
 const MAX_WRITTEN: usize = 256 << 20;
 const PYCACHE: &str = "__pycache__";
@@ -235,10 +227,19 @@ struct Inner {
     under: Under,
     pycs: Arc<Pycs>,
     kind: Kind,
+    /// How long the kernel may cache entries, attributes and the fact that
+    /// a name is not there: changes to the tree, and the pycs of changed
+    /// sources, show within this time. Until then Python finds a pyc of an
+    /// old source stale by its header and compiles in memory (unless it is
+    /// an unchecked-hash pyc), and an object `gc` removed stays open.
+    ttl: Duration,
     nodes: Mutex<Nodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     /// Files of the tree read without a handle, by node.
     files: Mutex<HashMap<u64, Arc<std::fs::File>>>,
+    /// Overlay listings being read without a handle, by directory node:
+    /// made when a read starts at offset 0, dropped when it reaches the end.
+    listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     uid: u32,
     gid: u32,
@@ -291,7 +292,7 @@ fn is_source(name: &[u8], kind: rustix::fs::FileType) -> Option<&[u8]> {
 }
 
 impl PycFs {
-    pub(crate) fn new(under: Under, pycs: Arc<Pycs>, kind: Kind) -> PycFs {
+    pub(crate) fn new(under: Under, pycs: Arc<Pycs>, kind: Kind, ttl: Duration) -> PycFs {
         let mut nodes = Nodes {
             next: 1,
             ..Nodes::default()
@@ -310,9 +311,11 @@ impl PycFs {
                 under,
                 pycs,
                 kind,
+                ttl,
                 nodes: Mutex::new(nodes),
                 handles: Mutex::new(HashMap::new()),
                 files: Mutex::new(HashMap::new()),
+                listings: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 // SAFETY: geteuid and getegid have no preconditions.
                 uid: unsafe { libc::geteuid() },
@@ -407,7 +410,7 @@ impl Inner {
     fn attr(&self, ino: u64, node: &Node) -> Result<(Duration, FileAttr), Errno> {
         match node {
             Node::Real(rel) if self.overlay() => {
-                Ok((TREE_TTL, self.tree_attr(ino, &self.under.lstat(rel)?)))
+                Ok((self.ttl, self.tree_attr(ino, &self.under.lstat(rel)?)))
             }
             Node::Real(rel) => {
                 let meta = self.under.stat(rel)?;
@@ -415,19 +418,19 @@ impl Inner {
                     return Err(Errno::ENOENT);
                 }
                 Ok((
-                    PYC_TTL,
+                    self.ttl,
                     self.made_dir_attr(ino, &meta, 0o755, self.uid, self.gid),
                 ))
             }
             Node::Pycache(dir) => {
                 let meta = self.under.lstat(dir)?;
                 Ok((
-                    TREE_TTL,
+                    self.ttl,
                     self.made_dir_attr(ino, &meta, 0o555, meta.uid, meta.gid),
                 ))
             }
-            Node::Pyc(pyc) => Ok((PYC_TTL, self.pyc_attr(ino, pyc))),
-            Node::Written(w) => Ok((PYC_TTL, self.written_attr(ino, &lock(w)))),
+            Node::Pyc(pyc) => Ok((self.ttl, self.pyc_attr(ino, pyc))),
+            Node::Written(w) => Ok((self.ttl, self.written_attr(ino, &lock(w)))),
         }
     }
 
@@ -480,7 +483,7 @@ impl Inner {
                 }
                 let rel = dir.join(name);
                 if tree_lookup(self.under.lstat(&rel))?.is_none() {
-                    return Ok(Resolved::Absent(TREE_TTL));
+                    return Ok(Resolved::Absent(self.ttl));
                 }
                 self.entry(Key::Path(rel.clone()), || Node::Real(rel))
             }
@@ -490,7 +493,7 @@ impl Inner {
                 }
                 let rel = dir.join(PYCACHE).join(name);
                 if tree_lookup(self.under.lstat(&rel))?.is_none() {
-                    return Ok(Resolved::Absent(PYC_TTL));
+                    return Ok(Resolved::Absent(self.ttl));
                 }
                 self.entry(Key::Path(rel.clone()), || Node::Real(rel))
             }
@@ -824,16 +827,52 @@ impl Inner {
         Ok(out)
     }
 
+    /// The overlay's directories are not opened through the view: the first
+    /// opendir answers ENOSYS, so the kernel stops sending OPENDIR and
+    /// RELEASEDIR (two round trips per directory Python lists, in every
+    /// process) and keeps the listings it read (they change only when the
+    /// tree does). Reads then come without a handle (see
+    /// [`Inner::dir_entries`]). The pycache-prefix view's directories change
+    /// as Python writes into them, so they are listed afresh on each open.
     fn opendir(&self, ino: INodeNo) -> Result<FileHandle, Errno> {
+        if self.overlay() {
+            lock(&self.nodes).get(ino)?;
+            return Err(Errno::ENOSYS);
+        }
         let listing = self.listing(ino)?;
         Ok(self.add_handle(Handle::Dir(Arc::new(listing))))
     }
 
-    fn dir_entries(&self, fh: FileHandle) -> Result<Arc<Listing>, Errno> {
+    /// The listing a read of directory `ino` continues from `offset`.
+    fn dir_entries(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<Arc<Listing>, Errno> {
+        if fh.0 == 0 {
+            let kept = match offset {
+                0 => None,
+                _ => lock(&self.listings).get(&ino.0).cloned(),
+            };
+            if let Some(listing) = kept {
+                return Ok(listing);
+            }
+            let listing = Arc::new(self.listing(ino)?);
+            lock(&self.listings).insert(ino.0, Arc::clone(&listing));
+            return Ok(listing);
+        }
         match lock(&self.handles).get(&fh.0) {
             Some(Handle::Dir(listing)) => Ok(Arc::clone(listing)),
             Some(_) => Err(Errno::ENOTDIR),
             None => Err(Errno::EBADF),
+        }
+    }
+
+    /// A read without a handle reached the end of directory `ino`.
+    fn dir_read(&self, ino: INodeNo, fh: FileHandle) {
+        if fh.0 == 0 {
+            lock(&self.listings).remove(&ino.0);
         }
     }
 
@@ -900,7 +939,7 @@ impl Inner {
         drop(nodes);
         let attr = self.written_attr(ino, &lock(&w));
         let fh = self.add_handle(Handle::Written(w));
-        Ok((PYC_TTL, attr, fh))
+        Ok((self.ttl, attr, fh))
     }
 
     fn write(&self, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
@@ -1173,16 +1212,8 @@ impl Filesystem for PycFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.inner.pycs.stats.op(4);
-        // The overlay's directories change only when the tree does: let the
-        // kernel keep their listings (Python lists every package directory
-        // it imports from, in every process).
-        let cache = if self.inner.overlay() {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
         match self.inner.opendir(ino) {
-            Ok(fh) => reply.opened(fh, cache),
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
@@ -1190,18 +1221,23 @@ impl Filesystem for PycFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.inner.pycs.stats.op(5);
-        match self.inner.dir_entries(fh) {
+        match self.inner.dir_entries(ino, fh, offset) {
             Ok(entries) => {
+                let mut full = false;
                 for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                        full = true;
                         break;
                     }
+                }
+                if !full {
+                    self.inner.dir_read(ino, fh);
                 }
                 reply.ok()
             }

@@ -65,6 +65,9 @@ pub struct MountOptions {
     pub compile: bool,
     /// Threads reading requests from the kernel.
     pub threads: usize,
+    /// How long the kernel may cache what the view shows (names,
+    /// attributes, listings): changes to the tree show within this time.
+    pub cache_ttl: Duration,
 }
 
 /// What a mount did, reported when it ends.
@@ -187,7 +190,7 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
     };
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let fs = PycFs::new(under, Arc::clone(&pycs), kind);
+    let fs = PycFs::new(under, Arc::clone(&pycs), kind, options.cache_ttl);
     let session = Session::new(fs, &mountpoint, &config).map_err(|source| Error::Mount {
         path: mountpoint.clone(),
         source,

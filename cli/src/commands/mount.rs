@@ -22,8 +22,17 @@ const READY: &str = "ready";
 
 pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
     let options = settings(args)?;
+    // Opened before daemonizing, so that a bad path is reported on the
+    // terminal, and before the server leaves its working directory.
+    let log = match &args.log {
+        Some(path) => Some(open_log(path)?),
+        None => None,
+    };
     if args.daemon && !args.daemon_child {
         return daemonize();
+    }
+    if let (Some(log), false) = (&log, args.daemon_child) {
+        redirect_stderr(log);
     }
     let root: PathBuf = match &global.store {
         Some(dir) => dir.clone(),
@@ -47,15 +56,19 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
         View::Overlay { source } => format!("overlay of `{}`", source.display()),
         View::PycachePrefix => "pycache prefix".to_string(),
     };
-    eprintln!(
+    let serving = format!(
         "pycstore: serving the {what} at `{}` for {} ({} pycs); `pycstore unmount {}` ends it",
         mountpoint.display(),
         tags.join(", "),
         options.flavor.as_str(),
         mountpoint.display()
     );
+    eprintln!("{serving}");
     if args.daemon_child {
-        detach()?;
+        detach(log.as_ref())?;
+        if log.is_some() {
+            eprintln!("{serving}");
+        }
     }
     let report = mount.run()?;
     eprintln!(
@@ -110,6 +123,7 @@ fn settings(args: &MountArgs) -> anyhow::Result<MountOptions> {
         allow_other: args.allow_other,
         compile: !args.no_compile,
         threads: args.threads.unwrap_or((2 * cpus).max(4)),
+        cache_ttl: Duration::from_secs(args.cache_ttl),
     })
 }
 
@@ -147,9 +161,28 @@ fn daemonize() -> anyhow::Result<ExitCode> {
     ))
 }
 
+/// The server's log file, opened for appending (created private).
+fn open_log(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open the log file `{}`", path.display()))
+}
+
+/// Sends standard error to `log` from now on.
+fn redirect_stderr(log: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto standard error, from a descriptor we own.
+    unsafe { libc::dup2(log.as_raw_fd(), 2) };
+}
+
 /// In the detached server, once mounted: tell the parent, leave the working
-/// directory (it could hold a filesystem busy) and the terminal.
-fn detach() -> anyhow::Result<()> {
+/// directory (it could hold a filesystem busy) and the terminal; messages go
+/// to `log` if there is one.
+fn detach(log: Option<&std::fs::File>) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{READY}")?;
     stdout.flush()?;
@@ -163,6 +196,9 @@ fn detach() -> anyhow::Result<()> {
     for fd in 0..=2 {
         // SAFETY: dup2 onto the standard descriptors, from a descriptor we own.
         unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+    if let Some(log) = log {
+        redirect_stderr(log);
     }
     Ok(())
 }

@@ -35,21 +35,9 @@
 # make-corpus.sh's CPython 3.11).
 set -euo pipefail
 
-repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-shared=$(cd "$repo/../shared" && pwd)
-bench=${BENCH_DIR:-$HOME/.cache/pycstore-bench}
 runs=${RUNS:-3}
-python=${PYTHON:-/root/.pyenv/versions/3.11.7/bin/python3.11}
-requirements=$shared/corpus/requirements.txt
-workload=$shared/corpus/import-workload.py
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
-# Only compileall, uv --compile-bytecode and pycstore may write pycs here.
-export PYTHONDONTWRITEBYTECODE=1
-# Only the report goes to stdout; progress and hyperfine's output to stderr.
-exec 3>&1 1>&2
+source "$(dirname "$0")/common.sh"
 
-say() { printf '\n=== %s ===\n' "$*"; }
-q() { printf '%q' "$1"; }
 # A shell command removing every pyc under a prefix.
 rm_pycs() { echo "find $(q "$1") -name __pycache__ -type d -prune -exec rm -rf {} +"; }
 fresh_copy() { rm -rf "$1" && cp -a "$corpus" "$1"; }
@@ -60,29 +48,12 @@ kib() { du -skc "$@" | tail -n 1 | cut -f 1; }
 say "setup"
 "$repo/scripts/setup" --no-install
 
-date=$(date +%Y-%m-%d)
-results=$repo/benches/results
 json=$results/corpus-$date
 work=$bench/work
 mkdir -p "$json" "$work"
 
-if [[ -n ${PYCSTORE:-} ]]; then
-  pycstore=$PYCSTORE
-else
-  say "cargo build --release"
-  (cd "$repo" && cargo build --release)
-  pycstore=$CARGO_TARGET_DIR/release/pycstore
-fi
-
-# One corpus per requirements, build script and interpreter.
-corpus=$bench/corpus-$(cat "$requirements" "$shared/corpus/make-corpus.sh" <(echo "$python") |
-  sha256sum | cut -c 1-12)
-if [[ ! -e $corpus.done ]]; then
-  say "building the corpus in $corpus"
-  rm -rf "$corpus"
-  "$shared/corpus/make-corpus.sh" "$corpus" "$python"
-  touch "$corpus.done"
-fi
+pycstore=$(pycstore_binary)
+corpus=$(the_corpus)
 
 uv=$(command -v uv || echo "$bench/uv/bin/uv")
 if [[ ! -x $uv ]]; then
@@ -199,18 +170,9 @@ hyperfine_to import-unchecked --warmup 1 \
 
 say "report"
 report=$results/corpus-$date.md
-"$python" - "$json" \
-  date="$date" \
-  kernel="$(uname -r)" \
-  cpu="$(grep -m 1 '^model name' /proc/cpuinfo | cut -d : -f 2- | sed 's/^ *//')" \
-  nproc="$(nproc)" \
-  fs="$(findmnt -n -o FSTYPE -T "$work")" \
-  python="$("$python" -c 'import platform; print(platform.python_version())')" \
-  pycstore="$("$pycstore" --version 2>/dev/null || echo "pycstore (version unknown)")" \
-  commit="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")" \
+mapfile -t machine < <(machine_info "$pycstore" "$corpus" "$work" "$runs")
+PYTHONPATH=$repo/benches "$python" - "$json" "${machine[@]}" \
   uv="$("$uv" --version)" \
-  runs="$runs" \
-  py_files="$(find "$corpus" -name '*.py' | wc -l)" \
   py_bytes="$(find "$corpus" -name '*.py' -printf '%s\n' | awk '{s += $1} END {print s}')" \
   pycs_compileall="$(count_pycs "$compiled")" \
   pycs_uv="$uv_pycs" \
@@ -231,14 +193,10 @@ report=$results/corpus-$date.md
   <<'PY' | tee "$report" >&3
 """Turns the hyperfine JSON of corpus.sh into a Markdown report."""
 import json
-import sys
-from pathlib import Path
 
-info = dict(arg.split("=", 1) for arg in sys.argv[2:])
-results = {}
-for path in Path(sys.argv[1]).glob("*.json"):
-    for r in json.loads(path.read_text())["results"]:
-        results[r["command"]] = r
+import report
+
+info, results = report.load()
 
 
 def mean(name):
@@ -246,8 +204,7 @@ def mean(name):
 
 
 def cell(name):
-    r = results[name]
-    return f"{r['mean']:.3f} ± {r['stddev'] or 0:.3f} | {r['min']:.3f}"
+    return report.cell(results[name])
 
 
 def ratio(a, b):

@@ -29,48 +29,21 @@
 # make-corpus.sh's CPython 3.11).
 set -euo pipefail
 
-repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-shared=$(cd "$repo/../shared" && pwd)
-bench=${BENCH_DIR:-$HOME/.cache/pycstore-bench}
 runs=${RUNS:-5}
-python=${PYTHON:-/root/.pyenv/versions/3.11.7/bin/python3.11}
-requirements=$shared/corpus/requirements.txt
-workload=$shared/corpus/import-workload.py
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
-export PYTHONDONTWRITEBYTECODE=1
-exec 3>&1 1>&2
-
-say() { printf '\n=== %s ===\n' "$*"; }
-q() { printf '%q' "$1"; }
+source "$(dirname "$0")/common.sh"
 
 if [[ $EUID -ne 0 ]]; then
   echo "fuse.sh: needs root for the read-only bind mount" >&2
   exit 1
 fi
 
-date=$(date +%Y-%m-%d)
-results=$repo/benches/results
 json=$results/fuse-$date
 work=$bench/fuse
 mkdir -p "$json" "$work"
 
-if [[ -n ${PYCSTORE:-} ]]; then
-  pycstore=$PYCSTORE
-else
-  say "cargo build --release"
-  (cd "$repo" && cargo build --release)
-  pycstore=$CARGO_TARGET_DIR/release/pycstore
-fi
-
+pycstore=$(pycstore_binary)
 # The same corpus as corpus.sh.
-corpus=$bench/corpus-$(cat "$requirements" "$shared/corpus/make-corpus.sh" <(echo "$python") |
-  sha256sum | cut -c 1-12)
-if [[ ! -e $corpus.done ]]; then
-  say "building the corpus in $corpus"
-  rm -rf "$corpus"
-  "$shared/corpus/make-corpus.sh" "$corpus" "$python"
-  touch "$corpus.done"
-fi
+corpus=$(the_corpus)
 
 local_copy=$work/local
 ro=$work/read-only
@@ -133,31 +106,16 @@ compiled=$("$pycstore" --store "$cold_store" stats --json |
 
 say "report"
 report=$results/fuse-$date.md
-"$python" - "$json" \
-  date="$date" \
-  kernel="$(uname -r)" \
-  cpu="$(grep -m 1 '^model name' /proc/cpuinfo | cut -d : -f 2- | sed 's/^ *//')" \
-  nproc="$(nproc)" \
-  fs="$(findmnt -n -o FSTYPE -T "$work")" \
-  python="$("$python" -c 'import platform; print(platform.python_version())')" \
-  pycstore="$("$pycstore" --version 2>/dev/null || echo "pycstore (version unknown)")" \
-  commit="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")" \
-  runs="$runs" \
-  py_files="$(find "$corpus" -name '*.py' | wc -l)" \
+mapfile -t machine < <(machine_info "$pycstore" "$corpus" "$work" "$runs")
+PYTHONPATH=$repo/benches "$python" - "$json" "${machine[@]}" \
   from_source_ro="$from_source_ro" \
   from_source_overlay="$from_source_overlay" \
   compiled="$compiled" \
   <<'PY' | tee "$report" >&3
 """Turns the hyperfine JSON of fuse.sh into a Markdown report."""
-import json
-import sys
-from pathlib import Path
+import report
 
-info = dict(arg.split("=", 1) for arg in sys.argv[2:])
-results = {}
-for path in Path(sys.argv[1]).glob("*.json"):
-    for r in json.loads(path.read_text())["results"]:
-        results[r["command"]] = r
+info, results = report.load()
 
 
 def mean(name):
@@ -165,8 +123,7 @@ def mean(name):
 
 
 def cell(name):
-    r = results[name]
-    return f"{r['mean']:.3f} ± {r['stddev'] or 0:.3f} | {r['min']:.3f}"
+    return report.cell(results[name])
 
 
 local = mean("local disk, pycstore's pycs")

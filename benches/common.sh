@@ -1,0 +1,64 @@
+# What benches/corpus.sh and benches/fuse.sh share; sourced, not run.
+#
+# Sets repo, shared, bench, python, requirements, workload, date, results;
+# exports CARGO_TARGET_DIR and PYTHONDONTWRITEBYTECODE=1; sends stdout to
+# stderr, keeping the report's stdout as descriptor 3. Functions: say, q,
+# pycstore_binary, the_corpus, machine_info.
+
+repo=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)
+shared=$(cd "$repo/../shared" && pwd)
+bench=${BENCH_DIR:-$HOME/.cache/pycstore-bench}
+python=${PYTHON:-/root/.pyenv/versions/3.11.7/bin/python3.11}
+requirements=$shared/corpus/requirements.txt
+workload=$shared/corpus/import-workload.py
+date=$(date +%Y-%m-%d)
+results=$repo/benches/results
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
+# Only the tools measured may write pycs.
+export PYTHONDONTWRITEBYTECODE=1
+# Only the report goes to stdout; progress and hyperfine's output to stderr.
+exec 3>&1 1>&2
+
+say() { printf '\n=== %s ===\n' "$*"; }
+q() { printf '%q' "$1"; }
+
+# The pycstore to measure: $PYCSTORE, or this checkout built for release.
+pycstore_binary() {
+  if [[ -n ${PYCSTORE:-} ]]; then
+    echo "$PYCSTORE"
+    return
+  fi
+  say "cargo build --release" >&2
+  (cd "$repo" && cargo build --release) >&2
+  echo "$CARGO_TARGET_DIR/release/pycstore"
+}
+
+# The reference corpus for $python (one per requirements, build script and
+# interpreter), built by make-corpus.sh if missing; never modified.
+the_corpus() {
+  local corpus
+  corpus=$bench/corpus-$(cat "$requirements" "$shared/corpus/make-corpus.sh" <(echo "$python") |
+    sha256sum | cut -c 1-12)
+  if [[ ! -e $corpus.done ]]; then
+    say "building the corpus in $corpus" >&2
+    rm -rf "$corpus"
+    "$shared/corpus/make-corpus.sh" "$corpus" "$python" >&2
+    touch "$corpus.done"
+  fi
+  echo "$corpus"
+}
+
+# KEY=VALUE arguments describing the run, for report.py: machine_info
+# PYCSTORE CORPUS WORKDIR RUNS.
+machine_info() {
+  echo "date=$date"
+  echo "kernel=$(uname -r)"
+  echo "cpu=$(grep -m 1 '^model name' /proc/cpuinfo | cut -d : -f 2- | sed 's/^ *//')"
+  echo "nproc=$(nproc)"
+  echo "fs=$(findmnt -n -o FSTYPE -T "$3")"
+  echo "python=$("$python" -c 'import platform; print(platform.python_version())')"
+  echo "pycstore=$("$1" --version 2>/dev/null || echo "pycstore (version unknown)")"
+  echo "commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")"
+  echo "runs=$4"
+  echo "py_files=$(find "$2" -name '*.py' | wc -l)"
+}

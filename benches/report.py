@@ -1,0 +1,23 @@
+"""What the reports of benches/*.sh share: their arguments and hyperfine's JSON.
+
+A report runs as `python - JSON_DIR KEY=VALUE...` with this directory on
+PYTHONPATH, and starts with `info, results = report.load()`.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def load():
+    """The KEY=VALUE arguments, and hyperfine's results by command name."""
+    info = dict(arg.split("=", 1) for arg in sys.argv[2:])
+    results = {}
+    for path in Path(sys.argv[1]).glob("*.json"):
+        for r in json.loads(path.read_text())["results"]:
+            results[r["command"]] = r
+    return info, results
+
+
+def cell(result):
+    """`mean ± σ | min` of one hyperfine result, in seconds."""
+    return f"{result['mean']:.3f} ± {result['stddev'] or 0:.3f} | {result['min']:.3f}"

@@ -249,6 +249,8 @@ struct Inner {
 /// The filesystem of a view.
 pub(crate) struct PycFs {
     inner: Arc<Inner>,
+    /// Told when the session ends (see [`Filesystem::destroy`] below).
+    ended: Option<std::sync::mpsc::Sender<crate::mount::Ended>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -292,7 +294,13 @@ fn is_source(name: &[u8], kind: rustix::fs::FileType) -> Option<&[u8]> {
 }
 
 impl PycFs {
-    pub(crate) fn new(under: Under, pycs: Arc<Pycs>, kind: Kind, ttl: Duration) -> PycFs {
+    pub(crate) fn new(
+        under: Under,
+        pycs: Arc<Pycs>,
+        kind: Kind,
+        ttl: Duration,
+        ended: std::sync::mpsc::Sender<crate::mount::Ended>,
+    ) -> PycFs {
         let mut nodes = Nodes {
             next: 1,
             ..Nodes::default()
@@ -322,6 +330,7 @@ impl PycFs {
                 gid: unsafe { libc::getegid() },
                 pid: std::process::id(),
             }),
+            ended: Some(ended),
         }
     }
 }
@@ -1049,6 +1058,23 @@ impl Inner {
 }
 
 impl Filesystem for PycFs {
+    /// The session is over (the mount is gone): tells [`crate::Mount::run`],
+    /// then never returns. fuser 0.18.0 unmounts the mount point once more
+    /// after this, believing the view still mounted (an inverted check of
+    /// its device, fixed upstream by cberner/fuser#703 but not released):
+    /// for a view mounted `--over` a prefix that is itself a mount point
+    /// (a read-only image, an NFS export), that would unmount the prefix's
+    /// own filesystem. So the session's thread stops here, and ends with the
+    /// process.
+    fn destroy(&mut self) {
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(crate::mount::Ended::Destroyed);
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for flag in [
             InitFlags::FUSE_PARALLEL_DIROPS,

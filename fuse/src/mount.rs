@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
@@ -92,6 +92,16 @@ pub struct Mount {
     session: Session<PycFs>,
     pycs: Arc<Pycs>,
     mountpoint: PathBuf,
+    ended: mpsc::Receiver<Ended>,
+    ended_tx: mpsc::Sender<Ended>,
+}
+
+/// How a session ended.
+pub(crate) enum Ended {
+    /// The filesystem was told the mount is gone.
+    Destroyed,
+    /// The session returned (an error before the filesystem was told).
+    Returned(std::io::Result<()>),
 }
 
 /// Mounts a view of `store` (opened with [`Store::open_unlocked`]: a mount
@@ -190,7 +200,14 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
     };
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let fs = PycFs::new(under, Arc::clone(&pycs), kind, options.cache_ttl);
+    let (ended_tx, ended) = mpsc::channel();
+    let fs = PycFs::new(
+        under,
+        Arc::clone(&pycs),
+        kind,
+        options.cache_ttl,
+        ended_tx.clone(),
+    );
     let session = Session::new(fs, &mountpoint, &config).map_err(|source| Error::Mount {
         path: mountpoint.clone(),
         source,
@@ -199,6 +216,8 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
         session,
         pycs,
         mountpoint,
+        ended,
+        ended_tx,
     })
 }
 
@@ -265,7 +284,24 @@ impl Mount {
 
         let pycs = Arc::clone(&self.pycs);
         let path = self.mountpoint.clone();
-        let served = self.session.run();
+        // The session runs on a thread of its own, which never comes back
+        // once the mount is gone (see `PycFs::destroy`): it ends with the
+        // process.
+        let session = self.session;
+        let tell = self.ended_tx;
+        std::thread::Builder::new()
+            .name("fuse-session".into())
+            .spawn(move || {
+                let _ = tell.send(Ended::Returned(session.run()));
+            })
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let served = match self.ended.recv() {
+            Ok(Ended::Returned(result)) => result,
+            Ok(Ended::Destroyed) | Err(_) => Ok(()),
+        };
 
         signal_handle.close();
         let _ = on_signal.join();

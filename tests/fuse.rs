@@ -290,39 +290,15 @@ fn overlay_pypy_3_9() {
 /// An interpreter's own install, read-only, with the overlay over it: the
 /// stdlib imports from pycs compiled by workers running that same
 /// interpreter (which must neither wait on the mount nor keep it busy), and
-/// a plain unmount succeeds.
-#[test]
-fn overlay_over_an_interpreter_install() {
+/// a plain unmount succeeds; the install is byte for byte unchanged.
+fn overlay_over_an_interpreter_install(version: &str) {
     if !fuse_available() {
         return;
     }
     let t = TestDir::new();
-    let home = python("3.11")
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
     let install = t.join("install");
-    std::fs::create_dir_all(install.join("bin")).unwrap();
-    std::fs::create_dir_all(install.join("lib")).unwrap();
-    run_ok(
-        Command::new("cp")
-            .arg("-a")
-            .arg(home.join("bin/python3.11"))
-            .arg(install.join("bin")),
-    );
-    run_ok(
-        Command::new("cp")
-            .arg("-a")
-            .arg(home.join("lib/python3.11"))
-            .arg(install.join("lib")),
-    );
-    let stdlib = install.join("lib/python3.11");
-    std::fs::remove_dir_all(stdlib.join("test")).unwrap();
-    std::fs::remove_dir_all(stdlib.join("site-packages")).unwrap();
-    std::fs::create_dir(stdlib.join("site-packages")).unwrap();
-    remove_pycache(&install);
+    let py = copy_install(&python(version), &install);
+    let before = tree_hash(&install);
     let ro = ReadOnly::new(&install);
     let mut m = Mounted::start(
         &t,
@@ -330,7 +306,6 @@ fn overlay_over_an_interpreter_install() {
         &install,
         &[OsStr::new("--over"), install.as_os_str()],
     );
-    let py = install.join("bin/python3.11");
     let code = "import json, email.parser, http.client, asyncio, decimal";
     for _ in 0..2 {
         let log = python_v(&py, &["-c", code], &[]);
@@ -343,6 +318,60 @@ fn overlay_over_an_interpreter_install() {
     );
     drop(ro);
     assert!(pycs_under(&install).is_empty());
+    assert_eq!(tree_hash(&install), before, "the install changed");
+}
+
+#[test]
+fn overlay_over_an_interpreter_install_cpython_3_11() {
+    overlay_over_an_interpreter_install("3.11");
+}
+
+#[test]
+fn overlay_over_an_interpreter_install_cpython_3_13() {
+    overlay_over_an_interpreter_install("3.13");
+}
+
+#[test]
+fn overlay_over_an_interpreter_install_pypy_3_9() {
+    overlay_over_an_interpreter_install("pypy3.9");
+}
+
+/// Copies the install of the interpreter `exe` into `dest` so that the copy
+/// runs on its own: the executable into `dest/bin` (with the name `exe`
+/// calls it by, when that is a symlink beside it, as Debian's `pypy3` is),
+/// and its stdlib, at the same place relative to `sys.prefix`, without the
+/// test suite, site-packages or any pyc. Returns the copy's `exe`.
+fn copy_install(exe: &Path, dest: &Path) -> PathBuf {
+    let out = run_ok(Command::new(exe).args([
+        "-I",
+        "-c",
+        "import sys, sysconfig; print(sys.prefix); print(sysconfig.get_paths()['stdlib'])",
+    ]));
+    let out = String::from_utf8(out.stdout).unwrap();
+    let (prefix, stdlib) = out.trim().split_once('\n').unwrap();
+    let real = std::fs::canonicalize(exe).unwrap();
+    let bin = dest.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let mut cp = Command::new("cp");
+    cp.arg("-a").arg(&real);
+    if exe != real && exe.parent() == real.parent() {
+        cp.arg(exe);
+    }
+    run_ok(cp.arg(&bin));
+    let lib = dest.join(Path::new(stdlib).strip_prefix(prefix).unwrap());
+    std::fs::create_dir_all(&lib).unwrap();
+    let skip = ["test", "site-packages", "dist-packages", "__pycache__"];
+    let mut cp = Command::new("cp");
+    cp.arg("-a");
+    for entry in std::fs::read_dir(stdlib).unwrap() {
+        let entry = entry.unwrap();
+        if !skip.iter().any(|s| entry.file_name() == *s) {
+            cp.arg(entry.path());
+        }
+    }
+    run_ok(cp.arg(&lib));
+    remove_pycache(dest);
+    bin.join(exe.file_name().unwrap())
 }
 
 /// Each invalidation mode gives pycs whose header is right for the live
@@ -707,4 +736,65 @@ fn daemon_sigterm_and_dead_server() {
         !out.status.success(),
         "unmounting a non-mount must fail"
     );
+}
+
+/// Only the mount's owner sees it, unless --allow-other: then another user
+/// reads the same pycs (the tree's permissions still apply).
+#[test]
+fn other_users_only_with_allow_other() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestDir::new();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    t.write("app/mod.py", "VALUE = 1\n");
+    let src = t.join("app");
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let pyc = mnt.join("__pycache__/mod.cpython-311.pyc");
+    // `python3.11 -c SCRIPT PYC` as nobody: prints the pyc's length.
+    let as_nobody = || {
+        run(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(python("3.11"))
+            .args([
+                "-I",
+                "-c",
+                "import sys; print(len(open(sys.argv[1], 'rb').read()))",
+            ])
+            .arg(&pyc))
+    };
+    for allow_other in [false, true] {
+        let mut args = vec![
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+        ];
+        let py = python("3.11");
+        args.push(py.as_os_str());
+        if allow_other {
+            args.push(OsStr::new("--allow-other"));
+        }
+        let mut m = Mounted::start(&t, &t.store(), &mnt, &args);
+        let len = std::fs::read(&pyc).unwrap().len();
+        let out = as_nobody();
+        if allow_other {
+            assert_output!(
+                out,
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).trim() == len.to_string(),
+                "another user cannot read a pyc of an --allow-other mount"
+            );
+        } else {
+            assert_output!(
+                out,
+                !out.status.success()
+                    && String::from_utf8_lossy(&out.stderr).contains("PermissionError"),
+                "another user can read a private mount"
+            );
+        }
+        m.unmount();
+    }
 }

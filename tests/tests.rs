@@ -9,6 +9,7 @@ mod concurrency;
 mod crash;
 mod flavors;
 mod fuse;
+mod fuse_corpus;
 mod gc;
 mod hostile;
 mod interpreters;

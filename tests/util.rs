@@ -245,3 +245,31 @@ pub fn test_fs(var: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// The corpus named by `var` (built by `scripts/test-corpora`, which prints
+/// the variables). Without it the test says "skipped" loudly, unless
+/// PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where it fails.
+pub fn test_corpus(var: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os(var).map(PathBuf::from);
+    // scripts/test-corpora marks a complete corpus with DIR.done.
+    let done = |d: &Path| {
+        let mut marker = d.as_os_str().to_owned();
+        marker.push(".done");
+        d.is_dir() && Path::new(&marker).exists()
+    };
+    match dir {
+        Some(d) if done(&d) => Some(d),
+        _ => {
+            assert!(
+                std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
+                "{var} names no corpus built by scripts/test-corpora, and \
+                 PYCSTORE_TEST_REQUIRE_FS is set: run `eval \"$(scripts/test-corpora)\"` first"
+            );
+            eprintln!(
+                "SKIPPED: {var} names no corpus built by scripts/test-corpora; \
+                 run `eval \"$(scripts/test-corpora)\"` to run this test"
+            );
+            None
+        }
+    }
+}

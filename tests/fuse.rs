@@ -237,8 +237,38 @@ pub(crate) fn assert_served_by_prefix(
     assert_nothing_compiled(log, &mirrored, at_least);
 }
 
-/// A venv made read-only, mounted over itself: pip imports with nothing
-/// compiled from source, twice; unmounting leaves the venv as it was.
+/// `prefix` made read-only, with the overlay mounted over it on a fresh
+/// store: the view lists pycs, and `code` imports twice with at least
+/// `at_least` modules under the prefix loaded from pycs and none compiled
+/// from source; the mount compiled them on first access, and unmounting
+/// leaves the prefix byte for byte as it was, without a pyc.
+fn imports_through_overlay_over(prefix: &Path, python: &Path, code: &str, at_least: usize) {
+    let t = TestDir::new();
+    let before = tree_hash(prefix);
+    let ro = ReadOnly::new(prefix);
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        prefix,
+        &[OsStr::new("--over"), prefix.as_os_str()],
+    );
+    for _ in 0..2 {
+        let log = python_v(python, &["-c", code], &[]);
+        assert_nothing_compiled(&log, prefix, at_least);
+    }
+    let pycs = pycs_under(prefix);
+    assert!(pycs.len() > at_least, "the overlay lists no pycs: {pycs:?}");
+    let report = m.unmount();
+    assert!(
+        reported(&report, "compiled on first access") as usize > at_least,
+        "{report}"
+    );
+    drop(ro);
+    assert!(pycs_under(prefix).is_empty());
+    assert_eq!(tree_hash(prefix), before, "the prefix changed");
+}
+
+/// A venv, read-only, with the overlay over it: pip imports from pycs.
 fn overlay_over_read_only_venv(version: &str) {
     if !fuse_available() {
         return;
@@ -246,30 +276,7 @@ fn overlay_over_read_only_venv(version: &str) {
     let t = TestDir::new();
     let venv = t.join("venv");
     make_venv(&python(version), &venv);
-    let before = tree_hash(&venv);
-    let ro = ReadOnly::new(&venv);
-    let mut m = Mounted::start(
-        &t,
-        &t.store(),
-        &venv,
-        &[OsStr::new("--over"), venv.as_os_str()],
-    );
-
-    let log = python_v(&venv_python(&venv), &["-c", PIP_IMPORTS], &[]);
-    assert_nothing_compiled(&log, &venv, 100);
-    let pycs = pycs_under(&venv);
-    assert!(pycs.len() > 100, "the overlay lists no pycs: {pycs:?}");
-    let log = python_v(&venv_python(&venv), &["-c", PIP_IMPORTS], &[]);
-    assert_nothing_compiled(&log, &venv, 100);
-
-    let report = m.unmount();
-    assert!(
-        reported(&report, "compiled on first access") > 100,
-        "{report}"
-    );
-    drop(ro);
-    assert!(pycs_under(&venv).is_empty());
-    assert_eq!(tree_hash(&venv), before, "the prefix changed");
+    imports_through_overlay_over(&venv, &venv_python(&venv), PIP_IMPORTS, 100);
 }
 
 #[test]
@@ -290,7 +297,7 @@ fn overlay_pypy_3_9() {
 /// An interpreter's own install, read-only, with the overlay over it: the
 /// stdlib imports from pycs compiled by workers running that same
 /// interpreter (which must neither wait on the mount nor keep it busy), and
-/// a plain unmount succeeds; the install is byte for byte unchanged.
+/// a plain unmount succeeds.
 fn overlay_over_an_interpreter_install(version: &str) {
     if !fuse_available() {
         return;
@@ -298,27 +305,8 @@ fn overlay_over_an_interpreter_install(version: &str) {
     let t = TestDir::new();
     let install = t.join("install");
     let py = copy_install(&python(version), &install);
-    let before = tree_hash(&install);
-    let ro = ReadOnly::new(&install);
-    let mut m = Mounted::start(
-        &t,
-        &t.store(),
-        &install,
-        &[OsStr::new("--over"), install.as_os_str()],
-    );
     let code = "import json, email.parser, http.client, asyncio, decimal";
-    for _ in 0..2 {
-        let log = python_v(&py, &["-c", code], &[]);
-        assert_nothing_compiled(&log, &install, 50);
-    }
-    let report = m.unmount();
-    assert!(
-        reported(&report, "compiled on first access") > 50,
-        "{report}"
-    );
-    drop(ro);
-    assert!(pycs_under(&install).is_empty());
-    assert_eq!(tree_hash(&install), before, "the install changed");
+    imports_through_overlay_over(&install, &py, code, 50);
 }
 
 #[test]

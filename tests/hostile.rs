@@ -238,12 +238,10 @@ impl Tmpfs {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            assert!(
-                std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
-                "cannot mount a tmpfs at {}, and PYCSTORE_TEST_REQUIRE_FS is set",
+            skip(&format!(
+                "cannot mount a tmpfs at {} (run as root)",
                 path.display()
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs (run as root)");
+            ));
             return None;
         }
         Some(Tmpfs { path })

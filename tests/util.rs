@@ -228,27 +228,34 @@ pub fn pycs_under(root: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// A test cannot run here because `why`: fails when PYCSTORE_TEST_REQUIRE_FS
+/// is set (as in CI, where everything it needs is set up), else says
+/// "SKIPPED" loudly and lets the test return.
+pub fn skip(why: &str) {
+    assert!(
+        std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
+        "{why}, and PYCSTORE_TEST_REQUIRE_FS is set"
+    );
+    eprintln!("SKIPPED: {why}");
+}
+
 /// The mounted test filesystem named by `var` (set up by
-/// `scripts/test-filesystems`). Without it the test says "skipped" loudly,
-/// unless PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where it fails.
+/// `scripts/test-filesystems`), or [`skip`].
 pub fn test_fs(var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
         Some(p) if Path::new(&p).is_dir() => Some(PathBuf::from(p)),
         _ => {
-            assert!(
-                std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
-                "{var} is not set or not a directory, and PYCSTORE_TEST_REQUIRE_FS is: \
-                 run `eval \"$(scripts/test-filesystems up)\"` first"
-            );
-            eprintln!("SKIPPED: {var} is not set; run `eval \"$(scripts/test-filesystems up)\"` as root to run this test");
+            skip(&format!(
+                "{var} is not set or not a directory: run \
+                 `eval \"$(scripts/test-filesystems up)\"` as root"
+            ));
             None
         }
     }
 }
 
 /// The corpus named by `var` (built by `scripts/test-corpora`, which prints
-/// the variables). Without it the test says "skipped" loudly, unless
-/// PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where it fails.
+/// the variables), or [`skip`].
 pub fn test_corpus(var: &str) -> Option<PathBuf> {
     let dir = std::env::var_os(var).map(PathBuf::from);
     // scripts/test-corpora marks a complete corpus with DIR.done.
@@ -260,15 +267,10 @@ pub fn test_corpus(var: &str) -> Option<PathBuf> {
     match dir {
         Some(d) if done(&d) => Some(d),
         _ => {
-            assert!(
-                std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
-                "{var} names no corpus built by scripts/test-corpora, and \
-                 PYCSTORE_TEST_REQUIRE_FS is set: run `eval \"$(scripts/test-corpora)\"` first"
-            );
-            eprintln!(
-                "SKIPPED: {var} names no corpus built by scripts/test-corpora; \
-                 run `eval \"$(scripts/test-corpora)\"` to run this test"
-            );
+            skip(&format!(
+                "{var} names no corpus built by scripts/test-corpora: run \
+                 `eval \"$(scripts/test-corpora)\"`"
+            ));
             None
         }
     }

@@ -238,7 +238,9 @@ impl Mount {
 
     /// Serves until the mount goes away (unmounted by anyone, or by this
     /// process on SIGTERM, SIGINT or SIGHUP), recording what was compiled
-    /// and used in the index every second and once more at the end.
+    /// and used in the index every second and once more at the end. The
+    /// session's thread stays parked afterwards (see `PycFs::destroy`): a
+    /// server process ends after this.
     pub fn run(mut self) -> Result<MountReport, Error> {
         // fuser warns about every request a view leaves to the kernel's
         // defaults (they answer ENOSYS by design) and about unmounting a

@@ -77,6 +77,51 @@ print(n)
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// A thread checking every pyc under some prefixes over and over until
+/// stopped; dropped during a failing test, it stops before the test's
+/// directory goes away.
+struct Watcher {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Watcher {
+    fn start(roots: Vec<PathBuf>) -> Watcher {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut checks = 0;
+                while !done.load(Ordering::Relaxed) {
+                    assert_pycs_whole(&roots);
+                    checks += 1;
+                }
+                checks
+            })
+        };
+        Watcher {
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many times all pycs were checked; panics if one was partial.
+    fn stop(mut self) -> usize {
+        self.done.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().expect("stopped once");
+        thread.join().expect("no partial pyc was seen")
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 #[test]
 fn eight_links_a_gc_and_a_verify_on_one_store_all_succeed() {
     let t = TestDir::new();
@@ -110,25 +155,11 @@ fn eight_links_a_gc_and_a_verify_on_one_store_all_succeed() {
             spawn(t.pycstore().arg("status").arg(&prefixes[1])),
         ));
         // Watch the prefixes while they are being linked.
-        let done = Arc::new(AtomicBool::new(false));
-        let watched: Vec<PathBuf> = prefixes.clone();
-        let watcher = {
-            let done = Arc::clone(&done);
-            std::thread::spawn(move || {
-                let mut checks = 0;
-                while !done.load(Ordering::Relaxed) {
-                    assert_pycs_whole(&watched);
-                    checks += 1;
-                }
-                checks
-            })
-        };
+        let watcher = Watcher::start(prefixes.clone());
         for (name, child) in children {
             finish(&name, child);
         }
-        done.store(true, Ordering::Relaxed);
-        let checks = watcher.join().expect("no partial pyc was seen");
-        assert!(checks > 0);
+        assert!(watcher.stop() > 0);
         for p in &prefixes {
             let log = python_v(&p.join("bin/python"), &["-c", PIP_IMPORTS], &[]);
             assert_nothing_compiled(&log, p, 100);

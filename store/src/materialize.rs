@@ -5,7 +5,9 @@
 //! `auto` decides per destination filesystem with the first file as the
 //! probe: reflink, else hardlink, else copy. After the probe succeeded, a
 //! failure is a real error. A hardlink that hits the link-count limit
-//! (EMLINK, 65,000 on ext4) gives the object a fresh inode and retries.
+//! (EMLINK, 65,000 on ext4) gives the object a fresh inode and retries, and
+//! one that finds the object's inode replaced by another process meanwhile
+//! (ENOENT while the name exists) retries too.
 
 use std::collections::HashMap;
 use std::io;
@@ -169,21 +171,36 @@ impl<'a> Materializer<'a> {
     }
 
     fn hard_link(&self, id: &ObjectId, source: &Path, tmp: &Path) -> io::Result<()> {
-        for _ in 0..4 {
-            match std::fs::hard_link(source, tmp) {
-                Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+        let mut attempts = 0;
+        loop {
+            let err = match std::fs::hard_link(source, tmp) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            attempts += 1;
+            if attempts > RETRIES {
+                return Err(err);
+            }
+            match err.raw_os_error() {
+                Some(libc::EMLINK) => {
                     tracing::debug!(
                         "`{}` reached the link limit; giving it a fresh inode",
                         source.display()
                     );
                     self.objects.refresh_inode(id)?;
                 }
-                other => return other,
+                // link(2) refuses an inode whose last name went away after
+                // it was looked up: another process gave the object a fresh
+                // inode (same bytes) meanwhile. The name is there again.
+                Some(libc::ENOENT) if source.exists() => {}
+                _ => return Err(err),
             }
         }
-        std::fs::hard_link(source, tmp)
     }
 }
+
+/// How often a hardlink is tried again after the object was replaced.
+const RETRIES: u32 = 8;
 
 fn temp_name(dir: &Path, dest: &Path) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -202,4 +219,41 @@ fn is_destination_problem(e: &io::Error) -> bool {
             libc::EACCES | libc::EROFS | libc::ENOSPC | libc::ENOENT | libc::ENOTDIR | libc::EDQUOT
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// link(2) refuses an inode whose last name went away after the lookup:
+    /// another process putting the same object again, or giving it a fresh
+    /// inode, must not make a hardlink fail.
+    #[test]
+    fn hardlinks_survive_the_object_being_replaced_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let id = objects.put(b"an object many processes want").unwrap();
+        let prefix = dir.path().join("prefix");
+        std::fs::create_dir(&prefix).unwrap();
+        let warn = |_: String| {};
+        let materializer = Materializer::new(&objects, LinkMode::Hardlink, &warn);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    objects.refresh_inode(&id).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            });
+            let placed = (0..20000).try_for_each(|i| {
+                let dest = prefix.join(format!("m{}.pyc", i % 10));
+                materializer.place(&id, &dest, 0).map(drop)
+            });
+            done.store(true, Ordering::Relaxed);
+            placed.unwrap();
+        });
+    }
 }

@@ -82,17 +82,15 @@ impl Objects {
     /// written again; a damaged file under their name is replaced.
     pub fn put(&self, bytes: &[u8]) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
-        let path = self.path(&id);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64)
-            && std::fs::read(&path).is_ok_and(|existing| existing == bytes)
-        {
-            return Ok(id);
+        if !self.holds(&id) {
+            self.adopt(&id, self.write_temp(bytes)?)?;
         }
-        if let Some(shard) = path.parent() {
-            fs::create_dir_all(shard)?;
-        }
-        write_atomic(&self.tmp, &path, bytes, 0o444)?;
         Ok(id)
+    }
+
+    /// Whether the object `id` is present with bytes that hash to its name.
+    fn holds(&self, id: &ObjectId) -> bool {
+        fs::read(self.path(id)).is_ok_and(|bytes| ObjectId::of(&bytes) == *id)
     }
 
     /// Reads a whole object.
@@ -187,18 +185,30 @@ impl Objects {
     }
 
     /// Moves a temp file from [`Objects::write_temp`] into place as the
-    /// object `id` (replacing any file of that name: objects with one name
-    /// have the same bytes).
+    /// object `id`. A good object already there is kept, never renamed over:
+    /// link(2) fails with ENOENT on an inode whose name was replaced after
+    /// the lookup, so another process hard linking it would fail. A damaged
+    /// one is replaced.
     pub fn adopt(&self, id: &ObjectId, temp: tempfile::TempPath) -> io::Result<()> {
         let path = self.path(id);
-        // Most shards exist: try first, create the shard when it is missing.
-        let temp = match temp.persist(&path) {
+        let temp = match temp.persist_noclobber(&path) {
             Ok(()) => return Ok(()),
-            Err(e) if e.error.kind() == io::ErrorKind::NotFound => e.path,
+            // Most shards exist: the first object of one creates it.
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
+                if let Some(shard) = path.parent() {
+                    fs::create_dir_all(shard)?;
+                }
+                match e.path.persist_noclobber(&path) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
+                    Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
+                }
+            }
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
             Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
         };
-        if let Some(shard) = path.parent() {
-            fs::create_dir_all(shard)?;
+        if self.holds(id) {
+            return Ok(());
         }
         temp.persist(&path)
             .map_err(|e| with_path(e.error, "rename a temp file to", &path))
@@ -251,6 +261,32 @@ mod tests {
         let after = std::fs::metadata(objects.path(&a)).unwrap().ino();
         assert_ne!(before, after);
         assert_eq!(objects.read(&a).unwrap(), b"same bytes");
+    }
+
+    #[test]
+    fn adopt_keeps_a_good_object_and_replaces_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let bytes = b"bytes two processes compiled at once";
+        let id = objects.put(bytes).unwrap();
+        let path = objects.path(&id);
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        // The second writer's copy goes; the first one's inode stays.
+        objects
+            .adopt(&id, objects.write_temp(bytes).unwrap())
+            .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        // A truncated object under the name is replaced by the good bytes.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&path, &bytes[..10]).unwrap();
+        assert_eq!(objects.put(bytes).unwrap(), id);
+        assert_eq!(objects.read(&id).unwrap(), bytes);
     }
 
     #[test]

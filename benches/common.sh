@@ -1,6 +1,7 @@
 # What benches/corpus.sh and benches/fuse.sh share; sourced, not run.
 #
-# Sets repo, shared, bench, python, requirements, workload, date, results;
+# Sets repo, shared, bench, python, requirements, workload, date, results,
+# commit;
 # exports CARGO_TARGET_DIR and PYTHONDONTWRITEBYTECODE=1; sends stdout to
 # stderr, keeping the report's stdout as descriptor 3. Functions: say, q,
 # pycstore_binary, the_corpus, machine_info.
@@ -13,6 +14,9 @@ requirements=$shared/corpus/requirements.txt
 workload=$shared/corpus/import-workload.py
 date=$(date +%Y-%m-%d)
 results=$repo/benches/results
+# Taken before the run writes its results into the checkout, so a clean tree
+# is not reported as dirty.
+commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
 # Only the tools measured may write pycs.
 export PYTHONDONTWRITEBYTECODE=1
@@ -58,7 +62,7 @@ machine_info() {
   echo "fs=$(findmnt -n -o FSTYPE -T "$3")"
   echo "python=$("$python" -c 'import platform; print(platform.python_version())')"
   echo "pycstore=$("$1" --version 2>/dev/null || echo "pycstore (version unknown)")"
-  echo "commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")"
+  echo "commit=$commit"
   echo "runs=$4"
   echo "py_files=$(find "$2" -name '*.py' | wc -l)"
 }

@@ -191,19 +191,11 @@ impl Objects {
     /// one is replaced.
     pub fn adopt(&self, id: &ObjectId, temp: tempfile::TempPath) -> io::Result<()> {
         let path = self.path(id);
+        if let Some(shard) = path.parent() {
+            fs::create_dir_all(shard)?;
+        }
         let temp = match temp.persist_noclobber(&path) {
             Ok(()) => return Ok(()),
-            // Most shards exist: the first object of one creates it.
-            Err(e) if e.error.kind() == io::ErrorKind::NotFound => {
-                if let Some(shard) = path.parent() {
-                    fs::create_dir_all(shard)?;
-                }
-                match e.path.persist_noclobber(&path) {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
-                    Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
-                }
-            }
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
             Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
         };

@@ -145,13 +145,13 @@ impl Drop for Mounted {
 }
 
 /// A directory made read-only by a read-only bind mount over itself,
-/// released on drop.
-pub(crate) struct ReadOnly(PathBuf);
+/// released by [`ReadOnly::release`] (or, in a failing test, on drop).
+pub(crate) struct ReadOnly(Option<PathBuf>);
 
 impl ReadOnly {
     pub(crate) fn new(dir: &Path) -> ReadOnly {
         run_ok(Command::new("mount").arg("--bind").arg(dir).arg(dir));
-        let guard = ReadOnly(dir.to_path_buf());
+        let guard = ReadOnly(Some(dir.to_path_buf()));
         run_ok(
             Command::new("mount")
                 .args(["-o", "remount,ro,bind"])
@@ -164,11 +164,21 @@ impl ReadOnly {
         );
         guard
     }
+
+    /// Unmounts the bind mount, which must not be busy: nothing the view
+    /// started (a compile worker running the prefix's own interpreter) may
+    /// outlive the view.
+    pub(crate) fn release(mut self) {
+        let dir = self.0.take().expect("released once");
+        run_ok(Command::new("umount").arg(&dir));
+    }
 }
 
 impl Drop for ReadOnly {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
+        if let Some(dir) = self.0.take() {
+            let _ = Command::new("umount").arg(&dir).output();
+        }
     }
 }
 
@@ -258,7 +268,7 @@ fn imports_through_overlay_over(prefix: &Path, python: &Path, code: &str, at_lea
         reported(&report, "compiled on first access") as usize > at_least,
         "{report}"
     );
-    drop(ro);
+    ro.release();
     assert!(pycs_under(prefix).is_empty());
     assert_eq!(tree_hash(prefix), before, "the prefix changed");
 }
@@ -520,7 +530,7 @@ fn pycache_prefix_view() {
     let report = m.unmount();
     assert_eq!(reported(&report, "compiled on first access"), 0, "{report}");
 
-    drop(ro);
+    ro.release();
     assert_eq!(tree_hash(&venv), before, "the prefix changed");
 }
 
@@ -555,7 +565,7 @@ fn pycache_prefix_view_serves(version: &str) {
         assert_served_by_prefix(&log, &prefix, &venv, 100);
     }
     m.unmount();
-    drop(ro);
+    ro.release();
 }
 
 #[test]

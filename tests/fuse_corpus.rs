@@ -276,7 +276,7 @@ fn corpus_views(corpus: &Corpus) {
     let ro = ReadOnly::new(&prefix);
     overlay(&t, &t.store(), corpus, &prefix);
     pycache_prefix_view(&t, &t.store(), corpus, &prefix);
-    drop(ro);
+    ro.release();
     assert!(pycs_under(&prefix).is_empty());
     assert_eq!(tree_hash(&prefix), before, "the prefix changed");
 }

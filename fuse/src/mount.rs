@@ -22,6 +22,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::fs::{Kind, PycFs};
 use crate::pycs::{Pycs, PycsSettings, FLUSH_EVERY};
+
+/// How long a compile still running when the view ends may take to finish
+/// before its worker is left to end by itself.
+const WORKERS_GRACE: Duration = Duration::from_secs(10);
 use crate::under::Under;
 use crate::Error;
 
@@ -310,6 +314,7 @@ impl Mount {
         *stop.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
         stop.1.notify_all();
         let _ = flusher.join();
+        pycs.stop_workers(WORKERS_GRACE);
         pycs.flush();
         served.map_err(|source| Error::Io { path, source })?;
 

@@ -88,7 +88,30 @@ impl Pool {
     fn give(&self, slot: WorkerSlot) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.0.push(slot);
-        self.freed.notify_one();
+        self.freed.notify_all();
+    }
+
+    /// Ends the workers: the idle ones now, busy ones as their compile
+    /// returns, waiting until `deadline` at most. A worker left running
+    /// would keep its interpreter's files open: with the view over that
+    /// interpreter's own prefix, the prefix could not be unmounted.
+    fn close(&self, deadline: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let idle = std::mem::take(&mut state.0);
+            state.1 -= idle.len();
+            // Dropping a slot kills its worker and waits for it.
+            drop(idle);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if state.1 == 0 || left.is_zero() {
+                return;
+            }
+            state = self
+                .freed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
@@ -854,6 +877,15 @@ impl Pycs {
             tracing::debug!("cannot re-check a miss in the index: {e}");
             false
         })
+    }
+
+    /// Ends every compile worker, once the view is gone; a compile still
+    /// running gets `grace` to finish.
+    pub fn stop_workers(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for interp in &self.interps {
+            interp.pool.close(deadline);
+        }
     }
 
     fn note_index_seen(&self) {

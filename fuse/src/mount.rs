@@ -22,12 +22,12 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::fs::{Kind, PycFs};
 use crate::pycs::{Pycs, PycsSettings, FLUSH_EVERY};
+use crate::under::Under;
+use crate::Error;
 
 /// How long a compile still running when the view ends may take to finish
 /// before its worker is left to end by itself.
 const WORKERS_GRACE: Duration = Duration::from_secs(10);
-use crate::under::Under;
-use crate::Error;
 
 /// Which view to mount.
 #[derive(Clone, Debug)]

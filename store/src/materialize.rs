@@ -199,7 +199,8 @@ impl<'a> Materializer<'a> {
     }
 }
 
-/// How often a hardlink is tried again after the object was replaced.
+/// How often a hardlink is tried again: after giving the object a fresh
+/// inode, or after another process did.
 const RETRIES: u32 = 8;
 
 fn temp_name(dir: &Path, dest: &Path) -> PathBuf {

@@ -9,7 +9,7 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pycstore_store::index::{Entry, EntrySlot, StatRecord, Writes};
 use pycstore_store::key::{CompileKey, SourceDigest};
-use pycstore_store::materialize::Materializer;
+use pycstore_store::materialize::{Access, Destination, Materializer};
 use pycstore_store::pyc::{source_hash, HashVariant};
 use pycstore_store::{Flavor, LinkMode, Store};
 
@@ -99,14 +99,30 @@ fn materialize(c: &mut Criterion) {
     std::fs::create_dir_all(&dest_dir).unwrap();
     let warn = |_: String| {};
     let materializer = Materializer::new(&store.objects, LinkMode::Hardlink, &warn);
+    let dir_fd = pycstore_store::tree::open_root(&dest_dir).unwrap();
+    let access = Access {
+        mode: 0o444,
+        owner: None,
+        hardlink: true,
+    };
     let mut n = 0u64;
-    c.bench_function("place object (hardlink + rename)", |b| {
+    c.bench_function("place object (hardlink, replacing)", |b| {
         b.iter_batched(
             || {
                 n += 1;
-                dest_dir.join(format!("m{}.cpython-311.pyc", n % 1000))
+                std::ffi::OsString::from(format!("m{}.cpython-311.pyc", n % 1000))
             },
-            |dest| materializer.place(&id, &dest, 0).unwrap(),
+            |name| {
+                let path = dest_dir.join(&name);
+                let dest = Destination {
+                    dir: std::os::fd::AsFd::as_fd(&dir_fd),
+                    name: &name,
+                    path: &path,
+                    dev: 0,
+                    access,
+                };
+                materializer.place(&id, &dest).unwrap()
+            },
             BatchSize::SmallInput,
         )
     });

@@ -339,6 +339,11 @@ pub struct LinkArgs {
     /// Per-file compile timeout in seconds, 0 for none.
     #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
     pub compile_timeout: u64,
+
+    /// The largest source to read (e.g. 64M); larger `.py` files are
+    /// reported and skipped.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = pycstore_store::gc::parse_size)]
+    pub max_source_size: u64,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

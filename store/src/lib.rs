@@ -26,6 +26,7 @@ pub mod prefix;
 pub mod pyc;
 pub mod source;
 pub mod stats;
+pub mod tree;
 pub mod trust;
 pub mod verify;
 pub mod walk;

@@ -18,20 +18,24 @@
 //! the run finishes the rest.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io::{self, Read};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
 
 use crate::compile::{Outcome, WorkerSlot};
 use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
-use crate::materialize::{LinkMode, Materializer};
+use crate::materialize::{Access, Destination, LinkMode, Materializer};
+use crate::objects::{with_path, ObjectId, PRIVATE_MODE, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
 use crate::walk::Excludes;
@@ -59,6 +63,9 @@ pub struct LinkOptions {
     pub dry_run: bool,
     /// Per-file compile timeout.
     pub timeout: Option<Duration>,
+    /// The largest source read, in bytes; larger ones are reported and
+    /// skipped.
+    pub max_source_size: u64,
 }
 
 /// Counters of one `link` run.
@@ -152,6 +159,8 @@ pub fn link(
 
     let warn = |message: String| progress.warn(&message);
     let mut failures = Vec::new();
+    crate::tree::raise_open_file_limit();
+    let domain = TrustDomain::of(store)?;
     let run;
     {
         // Phase 1: one read-only index session for the probes and every
@@ -180,6 +189,7 @@ pub fn link(
             options,
             interpreters: plan.interpreters,
             materializer: Materializer::new(&store.objects, options.link_mode, &warn),
+            domain,
             stats: Mutex::new(LinkStats {
                 sources: found.len() as u64,
                 pycs: total,
@@ -194,6 +204,7 @@ pub fn link(
             session_open: AtomicBool::new(true),
             progress,
             now_ns: now_ns(),
+            warned_metadata: AtomicBool::new(false),
         };
         // Phase 2 runs while the lookups go on: hits are placed at once,
         // misses go to the compile threads, which outlive the session.
@@ -286,8 +297,95 @@ struct CompileJob {
     optimize: u8,
 }
 
+/// Whose trees may share the store's inodes, and who is placing pycs.
+struct TrustDomain {
+    /// The store directory's owner and group.
+    uid: u32,
+    gid: u32,
+    /// Whether the store is shared with its group.
+    shared: bool,
+    /// Whether the caller is root (and can give pycs their source's owner).
+    root: bool,
+}
+
+impl TrustDomain {
+    fn of(store: &Store) -> Result<TrustDomain> {
+        let st = rustix::fs::stat(store.root())
+            .map_err(|e| crate::Error::Io(with_path(e.into(), "stat the store", store.root())))?;
+        Ok(TrustDomain {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            shared: crate::trust::is_shared(store.root()),
+            root: rustix::process::geteuid().is_root(),
+        })
+    }
+
+    /// Who may read the pyc of `source`: a source every user may read gets
+    /// a pyc every user may read, which may share the object's inode in a
+    /// tree of the store owner (or, for a group store, its group); any other
+    /// source gets its own inode with its read bits, and its owner when
+    /// root places it (as `compileall` would make it). Without root the
+    /// pyc is the caller's, readable by the caller only.
+    fn access(&self, source: &Source) -> Access {
+        if source.meta.is_public() {
+            let ours = source.dir.uid == self.uid || (self.shared && source.dir.gid == self.gid);
+            return Access {
+                mode: PUBLIC_MODE,
+                owner: None,
+                hardlink: ours,
+            };
+        }
+        if self.root {
+            Access {
+                mode: source.meta.mode & 0o444,
+                owner: Some((source.meta.uid, source.meta.gid)),
+                hardlink: false,
+            }
+        } else {
+            Access {
+                mode: 0o400,
+                owner: None,
+                hardlink: false,
+            }
+        }
+    }
+
+    /// Whether an object's metadata is what the store gave it: a regular
+    /// file of the store's owner (or group), read-only, public or private.
+    fn object_ok(&self, st: &rustix::fs::Stat) -> bool {
+        let owned = if self.shared {
+            st.st_gid == self.gid
+        } else {
+            st.st_uid == self.uid
+        };
+        let mode = st.st_mode & 0o7777;
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            && owned
+            && (mode == PUBLIC_MODE || mode == PRIVATE_MODE)
+    }
+}
+
+/// The identity of an object checked for placing.
+#[derive(Clone, Copy)]
+struct Checked {
+    dev: u64,
+    ino: u64,
+    mode: u32,
+}
+
+impl Checked {
+    fn of(st: &rustix::fs::Stat) -> Checked {
+        Checked {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: st.st_mode & 0o7777,
+        }
+    }
+}
+
 struct Run<'a> {
     store: &'a Store,
+    domain: TrustDomain,
     options: &'a LinkOptions,
     interpreters: Vec<Interpreter>,
     materializer: Materializer<'a>,
@@ -307,6 +405,8 @@ struct Run<'a> {
     session_open: AtomicBool,
     progress: &'a dyn Progress,
     now_ns: i64,
+    /// Whether the warning about objects whose metadata changed was said.
+    warned_metadata: AtomicBool,
 }
 
 impl Run<'_> {
@@ -355,10 +455,22 @@ impl Run<'_> {
     ) -> Vec<Target> {
         let pycs = (chosen.len() * optimize.len()) as u64;
         let hashed = if self.options.dry_run {
-            Source::hash(found, index, self.now_ns, None)
+            Source::hash(
+                found,
+                index,
+                self.now_ns,
+                None,
+                self.options.max_source_size,
+            )
         } else {
             let mut writes = Writes::default();
-            let hashed = Source::hash(found, index, self.now_ns, Some(&mut writes));
+            let hashed = Source::hash(
+                found,
+                index,
+                self.now_ns,
+                Some(&mut writes),
+                self.options.max_source_size,
+            );
             self.writes.lock().unwrap().append(&mut writes);
             hashed
         };
@@ -433,15 +545,17 @@ impl Run<'_> {
     ) -> std::result::Result<(), String> {
         let lookup = std::mem::replace(&mut target.lookup, Lookup::Miss);
         match lookup {
-            Lookup::Entry(entry) if self.object_ok(&entry) => {
-                return self.settle(&target, &entry, Settled::Hit)
+            Lookup::Entry(entry) => {
+                if let Some(checked) = self.check_object(&entry) {
+                    return self.settle(&target, &entry, Some(checked), Settled::Hit);
+                }
             }
-            Lookup::Body(body) if self.object_ok(&body) => {
+            Lookup::Body(body) if self.check_object(&body).is_some() => {
                 if self.options.dry_run {
-                    return self.settle(&target, &body, Settled::Hit);
+                    return self.settle(&target, &body, None, Settled::Hit);
                 }
                 if let Some(entry) = self.derive(&target, &body)? {
-                    return self.settle(&target, &entry, Settled::Hit);
+                    return self.settle(&target, &entry, None, Settled::Hit);
                 }
             }
             Lookup::Rejected(message) => return Err(self.rejected(&target, &message)),
@@ -466,7 +580,7 @@ impl Run<'_> {
                 self.derive(&target, &body)?
             };
             return match entry {
-                Some(entry) => self.settle(&target, &entry, Settled::Compiled),
+                Some(entry) => self.settle(&target, &entry, None, Settled::Compiled),
                 None => Err("the object compiled by this run is unreadable".into()),
             };
         }
@@ -481,26 +595,55 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Whether an entry's object is present with the recorded size and
-    /// header. A missing or damaged object is a miss (and is rewritten by the
-    /// compile that follows), never something to link.
-    fn object_ok(&self, entry: &Entry) -> bool {
+    /// Checks an entry's object before it is placed: present with the
+    /// recorded size and header, and with the owner and mode the store gave
+    /// it. A missing or damaged object is a miss (and is rewritten by the
+    /// compile that follows), never something to link; one whose metadata
+    /// changed (a `chown -R` or `chmod` through a hardlink) gets a fresh
+    /// inode first, so the change never reaches another tree.
+    fn check_object(&self, entry: &Entry) -> Option<Checked> {
         let path = self.store.objects.path(&entry.object);
-        let Ok(mut file) = std::fs::File::open(&path) else {
-            return false;
-        };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut file = open_no_follow(&path).ok()?;
+        let st = rustix::fs::fstat(&file).ok()?;
+        let len = st.st_size as u64;
         let mut header = [0u8; HEADER_LEN];
-        if len == entry.size && file.read_exact(&mut header).is_ok() && header == entry.header {
-            return true;
+        if len != entry.size || file.read_exact(&mut header).is_err() || header != entry.header {
+            self.progress.warn(&format!(
+                "store object `{}` does not match its index entry ({len} bytes, {} expected); \
+                 it will be rewritten (run `pycstore verify` to check the whole store)",
+                path.display(),
+                entry.size
+            ));
+            return None;
         }
-        self.progress.warn(&format!(
-            "store object `{}` does not match its index entry ({len} bytes, {} expected); \
-             it will be rewritten (run `pycstore verify` to check the whole store)",
-            path.display(),
-            entry.size
-        ));
-        false
+        if self.domain.object_ok(&st) {
+            return Some(Checked::of(&st));
+        }
+        let mode = if st.st_mode & 0o777 == PRIVATE_MODE {
+            PRIVATE_MODE
+        } else {
+            PUBLIC_MODE
+        };
+        if !self.warned_metadata.swap(true, Ordering::Relaxed) {
+            self.progress.warn(&format!(
+                "store object `{}` has owner {} and mode {:o}, not what the store gave it \
+                 (a `chown`/`chmod` through a hardlinked pyc?); giving such objects a fresh \
+                 inode before placing them (run `pycstore verify --repair` to fix the rest)",
+                path.display(),
+                st.st_uid,
+                st.st_mode & 0o7777
+            ));
+        }
+        match self.store.objects.reset(&entry.object, mode) {
+            Ok(true) => self.identity(&entry.object),
+            Ok(false) | Err(_) => None,
+        }
+    }
+
+    /// The identity of an object this run just checked or wrote.
+    fn identity(&self, object: &ObjectId) -> Option<Checked> {
+        let st = rustix::fs::stat(self.store.objects.path(object)).ok()?;
+        self.domain.object_ok(&st).then(|| Checked::of(&st))
     }
 
     /// Makes this target's flavor from a stored body; `None` when the body's
@@ -536,18 +679,44 @@ impl Run<'_> {
         )
     }
 
-    /// Whether the destination already holds exactly this object's bytes
-    /// (same header and size: for one source and flavor only the body could
-    /// differ, and a body of the same size compiled from the same source is
-    /// the same code). Anything else there (stale, truncated, another
-    /// flavor, a symlink) is replaced by the store's known-good object.
-    fn up_to_date(&self, target: &Target, entry: &Entry) -> bool {
-        let Ok(mut file) = open_no_follow(&target.pyc) else {
+    /// Whether the destination already holds exactly this object: its very
+    /// inode where a hardlink is allowed, else the same header and size (for
+    /// one source and flavor only the body could differ, and a body of the
+    /// same size compiled from the same source is the same code) and no more
+    /// readable than the source. Anything else there (stale, truncated,
+    /// another flavor, a symlink, a hardlink where none may be) is replaced
+    /// by the store's known-good object.
+    fn up_to_date(
+        &self,
+        dir: Option<BorrowedFd<'_>>,
+        name: &OsStr,
+        entry: &Entry,
+        object: Option<Checked>,
+        access: &Access,
+    ) -> bool {
+        let Some(dir) = dir else {
+            return false;
+        };
+        let Ok(st) = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            return false;
+        };
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return false;
+        }
+        if let Some(object) = object {
+            if (st.st_dev, st.st_ino) == (object.dev, object.ino) {
+                return access.hardlink && object.mode == access.mode;
+            }
+        }
+        if st.st_size as u64 != entry.size || st.st_mode & 0o444 & !access.mode != 0 {
+            return false;
+        }
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
             return false;
         };
         let mut header = [0u8; HEADER_LEN];
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        len == entry.size && file.read_exact(&mut header).is_ok() && header == entry.header
+        std::fs::File::from(fd).read_exact(&mut header).is_ok() && header == entry.header
     }
 
     /// Writes the object for `target` with `body` and records its entries.
@@ -566,7 +735,16 @@ impl Run<'_> {
         let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
         bytes.extend_from_slice(&header);
         bytes.extend_from_slice(body);
-        let object = self.store.objects.put(&bytes).map_err(|e| e.to_string())?;
+        let mode = if target.source.meta.is_public() {
+            PUBLIC_MODE
+        } else {
+            PRIVATE_MODE
+        };
+        let object = self
+            .store
+            .objects
+            .put_mode(&bytes, mode)
+            .map_err(|e| e.to_string())?;
         let entry = Entry {
             object,
             size: bytes.len() as u64,
@@ -586,9 +764,16 @@ impl Run<'_> {
         &self,
         target: &Target,
         entry: &Entry,
+        object: Option<Checked>,
         how: Settled,
     ) -> std::result::Result<(), String> {
-        if self.up_to_date(target, entry) {
+        let access = self.domain.access(&target.source);
+        let (dir, created) = target.source.dir.pycache(!self.options.dry_run)?;
+        let Some(name) = target.pyc.file_name() else {
+            return Err("not a module file name".into());
+        };
+        let object = object.or_else(|| self.identity(&entry.object));
+        if self.up_to_date(dir, name, entry, object, &access) {
             self.count(|s| s.up_to_date += 1);
             self.progress.advance(1);
             return Ok(());
@@ -598,13 +783,33 @@ impl Run<'_> {
             self.progress.advance(1);
             return Ok(());
         }
-        let dir = target.pyc.parent().expect("pyc paths have a parent");
-        if ensure_pycache(dir)? {
-            self.writes.lock().unwrap().created_dir(dir);
+        let Some(dir) = dir else {
+            return Err(format!(
+                "`{}` could not be opened",
+                target.source.dir.path.join("__pycache__").display()
+            ));
+        };
+        if created {
+            self.writes
+                .lock()
+                .unwrap()
+                .created_dir(&target.source.dir.path.join("__pycache__"));
         }
+        // A private object now wanted by a source every user may read: its
+        // bytes are public, give it the public mode before sharing its inode.
+        if access.hardlink && object.is_some_and(|o| o.mode == PRIVATE_MODE) {
+            let _ = self.store.objects.reset(&entry.object, PUBLIC_MODE);
+        }
+        let dest = Destination {
+            dir,
+            name,
+            path: &target.pyc,
+            dev: target.source.dir.dev,
+            access,
+        };
         let mode = self
             .materializer
-            .place(&entry.object, &target.pyc, target.source.dir_dev)
+            .place(&entry.object, &dest)
             .map_err(|e| e.to_string())?;
         {
             let mut writes = self.writes.lock().unwrap();
@@ -683,7 +888,8 @@ impl Run<'_> {
                         } else {
                             self.store_pyc(&target, self.slot(&target), body, false)
                         };
-                        entry.and_then(|entry| self.settle(&target, &entry, Settled::Compiled))
+                        entry
+                            .and_then(|entry| self.settle(&target, &entry, None, Settled::Compiled))
                     }
                     (Outcome::Rejected(message), _) => Err(self.rejected(&target, message)),
                     (Outcome::WorkerFailed(message), _) => Err(message.clone()),
@@ -735,7 +941,6 @@ enum Settled {
 
 /// The entry slot of a source's pyc in `flavor`.
 pub(crate) fn slot_of(flavor: Flavor, source: &Source) -> EntrySlot {
-    use std::os::unix::fs::MetadataExt;
     match flavor {
         Flavor::Timestamp => EntrySlot::Timestamp {
             mtime: source.meta.mtime(),
@@ -745,29 +950,11 @@ pub(crate) fn slot_of(flavor: Flavor, source: &Source) -> EntrySlot {
     }
 }
 
-/// Creates `__pycache__` if missing (returning true); refuses one that is a
-/// symlink, so a link planted in a prefix can never redirect writes.
-fn ensure_pycache(dir: &Path) -> std::result::Result<bool, String> {
-    match std::fs::symlink_metadata(dir) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(format!(
-            "`{}` is a symlink; pycstore never writes through symlinks (remove it, or exclude the directory)",
-            dir.display()
-        )),
-        Ok(meta) if meta.is_dir() => Ok(false),
-        Ok(_) => Err(format!("`{}` exists and is not a directory", dir.display())),
-        Err(_) => match std::fs::create_dir(dir) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => ensure_pycache(dir),
-            Err(e) => Err(format!("cannot create `{}`: {e}", dir.display())),
-        },
-    }
-}
-
 pub(crate) fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
 }
 

@@ -1,6 +1,17 @@
-//! Putting an object into a prefix: reflink, hardlink or copy, always through
-//! a temp name in the destination directory and a rename over the target, so
-//! Python sees the old pyc or the whole new one, never a partial file.
+//! Putting an object into a prefix: reflink, hardlink or copy, through the
+//! `__pycache__` directory's descriptor (see [`crate::tree`]), so Python sees
+//! the old pyc or the whole new one, never a partial file, and nothing a
+//! prefix's owner plants can redirect the write.
+//!
+//! Where nothing is at the pyc's name, a hardlink goes straight there
+//! (`linkat` never replaces); anything else is made at a random temp name
+//! created exclusively, then renamed over the pyc.
+//!
+//! Who may read the placed file is decided per pyc ([`Access`]): a hardlink
+//! shares the object's inode, owner and mode with every tree holding it, so
+//! it is used only for sources every user may read, in trees of the store
+//! owner's trust domain; anything else gets its own inode (reflink or copy)
+//! with the source's read bits and owner.
 //!
 //! `auto` decides per destination filesystem with the first file as the
 //! probe: reflink, else hardlink, else copy. After the probe succeeded, a
@@ -10,14 +21,17 @@
 //! (ENOENT while the name exists) retries too.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::sync::Mutex;
 
+use rustix::fs::{AtFlags, Mode, CWD};
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{with_path, ObjectId, Objects};
+use crate::tree;
 
 /// How objects are put into prefixes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -50,15 +64,39 @@ impl LinkMode {
     }
 }
 
+/// Who may read one placed pyc, and whether it may share the object's inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Permission bits of a pyc with its own inode (copy, reflink).
+    pub mode: u32,
+    /// Owner and group to give it (root placing a private source's pyc).
+    pub owner: Option<(u32, u32)>,
+    /// Whether a hardlink to the object is allowed.
+    pub hardlink: bool,
+}
+
+/// Where one pyc goes.
+pub struct Destination<'a> {
+    /// The `__pycache__` directory, opened without following symlinks.
+    pub dir: BorrowedFd<'a>,
+    /// The pyc's name in it.
+    pub name: &'a OsStr,
+    /// Its path, for messages.
+    pub path: &'a Path,
+    /// The device of the directory.
+    pub dev: u64,
+    /// Who may read it.
+    pub access: Access,
+}
+
 /// Places objects into prefixes with one link mode, probing per device.
 pub struct Materializer<'a> {
     objects: &'a Objects,
     requested: LinkMode,
-    decided: Mutex<HashMap<u64, LinkMode>>,
+    /// The mode decided per (device, whether hardlinks are allowed).
+    decided: Mutex<HashMap<(u64, bool), LinkMode>>,
     warn: &'a (dyn Fn(String) + Sync),
 }
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl<'a> Materializer<'a> {
     /// `warn` receives the one warning said when `auto` falls back to copying.
@@ -75,66 +113,95 @@ impl<'a> Materializer<'a> {
         }
     }
 
+    fn decided(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, bool), LinkMode>> {
+        // A panic elsewhere cannot leave the map half-updated: entries are
+        // inserted whole.
+        self.decided.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The modes used so far (one per destination filesystem under `auto`).
     pub fn modes_used(&self) -> Vec<LinkMode> {
-        let mut modes: Vec<LinkMode> = self.decided.lock().unwrap().values().copied().collect();
+        let mut modes: Vec<LinkMode> = self.decided().values().copied().collect();
         modes.sort_by_key(|m| m.as_str());
         modes.dedup();
         modes
     }
 
-    /// Puts object `id` at `dest`, whose directory lies on device `dev`,
-    /// replacing whatever is there. Returns the mode used.
-    pub fn place(&self, id: &ObjectId, dest: &Path, dev: u64) -> io::Result<LinkMode> {
-        let source = self.objects.path(id);
-        if self.requested != LinkMode::Auto {
-            self.place_with(self.requested, id, &source, dest)?;
-            self.decided
-                .lock()
-                .unwrap()
-                .entry(dev)
-                .or_insert(self.requested);
-            return Ok(self.requested);
+    /// The modes to try for `dest`, in order, and whether they are a
+    /// fallback to be said once.
+    fn candidates(&self, dest: &Destination<'_>) -> &'static [LinkMode] {
+        match (self.requested, dest.access.hardlink) {
+            (LinkMode::Auto, true) => &[LinkMode::Reflink, LinkMode::Hardlink, LinkMode::Copy],
+            (LinkMode::Auto | LinkMode::Hardlink, false) => &[LinkMode::Reflink, LinkMode::Copy],
+            (LinkMode::Hardlink, true) => &[LinkMode::Hardlink],
+            (LinkMode::Reflink, _) => &[LinkMode::Reflink],
+            (LinkMode::Copy, _) => &[LinkMode::Copy],
         }
-        let known = self.decided.lock().unwrap().get(&dev).copied();
+    }
+
+    /// Puts object `id` at `dest`, replacing whatever is there. Returns the
+    /// mode used.
+    pub fn place(&self, id: &ObjectId, dest: &Destination<'_>) -> io::Result<LinkMode> {
+        let source = self.objects.path(id);
+        let key = (dest.dev, dest.access.hardlink);
+        let candidates = self.candidates(dest);
+        if let [only] = candidates {
+            self.place_with(*only, id, &source, dest)?;
+            self.decided().entry(key).or_insert(*only);
+            return Ok(*only);
+        }
+        let known = self.decided().get(&key).copied();
         if let Some(mode) = known {
             self.place_with(mode, id, &source, dest)?;
             return Ok(mode);
         }
         // Probe with this file, holding the lock so one thread decides.
-        let mut decided = self.decided.lock().unwrap();
-        if let Some(mode) = decided.get(&dev).copied() {
+        let mut decided = self.decided();
+        if let Some(mode) = decided.get(&key).copied() {
             drop(decided);
             self.place_with(mode, id, &source, dest)?;
             return Ok(mode);
         }
         let mut last_err = None;
-        for mode in [LinkMode::Reflink, LinkMode::Hardlink, LinkMode::Copy] {
+        for &mode in candidates {
             match self.place_with(mode, id, &source, dest) {
                 Ok(()) => {
-                    if mode == LinkMode::Copy {
+                    if self.requested == LinkMode::Hardlink {
+                        (self.warn)(format!(
+                            "not hardlinking into `{}`: hardlinks share the store's inode, \
+                             owner and mode, so they go only into trees owned by the store's \
+                             owner and only for sources every user may read; {} instead",
+                            dest.path.parent().unwrap_or(dest.path).display(),
+                            if mode == LinkMode::Copy {
+                                "copying"
+                            } else {
+                                "reflinking"
+                            },
+                        ));
+                    } else if mode == LinkMode::Copy && dest.access.hardlink {
                         (self.warn)(format!(
                             "cannot reflink or hardlink from the store into the filesystem of `{}` ({}); \
                              copying pycs instead, which costs disk space. Put the store on the same \
                              filesystem, or pass `--link-mode copy` to choose this explicitly",
-                            dest.parent().unwrap_or(dest).display(),
+                            dest.path.parent().unwrap_or(dest.path).display(),
                             last_err.as_ref().map(|e: &io::Error| e.to_string()).unwrap_or_default()
                         ));
-                    } else if mode == LinkMode::Hardlink {
+                    } else if mode != LinkMode::Reflink {
                         tracing::debug!(
-                            "reflink not available for `{}`: {:?}; using hardlinks",
-                            dest.display(),
-                            last_err
+                            "reflink not available for `{}`: {:?}; using {}",
+                            dest.path.display(),
+                            last_err,
+                            mode.as_str()
                         );
                     }
-                    decided.insert(dev, mode);
+                    decided.insert(key, mode);
                     return Ok(mode);
                 }
                 Err(e) if is_destination_problem(&e) => return Err(e),
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.expect("three modes were tried"))
+        Err(last_err.unwrap_or_else(|| io::Error::other("no link mode to try")))
     }
 
     fn place_with(
@@ -142,40 +209,55 @@ impl<'a> Materializer<'a> {
         mode: LinkMode,
         id: &ObjectId,
         source: &Path,
-        dest: &Path,
+        dest: &Destination<'_>,
     ) -> io::Result<()> {
-        let dir = dest.parent().expect("a pyc path has a parent");
-        let tmp = temp_name(dir, dest);
-        let made = match mode {
-            LinkMode::Reflink => reflink_copy::reflink(source, &tmp),
-            LinkMode::Hardlink => self.hard_link(id, source, &tmp),
-            LinkMode::Copy | LinkMode::Auto => std::fs::copy(source, &tmp).map(drop),
+        let placed = match mode {
+            LinkMode::Hardlink => self.hard_link(id, source, dest),
+            LinkMode::Reflink | LinkMode::Copy | LinkMode::Auto => {
+                self.write_copy(mode, source, dest)
+            }
         };
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(with_path(
+        placed.map_err(|e| {
+            with_path(
                 e,
                 &format!("{} `{}` to", mode.as_str(), source.display()),
-                dest,
-            ));
-        }
-        if let Err(e) = std::fs::rename(&tmp, dest) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(with_path(e, "rename a temp file to", dest));
-        }
-        // rename() between two links of one inode does nothing; drop the temp.
-        if std::fs::symlink_metadata(&tmp).is_ok() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        Ok(())
+                dest.path,
+            )
+        })
     }
 
-    fn hard_link(&self, id: &ObjectId, source: &Path, tmp: &Path) -> io::Result<()> {
+    /// Links the object at the pyc's name when nothing is there, else at a
+    /// temp name renamed over it.
+    fn hard_link(&self, id: &ObjectId, source: &Path, dest: &Destination<'_>) -> io::Result<()> {
+        match self.link_retrying(id, source, dest.dir, dest.name) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            done => return done,
+        }
+        let (tmp, ()) =
+            tree::with_temp_name(|tmp| match self.link_retrying(id, source, dest.dir, tmp) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    Err(rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+                }
+            })?;
+        let renamed = rustix::fs::renameat(dest.dir, &tmp, dest.dir, dest.name);
+        // rename() between two links of one inode does nothing: drop the temp.
+        let _ = tree::remove(dest.dir, &tmp);
+        Ok(renamed?)
+    }
+
+    fn link_retrying(
+        &self,
+        id: &ObjectId,
+        source: &Path,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> io::Result<()> {
         let mut attempts = 0;
         loop {
-            let err = match std::fs::hard_link(source, tmp) {
+            let err = match rustix::fs::linkat(CWD, source, dir, name, AtFlags::empty()) {
                 Ok(()) => return Ok(()),
-                Err(e) => e,
+                Err(e) => io::Error::from(e),
             };
             attempts += 1;
             if attempts > RETRIES {
@@ -197,19 +279,41 @@ impl<'a> Materializer<'a> {
             }
         }
     }
+
+    /// Reflinks or copies the object into a new temp file with the pyc's
+    /// own mode and owner, then renames it over the pyc.
+    fn write_copy(&self, mode: LinkMode, source: &Path, dest: &Destination<'_>) -> io::Result<()> {
+        let (tmp, fd) = tree::create_temp(dest.dir, 0o600)?;
+        let written = (|| -> io::Result<()> {
+            let object = std::fs::File::open(source)?;
+            if mode == LinkMode::Reflink {
+                rustix::fs::ioctl_ficlone(&fd, &object)?;
+            } else {
+                let mut out = std::fs::File::from(fd.try_clone()?);
+                io::copy(&mut &object, &mut out)?;
+            }
+            if let Some((uid, gid)) = dest.access.owner {
+                rustix::fs::fchown(
+                    &fd,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )?;
+            }
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(dest.access.mode))?;
+            drop(fd);
+            rustix::fs::renameat(dest.dir, &tmp, dest.dir, dest.name)?;
+            Ok(())
+        })();
+        if written.is_err() {
+            let _ = tree::remove(dest.dir.as_fd(), &tmp);
+        }
+        written
+    }
 }
 
 /// How often a hardlink is tried again: after giving the object a fresh
 /// inode, or after another process did.
 const RETRIES: u32 = 8;
-
-fn temp_name(dir: &Path, dest: &Path) -> PathBuf {
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut name = std::ffi::OsString::from(".pycstore-");
-    name.push(dest.file_name().unwrap_or_default());
-    name.push(format!(".{}.{n}.tmp", std::process::id()));
-    dir.join(name)
-}
 
 /// Errors that no other link mode would avoid: the destination itself is
 /// the problem.
@@ -217,7 +321,14 @@ fn is_destination_problem(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
-            libc::EACCES | libc::EROFS | libc::ENOSPC | libc::ENOENT | libc::ENOTDIR | libc::EDQUOT
+            libc::EACCES
+                | libc::EROFS
+                | libc::ENOSPC
+                | libc::ENOENT
+                | libc::ENOTDIR
+                | libc::EDQUOT
+                | libc::ENAMETOOLONG
+                | libc::ELOOP
         )
     )
 }
@@ -225,7 +336,7 @@ fn is_destination_problem(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// link(2) refuses an inode whose last name went away after the lookup:
     /// another process putting the same object again, or giving it a fresh
@@ -241,6 +352,7 @@ mod tests {
         std::fs::create_dir(&prefix).unwrap();
         let warn = |_: String| {};
         let materializer = Materializer::new(&objects, LinkMode::Hardlink, &warn);
+        let dir_fd = tree::open_root(&prefix).unwrap();
         let done = AtomicBool::new(false);
         std::thread::scope(|scope| {
             scope.spawn(|| {
@@ -250,8 +362,20 @@ mod tests {
                 }
             });
             let placed = (0..20000).try_for_each(|i| {
-                let dest = prefix.join(format!("m{}.pyc", i % 10));
-                materializer.place(&id, &dest, 0).map(drop)
+                let name = std::ffi::OsString::from(format!("m{}.pyc", i % 10));
+                let path = prefix.join(&name);
+                let dest = Destination {
+                    dir: dir_fd.as_fd(),
+                    name: &name,
+                    path: &path,
+                    dev: 0,
+                    access: Access {
+                        mode: 0o444,
+                        owner: None,
+                        hardlink: true,
+                    },
+                };
+                materializer.place(&id, &dest).map(drop)
             });
             done.store(true, Ordering::Relaxed);
             placed.unwrap();

@@ -10,6 +10,13 @@ use std::path::{Path, PathBuf};
 
 use fs_err as fs;
 
+/// The mode of an object compiled from a source every user may read.
+pub const PUBLIC_MODE: u32 = 0o444;
+
+/// The mode of an object compiled from a source some users may not read:
+/// in a group-shared store, other members cannot read it either.
+pub const PRIVATE_MODE: u32 = 0o400;
+
 /// The content address of an object: blake3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ObjectId(pub [u8; 32]);
@@ -78,14 +85,36 @@ impl Objects {
         self.dir.join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Stores `bytes` and returns their id. Bytes already present are not
-    /// written again; a damaged file under their name is replaced.
+    /// Stores `bytes` readable by everyone ([`PUBLIC_MODE`]) and returns
+    /// their id. Bytes already present are not written again; a damaged file
+    /// under their name is replaced.
     pub fn put(&self, bytes: &[u8]) -> io::Result<ObjectId> {
+        self.put_mode(bytes, PUBLIC_MODE)
+    }
+
+    /// As [`Objects::put`], a new object getting `mode`: [`PRIVATE_MODE`]
+    /// for the pyc of a source not every user may read.
+    pub fn put_mode(&self, bytes: &[u8], mode: u32) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
         if !self.holds(&id) {
-            self.adopt(&id, self.write_temp(bytes)?)?;
+            self.adopt(&id, self.write_temp_mode(bytes, mode)?)?;
         }
         Ok(id)
+    }
+
+    /// Gives the object `id` a fresh inode with `mode`, owned by the caller,
+    /// after checking its bytes still hash to its name: for an object whose
+    /// metadata changed (a `chown -R` through a hardlink), or a private object
+    /// now also wanted by a public source. `Ok(false)` when the bytes do not
+    /// match: the object is damaged, not to be placed.
+    pub fn reset(&self, id: &ObjectId, mode: u32) -> io::Result<bool> {
+        let path = self.path(id);
+        let bytes = fs::read(&path)?;
+        if ObjectId::of(&bytes) != *id {
+            return Ok(false);
+        }
+        write_atomic(&self.tmp, &path, &bytes, mode)?;
+        Ok(true)
     }
 
     /// Whether the object `id` is present with bytes that hash to its name.
@@ -157,8 +186,13 @@ impl Objects {
     /// old inode; new links go to the new one.
     pub fn refresh_inode(&self, id: &ObjectId) -> io::Result<()> {
         let path = self.path(id);
+        let file = fs::File::open(&path)?;
+        let mode = match file.metadata()?.permissions().mode() & 0o777 {
+            PRIVATE_MODE => PRIVATE_MODE,
+            _ => PUBLIC_MODE,
+        };
         let bytes = fs::read(&path)?;
-        write_atomic(&self.tmp, &path, &bytes, 0o444)
+        write_atomic(&self.tmp, &path, &bytes, mode)
     }
 
     /// Whether the object `id` is present with `size` bytes (one `stat`).
@@ -171,6 +205,11 @@ impl Objects {
     /// [`Objects::adopt`] to move into place later. Dropped instead, the
     /// temp file is removed.
     pub fn write_temp(&self, bytes: &[u8]) -> io::Result<tempfile::TempPath> {
+        self.write_temp_mode(bytes, PUBLIC_MODE)
+    }
+
+    /// As [`Objects::write_temp`], with `mode`.
+    pub fn write_temp_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
         let mut tmp = tempfile::Builder::new()
             .prefix(".pycstore-")
             .suffix(".tmp")
@@ -179,7 +218,7 @@ impl Objects {
         tmp.write_all(bytes)
             .map_err(|e| with_path(e, "write", tmp.path()))?;
         tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o444))
+            .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| with_path(e, "set permissions of", tmp.path()))?;
         Ok(tmp.into_temp_path())
     }

@@ -76,7 +76,8 @@ pub fn status(
     let per_source: Vec<std::result::Result<Vec<(usize, State)>, PathBuf>> = found
         .par_iter()
         .map(|(found, chosen)| {
-            let source = match Source::hash(found, index, now, None) {
+            let source = match Source::hash(found, index, now, None, crate::source::MAX_SOURCE_SIZE)
+            {
                 Hashed::Source(source) => source,
                 Hashed::Skipped => return Ok(Vec::new()),
                 Hashed::Failed(_) => return Err(found.path.clone()),

@@ -3,16 +3,18 @@
 //! unchanged. Shared by `link`, `status` and the FUSE views.
 
 use std::ffi::{OsStr, OsString};
-use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, Read};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::index::{Index, StatRecord, Writes};
 use crate::interpreter::{self, Interpreter};
 use crate::key::SourceDigest;
 use crate::pyc::{self, Flavor, HeaderInput};
-use crate::walk::{self, Excludes, Found};
+use crate::walk::{self, Excludes, Found, SourceDir};
 use crate::Result;
 
 /// A stat-cache record is trusted only for files whose last change is older
@@ -23,16 +25,78 @@ use crate::Result;
 const RACY_WINDOW_NS: i64 = 100_000_000;
 const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
 
+/// The default largest source read (`--max-source-size`): far above any real
+/// module, far below what a sparse file or a device could make a run read.
+pub const MAX_SOURCE_SIZE: u64 = 64 * 1024 * 1024;
+
+/// What a source's `stat` (following a symlinked source) says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceStat {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds and nanoseconds.
+    pub mtime: (i64, i64),
+    /// Status change time, seconds and nanoseconds.
+    pub ctime: (i64, i64),
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Whether it is a regular file.
+    pub regular: bool,
+}
+
+impl SourceStat {
+    fn of(st: &rustix::fs::Stat) -> SourceStat {
+        SourceStat {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime, st.st_ctime_nsec as i64),
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            regular: FileType::from_raw_mode(st.st_mode) == FileType::RegularFile,
+        }
+    }
+
+    /// Modification time in whole seconds (what timestamp pycs record).
+    pub fn mtime(&self) -> i64 {
+        self.mtime.0
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether every user may read the source: only then may its pyc be
+    /// readable by every user, and share an inode with other trees.
+    pub fn is_public(&self) -> bool {
+        self.mode & 0o444 == 0o444
+    }
+}
+
 /// A source file: its stat, its digest, and its bytes once read.
 pub struct Source {
     /// The path as found under the prefix.
     pub path: PathBuf,
-    /// The device of its directory (where its pyc goes).
-    pub dir_dev: u64,
+    /// The directory holding it (where its pyc goes).
+    pub dir: Arc<SourceDir>,
+    /// Its name in that directory.
+    pub name: OsString,
     /// `stat` of the file (following a symlink).
-    pub meta: std::fs::Metadata,
+    pub meta: SourceStat,
     /// blake3 of its bytes.
     pub digest: SourceDigest,
+    limit: u64,
     bytes: OnceLock<std::result::Result<Arc<Vec<u8>>, String>>,
 }
 
@@ -49,15 +113,26 @@ pub enum Hashed {
 impl Source {
     /// Stats and hashes `found`, trusting `index`'s stat cache for unchanged
     /// files; a fresh hash is recorded into `writes` (unless it is `None`).
-    pub fn hash(found: &Found, index: &Index, now_ns: i64, writes: Option<&mut Writes>) -> Hashed {
-        let meta = match std::fs::metadata(&found.path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Hashed::Skipped,
-            Err(e) => return Hashed::Failed(format!("cannot stat: {e}")),
-        };
-        let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-        let ctime_ns = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
-        let window = if meta.ctime_nsec() == 0 {
+    /// Only regular files of at most `limit` bytes are read.
+    pub fn hash(
+        found: &Found,
+        index: &Index,
+        now_ns: i64,
+        writes: Option<&mut Writes>,
+        limit: u64,
+    ) -> Hashed {
+        let meta =
+            match rustix::fs::statat(found.dir.fd(), found.name.as_os_str(), AtFlags::empty()) {
+                Ok(st) => SourceStat::of(&st),
+                Err(rustix::io::Errno::NOENT) => return Hashed::Skipped,
+                Err(e) => return Hashed::Failed(format!("cannot stat: {}", io::Error::from(e))),
+            };
+        if let Err(message) = check_kind_and_size(&meta, limit) {
+            return Hashed::Failed(message);
+        }
+        let mtime_ns = meta.mtime.0 * 1_000_000_000 + meta.mtime.1;
+        let ctime_ns = meta.ctime.0 * 1_000_000_000 + meta.ctime.1;
+        let window = if meta.ctime.1 == 0 {
             RACY_WINDOW_COARSE_NS
         } else {
             RACY_WINDOW_NS
@@ -67,9 +142,9 @@ impl Source {
             Err(e) => return Hashed::Failed(e.to_string()),
         };
         let fresh = |r: &StatRecord| {
-            r.dev == meta.dev()
-                && r.ino == meta.ino()
-                && r.size == meta.size()
+            r.dev == meta.dev
+                && r.ino == meta.ino
+                && r.size == meta.size
                 && r.mtime_ns == mtime_ns
                 && r.ctime_ns == ctime_ns
                 && ctime_ns.max(mtime_ns) + window < r.seen_ns
@@ -78,20 +153,17 @@ impl Source {
         let digest = match cached.filter(fresh) {
             Some(record) => record.digest,
             None => {
-                let data = match std::fs::read(&found.path) {
-                    Ok(data) => data,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Hashed::Skipped,
-                    Err(e) => return Hashed::Failed(format!("cannot read: {e}")),
+                let data = match read_source(found.dir.fd(), &found.name, &meta, limit) {
+                    Ok(Some(data)) => data,
+                    Ok(None) => return Hashed::Skipped,
+                    Err(message) => return Hashed::Failed(message),
                 };
-                if data.len() as u64 != meta.size() {
-                    return Hashed::Skipped;
-                }
                 let digest = SourceDigest::of(&data);
                 if let Some(writes) = writes {
                     let record = StatRecord {
-                        dev: meta.dev(),
-                        ino: meta.ino(),
-                        size: meta.size(),
+                        dev: meta.dev,
+                        ino: meta.ino,
+                        size: meta.size,
                         mtime_ns,
                         ctime_ns,
                         seen_ns: now_ns,
@@ -105,9 +177,11 @@ impl Source {
         };
         Hashed::Source(Box::new(Source {
             path: found.path.clone(),
-            dir_dev: found.dir_dev,
+            dir: Arc::clone(&found.dir),
+            name: found.name.clone(),
             meta,
             digest,
+            limit,
             bytes,
         }))
     }
@@ -117,10 +191,9 @@ impl Source {
     pub fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, String> {
         self.bytes
             .get_or_init(|| {
-                let bytes = std::fs::read(&self.path).map_err(|e| format!("cannot read: {e}"))?;
-                if SourceDigest::of(&bytes) != self.digest {
-                    return Err("changed while being linked; run again".into());
-                }
+                let bytes = read_source(self.dir.fd(), &self.name, &self.meta, self.limit)?
+                    .filter(|bytes| SourceDigest::of(bytes) == self.digest)
+                    .ok_or("changed while being linked; run again")?;
                 Ok(Arc::new(bytes))
             })
             .clone()
@@ -149,6 +222,62 @@ impl Source {
     pub fn pyc_path(&self, interpreter: &Interpreter, optimize: u8) -> Option<PathBuf> {
         pyc_path(&self.path, interpreter, optimize)
     }
+}
+
+/// Refuses what is not a regular file (a FIFO would block the read, a
+/// device never ends) and what is larger than `limit`.
+fn check_kind_and_size(meta: &SourceStat, limit: u64) -> std::result::Result<(), String> {
+    if !meta.regular {
+        return Err("not a regular file (a FIFO, device or socket): skipped".into());
+    }
+    if meta.size > limit {
+        return Err(too_large(meta.size, limit));
+    }
+    Ok(())
+}
+
+fn too_large(size: u64, limit: u64) -> String {
+    format!(
+        "is larger than the source size limit ({size} bytes, limit {limit}); \
+         skipped (raise it with --max-source-size, or exclude the file)"
+    )
+}
+
+/// Reads a source through its directory's descriptor: only a regular file
+/// (opened with `O_NONBLOCK`, so not even the open of a FIFO can block),
+/// the same file that was stat'ed, at most `limit` bytes counted as read.
+/// `None` when it vanished or changed meanwhile.
+fn read_source(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    meta: &SourceStat,
+    limit: u64,
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(format!("cannot read: {}", io::Error::from(e))),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("cannot stat: {}", io::Error::from(e)))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err("not a regular file (a FIFO, device or socket): skipped".into());
+    }
+    if st.st_dev != meta.dev || st.st_ino != meta.ino {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(meta.size.min(limit) as usize + 1);
+    std::fs::File::from(fd)
+        .take(limit + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if data.len() as u64 > limit {
+        return Err(too_large(data.len() as u64, limit));
+    }
+    if data.len() as u64 != meta.size {
+        return Ok(None);
+    }
+    Ok(Some(data))
 }
 
 /// `DIR/__pycache__/NAME.TAG[.opt-N].pyc` for the source `DIR/NAME.py`.

@@ -3,21 +3,111 @@
 //! minus what the user excluded. Unreadable directories and other walk errors
 //! are reported per path, never the end of the walk.
 
-use std::os::unix::fs::MetadataExt;
+use std::ffi::{OsStr, OsString};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 
+use crate::tree;
 use crate::{Error, Result};
 
+/// A directory of a prefix that holds sources, opened relative to its
+/// parent without following symlinks (see [`tree`]): every pyc of its
+/// sources is written through it.
+pub struct SourceDir {
+    /// The path as reached from the prefix, for messages and the index.
+    pub path: PathBuf,
+    fd: OwnedFd,
+    /// The device of the directory: where its pycs are written.
+    pub dev: u64,
+    /// The directory's owner.
+    pub uid: u32,
+    /// The directory's group.
+    pub gid: u32,
+    pycache: OnceLock<std::result::Result<Option<OwnedFd>, String>>,
+}
+
+impl SourceDir {
+    /// The directory's descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Its `__pycache__`, opened without following a symlink, and whether
+    /// this call created it. With `create`, a missing one is made (mode
+    /// 0777 less the umask, as Python makes it); without, it is `None`. The
+    /// first call decides for the directory's lifetime: one run asks one way.
+    pub fn pycache(
+        &self,
+        create: bool,
+    ) -> std::result::Result<(Option<BorrowedFd<'_>>, bool), String> {
+        let mut created = false;
+        let opened = self.pycache.get_or_init(|| {
+            let name = OsStr::new("__pycache__");
+            let is_symlink = || {
+                rustix::fs::statat(self.fd(), name, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+            };
+            let refuse = |e: std::io::Error| match e.raw_os_error() {
+                Some(libc::ELOOP | libc::ENOTDIR) if is_symlink() => format!(
+                    "`{}` is a symlink; pycstore never writes through symlinks \
+                     (remove it, or exclude the directory)",
+                    self.path.join(name).display()
+                ),
+                Some(libc::ENOTDIR) => format!(
+                    "`{}` exists and is not a directory",
+                    self.path.join(name).display()
+                ),
+                _ => format!("cannot open `{}`: {e}", self.path.join(name).display()),
+            };
+            match tree::open_dir(self.fd(), name) {
+                Ok(fd) => Ok(Some(fd)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                    match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o777)) {
+                        Ok(()) => created = true,
+                        Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(format!(
+                                "cannot create `{}`: {}",
+                                self.path.join(name).display(),
+                                std::io::Error::from(e)
+                            ))
+                        }
+                    }
+                    tree::open_dir(self.fd(), name).map(Some).map_err(refuse)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(refuse(e)),
+            }
+        });
+        match opened {
+            Ok(fd) => Ok((fd.as_ref().map(|fd| fd.as_fd()), created)),
+            Err(message) => Err(message.clone()),
+        }
+    }
+}
+
 /// A source file found by the walk.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Found {
     /// The path as reached from the prefix (a symlinked file keeps its own
     /// name: its pyc goes beside the link).
     pub path: PathBuf,
-    /// The device of the directory holding it: where its pyc will be written.
-    pub dir_dev: u64,
+    /// The directory holding it.
+    pub dir: Arc<SourceDir>,
+    /// Its name in that directory.
+    pub name: OsString,
+}
+
+impl std::fmt::Debug for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Found").field("path", &self.path).finish()
+    }
 }
 
 /// Exclude patterns. A pattern with a `/` is matched against the path
@@ -62,76 +152,122 @@ impl Excludes {
     }
 }
 
-/// Walks `prefix`, returning the sources and the paths that could not be read.
+/// Walks `prefix` through directory descriptors (never following a
+/// symlinked directory, skipping `__pycache__`), returning the sources and
+/// the paths that could not be read or are not regular files.
 pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, String)>) {
     let mut found = Vec::new();
     let mut errors = Vec::new();
-    let mut dir_devs: Vec<(PathBuf, u64)> = Vec::new();
-    let walker = walkdir::WalkDir::new(prefix)
-        .follow_links(false)
-        .follow_root_links(true)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| {
-            if e.depth() == 0 {
-                return true;
-            }
-            if e.file_type().is_dir() && e.file_name() == "__pycache__" {
-                return false;
-            }
-            let rel = e.path().strip_prefix(prefix).unwrap_or(e.path());
-            !excludes.excluded(rel)
-        });
-    for entry in walker {
-        let entry = match entry {
-            Ok(entry) => entry,
-            Err(err) => {
-                let path = err.path().unwrap_or(prefix).to_path_buf();
-                let message = err
-                    .io_error()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| err.to_string());
-                errors.push((path, format!("cannot read: {message}")));
+    let root = match tree::open_root(prefix) {
+        Ok(fd) => fd,
+        Err(e) => {
+            errors.push((prefix.to_path_buf(), format!("cannot read: {e}")));
+            return (found, errors);
+        }
+    };
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
+    let mut pending = vec![(prefix.to_path_buf(), root)];
+    while let Some((path, fd)) = pending.pop() {
+        let stat = match rustix::fs::fstat(&fd) {
+            Ok(stat) => stat,
+            Err(e) => {
+                errors.push((path, format!("cannot read: {}", std::io::Error::from(e))));
                 continue;
             }
         };
-        if entry.file_type().is_dir() {
-            if let Ok(meta) = entry.metadata() {
-                // Directories arrive before their files; keep the stack of
-                // ancestors of the current entry.
-                while dir_devs
-                    .last()
-                    .is_some_and(|(d, _)| !entry.path().starts_with(d))
-                {
-                    dir_devs.pop();
-                }
-                dir_devs.push((entry.path().to_path_buf(), meta.dev()));
+        let mut entries = match read_entries(fd.as_fd(), &mut buf) {
+            Ok(entries) => entries,
+            Err(e) => {
+                errors.push((path, format!("cannot read: {e}")));
+                continue;
             }
-            continue;
-        }
-        let is_py = entry
-            .file_name()
-            .as_encoded_bytes()
-            .strip_suffix(b".py")
-            .is_some_and(|stem| !stem.is_empty());
-        if !is_py {
-            continue;
-        }
-        // A symlink counts when it leads to a regular file, as for compileall.
-        if entry.file_type().is_symlink() && !entry.path().is_file() {
-            continue;
-        }
-        let parent = entry.path().parent().unwrap_or(prefix);
-        while dir_devs.last().is_some_and(|(d, _)| d != parent) {
-            dir_devs.pop();
-        }
-        let dir_dev = dir_devs.last().map(|(_, dev)| *dev).unwrap_or(0);
-        found.push(Found {
-            path: entry.into_path(),
-            dir_dev,
+        };
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let dir = Arc::new(SourceDir {
+            path,
+            fd,
+            dev: stat.st_dev,
+            uid: stat.st_uid,
+            gid: stat.st_gid,
+            pycache: OnceLock::new(),
         });
+        let mut subdirs = Vec::new();
+        for (name, mut kind) in entries {
+            let child = dir.path.join(&name);
+            let relative = child.strip_prefix(prefix).unwrap_or(&child);
+            if kind == FileType::Unknown {
+                match rustix::fs::statat(dir.fd(), name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => kind = FileType::from_raw_mode(st.st_mode),
+                    Err(_) => continue,
+                }
+            }
+            if kind == FileType::Directory {
+                if name == "__pycache__" || excludes.excluded(relative) {
+                    continue;
+                }
+                match tree::open_dir(dir.fd(), &name) {
+                    Ok(fd) => subdirs.push((child, fd)),
+                    // Swapped for a symlink or a file since it was listed:
+                    // not a directory of this prefix any more.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => errors.push((child, format!("cannot read: {e}"))),
+                }
+                continue;
+            }
+            let is_py = name
+                .as_bytes()
+                .strip_suffix(b".py")
+                .is_some_and(|stem| !stem.is_empty());
+            if !is_py || excludes.excluded(relative) {
+                continue;
+            }
+            let target = match kind {
+                // A symlink counts when it leads to a regular file, as for
+                // compileall; a dangling one or a loop is no source.
+                FileType::Symlink => {
+                    match rustix::fs::statat(dir.fd(), name.as_os_str(), AtFlags::empty()) {
+                        Ok(st) => FileType::from_raw_mode(st.st_mode),
+                        Err(_) => continue,
+                    }
+                }
+                kind => kind,
+            };
+            if target != FileType::RegularFile {
+                errors.push((
+                    child,
+                    "not a regular file (a FIFO, device or socket): skipped".to_string(),
+                ));
+                continue;
+            }
+            found.push(Found {
+                path: child,
+                dir: Arc::clone(&dir),
+                name,
+            });
+        }
+        // Depth first, in name order.
+        pending.extend(subdirs.into_iter().rev());
     }
     (found, errors)
+}
+
+/// The names and types of a directory's entries, without `.` and `..`.
+fn read_entries(
+    fd: BorrowedFd<'_>,
+    buf: &mut [MaybeUninit<u8>],
+) -> std::io::Result<Vec<(OsString, FileType)>> {
+    let mut entries = Vec::new();
+    let mut dir = RawDir::new(fd, buf);
+    while let Some(entry) = dir.next() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        entries.push((OsStr::from_bytes(name).to_os_string(), entry.file_type()));
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -170,6 +306,6 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.py", "pkg/b.py"]);
         assert!(errors.is_empty());
-        assert!(found.iter().all(|f| f.dir_dev != 0));
+        assert!(found.iter().all(|f| f.dir.dev != 0));
     }
 }

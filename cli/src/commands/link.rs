@@ -89,6 +89,7 @@ fn settings(args: &LinkArgs) -> LinkOptions {
         excludes: args.exclude.clone(),
         dry_run: args.dry_run,
         timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),
+        max_source_size: args.max_source_size,
     }
 }
 

@@ -16,5 +16,6 @@ mod interpreters;
 mod lifecycle;
 mod link_modes;
 mod pack;
+mod prefix_attacks;
 mod stdlib;
 mod verify;

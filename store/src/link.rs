@@ -711,6 +711,14 @@ impl Run<'_> {
         if st.st_size as u64 != entry.size || st.st_mode & 0o444 & !access.mode != 0 {
             return false;
         }
+        // An inode shared with other names that is not the object: an
+        // object's old inode where no hardlink may be, or one whose owner or
+        // mode changed (a `chown -R` of another tree holding it).
+        if st.st_nlink > 1
+            && (!access.hardlink || !self.domain.object_ok(&st) || st.st_mode & 0o7777 != PUBLIC_MODE)
+        {
+            return false;
+        }
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
             return false;

@@ -11,6 +11,11 @@
 //!   (temp file, then rename): what it writes is checked against the source
 //!   and stored.
 //!
+//! Permissions: nodes carry the owner and mode of what they stand for (a
+//! pyc its source's read bits, a made-up directory its real one's), and the
+//! kernel checks every access against them (`default_permissions`), so a
+//! reader of the view gets what it could read and list in the tree.
+//!
 //! Inodes: the root is 1; every other node is numbered when first seen and
 //! keyed by what it stands for. A served pyc is keyed by its path and the
 //! state of its source (device, inode, size, mtime, ctime): its size is

@@ -791,3 +791,278 @@ fn other_users_only_with_allow_other() {
         m.unmount();
     }
 }
+
+/// The unprivileged user the permission tests read as.
+const NOBODY: u32 = 65534;
+
+/// An interpreter `nobody` can run (the pyenv ones live under 0700 `/root`).
+fn nobody_python() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/python3.11");
+    assert!(
+        p.exists(),
+        "{} is missing: apt-get install python3.11",
+        p.display()
+    );
+    p
+}
+
+/// `PROGRAM` as the user `nobody`, without root's groups or capabilities.
+fn as_nobody(program: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", "--"])
+        .arg(program);
+    cmd
+}
+
+/// What `nobody` gets opening each path: the length read (a file), the
+/// number of entries (a directory), or the error's name (`EACCES`).
+fn nobody_reads(paths: &[&Path]) -> Vec<String> {
+    let script = "import os, sys, errno\n\
+        for p in sys.argv[1:]:\n\
+        \x20   try:\n\
+        \x20       print(len(os.listdir(p)) if os.path.isdir(p) else len(open(p, 'rb').read()))\n\
+        \x20   except OSError as e:\n\
+        \x20       print(errno.errorcode[e.errno])\n";
+    let out = run_ok(
+        as_nobody(&nobody_python())
+            .args(["-I", "-c", script])
+            .args(paths),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `python -v ARGS` as `nobody`, with bytecode writing allowed.
+fn python_v_as_nobody(python: &Path, args: &[&str], envs: &[(&str, &OsStr)]) -> ImportLog {
+    let mut cmd = as_nobody(python);
+    cmd.arg("-v")
+        .args(args)
+        .env_remove("PYTHONDONTWRITEBYTECODE")
+        .env_remove("PYTHONPYCACHEPREFIX")
+        .current_dir("/");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let output = run(&mut cmd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut from_pyc = Vec::new();
+    let mut from_source = Vec::new();
+    for line in stderr.lines() {
+        if let Some(rest) = line.strip_prefix("# code object from ") {
+            if rest.starts_with('\'') {
+                from_pyc.push(rest.trim_matches('\'').to_string());
+            } else {
+                from_source.push(rest.to_string());
+            }
+        }
+    }
+    ImportLog {
+        from_pyc,
+        from_source,
+        output,
+    }
+}
+
+/// A tree of sources owned by root, in a directory others may search:
+/// `app/public.py` (0644), `app/secret.py` (0600), `app/private/` (0700)
+/// holding `mod.py` (0644), and `app/linked.py`, a symlink to a 0644
+/// `creds.py` in a 0700 directory outside the tree (what a user who may
+/// write into the tree could point at).
+fn permission_tree(t: &TestDir) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(t.path(), 0o755);
+    mode(&t.write("app/public.py", "VALUE = 1\n"), 0o644);
+    mode(&t.write("app/secret.py", "TOKEN = 'hunter2'\n"), 0o600);
+    mode(&t.write("app/private/mod.py", "VALUE = 2\n"), 0o644);
+    mode(&t.join("app/private"), 0o700);
+    mode(
+        &t.write("vault/creds.py", "PASSWORD = 'swordfish'\n"),
+        0o644,
+    );
+    mode(&t.join("vault"), 0o700);
+    std::os::unix::fs::symlink(t.join("vault/creds.py"), t.join("app/linked.py")).unwrap();
+    mode(&t.join("app"), 0o755);
+    t.join("app")
+}
+
+/// With --allow-other, the overlay's pycs are as readable as their
+/// sources and no more: another user reads the pyc of a world-readable
+/// source (and imports from it), but gets EACCES for a 0600 source's pyc,
+/// for a symlinked source whose target lies in a directory it cannot
+/// search, and for the `__pycache__` of a 0700 directory.
+#[test]
+fn overlay_pycs_as_readable_as_their_sources() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = permission_tree(&t);
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let py = nobody_python();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--allow-other"),
+        ],
+    );
+    let pyc = |rel: &str| mnt.join(rel);
+    let public = pyc("__pycache__/public.cpython-311.pyc");
+    let secret = pyc("__pycache__/secret.cpython-311.pyc");
+    let linked = pyc("__pycache__/linked.cpython-311.pyc");
+    let private = pyc("private/__pycache__");
+    let private_pyc = pyc("private/__pycache__/mod.cpython-311.pyc");
+    // The owner (root) reads them all.
+    for p in [&public, &secret, &linked, &private_pyc] {
+        assert!(std::fs::read(p).unwrap().len() > 16, "{}", p.display());
+    }
+    let got = nobody_reads(&[&public, &secret, &linked, &private, &private_pyc]);
+    assert_eq!(got[0], std::fs::read(&public).unwrap().len().to_string());
+    assert_eq!(got[1..], ["EACCES"; 4], "nobody: {got:?}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&public), 0o444);
+    assert_eq!(mode(&secret), 0o400);
+    assert_eq!(std::fs::metadata(&secret).unwrap().uid(), 0);
+    assert_eq!(mode(&linked), 0o400);
+    assert_eq!(mode(&private), 0o500);
+
+    let code = format!(
+        "import sys; sys.path.insert(0, {:?}); import public",
+        mnt.to_str().unwrap()
+    );
+    let log = python_v_as_nobody(&py, &["-c", &code], &[]);
+    assert_output!(
+        log.output,
+        log.output.status.success() && log.from_pyc.contains(&public.display().to_string()),
+        "nobody did not import public from its pyc: {:?}",
+        log.from_pyc
+    );
+    let code = format!(
+        "import sys; sys.path.insert(0, {:?}); import secret",
+        mnt.to_str().unwrap()
+    );
+    let log = python_v_as_nobody(&py, &["-c", &code], &[]);
+    assert_output!(
+        log.output,
+        !log.output.status.success() && !log.from_pyc.contains(&secret.display().to_string()),
+        "nobody imported a source it cannot read"
+    );
+    m.unmount();
+}
+
+/// With --allow-other, the pycache-prefix view mirrors the tree's
+/// directories, owner and mode included, and gives each pyc its source's
+/// read bits: another user imports a world-readable module from its pyc,
+/// but gets EACCES for a 0600 source's pyc, for a symlinked source in a
+/// directory it cannot search, and for a 0700 directory and what is in
+/// it. Nor can it make the view store a pyc, for a source it can read or
+/// one it cannot.
+#[test]
+fn pycache_prefix_mirrors_permissions() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = permission_tree(&t);
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let py = nobody_python();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--allow-other"),
+        ],
+    );
+    let mirrored = prefix.join(src.strip_prefix("/").unwrap());
+    let public = mirrored.join("public.cpython-311.pyc");
+    let secret = mirrored.join("secret.cpython-311.pyc");
+    let linked = mirrored.join("linked.cpython-311.pyc");
+    let private = mirrored.join("private");
+    let private_pyc = private.join("mod.cpython-311.pyc");
+    for p in [&public, &secret, &linked, &private_pyc] {
+        assert!(std::fs::read(p).unwrap().len() > 16, "{}", p.display());
+    }
+    let got = nobody_reads(&[&public, &secret, &linked, &private, &private_pyc]);
+    assert_eq!(got[0], std::fs::read(&public).unwrap().len().to_string());
+    assert_eq!(got[1..], ["EACCES"; 4], "nobody: {got:?}");
+    let meta = |p: &Path| std::fs::metadata(p).unwrap();
+    assert_eq!(meta(&private).mode() & 0o7777, 0o700);
+    assert_eq!(meta(&private).uid(), 0);
+    assert_eq!(meta(&mirrored).mode() & 0o7777, 0o755);
+    assert_eq!(meta(&public).mode() & 0o7777, 0o444);
+    assert_eq!(meta(&secret).mode() & 0o7777, 0o400);
+    assert_eq!(meta(&linked).mode() & 0o7777, 0o400);
+
+    let env = [("PYTHONPYCACHEPREFIX", prefix.as_os_str())];
+    let code = format!(
+        "import sys; sys.path.insert(0, {:?}); import public",
+        src.to_str().unwrap()
+    );
+    let log = python_v_as_nobody(&py, &["-c", &code], &env);
+    assert_output!(
+        log.output,
+        log.output.status.success() && log.from_pyc.contains(&public.display().to_string()),
+        "nobody did not import public from its pyc: {:?}",
+        log.from_pyc
+    );
+
+    // Writes by another user are refused, even where the tree lets
+    // everyone create (a 1777 directory, mirrored as such).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(src.join("shared")).unwrap();
+    std::fs::set_permissions(src.join("shared"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    t.write("app/shared/mine.py", "VALUE = 3\n");
+    let pyc = std::fs::read(&public).unwrap();
+    let script = "import sys\n\
+        for p in sys.argv[2:]:\n\
+        \x20   try:\n\
+        \x20       open(p, 'wb').write(open(sys.argv[1], 'rb').read())\n\
+        \x20       print('written')\n\
+        \x20   except OSError as e:\n\
+        \x20       print(e.strerror)\n";
+    let tmp = t.join("public.pyc");
+    std::fs::write(&tmp, &pyc).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run_ok(
+        as_nobody(&py)
+            .args(["-I", "-c", script])
+            .arg(&tmp)
+            .arg(mirrored.join("shared/mine.cpython-311.pyc"))
+            .arg(mirrored.join("shared/mine.cpython-311.pyc.1234")),
+    );
+    assert_output!(
+        out,
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>()
+            == ["Permission denied"; 2],
+        "nobody wrote into the view"
+    );
+    assert_eq!(
+        meta(&mirrored.join("shared")).mode() & 0o7777,
+        0o1777,
+        "the shared directory is not mirrored"
+    );
+    let report = m.unmount();
+    assert_eq!(reported(&report, "written by Python stored"), 0, "{report}");
+}

@@ -11,6 +11,11 @@
 //!   (temp file, then rename): what it writes is checked against the source
 //!   and stored.
 //!
+//! Permissions: nodes carry the owner and mode of what they stand for (a
+//! pyc its source's read bits, a made-up directory its real one's), and the
+//! kernel checks every access against them (`default_permissions`), so a
+//! reader of the view gets what it could read and list in the tree.
+//!
 //! Inodes: the root is 1; every other node is numbered when first seen and
 //! keyed by what it stands for. A served pyc is keyed by its path and the
 //! state of its source (device, inode, size, mtime, ctime): its size is
@@ -68,6 +73,8 @@ enum Key {
 struct PycNode {
     served: Served,
     source: Meta,
+    /// The source, relative to the tree's base.
+    rel: PathBuf,
 }
 
 /// A file Python is writing into the pycache-prefix view.
@@ -81,6 +88,8 @@ struct Written {
     mtime: SystemTime,
     /// Still reachable by its name (not renamed away or unlinked).
     linked: bool,
+    /// Who created it.
+    writer: Writer,
 }
 
 #[derive(Clone)]
@@ -213,6 +222,55 @@ fn tree_lookup<T>(result: std::io::Result<T>) -> Result<Option<T>, Errno> {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Errno::from(e)),
+    }
+}
+
+/// Who asks for a write: the credentials of the requesting process.
+#[derive(Clone, Copy)]
+struct Writer {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+impl Writer {
+    fn of(req: &Request) -> Writer {
+        Writer {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+
+    /// Whether the writer may read a file of `meta` with permission bits
+    /// `perm`, as the kernel decides (its supplementary groups from
+    /// `/proc/PID/status`; without them, only its group).
+    fn may_read(&self, meta: &Meta, perm: u32) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        if self.uid == meta.uid {
+            return perm & 0o400 != 0;
+        }
+        let in_group = self.gid == meta.gid || self.groups().contains(&meta.gid);
+        if in_group {
+            return perm & 0o040 != 0;
+        }
+        perm & 0o004 != 0
+    }
+
+    fn groups(&self) -> Vec<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
+        status
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -376,7 +434,11 @@ impl Inner {
         }
     }
 
+    /// A pyc is never more readable than its source: it has the source's
+    /// owner, group and read bits (no write or execute), less what the way
+    /// to a symlinked source's target takes away.
     fn pyc_attr(&self, ino: u64, pyc: &PycNode) -> FileAttr {
+        let perm = pyc.source.mode & 0o444 & self.reach_mask(&pyc.rel, &pyc.source);
         FileAttr {
             ino: INodeNo(ino),
             size: pyc.served.size,
@@ -386,7 +448,7 @@ impl Inner {
             ctime: time(pyc.source.ctime_ns),
             crtime: time(pyc.source.ctime_ns),
             kind: FileType::RegularFile,
-            perm: 0o444,
+            perm: perm as u16,
             nlink: 1,
             uid: pyc.source.uid,
             gid: pyc.source.gid,
@@ -421,21 +483,34 @@ impl Inner {
             Node::Real(rel) if self.overlay() => {
                 Ok((self.ttl, self.tree_attr(ino, &self.under.lstat(rel)?)))
             }
+            // The directory it mirrors, owner and mode included: the kernel
+            // (`default_permissions`) then hides from each reader what it
+            // could not list or search in the tree itself.
             Node::Real(rel) => {
                 let meta = self.under.stat(rel)?;
                 if !meta.is_dir() {
                     return Err(Errno::ENOENT);
                 }
+                let perm = meta.mode & 0o7777 & self.reach_mask(rel, &meta);
                 Ok((
                     self.ttl,
-                    self.made_dir_attr(ino, &meta, 0o755, self.uid, self.gid),
+                    self.made_dir_attr(ino, &meta, perm as u16, meta.uid, meta.gid),
                 ))
             }
+            // Listed and searched by those who may list and search the
+            // directory of its sources (and the real `__pycache__`, whose
+            // entries show through); never written.
             Node::Pycache(dir) => {
                 let meta = self.under.lstat(dir)?;
+                let mut perm = meta.mode & 0o555;
+                if let Ok(real) = self.under.lstat(&dir.join(PYCACHE)) {
+                    if real.is_dir() {
+                        perm &= real.mode;
+                    }
+                }
                 Ok((
                     self.ttl,
-                    self.made_dir_attr(ino, &meta, 0o555, meta.uid, meta.gid),
+                    self.made_dir_attr(ino, &meta, perm as u16, meta.uid, meta.gid),
                 ))
             }
             Node::Pyc(pyc) => Ok((self.ttl, self.pyc_attr(ino, pyc))),
@@ -458,6 +533,25 @@ impl Inner {
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
         ppid == Some(self.pid)
+    }
+
+    /// The permission bits a node standing for `rel` (whose stat is `meta`)
+    /// may show: all of them, unless `rel` is a symlink, whose target's
+    /// attributes the view shows without the directories leading to it.
+    fn reach_mask(&self, rel: &Path, meta: &Meta) -> u32 {
+        match self.under.lstat(rel) {
+            Ok(link) if link.file_type() == rustix::fs::FileType::Symlink => {
+                self.under.reach_mask(rel, meta).unwrap_or_else(|e| {
+                    tracing::debug!(
+                        "cannot follow `{}` to its target: {e}",
+                        self.under.display_path(rel).display()
+                    );
+                    0
+                })
+            }
+            Ok(_) => 0o7777,
+            Err(_) => 0,
+        }
     }
 
     fn has_sources(&self, dir: &Path) -> bool {
@@ -603,10 +697,12 @@ impl Inner {
     fn pyc_entry(&self, pyc: PathBuf, source: &Source, served: Served) -> Result<Resolved, Errno> {
         let key = Key::Pyc(pyc, SourceState::of(&source.meta));
         let meta = source.meta;
+        let rel = source.rel.clone();
         self.entry(key, move || {
             Node::Pyc(Arc::new(PycNode {
                 served,
                 source: meta,
+                rel,
             }))
         })
     }
@@ -711,19 +807,21 @@ impl Inner {
         }
     }
 
+    /// The kernel sends RELEASE without the closing process's credentials:
+    /// a pyc written under its final name is checked for its creator.
     fn release(&self, fh: FileHandle) -> Result<(), Errno> {
         let handle = lock(&self.handles).remove(&fh.0);
         if let Some(Handle::Written(w)) = handle {
             // A pyc written under its final name, not through a temp file.
-            let (dir, name, data) = {
+            let (dir, name, data, writer) = {
                 let w = lock(&w);
                 if !w.linked {
                     return Ok(());
                 }
-                (w.dir.clone(), w.name.clone(), w.data.clone())
+                (w.dir.clone(), w.name.clone(), w.data.clone(), w.writer)
             };
             if self.pycs.parse_any_name(name.as_bytes()).is_some()
-                && self.ingest(&dir, &name, &data).is_ok()
+                && self.ingest(&writer, &dir, &name, &data).is_ok()
             {
                 lock(&self.nodes).written.remove(&(dir, name));
                 lock(&w).linked = false;
@@ -914,15 +1012,13 @@ impl Inner {
 
     fn create(
         &self,
-        req_uid: u32,
+        writer: Writer,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
     ) -> Result<(Duration, FileAttr, FileHandle), Errno> {
         let dir = self.writable_dir(parent)?;
-        if req_uid != self.uid {
-            return Err(Errno::EACCES);
-        }
+        self.owner_only(writer.uid)?;
         if self.written_target(name.as_bytes()).is_none() {
             return Err(Errno::EACCES);
         }
@@ -939,9 +1035,12 @@ impl Inner {
             data: Vec::new(),
             uid: self.uid,
             gid: self.gid,
-            mode: mode & 0o666,
+            // Only the writer reads a pyc being written (whatever mode
+            // Python asks for, from the source's).
+            mode: mode & 0o600,
             mtime: SystemTime::now(),
             linked: true,
+            writer,
         }));
         let (ino, _) = nodes.insert(Key::Written(id), true, || Node::Written(Arc::clone(&w)));
         nodes.written.insert(key, ino);
@@ -951,7 +1050,15 @@ impl Inner {
         Ok((self.ttl, attr, fh))
     }
 
-    fn write(&self, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    fn write(
+        &self,
+        req_uid: u32,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u32, Errno> {
+        self.owner_only(req_uid)?;
         let handle = lock(&self.handles).get(&fh.0).map(|h| match h {
             Handle::Written(w) => Some(Arc::clone(w)),
             _ => None,
@@ -978,10 +1085,16 @@ impl Inner {
         Ok(data.len() as u32)
     }
 
-    fn setattr(&self, ino: INodeNo, size: Option<u64>) -> Result<(Duration, FileAttr), Errno> {
+    fn setattr(
+        &self,
+        req_uid: u32,
+        ino: INodeNo,
+        size: Option<u64>,
+    ) -> Result<(Duration, FileAttr), Errno> {
         let node = lock(&self.nodes).get(ino)?;
         match &node {
             Node::Written(w) => {
+                self.owner_only(req_uid)?;
                 if let Some(size) = size {
                     if size as usize > MAX_WRITTEN {
                         return Err(Errno::EFBIG);
@@ -995,8 +1108,21 @@ impl Inner {
         }
     }
 
-    /// Checks and stores what Python wrote as `dir/name`.
-    fn ingest(&self, dir: &Path, name: &OsStr, data: &[u8]) -> Result<(), Errno> {
+    /// Only the mount's owner writes into the pycache-prefix view (the
+    /// kernel's checks against the mirrored directories let others create
+    /// where the tree lets them, as in `/tmp`).
+    fn owner_only(&self, req_uid: u32) -> Result<(), Errno> {
+        if req_uid == self.uid {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
+    }
+
+    /// Checks and stores what Python wrote as `dir/name`, for `writer`, who
+    /// must be able to read the source (the directories on the way were
+    /// checked by the kernel against the mirrored ones).
+    fn ingest(&self, writer: &Writer, dir: &Path, name: &OsStr, data: &[u8]) -> Result<(), Errno> {
         let (stem, interp, optimize) = self
             .pycs
             .parse_any_name(name.as_bytes())
@@ -1004,12 +1130,23 @@ impl Inner {
         let mut file = stem.to_vec();
         file.extend_from_slice(b".py");
         let source = dir.join(OsStr::from_bytes(&file));
+        let meta = self.under.stat(&source)?;
+        let perm = meta.mode & self.reach_mask(&source, &meta);
+        if !writer.may_read(&meta, perm) {
+            self.pycs.refuse(
+                &self.under,
+                &source,
+                &format!("user {} cannot read the source", writer.uid),
+            );
+            return Err(Errno::EACCES);
+        }
         self.pycs
             .ingest(&self.under, &source, interp, optimize, data)
     }
 
     fn rename(
         &self,
+        writer: &Writer,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -1017,6 +1154,7 @@ impl Inner {
     ) -> Result<(), Errno> {
         let dir = self.writable_dir(parent)?;
         let newdir = self.writable_dir(newparent)?;
+        self.owner_only(writer.uid)?;
         let key = (dir, name.to_os_string());
         let ino = lock(&self.nodes)
             .written
@@ -1027,8 +1165,11 @@ impl Inner {
         let Node::Written(w) = node else {
             return Err(Errno::EIO);
         };
+        if lock(&w).writer.uid != writer.uid {
+            return Err(Errno::EACCES);
+        }
         let data = lock(&w).data.clone();
-        let result = self.ingest(&newdir, newname, &data);
+        let result = self.ingest(writer, &newdir, newname, &data);
         let mut nodes = lock(&self.nodes);
         nodes.written.remove(&key);
         {
@@ -1043,8 +1184,9 @@ impl Inner {
         result
     }
 
-    fn unlink(&self, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
+    fn unlink(&self, req_uid: u32, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
         let dir = self.writable_dir(parent)?;
+        self.owner_only(req_uid)?;
         let mut nodes = lock(&self.nodes);
         let ino = nodes
             .written
@@ -1129,7 +1271,7 @@ impl Filesystem for PycFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _mode: Option<u32>,
         _uid: Option<u32>,
@@ -1146,7 +1288,7 @@ impl Filesystem for PycFs {
         reply: ReplyAttr,
     ) {
         self.inner.pycs.stats.op(11);
-        match self.inner.setattr(ino, size) {
+        match self.inner.setattr(req.uid(), ino, size) {
             Ok((ttl, attr)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -1188,7 +1330,7 @@ impl Filesystem for PycFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1199,7 +1341,7 @@ impl Filesystem for PycFs {
         reply: ReplyWrite,
     ) {
         self.inner.pycs.stats.op(11);
-        match self.inner.write(ino, fh, offset, data) {
+        match self.inner.write(req.uid(), ino, fh, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -1297,7 +1439,7 @@ impl Filesystem for PycFs {
         reply: ReplyCreate,
     ) {
         self.inner.pycs.stats.op(10);
-        match self.inner.create(req.uid(), parent, name, mode) {
+        match self.inner.create(Writer::of(req), parent, name, mode) {
             Ok((ttl, attr, fh)) => {
                 reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty())
             }
@@ -1307,7 +1449,7 @@ impl Filesystem for PycFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -1316,7 +1458,10 @@ impl Filesystem for PycFs {
         reply: ReplyEmpty,
     ) {
         self.inner.pycs.stats.op(11);
-        match self.inner.rename(parent, name, newparent, newname) {
+        match self
+            .inner
+            .rename(&Writer::of(req), parent, name, newparent, newname)
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1338,9 +1483,9 @@ impl Filesystem for PycFs {
         reply.error(Errno::ENOSYS);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.inner.pycs.stats.op(11);
-        match self.inner.unlink(parent, name) {
+        match self.inner.unlink(req.uid(), parent, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

@@ -772,6 +772,16 @@ impl Pycs {
         Ok(())
     }
 
+    /// Counts and reports a pyc written for the source `rel` that is not
+    /// stored.
+    pub fn refuse(&self, under: &Under, rel: &Path, why: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "refused the pyc written for `{}`: {why}",
+            under.display_path(rel).display()
+        );
+    }
+
     /// Checks a pyc that Python wrote for the source `rel` and stores it:
     /// the magic must be the interpreter's, the flags a valid flavor, the
     /// header must match the live source (its hash, or its mtime and size),
@@ -785,11 +795,7 @@ impl Pycs {
         data: &[u8],
     ) -> Result<(), Errno> {
         let refuse = |why: &str| {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                "refused the pyc written for `{}`: {why}",
-                under.display_path(rel).display()
-            );
+            self.refuse(under, rel, why);
             Err(Errno::EINVAL)
         };
         let interpreter = &self.interps[interp].interpreter;

@@ -16,6 +16,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 pub(crate) struct Under {
     base: OwnedFd,
     root: PathBuf,
+    /// `root` with every symlink resolved, as the kernel names the base.
+    real_root: PathBuf,
 }
 
 /// `stat` of a file of the tree, in the form the views need.
@@ -90,9 +92,11 @@ impl Under {
             Mode::empty(),
         )
         .map_err(|e| with_path(e.into(), "open the directory", root))?;
+        let real_root = fd_path(&base).map_err(|e| with_path(e, "resolve", root))?;
         Ok(Under {
             base,
             root: root.to_path_buf(),
+            real_root,
         })
     }
 
@@ -158,6 +162,35 @@ impl Under {
         Ok((meta, bytes))
     }
 
+    /// For a symlink `rel` to a file or directory whose stat is `target`:
+    /// the permission bits (a mask of `0o777`) left to each class of
+    /// `target` by the directories on the way to the symlink's real target,
+    /// which a reader of the view never passes through (the view shows the
+    /// target's own attributes where the symlink is, so the kernel checks
+    /// only the symlink's side of the path). Conservative: a class keeps its
+    /// bits only if every one of those directories lets all its members
+    /// search, whichever class of the directory they fall in.
+    pub fn reach_mask(&self, rel: &Path, target: &Meta) -> io::Result<u32> {
+        let fd = rustix::fs::openat(
+            &self.base,
+            arg(rel),
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let real = fd_path(&fd)?;
+        let mut mask = 0o777;
+        for dir in real.ancestors().skip(1) {
+            // Inside the tree, a directory is reached through the base (a
+            // mount `--over` the tree covers its path).
+            let meta = match dir.strip_prefix(&self.real_root) {
+                Ok(inside) => self.stat(inside)?,
+                Err(_) => Meta::from_stat(&rustix::fs::stat(dir)?),
+            };
+            mask &= searchable_by(&meta, target);
+        }
+        Ok(mask)
+    }
+
     /// The target of a symlink.
     pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
         Ok(rustix::fs::readlinkat(&self.base, arg(rel), Vec::new())?.into_bytes())
@@ -193,6 +226,29 @@ impl Under {
         }
         Ok(out)
     }
+}
+
+/// The classes of `file` (`0o700` owner, `0o070` group, `0o007` others)
+/// whose every member can search the directory `dir`. A user's groups
+/// are not known here: a class counts as able to search only when it can
+/// whichever class of `dir` its members fall in.
+fn searchable_by(dir: &Meta, file: &Meta) -> u32 {
+    let x = |bits: u32| dir.mode & bits == bits;
+    let everyone = x(0o111);
+    let owner = file.uid == 0
+        || everyone
+        || (dir.uid == file.uid && x(0o100))
+        || (dir.uid != file.uid && x(0o011));
+    let group = everyone || (dir.gid == file.gid && x(0o110));
+    (if owner { 0o700 } else { 0 })
+        | (if group { 0o070 } else { 0 })
+        | (if everyone { 0o007 } else { 0 })
+}
+
+/// The path the kernel gives an open descriptor, every symlink resolved.
+fn fd_path(fd: &OwnedFd) -> io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// The relative path as an argument of the `*at` calls: `.` for the base.

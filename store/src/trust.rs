@@ -123,6 +123,10 @@ pub fn check(root: &Path) -> Result<Owner> {
     ))
 }
 
+const SYMLINK: &str = "is a symlink: a store keeps its data inside its own directory, never \
+     behind a symlink someone could point elsewhere; remove the symlink (pycstore recreates \
+     the bucket), or point `--store` at the real store";
+
 /// What a bucket of the store should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bucket {
@@ -153,13 +157,10 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
     let fd: OwnedFd = match rustix::fs::open(&path, flags, Mode::empty()) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(()),
-        Err(rustix::io::Errno::LOOP) => {
-            return refuse(
-                "is a symlink: a store keeps its data inside its own directory, never \
-                 behind a symlink another user could point elsewhere; remove the symlink \
-                 (pycstore recreates the bucket) or point `--store` at the real store"
-                    .into(),
-            )
+        Err(rustix::io::Errno::LOOP) => return refuse(SYMLINK.into()),
+        // O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink to a directory.
+        Err(rustix::io::Errno::NOTDIR) if path.symlink_metadata().is_ok_and(|m| m.is_symlink()) => {
+            return refuse(SYMLINK.into())
         }
         Err(rustix::io::Errno::NOTDIR) => {
             return refuse("is not a directory; remove it (pycstore recreates it)".into())
@@ -173,11 +174,7 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
         Bucket::File => FileType::RegularFile,
     };
     if file_type == FileType::Symlink {
-        return refuse(
-            "is a symlink: a store keeps its data inside its own directory; remove the \
-             symlink (pycstore recreates the file)"
-                .into(),
-        );
+        return refuse(SYMLINK.into());
     }
     if file_type != expected {
         return refuse(

@@ -160,7 +160,7 @@ fn a_bucket_that_is_a_symlink_or_belongs_to_another_user_is_refused() {
     std::os::unix::fs::chown(&shard, Some(65534), Some(65534)).unwrap();
     let (out, json) = verify(&t, &[]);
     assert_eq!(out.status.code(), Some(1), "{json:#}");
-    assert_eq!(problems_of(&json, "owner"), [shard.clone()], "{json:#}");
+    assert_eq!(problems_of(&json, "owner"), vec![shard.clone()], "{json:#}");
     let (out, json) = verify(&t, &["--repair"]);
     assert_output!(out, out.status.success(), "verify --repair: {json:#}");
     let meta = std::fs::metadata(&shard).unwrap();

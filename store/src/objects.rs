@@ -122,6 +122,26 @@ impl Objects {
             && self.mode_ok(meta.mode() & 0o7777)
     }
 
+    /// Why hard linking an object failed with `err`, when the cause is the
+    /// store's sharing rather than the filesystem: in a group store, with
+    /// `fs.protected_hardlinks = 1` (the default), the kernel lets a member
+    /// hard link only objects they own, and objects stay read-only so no
+    /// member can change the pycs in another member's prefixes. For the one
+    /// warning of the fallback to copies.
+    pub fn hardlink_refusal(&self, err: &io::Error) -> Option<String> {
+        let protected = std::fs::read_to_string("/proc/sys/fs/protected_hardlinks")
+            .is_ok_and(|v| v.trim() == "1");
+        (matches!(self.owner, Owner::Group(_))
+            && err.raw_os_error() == Some(libc::EPERM)
+            && protected)
+            .then(|| {
+                "in a store shared with a group, the kernel (fs.protected_hardlinks = 1) lets \
+                 a member hard link only the objects they wrote; objects other members wrote \
+                 are copied (or reflinked where the filesystem can)"
+                    .to_string()
+            })
+    }
+
     /// [`Objects::metadata_ok`] for a `rustix` stat.
     pub fn stat_ok(&self, stat: &rustix::fs::Stat) -> bool {
         rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile

@@ -136,10 +136,11 @@ pub enum Bucket {
     File,
 }
 
-/// Refuses a bucket of the store at `root` that is a symlink, not what it
-/// should be, writable by every user, or owned by someone other than
-/// `owner`. A missing bucket is fine: the store creates it. Opens it with
-/// `O_NOFOLLOW`, so no symlink is ever followed to decide.
+/// Refuses a bucket of the store at `root` that is a symlink, writable by
+/// every user, or owned by someone other than `owner`. A missing bucket is
+/// fine: the store creates it; one of the wrong type is for its user to
+/// report (an index that is a file is set aside by `verify --repair`).
+/// Opens it with `O_NOFOLLOW`, so no symlink is ever followed to decide.
 pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Result<()> {
     let path = root.join(name);
     let refuse = |what: String| {
@@ -154,32 +155,25 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
             Bucket::Dir => OFlags::DIRECTORY | OFlags::RDONLY,
             Bucket::File => OFlags::PATH,
         };
-    let fd: OwnedFd = match rustix::fs::open(&path, flags, Mode::empty()) {
+    let opened = match rustix::fs::open(&path, flags, Mode::empty()) {
+        // O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink to a
+        // directory, and for anything else not a directory: look at it.
+        Err(rustix::io::Errno::NOTDIR) => rustix::fs::open(
+            &path,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ),
+        other => other,
+    };
+    let fd: OwnedFd = match opened {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(()),
         Err(rustix::io::Errno::LOOP) => return refuse(SYMLINK.into()),
-        // O_NOFOLLOW | O_DIRECTORY says ENOTDIR for a symlink to a directory.
-        Err(rustix::io::Errno::NOTDIR) if path.symlink_metadata().is_ok_and(|m| m.is_symlink()) => {
-            return refuse(SYMLINK.into())
-        }
-        Err(rustix::io::Errno::NOTDIR) => {
-            return refuse("is not a directory; remove it (pycstore recreates it)".into())
-        }
         Err(e) => return Err(io(e.into(), "open", &path)),
     };
     let stat = rustix::fs::fstat(fd.as_fd()).map_err(|e| io(e.into(), "stat", &path))?;
-    let file_type = FileType::from_raw_mode(stat.st_mode);
-    let expected = match kind {
-        Bucket::Dir => FileType::Directory,
-        Bucket::File => FileType::RegularFile,
-    };
-    if file_type == FileType::Symlink {
+    if FileType::from_raw_mode(stat.st_mode) == FileType::Symlink {
         return refuse(SYMLINK.into());
-    }
-    if file_type != expected {
-        return refuse(
-            "is not what pycstore keeps there; remove it (pycstore recreates it)".into(),
-        );
     }
     if !owner.owns(stat.st_uid, stat.st_gid) {
         return refuse(format!(

@@ -3,7 +3,8 @@
 //! ```text
 //! $PYCSTORE_DIR (default $XDG_CACHE_HOME/pycstore), mode 0700
 //! ├── CACHEDIR.TAG        tells backup tools to skip the store
-//! ├── objects-v1/         immutable, read-only pyc files (mode 0444)
+//! ├── objects-v1/         immutable, read-only pyc files (0444; 0400 or, in a
+//! │                       group store, 0440 for sources not all may read)
 //! │   └── 3f/             sharded by the first byte of the blake3 of the bytes
 //! │       └── 9a0c…e1     the remaining 62 hex digits
 //! ├── index-v1/           RocksDB: compile keys → objects, failures, probes,

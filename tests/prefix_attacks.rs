@@ -93,7 +93,7 @@ fn temp_names_planted_ahead_of_a_run_are_never_followed() {
     for mode in ["copy", "auto"] {
         // The names the old scheme used: .pycstore-NAME.PID.N.tmp, planted
         // as soon as the pid is known (the interpreter probe comes first).
-        let mut child = t
+        let child = t
             .pycstore()
             .args(["link", "--json", "--link-mode", mode, "--python"])
             .arg(&python)
@@ -190,7 +190,10 @@ fn directories_swapped_for_symlinks_mid_run_never_lead_outside() {
             }
         }
     }
-    assert!(swaps.load(Ordering::Relaxed) > 100, "the swapper did not run");
+    assert!(
+        swaps.load(Ordering::Relaxed) > 100,
+        "the swapper did not run"
+    );
     assert_eq!(
         snapshot(&t.join("outside")),
         before,
@@ -297,7 +300,11 @@ fn fifos_devices_and_huge_sources_are_reported_and_skipped() {
     t.write("app/ok.py", "OK = 1\n");
     t.write("app/big.py", format!("X = '{}'\n", "x".repeat(4096)));
     run_ok(Command::new("mkfifo").arg(t.join("app/fifo.py")));
-    run_ok(Command::new("mknod").arg(t.join("app/zero.py")).args(["c", "1", "5"]));
+    run_ok(
+        Command::new("mknod")
+            .arg(t.join("app/zero.py"))
+            .args(["c", "1", "5"]),
+    );
     std::os::unix::fs::symlink(t.join("app/fifo.py"), t.join("app/to_fifo.py")).unwrap();
     let sparse = std::fs::File::create(t.join("app/sparse.py")).unwrap();
     sparse.set_len(1200 << 20).unwrap();
@@ -314,8 +321,8 @@ fn fifos_devices_and_huge_sources_are_reported_and_skipped() {
         .arg(&python)
         .arg(t.join("app")));
     assert!(started.elapsed() < Duration::from_secs(110), "link hung");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}): {out:?}"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {out:?}"));
     assert_eq!(out.status.code(), Some(1), "{json}");
     let failures = json["failures"].as_array().unwrap();
     let message = |name: &str| -> String {
@@ -339,7 +346,10 @@ fn fifos_devices_and_huge_sources_are_reported_and_skipped() {
         std::fs::remove_file(t.join("app").join(name)).unwrap();
     }
     let json = link(&t, &python, &t.join("app"), &[]);
-    assert!(t.join("app/__pycache__/big.cpython-311.pyc").exists(), "{json}");
+    assert!(
+        t.join("app/__pycache__/big.cpython-311.pyc").exists(),
+        "{json}"
+    );
 }
 
 #[test]

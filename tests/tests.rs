@@ -12,6 +12,7 @@ mod fuse;
 mod fuse_corpus;
 mod gc;
 mod hostile;
+mod integrity;
 mod interpreters;
 mod lifecycle;
 mod link_modes;

@@ -144,8 +144,9 @@ fn damaged_objects_are_found_and_repaired_and_link_then_puts_good_pycs_back() {
         .collect();
     let (_, before) = verify(&t, &[]);
 
-    // m0: a flipped bit. m1: truncated. m2: writable. m3: gone. Both m0 and
-    // m1 are hard linked into `app`, so its pycs share the damage.
+    // m0: a flipped bit. m1: truncated. m2: writable. m3: gone. m0, m1 and
+    // m2 are hard linked into `app`, so its pycs share the damage (m2's is
+    // exposed to whoever can write it).
     flip_a_bit(&objects[0], 40);
     truncate(&objects[1], 30);
     set_mode(&objects[2], 0o664);
@@ -168,6 +169,7 @@ fn damaged_objects_are_found_and_repaired_and_link_then_puts_good_pycs_back() {
         ("bad_permissions", 1),
         ("missing_objects", 1),
         ("damaged_links", 2),
+        ("exposed_links", 1),
         ("orphans", 1),
         ("strays", 0),
     ] {
@@ -204,7 +206,7 @@ fn damaged_objects_are_found_and_repaired_and_link_then_puts_good_pycs_back() {
     assert_eq!(repairs["objects_removed"], 2, "{json:#}");
     assert_eq!(repairs["orphans_removed"], 1, "{json:#}");
     assert_eq!(repairs["permissions_fixed"], 1, "{json:#}");
-    assert_eq!(repairs["links_removed"], 2, "{json:#}");
+    assert_eq!(repairs["links_removed"], 3, "{json:#}");
     assert!(json["problems"]
         .as_array()
         .unwrap()
@@ -212,6 +214,7 @@ fn damaged_objects_are_found_and_repaired_and_link_then_puts_good_pycs_back() {
         .all(|p| p["repaired"] == true));
     assert!(!orphan.exists());
     assert!(!pyc(&app, "m0").exists() && !pyc(&app, "m1").exists());
+    assert!(!pyc(&app, "m2").exists());
 
     let (out, json) = verify(&t, &[]);
     assert_output!(out, out.status.success(), "verify after repair");

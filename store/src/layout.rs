@@ -3,7 +3,8 @@
 //! ```text
 //! $PYCSTORE_DIR (default $XDG_CACHE_HOME/pycstore), mode 0700
 //! ├── CACHEDIR.TAG        tells backup tools to skip the store
-//! ├── objects-v1/         immutable, read-only pyc files (mode 0444)
+//! ├── objects-v1/         immutable, read-only pyc files (0444; 0400 or, in a
+//! │                       group store, 0440 for sources not all may read)
 //! │   └── 3f/             sharded by the first byte of the blake3 of the bytes
 //! │       └── 9a0c…e1     the remaining 62 hex digits
 //! ├── index-v1/           RocksDB: compile keys → objects, failures, probes,
@@ -16,8 +17,13 @@
 //!
 //! Each bucket carries its layout version in its name; a bump leaves the old
 //! bucket as garbage for `gc` instead of misreading it.
+//!
+//! Everything in the store belongs to its owner (in a group store, mode
+//! 2770 and 0660, to its group); no bucket is a symlink. Opening refuses
+//! a store whose buckets are not so ([`trust::check_bucket`]); `verify`
+//! reports anything else inside that is not.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +32,8 @@ use fs_err as fs;
 use crate::index::Index;
 use crate::lock::{self, LockGuard, LockMode};
 use crate::objects::Objects;
-use crate::{trust, Result};
+use crate::trust::{self, Bucket, Owner};
+use crate::Result;
 
 /// The bucket holding objects, with its layout version.
 pub const OBJECTS_DIR: &str = "objects-v1";
@@ -34,6 +41,19 @@ pub const OBJECTS_DIR: &str = "objects-v1";
 pub const INDEX_DIR: &str = "index-v1";
 /// Scratch space for files being written.
 pub const TMP_DIR: &str = "tmp";
+/// The store lock, shared by every command, exclusive for `gc`.
+pub const LOCK_FILE: &str = "lock";
+/// The lock of the sessions on the index.
+pub const INDEX_LOCK_FILE: &str = "index-v1.lock";
+
+/// The buckets of the store: what each must be.
+const BUCKETS: [(&str, Bucket); 5] = [
+    (OBJECTS_DIR, Bucket::Dir),
+    (TMP_DIR, Bucket::Dir),
+    (INDEX_DIR, Bucket::Dir),
+    (LOCK_FILE, Bucket::File),
+    (INDEX_LOCK_FILE, Bucket::File),
+];
 
 const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 # This file is a cache directory tag created by pycstore.\n\
@@ -83,7 +103,7 @@ impl Store {
     /// for a running `gc`), for a store opened with [`Store::open_unlocked`].
     pub fn lock_shared(&self) -> Result<LockGuard> {
         Ok(lock::lock(
-            &self.root.join("lock"),
+            &self.root.join(LOCK_FILE),
             LockMode::Shared,
             "a running `pycstore gc` to finish",
         )?)
@@ -97,18 +117,19 @@ impl Store {
         if !root.exists() {
             create_root(root, shared_group)?;
         }
-        trust::check(root)?;
-        let dir_mode = if trust::is_shared(root) {
-            0o2770
-        } else {
-            0o700
-        };
-        for dir in [OBJECTS_DIR, TMP_DIR] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(dir_mode)
-                .create(root.join(dir))
-                .map_err(|e| fs_error(e, "create", &root.join(dir)))?;
+        let owner = trust::check(root)?;
+        for (name, kind) in BUCKETS {
+            trust::check_bucket(root, name, kind, owner)?;
+        }
+        let mut dirs = vec![OBJECTS_DIR, TMP_DIR];
+        if matches!(owner, Owner::Group(_)) {
+            // RocksDB would create it under the umask, closed to the group.
+            dirs.push(INDEX_DIR);
+        }
+        for dir in dirs {
+            let path = root.join(dir);
+            crate::objects::create_dir(&path, owner.dir_mode())?;
+            share_dir(&path, owner)?;
         }
         let tag = root.join("CACHEDIR.TAG");
         if !tag.exists() {
@@ -125,13 +146,13 @@ impl Store {
                     LockMode::Shared => "a running `pycstore gc` to finish",
                     LockMode::Exclusive => "other pycstore processes using the store to finish",
                 };
-                Some(lock::lock(&root.join("lock"), mode, what)?)
+                Some(lock::lock(&root.join(LOCK_FILE), mode, what)?)
             }
             None => None,
         };
         sweep_tmp(&root.join(TMP_DIR));
         Ok(Store {
-            objects: Objects::new(root.join(OBJECTS_DIR), root.join(TMP_DIR)),
+            objects: Objects::with_owner(root.join(OBJECTS_DIR), root.join(TMP_DIR), owner),
             root: root.to_path_buf(),
             _lock: guard,
         })
@@ -160,7 +181,21 @@ impl Store {
     }
 }
 
+/// In a group store, gives a directory of its own that a umask or an
+/// older version left closed to the group its mode 2770 back.
+fn share_dir(dir: &Path, owner: Owner) -> Result<()> {
+    if let Owner::Group(_) = owner {
+        let meta = fs::metadata(dir)?;
+        if meta.uid() == trust::euid() && meta.mode() & 0o7777 != owner.dir_mode() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(owner.dir_mode()))
+                .map_err(|e| fs_error(e, "set permissions of", dir))?;
+        }
+    }
+    Ok(())
+}
+
 fn create_root(root: &Path, shared_group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = root.parent() {
         fs::create_dir_all(parent)?;
     }

@@ -35,7 +35,7 @@ use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
 use crate::materialize::{Access, Destination, LinkMode, Materializer};
-use crate::objects::{with_path, ObjectId, PRIVATE_MODE, PUBLIC_MODE};
+use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
 use crate::walk::Excludes;
@@ -160,7 +160,7 @@ pub fn link(
     let warn = |message: String| progress.warn(&message);
     let mut failures = Vec::new();
     crate::tree::raise_open_file_limit();
-    let domain = TrustDomain::of(store)?;
+    let domain = TrustDomain::of(store);
     let run;
     {
         // Phase 1: one read-only index session for the probes and every
@@ -298,41 +298,32 @@ struct CompileJob {
 }
 
 /// Whose trees may share the store's inodes, and who is placing pycs.
-struct TrustDomain {
-    /// The store directory's owner and group.
-    uid: u32,
-    gid: u32,
-    /// Whether the store is shared with its group.
-    shared: bool,
+struct TrustDomain<'a> {
+    objects: &'a crate::objects::Objects,
     /// Whether the caller is root (and can give pycs their source's owner).
     root: bool,
 }
 
-impl TrustDomain {
-    fn of(store: &Store) -> Result<TrustDomain> {
-        let st = rustix::fs::stat(store.root())
-            .map_err(|e| crate::Error::Io(with_path(e.into(), "stat the store", store.root())))?;
-        Ok(TrustDomain {
-            uid: st.st_uid,
-            gid: st.st_gid,
-            shared: crate::trust::is_shared(store.root()),
+impl<'a> TrustDomain<'a> {
+    fn of(store: &'a Store) -> TrustDomain<'a> {
+        TrustDomain {
+            objects: &store.objects,
             root: rustix::process::geteuid().is_root(),
-        })
+        }
     }
 
     /// Who may read the pyc of `source`: a source every user may read gets
     /// a pyc every user may read, which may share the object's inode in a
-    /// tree of the store owner (or, for a group store, its group); any other
-    /// source gets its own inode with its read bits, and its owner when
-    /// root places it (as `compileall` would make it). Without root the
-    /// pyc is the caller's, readable by the caller only.
+    /// tree of the store's owner (or, for a group store, its group); any
+    /// other source gets its own inode with its read bits, and its owner
+    /// when root places it (as `compileall` would make it). Without root
+    /// the pyc is the caller's, readable by the caller only.
     fn access(&self, source: &Source) -> Access {
         if source.meta.is_public() {
-            let ours = source.dir.uid == self.uid || (self.shared && source.dir.gid == self.gid);
             return Access {
                 mode: PUBLIC_MODE,
                 owner: None,
-                hardlink: ours,
+                hardlink: self.objects.owner().owns(source.dir.uid, source.dir.gid),
             };
         }
         if self.root {
@@ -350,18 +341,9 @@ impl TrustDomain {
         }
     }
 
-    /// Whether an object's metadata is what the store gave it: a regular
-    /// file of the store's owner (or group), read-only, public or private.
+    /// Whether an object's metadata is what the store gave it.
     fn object_ok(&self, st: &rustix::fs::Stat) -> bool {
-        let owned = if self.shared {
-            st.st_gid == self.gid
-        } else {
-            st.st_uid == self.uid
-        };
-        let mode = st.st_mode & 0o7777;
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-            && owned
-            && (mode == PUBLIC_MODE || mode == PRIVATE_MODE)
+        self.objects.stat_ok(st)
     }
 }
 
@@ -385,7 +367,7 @@ impl Checked {
 
 struct Run<'a> {
     store: &'a Store,
-    domain: TrustDomain,
+    domain: TrustDomain<'a>,
     options: &'a LinkOptions,
     interpreters: Vec<Interpreter>,
     materializer: Materializer<'a>,
@@ -619,10 +601,10 @@ impl Run<'_> {
         if self.domain.object_ok(&st) {
             return Some(Checked::of(&st));
         }
-        let mode = if st.st_mode & 0o777 == PRIVATE_MODE {
-            PRIVATE_MODE
-        } else {
+        let mode = if st.st_mode & 0o004 != 0 {
             PUBLIC_MODE
+        } else {
+            self.store.objects.private_mode()
         };
         if !self.warned_metadata.swap(true, Ordering::Relaxed) {
             self.progress.warn(&format!(
@@ -715,7 +697,9 @@ impl Run<'_> {
         // object's old inode where no hardlink may be, or one whose owner or
         // mode changed (a `chown -R` of another tree holding it).
         if st.st_nlink > 1
-            && (!access.hardlink || !self.domain.object_ok(&st) || st.st_mode & 0o7777 != PUBLIC_MODE)
+            && (!access.hardlink
+                || !self.domain.object_ok(&st)
+                || st.st_mode & 0o7777 != PUBLIC_MODE)
         {
             return false;
         }
@@ -746,7 +730,7 @@ impl Run<'_> {
         let mode = if target.source.meta.is_public() {
             PUBLIC_MODE
         } else {
-            PRIVATE_MODE
+            self.store.objects.private_mode()
         };
         let object = self
             .store
@@ -805,7 +789,7 @@ impl Run<'_> {
         }
         // A private object now wanted by a source every user may read: its
         // bytes are public, give it the public mode before sharing its inode.
-        if access.hardlink && object.is_some_and(|o| o.mode == PRIVATE_MODE) {
+        if access.hardlink && object.is_some_and(|o| o.mode != PUBLIC_MODE) {
             let _ = self.store.objects.reset(&entry.object, PUBLIC_MODE);
         }
         let dest = Destination {

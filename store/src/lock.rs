@@ -9,10 +9,14 @@
 //!   long cold compile never blocks another process's hits.
 //!
 //! Both are `flock(2)` locks: released by the kernel when a process dies,
-//! so a `kill -9` never leaves a stale lock behind.
+//! so a `kill -9` never leaves a stale lock behind. Both are opened without
+//! following a symlink, and created mode 0600, or 0660 in a store shared
+//! with a group (set explicitly: the creator's umask must not lock the other
+//! members out).
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::objects::with_path;
@@ -35,13 +39,34 @@ pub struct LockGuard {
 /// Takes the lock on `path` (creating the file), waiting as long as it
 /// takes; says once on stderr what it waits for, naming `what`.
 pub fn lock(path: &Path, mode: LockMode, what: &str) -> io::Result<LockGuard> {
+    let shared = path.parent().is_some_and(crate::trust::is_shared);
+    let file_mode = if shared { 0o660 } else { 0o600 };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(file_mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| with_path(e, "open the lock file", path))?;
+        .map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::PermissionDenied && shared {
+                "; every member of a group store must be able to write it: its owner can \
+                 `chmod g+rw` it"
+            } else {
+                ""
+            };
+            let e = with_path(e, "open the lock file", path);
+            io::Error::new(e.kind(), format!("{e}{hint}"))
+        })?;
+    // Created under a umask that took the group's bits, or by an older
+    // version: give them back (only its owner can).
+    if let Ok(meta) = file.metadata() {
+        if meta.uid() == crate::trust::euid() && meta.mode() & 0o777 != file_mode {
+            file.set_permissions(std::fs::Permissions::from_mode(file_mode))
+                .map_err(|e| with_path(e, "set permissions of", path))?;
+        }
+    }
     let attempt = match mode {
         LockMode::Shared => file.try_lock_shared(),
         LockMode::Exclusive => file.try_lock(),

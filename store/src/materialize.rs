@@ -178,6 +178,18 @@ impl<'a> Materializer<'a> {
                                 "reflinking"
                             },
                         ));
+                    } else if let Some(why) = (mode == LinkMode::Copy)
+                        .then(|| {
+                            last_err
+                                .as_ref()
+                                .and_then(|e| self.objects.hardlink_refusal(e))
+                        })
+                        .flatten()
+                    {
+                        (self.warn)(format!(
+                            "copying pycs into `{}`: {why}",
+                            dest.path.parent().unwrap_or(dest.path).display(),
+                        ));
                     } else if mode == LinkMode::Copy && dest.access.hardlink {
                         (self.warn)(format!(
                             "cannot reflink or hardlink from the store into the filesystem of `{}` ({}); \

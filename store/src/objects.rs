@@ -2,20 +2,25 @@
 //! once by temp-name + rename and never modified. Identical pycs (optimize
 //! levels that compile alike, the thousands of empty `__init__.py`) are one
 //! object.
+//!
+//! A hardlinked pyc is the store's object, metadata included: its owner and
+//! mode are the same in every prefix that holds it. So an object is a
+//! regular file owned by the store's owner (in a group store: by its group),
+//! mode 0444, or 0400 (0440 in a group store) when its source is not
+//! readable by everyone; [`Objects::metadata_ok`] tells the rest apart, and
+//! nothing else may be linked.
 
 use std::fmt;
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use fs_err as fs;
 
-/// The mode of an object compiled from a source every user may read.
-pub const PUBLIC_MODE: u32 = 0o444;
+use crate::trust::Owner;
 
-/// The mode of an object compiled from a source some users may not read:
-/// in a group-shared store, other members cannot read it either.
-pub const PRIVATE_MODE: u32 = 0o400;
+/// The mode of an object compiled from a source everyone may read.
+pub const PUBLIC_MODE: u32 = 0o444;
 
 /// The content address of an object: blake3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,11 +77,76 @@ pub struct Listing {
 pub struct Objects {
     dir: PathBuf,
     tmp: PathBuf,
+    owner: Owner,
 }
 
 impl Objects {
+    /// The bucket of a private store of the current user.
+    #[cfg(test)]
     pub(crate) fn new(dir: PathBuf, tmp: PathBuf) -> Self {
-        Objects { dir, tmp }
+        Self::with_owner(dir, tmp, Owner::current_user())
+    }
+
+    pub(crate) fn with_owner(dir: PathBuf, tmp: PathBuf, owner: Owner) -> Self {
+        Objects { dir, tmp, owner }
+    }
+
+    /// Whom objects must belong to.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// The mode of an object compiled from a source that not everyone may
+    /// read: 0400, or 0440 in a group store (every member reads it).
+    pub fn private_mode(&self) -> u32 {
+        match self.owner {
+            Owner::User(_) => 0o400,
+            Owner::Group(_) => 0o440,
+        }
+    }
+
+    /// Whether `mode` (permission bits only) is one an object may have.
+    pub fn mode_ok(&self, mode: u32) -> bool {
+        mode == PUBLIC_MODE || mode == self.private_mode()
+    }
+
+    /// Whether an object's metadata (from `lstat` or `fstat` of the opened
+    /// object) is what the store wrote: a regular file, owned by the store's
+    /// owner (in a group store: by its group), with an object mode. An
+    /// object failing this may have been changed through any prefix it is
+    /// hard linked into (a `chown -R` of one venv hands it to that venv's
+    /// owner); never place it. One comparison, no system call.
+    pub fn metadata_ok(&self, meta: &std::fs::Metadata) -> bool {
+        meta.file_type().is_file()
+            && self.owner.owns(meta.uid(), meta.gid())
+            && self.mode_ok(meta.mode() & 0o7777)
+    }
+
+    /// Why hard linking an object failed with `err`, when the cause is the
+    /// store's sharing rather than the filesystem: in a group store, with
+    /// `fs.protected_hardlinks = 1` (the default), the kernel lets a member
+    /// hard link only objects they own, and objects stay read-only so no
+    /// member can change the pycs in another member's prefixes. For the one
+    /// warning of the fallback to copies.
+    pub fn hardlink_refusal(&self, err: &io::Error) -> Option<String> {
+        let protected = std::fs::read_to_string("/proc/sys/fs/protected_hardlinks")
+            .is_ok_and(|v| v.trim() == "1");
+        (matches!(self.owner, Owner::Group(_))
+            && err.raw_os_error() == Some(libc::EPERM)
+            && protected)
+            .then(|| {
+                "in a store shared with a group, the kernel (fs.protected_hardlinks = 1) lets \
+                 a member hard link only the objects they wrote; objects other members wrote \
+                 are copied (or reflinked where the filesystem can)"
+                    .to_string()
+            })
+    }
+
+    /// [`Objects::metadata_ok`] for a `rustix` stat.
+    pub fn stat_ok(&self, stat: &rustix::fs::Stat) -> bool {
+        rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
+            && self.owner.owns(stat.st_uid, stat.st_gid)
+            && self.mode_ok(stat.st_mode & 0o7777)
     }
 
     /// Where the object `id` lives (whether or not it exists).
@@ -92,34 +162,41 @@ impl Objects {
         self.put_mode(bytes, PUBLIC_MODE)
     }
 
-    /// As [`Objects::put`], a new object getting `mode`: [`PRIVATE_MODE`]
-    /// for the pyc of a source not every user may read.
+    /// As [`Objects::put`], a new object getting `mode`:
+    /// [`Objects::private_mode`] for the pyc of a source not every user may
+    /// read.
     pub fn put_mode(&self, bytes: &[u8], mode: u32) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
         if !self.holds(&id) {
-            self.adopt(&id, self.write_temp_mode(bytes, mode)?)?;
+            self.adopt(&id, self.write_temp_with_mode(bytes, mode)?)?;
         }
         Ok(id)
     }
 
-    /// Gives the object `id` a fresh inode with `mode`, owned by the caller,
-    /// after checking its bytes still hash to its name: for an object whose
-    /// metadata changed (a `chown -R` through a hardlink), or a private object
-    /// now also wanted by a public source. `Ok(false)` when the bytes do not
-    /// match: the object is damaged, not to be placed.
+    /// Gives the object `id` a fresh inode with `mode` (as
+    /// [`Objects::refresh_inode`]): for a private object now also wanted by a
+    /// source every user may read, or one whose metadata changed.
+    /// `Ok(false)` when its bytes do not match its name: the object is
+    /// damaged, not to be placed.
     pub fn reset(&self, id: &ObjectId, mode: u32) -> io::Result<bool> {
-        let path = self.path(id);
-        let bytes = fs::read(&path)?;
-        if ObjectId::of(&bytes) != *id {
-            return Ok(false);
+        match self.rewrite(id, Some(mode)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(false),
+            Err(e) => Err(e),
         }
-        write_atomic(&self.tmp, &path, &bytes, mode)?;
-        Ok(true)
     }
 
-    /// Whether the object `id` is present with bytes that hash to its name.
+    /// Whether the object `id` is present, not a symlink, with the metadata
+    /// of an object and bytes that hash to its name.
     fn holds(&self, id: &ObjectId) -> bool {
-        fs::read(self.path(id)).is_ok_and(|bytes| ObjectId::of(&bytes) == *id)
+        use std::io::Read;
+        let Ok(mut file) = crate::link::open_no_follow(&self.path(id)) else {
+            return false;
+        };
+        let mut bytes = Vec::new();
+        file.metadata().is_ok_and(|meta| self.metadata_ok(&meta))
+            && file.read_to_end(&mut bytes).is_ok()
+            && ObjectId::of(&bytes) == *id
     }
 
     /// Reads a whole object.
@@ -181,18 +258,53 @@ impl Objects {
         Ok(listing)
     }
 
-    /// Gives an object a fresh inode with the same bytes, for when its link
-    /// count reached the filesystem's limit (EMLINK). Existing links keep the
-    /// old inode; new links go to the new one.
+    /// Gives an object a fresh inode with the same bytes, owned by the
+    /// store's owner with an object mode: for when its link count reached
+    /// the filesystem's limit (EMLINK), or its owner or mode changed.
+    /// Existing links keep the old inode; new links go to the new one.
+    ///
+    /// The object is read without following a symlink, and its bytes must
+    /// hash to its name (else `InvalidData`: a damaged object is never given
+    /// fresh metadata). It keeps the private mode unless it was readable by
+    /// everyone.
     pub fn refresh_inode(&self, id: &ObjectId) -> io::Result<()> {
+        self.rewrite(id, None)
+    }
+
+    fn rewrite(&self, id: &ObjectId, mode: Option<u32>) -> io::Result<()> {
+        use std::io::Read;
         let path = self.path(id);
-        let file = fs::File::open(&path)?;
-        let mode = match file.metadata()?.permissions().mode() & 0o777 {
-            PRIVATE_MODE => PRIVATE_MODE,
-            _ => PUBLIC_MODE,
-        };
-        let bytes = fs::read(&path)?;
-        write_atomic(&self.tmp, &path, &bytes, mode)
+        let mut file =
+            crate::link::open_no_follow(&path).map_err(|e| with_path(e, "open", &path))?;
+        let meta = file.metadata().map_err(|e| with_path(e, "stat", &path))?;
+        if !meta.is_file() {
+            return Err(with_path(
+                io::Error::new(io::ErrorKind::InvalidData, "not a regular file"),
+                "give a fresh inode to",
+                &path,
+            ));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut bytes)
+            .map_err(|e| with_path(e, "read", &path))?;
+        if ObjectId::of(&bytes) != *id {
+            return Err(with_path(
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "its bytes do not match its name (damaged)",
+                ),
+                "give a fresh inode to",
+                &path,
+            ));
+        }
+        let mode = mode.unwrap_or(if meta.mode() & 0o004 != 0 {
+            PUBLIC_MODE
+        } else {
+            self.private_mode()
+        });
+        let temp = self.write_temp_with_mode(&bytes, mode)?;
+        temp.persist(&path)
+            .map_err(|e| with_path(e.error, "rename a temp file to", &path))
     }
 
     /// Whether the object `id` is present with `size` bytes (one `stat`).
@@ -205,11 +317,13 @@ impl Objects {
     /// [`Objects::adopt`] to move into place later. Dropped instead, the
     /// temp file is removed.
     pub fn write_temp(&self, bytes: &[u8]) -> io::Result<tempfile::TempPath> {
-        self.write_temp_mode(bytes, PUBLIC_MODE)
+        self.write_temp_with_mode(bytes, PUBLIC_MODE)
     }
 
-    /// As [`Objects::write_temp`], with `mode`.
-    pub fn write_temp_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
+    /// [`Objects::write_temp`] with the object's mode: [`PUBLIC_MODE`], or
+    /// [`Objects::private_mode`] for a source not everyone may read. In a
+    /// group store the file is given the store's group.
+    pub fn write_temp_with_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
         let mut tmp = tempfile::Builder::new()
             .prefix(".pycstore-")
             .suffix(".tmp")
@@ -217,6 +331,10 @@ impl Objects {
             .map_err(|e| with_path(e, "create a temp file in", &self.tmp))?;
         tmp.write_all(bytes)
             .map_err(|e| with_path(e, "write", tmp.path()))?;
+        if let Owner::Group(gid) = self.owner {
+            std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))
+                .map_err(|e| with_path(e, "change the group of", tmp.path()))?;
+        }
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| with_path(e, "set permissions of", tmp.path()))?;
@@ -231,7 +349,7 @@ impl Objects {
     pub fn adopt(&self, id: &ObjectId, temp: tempfile::TempPath) -> io::Result<()> {
         let path = self.path(id);
         if let Some(shard) = path.parent() {
-            fs::create_dir_all(shard)?;
+            create_dir(shard, self.owner.dir_mode())?;
         }
         let temp = match temp.persist_noclobber(&path) {
             Ok(()) => return Ok(()),
@@ -261,6 +379,26 @@ pub(crate) fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mode: u32)
     tmp.persist(dest)
         .map_err(|e| with_path(e.error, "rename a temp file to", dest))?;
     Ok(())
+}
+
+/// Creates the directory `dir` (and missing parents) with exactly `mode`,
+/// whatever the umask: a group store's directories must stay writable by
+/// the group. An existing directory is left as it is.
+pub(crate) fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match dir.parent() {
+                Some(parent) if parent != dir => create_dir(parent, mode)?,
+                _ => return Err(with_path(e, "create", dir)),
+            }
+            create_dir(dir, mode)
+        }
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| with_path(e, "set permissions of", dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(with_path(e, "create", dir)),
+    }
 }
 
 pub(crate) fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {

@@ -4,15 +4,24 @@
 //!
 //! What is checked:
 //!
-//! - each object is a regular file, read-only (0444), whose blake3 is its
-//!   name: a flipped bit, a truncation or an append changes the hash;
+//! - each object is a regular file whose blake3 is its name (a flipped
+//!   bit, a truncation or an append changes the hash), owned by the store's
+//!   owner (in a group store, its group), mode 0444 or 0400 (0440 in a
+//!   group store): a hardlinked object is the same inode in every prefix,
+//!   so a `chown -R` or `chmod` of one prefix changes it for all;
+//! - each shard directory of the objects bucket is a directory owned by
+//!   the store's owner, writable by no one else;
 //! - each index entry names an object that exists, with the entry's size
 //!   and header (the first 16 bytes);
 //! - objects no entry names are counted (orphans): not an error, a crash
 //!   between writing an object and recording it leaves one;
 //! - anything else in the objects bucket (strays) is reported;
-//! - a damaged object still hard linked into prefixes damages those pycs
-//!   too (they share its inode): the ones pycstore recorded are reported.
+//! - every pyc pycstore recorded placing is looked at: one sharing the
+//!   inode of a damaged object, or holding its damaged bytes, is damaged;
+//!   one still hard linked to an earlier inode of its object (the object
+//!   was rewritten since) whose bytes no longer match is damaged; one
+//!   sharing the inode of an object whose owner or mode changed is exposed
+//!   to whoever could change it.
 //!
 //! What `repair` does (under the exclusive store lock): a damaged index is
 //! first given to RocksDB's repair, and when it still cannot be opened it is
@@ -20,30 +29,33 @@
 //! (objects are kept; the next `link` compiles and records again). Damaged,
 //! unreadable and stray files are removed, with every entry that names a
 //! removed or missing object and their use times; entries that disagree
-//! with their object are removed; permissions of good objects are reset;
-//! orphans are removed (unless the index was just repaired: their entries
-//! may be what it lost); pycs in prefixes sharing a damaged object's inode
-//! are removed, so linking their prefix again puts good ones back. Entries
-//! go before the objects, as in `gc`.
+//! with their object are removed; a good object whose owner or mode
+//! changed is given a fresh inode with the right ones (its bytes checked
+//! against its name first); orphans are removed (unless the index was just
+//! repaired: their entries may be what it lost); recorded pycs found
+//! damaged or exposed are removed from their prefix when they still are
+//! that inode (or those bytes), through directory descriptors that never
+//! follow a symlink, so Python compiles them again or the next `link` puts
+//! good ones back. Entries go before the objects, as in `gc`.
 
-use std::collections::{hash_map, HashMap, HashSet};
+use std::collections::{hash_map, HashMap};
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
+use rustix::fs::{Mode, OFlags};
 use serde::Serialize;
 
 use crate::index::{Entry, Family, Index, Writes};
 use crate::layout::INDEX_DIR;
-use crate::objects::{with_path, ObjectId};
+use crate::objects::{with_path, ObjectId, Objects};
 use crate::pyc::HEADER_LEN;
+use crate::trust::Owner;
 use crate::{Error, Result, Store};
-
-/// The mode of every object.
-const OBJECT_MODE: u32 = 0o444;
 
 /// What `verify` should do.
 #[derive(Clone, Copy, Debug, Default)]
@@ -66,8 +78,12 @@ pub struct VerifyStats {
     pub orphans: u64,
     /// Objects whose bytes do not hash to their name.
     pub corrupt: u64,
-    /// Good objects that are not read-only (mode 0444).
+    /// Good objects whose mode is not an object's (0444, or 0400; 0440 in a
+    /// group store).
     pub bad_permissions: u64,
+    /// Good objects owned by someone other than the store's owner (in a
+    /// group store, by another group), and shard directories likewise.
+    pub bad_owner: u64,
     /// Objects that could not be read.
     pub unreadable: u64,
     /// Names in the objects bucket that are not pyc files pycstore wrote.
@@ -78,8 +94,14 @@ pub struct VerifyStats {
     pub mismatched_entries: u64,
     /// Entries that cannot be decoded.
     pub malformed_entries: u64,
-    /// pycs in prefixes sharing the inode of a damaged object.
+    /// pycs pycstore placed in prefixes that hold damaged bytes: sharing
+    /// the inode of a damaged object, holding its bytes, or hard linked to
+    /// an earlier inode of their object that was damaged since.
     pub damaged_links: u64,
+    /// pycs pycstore placed in prefixes sharing the inode of an object (or
+    /// of an earlier inode of it) whose owner or mode changed: whoever owns
+    /// it can change the pyc in every prefix holding it.
+    pub exposed_links: u64,
 }
 
 /// What `repair` changed.
@@ -91,9 +113,13 @@ pub struct Repairs {
     pub orphans_removed: u64,
     /// Index entries removed.
     pub entries_removed: u64,
-    /// Objects made read-only again.
+    /// Objects given a fresh inode with an object's mode (or made readable
+    /// again).
     pub permissions_fixed: u64,
-    /// Damaged pycs removed from prefixes.
+    /// Objects given a fresh inode owned by the store's owner, and shard
+    /// directories given back to it.
+    pub owners_fixed: u64,
+    /// Damaged or exposed pycs removed from prefixes.
     pub links_removed: u64,
 }
 
@@ -119,8 +145,11 @@ pub enum ProblemKind {
     Index,
     /// An object's bytes do not hash to its name.
     Corrupt,
-    /// A good object that is not read-only.
+    /// A good object whose mode is not an object's.
     Permissions,
+    /// A good object, or a shard directory, owned by someone other than the
+    /// store's owner.
+    Owner,
     /// An object that could not be read.
     Unreadable,
     /// Something in the objects bucket that pycstore did not write there.
@@ -131,8 +160,11 @@ pub enum ProblemKind {
     MismatchedEntry,
     /// An entry that cannot be decoded.
     MalformedEntry,
-    /// A pyc in a prefix sharing the inode of a damaged object.
+    /// A pyc pycstore placed in a prefix that holds damaged bytes.
     DamagedLink,
+    /// A pyc pycstore placed in a prefix that shares the inode of an object
+    /// whose owner or mode changed.
+    ExposedLink,
 }
 
 /// One problem, and whether `repair` fixed it.
@@ -189,6 +221,12 @@ struct Checked {
     size: u64,
     head: Vec<u8>,
     mode: u32,
+    uid: u32,
+    gid: u32,
+    /// Owner, group and mode are an object's.
+    meta_ok: bool,
+    /// The hash of the bytes found, when they are not the object's.
+    found: Option<ObjectId>,
     nlink: u64,
     dev: u64,
     ino: u64,
@@ -201,7 +239,7 @@ impl Checked {
 }
 
 /// Reads and hashes the object at `path`; `None` when it does not exist.
-fn check_object(id: &ObjectId, path: &Path) -> Option<Checked> {
+fn check_object(objects: &Objects, id: &ObjectId, path: &Path) -> Option<Checked> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -211,6 +249,10 @@ fn check_object(id: &ObjectId, path: &Path) -> Option<Checked> {
                 size: 0,
                 head: Vec::new(),
                 mode: 0,
+                uid: 0,
+                gid: 0,
+                meta_ok: true,
+                found: None,
                 nlink: 1,
                 dev: 0,
                 ino: 0,
@@ -222,6 +264,10 @@ fn check_object(id: &ObjectId, path: &Path) -> Option<Checked> {
         size: meta.len(),
         head: Vec::new(),
         mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        meta_ok: objects.metadata_ok(&meta),
+        found: None,
         nlink: meta.nlink(),
         dev: meta.dev(),
         ino: meta.ino(),
@@ -245,8 +291,10 @@ fn check_object(id: &ObjectId, path: &Path) -> Option<Checked> {
         Ok(bytes) => {
             checked.size = bytes.len() as u64;
             checked.head = bytes[..bytes.len().min(HEADER_LEN)].to_vec();
-            if ObjectId::of(&bytes) != *id {
+            let found = ObjectId::of(&bytes);
+            if found != *id {
                 checked.state = State::Corrupt;
+                checked.found = Some(found);
             }
         }
         Err(e) => checked.state = State::Unreadable(with_path(e, "read", path).to_string()),
@@ -266,7 +314,9 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     let mut objects: HashMap<ObjectId, Checked> = listing
         .objects
         .par_iter()
-        .filter_map(|id| check_object(id, &store.objects.path(id)).map(|c| (*id, c)))
+        .filter_map(|id| {
+            check_object(&store.objects, id, &store.objects.path(id)).map(|c| (*id, c))
+        })
         .collect();
     if options.repair {
         // An object unreadable for its permissions may be good underneath.
@@ -274,7 +324,7 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
             if matches!(checked.state, State::Unreadable(_)) {
                 let path = store.objects.path(id);
                 let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444));
-                if let Some(again) = check_object(id, &path) {
+                if let Some(again) = check_object(&store.objects, id, &path) {
                     if again.good() {
                         stats.unreadable += 1;
                         repairs.permissions_fixed += 1;
@@ -296,8 +346,7 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     stats.objects = objects.len() as u64;
     stats.bytes = objects.values().map(|c| c.size).sum();
 
-    // 2. The index: every entry, and the pycs linked from damaged objects
-    //    still hard linked somewhere.
+    // 2. The index: every entry, and every pyc recorded as placed.
     let (index, index_state, index_moved_to) = open_index(store, options.repair, &mut problems)?;
     let mut entries: Vec<(Vec<u8>, Option<Entry>)> = Vec::new();
     let mut links: Vec<(PathBuf, ObjectId)> = Vec::new();
@@ -310,25 +359,7 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
                 (key, entry)
             })
             .collect();
-        let shared_damage: HashSet<ObjectId> = objects
-            .iter()
-            .filter(|(_, c)| !c.good() && c.nlink > 1)
-            .map(|(id, _)| *id)
-            .collect();
-        if !shared_damage.is_empty() {
-            for (key, value) in index.scan(Family::Links, b"")? {
-                let Some(id) = value
-                    .get(..32)
-                    .and_then(|v| v.try_into().ok())
-                    .map(ObjectId)
-                else {
-                    continue;
-                };
-                if shared_damage.contains(&id) {
-                    links.push((PathBuf::from(std::ffi::OsStr::from_bytes(&key)), id));
-                }
-            }
-        }
+        links = recorded_links(index)?;
     }
     drop(index);
     stats.entries = entries.len() as u64;
@@ -355,7 +386,11 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
         let checked = match objects.entry(entry.object) {
             hash_map::Entry::Occupied(found) => found.into_mut(),
             hash_map::Entry::Vacant(slot) => {
-                match check_object(&entry.object, &store.objects.path(&entry.object)) {
+                match check_object(
+                    &store.objects,
+                    &entry.object,
+                    &store.objects.path(&entry.object),
+                ) {
                     Some(late) => {
                         stats.objects += 1;
                         stats.bytes += late.size;
@@ -423,7 +458,7 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     let keep_orphans = index_state != IndexState::Ok;
     let mut remove: Vec<(PathBuf, usize)> = Vec::new(); // file, problem index
     let mut orphans = Vec::new();
-    let mut chmod: Vec<(PathBuf, usize)> = Vec::new();
+    let mut refresh: Vec<(ObjectId, usize)> = Vec::new(); // object, problem index
     for id in &ids {
         let checked = &objects[id];
         let path = store.objects.path(id);
@@ -436,19 +471,9 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
                         orphans.push(*id);
                     }
                 }
-                if checked.mode != OBJECT_MODE {
-                    stats.bad_permissions += 1;
-                    chmod.push((path.clone(), problems.len()));
-                    problems.push(Problem {
-                        kind: ProblemKind::Permissions,
-                        path,
-                        message: format!(
-                            "mode {:04o}: objects are read-only (0444), anyone who can write one \
-                             changes every prefix linked to it",
-                            checked.mode
-                        ),
-                        repaired: false,
-                    });
+                if !checked.meta_ok {
+                    refresh.push((*id, problems.len()));
+                    problems.push(metadata_problem(store, checked, path, &mut stats));
                 }
                 continue;
             }
@@ -506,24 +531,30 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
             repaired: false,
         });
     }
+    let shards = check_shards(store, &mut stats, &mut problems);
+    // Every recorded pyc, against what its object turned out to be.
+    let findings: Vec<(usize, Finding)> = links
+        .par_iter()
+        .enumerate()
+        .filter_map(|(i, (pyc, id))| {
+            let object = objects.get(id)?;
+            check_link(&store.objects, pyc, id, object).map(|f| (i, f))
+        })
+        .collect();
     let mut unlink_pycs = Vec::new();
-    for (pyc, id) in &links {
-        let object = &objects[id];
-        let same_inode = std::fs::symlink_metadata(pyc)
-            .is_ok_and(|m| m.dev() == object.dev && m.ino() == object.ino);
-        if same_inode {
-            stats.damaged_links += 1;
-            unlink_pycs.push((pyc.clone(), problems.len(), object.dev, object.ino));
-            problems.push(Problem {
-                kind: ProblemKind::DamagedLink,
-                path: pyc.clone(),
-                message: format!(
-                    "shares the inode of the damaged store object `{}`",
-                    store.objects.path(id).display()
-                ),
-                repaired: false,
-            });
+    for (i, finding) in findings {
+        let pyc = &links[i].0;
+        match finding.kind {
+            ProblemKind::ExposedLink => stats.exposed_links += 1,
+            _ => stats.damaged_links += 1,
         }
+        unlink_pycs.push((pyc.clone(), problems.len(), finding.expect));
+        problems.push(Problem {
+            kind: finding.kind,
+            path: pyc.clone(),
+            message: finding.message,
+            repaired: false,
+        });
     }
 
     // 5. Repair: entries first, then files.
@@ -571,31 +602,44 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
                 "removed it: the next `pycstore link` compiles it again",
             );
         }
-        for (path, at) in &chmod {
-            let outcome =
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(OBJECT_MODE))
-                    .map_err(|e| with_path(e, "set permissions of", path));
+        for (id, at) in &refresh {
+            let outcome = store.objects.refresh_inode(id);
             if outcome.is_ok() {
-                repairs.permissions_fixed += 1;
-            }
-            say(&mut problems[*at], outcome, "made it read-only (0444)");
-        }
-        for (pyc, at, dev, ino) in &unlink_pycs {
-            // Only the very inode found damaged; never through a symlink.
-            let outcome = match std::fs::symlink_metadata(pyc) {
-                Ok(m) if m.dev() == *dev && m.ino() == *ino => {
-                    std::fs::remove_file(pyc).map_err(|e| with_path(e, "remove", pyc))
+                match problems[*at].kind {
+                    ProblemKind::Owner => repairs.owners_fixed += 1,
+                    _ => repairs.permissions_fixed += 1,
                 }
-                _ => Ok(()),
-            };
-            if outcome.is_ok() {
-                repairs.links_removed += 1;
             }
             say(
                 &mut problems[*at],
                 outcome,
-                "removed it: `pycstore link` its prefix to put a good pyc back",
+                "gave it a fresh inode with the store's owner and an object's mode (its bytes \
+                 match its name); prefixes holding the old inode are listed apart",
             );
+        }
+        for (path, at) in &shards {
+            let outcome = give_back_shard(store.objects.owner(), path);
+            if outcome.is_ok() {
+                repairs.owners_fixed += 1;
+            }
+            say(
+                &mut problems[*at],
+                outcome,
+                "gave it back to the store's owner, mode 0700 (2770 in a group store)",
+            );
+        }
+        for (pyc, at, expect) in &unlink_pycs {
+            // Only the very inode (or bytes) found; never through a symlink.
+            let outcome = remove_placed(pyc, expect);
+            let done = match &outcome {
+                Ok(true) => {
+                    repairs.links_removed += 1;
+                    "removed it: Python compiles it again, or `pycstore link` its prefix \
+                     puts a good pyc back"
+                }
+                _ => "it was replaced since: left it alone",
+            };
+            say(&mut problems[*at], outcome.map(drop), done);
         }
         let removed: Vec<bool> = orphans
             .par_iter()
@@ -612,6 +656,335 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
         problems,
         elapsed_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Every pyc pycstore recorded placing, with the object it placed.
+fn recorded_links(index: &Index) -> Result<Vec<(PathBuf, ObjectId)>> {
+    let mut links = Vec::new();
+    for (key, value) in index.scan(Family::Links, b"")? {
+        let Some(id) = value
+            .get(..32)
+            .and_then(|v| v.try_into().ok())
+            .map(ObjectId)
+        else {
+            continue;
+        };
+        links.push((PathBuf::from(std::ffi::OsStr::from_bytes(&key)), id));
+    }
+    Ok(links)
+}
+
+/// The problem of a good object whose owner, group or mode is not an
+/// object's.
+fn metadata_problem(
+    store: &Store,
+    checked: &Checked,
+    path: PathBuf,
+    stats: &mut VerifyStats,
+) -> Problem {
+    let objects = &store.objects;
+    let shared = if checked.nlink > 1 {
+        format!(
+            "; {} hard {} outside the store share this inode",
+            checked.nlink - 1,
+            if checked.nlink == 2 { "link" } else { "links" }
+        )
+    } else {
+        String::new()
+    };
+    if !objects.owner().owns(checked.uid, checked.gid) {
+        stats.bad_owner += 1;
+        Problem {
+            kind: ProblemKind::Owner,
+            path,
+            message: format!(
+                "belongs to user id {} and group id {}, not to the store's owner ({}): whoever \
+                 owns it can change it, and so every prefix it is hard linked into (a `chown -R` \
+                 of one prefix does this){shared}",
+                checked.uid,
+                checked.gid,
+                objects.owner().describe()
+            ),
+            repaired: false,
+        }
+    } else {
+        stats.bad_permissions += 1;
+        Problem {
+            kind: ProblemKind::Permissions,
+            path,
+            message: format!(
+                "mode {:04o}: objects are read-only (0444, or {:04o} for a source not everyone \
+                 may read); anyone who can write one changes every prefix linked to it{shared}",
+                checked.mode,
+                objects.private_mode()
+            ),
+            repaired: false,
+        }
+    }
+}
+
+/// Reports shard directories of the objects bucket that belong to someone
+/// else or that others can write: whoever can write a shard can swap its
+/// objects. Returns them with the index of their problem.
+fn check_shards(
+    store: &Store,
+    stats: &mut VerifyStats,
+    problems: &mut Vec<Problem>,
+) -> Vec<(PathBuf, usize)> {
+    let owner = store.objects.owner();
+    let foreign_write = match owner {
+        Owner::User(_) => 0o022,
+        Owner::Group(_) => 0o002,
+    };
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(store.objects.dir()) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        // Symlinks and files there are strays, reported with the listing.
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let owned = owner.owns(meta.uid(), meta.gid());
+        if owned && meta.mode() & foreign_write == 0 {
+            continue;
+        }
+        stats.bad_owner += 1;
+        found.push((entry.path(), problems.len()));
+        problems.push(Problem {
+            kind: ProblemKind::Owner,
+            path: entry.path(),
+            message: format!(
+                "this shard directory belongs to user id {} and group id {}, mode {:04o}; it must \
+                 belong to the store's owner ({}) and be writable by no one else: whoever can \
+                 write it can swap the objects inside",
+                meta.uid(),
+                meta.gid(),
+                meta.mode() & 0o7777,
+                owner.describe()
+            ),
+            repaired: false,
+        });
+    }
+    found
+}
+
+/// Gives a shard directory back to the store's owner, mode 0700 (2770).
+fn give_back_shard(owner: Owner, path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| with_path(e, "stat", path))?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let (uid, gid) = match owner {
+        Owner::User(uid) => (Some(uid), None),
+        Owner::Group(gid) => (None, Some(gid)),
+    };
+    std::os::unix::fs::lchown(path, uid, gid)
+        .map_err(|e| with_path(e, "change the owner of", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(owner.dir_mode()))
+        .map_err(|e| with_path(e, "set permissions of", path))
+}
+
+/// What a recorded pyc must still be for `repair` to remove it.
+#[derive(Clone, Copy, Debug)]
+struct Expect {
+    /// This inode (device, inode number).
+    inode: Option<(u64, u64)>,
+    /// Or these bytes (size, hash): a copy of damaged bytes.
+    bytes: Option<(u64, ObjectId)>,
+}
+
+/// Something wrong with one recorded pyc.
+struct Finding {
+    kind: ProblemKind,
+    message: String,
+    expect: Expect,
+}
+
+/// Looks at one pyc pycstore recorded placing from the object `id`, as
+/// `object` was found: whether it holds damaged bytes or an inode whose
+/// owner or mode changed. Reads it only when it is not the object's inode
+/// but shares its inode with other files (an earlier inode of the object:
+/// it was rewritten since, or given a fresh one).
+fn check_link(objects: &Objects, pyc: &Path, id: &ObjectId, object: &Checked) -> Option<Finding> {
+    let (dir, name) = open_parent(pyc).ok()?;
+    let st = rustix::fs::statat(&dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return None;
+    }
+    let inode = (st.st_dev, st.st_ino);
+    let object_path = objects.path(id);
+    let same_inode = inode == (object.dev, object.ino);
+    match object.state {
+        State::Corrupt if same_inode => Some(Finding {
+            kind: ProblemKind::DamagedLink,
+            message: format!(
+                "shares the inode of the damaged store object `{}`",
+                object_path.display()
+            ),
+            expect: Expect {
+                inode: Some(inode),
+                bytes: None,
+            },
+        }),
+        State::Corrupt => {
+            let found = object.found?;
+            if st.st_size as u64 != object.size || hash_at(&dir, &name)? != found {
+                return None;
+            }
+            Some(Finding {
+                kind: ProblemKind::DamagedLink,
+                message: format!(
+                    "holds the damaged bytes of the store object `{}`",
+                    object_path.display()
+                ),
+                expect: Expect {
+                    inode: None,
+                    bytes: Some((object.size, found)),
+                },
+            })
+        }
+        State::Good if same_inode => (!object.meta_ok).then(|| Finding {
+            kind: ProblemKind::ExposedLink,
+            message: format!(
+                "shares the inode of the store object `{}`, owned by user id {} and group id {} \
+                 with mode {:04o}: whoever owns it can change this pyc",
+                object_path.display(),
+                object.uid,
+                object.gid,
+                object.mode
+            ),
+            expect: Expect {
+                inode: Some(inode),
+                bytes: None,
+            },
+        }),
+        State::Good if st.st_nlink > 1 && st.st_dev == object.dev => {
+            let (bytes, found) = read_at(&dir, &name)?;
+            let head_len = bytes.len().min(HEADER_LEN);
+            // An edited source recompiled by Python has another header; a
+            // pyc of the same header and other bytes is a damaged copy.
+            let damaged = found != *id
+                && (bytes.len() as u64) <= object.size
+                && bytes[..head_len] == object.head[..head_len.min(object.head.len())];
+            let expect = Expect {
+                inode: Some(inode),
+                bytes: None,
+            };
+            if damaged {
+                Some(Finding {
+                    kind: ProblemKind::DamagedLink,
+                    message: format!(
+                        "is hard linked to an earlier inode of the store object `{}` (it was \
+                         rewritten since), and holds damaged bytes ({} bytes, {} expected)",
+                        object_path.display(),
+                        bytes.len(),
+                        object.size
+                    ),
+                    expect,
+                })
+            } else if found == *id && !objects.stat_ok(&st) {
+                Some(Finding {
+                    kind: ProblemKind::ExposedLink,
+                    message: format!(
+                        "is hard linked to an earlier inode of the store object `{}`, owned by \
+                         user id {} and group id {} with mode {:04o}: whoever owns it can change \
+                         this pyc in every prefix holding it",
+                        object_path.display(),
+                        st.st_uid,
+                        st.st_gid,
+                        st.st_mode & 0o7777
+                    ),
+                    expect,
+                })
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Opens the directory of `path` walking from `/` one component at a time
+/// with `O_NOFOLLOW`: a symlink anywhere in the path fails the walk.
+/// Returns the directory and the file's name in it.
+fn open_parent(path: &Path) -> std::io::Result<(OwnedFd, std::ffi::OsString)> {
+    use std::path::Component;
+    let invalid = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{}` is not an absolute path of a file", path.display()),
+        )
+    };
+    let mut components = path.components();
+    let name = match components.next_back() {
+        Some(Component::Normal(name)) => name.to_os_string(),
+        _ => return Err(invalid()),
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir: Option<OwnedFd> = None;
+    for component in components {
+        dir = Some(match (component, &dir) {
+            (Component::RootDir, None) => rustix::fs::open("/", flags, Mode::empty())?,
+            (Component::Normal(part), Some(parent)) => {
+                rustix::fs::openat(parent, part, flags, Mode::empty())?
+            }
+            _ => return Err(invalid()),
+        });
+    }
+    Ok((dir.ok_or_else(invalid)?, name))
+}
+
+/// Reads the file `name` in `dir`, not following a symlink: its bytes and
+/// their hash.
+fn read_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<(Vec<u8>, ObjectId)> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut bytes).ok()?;
+    let id = ObjectId::of(&bytes);
+    Some((bytes, id))
+}
+
+fn hash_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<ObjectId> {
+    read_at(dir, name).map(|(_, id)| id)
+}
+
+/// Removes the recorded pyc at `path` if it still is what was found
+/// (`expect`), through directory descriptors that follow no symlink.
+/// `Ok(false)`: it is gone or was replaced since; left alone.
+fn remove_placed(path: &Path, expect: &Expect) -> std::io::Result<bool> {
+    let (dir, name) = match open_parent(path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(with_path(e, "open the directory of", path)),
+    };
+    let st = match rustix::fs::statat(&dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(with_path(e.into(), "stat", path)),
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Ok(false);
+    }
+    let same_inode = expect.inode == Some((st.st_dev, st.st_ino));
+    let same_bytes = expect
+        .bytes
+        .is_some_and(|(size, id)| st.st_size as u64 == size && hash_at(&dir, &name) == Some(id));
+    if !same_inode && !same_bytes {
+        return Ok(false);
+    }
+    rustix::fs::unlinkat(&dir, &name, rustix::fs::AtFlags::empty())
+        .map_err(|e| with_path(e.into(), "remove", path))?;
+    Ok(true)
 }
 
 /// Opens the index; when it is damaged, reports it, and with `repair`

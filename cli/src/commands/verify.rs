@@ -54,6 +54,11 @@ fn summary(report: &VerifyReport) -> String {
             "object with wrong permissions",
             "objects with wrong permissions",
         ),
+        (
+            s.bad_owner,
+            "object or shard owned by someone else",
+            "objects or shards owned by someone else",
+        ),
         (s.unreadable, "unreadable object", "unreadable objects"),
         (s.strays, "stray file", "stray files"),
         (s.missing_objects, "missing object", "missing objects"),
@@ -71,6 +76,11 @@ fn summary(report: &VerifyReport) -> String {
             s.damaged_links,
             "damaged pyc in a prefix",
             "damaged pycs in prefixes",
+        ),
+        (
+            s.exposed_links,
+            "pyc in a prefix sharing an exposed inode",
+            "pycs in prefixes sharing an exposed inode",
         ),
     ]
     .into_iter()
@@ -107,10 +117,11 @@ fn summary(report: &VerifyReport) -> String {
             (r.orphans_removed, "orphan removed", "orphans removed"),
             (r.entries_removed, "entry removed", "entries removed"),
             (r.permissions_fixed, "permission fixed", "permissions fixed"),
+            (r.owners_fixed, "owner fixed", "owners fixed"),
             (
                 r.links_removed,
-                "damaged pyc removed from a prefix",
-                "damaged pycs removed from prefixes",
+                "damaged or exposed pyc removed from a prefix",
+                "damaged or exposed pycs removed from prefixes",
             ),
         ] {
             if n > 0 {

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::compile::{Outcome, WorkerSlot};
 use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
 use crate::interpreter::Interpreter;
-use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
+use crate::key::CompileKey;
 use crate::materialize::{LinkMode, Materializer};
 use crate::pyc::{self, Flavor, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
@@ -382,12 +382,7 @@ impl Run<'_> {
                     self.fail(&source.path, i, "not a module file name");
                     continue;
                 };
-                let key = CompileKey::new(
-                    &source.digest,
-                    interpreter.magic,
-                    optimize,
-                    COMPILE_FLAGS_DEFAULT,
-                );
+                let key = interpreter.compile_key(&source.digest, optimize);
                 let mut target = Target {
                     source: Arc::clone(&source),
                     interpreter: i,

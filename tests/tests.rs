@@ -17,4 +17,5 @@ mod lifecycle;
 mod link_modes;
 mod pack;
 mod stdlib;
+mod trust;
 mod verify;

@@ -184,6 +184,9 @@ impl Checker {
                     continue;
                 }
                 let lib = self.path(&lib)?;
+                if !seen.insert(lib.clone()) {
+                    continue;
+                }
                 let entries = std::fs::read_dir(&lib).map_err(|e| unexaminable(&lib, &e))?;
                 for entry in entries.flatten() {
                     let name = entry.file_name();

@@ -254,8 +254,8 @@ fn misbehaving_python(t: &TestDir, mode: &str) -> std::path::PathBuf {
     };
     let script = format!(
         "#!/bin/bash\n\
-         # A compile worker is started as `python -I -S ...`.\n\
-         if [ \"$1\" = -I ] && [ \"$2\" = -S ] && [ ! -e '{state}' ]; then\n\
+         # A compile worker is started as `python -I -S -W ignore ...`.\n\
+         if [ \"$1\" = -I ] && [ \"$2\" = -S ] && [ \"$3\" = -W ] && [ ! -e '{state}' ]; then\n\
          \x20 touch '{state}'\n\
          \x20 exec '{real}' -c \"{bad}\"\n\
          fi\n\

@@ -19,4 +19,5 @@ mod link_modes;
 mod pack;
 mod prefix_attacks;
 mod stdlib;
+mod trust;
 mod verify;

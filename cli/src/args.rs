@@ -34,6 +34,13 @@ pub struct GlobalArgs {
     /// code in every environment linked from it.
     #[arg(long, global = true, env = env::PYCSTORE_SHARED_GROUP, value_name = "GROUP")]
     pub shared_group: Option<String>,
+
+    /// Run interpreters (and their standard libraries) that a user other
+    /// than you or root can change, which is refused when you are root or
+    /// the store is shared: that user could run code as you. What such an
+    /// interpreter compiles is kept for it alone.
+    #[arg(long, global = true, env = env::PYCSTORE_TRUST_PYTHON)]
+    pub trust_python: bool,
 }
 
 #[derive(Subcommand, Debug)]

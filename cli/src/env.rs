@@ -8,3 +8,5 @@ pub const PYCSTORE_COMPILE_TIMEOUT: &str = pycstore_store::compile::TIMEOUT_ENV;
 pub const PYCSTORE_LOG: &str = "PYCSTORE_LOG";
 /// The group to share a newly created store with (`--shared-group`).
 pub const PYCSTORE_SHARED_GROUP: &str = "PYCSTORE_SHARED_GROUP";
+/// Run interpreters other users can change (`--trust-python`).
+pub const PYCSTORE_TRUST_PYTHON: &str = pycstore_store::python_trust::OVERRIDE_ENV;

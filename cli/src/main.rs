@@ -31,6 +31,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
+    pycstore_store::python_trust::set_override(cli.global.trust_python);
     match cli.command {
         args::Command::Link(ref args) => commands::link::run(&cli.global, args),
         args::Command::Unlink(ref args) => commands::unlink::run(&cli.global, args),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::Errno;
 use pycstore_store::compile::{Outcome, WorkerSlot};
 use pycstore_store::index::{Counters, Entry, EntrySlot, Family, Index, Writes};
-use pycstore_store::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
+use pycstore_store::key::{CompileKey, SourceDigest};
 use pycstore_store::lock::LockGuard;
 use pycstore_store::objects::ObjectId;
 use pycstore_store::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
@@ -492,12 +492,9 @@ impl Pycs {
     }
 
     fn key(&self, source: &Source, interp: usize, optimize: u8) -> CompileKey {
-        CompileKey::new(
-            &source.digest,
-            self.interps[interp].interpreter.magic,
-            optimize,
-            COMPILE_FLAGS_DEFAULT,
-        )
+        self.interps[interp]
+            .interpreter
+            .compile_key(&source.digest, optimize)
     }
 
     /// The header of the source's pyc in this view's flavor: from the
@@ -830,12 +827,7 @@ impl Pycs {
         if data[HEADER_LEN] & 0x7f != b'c' {
             return refuse("its body is not a code object");
         }
-        let key = CompileKey::new(
-            &SourceDigest::of(&bytes),
-            interpreter.magic,
-            optimize,
-            COMPILE_FLAGS_DEFAULT,
-        );
+        let key = interpreter.compile_key(&SourceDigest::of(&bytes), optimize);
         let known = self
             .bodies
             .read()

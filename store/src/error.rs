@@ -41,6 +41,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// An interpreter that a user other than the caller or root can change,
+    /// refused because the caller is root or the store is shared.
+    #[error(
+        "refusing to run the Python interpreter `{path}`: `{step}` {reason}, so that user \
+         could run code as you and put bytecode into the store that other environments \
+         would import; use an interpreter only root or you can change (`--python PATH`), \
+         or pass `--trust-python` (PYCSTORE_TRUST_PYTHON=1) to run it anyway, keeping what \
+         it compiles for it alone"
+    )]
+    UntrustedInterpreter {
+        /// The executable as given.
+        path: PathBuf,
+        /// The step of its path (or of its standard library) others can change.
+        step: PathBuf,
+        /// Why: who owns it, or who can write it.
+        reason: String,
+    },
+
     /// No interpreter could be found for a prefix.
     #[error(
         "no Python interpreter found in `{prefix}` (looked for bin/python3, bin/python, \

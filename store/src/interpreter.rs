@@ -12,14 +12,34 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use crate::index::{Family, Index, Writes};
+use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::pyc::{source_hash, HashVariant};
+use crate::python_trust::{self, Checker, Verdict};
 use crate::{Error, Result};
 
 /// Asks the interpreter what decides its pycs. Runs isolated (`-I`) so the
-/// user's `PYTHON*` variables cannot change the answer, and with `-B`: site
-/// imports (a venv's `.pth` files) must not write pycs into the prefix.
+/// user's `PYTHON*` variables cannot change the answer, without `site` (`-S`)
+/// so that nothing of the prefix runs (a venv's `.pth` files and
+/// `sitecustomize` execute code), and with `-B`. Without `site`, a venv is
+/// recognized as `site.venv` does (a `pyvenv.cfg` beside the executable or
+/// one level up makes its parent `sys.prefix`), before `sysconfig` reads
+/// `sys.prefix`. `loaded` lists the files of every module it imported (a
+/// superset of what a compile worker imports), to be checked like the
+/// executable.
 const PROBE: &str = r#"
-import sys, json, sysconfig, importlib.util
+import sys, os
+exe_dir = os.path.dirname(os.path.abspath(sys.executable))
+for d in (exe_dir, os.path.dirname(exe_dir)):
+    if os.path.isfile(os.path.join(d, "pyvenv.cfg")):
+        sys.prefix = sys.exec_prefix = os.path.dirname(exe_dir)
+        break
+import json, sysconfig, importlib.util, marshal, warnings
+loaded = set()
+for m in list(sys.modules.values()):
+    for attr in ("__file__", "__cached__"):
+        f = getattr(m, attr, None)
+        if isinstance(f, str):
+            loaded.add(os.path.abspath(f))
 print(json.dumps({
     "implementation": sys.implementation.name,
     "version": "%d.%d.%d" % sys.version_info[:3],
@@ -29,11 +49,12 @@ print(json.dumps({
     "prefix": sys.prefix,
     "stdlib": sysconfig.get_path("stdlib"),
     "purelib": sysconfig.get_path("purelib"),
+    "loaded": sorted(loaded),
 }))
 "#;
 
 /// Bump when the probe's fields change, so cached probes are redone.
-const PROBE_VERSION: u32 = 2;
+const PROBE_VERSION: u32 = 3;
 
 #[derive(Deserialize)]
 struct RawProbe {
@@ -45,6 +66,7 @@ struct RawProbe {
     prefix: PathBuf,
     stdlib: PathBuf,
     purelib: PathBuf,
+    loaded: Vec<PathBuf>,
 }
 
 /// A probed interpreter.
@@ -70,6 +92,12 @@ pub struct Interpreter {
     pub stdlib: PathBuf,
     /// `site-packages`.
     pub purelib: PathBuf,
+    /// Where its compile keys live: `None` for an interpreter only root and
+    /// the caller can change; for any other, a domain of its own, so that
+    /// nothing it compiles serves another interpreter. Decided on every
+    /// probe, never cached.
+    #[serde(skip)]
+    pub key_domain: Option<[u8; 32]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,6 +105,8 @@ struct CachedProbe {
     version: u32,
     identity: (u64, u64, u64, i64),
     interpreter: Interpreter,
+    /// The files the probe reported loading, checked again on every use.
+    loaded: Vec<PathBuf>,
 }
 
 impl Interpreter {
@@ -84,7 +114,11 @@ impl Interpreter {
     /// executable is unchanged.
     pub fn probe(executable: &Path, index: Option<&mut Index>) -> Result<Interpreter> {
         let Some(index) = index else {
-            return Self::run_probe(executable);
+            let identity = identity_of(executable)?;
+            let mut trust = Trust::new(executable, identity, false)?;
+            let (interpreter, loaded) = Self::run_probe(executable)?;
+            trust.loaded(&loaded)?;
+            return Ok(trust.apply(interpreter));
         };
         let mut writes = Writes::default();
         let interpreter = Self::probe_cached(executable, index, &mut writes)?;
@@ -99,44 +133,42 @@ impl Interpreter {
         index: &Index,
         writes: &mut Writes,
     ) -> Result<Interpreter> {
-        let meta = std::fs::metadata(executable).map_err(|e| Error::Probe {
-            path: executable.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let identity = (
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
-        );
+        let identity = identity_of(executable)?;
+        // Checked before the cache is consulted: a cached answer says
+        // nothing about who can change the interpreter now.
+        let shared = index.path().parent().is_some_and(crate::trust::is_shared);
+        let mut trust = Trust::new(executable, identity, shared)?;
         if let Some(raw) = index.interpreter(executable)? {
             if let Ok(cached) = serde_json::from_slice::<CachedProbe>(&raw) {
                 if cached.version == PROBE_VERSION && cached.identity == identity {
-                    return Ok(cached.interpreter);
+                    trust.loaded(&cached.loaded)?;
+                    return Ok(trust.apply(cached.interpreter));
                 }
             }
         }
-        let interpreter = Self::run_probe(executable)?;
+        let (interpreter, loaded) = Self::run_probe(executable)?;
+        trust.loaded(&loaded)?;
         let cached = CachedProbe {
             version: PROBE_VERSION,
             identity,
             interpreter: interpreter.clone(),
+            loaded,
         };
         writes.put(
             Family::Interpreters,
             &crate::index::path_key(executable),
             &serde_json::to_vec(&cached).expect("serializable"),
         );
-        Ok(interpreter)
+        Ok(trust.apply(interpreter))
     }
 
-    fn run_probe(executable: &Path) -> Result<Interpreter> {
+    fn run_probe(executable: &Path) -> Result<(Interpreter, Vec<PathBuf>)> {
         let fail = |message: String| Error::Probe {
             path: executable.to_path_buf(),
             message,
         };
         let output = Command::new(executable)
-            .args(["-I", "-B", "-c", PROBE])
+            .args(["-I", "-S", "-B", "-c", PROBE])
             .output()
             .map_err(|e| fail(e.to_string()))?;
         if !output.status.success() {
@@ -176,7 +208,7 @@ impl Interpreter {
             .ok_or_else(|| {
                 unsupported("its source hash is neither SipHash-1-3 nor SipHash-2-4".into())
             })?;
-        Ok(Interpreter {
+        let interpreter = Interpreter {
             executable: executable.to_path_buf(),
             implementation: raw.implementation,
             version: raw.version,
@@ -186,7 +218,22 @@ impl Interpreter {
             prefix: raw.prefix,
             stdlib: raw.stdlib,
             purelib: raw.purelib,
-        })
+            key_domain: None,
+        };
+        Ok((interpreter, raw.loaded))
+    }
+
+    /// The key of compiling `source` at `optimize` for this interpreter:
+    /// every caller derives keys here, so an interpreter others can change
+    /// never shares keys with another.
+    pub fn compile_key(&self, source: &SourceDigest, optimize: u8) -> CompileKey {
+        CompileKey::in_domain(
+            source,
+            self.magic,
+            optimize,
+            COMPILE_FLAGS_DEFAULT,
+            self.key_domain.as_ref(),
+        )
     }
 
     /// The pyc file name of `stem` (a module file name without `.py`) for
@@ -197,6 +244,86 @@ impl Interpreter {
         } else {
             format!("{stem}.{}.opt-{optimize}.pyc", self.cache_tag)
         }
+    }
+}
+
+/// The executable's identity: the resolved file's device, inode, size and
+/// mtime.
+fn identity_of(executable: &Path) -> Result<(u64, u64, u64, i64)> {
+    let meta = std::fs::metadata(executable).map_err(|e| Error::Probe {
+        path: executable.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok((
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+    ))
+}
+
+/// The trust decision about one interpreter: checked before it runs, and
+/// again on the files its probe loaded.
+struct Trust<'a> {
+    executable: &'a Path,
+    identity: (u64, u64, u64, i64),
+    /// Refuse an untrusted interpreter (the caller is root or the store is
+    /// shared) unless overridden.
+    enforce: bool,
+    checker: Checker,
+    verdict: Verdict,
+}
+
+impl<'a> Trust<'a> {
+    fn new(executable: &'a Path, identity: (u64, u64, u64, i64), shared: bool) -> Result<Self> {
+        let mut checker = Checker::new();
+        let verdict = checker.interpreter(executable);
+        let enforce = shared || rustix::process::geteuid().is_root();
+        let trust = Trust {
+            executable,
+            identity,
+            enforce,
+            checker,
+            verdict,
+        };
+        trust.decide()?;
+        Ok(trust)
+    }
+
+    fn loaded(&mut self, files: &[PathBuf]) -> Result<()> {
+        if self.verdict == Verdict::Trusted {
+            self.verdict = self.checker.loaded(files);
+            self.decide()?;
+        }
+        Ok(())
+    }
+
+    fn decide(&self) -> Result<()> {
+        let Verdict::Untrusted(doubt) = &self.verdict else {
+            return Ok(());
+        };
+        if self.enforce && !python_trust::overridden() {
+            return Err(Error::UntrustedInterpreter {
+                path: self.executable.to_path_buf(),
+                step: doubt.path.clone(),
+                reason: doubt.reason.clone(),
+            });
+        }
+        if self.enforce {
+            tracing::warn!(
+                "running `{}` although `{}` {} ({}): what it compiles serves no other interpreter",
+                self.executable.display(),
+                doubt.path.display(),
+                doubt.reason,
+                python_trust::OVERRIDE_FLAG,
+            );
+        }
+        Ok(())
+    }
+
+    fn apply(self, mut interpreter: Interpreter) -> Interpreter {
+        interpreter.key_domain = self.verdict.key_domain(self.executable, self.identity);
+        interpreter
     }
 }
 

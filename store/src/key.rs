@@ -39,6 +39,29 @@ impl CompileKey {
         hasher.update(&flags.to_le_bytes());
         CompileKey(*hasher.finalize().as_bytes())
     }
+
+    /// Like [`CompileKey::new`], in a domain of its own when `domain` is
+    /// given: the keys of an interpreter that others can change (see
+    /// [`crate::python_trust`]) never equal another interpreter's.
+    pub fn in_domain(
+        source: &SourceDigest,
+        magic: [u8; 4],
+        optimize: u8,
+        flags: u32,
+        domain: Option<&[u8; 32]>,
+    ) -> Self {
+        let Some(domain) = domain else {
+            return Self::new(source, magic, optimize, flags);
+        };
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"pycstore compile key v1 in domain\0");
+        hasher.update(domain);
+        hasher.update(&source.0);
+        hasher.update(&magic);
+        hasher.update(&[optimize]);
+        hasher.update(&flags.to_le_bytes());
+        CompileKey(*hasher.finalize().as_bytes())
+    }
 }
 
 impl fmt::Debug for CompileKey {
@@ -65,5 +88,9 @@ mod tests {
         assert_ne!(base, CompileKey::new(&a, magic, 1, 0));
         assert_ne!(base, CompileKey::new(&a, magic, 0, 1));
         assert_eq!(base, CompileKey::new(&a, magic, 0, 0));
+        assert_eq!(base, CompileKey::in_domain(&a, magic, 0, 0, None));
+        let one = CompileKey::in_domain(&a, magic, 0, 0, Some(&[1; 32]));
+        assert_ne!(base, one);
+        assert_ne!(one, CompileKey::in_domain(&a, magic, 0, 0, Some(&[2; 32])));
     }
 }

@@ -24,6 +24,7 @@ pub mod objects;
 pub mod pack;
 pub mod prefix;
 pub mod pyc;
+pub mod python_trust;
 pub mod source;
 pub mod stats;
 pub mod tree;

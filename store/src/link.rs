@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::compile::{Outcome, WorkerSlot};
 use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
 use crate::interpreter::Interpreter;
-use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
+use crate::key::CompileKey;
 use crate::materialize::{Access, Destination, LinkMode, Materializer};
 use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
@@ -476,12 +476,7 @@ impl Run<'_> {
                     self.fail(&source.path, i, "not a module file name");
                     continue;
                 };
-                let key = CompileKey::new(
-                    &source.digest,
-                    interpreter.magic,
-                    optimize,
-                    COMPILE_FLAGS_DEFAULT,
-                );
+                let key = interpreter.compile_key(&source.digest, optimize);
                 let mut target = Target {
                     source: Arc::clone(&source),
                     interpreter: i,

@@ -11,7 +11,6 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::index::{path_key, EntrySlot, Family, Writes};
-use crate::key::{CompileKey, COMPILE_FLAGS_DEFAULT};
 use crate::link::{now_ns, open_no_follow, slot_of};
 use crate::objects::ObjectId;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
@@ -86,12 +85,7 @@ pub fn status(
             for &i in chosen {
                 let interpreter = &plan.interpreters[i];
                 for &optimize in &options.optimize {
-                    let key = CompileKey::new(
-                        &source.digest,
-                        interpreter.magic,
-                        optimize,
-                        COMPILE_FLAGS_DEFAULT,
-                    );
+                    let key = interpreter.compile_key(&source.digest, optimize);
                     let slot = match options.flavor {
                         Flavor::Timestamp => slot_of(Flavor::Timestamp, &source),
                         flavor => EntrySlot::Hashed(flavor),

@@ -19,6 +19,11 @@
 //! session lasts a lookup pass or the write of a batch of [`Writes`]
 //! gathered while compiling. Objects are written before the entries that
 //! name them, so an entry never points at a missing object after a crash.
+//!
+//! A value that cannot be read (a damaged block) is a miss for lookups, said
+//! once per process; `verify` reads the whole index with checksums and
+//! `verify --repair` rebuilds it ([`rebuild`]). A full disk is
+//! [`Error::IndexNoSpace`], never taken for damage.
 
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;

@@ -14,17 +14,23 @@
 //! - a damaged object still hard linked into prefixes damages those pycs
 //!   too (they share its inode): the ones pycstore recorded are reported.
 //!
+//! The index is read whole (every record of every column family, block
+//! checksums verified); a damaged one is reported with RocksDB's message.
+//!
 //! What `repair` does (under the exclusive store lock): a damaged index is
-//! first given to RocksDB's repair, and when it still cannot be opened it is
-//! moved aside to `index-v1.broken-<unix time>` and replaced by an empty one
-//! (objects are kept; the next `link` compiles and records again). Damaged,
-//! unreadable and stray files are removed, with every entry that names a
-//! removed or missing object and their use times; entries that disagree
-//! with their object are removed; permissions of good objects are reset;
-//! orphans are removed (unless the index was just repaired: their entries
-//! may be what it lost); pycs in prefixes sharing a damaged object's inode
-//! are removed, so linking their prefix again puts good ones back. Entries
-//! go before the objects, as in `gc`.
+//! rebuilt beside the old one from what can still be read of it and from
+//! entries derived again from the pycs linked from the store, then swapped
+//! in atomically; the damaged one is kept as `index-v1.broken-<unix time>`
+//! (see [`crate::index::rebuild`]). Without room for that on the disk it
+//! fails before changing anything. Damaged, unreadable and stray files are
+//! removed, with every entry that names a removed or missing object and
+//! their use times; entries that disagree with their object are removed;
+//! permissions of good objects are reset; orphans are removed (unless the
+//! index was just rebuilt or one is set aside: their entries may be what it
+//! lost); pycs in prefixes sharing a damaged object's inode are removed, so
+//! linking their prefix again puts good ones back. Entries go before the
+//! objects, as in `gc`. On a full disk a read-only look finds a healthy
+//! index healthy, and a repair with nothing to fix writes nothing.
 
 use std::collections::{hash_map, HashMap, HashSet};
 use std::io::Read;

@@ -224,12 +224,12 @@ fn a_read_only_prefix_is_reported_per_file() {
 
 /// A small tmpfs, mounted for the test; None (and a loud skip) when this
 /// user cannot mount.
-struct Tmpfs {
-    path: PathBuf,
+pub(crate) struct Tmpfs {
+    pub(crate) path: PathBuf,
 }
 
 impl Tmpfs {
-    fn mount(t: &TestDir, name: &str, size: &str) -> Option<Tmpfs> {
+    pub(crate) fn mount(t: &TestDir, name: &str, size: &str) -> Option<Tmpfs> {
         let path = t.join(name);
         std::fs::create_dir(&path).unwrap();
         let ok = Command::new("mount")

@@ -371,9 +371,328 @@ fn an_index_beyond_repair_is_set_aside_and_started_afresh() {
     link(&t, "hardlink", &other);
     assert_imports(&other, 3);
 
-    // The set-aside index is garbage for gc.
+    // gc never removes the set-aside index: only its owner does.
     let (out, json) = link_json(t.pycstore().arg("gc"));
     assert_output!(out, out.status.success(), "gc");
-    assert_eq!(json["old_layouts"][0], aside.to_str().unwrap(), "{json:#}");
-    assert!(!aside.exists());
+    assert_eq!(
+        json["set_aside_indexes"][0],
+        aside.to_str().unwrap(),
+        "{json:#}"
+    );
+    assert_eq!(json["old_layouts"], serde_json::json!([]), "{json:#}");
+    assert!(aside.exists());
+}
+
+/// Every table (SST) of the index holding the `entries` column family:
+/// RocksDB writes the family's name into each table's properties, after the
+/// shared prefix `rocksdb.column.family.` of the key before it.
+fn entries_tables(index: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(index)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sst"))
+        .filter(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            bytes.windows(11).any(|w| w == b"nameentries")
+        })
+        .collect();
+    found.sort();
+    assert!(
+        !found.is_empty(),
+        "no table of the entries family in {}",
+        index.display()
+    );
+    found
+}
+
+/// Flips one byte inside the first data block of each table of the
+/// `entries` family, as a failing disk would. The first data block starts
+/// at offset 0 and holds at least one whole entry (a 33-byte key and a
+/// 56-byte value), so byte 20 is inside it.
+fn flip_a_byte_in_the_entries_tables(index: &Path) -> Vec<PathBuf> {
+    let tables = entries_tables(index);
+    for table in &tables {
+        let mut bytes = std::fs::read(table).unwrap();
+        bytes[20] ^= 0x10;
+        std::fs::write(table, bytes).unwrap();
+    }
+    tables
+}
+
+fn entries_in_stats(t: &TestDir) -> u64 {
+    let (out, json) = link_json(t.pycstore().arg("stats"));
+    assert_output!(out, out.status.success(), "stats");
+    json["entries"].as_u64().unwrap()
+}
+
+/// Every file of a directory with its bytes, to tell it was left alone.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<(PathBuf, Vec<u8>)> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        // RocksDB's message logs change with every open.
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("LOG"))
+        .map(|e| (e.path().to_path_buf(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The names in the store root that are neither the index nor its lock
+/// but start like it: indexes set aside, work directories of a repair.
+fn set_aside(store: &Path) -> Vec<String> {
+    std::fs::read_dir(store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("index-v1.") && n != "index-v1.lock")
+        .collect()
+}
+
+#[test]
+fn a_flipped_byte_in_an_index_table_is_found_and_repaired_and_nothing_is_lost() {
+    let t = TestDir::new();
+    let app = write_app(&t, "app", 5);
+    link(&t, "hardlink", &app);
+    let entries = entries_in_stats(&t);
+    let index = t.store().join("index-v1");
+    let tables = flip_a_byte_in_the_entries_tables(&index);
+
+    // A full scan with checksums finds it, names the table and the way out.
+    let (out, json) = verify(&t, &[]);
+    assert_eq!(out.status.code(), Some(1), "{json:#}");
+    assert_eq!(json["index"], "damaged", "{json:#}");
+    let message = problem(&json, &index)["message"].as_str().unwrap();
+    let table_name = tables[0].file_name().unwrap().to_str().unwrap();
+    assert!(
+        message.contains("Corruption")
+            && message.contains(table_name)
+            && message.contains("pycstore verify --repair"),
+        "{message}"
+    );
+
+    // The repair rebuilds the index beside the old one: the entries lost
+    // with the damaged table come back from the pycs linked from the store.
+    let (out, json) = verify(&t, &["--repair"]);
+    assert_output!(out, out.status.success(), "verify --repair: {json:#}");
+    assert_eq!(json["index"], "repaired", "{json:#}");
+    let aside = PathBuf::from(json["index_moved_to"].as_str().unwrap());
+    assert!(
+        aside.join(table_name).exists(),
+        "the damaged index is kept: {json:#}"
+    );
+    let (out, json) = verify(&t, &[]);
+    assert_output!(out, out.status.success(), "verify after repair: {json:#}");
+    assert_eq!(json["problems"], serde_json::json!([]), "{json:#}");
+    assert_eq!(json["orphans"], 0, "{json:#}");
+    assert_eq!(entries_in_stats(&t), entries);
+
+    // Nothing is compiled again: a fresh copy is all hits, imported from pycs.
+    let fresh = copy_sources(&t, &app, "fresh");
+    let json = link(&t, "hardlink", &fresh);
+    assert_eq!(
+        (json["compiled"].as_u64(), json["hits"].as_u64()),
+        (Some(0), Some(6)),
+        "{json}"
+    );
+    assert_imports(&fresh, 5);
+    let json = link(&t, "hardlink", &app);
+    assert_eq!(json["up_to_date"], 6, "{json}");
+    assert_imports(&app, 5);
+    let (out, json) = link_json(t.pycstore().arg("gc"));
+    assert_output!(out, out.status.success(), "gc");
+    assert_eq!(json["evicted"], 0, "{json:#}");
+}
+
+#[test]
+fn link_treats_an_unreadable_index_entry_as_a_miss_on_every_run() {
+    let t = TestDir::new();
+    let app = write_app(&t, "app", 5);
+    link(&t, "hardlink", &app);
+    let index = t.store().join("index-v1");
+    flip_a_byte_in_the_entries_tables(&index);
+
+    // Each run says what is wrong and compiles what it cannot read; no run
+    // fails a file or loses what it compiled, however many tables pile up
+    // beside the damaged one (RocksDB compacts them, and meets the damage).
+    for n in 0..6 {
+        let prefix = copy_sources(&t, &app, &format!("copy{n}"));
+        t.write(format!("copy{n}/pkg/new.py"), format!("NEW = {n}\n"));
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "--link-mode", "hardlink", "--python"])
+                .arg(python("3.11"))
+                .arg(&prefix),
+        );
+        assert_output!(out, out.status.success(), "link {n}: {json}");
+        assert_eq!(json["failed"], 0, "{json}");
+        assert_imports(&prefix, 5);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("not recorded"), "link {n}: {stderr}");
+        if n == 0 {
+            assert!(
+                stderr.contains(&index.display().to_string())
+                    && stderr.contains("pycstore verify --repair"),
+                "{stderr}"
+            );
+        }
+    }
+    let json = link(&t, "hardlink", &app);
+    assert_eq!(json["failed"], 0, "{json}");
+
+    let (out, json) = verify(&t, &["--repair"]);
+    assert_output!(out, out.status.success(), "verify --repair: {json:#}");
+    assert_eq!(json["index"], "repaired", "{json:#}");
+    let (out, json) = verify(&t, &[]);
+    assert_output!(out, out.status.success(), "verify after repair: {json:#}");
+    let last = copy_sources(&t, &app, "last");
+    let json = link(&t, "hardlink", &last);
+    assert_eq!(json["compiled"], 0, "{json}");
+    assert_imports(&last, 5);
+}
+
+/// Fills the filesystem of `dir` with a file `dir/fill`.
+fn fill_up(dir: &Path) -> PathBuf {
+    let path = dir.join("fill");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = file.write_all(&chunk) {
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+            break;
+        }
+    }
+    // What is left is less than a chunk: fill it byte by byte.
+    while file.write_all(&[0]).is_ok() {}
+    path
+}
+
+#[test]
+fn a_full_disk_never_loses_the_index() {
+    let t = TestDir::new();
+    let Some(small) = crate::hostile::Tmpfs::mount(&t, "small", "48m") else {
+        return;
+    };
+    let store = small.path.join("store");
+    let app = copy_sources(&t, &write_app(&t, "src", 5), "small/app");
+    let mut cmd = pycstore(&store);
+    let (out, json) = link_json(
+        cmd.args(["link", "--link-mode", "hardlink", "--python"])
+            .arg(python("3.11"))
+            .arg(&app),
+    );
+    assert_output!(out, out.status.success(), "link: {json}");
+    let stats = |store: &Path| {
+        let (out, json) = link_json(pycstore(store).arg("stats"));
+        assert_output!(out, out.status.success(), "stats");
+        json
+    };
+    let before = stats(&store);
+    let index = store.join("index-v1");
+
+    // On a full disk the healthy index is not called damaged, and a repair
+    // has nothing to do and moves nothing.
+    let fill = fill_up(&small.path);
+    let (out, json) = link_json(pycstore(&store).arg("verify"));
+    assert_output!(out, out.status.success(), "verify on a full disk: {json:#}");
+    assert_eq!(json["index"], "ok", "{json:#}");
+    let (out, json) = link_json(pycstore(&store).args(["verify", "--repair"]));
+    assert_output!(
+        out,
+        out.status.success(),
+        "verify --repair on a full disk: {json:#}"
+    );
+    assert_eq!(json["index"], "ok", "{json:#}");
+    assert_eq!(set_aside(&store), Vec::<String>::new());
+    // What must write says why it cannot, and that it is not damage.
+    let out = run(pycstore(&store).arg("gc"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot open the index: no space left on `{}`",
+            index.display()
+        )) && stderr.contains("free some space"),
+        "{stderr}"
+    );
+
+    // Space freed: every entry is there, and gc evicts nothing linked.
+    std::fs::remove_file(&fill).unwrap();
+    assert_eq!(stats(&store)["entries"], before["entries"]);
+    let (out, json) = link_json(pycstore(&store).arg("gc"));
+    assert_output!(out, out.status.success(), "gc: {json:#}");
+    assert_eq!(json["evicted"], 0, "{json:#}");
+
+    // A damaged index on a full disk: the repair checks for room before it
+    // moves anything, and leaves the index as it was.
+    flip_a_byte_in_the_entries_tables(&index);
+    let fill = fill_up(&small.path);
+    let (out, json) = link_json(pycstore(&store).arg("verify"));
+    assert_eq!(out.status.code(), Some(1), "{json:#}");
+    assert_eq!(json["index"], "damaged", "{json:#}");
+    let damaged = snapshot(&index);
+    let out = run(pycstore(&store).args(["verify", "--repair"]));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot repair the index: no space left on `{}`",
+            index.display()
+        )) && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert!(snapshot(&index) == damaged, "the index was changed");
+    assert_eq!(set_aside(&store), Vec::<String>::new());
+
+    // Space freed: the repair recovers every entry; nothing is compiled
+    // again and nothing linked is evicted.
+    std::fs::remove_file(&fill).unwrap();
+    let (out, json) = link_json(pycstore(&store).args(["verify", "--repair"]));
+    assert_output!(out, out.status.success(), "verify --repair: {json:#}");
+    assert_eq!(json["index"], "repaired", "{json:#}");
+    assert_eq!(stats(&store)["entries"], before["entries"]);
+    let (out, json) = link_json(pycstore(&store).arg("gc"));
+    assert_output!(out, out.status.success(), "gc: {json:#}");
+    assert_eq!(json["evicted"], 0, "{json:#}");
+    let fresh = copy_sources(&t, &app, "small/fresh");
+    let mut cmd = pycstore(&store);
+    let (out, json) = link_json(
+        cmd.args(["link", "--link-mode", "hardlink", "--python"])
+            .arg(python("3.11"))
+            .arg(&fresh),
+    );
+    assert_output!(out, out.status.success(), "link: {json}");
+    assert_eq!(json["compiled"], 0, "{json}");
+    assert_imports(&fresh, 5);
+}
+
+#[test]
+fn gc_keeps_orphans_while_an_index_is_set_aside() {
+    let t = TestDir::new();
+    let app = write_app(&t, "app", 3);
+    link(&t, "hardlink", &app);
+    // An older pycstore set the index aside and started an empty one.
+    let aside = t.store().join("index-v1.broken-1700000000");
+    std::fs::rename(t.store().join("index-v1"), &aside).unwrap();
+    assert_eq!(entries_in_stats(&t), 0);
+    let objects: Vec<PathBuf> = (0..3)
+        .map(|i| object_of(&t, &pyc(&app, &format!("m{i}"))))
+        .collect();
+
+    let (out, json) = link_json(t.pycstore().arg("gc"));
+    assert_output!(out, out.status.success(), "gc: {json:#}");
+    assert_eq!(json["evicted"], 0, "{json:#}");
+    assert_eq!(json["orphans_kept"], 4, "{json:#}");
+    assert_eq!(json["set_aside_indexes"][0], aside.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("the index set aside at `{}`", aside.display())),
+        "{stderr}"
+    );
+    let (out, json) = verify(&t, &["--repair"]);
+    assert_output!(out, out.status.success(), "verify --repair: {json:#}");
+    assert_eq!(json["repairs"]["orphans_removed"], 0, "{json:#}");
+    assert!(aside.exists() && objects.iter().all(|o| o.exists()));
 }

@@ -23,6 +23,21 @@ pub enum Error {
         message: String,
     },
 
+    /// The index could not be opened, written or repaired for lack of disk
+    /// space. It is not damaged, and nothing was changed.
+    #[error(
+        "cannot {action} the index: no space left on `{path}` ({detail}); free some space on \
+         that filesystem and run the command again (the index is kept as it is)"
+    )]
+    IndexNoSpace {
+        /// The index directory.
+        path: PathBuf,
+        /// `open`, `write` or `repair`.
+        action: &'static str,
+        /// How much is free (and needed).
+        detail: String,
+    },
+
     /// An interpreter could not be probed.
     #[error("failed to probe the Python interpreter `{path}`: {message}")]
     Probe {

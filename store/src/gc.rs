@@ -3,11 +3,13 @@
 //!
 //! What goes, in this order:
 //!
-//! 1. always: old layout buckets (`objects-v0/`, `index-v0/`, …) and indexes
-//!    that `verify --repair` set aside (`index-v1.broken-*`); leftovers in
-//!    `tmp/`; orphaned objects, which no index entry names, so no `link`
+//! 1. always: old layout buckets (`objects-v0/`, `index-v0/`, …); leftovers
+//!    in `tmp/`; orphaned objects, which no index entry names, so no `link`
 //!    can find them (a crash between writing an object and recording it
-//!    leaves one);
+//!    leaves one), unless an index set aside by `verify --repair`
+//!    (`index-v1.broken-*`, or any other `index-v1.*`) exists: it may name
+//!    them, so they are kept, and the set-aside index is never removed
+//!    here (its owner removes it when it is no longer needed);
 //! 2. with `--older-than AGE`: objects last used longer ago than `AGE`;
 //! 3. with `--max-size SIZE`: least recently used first, until the objects
 //!    take at most `SIZE` of disk.
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::index::rebuild::set_aside_indexes;
 use crate::index::{Entry, Family, Writes};
 use crate::layout::{INDEX_DIR, OBJECTS_DIR, TMP_DIR};
 use crate::link::Failure;
@@ -91,12 +94,14 @@ pub struct GcStats {
     pub freed_physical: u64,
     /// Index entries removed with their objects.
     pub entries_removed: u64,
-    /// Old layout buckets and set-aside indexes removed.
+    /// Old layout buckets removed.
     pub old_layouts_removed: u64,
     /// Disk freed by removing them.
     pub old_layouts_bytes: u64,
     /// Leftover temp files removed.
     pub tmp_removed: u64,
+    /// Orphaned objects kept because an index was set aside.
+    pub orphans_kept: u64,
 }
 
 /// The outcome of `gc`.
@@ -107,8 +112,11 @@ pub struct GcReport {
     pub stats: GcStats,
     /// Whether this was a dry run (then the counters say what would go).
     pub dry_run: bool,
-    /// The old layout buckets and set-aside indexes removed.
+    /// The old layout buckets removed.
     pub old_layouts: Vec<PathBuf>,
+    /// Indexes set aside by `verify --repair`: while one exists, orphaned
+    /// objects are kept (it may name them).
+    pub set_aside_indexes: Vec<PathBuf>,
     /// What could not be removed; the next `gc` tries again.
     pub failures: Vec<Failure>,
     /// Wall time in seconds.
@@ -187,8 +195,15 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
             Some((id, when))
         })
         .collect();
+    // An index set aside by a repair may name what this one lost: nothing
+    // is an orphan while one exists.
+    let set_aside = set_aside_indexes(store.root());
     for c in &mut candidates {
         c.orphan = !entries.contains_key(&c.id);
+        if c.orphan && !set_aside.is_empty() {
+            c.orphan = false;
+            stats.orphans_kept += 1;
+        }
         if let Some(&when) = used.get(&c.id) {
             c.last_use = when;
         }
@@ -240,6 +255,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
         stats,
         dry_run: options.dry_run,
         old_layouts,
+        set_aside_indexes: set_aside,
         failures,
         elapsed_seconds: started.elapsed().as_secs_f64(),
     })
@@ -292,8 +308,8 @@ fn choose(candidates: &[Candidate], options: &GcOptions, now: u64) -> Vec<usize>
 }
 
 /// Entries of the store root left by other layout versions: `objects-vN`
-/// and `index-vN` (with its `.lock`) other than the current ones, and
-/// indexes `verify --repair` moved aside. Anything else unknown is left
+/// and `index-vN` (with its `.lock`) other than the current ones. Indexes
+/// `verify --repair` moved aside are kept. Anything else unknown is left
 /// alone: it is not pycstore's.
 fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
@@ -311,8 +327,7 @@ fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
                 .map(|rest| rest.strip_suffix(".lock").unwrap_or(rest))
                 .is_some_and(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
         };
-        let set_aside = name.starts_with(&format!("{INDEX_DIR}.broken-"));
-        if versioned("objects-v") || versioned("index-v") || set_aside {
+        if versioned("objects-v") || versioned("index-v") {
             found.push(entry.path());
         }
     }

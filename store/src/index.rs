@@ -19,6 +19,11 @@
 //! session lasts a lookup pass or the write of a batch of [`Writes`]
 //! gathered while compiling. Objects are written before the entries that
 //! name them, so an entry never points at a missing object after a crash.
+//!
+//! A value that cannot be read (a damaged block) is a miss for lookups, said
+//! once per process; `verify` reads the whole index with checksums and
+//! `verify --repair` rebuilds it ([`rebuild`]). A full disk is
+//! [`Error::IndexNoSpace`], never taken for damage.
 
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
@@ -28,6 +33,8 @@ use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB,
 };
 use serde::{Deserialize, Serialize};
+
+pub mod rebuild;
 
 use crate::key::{CompileKey, SourceDigest};
 use crate::lock::{self, LockGuard, LockMode};
@@ -79,6 +86,11 @@ impl Family {
             Family::Used => "used",
             Family::Counters => "counters",
         }
+    }
+
+    /// The family of a column family name, if it is one of ours.
+    fn from_name(name: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == name)
     }
 }
 
@@ -261,9 +273,10 @@ impl Writes {
     }
 
     /// Records that `pyc` was materialized from `object`.
-    pub fn link(&mut self, pyc: &Path, object: &ObjectId, flavor: Flavor) {
+    pub fn link(&mut self, pyc: &Path, object: &ObjectId, flavor: Flavor, trusted: bool) {
         let mut v = object.0.to_vec();
         v.push(flavor.tag());
+        v.push(u8::from(trusted));
         self.ops.push((Family::Links, path_key(pyc), Some(v)));
     }
 
@@ -311,35 +324,73 @@ impl Writes {
 /// a full filesystem instead, with a message that says what to do.
 const MIN_FREE_BYTES: u64 = 4 << 20;
 
-fn check_free_space(path: &Path) -> Result<()> {
+/// Room a repair needs besides a second copy of the index: RocksDB's own
+/// repair writes a new manifest and turns logs into tables.
+const REPAIR_MARGIN: u64 = 16 << 20;
+
+/// Free bytes on the filesystem holding `path` (or its parent, when `path`
+/// does not exist yet); `None` when that cannot be told.
+fn free_bytes(path: &Path) -> Option<u64> {
     let dir = if path.exists() {
         path
     } else {
         path.parent().unwrap_or(path)
     };
-    let Ok(cpath) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return Ok(());
-    };
-    // SAFETY: statvfs writes into the zeroed struct we pass; the path is
-    // NUL-terminated.
-    let free = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(cpath.as_ptr(), &mut st) != 0 {
-            return Ok(());
-        }
-        st.f_bavail as u64 * st.f_frsize as u64
-    };
-    if free < MIN_FREE_BYTES {
-        return Err(Error::Index {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+fn check_free_space(path: &Path) -> Result<()> {
+    match free_bytes(path) {
+        Some(free) if free < MIN_FREE_BYTES => Err(Error::IndexNoSpace {
             path: path.to_path_buf(),
-            message: format!(
-                "No space left on device: only {} KiB free on the store's filesystem; free some \
-                 space (`pycstore gc --max-size SIZE`) and run again",
-                free / 1024
+            action: "open",
+            detail: format!(
+                "only {} KiB free, {} MiB needed",
+                free / 1024,
+                MIN_FREE_BYTES >> 20
             ),
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether a RocksDB error is the filesystem being full.
+fn is_no_space(err: &rocksdb::Error) -> bool {
+    let message = err.to_string();
+    message.contains("No space left on device") || message.contains("ENOSPC")
+}
+
+/// The error of a failed open or write: a full disk is told apart from a
+/// damaged index, which `verify --repair` can help.
+fn open_error(path: &Path, action: &'static str, err: rocksdb::Error) -> Error {
+    if is_no_space(&err) {
+        return Error::IndexNoSpace {
+            path: path.to_path_buf(),
+            action,
+            detail: err.to_string(),
+        };
+    }
+    Error::Index {
+        path: path.to_path_buf(),
+        message: format!(
+            "{err}; run `pycstore verify --repair` to repair or rebuild it (objects are kept)"
+        ),
+    }
+}
+
+/// Says once per process that the index has unreadable parts; each read that
+/// fails is then a miss (compiled again), never a failed file.
+fn warn_unreadable(path: &Path, err: &Error) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    tracing::debug!("a read of the index failed: {err}");
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "part of the index at `{}` cannot be read ({err}); what it held is compiled \
+             again: run `pycstore verify --repair` to repair the index",
+            path.display()
+        );
+    });
 }
 
 /// The first failed write of this process (a full disk): RocksDB is not
@@ -404,12 +455,7 @@ impl Index {
             check_free_space(path)?;
             DB::open_cf_descriptors(&Self::options(), path, Self::families())
         };
-        let db = opened.map_err(|e| Error::Index {
-            path: path.to_path_buf(),
-            message: format!(
-                "{e}; run `pycstore verify --repair` to repair or rebuild it (objects are kept)"
-            ),
-        })?;
+        let db = opened.map_err(|e| open_error(path, "open", e))?;
         Ok(Index {
             db: ManuallyDrop::new(db),
             path: path.to_path_buf(),
@@ -422,6 +468,11 @@ impl Index {
 
     fn options() -> Options {
         let mut opts = Options::default();
+        // A damaged table is a miss for lookups (see `lookup`) and is found
+        // by `verify`; without this, a compaction that meets it would stop
+        // every later write of the session, and so fail every `link` until
+        // a repair.
+        opts.set_paranoid_checks(false);
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(2);
@@ -441,12 +492,6 @@ impl Index {
         })
     }
 
-    /// Tries RocksDB's own repair on a damaged index (the caller holds the
-    /// store exclusively).
-    pub fn repair(path: &Path) -> Result<()> {
-        DB::repair(&Self::options(), path).map_err(|e| Error::index(path, e))
-    }
-
     fn cf(&self, family: Family) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(family.name())
@@ -458,6 +503,15 @@ impl Index {
         self.db
             .get_cf(self.cf(family), key)
             .map_err(|e| Error::index(&self.path, e))
+    }
+
+    /// Reads one value for a lookup: a value that cannot be read (a damaged
+    /// block of the index) is a miss, with one warning per process.
+    fn lookup(&self, family: Family, key: &[u8]) -> Option<Vec<u8>> {
+        self.get(family, key).unwrap_or_else(|e| {
+            warn_unreadable(&self.path, &e);
+            None
+        })
     }
 
     /// Every key and value of a family whose key starts with `prefix`.
@@ -506,33 +560,41 @@ impl Index {
             self.failed = true;
             let _ = FAILED_WRITE.set(e.to_string());
         }
-        written.map_err(|e| Error::index(&self.path, e))
+        written.map_err(|e| {
+            if is_no_space(&e) {
+                open_error(&self.path, "write", e)
+            } else {
+                Error::index(&self.path, e)
+            }
+        })
     }
 
-    /// Looks up a stored pyc. An undecodable value is a miss.
+    /// Looks up a stored pyc. An undecodable or unreadable value is a miss.
     pub fn entry(&self, key: &CompileKey, slot: EntrySlot) -> Result<Option<Entry>> {
         Ok(self
-            .get(Family::Entries, &entry_key(key, slot))?
+            .lookup(Family::Entries, &entry_key(key, slot))
             .and_then(|v| Entry::decode(&v)))
     }
 
-    /// The compiler's message for a source that does not compile, if known.
+    /// The compiler's message for a source that does not compile, if known
+    /// (an unreadable value is not known).
     pub fn failure(&self, key: &CompileKey) -> Result<Option<String>> {
         Ok(self
-            .get(Family::Failures, &key.0)?
+            .lookup(Family::Failures, &key.0)
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// The stat cache's record of a source path.
+    /// The stat cache's record of a source path (an unreadable one is a
+    /// miss: the source is hashed again).
     pub fn stat(&self, path: &Path) -> Result<Option<StatRecord>> {
         Ok(self
-            .get(Family::Stat, &path_key(path))?
+            .lookup(Family::Stat, &path_key(path))
             .and_then(|v| StatRecord::decode(&v)))
     }
 
-    /// A cached interpreter probe (JSON).
+    /// A cached interpreter probe (JSON); an unreadable one is a miss.
     pub fn interpreter(&self, exe: &Path) -> Result<Option<Vec<u8>>> {
-        self.get(Family::Interpreters, &path_key(exe))
+        Ok(self.lookup(Family::Interpreters, &path_key(exe)))
     }
 
     /// Caches an interpreter probe (JSON).

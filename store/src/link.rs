@@ -800,7 +800,8 @@ impl Run<'_> {
             .map_err(|e| e.to_string())?;
         {
             let mut writes = self.writes.lock().unwrap();
-            writes.link(&target.pyc, &entry.object, self.options.flavor);
+            let trusted = self.interpreters[target.interpreter].key_domain.is_none();
+            writes.link(&target.pyc, &entry.object, self.options.flavor, trusted);
             writes.used(&entry.object, (self.now_ns / 1_000_000_000) as u64);
         }
         self.tally(target.interpreter, |c| match how {

@@ -23,20 +23,27 @@
 //!   sharing the inode of an object whose owner or mode changed is exposed
 //!   to whoever could change it.
 //!
+//! The index is read whole (every record of every column family, block
+//! checksums verified); a damaged one is reported with RocksDB's message.
+//!
 //! What `repair` does (under the exclusive store lock): a damaged index is
-//! first given to RocksDB's repair, and when it still cannot be opened it is
-//! moved aside to `index-v1.broken-<unix time>` and replaced by an empty one
-//! (objects are kept; the next `link` compiles and records again). Damaged,
+//! first rebuilt beside the old one from what can still be read of it and
+//! from entries derived again from the pycs linked from the store, then
+//! swapped in atomically; the damaged one is kept as
+//! `index-v1.broken-<unix time>` (see [`crate::index::rebuild`]). Without
+//! room for that on the disk it fails before changing anything. Damaged,
 //! unreadable and stray files are removed, with every entry that names a
 //! removed or missing object and their use times; entries that disagree
 //! with their object are removed; a good object whose owner or mode
 //! changed is given a fresh inode with the right ones (its bytes checked
 //! against its name first); orphans are removed (unless the index was just
-//! repaired: their entries may be what it lost); recorded pycs found
-//! damaged or exposed are removed from their prefix when they still are
-//! that inode (or those bytes), through directory descriptors that never
-//! follow a symlink, so Python compiles them again or the next `link` puts
-//! good ones back. Entries go before the objects, as in `gc`.
+//! rebuilt or one is set aside: their entries may be what it lost);
+//! recorded pycs found damaged or exposed are removed from their prefix
+//! when they still are that inode (or those bytes), through directory
+//! descriptors that never follow a symlink, so Python compiles them again
+//! or the next `link` puts good ones back. Entries go before the objects,
+//! as in `gc`. On a full disk a read-only look finds a healthy index
+//! healthy, and a repair with nothing to fix writes nothing.
 
 use std::collections::{hash_map, HashMap};
 use std::io::Read;
@@ -44,18 +51,19 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use rayon::prelude::*;
 use rustix::fs::{Mode, OFlags};
 use serde::Serialize;
 
-use crate::index::{Entry, Family, Index, Writes};
-use crate::layout::INDEX_DIR;
+use crate::index::rebuild::{self, Readout};
+use crate::index::{Entry, EntrySlot, Family, Writes};
+use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::objects::{with_path, ObjectId, Objects};
-use crate::pyc::HEADER_LEN;
+use crate::pyc::{self, Flavor, HashVariant, HEADER_LEN};
 use crate::trust::Owner;
-use crate::{Error, Result, Store};
+use crate::{Result, Store};
 
 /// What `verify` should do.
 #[derive(Clone, Copy, Debug, Default)]
@@ -129,11 +137,13 @@ pub struct Repairs {
 pub enum IndexState {
     /// It opened.
     Ok,
-    /// It cannot be opened; `repair` was not asked for.
+    /// It cannot be read whole; `repair` was not asked for.
     Damaged,
-    /// RocksDB's repair made it usable; entries it lost are compiled again.
+    /// It was rebuilt from what could be read of it (and entries derived
+    /// again from the pycs linked from the store); what was lost is
+    /// compiled again. The damaged one was set aside.
     Repaired,
-    /// It could not be repaired: moved aside and replaced by an empty index.
+    /// Nothing could be read of it: set aside and replaced by an empty index.
     Rebuilt,
 }
 
@@ -190,6 +200,9 @@ pub struct VerifyReport {
     pub index: IndexState,
     /// Where the damaged index was moved, when it had to be rebuilt.
     pub index_moved_to: Option<PathBuf>,
+    /// Indexes set aside by repairs (`index-v1.*`): while one exists,
+    /// orphaned objects are kept, since it may name them.
+    pub set_aside_indexes: Vec<PathBuf>,
     /// What `repair` changed (absent without it).
     pub repairs: Option<Repairs>,
     /// Every problem found, in the order found.
@@ -346,22 +359,18 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     stats.objects = objects.len() as u64;
     stats.bytes = objects.values().map(|c| c.size).sum();
 
-    // 2. The index: every entry, and every pyc recorded as placed.
-    let (index, index_state, index_moved_to) = open_index(store, options.repair, &mut problems)?;
-    let mut entries: Vec<(Vec<u8>, Option<Entry>)> = Vec::new();
-    let mut links: Vec<(PathBuf, ObjectId)> = Vec::new();
-    if let Some(index) = &index {
-        entries = index
-            .scan(Family::Entries, b"")?
-            .into_iter()
-            .map(|(key, value)| {
-                let entry = Entry::decode(&value);
-                (key, entry)
-            })
-            .collect();
-        links = recorded_links(index)?;
-    }
-    drop(index);
+    // 2. The index, read whole with its checksums verified: every entry,
+    //    and every pyc recorded as placed. A damaged index is rebuilt first
+    //    with `repair`.
+    let (readout, index_state, index_moved_to) =
+        check_index(store, options.repair, &objects, &mut problems)?;
+    let set_aside = rebuild::set_aside_indexes(store.root());
+    let entries: Vec<(Vec<u8>, Option<Entry>)> = readout
+        .family(Family::Entries)
+        .map(|(key, value)| (key.to_vec(), Entry::decode(value)))
+        .collect();
+    let links = recorded_links(&readout);
+    drop(readout);
     stats.entries = entries.len() as u64;
 
     // 3. Cross-check. Under a shared lock a `link` may have written an
@@ -453,9 +462,10 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     let mut ids: Vec<ObjectId> = objects.keys().copied().collect();
     ids.sort_by_key(|id| id.0);
     // Without an index nothing is known to be an orphan; with one just
-    // repaired or rebuilt, orphans may be what it lost: keep them.
+    // repaired or rebuilt, or one set aside, orphans may be what it lost:
+    // keep them.
     let count_orphans = index_state != IndexState::Damaged;
-    let keep_orphans = index_state != IndexState::Ok;
+    let keep_orphans = index_state != IndexState::Ok || !set_aside.is_empty();
     let mut remove: Vec<(PathBuf, usize)> = Vec::new(); // file, problem index
     let mut orphans = Vec::new();
     let mut refresh: Vec<(ObjectId, usize)> = Vec::new(); // object, problem index
@@ -652,6 +662,7 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
         stats,
         index: index_state,
         index_moved_to,
+        set_aside_indexes: set_aside,
         repairs: options.repair.then_some(repairs),
         problems,
         elapsed_seconds: started.elapsed().as_secs_f64(),
@@ -659,9 +670,9 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
 }
 
 /// Every pyc pycstore recorded placing, with the object it placed.
-fn recorded_links(index: &Index) -> Result<Vec<(PathBuf, ObjectId)>> {
+fn recorded_links(readout: &Readout) -> Vec<(PathBuf, ObjectId)> {
     let mut links = Vec::new();
-    for (key, value) in index.scan(Family::Links, b"")? {
+    for (key, value) in readout.family(Family::Links) {
         let Some(id) = value
             .get(..32)
             .and_then(|v| v.try_into().ok())
@@ -669,9 +680,9 @@ fn recorded_links(index: &Index) -> Result<Vec<(PathBuf, ObjectId)>> {
         else {
             continue;
         };
-        links.push((PathBuf::from(std::ffi::OsStr::from_bytes(&key)), id));
+        links.push((PathBuf::from(std::ffi::OsStr::from_bytes(key)), id));
     }
-    Ok(links)
+    links
 }
 
 /// The problem of a good object whose owner, group or mode is not an
@@ -987,77 +998,187 @@ fn remove_placed(path: &Path, expect: &Expect) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Opens the index; when it is damaged, reports it, and with `repair`
-/// repairs or rebuilds it.
-fn open_index(
+/// Reads the whole index; when it is damaged, reports it, and with
+/// `repair` rebuilds it from what can be read, keeping the damaged one.
+fn check_index(
     store: &Store,
     repair: bool,
+    objects: &HashMap<ObjectId, Checked>,
     problems: &mut Vec<Problem>,
-) -> Result<(Option<Index>, IndexState, Option<PathBuf>)> {
-    let (path, message) = match store.index() {
-        Ok(index) => return Ok((Some(index), IndexState::Ok, None)),
-        Err(Error::Index { path, message }) => (path, message),
-        Err(e) => return Err(e),
-    };
-    tracing::debug!("the index at `{}` does not open: {message}", path.display());
-    // The message tells to run repair; say what happened instead.
-    let cause = message
-        .split("; run `pycstore verify --repair`")
-        .next()
-        .unwrap_or(&message)
-        .to_string();
+) -> Result<(Readout, IndexState, Option<PathBuf>)> {
+    let path = store.index_path();
+    let keep = [Family::Entries, Family::Links];
+    let readout = rebuild::read_all(&path, &keep)?;
+    if readout.damage.is_empty() {
+        return Ok((readout, IndexState::Ok, None));
+    }
+    let cause = readout.damage.join("; ");
+    tracing::debug!("the index at `{}` is damaged: {cause}", path.display());
     let mut problem = Problem {
         kind: ProblemKind::Index,
         path: path.clone(),
-        message: format!("the index cannot be opened: {cause}"),
+        message: format!("the index is damaged: {cause}"),
         repaired: false,
     };
     if !repair {
         problem.message.push_str(
-            "; run `pycstore verify --repair` to repair or rebuild it (objects are kept)",
+            "; run `pycstore verify --repair` to rebuild it from what can be read \
+             (objects are kept)",
         );
         problems.push(problem);
-        return Ok((None, IndexState::Damaged, None));
+        return Ok((readout, IndexState::Damaged, None));
     }
-    match Index::repair(&path).and_then(|()| store.index()) {
-        Ok(index) => {
-            problem.repaired = true;
-            problem.message.push_str(
-                "; repaired it with RocksDB's repair (what it lost, the next `pycstore link` compiles again)",
-            );
-            problems.push(problem);
-            return Ok((Some(index), IndexState::Repaired, None));
-        }
-        Err(e) => tracing::debug!("RocksDB's repair of `{}` failed: {e}", path.display()),
-    }
-    let aside = set_aside_path(store.root());
-    std::fs::rename(&path, &aside)
-        .map_err(|e| with_path(e, "move aside the damaged index", &path))?;
-    let index = store.index()?;
+    drop(readout);
+    let rebuilt = rebuild::rebuild(&path, |salvaged| derive_entries(objects, salvaged))?;
+    let state = if rebuilt.kept + rebuilt.derived > 0 {
+        IndexState::Repaired
+    } else {
+        IndexState::Rebuilt
+    };
     problem.repaired = true;
     problem.message.push_str(&format!(
-        "; it could not be repaired: moved it to `{}` and started an empty index \
-         (objects are kept; the next `pycstore link` compiles and records again; \
-         `pycstore gc` removes the old one)",
-        aside.display()
+        "; rebuilt it from what could be read: {} {} kept, {} {} derived again from the pycs \
+         linked from the store (what was lost, the next `pycstore link` compiles again)",
+        rebuilt.kept,
+        if rebuilt.kept == 1 {
+            "record"
+        } else {
+            "records"
+        },
+        rebuilt.derived,
+        if rebuilt.derived == 1 {
+            "entry"
+        } else {
+            "entries"
+        },
     ));
+    if let Some(aside) = &rebuilt.set_aside {
+        problem.message.push_str(&format!(
+            "; the damaged index is kept at `{}` (orphaned objects are kept while it exists; \
+             remove it when you no longer need it)",
+            aside.display()
+        ));
+    }
     problems.push(problem);
-    Ok((Some(index), IndexState::Rebuilt, Some(aside)))
+    let readout = rebuild::read_all(&path, &keep)?;
+    if !readout.damage.is_empty() {
+        problems.push(Problem {
+            kind: ProblemKind::Index,
+            path: path.clone(),
+            message: format!(
+                "the rebuilt index cannot be read: {}",
+                readout.damage.join("; ")
+            ),
+            repaired: false,
+        });
+    }
+    Ok((readout, state, rebuilt.set_aside))
 }
 
-/// `index-v1.broken-<unix time>`, unused.
-fn set_aside_path(root: &Path) -> PathBuf {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut path = root.join(format!("{INDEX_DIR}.broken-{now}"));
-    let mut n = 1;
-    while path.exists() {
-        path = root.join(format!("{INDEX_DIR}.broken-{now}-{n}"));
-        n += 1;
+/// Entries derived again from what was linked where: for each pyc recorded
+/// as linked from a good object of a hash-based flavor, whose source beside
+/// it still has the hash the object's header carries, the entries of that
+/// source's compile key. The header proves which source bytes the object was
+/// compiled from; a timestamp pyc's does not, so none is derived from one.
+fn derive_entries(objects: &HashMap<ObjectId, Checked>, salvaged: &Readout) -> Writes {
+    let mut writes = Writes::default();
+    for (key, value) in salvaged.family(Family::Links) {
+        let Some((id, tag)) = value
+            .get(..32)
+            .and_then(|v| v.try_into().ok())
+            .map(ObjectId)
+            .zip(value.get(32))
+        else {
+            continue;
+        };
+        // Only what an interpreter of the common key domain compiled: an
+        // object from an interpreter others could change (or a record that
+        // does not say) must never serve another interpreter.
+        if value.get(33) != Some(&1) {
+            continue;
+        }
+        let flavor = match tag {
+            1 => Flavor::CheckedHash,
+            2 => Flavor::UncheckedHash,
+            _ => continue,
+        };
+        let Some(checked) = objects.get(&id).filter(|c| c.good()) else {
+            continue;
+        };
+        let Ok(head) = <[u8; HEADER_LEN]>::try_from(checked.head.as_slice()) else {
+            continue;
+        };
+        let pyc = Path::new(std::ffi::OsStr::from_bytes(key));
+        let Some((source, optimize)) = source_of(pyc) else {
+            continue;
+        };
+        let magic: [u8; 4] = [head[0], head[1], head[2], head[3]];
+        if head[4..8] != flavor.flags().to_le_bytes() {
+            continue;
+        }
+        let Some(bytes) = read_regular(&source) else {
+            continue;
+        };
+        let proven = HashVariant::ALL
+            .iter()
+            .any(|&v| pyc::source_hash(v, magic, &bytes) == head[8..16]);
+        if !proven {
+            continue;
+        }
+        let key = CompileKey::new(
+            &SourceDigest::of(&bytes),
+            magic,
+            optimize,
+            COMPILE_FLAGS_DEFAULT,
+        );
+        let entry = Entry {
+            object: id,
+            size: checked.size,
+            header: head,
+        };
+        for slot in [EntrySlot::Hashed(flavor), EntrySlot::Body] {
+            if !salvaged.has_entry(&key, slot) {
+                writes.entry(&key, slot, &entry);
+            }
+        }
     }
-    path
+    writes
+}
+
+/// The bytes of a source in a prefix, if it is a regular file of at most
+/// [`MAX_SOURCE_SIZE`](crate::source::MAX_SOURCE_SIZE) bytes (opened with
+/// `O_NONBLOCK`: a FIFO planted there cannot hang a repair).
+fn read_regular(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    let limit = crate::source::MAX_SOURCE_SIZE;
+    if !meta.is_file() || meta.len() > limit {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// The source and optimize level of `DIR/__pycache__/NAME.TAG[.opt-N].pyc`:
+/// `DIR/NAME.py`.
+fn source_of(pyc: &Path) -> Option<(PathBuf, u8)> {
+    let cache = pyc.parent()?;
+    if cache.file_name()? != "__pycache__" {
+        return None;
+    }
+    let name = pyc.file_name()?.to_str()?.strip_suffix(".pyc")?;
+    let (rest, optimize) = match name.rsplit_once(".opt-") {
+        Some((rest, level)) => (rest, level.parse().ok()?),
+        None => (name, 0),
+    };
+    let (stem, _tag) = rest.rsplit_once('.')?;
+    Some((cache.parent()?.join(format!("{stem}.py")), optimize))
 }
 
 /// Removes a damaged object, or whatever stands in its place.

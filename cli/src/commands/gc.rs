@@ -20,6 +20,28 @@ pub fn run(global: &GlobalArgs, args: &GcArgs) -> anyhow::Result<ExitCode> {
     let store = super::open_store_with(global, LockMode::Exclusive)?;
     let report = pycstore_store::gc::gc(&store, &options)?;
 
+    if let Some(aside) = report.set_aside_indexes.first() {
+        if report.stats.orphans_kept > 0 {
+            eprintln!(
+                "pycstore: warning: kept {} orphaned {}: the index set aside at `{}` may name \
+                 {} (run `pycstore verify` to see the store's state); once you no longer need \
+                 it, remove it (`rm -r {}`) and `pycstore gc` collects orphans again",
+                report.stats.orphans_kept,
+                if report.stats.orphans_kept == 1 {
+                    "object"
+                } else {
+                    "objects"
+                },
+                aside.display(),
+                if report.stats.orphans_kept == 1 {
+                    "it"
+                } else {
+                    "them"
+                },
+                aside.display()
+            );
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     if args.json {
         crate::output::write_json(&mut stdout, &report)?;

@@ -108,7 +108,9 @@ fn summary(report: &VerifyReport) -> String {
     if let Some(r) = &report.repairs {
         let mut done = Vec::new();
         match report.index {
-            IndexState::Repaired => done.push("repaired the index".to_string()),
+            IndexState::Repaired => {
+                done.push("rebuilt the index from what could be read".to_string())
+            }
             IndexState::Rebuilt => done.push("started an empty index".to_string()),
             _ => {}
         }
@@ -143,6 +145,15 @@ fn summary(report: &VerifyReport) -> String {
         line.push_str("; run `pycstore verify --repair` to fix");
     }
     line.push_str(&format!(" in {:.2}s", report.elapsed_seconds));
+    if s.orphans > 0 {
+        if let Some(aside) = report.set_aside_indexes.first() {
+            line.push_str(&format!(
+                "\norphaned objects are kept while the index set aside at `{}` exists (it may \
+                 name them); remove it when you no longer need it",
+                aside.display()
+            ));
+        }
+    }
     line
 }
 

@@ -368,3 +368,31 @@ fn names_up_to_the_filesystem_limit_are_linked() {
     );
     assert_nothing_compiled(&log, &t.join("app"), 1);
 }
+
+#[test]
+fn unlink_never_follows_a_directory_swapped_for_a_symlink() {
+    let python = system_python();
+    let t = open_test_dir();
+    t.write("app/pkg/m.py", "X = 1\n");
+    chown_nobody(&t.join("app"));
+    link(&t, &python, &t.join("app"), &[]);
+    // Root's copy of the tree elsewhere holds the same pyc bytes.
+    run_ok(Command::new("cp")
+        .arg("-a")
+        .arg(t.join("app/pkg"))
+        .arg(t.join("other")));
+    run_ok(Command::new("chown").args(["-R", "0:0"]).arg(t.join("other")));
+    let before = snapshot(&t.join("other"));
+    // The user swaps their package directory for a symlink to root's copy.
+    std::fs::rename(t.join("app/pkg"), t.join("app/old")).unwrap();
+    std::os::unix::fs::symlink(t.join("other"), t.join("app/pkg")).unwrap();
+    let out = run(t.pycstore().args(["unlink", "--json"]).arg(t.join("app")));
+    assert_eq!(
+        snapshot(&t.join("other")),
+        before,
+        "unlink removed a file outside the prefix: {out:?}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["removed"], 0, "{json}");
+}

@@ -3,8 +3,9 @@
 //! pyc, or none) and `unlink` (remove exactly the pycs pycstore placed).
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -15,6 +16,7 @@ use crate::link::{now_ns, open_no_follow, slot_of};
 use crate::objects::ObjectId;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
+use crate::tree::{remove_empty_dir, remove_placed_if, Expect, Placed};
 use crate::walk::Excludes;
 use crate::{Result, Store};
 
@@ -226,92 +228,69 @@ pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<Unli
     let decoded: Vec<(PathBuf, Option<ObjectId>)> = links
         .into_iter()
         .map(|(k, v)| {
-            let path = PathBuf::from(unsafe_os_string(k));
+            let path = PathBuf::from(OsStr::from_bytes(&k));
             let id = v.get(..32).and_then(|b| b.try_into().ok()).map(ObjectId);
             (path, id)
         })
         .collect();
-    enum Done {
-        Removed(u64),
-        Changed,
-        Gone,
-        Failed(String),
-    }
-    let outcomes: Vec<(PathBuf, Done)> = decoded
+    let outcomes: Vec<(PathBuf, std::io::Result<Placed>)> = decoded
         .into_par_iter()
         .map(|(pyc, id)| {
-            let done = match std::fs::symlink_metadata(&pyc) {
-                Err(_) => Done::Gone,
-                Ok(meta) if !meta.is_file() => Done::Changed,
-                Ok(meta) => {
-                    let ours = id.is_some_and(|id| is_object(store, &pyc, &meta, &id));
-                    if !ours {
-                        Done::Changed
-                    } else if dry_run {
-                        Done::Removed(meta.len())
-                    } else {
-                        match std::fs::remove_file(&pyc) {
-                            Ok(()) => Done::Removed(meta.len()),
-                            Err(e) => Done::Failed(e.to_string()),
-                        }
-                    }
+            let outcome = match id {
+                Some(id) => {
+                    let inode = rustix::fs::stat(store.objects.path(&id))
+                        .ok()
+                        .map(|st| (st.st_dev, st.st_ino));
+                    // A reflink or copy holds the object's bytes.
+                    let size = std::fs::metadata(store.objects.path(&id)).map(|m| m.len());
+                    let expect = Expect {
+                        inode,
+                        bytes: size.ok().map(|size| (size, id)),
+                    };
+                    remove_placed_if(&pyc, &expect, dry_run)
                 }
+                None => Ok(Placed::Changed),
             };
-            (pyc, done)
+            (pyc, outcome)
         })
         .collect();
     let mut report = UnlinkReport::default();
     let mut writes = Writes::default();
     for (pyc, done) in outcomes {
         match done {
-            Done::Removed(bytes) => {
+            Ok(Placed::Removed(bytes)) => {
                 report.removed += 1;
                 report.bytes += bytes;
                 writes.delete(Family::Links, &path_key(&pyc));
             }
-            Done::Changed => {
+            Ok(Placed::Changed) => {
                 report.changed += 1;
                 writes.delete(Family::Links, &path_key(&pyc));
             }
-            Done::Gone => {
+            Ok(Placed::Gone) => {
                 report.gone += 1;
                 writes.delete(Family::Links, &path_key(&pyc));
             }
-            Done::Failed(message) => report.failures.push((pyc, message)),
+            Err(e) => report.failures.push((pyc, e.to_string())),
         }
     }
     for (key, _) in dirs {
-        let dir = PathBuf::from(unsafe_os_string(key.clone()));
-        let empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none());
-        match empty {
+        let dir = PathBuf::from(OsStr::from_bytes(&key));
+        match remove_empty_dir(&dir, dry_run) {
             Ok(true) => {
-                if dry_run || std::fs::remove_dir(&dir).is_ok() {
-                    report.dirs_removed += 1;
+                report.dirs_removed += 1;
+                writes.delete(Family::Dirs, &key);
+            }
+            Ok(false) => {
+                if std::fs::symlink_metadata(&dir).is_err() {
                     writes.delete(Family::Dirs, &key);
                 }
             }
-            Ok(false) => {}
-            Err(_) => writes.delete(Family::Dirs, &key),
+            Err(e) => report.failures.push((dir, e.to_string())),
         }
     }
     if !dry_run {
         store.index()?.apply(writes)?;
     }
     Ok(report)
-}
-
-/// Whether the file at `pyc` still holds the object `id`: the same inode as
-/// the object (a hardlink), or the same bytes (a reflink or copy).
-fn is_object(store: &Store, pyc: &Path, meta: &std::fs::Metadata, id: &ObjectId) -> bool {
-    if let Ok(object) = std::fs::metadata(store.objects.path(id)) {
-        if object.dev() == meta.dev() && object.ino() == meta.ino() {
-            return true;
-        }
-    }
-    std::fs::read(pyc).is_ok_and(|bytes| ObjectId::of(&bytes) == *id)
-}
-
-fn unsafe_os_string(bytes: Vec<u8>) -> std::ffi::OsString {
-    // SAFETY: index keys of paths are `as_encoded_bytes` of real paths.
-    unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) }
 }

@@ -13,12 +13,14 @@
 //! a run is never followed, only stepped around.
 
 use std::ffi::{OsStr, OsString};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+
+use crate::objects::{with_path, ObjectId};
 
 /// Flags of every directory opened under a prefix.
 const DIR_FLAGS: OFlags = OFlags::RDONLY
@@ -116,6 +118,166 @@ pub fn remove(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What a recorded file must still be for [`remove_placed`] to remove it.
+pub(crate) struct Expect {
+    /// This inode (device, inode number).
+    pub inode: Option<(u64, u64)>,
+    /// Or these bytes (size, hash).
+    pub bytes: Option<(u64, ObjectId)>,
+}
+
+/// The most a recorded pyc is read for comparing: far above any real pyc.
+const PYC_READ_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// Opens the directory of `path` walking from `/` one component at a time
+/// with `O_NOFOLLOW`: a symlink anywhere in the path fails the walk.
+/// Returns the directory and the file's name in it.
+pub(crate) fn open_parent(path: &Path) -> io::Result<(OwnedFd, OsString)> {
+    let invalid = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("`{}` is not an absolute path of a file", path.display()),
+        )
+    };
+    let mut components = path.components();
+    let name = match components.next_back() {
+        Some(Component::Normal(name)) => name.to_os_string(),
+        _ => return Err(invalid()),
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir: Option<OwnedFd> = None;
+    for component in components {
+        dir = Some(match (component, &dir) {
+            (Component::RootDir, None) => rustix::fs::open("/", flags, Mode::empty())?,
+            (Component::Normal(part), Some(parent)) => {
+                rustix::fs::openat(parent, part, flags, Mode::empty())?
+            }
+            _ => return Err(invalid()),
+        });
+    }
+    Ok((dir.ok_or_else(invalid)?, name))
+}
+
+/// Reads the regular file `name` in `dir`, not following a symlink and
+/// with `O_NONBLOCK` (a FIFO planted there cannot block), at most 256 MiB:
+/// its bytes and their hash.
+pub(crate) fn read_at(dir: &OwnedFd, name: &OsStr) -> Option<(Vec<u8>, ObjectId)> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::empty()).ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+        || st.st_size as u64 > PYC_READ_LIMIT
+    {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(st.st_size as usize);
+    std::fs::File::from(fd)
+        .take(PYC_READ_LIMIT)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let id = ObjectId::of(&bytes);
+    Some((bytes, id))
+}
+
+/// The hash of what [`read_at`] reads.
+pub(crate) fn hash_at(dir: &OwnedFd, name: &OsStr) -> Option<ObjectId> {
+    read_at(dir, name).map(|(_, id)| id)
+}
+
+/// What became of a recorded pyc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// It still was what was placed, `size` bytes: removed (or, in a dry
+    /// run, would be).
+    Removed(u64),
+    /// Something else is there now (Python recompiled it, or a user
+    /// replaced it): left alone.
+    Changed,
+    /// Nothing is there.
+    Gone,
+}
+
+/// Removes the recorded pyc at `path` if it still is what was placed
+/// (`expect`), through directory descriptors that follow no symlink; with
+/// `dry_run`, only says whether it would.
+pub(crate) fn remove_placed_if(path: &Path, expect: &Expect, dry_run: bool) -> io::Result<Placed> {
+    let (dir, name) = match open_parent(path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Placed::Gone),
+        Err(e) => return Err(with_path(e, "open the directory of", path)),
+    };
+    let st = match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(Placed::Gone),
+        Err(e) => return Err(with_path(e.into(), "stat", path)),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(Placed::Changed);
+    }
+    let same_inode = expect.inode == Some((st.st_dev, st.st_ino));
+    let same_bytes = !same_inode
+        && expect.bytes.is_some_and(|(size, id)| {
+            st.st_size as u64 == size && hash_at(&dir, &name) == Some(id)
+        });
+    if !same_inode && !same_bytes {
+        return Ok(Placed::Changed);
+    }
+    if !dry_run {
+        match rustix::fs::unlinkat(&dir, &name, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(Placed::Gone),
+            Err(e) => return Err(with_path(e.into(), "remove", path)),
+        }
+    }
+    Ok(Placed::Removed(st.st_size as u64))
+}
+
+/// [`remove_placed_if`], for real: `Ok(true)` when it was removed.
+pub(crate) fn remove_placed(path: &Path, expect: &Expect) -> io::Result<bool> {
+    Ok(matches!(
+        remove_placed_if(path, expect, false)?,
+        Placed::Removed(_)
+    ))
+}
+
+/// Removes the directory at `path` if it is empty, walking to it as
+/// [`open_parent`] does. `Ok(false)`: not empty, gone, or not a directory.
+pub(crate) fn remove_empty_dir(path: &Path, dry_run: bool) -> io::Result<bool> {
+    let (parent, name) = match open_parent(path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(with_path(e, "open the directory of", path)),
+    };
+    let dir = match open_dir(parent.as_fd(), &name) {
+        Ok(dir) => dir,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+            ) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => return Err(with_path(e, "open", path)),
+    };
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+    let mut entries = rustix::fs::RawDir::new(&dir, &mut buf);
+    while let Some(entry) = entries.next() {
+        let entry = entry.map_err(|e| with_path(e.into(), "list", path))?;
+        if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
+            return Ok(false);
+        }
+    }
+    if dry_run {
+        return Ok(true);
+    }
+    match rustix::fs::unlinkat(&parent, &name, AtFlags::REMOVEDIR) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(with_path(e.into(), "remove", path)),
     }
 }
 

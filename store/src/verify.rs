@@ -47,14 +47,13 @@
 
 use std::collections::{hash_map, HashMap};
 use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use rustix::fs::{Mode, OFlags};
+
 use serde::Serialize;
 
 use crate::index::rebuild::{self, Readout};
@@ -62,6 +61,7 @@ use crate::index::{Entry, EntrySlot, Family, Writes};
 use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::objects::{with_path, ObjectId, Objects};
 use crate::pyc::{self, Flavor, HashVariant, HEADER_LEN};
+use crate::tree::{hash_at, open_parent, read_at, remove_placed, Expect};
 use crate::trust::Owner;
 use crate::{Result, Store};
 
@@ -799,15 +799,6 @@ fn give_back_shard(owner: Owner, path: &Path) -> std::io::Result<()> {
         .map_err(|e| with_path(e, "set permissions of", path))
 }
 
-/// What a recorded pyc must still be for `repair` to remove it.
-#[derive(Clone, Copy, Debug)]
-struct Expect {
-    /// This inode (device, inode number).
-    inode: Option<(u64, u64)>,
-    /// Or these bytes (size, hash): a copy of damaged bytes.
-    bytes: Option<(u64, ObjectId)>,
-}
-
 /// Something wrong with one recorded pyc.
 struct Finding {
     kind: ProblemKind,
@@ -917,85 +908,6 @@ fn check_link(objects: &Objects, pyc: &Path, id: &ObjectId, object: &Checked) ->
         }
         _ => None,
     }
-}
-
-/// Opens the directory of `path` walking from `/` one component at a time
-/// with `O_NOFOLLOW`: a symlink anywhere in the path fails the walk.
-/// Returns the directory and the file's name in it.
-fn open_parent(path: &Path) -> std::io::Result<(OwnedFd, std::ffi::OsString)> {
-    use std::path::Component;
-    let invalid = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("`{}` is not an absolute path of a file", path.display()),
-        )
-    };
-    let mut components = path.components();
-    let name = match components.next_back() {
-        Some(Component::Normal(name)) => name.to_os_string(),
-        _ => return Err(invalid()),
-    };
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut dir: Option<OwnedFd> = None;
-    for component in components {
-        dir = Some(match (component, &dir) {
-            (Component::RootDir, None) => rustix::fs::open("/", flags, Mode::empty())?,
-            (Component::Normal(part), Some(parent)) => {
-                rustix::fs::openat(parent, part, flags, Mode::empty())?
-            }
-            _ => return Err(invalid()),
-        });
-    }
-    Ok((dir.ok_or_else(invalid)?, name))
-}
-
-/// Reads the file `name` in `dir`, not following a symlink: its bytes and
-/// their hash.
-fn read_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<(Vec<u8>, ObjectId)> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let mut bytes = Vec::new();
-    std::fs::File::from(fd).read_to_end(&mut bytes).ok()?;
-    let id = ObjectId::of(&bytes);
-    Some((bytes, id))
-}
-
-fn hash_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> Option<ObjectId> {
-    read_at(dir, name).map(|(_, id)| id)
-}
-
-/// Removes the recorded pyc at `path` if it still is what was found
-/// (`expect`), through directory descriptors that follow no symlink.
-/// `Ok(false)`: it is gone or was replaced since; left alone.
-fn remove_placed(path: &Path, expect: &Expect) -> std::io::Result<bool> {
-    let (dir, name) = match open_parent(path) {
-        Ok(found) => found,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(with_path(e, "open the directory of", path)),
-    };
-    let st = match rustix::fs::statat(&dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => st,
-        Err(rustix::io::Errno::NOENT) => return Ok(false),
-        Err(e) => return Err(with_path(e.into(), "stat", path)),
-    };
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-        return Ok(false);
-    }
-    let same_inode = expect.inode == Some((st.st_dev, st.st_ino));
-    let same_bytes = expect
-        .bytes
-        .is_some_and(|(size, id)| st.st_size as u64 == size && hash_at(&dir, &name) == Some(id));
-    if !same_inode && !same_bytes {
-        return Ok(false);
-    }
-    rustix::fs::unlinkat(&dir, &name, rustix::fs::AtFlags::empty())
-        .map_err(|e| with_path(e.into(), "remove", path))?;
-    Ok(true)
 }
 
 /// Reads the whole index; when it is damaged, reports it, and with

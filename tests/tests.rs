@@ -15,6 +15,7 @@ mod hostile;
 mod interpreters;
 mod lifecycle;
 mod link_modes;
+mod marshal;
 mod pack;
 mod stdlib;
 mod verify;

@@ -937,6 +937,16 @@ fn check_utf8_surrogatepass(mut bytes: &[u8]) -> Result<(), usize> {
     }
 }
 
+/// A loadable CPython 3.11 pyc of an empty module whose `co_filename` is
+/// `name`, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_pyc(name: &str) -> Vec<u8> {
+    let mut pyc = vec![0xa7, 0x0d, 0x0d, 0x0a, 3, 0, 0, 0];
+    pyc.extend_from_slice(&[0; 8]);
+    pyc.extend(tests::code_311(&[code::SMALL_TUPLE, 1, code::NONE], name));
+    pyc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -964,8 +974,9 @@ mod tests {
         v
     }
 
-    /// A minimal 3.11 code object with the given consts (a marshalled tuple).
-    fn code_311(consts: &[u8]) -> Vec<u8> {
+    /// A minimal 3.11 code object with the given consts (a marshalled
+    /// tuple) and filename.
+    pub(super) fn code_311(consts: &[u8], filename: &str) -> Vec<u8> {
         let mut v = vec![code::CODE];
         for n in [0i32, 0, 0, 1, 0] {
             v.extend_from_slice(&n.to_le_bytes());
@@ -975,7 +986,7 @@ mod tests {
         v.extend_from_slice(&[code::SMALL_TUPLE, 0]);
         v.extend_from_slice(&[code::SMALL_TUPLE, 0]);
         v.extend(bytes_obj(b""));
-        v.extend(short_str("m.py"));
+        v.extend(short_str(filename));
         v.extend(short_str("<module>"));
         v.extend(short_str("<module>"));
         v.extend_from_slice(&1i32.to_le_bytes());
@@ -993,7 +1004,7 @@ mod tests {
 
     #[test]
     fn a_minimal_code_object_passes_and_every_truncation_fails() {
-        let good = pyc(&code_311(&[code::SMALL_TUPLE, 1, code::NONE]));
+        let good = pyc(&code_311(&[code::SMALL_TUPLE, 1, code::NONE], "m.py"));
         assert_eq!(check_pyc(&good).unwrap().python(), "CPython 3.11");
         for cut in 0..good.len() {
             assert!(check_pyc(&good[..cut]).is_err(), "cut at {cut}");
@@ -1023,7 +1034,7 @@ mod tests {
 
     #[test]
     fn bad_flags_are_damage() {
-        let mut bytes = pyc(&code_311(&[code::SMALL_TUPLE, 0]));
+        let mut bytes = pyc(&code_311(&[code::SMALL_TUPLE, 0], "m.py"));
         bytes[4] = 4;
         assert_eq!(check_pyc(&bytes), Err(BodyError::BadFlags(4)));
     }
@@ -1035,13 +1046,13 @@ mod tests {
         consts.extend_from_slice(&5i32.to_le_bytes());
         consts.push(code::REF);
         consts.extend_from_slice(&0i32.to_le_bytes());
-        check_pyc(&pyc(&code_311(&consts))).unwrap();
+        check_pyc(&pyc(&code_311(&consts, "m.py"))).unwrap();
         // A reference past the table.
         let mut consts = vec![code::SMALL_TUPLE, 1, code::REF];
         consts.extend_from_slice(&3i32.to_le_bytes());
-        assert!(damaged(&pyc(&code_311(&consts))).contains("back reference"));
+        assert!(damaged(&pyc(&code_311(&consts, "m.py"))).contains("back reference"));
         // A code object referring to itself while being read.
-        let mut body = code_311(&[code::SMALL_TUPLE, 1, code::REF, 0, 0, 0, 0]);
+        let mut body = code_311(&[code::SMALL_TUPLE, 1, code::REF, 0, 0, 0, 0], "m.py");
         body[0] |= code::FLAG_REF;
         assert!(damaged(&pyc(&body)).contains("not complete"));
     }
@@ -1100,7 +1111,7 @@ mod tests {
             (vec![code::NONE], "co_consts is None"),
         ];
         for (consts, says) in cases {
-            let message = damaged(&pyc(&code_311(&consts)));
+            let message = damaged(&pyc(&code_311(&consts, "m.py")));
             assert!(message.contains(says), "{says}: {message}");
         }
         // Encoded surrogates load (surrogatepass).
@@ -1116,13 +1127,13 @@ mod tests {
             0xa0,
             0x80,
         ];
-        check_pyc(&pyc(&code_311(&consts))).unwrap();
+        check_pyc(&pyc(&code_311(&consts, "m.py"))).unwrap();
         // A dict ends at a NULL key; a float repr parses.
         let mut consts = vec![code::SMALL_TUPLE, 2, code::DICT];
         consts.extend(short_str("k"));
         consts.extend_from_slice(&[code::NONE, code::NULL]);
         consts.extend_from_slice(&[code::FLOAT, 4, b'-', b'1', b'.', b'5']);
-        check_pyc(&pyc(&code_311(&consts))).unwrap();
+        check_pyc(&pyc(&code_311(&consts, "m.py"))).unwrap();
     }
 
     #[test]
@@ -1130,7 +1141,7 @@ mod tests {
         let nested = |depth: usize| {
             let mut consts = vec![code::SMALL_TUPLE, 1].repeat(depth);
             consts.push(code::NONE);
-            pyc(&code_311(&consts))
+            pyc(&code_311(&consts, "m.py"))
         };
         // The code object and its consts tuple are two levels.
         let ok = nested(MAX_DEPTH as usize - 2);
@@ -1161,11 +1172,11 @@ mod tests {
             let mut consts = vec![code::SMALL_TUPLE, 1, ty];
             consts.extend_from_slice(&i32::MAX.to_le_bytes());
             // What follows is read as items or text until something does not fit.
-            damaged(&pyc(&code_311(&consts)));
+            damaged(&pyc(&code_311(&consts, "m.py")));
             damaged(&pyc(&consts));
         }
         let mut consts = vec![code::SMALL_TUPLE, 1, code::LONG];
         consts.extend_from_slice(&(-i32::MAX).to_le_bytes());
-        assert!(damaged(&pyc(&code_311(&consts))).contains("ends"));
+        assert!(damaged(&pyc(&code_311(&consts, "m.py"))).contains("ends"));
     }
 }

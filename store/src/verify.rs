@@ -6,6 +6,8 @@
 //!
 //! - each object is a regular file, read-only (0444), whose blake3 is its
 //!   name: a flipped bit, a truncation or an append changes the hash;
+//! - and whose body is one code object Python can load
+//!   ([`crate::marshal`]): a valid header and garbage hashes fine;
 //! - each index entry names an object that exists, with the entry's size
 //!   and header (the first 16 bytes);
 //! - objects no entry names are counted (orphans): not an error, a crash
@@ -64,7 +66,8 @@ pub struct VerifyStats {
     pub entries: u64,
     /// Good objects no index entry names (not an error; `gc` removes them).
     pub orphans: u64,
-    /// Objects whose bytes do not hash to their name.
+    /// Objects whose bytes do not hash to their name, or are not a pyc
+    /// Python can load.
     pub corrupt: u64,
     /// Good objects that are not read-only (mode 0444).
     pub bad_permissions: u64,
@@ -117,7 +120,8 @@ pub enum IndexState {
 pub enum ProblemKind {
     /// The index cannot be opened.
     Index,
-    /// An object's bytes do not hash to its name.
+    /// An object's bytes do not hash to its name, or are not a pyc Python
+    /// can load.
     Corrupt,
     /// A good object that is not read-only.
     Permissions,
@@ -178,6 +182,8 @@ impl VerifyReport {
 enum State {
     Good,
     Corrupt,
+    /// Hashes to its name but Python cannot load it: why.
+    Unloadable(String),
     NotAFile(&'static str),
     Unreadable(String),
 }
@@ -247,6 +253,12 @@ fn check_object(id: &ObjectId, path: &Path) -> Option<Checked> {
             checked.head = bytes[..bytes.len().min(HEADER_LEN)].to_vec();
             if ObjectId::of(&bytes) != *id {
                 checked.state = State::Corrupt;
+            } else {
+                match crate::marshal::check_pyc(&bytes) {
+                    Err(e) if e.is_damage() => checked.state = State::Unloadable(e.to_string()),
+                    Err(e) => tracing::debug!("`{}`: {e}", path.display()),
+                    Ok(_) => {}
+                }
             }
         }
         Err(e) => checked.state = State::Unreadable(with_path(e, "read", path).to_string()),
@@ -476,6 +488,13 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
                 (
                     ProblemKind::Corrupt,
                     format!("the content does not match its name ({what}){shared}"),
+                )
+            }
+            State::Unloadable(why) => {
+                stats.corrupt += 1;
+                (
+                    ProblemKind::Corrupt,
+                    format!("not a pyc Python can load: {why}"),
                 )
             }
             State::NotAFile(what) => {

@@ -112,6 +112,10 @@ pub enum BodyError {
         /// Its length.
         len: usize,
     },
+    /// The first four bytes are no Python's magic number (a u16 and
+    /// `\r\n`): no Python loads it.
+    #[error("it is not a pyc: it does not start with a Python magic number (it starts with {})", hex(.0))]
+    NotAPyc([u8; 4]),
     /// The magic number is not one of a Python release whose format this
     /// module knows: nothing can be said about the body. Not damage.
     #[error(
@@ -162,6 +166,9 @@ pub fn check_pyc(bytes: &[u8]) -> Result<PycFormat, BodyError> {
         Some(magic) => magic,
         None => return Err(BodyError::Short { len: bytes.len() }),
     };
+    if magic[2..] != *b"\r\n" {
+        return Err(BodyError::NotAPyc(magic));
+    }
     let format = PycFormat::from_magic(magic).ok_or(BodyError::UnknownMagic(magic))?;
     if bytes.len() < format.header_len {
         return Err(BodyError::Short { len: bytes.len() });
@@ -1030,6 +1037,7 @@ mod tests {
         assert!(!err.is_damage());
         assert!(err.to_string().contains("cannot check"), "{err}");
         assert!(check_pyc(b"ab").unwrap_err().is_damage());
+        assert!(matches!(check_pyc(&[0; 40]), Err(BodyError::NotAPyc(_))));
     }
 
     #[test]
@@ -1139,7 +1147,7 @@ mod tests {
     #[test]
     fn nesting_is_limited_without_exhausting_the_stack() {
         let nested = |depth: usize| {
-            let mut consts = vec![code::SMALL_TUPLE, 1].repeat(depth);
+            let mut consts = [code::SMALL_TUPLE, 1].repeat(depth);
             consts.push(code::NONE);
             pyc(&code_311(&consts, "m.py"))
         };

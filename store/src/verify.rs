@@ -742,16 +742,16 @@ mod tests {
         kinds
     }
 
-    /// Stores `n` objects of 40 bytes, each named by one entry.
+    /// Stores `n` loadable pycs, each named by one entry.
     fn fill(store: &Store, n: u8) -> Vec<(CompileKey, Entry)> {
         let mut writes = Writes::default();
         let mut stored = Vec::new();
         for i in 0..n {
-            let bytes = vec![i; 40];
+            let bytes = crate::marshal::test_pyc(&format!("m{i}.py"));
             let entry = Entry {
                 object: store.objects.put(&bytes).unwrap(),
-                size: 40,
-                header: [i; 16],
+                size: bytes.len() as u64,
+                header: bytes[..16].try_into().unwrap(),
             };
             let key = CompileKey([i; 32]);
             writes.entry(&key, EntrySlot::Hashed(Flavor::CheckedHash), &entry);
@@ -790,7 +790,10 @@ mod tests {
         let mut writes = Writes::default();
         writes.entry(&stored[4].0, EntrySlot::Hashed(Flavor::CheckedHash), &wrong);
         store.index().unwrap().apply(writes).unwrap();
-        let orphan = store.objects.put(b"named by no entry").unwrap();
+        let orphan = store
+            .objects
+            .put(&crate::marshal::test_pyc("orphan.py"))
+            .unwrap();
         std::fs::write(store.objects.dir().join("stray"), "").unwrap();
 
         let report = verify(&store, &VerifyOptions::default()).unwrap();

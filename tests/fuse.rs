@@ -1066,3 +1066,73 @@ fn pycache_prefix_mirrors_permissions() {
     let report = m.unmount();
     assert_eq!(reported(&report, "written by Python stored"), 0, "{report}");
 }
+
+/// A pyc written into the pycache-prefix view with the right header and a
+/// body that is a code type byte then garbage is not stored: `link` later
+/// compiles the source instead of placing it.
+#[test]
+fn pycache_prefix_refuses_an_unloadable_body() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let app = t.join("app");
+    let source = t.write("app/mod.py", "X = 41 + 1\n");
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let store = t.join("store-ingest");
+    let mut m = Mounted::start(
+        &t,
+        &store,
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--no-compile"),
+            OsStr::new("--invalidation-mode"),
+            OsStr::new("checked-hash"),
+        ],
+    );
+    let mut target = prefix.as_os_str().to_owned();
+    target.push(app.as_os_str());
+    let target = PathBuf::from(target).join("mod.cpython-311.pyc");
+    // A real checked-hash header for the source, then 'c' and garbage.
+    let forge = "import importlib.util, sys\n\
+                 src = open(sys.argv[1], 'rb').read()\n\
+                 header = importlib.util.MAGIC_NUMBER + (3).to_bytes(4, 'little') \
+                 + importlib.util.source_hash(src)\n\
+                 try:\n\
+                 \x20   with open(sys.argv[2], 'wb') as f:\n\
+                 \x20       f.write(header + b'c' + bytes(range(200)))\n\
+                 except OSError as e:\n\
+                 \x20   print('refused:', e)\n";
+    let out = run_ok(
+        Command::new(&py)
+            .args(["-c", forge])
+            .arg(&source)
+            .arg(&target),
+    );
+    let report = m.unmount();
+    assert!(
+        report.contains("loadable"),
+        "the view did not say why it refused: {report}\n{out:?}"
+    );
+    let (out, json) = link_json(
+        pycstore(&store)
+            .args(["link", "--python"])
+            .arg(&py)
+            .arg(&app),
+    );
+    assert_output!(out, out.status.success(), "link failed");
+    assert_eq!(json["compiled"], 1, "the forged pyc was stored: {json}");
+    assert_eq!(json["hits"], 0, "{json}");
+    let log = python_v(
+        &py,
+        &["-c", "import mod; assert mod.X == 42"],
+        &[("PYTHONPATH", app.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &app, 1);
+}

@@ -357,3 +357,233 @@ fn dash_is_stdout_and_stdin() {
         "expected a refusal"
     );
 }
+
+/// A pack made by hand, in the format `export` writes: a header declaring
+/// at most (objects, object bytes, entries, failures), records, a trailer,
+/// compressed and sealed. What it declares and holds is up to the test.
+struct Crafted {
+    zstd: zstd::Encoder<'static, Vec<u8>>,
+    hash: blake3::Hasher,
+}
+
+impl Crafted {
+    fn new(declared: [u64; 4]) -> Crafted {
+        let mut pack = Crafted {
+            zstd: zstd::Encoder::new(Vec::new(), 1).unwrap(),
+            hash: blake3::Hasher::new(),
+        };
+        pack.put(b"pycstore pack\0");
+        pack.put(&2u32.to_le_bytes());
+        for n in declared {
+            pack.put(&n.to_le_bytes());
+        }
+        pack
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.hash.update(bytes);
+        self.zstd.write_all(bytes).unwrap();
+    }
+
+    /// An object record whose length field says `len` and whose id is the
+    /// blake3 of `bytes`.
+    fn object(&mut self, bytes: &[u8]) {
+        self.put(b"O");
+        self.put(blake3::hash(bytes).as_bytes());
+        self.put(&(bytes.len() as u64).to_le_bytes());
+        self.put(bytes);
+    }
+
+    fn entry(&mut self, key: &[u8], value: &[u8]) {
+        self.put(&[b'E', key.len() as u8]);
+        self.put(key);
+        self.put(&[value.len() as u8]);
+        self.put(value);
+    }
+
+    /// The trailer (entries, failures, objects), the seal; the pack's bytes.
+    fn finish(mut self, counts: [u64; 3]) -> Vec<u8> {
+        self.put(b"T");
+        for n in counts {
+            self.put(&n.to_le_bytes());
+        }
+        let digest = self.hash.finalize();
+        self.zstd.write_all(digest.as_bytes()).unwrap();
+        let mut pack = self.zstd.finish().unwrap();
+        let seal = blake3::hash(&pack);
+        pack.extend_from_slice(&0x184d_2a50u32.to_le_bytes());
+        pack.extend_from_slice(&32u32.to_le_bytes());
+        pack.extend_from_slice(seal.as_bytes());
+        pack
+    }
+}
+
+/// The files in the store's `tmp/`.
+fn tmp_files(store: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(store.join("tmp"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// `pycstore import` under a 512 MiB address-space limit: it must refuse
+/// the pack cleanly, saying `says`, and change nothing.
+fn assert_refused_within_512_mib(store: &Path, pack: &Path, says: &str) {
+    let before = snapshot(store);
+    let out = run(Command::new("prlimit")
+        .arg(format!("--as={}", 512 << 20))
+        .arg(env!("CARGO_BIN_EXE_pycstore"))
+        .arg("--store")
+        .arg(store)
+        .arg("import")
+        .arg(pack)
+        .env_remove("PYCSTORE_DIR"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_output!(
+        out,
+        out.status.code() == Some(2)
+            && stderr.contains(&format!("rejected the pack `{}`", pack.display()))
+            && stderr.contains(says)
+            && stderr.lines().count() == 1,
+        "{}: expected exit 2 and one line saying {says:?}",
+        pack.display()
+    );
+    assert!(
+        snapshot(store) == before,
+        "{}: changed the store",
+        pack.display()
+    );
+    assert_eq!(
+        tmp_files(store),
+        Vec::<PathBuf>::new(),
+        "{}",
+        pack.display()
+    );
+}
+
+#[test]
+fn hostile_packs_are_refused_within_a_memory_limit_and_change_nothing() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    let store = t.join("store");
+    let own = write_app(&t, "own", "the store's own", 3);
+    link(&store, &python, &own, &[]);
+    let zeros = vec![0u8; 1 << 20];
+
+    // A tiny pack holding a 1 GiB object (zeros compress well), declared.
+    let mut huge = Crafted::new([1, 1 << 30, 0, 0]);
+    huge.put(b"O");
+    huge.put(&[7; 32]);
+    huge.put(&(1u64 << 30).to_le_bytes());
+    for _ in 0..1024 {
+        huge.put(&zeros);
+    }
+    let huge = huge.finish([0, 0, 1]);
+    assert!(huge.len() < 256 << 10, "{} bytes", huge.len());
+    let path = t.write("huge.pack", &huge);
+    assert_refused_within_512_mib(&store, &path, "more than the 64 MiB pycstore accepts");
+
+    // Its header declares 1 MiB of objects; the stream holds 60 MiB.
+    let mut over = Crafted::new([1, 1 << 20, 0, 0]);
+    over.object(&vec![1u8; 60 << 20]);
+    let path = t.write("over.pack", over.finish([0, 0, 1]));
+    assert_refused_within_512_mib(
+        &store,
+        &path,
+        "exceed the 1048576 bytes its header declares",
+    );
+
+    // Honestly declared: 1 GiB in twenty 50 MiB objects that are no pycs.
+    // At most 64 MiB of them are held at once, and none reaches tmp/.
+    let mut many = Crafted::new([20, 20 * (50 << 20), 0, 0]);
+    for i in 0..20u8 {
+        let mut object = vec![0u8; 50 << 20];
+        object[0] = i;
+        many.object(&object);
+    }
+    let path = t.write("many.pack", many.finish([0, 0, 20]));
+    assert_refused_within_512_mib(&store, &path, "does not start with a Python magic number");
+}
+
+#[test]
+fn importing_a_directory_says_it_is_one() {
+    let t = TestDir::new();
+    let dir = t.join("packs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = run(t.pycstore().arg("import").arg(&dir));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_output!(
+        out,
+        out.status.code() == Some(2)
+            && stderr.contains(&format!("`{}` is a directory, not a pack", dir.display()))
+            && !stderr.contains("zstd"),
+        "expected a message saying it is a directory"
+    );
+}
+
+/// A pyc's header, the code type byte and garbage: what a pycache-prefix
+/// mount once ingested.
+fn header_and_garbage(pyc: &[u8]) -> Vec<u8> {
+    let mut bytes = pyc[..16].to_vec();
+    bytes.extend_from_slice(b"c\xde\xad\xbe\xef and garbage where the code object should be");
+    bytes
+}
+
+#[test]
+fn a_pack_whose_object_python_cannot_load_is_refused_and_never_linked() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    let (store_a, store_b) = (t.join("store-a"), t.join("store-b"));
+    let app = write_app(&t, "app", "garbage", 1);
+    link(&store_a, &python, &app, &[]);
+    let pyc = std::fs::read(app.join("__pycache__/mod_0.cpython-311.pyc")).unwrap();
+
+    // The pack carries store A's entries for mod_0, naming a garbage object
+    // with the same header: whole, sealed, every hash right.
+    let garbage = header_and_garbage(&pyc);
+    let id = blake3::hash(&garbage);
+    let mut value = id.as_bytes().to_vec();
+    value.extend_from_slice(&(garbage.len() as u64).to_le_bytes());
+    value.extend_from_slice(&garbage[..16]);
+    let keys: Vec<Vec<u8>> = {
+        let index = pycstore_store::index::Index::open(&store_a.join("index-v1")).unwrap();
+        index
+            .scan(pycstore_store::index::Family::Entries, b"")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    assert_eq!(keys.len(), 2, "a body and a checked-hash entry");
+    let mut crafted = Crafted::new([1, garbage.len() as u64, 2, 0]);
+    crafted.object(&garbage);
+    for key in &keys {
+        crafted.entry(key, &value);
+    }
+    let pack = t.write("garbage.pack", crafted.finish([2, 0, 1]));
+
+    let own = write_app(&t, "own", "store b's own", 2);
+    link(&store_b, &python, &own, &[]);
+    let before = snapshot(&store_b);
+    let out = run(pycstore(&store_b).arg("import").arg(&pack));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_output!(
+        out,
+        out.status.code() == Some(2)
+            && stderr.contains(&format!("rejected the pack `{}`", pack.display()))
+            && stderr.contains(&format!("the object {}", id.to_hex()))
+            && stderr.contains("not a loadable CPython 3.11 code object"),
+        "expected the object named as unloadable"
+    );
+    assert!(snapshot(&store_b) == before, "the store changed");
+
+    // So link compiles, and Python imports the module.
+    let copy = write_app(&t, "copy", "garbage", 1);
+    let linked = link(&store_b, &python, &copy, &[]);
+    assert_eq!(linked["compiled"], 1, "{linked}");
+    let log = python_v(
+        &python,
+        &["-c", "import mod_0; print(mod_0.VALUE)"],
+        &[("PYTHONPATH", copy.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &copy, 1);
+}

@@ -377,11 +377,17 @@ fn unlink_never_follows_a_directory_swapped_for_a_symlink() {
     chown_nobody(&t.join("app"));
     link(&t, &python, &t.join("app"), &[]);
     // Root's copy of the tree elsewhere holds the same pyc bytes.
-    run_ok(Command::new("cp")
-        .arg("-a")
-        .arg(t.join("app/pkg"))
-        .arg(t.join("other")));
-    run_ok(Command::new("chown").args(["-R", "0:0"]).arg(t.join("other")));
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(t.join("app/pkg"))
+            .arg(t.join("other")),
+    );
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "0:0"])
+            .arg(t.join("other")),
+    );
     let before = snapshot(&t.join("other"));
     // The user swaps their package directory for a symlink to root's copy.
     std::fs::rename(t.join("app/pkg"), t.join("app/old")).unwrap();

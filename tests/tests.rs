@@ -16,6 +16,7 @@ mod integrity;
 mod interpreters;
 mod lifecycle;
 mod link_modes;
+mod marshal;
 mod pack;
 mod prefix_attacks;
 mod stdlib;

@@ -152,11 +152,13 @@ fn damaged_objects_are_found_and_repaired_and_link_then_puts_good_pycs_back() {
     set_mode(&objects[2], 0o664);
     std::fs::remove_file(&objects[3]).unwrap();
     let orphan = {
-        let bytes = b"an object no index entry names";
-        let hex = ObjectId::of(bytes).to_hex();
+        // A loadable pyc no index entry names.
+        let mut bytes = std::fs::read(pyc(&app, "m4")).unwrap();
+        bytes[8] ^= 0x01;
+        let hex = ObjectId::of(&bytes).to_hex();
         let path = t.write(
             t.store().join("objects-v1").join(&hex[..2]).join(&hex[2..]),
-            bytes,
+            &bytes,
         );
         set_mode(&path, 0o444);
         path
@@ -695,4 +697,59 @@ fn gc_keeps_orphans_while_an_index_is_set_aside() {
     assert_output!(out, out.status.success(), "verify --repair: {json:#}");
     assert_eq!(json["repairs"]["orphans_removed"], 0, "{json:#}");
     assert!(aside.exists() && objects.iter().all(|o| o.exists()));
+}
+
+#[test]
+fn an_object_python_cannot_load_is_reported_and_after_repair_link_compiles_it() {
+    use pycstore_store::index::{Family, Writes};
+    let t = TestDir::new();
+    let app = write_app(&t, "app", 2);
+    link(&t, "copy", &app);
+    // m0's entries now name an object made of its header, the code type
+    // byte and garbage, stored whole (its name is its hash), as a
+    // pycache-prefix mount once ingested.
+    let good = std::fs::read(pyc(&app, "m0")).unwrap();
+    let good_id = ObjectId::of(&good);
+    let mut garbage = good[..16].to_vec();
+    garbage.extend_from_slice(b"c\xde\xad\xbe\xef and garbage where the code object should be");
+    let bad = {
+        let store = pycstore_store::Store::open(&t.store()).unwrap();
+        let bad = store.objects.put(&garbage).unwrap();
+        let mut index = store.index().unwrap();
+        let mut writes = Writes::default();
+        let mut value = bad.0.to_vec();
+        value.extend_from_slice(&(garbage.len() as u64).to_le_bytes());
+        value.extend_from_slice(&garbage[..16]);
+        for (key, old) in index.scan(Family::Entries, b"").unwrap() {
+            if old[..32] == good_id.0 {
+                writes.put(Family::Entries, &key, &value);
+            }
+        }
+        assert!(!writes.is_empty());
+        index.apply(writes).unwrap();
+        bad
+    };
+    let hex = bad.to_hex();
+    let bad_path = t.store().join("objects-v1").join(&hex[..2]).join(&hex[2..]);
+
+    let (out, json) = verify(&t, &[]);
+    assert_output!(
+        out,
+        out.status.code() == Some(1),
+        "verify must fail: {json}"
+    );
+    let found = problem(&json, &bad_path);
+    assert_eq!(found["kind"], "corrupt", "{found}");
+    let message = found["message"].as_str().unwrap();
+    assert!(
+        message.contains("not a loadable CPython 3.11 code object"),
+        "{message}"
+    );
+
+    let (out, json) = verify(&t, &["--repair"]);
+    assert_output!(out, out.status.success(), "repair: {json}");
+    assert!(!bad_path.exists());
+    let copy = copy_sources(&t, &app, "copy");
+    assert_eq!(link(&t, "copy", &copy)["compiled"], 1);
+    assert_imports(&copy, 2);
 }

@@ -823,9 +823,10 @@ impl Pycs {
         if data[..HEADER_LEN] != pyc::header(interpreter.magic, flavor, expected) {
             return refuse("its header does not match the source");
         }
-        // marshal TYPE_CODE ('c'), possibly with FLAG_REF.
-        if data[HEADER_LEN] & 0x7f != b'c' {
-            return refuse("its body is not a code object");
+        // One whole code object Python can load, nothing after it; a pyc of
+        // a Python whose format the checker does not know is not stored.
+        if let Err(e) = pycstore_store::marshal::check_pyc(data) {
+            return refuse(&format!("its body is not one loadable code object ({e})"));
         }
         let key = interpreter.compile_key(&SourceDigest::of(&bytes), optimize);
         let known = self

@@ -5,7 +5,7 @@
 //! compile-affecting flag), kept once as an immutable, read-only object, and
 //! materialized into Python prefixes by reflink, hardlink or copy. The crate
 //! holds the on-disk [`layout`], the RocksDB [`index`], the [`objects`], the
-//! [`interpreter`] probe, the pyc [`format`](pyc), the [`compile`] pool and the
+//! [`interpreter`] probe, the pyc [`format`](pyc) and a [`marshal`] checker of its body, the [`compile`] pool and the
 //! [`link`] pipeline that ties them together; [`pack`]s carry entries and
 //! objects from one store to another.
 #![deny(missing_docs)]
@@ -19,6 +19,7 @@ pub mod key;
 pub mod layout;
 pub mod link;
 pub mod lock;
+pub mod marshal;
 pub mod materialize;
 pub mod objects;
 pub mod pack;

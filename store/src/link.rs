@@ -722,6 +722,15 @@ impl Run<'_> {
         let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
         bytes.extend_from_slice(&header);
         bytes.extend_from_slice(body);
+        if new_body {
+            // What a compile worker answered must be one loadable code object.
+            match crate::marshal::check_pyc(&bytes) {
+                Err(e) if e.is_damage() => {
+                    return Err(format!("the compiler's output is not a loadable pyc: {e}"))
+                }
+                _ => {}
+            }
+        }
         let mode = if target.source.meta.is_public() {
             PUBLIC_MODE
         } else {

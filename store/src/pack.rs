@@ -8,6 +8,8 @@
 //! the zstd frame decompresses to:
 //! ┌─────────────────────────────────────────────────────────────────┐
 //! │ header   "pycstore pack\0" (14 bytes) ‖ format version u32      │
+//! │          ‖ at most: objects u64 ‖ their bytes u64 ‖ entries u64 │
+//! │          ‖ failures u64                                         │
 //! ├─────────────────────────────────────────────────────────────────┤
 //! │ 'O' ‖ object id [32] ‖ length u64 ‖ the object's bytes          │ objects, each once,
 //! │ …                                                               │ before what names them
@@ -29,15 +31,23 @@
 //! ```
 //!
 //! Integers are little-endian; lengths count bytes. An object id is the
-//! blake3 of the object's bytes. The trailer vouches for the contents, the
+//! blake3 of the object's bytes. The header declares upper bounds of what
+//! follows (export may leave out an object that vanished meanwhile), so an
+//! import knows before the first object how much memory and disk the pack
+//! may take, and stops at the first record beyond them. The trailer vouches for the contents, the
 //! seal for every byte of the file: a byte flipped where it would not change
 //! what zstd decompresses (a header field, padding) is caught all the same.
 //! Nothing machine-local travels: not the stat cache, interpreter probes,
 //! links, created directories, use times or counters.
 //!
 //! [`import`] streams: one thread decompresses, another checks each object's
-//! bytes against its id and writes it to the store's `tmp/`, and only the
-//! objects between them, the entries and the failures are held in memory.
+//! bytes against its id, checks that it is a pyc Python can load
+//! ([`crate::marshal`]) and writes it to the store's `tmp/`, and only the
+//! objects between them (at most [`IN_FLIGHT`] bytes), the entries and the
+//! failures are held in memory. No length read from a pack is trusted
+//! beyond [`MAX_OBJECT_LEN`] per object, the header's declared totals, and
+//! [`MAX_RECORDS_MEMORY`] for what is kept in memory until the end: `tmp/`
+//! never receives more than the header declared.
 //! Only when the trailer's counts and blake3 match, the seal follows and
 //! matches, and every entry names an object of the pack (or of the store)
 //! with the size and header the entry records, does it move the objects into
@@ -62,8 +72,9 @@ use crate::{Error, Result, Store};
 /// The first bytes of every pack (uncompressed).
 const MAGIC: &[u8; 14] = b"pycstore pack\0";
 
-/// The pack format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The pack format this build writes and reads (2: the header declares
+/// its totals).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// zstd's level. On the reference corpus pycs compress 2.5:1 at -1, 2.7:1
 /// at 1 and 3.1:1 at 3; levels 1 and 3 take 1.2 and 2 times as long to
@@ -71,10 +82,26 @@ pub const FORMAT_VERSION: u32 = 1;
 /// exists to save time.
 const LEVEL: i32 = -1;
 
-/// Sanity limits on lengths read from a pack, so a damaged length fails
-/// cleanly instead of asking for absurd amounts of memory.
-const MAX_OBJECT_LEN: u64 = 1 << 30;
+/// The largest object an import accepts: a pyc (the largest in CPython's
+/// stdlib is under 1 MiB).
+pub const MAX_OBJECT_LEN: u64 = 64 << 20;
+/// The longest compile failure message kept.
 const MAX_MESSAGE_LEN: u32 = 1 << 20;
+/// How many bytes of objects an import holds between its reading and its
+/// storing thread.
+pub const IN_FLIGHT: u64 = 64 << 20;
+/// One credit of [`IN_FLIGHT`].
+const CREDIT: u64 = 1 << 20;
+/// What an import may hold in memory until it applies the pack: entries,
+/// failures and the bookkeeping of each object (about two million entries
+/// and a million objects).
+pub const MAX_RECORDS_MEMORY: u64 = 256 << 20;
+/// What each record costs in memory besides its bytes.
+const RECORD_COST: u64 = 128;
+const OBJECT_COST: u64 = 256;
+/// The largest zstd window an import decodes (`--long` frames beyond it are
+/// refused); packs are written with level -1, whose window is 2^19.
+const WINDOW_LOG_MAX: u32 = 24;
 
 /// The seal: a zstd skippable frame's magic number, and the length of its
 /// content (a blake3).
@@ -87,7 +114,7 @@ const ZSTD_MAGIC: u32 = 0xfd2f_b528;
 const READ_AHEAD: usize = 64;
 
 /// How many objects the import's reading thread may be ahead of the one
-/// storing them.
+/// storing them (and at most [`IN_FLIGHT`] bytes).
 const STORE_AHEAD: usize = 64;
 
 /// Record tags.
@@ -222,7 +249,20 @@ pub fn export<W: Write>(
     ids.sort_unstable_by_key(|id| id.0);
     ids.dedup();
 
-    let mut pack = PackWriter::new(out, name)?;
+    // The largest size any entry records for each object: the header
+    // declares their sum, and an object found bigger is left out.
+    let mut expected: HashMap<ObjectId, u64> = HashMap::new();
+    for raw in &chosen.entries {
+        let size = expected.entry(raw.entry.object).or_default();
+        *size = (*size).max(raw.entry.size);
+    }
+    let declared = Declared {
+        objects: ids.len() as u64,
+        object_bytes: expected.values().sum(),
+        entries: chosen.entries.len() as u64,
+        failures: chosen.failures.len() as u64,
+    };
+    let mut pack = PackWriter::new(out, name, &declared)?;
     // What was written of each object: its size and header.
     let mut written: HashMap<ObjectId, (u64, [u8; HEADER_LEN])> = HashMap::new();
     std::thread::scope(|scope| -> Result<()> {
@@ -237,6 +277,16 @@ pub fn export<W: Write>(
             }
         });
         for (id, read) in rx {
+            let read = read.and_then(|bytes| {
+                if bytes.len() as u64 > expected.get(&id).copied().unwrap_or(0) {
+                    return Err(format!(
+                        "left out the entries of `{}`: the object is bigger than its entries say \
+                         (run `pycstore verify`)",
+                        store.objects.path(&id).display()
+                    ));
+                }
+                Ok(bytes)
+            });
             match read {
                 Ok(bytes) => {
                     pack.object(&id, &bytes)?;
@@ -418,7 +468,13 @@ fn header_magic(raw: &RawEntry) -> [u8; 4] {
 fn read_object(store: &Store, id: &ObjectId) -> std::result::Result<Vec<u8>, String> {
     let path = store.objects.path(id);
     match std::fs::read(&path) {
-        Ok(bytes) if ObjectId::of(&bytes) == *id => Ok(bytes),
+        Ok(bytes) if ObjectId::of(&bytes) == *id => match crate::marshal::check_pyc(&bytes) {
+            Err(e) if e.is_damage() => Err(format!(
+                "left out the entries of `{}`: {e} (run `pycstore verify --repair`)",
+                path.display()
+            )),
+            _ => Ok(bytes),
+        },
         Ok(_) => Err(format!(
             "left out the entries of `{}`: the object does not match its content hash \
              (run `pycstore verify --repair`)",
@@ -443,7 +499,7 @@ struct PackWriter<W: Write> {
 }
 
 impl<W: Write> PackWriter<W> {
-    fn new(out: W, name: &Path) -> Result<Self> {
+    fn new(out: W, name: &Path, declared: &Declared) -> Result<Self> {
         let fail = |e| Error::Io(with_path(e, "write the pack", name));
         let mut encoder = zstd::Encoder::new(Sealing::new(out), LEVEL).map_err(fail)?;
         encoder.include_checksum(true).map_err(fail)?;
@@ -457,6 +513,9 @@ impl<W: Write> PackWriter<W> {
         };
         pack.put(MAGIC)?;
         pack.put(&FORMAT_VERSION.to_le_bytes())?;
+        for n in declared.fields() {
+            pack.put(&n.to_le_bytes())?;
+        }
         Ok(pack)
     }
 
@@ -628,24 +687,64 @@ struct Received {
     present: HashMap<ObjectId, (u64, [u8; HEADER_LEN])>,
 }
 
+/// What a pack's header declares, at most; or what has arrived so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct Declared {
+    objects: u64,
+    object_bytes: u64,
+    entries: u64,
+    failures: u64,
+}
+
+impl Declared {
+    fn fields(&self) -> [u64; 4] {
+        [self.objects, self.object_bytes, self.entries, self.failures]
+    }
+}
+
+/// An object on its way to the storing thread, with the credits of
+/// [`IN_FLIGHT`] it holds.
+struct InFlight {
+    id: ObjectId,
+    bytes: Vec<u8>,
+    credits: u64,
+}
+
 /// The storing thread of an import: checks each object's bytes against its
-/// id and writes the objects the store lacks to its tmp area, while the
-/// reading thread decompresses what follows.
+/// id and that it is a loadable pyc, and writes the objects the store lacks
+/// to its tmp area, while the reading thread decompresses what follows.
+/// Gives back the credits of each object once it is written.
 fn receive(
     store: &Store,
-    objects: crossbeam_channel::Receiver<(ObjectId, Vec<u8>)>,
+    objects: crossbeam_channel::Receiver<InFlight>,
+    credits: crossbeam_channel::Sender<()>,
     name: &Path,
 ) -> Result<Received> {
     let mut received = Received::default();
-    for (id, bytes) in objects {
+    let reject = |message: String| Error::Pack {
+        path: name.to_path_buf(),
+        message,
+    };
+    for InFlight {
+        id,
+        bytes,
+        credits: held,
+    } in objects
+    {
         if ObjectId::of(&bytes) != id {
-            return Err(Error::Pack {
-                path: name.to_path_buf(),
-                message: format!(
-                    "it is damaged: the object {} does not match its content hash",
-                    id.to_hex()
-                ),
-            });
+            return Err(reject(format!(
+                "it is damaged: the object {} does not match its content hash",
+                id.to_hex()
+            )));
+        }
+        // A pack whose pycs are unloadable is damaged; one for a Python
+        // whose format is unknown here is taken as it is.
+        match crate::marshal::check_pyc(&bytes) {
+            Err(e) if e.is_damage() => {
+                return Err(reject(format!("the object {}: {e}", id.to_hex())))
+            }
+            Err(e) => tracing::debug!("the object {}: {e}", id.to_hex()),
+            Ok(_) => {}
         }
         let size = bytes.len() as u64;
         let mut header = [0u8; HEADER_LEN];
@@ -657,6 +756,11 @@ fn receive(
             let temp = store.objects.write_temp(&bytes)?;
             received.written.insert(id, (size, header, temp));
         }
+        drop(bytes);
+        for _ in 0..held {
+            // The reader stopped: nothing more arrives.
+            let _ = credits.send(());
+        }
     }
     Ok(received)
 }
@@ -666,17 +770,41 @@ struct PackReader<R: Read> {
     inner: BufReader<zstd::Decoder<'static, BufReader<Unsealing<R>>>>,
     hasher: blake3::Hasher,
     name: PathBuf,
+    /// What the header declares.
+    declared: Declared,
+    /// What has arrived so far.
+    arrived: Declared,
+    /// What the records kept until the end take in memory.
+    memory: u64,
 }
 
 impl<R: Read> PackReader<R> {
     fn new(pack: R, name: &Path) -> Result<Self> {
-        let decoder = zstd::Decoder::new(Unsealing::new(pack))
-            .map_err(|e| Error::Io(with_path(e, "read the pack", name)))?;
+        let fail = |e| Error::Io(with_path(e, "read the pack", name));
+        let mut decoder = zstd::Decoder::new(Unsealing::new(pack)).map_err(fail)?;
+        decoder.window_log_max(WINDOW_LOG_MAX).map_err(fail)?;
         Ok(PackReader {
             inner: BufReader::with_capacity(1 << 16, decoder),
             hasher: blake3::Hasher::new(),
             name: name.to_path_buf(),
+            declared: Declared::default(),
+            arrived: Declared::default(),
+            memory: 0,
         })
+    }
+
+    /// Counts `cost` bytes of memory held until the end.
+    fn hold(&mut self, cost: u64) -> Result<()> {
+        self.memory = self.memory.saturating_add(cost);
+        if self.memory > MAX_RECORDS_MEMORY {
+            return Err(self.reject(format!(
+                "its entries, failures and objects need more than {} MiB of memory to import; \
+                 pycstore imports at most that from one pack (export fewer entries with \
+                 `--python` or `--prefix`)",
+                MAX_RECORDS_MEMORY >> 20
+            )));
+        }
+        Ok(())
     }
 
     fn reject(&self, message: String) -> Error {
@@ -747,13 +875,33 @@ impl<R: Read> PackReader<R> {
                  {FORMAT_VERSION}"
             )));
         }
+        self.declared = Declared {
+            objects: self.u64("the header")?,
+            object_bytes: self.u64("the header")?,
+            entries: self.u64("the header")?,
+            failures: self.u64("the header")?,
+        };
+        // The least the declared records will take.
+        let least = self
+            .declared
+            .objects
+            .saturating_mul(OBJECT_COST)
+            .saturating_add(self.declared.entries.saturating_mul(RECORD_COST))
+            .saturating_add(self.declared.failures.saturating_mul(RECORD_COST));
+        self.hold(least)?;
+        self.memory = 0;
         let mut entries = Vec::new();
         let mut failures = Vec::new();
         let name = self.name.clone();
         let (records, received) = std::thread::scope(|scope| {
             let (tx, rx) = crossbeam_channel::bounded(STORE_AHEAD);
-            let storing = scope.spawn(|| receive(store, rx, &name));
-            let records = self.records(&tx, &mut entries, &mut failures);
+            let (credit_tx, credit_rx) = crossbeam_channel::bounded((IN_FLIGHT / CREDIT) as usize);
+            for _ in 0..IN_FLIGHT / CREDIT {
+                // The channel has room for every credit.
+                let _ = credit_tx.send(());
+            }
+            let storing = scope.spawn(|| receive(store, rx, credit_tx, &name));
+            let records = self.records(&tx, &credit_rx, &mut entries, &mut failures);
             drop(tx);
             (
                 records,
@@ -774,31 +922,46 @@ impl<R: Read> PackReader<R> {
     /// thread.
     fn records(
         &mut self,
-        objects: &crossbeam_channel::Sender<(ObjectId, Vec<u8>)>,
+        objects: &crossbeam_channel::Sender<InFlight>,
+        credits: &crossbeam_channel::Receiver<()>,
         entries: &mut Vec<RawEntry>,
         failures: &mut Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<()> {
         let mut seen: HashSet<ObjectId> = HashSet::new();
+        // The storing thread stopped; its error says why.
+        let stopped = |reader: &Self| reader.reject("the objects could not be stored".into());
         loop {
             let [tag] = self.array("a record")?;
             match tag {
                 OBJECT => {
-                    let (id, bytes) = self.object(&mut seen)?;
-                    if objects.send((id, bytes)).is_err() {
-                        // The storing thread stopped; its error says why.
-                        return Err(self.reject("the objects could not be stored".into()));
+                    let (id, len) = self.object_head(&mut seen)?;
+                    // Wait until the objects before it are stored, so that
+                    // at most IN_FLIGHT bytes of them are held.
+                    let held = len.div_ceil(CREDIT).max(1);
+                    for _ in 0..held {
+                        credits.recv().map_err(|_| stopped(self))?;
                     }
+                    let bytes = self.bytes(len as usize, "an object")?;
+                    let sent = objects.send(InFlight {
+                        id,
+                        bytes,
+                        credits: held,
+                    });
+                    sent.map_err(|_| stopped(self))?;
                 }
                 ENTRY => {
+                    self.count_record(ENTRY)?;
                     let [len] = self.array("an entry")?;
                     let key = self.bytes(len.into(), "an entry")?;
                     let [len] = self.array("an entry")?;
                     let value = self.bytes(len.into(), "an entry")?;
+                    self.hold(RECORD_COST + (key.len() + value.len()) as u64)?;
                     let raw = RawEntry::new(key, value)
                         .ok_or_else(|| self.reject("it is damaged: a malformed entry".into()))?;
                     entries.push(raw);
                 }
                 FAILURE => {
+                    self.count_record(FAILURE)?;
                     let [len] = self.array("a failure")?;
                     if len != 32 {
                         return Err(self.reject("it is damaged: a malformed failure".into()));
@@ -810,6 +973,7 @@ impl<R: Read> PackReader<R> {
                             self.reject(format!("it is damaged: a failure message of {len} bytes"))
                         );
                     }
+                    self.hold(RECORD_COST + 32 + u64::from(len))?;
                     let message = self.bytes(len as usize, "a failure")?;
                     failures.push((key, message));
                 }
@@ -828,30 +992,66 @@ impl<R: Read> PackReader<R> {
         ])
     }
 
-    /// Reads one object record (after its tag).
-    fn object(&mut self, seen: &mut HashSet<ObjectId>) -> Result<(ObjectId, Vec<u8>)> {
+    /// Counts an entry or failure record against what the header declares.
+    fn count_record(&mut self, tag: u8) -> Result<()> {
+        let (arrived, declared, what) = if tag == ENTRY {
+            (&mut self.arrived.entries, self.declared.entries, "entries")
+        } else {
+            (
+                &mut self.arrived.failures,
+                self.declared.failures,
+                "failures",
+            )
+        };
+        *arrived += 1;
+        if *arrived > declared {
+            return Err(self.reject(format!(
+                "it is damaged: it holds more {what} than the {declared} its header declares"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the head of an object record (after its tag), and checks its
+    /// length against the limits and what the header declares, before any
+    /// of its bytes are read.
+    fn object_head(&mut self, seen: &mut HashSet<ObjectId>) -> Result<(ObjectId, u64)> {
         let id = ObjectId(self.array("an object")?);
         let len = self.u64("an object")?;
-        if len > MAX_OBJECT_LEN {
-            return Err(self.reject(format!("it is damaged: an object of {len} bytes")));
+        self.arrived.objects += 1;
+        if self.arrived.objects > self.declared.objects {
+            return Err(self.reject(format!(
+                "it is damaged: it holds more objects than the {} its header declares",
+                self.declared.objects
+            )));
         }
+        if len > MAX_OBJECT_LEN {
+            return Err(self.reject(format!(
+                "it is damaged: the object {} is {len} bytes long, more than the {} MiB \
+                 pycstore accepts for a pyc",
+                id.to_hex(),
+                MAX_OBJECT_LEN >> 20
+            )));
+        }
+        let total = self.arrived.object_bytes.saturating_add(len);
+        if total > self.declared.object_bytes {
+            return Err(self.reject(format!(
+                "it is damaged: its objects exceed the {} bytes its header declares \
+                 (the object {} of {len} bytes comes after {} bytes)",
+                self.declared.object_bytes,
+                id.to_hex(),
+                self.arrived.object_bytes
+            )));
+        }
+        self.arrived.object_bytes = total;
         if !seen.insert(id) {
             return Err(self.reject(format!(
                 "it is damaged: the object {} appears twice",
                 id.to_hex()
             )));
         }
-        // Grows with the bytes that really arrive, whatever the length says.
-        let mut bytes = Vec::with_capacity(len.min(1 << 20) as usize);
-        let got = (&mut self.inner)
-            .take(len)
-            .read_to_end(&mut bytes)
-            .map_err(|e| self.broken(e, "an object"))?;
-        if got as u64 != len {
-            return Err(self.broken(io::ErrorKind::UnexpectedEof.into(), "an object"));
-        }
-        self.hasher.update(&bytes);
-        Ok((id, bytes))
+        self.hold(OBJECT_COST)?;
+        Ok((id, len))
     }
 
     /// Checks the trailer's counts (against the records `found`) and blake3,
@@ -1034,10 +1234,9 @@ mod tests {
     fn store_with_entries(root: &Path) -> Store {
         let store = Store::open_with(root, LockMode::Shared).unwrap();
         let mut writes = Writes::default();
-        for (i, body) in [&b"first"[..], &b"second"[..]].into_iter().enumerate() {
-            let mut bytes = vec![0xa7, 0x0d, 0x0d, 0x0a, 3, 0, 0, 0];
-            bytes.extend_from_slice(&[i as u8; 8]);
-            bytes.extend_from_slice(body);
+        for (i, name) in ["first.py", "second.py"].into_iter().enumerate() {
+            let mut bytes = crate::marshal::test_pyc(name);
+            bytes[8..16].copy_from_slice(&[i as u8; 8]);
             let object = store.objects.put(&bytes).unwrap();
             let entry = Entry {
                 object,
@@ -1158,7 +1357,11 @@ mod tests {
         value.extend_from_slice(&entry.size.to_le_bytes());
         value.extend_from_slice(&entry.header);
         let mut pack = Vec::new();
-        let mut w = PackWriter::new(&mut pack, Path::new("p")).unwrap();
+        let declared = Declared {
+            entries: 1,
+            ..Declared::default()
+        };
+        let mut w = PackWriter::new(&mut pack, Path::new("p"), &declared).unwrap();
         w.entry(&key, &value).unwrap();
         w.finish(1, 0, 0).unwrap();
         let b = Store::open(&dir.path().join("b")).unwrap();
@@ -1171,5 +1374,102 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A pack of one object record whose length field says `len`, followed
+    /// by `bytes`, under a header declaring `declared`.
+    fn pack_with(declared: &Declared, records: &[(ObjectId, u64, Vec<u8>)]) -> Vec<u8> {
+        let mut pack = Vec::new();
+        let mut w = PackWriter::new(&mut pack, Path::new("p"), declared).unwrap();
+        for (id, len, bytes) in records {
+            w.put(&[OBJECT]).unwrap();
+            w.put(&id.0).unwrap();
+            w.put(&len.to_le_bytes()).unwrap();
+            w.put(bytes).unwrap();
+        }
+        w.finish(0, 0, records.len() as u64).unwrap();
+        pack
+    }
+
+    fn rejected(store: &Store, pack: &[u8]) -> String {
+        match import(store, pack, Path::new("p")) {
+            Err(Error::Pack { message, .. }) => message,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lengths_beyond_the_limits_or_the_header_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("b");
+        let store = Store::open(&root).unwrap();
+        let before = snapshot(&root);
+        let pyc = crate::marshal::test_pyc("m.py");
+        let id = ObjectId::of(&pyc);
+        let len = pyc.len() as u64;
+        let declared = |objects, object_bytes| Declared {
+            objects,
+            object_bytes,
+            ..Declared::default()
+        };
+        let cases = [
+            // 1 GiB declared and announced, nothing behind it.
+            (
+                pack_with(&declared(1, 1 << 30), &[(id, 1 << 30, Vec::new())]),
+                "more than the 64 MiB",
+            ),
+            // More bytes than declared.
+            (
+                pack_with(&declared(1, len - 1), &[(id, len, pyc.clone())]),
+                "exceed the",
+            ),
+            // More objects than declared.
+            (
+                pack_with(
+                    &declared(1, 2 * len),
+                    &[
+                        (id, len, pyc.clone()),
+                        (ObjectId([1; 32]), len, pyc.clone()),
+                    ],
+                ),
+                "more objects than the 1",
+            ),
+            // More records than any import holds.
+            (
+                pack_with(&declared(u64::MAX / 1024, 0), &[]),
+                "need more than 256 MiB",
+            ),
+        ];
+        for (pack, says) in cases {
+            let message = rejected(&store, &pack);
+            assert!(message.contains(says), "{says}: {message}");
+            assert!(before == snapshot(&root));
+        }
+    }
+
+    #[test]
+    fn an_object_python_cannot_load_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("b");
+        let store = Store::open(&root).unwrap();
+        let before = snapshot(&root);
+        let mut garbage = crate::marshal::test_pyc("m.py")[..16].to_vec();
+        garbage.extend_from_slice(b"c\xde\xad garbage after the code type byte");
+        let id = ObjectId::of(&garbage);
+        let len = garbage.len() as u64;
+        let pack = pack_with(
+            &Declared {
+                objects: 1,
+                object_bytes: len,
+                ..Declared::default()
+            },
+            &[(id, len, garbage)],
+        );
+        let message = rejected(&store, &pack);
+        assert!(
+            message.contains(&id.to_hex().to_string()) && message.contains("not a loadable"),
+            "{message}"
+        );
+        assert!(before == snapshot(&root));
     }
 }

@@ -11,6 +11,8 @@
 //!   so a `chown -R` or `chmod` of one prefix changes it for all;
 //! - each shard directory of the objects bucket is a directory owned by
 //!   the store's owner, writable by no one else;
+//! - and whose body is one code object Python can load
+//!   ([`crate::marshal`]): a valid header and garbage hashes fine;
 //! - each index entry names an object that exists, with the entry's size
 //!   and header (the first 16 bytes);
 //! - objects no entry names are counted (orphans): not an error, a crash
@@ -84,7 +86,8 @@ pub struct VerifyStats {
     pub entries: u64,
     /// Good objects no index entry names (not an error; `gc` removes them).
     pub orphans: u64,
-    /// Objects whose bytes do not hash to their name.
+    /// Objects whose bytes do not hash to their name, or are not a pyc
+    /// Python can load.
     pub corrupt: u64,
     /// Good objects whose mode is not an object's (0444, or 0400; 0440 in a
     /// group store).
@@ -153,7 +156,8 @@ pub enum IndexState {
 pub enum ProblemKind {
     /// The index cannot be opened.
     Index,
-    /// An object's bytes do not hash to its name.
+    /// An object's bytes do not hash to its name, or are not a pyc Python
+    /// can load.
     Corrupt,
     /// A good object whose mode is not an object's.
     Permissions,
@@ -223,6 +227,8 @@ impl VerifyReport {
 enum State {
     Good,
     Corrupt,
+    /// Hashes to its name but Python cannot load it: why.
+    Unloadable(String),
     NotAFile(&'static str),
     Unreadable(String),
 }
@@ -308,6 +314,12 @@ fn check_object(objects: &Objects, id: &ObjectId, path: &Path) -> Option<Checked
             if found != *id {
                 checked.state = State::Corrupt;
                 checked.found = Some(found);
+            } else {
+                match crate::marshal::check_pyc(&bytes) {
+                    Err(e) if e.is_damage() => checked.state = State::Unloadable(e.to_string()),
+                    Err(e) => tracing::debug!("`{}`: {e}", path.display()),
+                    Ok(_) => {}
+                }
             }
         }
         Err(e) => checked.state = State::Unreadable(with_path(e, "read", path).to_string()),
@@ -511,6 +523,13 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
                 (
                     ProblemKind::Corrupt,
                     format!("the content does not match its name ({what}){shared}"),
+                )
+            }
+            State::Unloadable(why) => {
+                stats.corrupt += 1;
+                (
+                    ProblemKind::Corrupt,
+                    format!("not a pyc Python can load: {why}"),
                 )
             }
             State::NotAFile(what) => {
@@ -1129,16 +1148,16 @@ mod tests {
         kinds
     }
 
-    /// Stores `n` objects of 40 bytes, each named by one entry.
+    /// Stores `n` loadable pycs, each named by one entry.
     fn fill(store: &Store, n: u8) -> Vec<(CompileKey, Entry)> {
         let mut writes = Writes::default();
         let mut stored = Vec::new();
         for i in 0..n {
-            let bytes = vec![i; 40];
+            let bytes = crate::marshal::test_pyc(&format!("m{i}.py"));
             let entry = Entry {
                 object: store.objects.put(&bytes).unwrap(),
-                size: 40,
-                header: [i; 16],
+                size: bytes.len() as u64,
+                header: bytes[..16].try_into().unwrap(),
             };
             let key = CompileKey([i; 32]);
             writes.entry(&key, EntrySlot::Hashed(Flavor::CheckedHash), &entry);
@@ -1177,7 +1196,10 @@ mod tests {
         let mut writes = Writes::default();
         writes.entry(&stored[4].0, EntrySlot::Hashed(Flavor::CheckedHash), &wrong);
         store.index().unwrap().apply(writes).unwrap();
-        let orphan = store.objects.put(b"named by no entry").unwrap();
+        let orphan = store
+            .objects
+            .put(&crate::marshal::test_pyc("orphan.py"))
+            .unwrap();
         std::fs::write(store.objects.dir().join("stray"), "").unwrap();
 
         let report = verify(&store, &VerifyOptions::default()).unwrap();

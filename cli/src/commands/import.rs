@@ -17,6 +17,12 @@ pub fn run(global: &GlobalArgs, args: &ImportArgs) -> anyhow::Result<ExitCode> {
     let report = if from_stdin {
         pack::import(&store, std::io::stdin().lock(), Path::new("<stdin>"))?
     } else {
+        if args.file.is_dir() {
+            anyhow::bail!(
+                "`{}` is a directory, not a pack: pass the file `pycstore export` wrote",
+                args.file.display()
+            );
+        }
         let file = std::fs::File::open(&args.file)
             .with_context(|| format!("cannot open the pack `{}`", args.file.display()))?;
         pack::import(&store, BufReader::with_capacity(1 << 20, file), &args.file)?

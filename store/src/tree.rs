@@ -41,10 +41,12 @@ pub fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(parent, name, DIR_FLAGS, Mode::empty())?)
 }
 
-/// Opens the directory `relative` below `root` without following any symlink
-/// and without leaving `root`: `openat2` with `RESOLVE_BENEATH |
-/// RESOLVE_NO_SYMLINKS` where the kernel has it, else one `O_NOFOLLOW` open
-/// per component. `relative` must be a plain relative path (no `..`).
+/// Opens the directory `relative` below `root` (with `O_PATH`: for use as
+/// a directory descriptor, not for listing) without following any symlink
+/// and without leaving `root`: one `openat2` with `RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS` where the kernel has it (Linux 5.6), else one
+/// `O_NOFOLLOW` open per component. `relative` must be a plain relative
+/// path (no `..`).
 pub fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
     let plain = relative
         .components()
@@ -55,19 +57,20 @@ pub fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<Own
             format!("`{}` is not a plain relative path", relative.display()),
         ));
     }
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     let target = if relative.as_os_str().is_empty() {
         Path::new(".")
     } else {
         relative
     };
-    match rustix::fs::openat2(root, target, DIR_FLAGS, Mode::empty(), resolve) {
+    match rustix::fs::openat2(root, target, flags, Mode::empty(), resolve) {
         Ok(fd) => Ok(fd),
         Err(rustix::io::Errno::NOSYS) => {
-            let mut dir = rustix::io::dup(root)?;
+            let mut dir = rustix::fs::openat(root, ".", flags, Mode::empty())?;
             for component in relative.components() {
                 if let Component::Normal(name) = component {
-                    dir = open_dir(dir.as_fd(), name)?;
+                    dir = rustix::fs::openat(&dir, name, flags, Mode::empty())?;
                 }
             }
             Ok(dir)
@@ -132,8 +135,8 @@ pub(crate) struct Expect {
 /// The most a recorded pyc is read for comparing: far above any real pyc.
 const PYC_READ_LIMIT: u64 = 256 * 1024 * 1024;
 
-/// Opens the directory of `path` walking from `/` one component at a time
-/// with `O_NOFOLLOW`: a symlink anywhere in the path fails the walk.
+/// Opens the directory of the absolute `path` from `/` without following
+/// any symlink ([`open_dir_beneath`]): a symlink anywhere in the path fails.
 /// Returns the directory and the file's name in it.
 pub(crate) fn open_parent(path: &Path) -> io::Result<(OwnedFd, OsString)> {
     let invalid = || {
@@ -142,23 +145,17 @@ pub(crate) fn open_parent(path: &Path) -> io::Result<(OwnedFd, OsString)> {
             format!("`{}` is not an absolute path of a file", path.display()),
         )
     };
-    let mut components = path.components();
-    let name = match components.next_back() {
+    let name = match path.components().next_back() {
         Some(Component::Normal(name)) => name.to_os_string(),
         _ => return Err(invalid()),
     };
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut dir: Option<OwnedFd> = None;
-    for component in components {
-        dir = Some(match (component, &dir) {
-            (Component::RootDir, None) => rustix::fs::open("/", flags, Mode::empty())?,
-            (Component::Normal(part), Some(parent)) => {
-                rustix::fs::openat(parent, part, flags, Mode::empty())?
-            }
-            _ => return Err(invalid()),
-        });
-    }
-    Ok((dir.ok_or_else(invalid)?, name))
+    let parent = path
+        .parent()
+        .and_then(|p| p.strip_prefix("/").ok())
+        .ok_or_else(invalid)?;
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let root = rustix::fs::open("/", flags, Mode::empty())?;
+    Ok((open_dir_beneath(root.as_fd(), parent)?, name))
 }
 
 /// Reads the regular file `name` in `dir`, not following a symlink and

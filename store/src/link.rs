@@ -37,6 +37,7 @@ use crate::key::CompileKey;
 use crate::materialize::{Access, Destination, LinkMode, Materializer};
 use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
+use crate::resolve::{self, open_object, ObjectState};
 use crate::source::{Hashed, Plan, Source};
 use crate::walk::Excludes;
 use crate::{Result, Store};
@@ -511,7 +512,11 @@ impl Run<'_> {
     }
 
     fn slot(&self, target: &Target) -> EntrySlot {
-        slot_of(self.options.flavor, &target.source)
+        resolve::slot(
+            self.options.flavor,
+            target.source.meta.mtime(),
+            target.source.meta.size(),
+        )
     }
 
     /// For one pyc: up to date, a hit, a cached failure, or a compile job.
@@ -580,22 +585,20 @@ impl Run<'_> {
     /// inode first, so the change never reaches another tree.
     fn check_object(&self, entry: &Entry) -> Option<Checked> {
         let path = self.store.objects.path(&entry.object);
-        let mut file = open_no_follow(&path).ok()?;
-        let st = rustix::fs::fstat(&file).ok()?;
-        let len = st.st_size as u64;
-        let mut header = [0u8; HEADER_LEN];
-        if len != entry.size || file.read_exact(&mut header).is_err() || header != entry.header {
-            self.progress.warn(&format!(
-                "store object `{}` does not match its index entry ({len} bytes, {} expected); \
-                 it will be rewritten (run `pycstore verify` to check the whole store)",
-                path.display(),
-                entry.size
-            ));
-            return None;
-        }
-        if self.domain.object_ok(&st) {
-            return Some(Checked::of(&st));
-        }
+        let st = match open_object(&self.store.objects, entry) {
+            Ok(ObjectState::Good(object)) => return Some(Checked::of(&object.stat)),
+            Ok(ObjectState::Missing) | Err(_) => return None,
+            Ok(ObjectState::Damaged { len }) => {
+                self.progress.warn(&format!(
+                    "store object `{}` does not match its index entry ({len} bytes, {} expected); \
+                     it will be rewritten (run `pycstore verify` to check the whole store)",
+                    path.display(),
+                    entry.size
+                ));
+                return None;
+            }
+            Ok(ObjectState::Exposed(st)) => st,
+        };
         let mode = if st.st_mode & 0o004 != 0 {
             PUBLIC_MODE
         } else {
@@ -934,17 +937,6 @@ impl Run<'_> {
 enum Settled {
     Hit,
     Compiled,
-}
-
-/// The entry slot of a source's pyc in `flavor`.
-pub(crate) fn slot_of(flavor: Flavor, source: &Source) -> EntrySlot {
-    match flavor {
-        Flavor::Timestamp => EntrySlot::Timestamp {
-            mtime: source.meta.mtime(),
-            size: source.meta.size(),
-        },
-        flavor => EntrySlot::Hashed(flavor),
-    }
 }
 
 pub(crate) fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {

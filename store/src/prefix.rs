@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::index::{path_key, EntrySlot, Family, Writes};
-use crate::link::{now_ns, open_no_follow, slot_of};
+use crate::link::{now_ns, open_no_follow};
 use crate::objects::ObjectId;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
@@ -89,7 +89,11 @@ pub fn status(
                 for &optimize in &options.optimize {
                     let key = interpreter.compile_key(&source.digest, optimize);
                     let slot = match options.flavor {
-                        Flavor::Timestamp => slot_of(Flavor::Timestamp, &source),
+                        Flavor::Timestamp => crate::resolve::slot(
+                            Flavor::Timestamp,
+                            source.meta.mtime(),
+                            source.meta.size(),
+                        ),
                         flavor => EntrySlot::Hashed(flavor),
                     };
                     let entry = index.entry(&key, slot).ok().flatten();

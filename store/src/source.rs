@@ -17,14 +17,6 @@ use crate::pyc::{self, Flavor, HeaderInput};
 use crate::walk::{self, Excludes, Found, SourceDir};
 use crate::Result;
 
-/// A stat-cache record is trusted only for files whose last change is older
-/// than the moment they were hashed by more than the filesystem's timestamp
-/// granularity: a file changed again within the same clock tick could
-/// otherwise hide its change. Kernel file times tick every few milliseconds;
-/// filesystems with whole-second times get a two-second window.
-const RACY_WINDOW_NS: i64 = 100_000_000;
-const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
-
 /// The default largest source read (`--max-source-size`): far above any real
 /// module, far below what a sparse file or a device could make a run read.
 pub const MAX_SOURCE_SIZE: u64 = 64 * 1024 * 1024;
@@ -132,11 +124,6 @@ impl Source {
         }
         let mtime_ns = meta.mtime.0 * 1_000_000_000 + meta.mtime.1;
         let ctime_ns = meta.ctime.0 * 1_000_000_000 + meta.ctime.1;
-        let window = if meta.ctime.1 == 0 {
-            RACY_WINDOW_COARSE_NS
-        } else {
-            RACY_WINDOW_NS
-        };
         let cached = match index.stat(&found.path) {
             Ok(cached) => cached,
             Err(e) => return Hashed::Failed(e.to_string()),
@@ -147,7 +134,7 @@ impl Source {
                 && r.size == meta.size
                 && r.mtime_ns == mtime_ns
                 && r.ctime_ns == ctime_ns
-                && ctime_ns.max(mtime_ns) + window < r.seen_ns
+                && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
         };
         let bytes = OnceLock::new();
         let digest = match cached.filter(fresh) {

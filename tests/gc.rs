@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pycstore_store::index::{Family, Index, Writes};
+use pycstore_store::index::{Index, Writes};
 use pycstore_store::objects::ObjectId;
 
 use crate::util::*;
@@ -220,7 +220,7 @@ fn older_than_evicts_objects_unused_since_and_keeps_linked_ones() {
         let mut index = Index::open(&t.store().join("index-v1")).unwrap();
         let mut writes = Writes::default();
         for o in &o_unrecorded {
-            writes.delete(Family::Used, &id_of(o).0);
+            writes.forget_use(&id_of(o));
         }
         index.apply(writes).unwrap();
     }

@@ -547,10 +547,10 @@ fn a_pack_whose_object_python_cannot_load_is_refused_and_never_linked() {
     let keys: Vec<Vec<u8>> = {
         let index = pycstore_store::index::Index::open(&store_a.join("index-v1")).unwrap();
         index
-            .scan(pycstore_store::index::Family::Entries, b"")
+            .entries()
             .unwrap()
             .into_iter()
-            .map(|(k, _)| k)
+            .map(|(key, slot, _)| slot.encode_key(&key))
             .collect()
     };
     assert_eq!(keys.len(), 2, "a body and a checked-hash entry");

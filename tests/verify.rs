@@ -701,7 +701,7 @@ fn gc_keeps_orphans_while_an_index_is_set_aside() {
 
 #[test]
 fn an_object_python_cannot_load_is_reported_and_after_repair_link_compiles_it() {
-    use pycstore_store::index::{Family, Writes};
+    use pycstore_store::index::{Entry, Writes};
     let t = TestDir::new();
     let app = write_app(&t, "app", 2);
     link(&t, "copy", &app);
@@ -717,12 +717,14 @@ fn an_object_python_cannot_load_is_reported_and_after_repair_link_compiles_it() 
         let bad = store.objects.put(&garbage).unwrap();
         let mut index = store.index().unwrap();
         let mut writes = Writes::default();
-        let mut value = bad.0.to_vec();
-        value.extend_from_slice(&(garbage.len() as u64).to_le_bytes());
-        value.extend_from_slice(&garbage[..16]);
-        for (key, old) in index.scan(Family::Entries, b"").unwrap() {
-            if old[..32] == good_id.0 {
-                writes.put(Family::Entries, &key, &value);
+        let bad_entry = Entry {
+            object: bad,
+            size: garbage.len() as u64,
+            header: garbage[..16].try_into().unwrap(),
+        };
+        for (key, slot, old) in index.entries().unwrap() {
+            if old.is_some_and(|old| old.object == good_id) {
+                writes.entry(&key, slot, &bad_entry);
             }
         }
         assert!(!writes.is_empty());

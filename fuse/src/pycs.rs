@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::Errno;
 use pycstore_store::compile::{Outcome, WorkerSlot};
-use pycstore_store::index::{Counters, Entry, EntrySlot, Family, Index, Writes};
+use pycstore_store::index::{Counters, Entry, EntrySlot, Index, Writes};
 use pycstore_store::key::{CompileKey, SourceDigest};
 use pycstore_store::lock::LockGuard;
 use pycstore_store::objects::ObjectId;
@@ -355,20 +355,12 @@ impl Pycs {
             });
         }
         let mut bodies = HashMap::new();
-        for (k, v) in index.scan(Family::Entries, b"")? {
-            if k.len() == 33 && k[32] == 0 {
-                if let (Ok(key), Some(entry)) = (<[u8; 32]>::try_from(&k[..32]), Entry::decode(&v))
-                {
-                    bodies.insert(CompileKey(key), entry);
-                }
+        for (key, slot, entry) in index.entries()? {
+            if let (EntrySlot::Body, Some(entry)) = (slot, entry) {
+                bodies.insert(key, entry);
             }
         }
-        let mut failures = HashSet::new();
-        for (k, _) in index.scan(Family::Failures, b"")? {
-            if let Ok(key) = <[u8; 32]>::try_from(k.as_slice()) {
-                failures.insert(CompileKey(key));
-            }
-        }
+        let failures: HashSet<CompileKey> = index.failure_keys()?.into_iter().collect();
         drop(index);
         tracing::debug!(
             "loaded {} stored bodies and {} known failures",

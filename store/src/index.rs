@@ -145,6 +145,56 @@ pub enum EntrySlot {
     },
 }
 
+impl EntrySlot {
+    /// The key of `slot` of compile key `key` in the entries family and in
+    /// packs: `key ‖ tag [‖ mtime ‖ size]`.
+    pub fn encode_key(self, key: &CompileKey) -> Vec<u8> {
+        entry_key(key, self)
+    }
+
+    /// Decodes a key of the entries family (or a pack); `None` when it is
+    /// not one [`EntrySlot::encode_key`] makes.
+    pub fn decode_key(k: &[u8]) -> Option<(CompileKey, EntrySlot)> {
+        let key = CompileKey(k.get(..32)?.try_into().ok()?);
+        let slot = match (k.len(), k[32..].first()?) {
+            (33, 0) => EntrySlot::Body,
+            (33, &tag) if tag == Flavor::CheckedHash.tag() => {
+                EntrySlot::Hashed(Flavor::CheckedHash)
+            }
+            (33, &tag) if tag == Flavor::UncheckedHash.tag() => {
+                EntrySlot::Hashed(Flavor::UncheckedHash)
+            }
+            (49, &tag) if tag == Flavor::Timestamp.tag() => EntrySlot::Timestamp {
+                mtime: i64::from_le_bytes(k[33..41].try_into().ok()?),
+                size: u64::from_le_bytes(k[41..49].try_into().ok()?),
+            },
+            _ => return None,
+        };
+        Some((key, slot))
+    }
+}
+
+/// What the index remembers of a pyc pycstore placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkRecord {
+    /// The object placed.
+    pub object: ObjectId,
+    /// Whether the interpreter it was compiled for had the common key
+    /// domain (see [`crate::interpreter::Interpreter::compile_key`]); `false`
+    /// for records that do not say.
+    pub trusted: bool,
+}
+
+impl LinkRecord {
+    /// Decodes a value of the links family.
+    pub fn decode(v: &[u8]) -> Option<LinkRecord> {
+        Some(LinkRecord {
+            object: ObjectId(v.get(..32)?.try_into().ok()?),
+            trusted: v.get(33) == Some(&1),
+        })
+    }
+}
+
 fn entry_key(key: &CompileKey, slot: EntrySlot) -> Vec<u8> {
     let mut k = Vec::with_capacity(32 + 1 + 16);
     k.extend_from_slice(&key.0);
@@ -300,13 +350,28 @@ impl Writes {
         *self.counters.entry(label.to_string()).or_default() += counters;
     }
 
+    /// Forgets the last use of `object` (gc does when it evicts it).
+    pub fn forget_use(&mut self, object: &ObjectId) {
+        self.ops.push((Family::Used, object.0.to_vec(), None));
+    }
+
+    /// Forgets that pycstore placed the pyc at `pyc`.
+    pub fn forget_link(&mut self, pyc: &Path) {
+        self.ops.push((Family::Links, path_key(pyc), None));
+    }
+
+    /// Forgets that pycstore created the `__pycache__` directory `dir`.
+    pub fn forget_dir(&mut self, dir: &Path) {
+        self.ops.push((Family::Dirs, path_key(dir), None));
+    }
+
     /// Writes a raw key and value.
-    pub fn put(&mut self, family: Family, key: &[u8], value: &[u8]) {
+    pub(crate) fn put(&mut self, family: Family, key: &[u8], value: &[u8]) {
         self.ops.push((family, key.to_vec(), Some(value.to_vec())));
     }
 
     /// Deletes a key.
-    pub fn delete(&mut self, family: Family, key: &[u8]) {
+    pub(crate) fn delete(&mut self, family: Family, key: &[u8]) {
         self.ops.push((family, key.to_vec(), None));
     }
 
@@ -396,6 +461,27 @@ fn warn_unreadable(path: &Path, err: &Error) {
 /// The first failed write of this process (a full disk): RocksDB is not
 /// opened again after it.
 static FAILED_WRITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The path a key of the stat, links or dirs family names.
+pub fn path_of_key(key: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(key))
+}
+
+/// The key prefix of everything under the directory `under` (everything
+/// with `None`).
+fn dir_prefix(under: Option<&Path>) -> Vec<u8> {
+    match under {
+        Some(dir) => {
+            let mut key = path_key(dir);
+            if key.last() != Some(&b'/') {
+                key.push(b'/');
+            }
+            key
+        }
+        None => Vec::new(),
+    }
+}
 
 /// The key of a path in the stat, links and dirs families.
 pub fn path_key(path: &Path) -> Vec<u8> {
@@ -499,7 +585,7 @@ impl Index {
     }
 
     /// Reads one value.
-    pub fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db
             .get_cf(self.cf(family), key)
             .map_err(|e| Error::index(&self.path, e))
@@ -515,7 +601,7 @@ impl Index {
     }
 
     /// Every key and value of a family whose key starts with `prefix`.
-    pub fn scan(&self, family: Family, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub(crate) fn scan(&self, family: Family, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
             self.cf(family),
@@ -567,6 +653,47 @@ impl Index {
                 Error::index(&self.path, e)
             }
         })
+    }
+
+    /// Every entry: its compile key and slot, and its value when it decodes
+    /// (`None`: malformed). Keys that are not entry keys are left out.
+    pub fn entries(&self) -> Result<Vec<(CompileKey, EntrySlot, Option<Entry>)>> {
+        Ok(self
+            .scan(Family::Entries, b"")?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let (key, slot) = EntrySlot::decode_key(&k)?;
+                Some((key, slot, Entry::decode(&v)))
+            })
+            .collect())
+    }
+
+    /// The keys of every remembered compile failure.
+    pub fn failure_keys(&self) -> Result<Vec<CompileKey>> {
+        Ok(self
+            .scan(Family::Failures, b"")?
+            .into_iter()
+            .filter_map(|(k, _)| Some(CompileKey(k.as_slice().try_into().ok()?)))
+            .collect())
+    }
+
+    /// The pycs recorded as placed under the directory `under` (every one
+    /// with `None`), with what was placed (`None`: malformed).
+    pub fn links(&self, under: Option<&Path>) -> Result<Vec<(PathBuf, Option<LinkRecord>)>> {
+        Ok(self
+            .scan(Family::Links, &dir_prefix(under))?
+            .into_iter()
+            .map(|(k, v)| (path_of_key(&k), LinkRecord::decode(&v)))
+            .collect())
+    }
+
+    /// The `__pycache__` directories pycstore created under `under`.
+    pub fn created_dirs(&self, under: Option<&Path>) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .scan(Family::Dirs, &dir_prefix(under))?
+            .into_iter()
+            .map(|(k, _)| path_of_key(&k))
+            .collect())
     }
 
     /// Looks up a stored pyc. An undecodable or unreadable value is a miss.

@@ -63,10 +63,11 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::index::{path_key, Entry, Family, Writes};
+use crate::index::{path_key, Entry, EntrySlot, Family, Writes};
 use crate::interpreter::Interpreter;
+use crate::key::CompileKey;
 use crate::objects::{with_path, ObjectId};
-use crate::pyc::{Flavor, HEADER_LEN};
+use crate::pyc::HEADER_LEN;
 use crate::{Error, Result, Store};
 
 /// The first bytes of every pack (uncompressed).
@@ -195,29 +196,23 @@ struct RawEntry {
     key: Vec<u8>,
     value: Vec<u8>,
     entry: Entry,
+    compile_key: CompileKey,
+    is_body: bool,
 }
 
 impl RawEntry {
     /// Checks the shape of the key (compile key ‖ slot tag [‖ mtime ‖ size])
     /// and decodes the value.
     fn new(key: Vec<u8>, value: Vec<u8>) -> Option<RawEntry> {
-        let body = 0;
-        let hashed = [Flavor::CheckedHash.tag(), Flavor::UncheckedHash.tag()];
-        let slot_ok = match (key.len(), key.get(32)) {
-            (33, Some(&tag)) => tag == body || hashed.contains(&tag),
-            (49, Some(&tag)) => tag == Flavor::Timestamp.tag(),
-            _ => false,
-        };
-        let entry = Entry::decode(&value).filter(|_| slot_ok)?;
-        Some(RawEntry { key, value, entry })
-    }
-
-    fn compile_key(&self) -> &[u8] {
-        &self.key[..32]
-    }
-
-    fn is_body(&self) -> bool {
-        self.key[32] == 0
+        let (compile_key, slot) = EntrySlot::decode_key(&key)?;
+        let entry = Entry::decode(&value)?;
+        Some(RawEntry {
+            key,
+            value,
+            entry,
+            compile_key,
+            is_body: slot == EntrySlot::Body,
+        })
     }
 }
 
@@ -439,14 +434,14 @@ fn choose(store: &Store, selection: &Selection, report: &mut ExportReport) -> Re
         Some(linked) => {
             let linked_here =
                 |raw: &RawEntry| for_python(raw) && linked.contains(&raw.entry.object);
-            let keys: HashSet<&[u8]> = entries
+            let keys: HashSet<CompileKey> = entries
                 .iter()
                 .filter(|raw| linked_here(raw))
-                .map(|raw| raw.compile_key())
+                .map(|raw| raw.compile_key)
                 .collect();
             let keep: Vec<bool> = entries
                 .iter()
-                .map(|raw| linked_here(raw) || (raw.is_body() && keys.contains(raw.compile_key())))
+                .map(|raw| linked_here(raw) || (raw.is_body && keys.contains(&raw.compile_key)))
                 .collect();
             entries
                 .into_iter()
@@ -1226,9 +1221,8 @@ impl<R: Read> Read for Unsealing<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::EntrySlot;
-    use crate::key::CompileKey;
     use crate::lock::LockMode;
+    use crate::pyc::Flavor;
 
     /// A store holding two objects, an entry and a body for each, and a failure.
     fn store_with_entries(root: &Path) -> Store {

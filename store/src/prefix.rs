@@ -5,15 +5,13 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::index::{path_key, EntrySlot, Family, Writes};
+use crate::index::{EntrySlot, Writes};
 use crate::link::{now_ns, open_no_follow};
-use crate::objects::ObjectId;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
 use crate::tree::{remove_empty_dir, remove_placed_if, Expect, Placed};
@@ -218,25 +216,21 @@ pub struct UnlinkReport {
 /// Removes the pycs pycstore placed under the prefixes, and the
 /// `__pycache__` directories it created once they are empty.
 pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<UnlinkReport> {
-    let mut links = Vec::new();
+    let mut decoded = Vec::new();
     let mut dirs = Vec::new();
     {
         let index = store.index_reader()?;
         for prefix in prefixes {
-            let mut key = path_key(&std::path::absolute(prefix)?);
-            key.push(b'/');
-            links.extend(index.scan(Family::Links, &key)?);
-            dirs.extend(index.scan(Family::Dirs, &key)?);
+            let prefix = std::path::absolute(prefix)?;
+            decoded.extend(
+                index
+                    .links(Some(&prefix))?
+                    .into_iter()
+                    .map(|(pyc, record)| (pyc, record.map(|r| r.object))),
+            );
+            dirs.extend(index.created_dirs(Some(&prefix))?);
         }
     }
-    let decoded: Vec<(PathBuf, Option<ObjectId>)> = links
-        .into_iter()
-        .map(|(k, v)| {
-            let path = PathBuf::from(OsStr::from_bytes(&k));
-            let id = v.get(..32).and_then(|b| b.try_into().ok()).map(ObjectId);
-            (path, id)
-        })
-        .collect();
     let outcomes: Vec<(PathBuf, std::io::Result<Placed>)> = decoded
         .into_par_iter()
         .map(|(pyc, id)| {
@@ -260,34 +254,38 @@ pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<Unli
         .collect();
     let mut report = UnlinkReport::default();
     let mut writes = Writes::default();
+    let mut removed = std::collections::HashSet::new();
     for (pyc, done) in outcomes {
         match done {
             Ok(Placed::Removed(bytes)) => {
                 report.removed += 1;
                 report.bytes += bytes;
-                writes.delete(Family::Links, &path_key(&pyc));
+                writes.forget_link(&pyc);
+                removed.insert(pyc);
             }
             Ok(Placed::Changed) => {
                 report.changed += 1;
-                writes.delete(Family::Links, &path_key(&pyc));
+                writes.forget_link(&pyc);
             }
             Ok(Placed::Gone) => {
                 report.gone += 1;
-                writes.delete(Family::Links, &path_key(&pyc));
+                writes.forget_link(&pyc);
             }
             Err(e) => report.failures.push((pyc, e.to_string())),
         }
     }
-    for (key, _) in dirs {
-        let dir = PathBuf::from(OsStr::from_bytes(&key));
-        match remove_empty_dir(&dir, dry_run) {
+    for dir in dirs {
+        // A dry run removes nothing: a directory whose every entry is a pyc
+        // it would remove counts as the empty directory it would be.
+        let would_go = |name: &OsStr| dry_run && removed.contains(&dir.join(name));
+        match remove_empty_dir(&dir, dry_run, &would_go) {
             Ok(true) => {
                 report.dirs_removed += 1;
-                writes.delete(Family::Dirs, &key);
+                writes.forget_dir(&dir);
             }
             Ok(false) => {
                 if std::fs::symlink_metadata(&dir).is_err() {
-                    writes.delete(Family::Dirs, &key);
+                    writes.forget_dir(&dir);
                 }
             }
             Err(e) => report.failures.push((dir, e.to_string())),

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::index::{Counters, Entry, Family, Writes};
+use crate::index::{Counters, EntrySlot, Family, Writes};
 use crate::layout::OBJECTS_DIR;
 use crate::link::now_ns;
 use crate::{Result, Store};
@@ -73,19 +73,19 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
     stats.disk_bytes = sizes.values().map(|s| s.1).sum();
     {
         let index = store.index_reader()?;
-        for (key, value) in index.scan(Family::Entries, b"")? {
-            // Body entries (slot tag 0) repeat an entry of some flavor.
-            if key.get(32) != Some(&0) && Entry::decode(&value).is_some() {
-                stats.entries += 1;
-            }
-        }
-        for (_, value) in index.scan(Family::Links, b"")? {
+        // Body entries repeat an entry of some flavor.
+        stats.entries = index
+            .entries()?
+            .iter()
+            .filter(|(_, slot, entry)| *slot != EntrySlot::Body && entry.is_some())
+            .count() as u64;
+        for (_, record) in index.links(None)? {
             stats.linked_pycs += 1;
-            if let Some((size, _)) = value.get(..32).and_then(|id| sizes.get(id)) {
+            if let Some((size, _)) = record.and_then(|r| sizes.get(r.object.0.as_slice())) {
                 stats.logical_bytes += size;
             }
         }
-        stats.known_failures = index.scan(Family::Failures, b"")?.len() as u64;
+        stats.known_failures = index.failure_keys()?.len() as u64;
         for (key, value) in index.scan(Family::Counters, b"")? {
             let label = String::from_utf8_lossy(&key).into_owned();
             if label == RESET_KEY {

@@ -240,9 +240,14 @@ pub(crate) fn remove_placed(path: &Path, expect: &Expect) -> io::Result<bool> {
     ))
 }
 
-/// Removes the directory at `path` if it is empty, walking to it as
-/// [`open_parent`] does. `Ok(false)`: not empty, gone, or not a directory.
-pub(crate) fn remove_empty_dir(path: &Path, dry_run: bool) -> io::Result<bool> {
+/// Removes the directory at `path` if it is empty (but for names
+/// `ignoring` accepts, for a dry run), walking to it as [`open_parent`]
+/// does. `Ok(false)`: not empty, gone, or not a directory.
+pub(crate) fn remove_empty_dir(
+    path: &Path,
+    dry_run: bool,
+    ignoring: &dyn Fn(&OsStr) -> bool,
+) -> io::Result<bool> {
     let (parent, name) = match open_parent(path) {
         Ok(found) => found,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -264,7 +269,8 @@ pub(crate) fn remove_empty_dir(path: &Path, dry_run: bool) -> io::Result<bool> {
     let mut entries = rustix::fs::RawDir::new(&dir, &mut buf);
     while let Some(entry) = entries.next() {
         let entry = entry.map_err(|e| with_path(e.into(), "list", path))?;
-        if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
+        let name = entry.file_name().to_bytes();
+        if !matches!(name, b"." | b"..") && !ignoring(OsStr::from_bytes(name)) {
             return Ok(false);
         }
     }

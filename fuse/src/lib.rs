@@ -24,10 +24,12 @@
 mod fs;
 mod mount;
 mod pycs;
+mod stats;
 mod under;
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
 pub use mount::{mount, unmount, Mount, MountOptions, MountReport, View};
 
@@ -67,4 +69,10 @@ pub enum Error {
     /// No interpreter was given and none could be found.
     #[error("no Python interpreter: {0}")]
     NoPython(String),
+}
+
+/// Locks `m`; a lock whose holder panicked is used as it is (every
+/// structure behind one stays consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

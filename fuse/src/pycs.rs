@@ -648,10 +648,20 @@ impl Pycs {
                 pyc.extend_from_slice(&header);
                 pyc.extend_from_slice(&body);
                 let slot = resolve::slot(self.flavor, source.meta.mtime_secs(), source.meta.size);
+                if let Err(e) = pycstore_store::marshal::check_pyc(&pyc) {
+                    if e.is_damage() {
+                        tracing::warn!(
+                            "the compiler's output for `{}` is not a loadable pyc: {e}",
+                            source.rel.display()
+                        );
+                        return Err(Errno::EIO);
+                    }
+                }
                 self.store_pyc(
                     key,
                     slot,
                     &pyc,
+                    source.meta.mode,
                     |c| {
                         c.compiles += 1;
                         c.misses += 1;
@@ -700,6 +710,7 @@ impl Pycs {
         key: &CompileKey,
         slot: EntrySlot,
         pyc: &[u8],
+        source_mode: u32,
         count: impl FnOnce(&mut Counters),
         interp: usize,
     ) -> Result<(), Errno> {
@@ -707,7 +718,8 @@ impl Pycs {
             tracing::warn!("cannot lock the store: {e}");
             Errno::EIO
         })?;
-        let object = self.store.objects.put(pyc).map_err(|e| {
+        let mode = resolve::object_mode(&self.store.objects, source_mode);
+        let object = self.store.objects.put_mode(pyc, mode).map_err(|e| {
             tracing::warn!("cannot write an object: {e}");
             Errno::from(e)
         })?;
@@ -803,7 +815,7 @@ impl Pycs {
             return Ok(());
         }
         let slot = resolve::slot(flavor, meta.mtime_secs(), meta.size);
-        self.store_pyc(&key, slot, data, |c| c.misses += 1, interp)?;
+        self.store_pyc(&key, slot, data, meta.mode, |c| c.misses += 1, interp)?;
         self.stats.ingested.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

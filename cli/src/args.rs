@@ -431,6 +431,7 @@ fn parse_age(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    #[test]
     fn sizes_and_ages_parse() {
         assert_eq!(parse_size("1234"), Ok(1234));
         assert_eq!(parse_size("500M"), Ok(500_000_000));

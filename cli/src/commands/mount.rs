@@ -32,7 +32,7 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
         return daemonize();
     }
     if let (Some(log), false) = (&log, args.daemon_child) {
-        redirect_stderr(log);
+        redirect_stderr(log)?;
     }
     let root: PathBuf = match &global.store {
         Some(dir) => dir.clone(),
@@ -137,10 +137,13 @@ fn daemonize() -> anyhow::Result<ExitCode> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls may be made: it makes one system call,
+    // setsid(2), allocates nothing and touches no memory of the parent. A
+    // failure makes `spawn` fail with its error.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            rustix::process::setsid()?;
             Ok(())
         });
     }
@@ -173,10 +176,9 @@ fn open_log(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// Sends standard error to `log` from now on.
-fn redirect_stderr(log: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: dup2 onto standard error, from a descriptor we own.
-    unsafe { libc::dup2(log.as_raw_fd(), 2) };
+fn redirect_stderr(log: &std::fs::File) -> anyhow::Result<()> {
+    rustix::stdio::dup2_stderr(log).context("cannot send standard error to the log file")?;
+    Ok(())
 }
 
 /// In the detached server, once mounted: tell the parent, leave the working
@@ -192,13 +194,12 @@ fn detach(log: Option<&std::fs::File>) -> anyhow::Result<()> {
         .read(true)
         .write(true)
         .open("/dev/null")?;
-    use std::os::fd::AsRawFd;
-    for fd in 0..=2 {
-        // SAFETY: dup2 onto the standard descriptors, from a descriptor we own.
-        unsafe { libc::dup2(null.as_raw_fd(), fd) };
-    }
+    rustix::stdio::dup2_stdin(&null)
+        .and_then(|()| rustix::stdio::dup2_stdout(&null))
+        .and_then(|()| rustix::stdio::dup2_stderr(&null))
+        .context("cannot let go of the terminal (dup2 of /dev/null)")?;
     if let Some(log) = log {
-        redirect_stderr(log);
+        redirect_stderr(log)?;
     }
     Ok(())
 }

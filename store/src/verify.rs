@@ -48,7 +48,9 @@
 //! healthy, and a repair with nothing to fix writes nothing.
 
 use std::collections::{hash_map, HashMap};
+use std::ffi::OsStr;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -1082,48 +1084,63 @@ fn check_link(objects: &Objects, pyc: &Path, id: &ObjectId, object: &Checked) ->
             },
         }),
         State::Good if st.st_nlink > 1 && st.st_dev == object.dev => {
-            let (bytes, found) = read_at(&dir, &name)?;
-            let head_len = bytes.len().min(HEADER_LEN);
-            // An edited source recompiled by Python has another header; a
-            // pyc of the same header and other bytes is a damaged copy.
-            let damaged = found != *id
-                && (bytes.len() as u64) <= object.size
-                && bytes[..head_len] == object.head[..head_len.min(object.head.len())];
-            let expect = Expect {
-                inode: Some(inode),
-                bytes: None,
-            };
-            if damaged {
-                Some(Finding {
-                    kind: ProblemKind::DamagedLink,
-                    message: format!(
-                        "is hard linked to an earlier inode of the store object `{}` (it was \
-                         rewritten since), and holds damaged bytes ({} bytes, {} expected)",
-                        object_path.display(),
-                        bytes.len(),
-                        object.size
-                    ),
-                    expect,
-                })
-            } else if found == *id && !objects.stat_ok(&st) {
-                Some(Finding {
-                    kind: ProblemKind::ExposedLink,
-                    message: format!(
-                        "is hard linked to an earlier inode of the store object `{}`, owned by \
-                         user id {} and group id {} with mode {:04o}: whoever owns it can change \
-                         this pyc in every prefix holding it",
-                        object_path.display(),
-                        st.st_uid,
-                        st.st_gid,
-                        st.st_mode & 0o7777
-                    ),
-                    expect,
-                })
-            } else {
-                None
-            }
+            check_earlier_inode(objects, (&dir, &name), &st, id, object)
         }
         _ => None,
+    }
+}
+
+/// Looks at a recorded pyc on another inode than its good object's, one
+/// it shares with other files: an earlier inode of the object (rewritten
+/// since, or given a fresh one). Reads it: it may hold damaged bytes, or
+/// good bytes on an inode whose owner or mode changed.
+fn check_earlier_inode(
+    objects: &Objects,
+    (dir, name): (&OwnedFd, &OsStr),
+    st: &rustix::fs::Stat,
+    id: &ObjectId,
+    object: &Checked,
+) -> Option<Finding> {
+    let (bytes, found) = read_at(dir, name)?;
+    let head_len = bytes.len().min(HEADER_LEN);
+    // An edited source recompiled by Python has another header; a pyc of
+    // the same header and other bytes is a damaged copy.
+    let damaged = found != *id
+        && (bytes.len() as u64) <= object.size
+        && bytes[..head_len] == object.head[..head_len.min(object.head.len())];
+    let expect = Expect {
+        inode: Some((st.st_dev, st.st_ino)),
+        bytes: None,
+    };
+    let object_path = objects.path(id);
+    if damaged {
+        Some(Finding {
+            kind: ProblemKind::DamagedLink,
+            message: format!(
+                "is hard linked to an earlier inode of the store object `{}` (it was \
+                 rewritten since), and holds damaged bytes ({} bytes, {} expected)",
+                object_path.display(),
+                bytes.len(),
+                object.size
+            ),
+            expect,
+        })
+    } else if found == *id && !objects.stat_ok(st) {
+        Some(Finding {
+            kind: ProblemKind::ExposedLink,
+            message: format!(
+                "is hard linked to an earlier inode of the store object `{}`, owned by \
+                 user id {} and group id {} with mode {:04o}: whoever owns it can change \
+                 this pyc in every prefix holding it",
+                object_path.display(),
+                st.st_uid,
+                st.st_gid,
+                st.st_mode & 0o7777
+            ),
+            expect,
+        })
+    } else {
+        None
     }
 }
 

@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
@@ -34,11 +33,7 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
     if let (Some(log), false) = (&log, args.daemon_child) {
         redirect_stderr(log)?;
     }
-    let root: PathBuf = match &global.store {
-        Some(dir) => dir.clone(),
-        None => pycstore_store::layout::default_root()
-            .context("no store location: set --store, PYCSTORE_DIR, XDG_CACHE_HOME or HOME")?,
-    };
+    let root = super::store_root(global)?;
     let store = pycstore_store::Store::open_unlocked(&root, global.shared_group.as_deref())
         .with_context(|| format!("cannot open the store at `{}`", root.display()))?;
     let mount = pycstore_fuse::mount(store, &options)

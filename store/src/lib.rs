@@ -31,6 +31,7 @@ pub mod source;
 pub mod stats;
 pub mod tree;
 pub mod trust;
+pub mod util;
 pub mod verify;
 pub mod walk;
 

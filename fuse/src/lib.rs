@@ -29,7 +29,6 @@ mod under;
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 
 pub use mount::{mount, unmount, Mount, MountOptions, MountReport, View};
 
@@ -73,6 +72,4 @@ pub enum Error {
 
 /// Locks `m`; a lock whose holder panicked is used as it is (every
 /// structure behind one stays consistent between statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use pycstore_store::util::lock;

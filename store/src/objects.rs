@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use fs_err as fs;
 
 use crate::trust::Owner;
+use crate::util::with_path;
 use crate::util::PathContext;
 
 /// The mode of an object compiled from a source everyone may read.
@@ -397,10 +398,6 @@ pub(crate) fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
         Err(e) => Err(with_path(e, "create", dir)),
     }
 }
-
-/// Kept for the modules that still name it here; new code uses
-/// [`crate::util::with_path`] or [`PathContext::at`].
-pub(crate) use crate::util::with_path;
 
 #[cfg(test)]
 mod tests {

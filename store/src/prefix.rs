@@ -11,10 +11,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::index::{EntrySlot, Writes};
-use crate::link::{now_ns, open_no_follow};
+use crate::link::open_no_follow;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
 use crate::tree::{remove_empty_dir, remove_placed_if, Expect, Placed};
+use crate::util::now_ns;
 use crate::walk::Excludes;
 use crate::{Result, Store};
 

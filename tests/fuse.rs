@@ -700,7 +700,7 @@ fn daemon_sigterm_and_dead_server() {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while is_mounted(&mnt) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while is_mounted(&mnt) || Path::new(&format!("/proc/{pid}")).exists() {
         assert!(Instant::now() < deadline, "SIGTERM did not end the server");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -5,8 +5,9 @@
 //! server makes the mount point fail instead of hang.
 //!
 //! These tests need /dev/fuse, `fusermount3` and root (for read-only bind
-//! mounts); without them they say "skipped", unless
-//! PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where they fail.
+//! mounts); without them they say "skipped" (and `scripts/test` counts
+//! them), unless `CI` or `PYCSTORE_TEST_REQUIRE_FS` is set, where they fail:
+//! see `util::skip`.
 
 use std::ffi::OsStr;
 use std::fs::File;

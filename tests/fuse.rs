@@ -5,13 +5,14 @@
 //! server makes the mount point fail instead of hang.
 //!
 //! These tests need /dev/fuse, `fusermount3` and root (for read-only bind
-//! mounts); without them they say "skipped", unless
-//! PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where they fail.
+//! mounts); without them they say "skipped" (and `scripts/test` counts
+//! them), unless `CI` or `PYCSTORE_TEST_REQUIRE_FS` is set, where they fail:
+//! see `util::skip`.
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -700,7 +701,7 @@ fn daemon_sigterm_and_dead_server() {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while is_mounted(&mnt) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while is_mounted(&mnt) || Path::new(&format!("/proc/{pid}")).exists() {
         assert!(Instant::now() < deadline, "SIGTERM did not end the server");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1135,4 +1136,106 @@ fn pycache_prefix_refuses_an_unloadable_body() {
         &[("PYTHONPATH", app.as_os_str())],
     );
     assert_nothing_compiled(&log, &app, 1);
+}
+
+/// The object check `link` makes reaches the overlay: a `chown` through a
+/// hardlinked pyc hands its store object to `nobody`, and its bytes are
+/// then changed (a body of the same length, under the same header, that
+/// sets another value). The overlay does not serve those bytes: it compiles
+/// the module again, Python imports it from the served pyc with the right
+/// value, and the store's object gets a fresh inode the changed one no
+/// longer shares.
+#[test]
+fn overlay_never_serves_an_object_changed_through_a_hardlink() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let venv = t.join("venv");
+    run_ok(
+        Command::new(&py)
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&venv),
+    );
+    let site = Path::new("lib/python3.11/site-packages");
+    std::fs::write(venv.join(site).join("good.py"), "VALUE = 'good'\n").unwrap();
+    std::fs::write(venv.join(site).join("other.py"), "VALUE = 'other'\n").unwrap();
+    // A copy without pycs, for the overlay; moved to the venv's own path
+    // below, so the view compiles exactly what `link` did.
+    let pristine = t.join("pristine");
+    run_ok(Command::new("cp").arg("-a").arg(&venv).arg(&pristine));
+    let (out, json) = link_json(
+        pycstore(&t.store())
+            .args(["link", "--link-mode", "hardlink"])
+            .arg(&venv),
+    );
+    assert_output!(out, out.status.success(), "link failed");
+    assert_eq!(json["compiled"], 2, "{json}");
+
+    let pyc = venv.join(site).join("__pycache__/good.cpython-311.pyc");
+    let good = std::fs::read(&pyc).unwrap();
+    let hex = pycstore_store::objects::ObjectId::of(&good).to_hex();
+    let object = t.store().join("objects-v1").join(&hex[..2]).join(&hex[2..]);
+    let linked = std::fs::metadata(&pyc).unwrap();
+    assert_eq!(linked.ino(), std::fs::metadata(&object).unwrap().ino());
+
+    // The attack, through the hardlinked pyc: the object changes owner,
+    // then bytes (same length, same header, another value).
+    std::os::unix::fs::chown(&pyc, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&pyc, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut evil = good.clone();
+    let at = evil[16..]
+        .windows(4)
+        .position(|w| w == b"good")
+        .expect("the constant in the body")
+        + 16;
+    evil[at..at + 4].copy_from_slice(b"evil");
+    std::fs::write(&pyc, &evil).unwrap();
+    let changed = std::fs::metadata(&object).unwrap();
+    assert_eq!(changed.ino(), linked.ino());
+    assert_eq!(std::fs::read(&object).unwrap(), evil);
+
+    let attacked = t.join("attacked");
+    std::fs::rename(&venv, &attacked).unwrap();
+    std::fs::rename(&pristine, &venv).unwrap();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &venv,
+        &[OsStr::new("--over"), venv.as_os_str()],
+    );
+    assert_eq!(
+        std::fs::read(&pyc).unwrap(),
+        good,
+        "served the changed bytes"
+    );
+    let log = python_v(
+        &venv_python(&venv),
+        &[
+            "-c",
+            "import good, other; assert (good.VALUE, other.VALUE) == ('good', 'other'), good.VALUE",
+        ],
+        &[],
+    );
+    assert_nothing_compiled(&log, &venv, 2);
+    let report = m.unmount();
+    assert_eq!(reported(&report, "compiled on first access"), 1, "{report}");
+    assert!(
+        reported(&report, "pycs served from the store") >= 1,
+        "{report}"
+    );
+    assert!(report.contains("not what the store gave it"), "{report}");
+
+    // The store's object is a fresh inode with the compiled bytes, the
+    // store's owner and an object mode; the attacked venv keeps the old one.
+    let fresh = std::fs::metadata(&object).unwrap();
+    assert_ne!(fresh.ino(), changed.ino());
+    assert_eq!(
+        (fresh.uid(), fresh.mode() & 0o7777, fresh.nlink()),
+        (0, 0o444, 1)
+    );
+    assert_eq!(std::fs::read(&object).unwrap(), good);
+    let old = attacked.join(site).join("__pycache__/good.cpython-311.pyc");
+    assert_eq!(std::fs::metadata(&old).unwrap().ino(), changed.ino());
 }

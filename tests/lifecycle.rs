@@ -194,7 +194,7 @@ fn a_store_of_another_user_is_refused_unless_shared() {
     // Created shared with a group the caller is in: usable by its members.
     let shared = t.join("shared");
     let out = run_ok(
-        crate::util::pycstore(&shared)
+        pycstore(&shared)
             .args(["--shared-group", "root", "link", "--python"])
             .arg(&python)
             .arg(t.join("app")),
@@ -217,5 +217,5 @@ fn a_store_of_another_user_is_refused_unless_shared() {
         );
     }
     std::os::unix::fs::chown(&shared, Some(65534), None).unwrap();
-    run_ok(crate::util::pycstore(&shared).arg("stats"));
+    run_ok(pycstore(&shared).arg("stats"));
 }

@@ -2,6 +2,7 @@
 //! resolve them into settings before doing any I/O. Doc comments are the help.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -247,14 +248,14 @@ pub struct GcArgs {
     /// much disk: a number of bytes with an optional unit, K/M/G/T (powers
     /// of 1000) or KiB/MiB/GiB/TiB (powers of 1024), e.g. 500M, 2G, 1.5GiB.
     /// Objects still linked into a prefix go last.
-    #[arg(long, value_name = "SIZE", value_parser = pycstore_store::gc::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_size: Option<u64>,
 
     /// Evict objects unused for longer than this: a number and a unit, s, m,
     /// h, d or w, e.g. 30d, 12h, 90m, 45s. Objects still linked into a
     /// prefix are kept (evicting them would free nothing).
-    #[arg(long, value_name = "AGE", value_parser = pycstore_store::gc::parse_age)]
-    pub older_than: Option<std::time::Duration>,
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub older_than: Option<Duration>,
 
     /// Report what would be evicted, evict nothing.
     #[arg(long, short = 'n')]
@@ -359,7 +360,7 @@ pub struct LinkArgs {
 
     /// The largest source to read (e.g. 64M); larger `.py` files are
     /// reported and skipped.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = pycstore_store::gc::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub max_source_size: u64,
 }
 
@@ -405,4 +406,80 @@ pub struct ManArgs {
     /// instead of printing pycstore.1.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+/// Parses a size: a number with an optional unit, `B`, `K`/`KB`, `M`/`MB`,
+/// `G`/`GB`, `T`/`TB` (powers of 1000) or `KiB`, `MiB`, `GiB`, `TiB`
+/// (powers of 1024), in any case: `500M`, `2G`, `1.5GiB`, `1000000`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || {
+        format!("`{text}` is not a size: give a number of bytes with an optional unit (500M, 2G, 1.5GiB)")
+    };
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let multiplier: f64 = match unit.as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    Ok((number * multiplier).round() as u64)
+}
+
+/// Parses an age: a number and a unit, `s`, `m`, `h`, `d` or `w`
+/// (`30d`, `12h`, `90m`, `45s`, `1.5d`). A bare number is refused: it is
+/// too easy to mean days and say seconds.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("`{text}` is not an age: give a number and a unit (30d, 12h, 90m, 45s)");
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let seconds: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        "d" | "day" | "days" => 86_400.0,
+        "w" | "week" | "weeks" => 7.0 * 86_400.0,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs_f64(number * seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ages_parse() {
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("2gb"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(1_610_612_736));
+        assert_eq!(parse_size("64 KiB"), Ok(65_536));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(90 * 60)));
+        assert_eq!(parse_age("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert!(parse_age("30").unwrap_err().contains("30d"));
+        assert!(parse_age("3y").is_err());
+    }
 }

@@ -63,6 +63,11 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `n` and the noun for it: "1 object", "2 objects".
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// How many per-file problems a human summary lists before counting the rest.
 pub const SHOW_PROBLEMS: usize = 50;
 

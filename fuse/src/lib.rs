@@ -24,6 +24,7 @@
 mod fs;
 mod mount;
 mod pycs;
+mod stats;
 mod under;
 
 use std::io;
@@ -68,3 +69,7 @@ pub enum Error {
     #[error("no Python interpreter: {0}")]
     NoPython(String),
 }
+
+/// Locks `m`; a lock whose holder panicked is used as it is (every
+/// structure behind one stays consistent between statements).
+pub(crate) use pycstore_store::util::lock;

@@ -18,6 +18,7 @@ use std::time::Duration;
 use fuser::{Config, MountOption, Session, SessionACL};
 use pycstore_store::pyc::Flavor;
 use pycstore_store::{interpreter, Interpreter, Store};
+use rustix::mount::UnmountFlags;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::fs::{Kind, PycFs};
@@ -319,11 +320,7 @@ impl Mount {
         served.map_err(|source| Error::Io { path, source })?;
 
         let s = &pycs.stats;
-        let ops: Vec<String> = crate::pycs::OPS
-            .iter()
-            .zip(&s.ops)
-            .map(|(name, n)| format!("{name} {}", n.load(Ordering::Relaxed)))
-            .collect();
+        let ops: Vec<String> = s.ops().map(|(name, n)| format!("{name} {n}")).collect();
         tracing::debug!("requests served: {}", ops.join(", "));
         Ok(MountReport {
             hits: s.hits.load(Ordering::Relaxed),
@@ -348,10 +345,13 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Error> {
     if !is_pycstore_mount(&path) {
         return Err(Error::NotMounted(path));
     }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     if root {
-        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        let flags = if lazy {
+            UnmountFlags::DETACH
+        } else {
+            UnmountFlags::empty()
+        };
         return match umount2(&path, flags) {
             Ok(()) => Ok(()),
             Err(e) => Err(Error::Unmount {
@@ -395,20 +395,12 @@ fn under_is(view: &View, mountpoint: &Path) -> bool {
     }
 }
 
-fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c` is a NUL-terminated path that outlives the call.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+fn umount2(path: &Path, flags: UnmountFlags) -> std::io::Result<()> {
+    Ok(rustix::mount::unmount(path, flags)?)
 }
 
 fn lazy_unmount(path: &Path) {
-    if umount2(path, libc::MNT_DETACH).is_err() {
+    if umount2(path, UnmountFlags::DETACH).is_err() {
         let _ = std::process::Command::new("fusermount3")
             .args(["-u", "-z", "--"])
             .arg(path)
@@ -465,13 +457,18 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// Served pycs keep their objects open (so `gc` cannot pull one from under
 /// a reader): allow as many descriptors as the hard limit does.
 fn raise_open_files_limit() {
-    // SAFETY: getrlimit and setrlimit only read and write the struct given.
-    unsafe {
-        let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    let below = match (limit.current, limit.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!("cannot raise the open files limit: {e}");
         }
     }
 }

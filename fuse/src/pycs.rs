@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,19 +28,15 @@ use pycstore_store::key::{CompileKey, SourceDigest};
 use pycstore_store::lock::LockGuard;
 use pycstore_store::objects::ObjectId;
 use pycstore_store::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
+use pycstore_store::resolve::{self, ObjectState};
 use pycstore_store::{Interpreter, Store};
 
+use crate::stats::MountStats;
 use crate::under::{Meta, Under};
-use crate::Error;
+use crate::{lock, Error};
 
 /// How often compiled pycs, use times and counters are recorded in the index.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
-
-/// A stat-cache record is trusted only for files whose last change is older
-/// than the moment they were hashed by more than the timestamp granularity
-/// (as for `link`'s stat cache).
-const RACY_WINDOW_NS: i64 = 100_000_000;
-const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
 
 /// An interpreter a view serves pycs for, with its compile workers.
 pub(crate) struct Interp {
@@ -217,48 +213,6 @@ pub(crate) enum Found {
     Failed(Errno),
 }
 
-/// Counters of one mount, for its final report.
-#[derive(Default, Debug)]
-pub struct MountStats {
-    /// pycs served from objects already in the store.
-    pub hits: AtomicU64,
-    /// Compiles run for misses.
-    pub compiled: AtomicU64,
-    /// Time spent in those compiles, in microseconds (first-access cost).
-    pub compile_us: AtomicU64,
-    /// Sources that do not compile, or workers that failed.
-    pub failed: AtomicU64,
-    /// pycs written by Python into the pycache-prefix view and stored.
-    pub ingested: AtomicU64,
-    /// pycs written by Python that were refused.
-    pub refused: AtomicU64,
-    /// Requests from the kernel, by operation (see [`OPS`]).
-    pub ops: [AtomicU64; OPS.len()],
-}
-
-/// The operations counted in [`MountStats::ops`].
-pub const OPS: [&str; 12] = [
-    "lookup",
-    "getattr",
-    "open",
-    "read",
-    "opendir",
-    "readdir",
-    "releasedir",
-    "readlink",
-    "ioctl",
-    "forget",
-    "create",
-    "other",
-];
-
-impl MountStats {
-    /// Counts one request of operation `op` (an index into [`OPS`]).
-    pub fn op(&self, op: usize) {
-        self.ops[op.min(OPS.len() - 1)].fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 #[derive(Default)]
 struct Flight {
     done: Mutex<bool>,
@@ -321,12 +275,11 @@ pub(crate) struct Pycs {
     /// is unchanged, no other process touched the index.
     index_seen: Mutex<Option<SystemTime>>,
     recheck: Mutex<()>,
+    /// Whether the warning about objects whose owner or mode changed was
+    /// given (once per mount).
+    warned_exposed: AtomicBool,
     /// Counters for the final report.
     pub stats: MountStats,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Pycs {
@@ -383,6 +336,7 @@ impl Pycs {
             inflight: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             recheck: Mutex::new(()),
+            warned_exposed: AtomicBool::new(false),
             stats: MountStats::default(),
         };
         pycs.note_index_seen();
@@ -460,12 +414,8 @@ impl Pycs {
             .iter()
             .map(|i| pyc::source_hash(i.interpreter.hash_variant, i.interpreter.magic, &bytes))
             .collect();
-        let window = if meta.ctime_ns % 1_000_000_000 == 0 {
-            RACY_WINDOW_COARSE_NS
-        } else {
-            RACY_WINDOW_NS
-        };
-        if meta.ctime_ns.max(meta.mtime_ns) + window < now_ns() {
+        // Trusted later only once settled, as `link`'s stat cache.
+        if resolve::settled(meta.mtime_ns, meta.ctime_ns, now_ns()) {
             lock(&self.sources).insert(
                 (meta.dev, meta.ino),
                 Known {
@@ -502,37 +452,43 @@ impl Pycs {
         pyc::header(self.interps[interp].interpreter.magic, self.flavor, input)
     }
 
-    fn slot(&self, flavor: Flavor, meta: &Meta) -> EntrySlot {
-        match flavor {
-            Flavor::Timestamp => EntrySlot::Timestamp {
-                mtime: meta.mtime_secs(),
-                size: meta.size,
-            },
-            flavor => EntrySlot::Hashed(flavor),
-        }
-    }
-
-    /// Opens an entry's object, checking its size and header; `Ok(None)`
-    /// when it is missing or damaged (a miss), an error when it cannot be
-    /// opened for another reason (out of descriptors).
+    /// Opens an entry's object to serve it, with the checks `link` makes
+    /// before placing one ([`resolve::open_object`]): `Ok(None)` when it is
+    /// missing, damaged or exposed (its owner or mode changed, so its bytes
+    /// may have too), a miss whose compile writes it again with a fresh
+    /// inode; an error when it cannot be opened for another reason (out of
+    /// descriptors).
     fn open_object(&self, entry: &Entry) -> Result<Option<File>, Errno> {
-        let file = match File::open(self.store.objects.path(&entry.object)) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                tracing::warn!("cannot open object {:?}: {e}", entry.object);
-                return Err(Errno::from(e));
+        let path = || self.store.objects.path(&entry.object);
+        match resolve::open_object(&self.store.objects, entry) {
+            Ok(ObjectState::Good(object)) => Ok(Some(object.file)),
+            Ok(ObjectState::Missing) => Ok(None),
+            Ok(ObjectState::Damaged { len }) => {
+                tracing::debug!(
+                    "store object `{}` does not match its index entry ({len} bytes, {} expected): a miss",
+                    path().display(),
+                    entry.size
+                );
+                Ok(None)
             }
-        };
-        let Ok(meta) = file.metadata() else {
-            return Ok(None);
-        };
-        let mut header = [0u8; HEADER_LEN];
-        let ok = meta.is_file()
-            && meta.len() == entry.size
-            && file.read_exact_at(&mut header, 0).is_ok()
-            && header == entry.header;
-        Ok(ok.then_some(file))
+            Ok(ObjectState::Exposed(st)) => {
+                if !self.warned_exposed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "store object `{}` has owner {} and mode {:o}, not what the store gave it \
+                         (a `chown`/`chmod` through a hardlinked pyc?); serving a fresh compile \
+                         instead of such objects (run `pycstore verify --repair` to fix the rest)",
+                        path().display(),
+                        st.st_uid,
+                        st.st_mode & 0o7777
+                    );
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!("cannot open store object `{}`: {e}", path().display());
+                Err(Errno::from(e))
+            }
+        }
     }
 
     /// The pyc of `source` for an interpreter and optimize level, if the
@@ -568,8 +524,7 @@ impl Pycs {
                 }
                 Ok(None) => {
                     tracing::debug!(
-                        "object {:?} of `{}` is gone or damaged: a miss",
-                        entry.object,
+                        "the object of `{}` cannot be served: a miss",
                         source.rel.display()
                     );
                     self.bodies
@@ -595,9 +550,11 @@ impl Pycs {
         self.compile
     }
 
-    /// Compiles a miss (or waits for the compile of the same key already
-    /// running), then serves it; `None` when the source does not compile.
-    pub fn compile_miss(
+    /// The pyc of `source`, looked up, else compiled: from what the mount
+    /// loaded, from the index when another process recorded it since, else
+    /// filled by [`Pycs::fill`] (one fill per key; concurrent readers wait
+    /// for it). `None` when the source does not compile.
+    pub fn lookup_or_compile(
         &self,
         under: &Under,
         source: &Source,
@@ -632,7 +589,7 @@ impl Pycs {
             }
         };
         if leader {
-            let result = self.compile(under, source, interp, optimize, &key);
+            let result = self.fill(under, source, interp, optimize, &key);
             lock(&self.inflight).remove(&key);
             flight.finish();
             result?;
@@ -644,6 +601,21 @@ impl Pycs {
             Found::Failed(e) => Err(e),
             Found::Absent | Found::Miss => Ok(None),
         }
+    }
+
+    /// Fills a miss the store does not have. The one place to look
+    /// elsewhere before compiling (a remote tier): what it brings is an
+    /// object like any other, recorded with [`Pycs::store_pyc`] and served
+    /// only through [`Pycs::open_object`]'s checks.
+    fn fill(
+        &self,
+        under: &Under,
+        source: &Source,
+        interp: usize,
+        optimize: u8,
+        key: &CompileKey,
+    ) -> Result<(), Errno> {
+        self.compile(under, source, interp, optimize, key)
     }
 
     fn compile(
@@ -675,11 +647,21 @@ impl Pycs {
                 let mut pyc = Vec::with_capacity(HEADER_LEN + body.len());
                 pyc.extend_from_slice(&header);
                 pyc.extend_from_slice(&body);
-                let slot = self.slot(self.flavor, &source.meta);
+                let slot = resolve::slot(self.flavor, source.meta.mtime_secs(), source.meta.size);
+                if let Err(e) = pycstore_store::marshal::check_pyc(&pyc) {
+                    if e.is_damage() {
+                        tracing::warn!(
+                            "the compiler's output for `{}` is not a loadable pyc: {e}",
+                            source.rel.display()
+                        );
+                        return Err(Errno::EIO);
+                    }
+                }
                 self.store_pyc(
                     key,
                     slot,
                     &pyc,
+                    source.meta.mode,
                     |c| {
                         c.compiles += 1;
                         c.misses += 1;
@@ -728,6 +710,7 @@ impl Pycs {
         key: &CompileKey,
         slot: EntrySlot,
         pyc: &[u8],
+        source_mode: u32,
         count: impl FnOnce(&mut Counters),
         interp: usize,
     ) -> Result<(), Errno> {
@@ -735,7 +718,8 @@ impl Pycs {
             tracing::warn!("cannot lock the store: {e}");
             Errno::EIO
         })?;
-        let object = self.store.objects.put(pyc).map_err(|e| {
+        let mode = resolve::object_mode(&self.store.objects, source_mode);
+        let object = self.store.objects.put_mode(pyc, mode).map_err(|e| {
             tracing::warn!("cannot write an object: {e}");
             Errno::from(e)
         })?;
@@ -830,8 +814,8 @@ impl Pycs {
         if known.is_some_and(|entry| matches!(self.open_object(&entry), Ok(Some(_)))) {
             return Ok(());
         }
-        let slot = self.slot(flavor, &meta);
-        self.store_pyc(&key, slot, data, |c| c.misses += 1, interp)?;
+        let slot = resolve::slot(flavor, meta.mtime_secs(), meta.size);
+        self.store_pyc(&key, slot, data, meta.mode, |c| c.misses += 1, interp)?;
         self.stats.ingested.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -260,9 +260,4 @@ fn arg(rel: &Path) -> &Path {
     }
 }
 
-fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {
-    io::Error::new(
-        err.kind(),
-        format!("failed to {action} `{}`: {err}", path.display()),
-    )
-}
+use pycstore_store::util::with_path;

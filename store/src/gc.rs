@@ -31,27 +31,28 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::index::rebuild::set_aside_indexes;
 use crate::index::{Entry, Family, Writes};
-use crate::layout::{INDEX_DIR, OBJECTS_DIR, TMP_DIR};
+use crate::layout::{INDEX_DIR, INDEX_LOCK_FILE, LOCK_FILE, OBJECTS_DIR, TMP_DIR};
 use crate::link::Failure;
-use crate::objects::{with_path, ObjectId};
+use crate::objects::ObjectId;
+use crate::util::{now_secs, PathError};
 use crate::{Result, Store};
 
 /// Files and directories of the store root that belong to the current
 /// layout; `gc` leaves them alone.
-pub const KNOWN_ROOT_ENTRIES: &[&str] = &[
+const KNOWN_ROOT_ENTRIES: &[&str] = &[
     "CACHEDIR.TAG",
     crate::trust::SHARED_MARKER,
     OBJECTS_DIR,
     INDEX_DIR,
-    "index-v1.lock",
-    "lock",
+    INDEX_LOCK_FILE,
+    LOCK_FILE,
     TMP_DIR,
 ];
 
@@ -145,7 +146,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
         stats.old_layouts_bytes += freed_by_tree(path);
         if !options.dry_run {
             if let Err(e) = remove_tree(path) {
-                failures.push(failure(path, e));
+                failures.push(e);
             }
         }
     }
@@ -209,7 +210,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
         }
     }
 
-    let evict = choose(&candidates, options, now_seconds());
+    let evict = choose(&candidates, options, now_secs());
 
     let mut writes = Writes::default();
     for &i in &evict {
@@ -235,14 +236,14 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
     drop(index);
 
     if !options.dry_run {
-        let removed: Vec<std::result::Result<(), Failure>> = evict
+        let removed: Vec<std::result::Result<(), PathError>> = evict
             .par_iter()
             .map(|&i| {
                 let path = store.objects.path(&candidates[i].id);
                 match std::fs::remove_file(&path) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(failure(&path, with_path(e, "remove", &path))),
+                    Err(e) => Err(PathError::new(e, "remove", &path)),
                 }
             })
             .collect();
@@ -256,7 +257,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
         dry_run: options.dry_run,
         old_layouts,
         set_aside_indexes: set_aside,
-        failures,
+        failures: failures.into_iter().map(failure).collect(),
         elapsed_seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -337,7 +338,7 @@ fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
 
 /// Removes temp files no process is writing: under the exclusive lock, all
 /// but the youngest (see [`TMP_GRACE`]). Returns how many went.
-fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<Failure>) -> u64 {
+fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<PathError>) -> u64 {
     let Ok(entries) = std::fs::read_dir(tmp) else {
         return 0;
     };
@@ -354,7 +355,7 @@ fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<Failure>) -> u64 {
         removed += 1;
         if !dry_run {
             if let Err(e) = remove_tree(&entry.path()) {
-                failures.push(failure(&entry.path(), e));
+                failures.push(e);
             }
         }
     }
@@ -363,10 +364,10 @@ fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<Failure>) -> u64 {
 
 /// Removes a file or a directory tree; directories made read-only (old
 /// object shards may be) are made writable first.
-fn remove_tree(path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| with_path(e, "stat", path))?;
+fn remove_tree(path: &Path) -> std::result::Result<(), PathError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| PathError::new(e, "stat", path))?;
     if !meta.is_dir() {
-        return std::fs::remove_file(path).map_err(|e| with_path(e, "remove", path));
+        return std::fs::remove_file(path).map_err(|e| PathError::new(e, "remove", path));
     }
     if std::fs::remove_dir_all(path).is_ok() {
         return Ok(());
@@ -376,7 +377,7 @@ fn remove_tree(path: &Path) -> std::io::Result<()> {
             let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o700));
         }
     }
-    std::fs::remove_dir_all(path).map_err(|e| with_path(e, "remove", path))
+    std::fs::remove_dir_all(path).map_err(|e| PathError::new(e, "remove", path))
 }
 
 /// Disk a tree frees when removed: the blocks of its files that have no
@@ -395,69 +396,12 @@ fn disk_usage(meta: &std::fs::Metadata) -> u64 {
     meta.blocks() * 512
 }
 
-fn failure(path: &Path, err: std::io::Error) -> Failure {
+/// A failure as the report lists it.
+fn failure(err: PathError) -> Failure {
     Failure {
-        path: path.to_path_buf(),
+        path: err.path.clone(),
         message: err.to_string(),
     }
-}
-
-fn now_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Parses a size: a number with an optional unit, `B`, `K`/`KB`, `M`/`MB`,
-/// `G`/`GB`, `T`/`TB` (powers of 1000) or `KiB`, `MiB`, `GiB`, `TiB`
-/// (powers of 1024), in any case: `500M`, `2G`, `1.5GiB`, `1000000`.
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let bad = || {
-        format!("`{text}` is not a size: give a number of bytes with an optional unit (500M, 2G, 1.5GiB)")
-    };
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let multiplier: f64 = match unit.as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "ki" | "kib" => 1024.0,
-        "mi" | "mib" => 1024.0 * 1024.0,
-        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(bad()),
-    };
-    Ok((number * multiplier).round() as u64)
-}
-
-/// Parses an age: a number and a unit, `s`, `m`, `h`, `d` or `w`
-/// (`30d`, `12h`, `90m`, `45s`, `1.5d`). A bare number is refused: it is
-/// too easy to mean days and say seconds.
-pub fn parse_age(text: &str) -> std::result::Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let bad = || format!("`{text}` is not an age: give a number and a unit (30d, 12h, 90m, 45s)");
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let seconds: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
-        "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
-        "h" | "hour" | "hours" => 3600.0,
-        "d" | "day" | "days" => 86_400.0,
-        "w" | "week" | "weeks" => 7.0 * 86_400.0,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs_f64(number * seconds))
 }
 
 #[cfg(test)]
@@ -466,26 +410,6 @@ mod tests {
     use crate::index::EntrySlot;
     use crate::key::CompileKey;
     use crate::pyc::Flavor;
-
-    #[test]
-    fn sizes_and_ages_parse() {
-        assert_eq!(parse_size("1234"), Ok(1234));
-        assert_eq!(parse_size("500M"), Ok(500_000_000));
-        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
-        assert_eq!(parse_size("2gb"), Ok(2_000_000_000));
-        assert_eq!(parse_size("1.5GiB"), Ok(1_610_612_736));
-        assert_eq!(parse_size("64 KiB"), Ok(65_536));
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("-1G").is_err());
-        assert!(parse_size("").is_err());
-        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
-        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(12 * 3600)));
-        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(90 * 60)));
-        assert_eq!(parse_age("45s"), Ok(Duration::from_secs(45)));
-        assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
-        assert!(parse_age("30").unwrap_err().contains("30d"));
-        assert!(parse_age("3y").is_err());
-    }
 
     fn candidate(n: u8, last_use: u64, linked: bool, orphan: bool) -> Candidate {
         Candidate {

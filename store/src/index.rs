@@ -784,8 +784,7 @@ impl Drop for Index {
 /// process umask) are made group-writable, so the next member can open them.
 fn share_files(dir: &Path) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = rustix::process::geteuid().as_raw();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let Ok(meta) = entry.metadata() else { continue };
         if meta.uid() == uid && meta.mode() & 0o060 != 0o060 {

@@ -377,7 +377,7 @@ mod magic_hex {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(magic: &[u8; 4], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&magic.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        s.serialize_str(&crate::util::hex(magic))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 4], D::Error> {

@@ -66,10 +66,7 @@ impl CompileKey {
 
 impl fmt::Debug for CompileKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0[..8] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&crate::util::hex(&self.0[..8]))
     }
 }
 

@@ -33,6 +33,7 @@ use crate::index::Index;
 use crate::lock::{self, LockGuard, LockMode};
 use crate::objects::Objects;
 use crate::trust::{self, Bucket, Owner};
+use crate::util::{with_path, PathContext};
 use crate::Result;
 
 /// The bucket holding objects, with its layout version.
@@ -188,7 +189,7 @@ fn share_dir(dir: &Path, owner: Owner) -> Result<()> {
         let meta = fs::metadata(dir)?;
         if meta.uid() == trust::euid() && meta.mode() & 0o7777 != owner.dir_mode() {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(owner.dir_mode()))
-                .map_err(|e| fs_error(e, "set permissions of", dir))?;
+                .at("set permissions of", dir)?;
         }
     }
     Ok(())
@@ -202,7 +203,7 @@ fn create_root(root: &Path, shared_group: Option<&str>) -> Result<()> {
     match std::fs::DirBuilder::new().mode(0o700).create(root) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(fs_error(e, "create the store directory", root)),
+        Err(e) => return Err(with_path(e, "create the store directory", root).into()),
     }
     if let Some(group) = shared_group {
         trust::share(root, group)?;
@@ -240,11 +241,4 @@ fn sweep_tmp(tmp: &Path) {
             let _ = std::fs::remove_file(&path);
         }
     }
-}
-
-fn fs_error(err: std::io::Error, action: &str, path: &Path) -> crate::Error {
-    crate::Error::Io(std::io::Error::new(
-        err.kind(),
-        format!("failed to {action} `{}`: {err}", path.display()),
-    ))
 }

@@ -11,7 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod compile;
-pub mod error;
+mod error;
 pub mod gc;
 pub mod index;
 pub mod interpreter;
@@ -27,12 +27,13 @@ pub mod prefix;
 pub mod pyc;
 pub mod python_trust;
 pub mod resolve;
-pub mod source;
+pub(crate) mod source;
 pub mod stats;
 pub mod tree;
-pub mod trust;
+pub(crate) mod trust;
+pub mod util;
 pub mod verify;
-pub mod walk;
+pub(crate) mod walk;
 
 pub use error::{Error, Result};
 pub use interpreter::Interpreter;

@@ -734,11 +734,7 @@ impl Run<'_> {
                 _ => {}
             }
         }
-        let mode = if target.source.meta.is_public() {
-            PUBLIC_MODE
-        } else {
-            self.store.objects.private_mode()
-        };
+        let mode = resolve::object_mode(&self.store.objects, target.source.meta.mode);
         let object = self
             .store
             .objects

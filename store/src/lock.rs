@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use crate::objects::with_path;
+use crate::util::{PathContext, PathError};
 
 /// Shared or exclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,21 +50,23 @@ pub fn lock(path: &Path, mode: LockMode, what: &str) -> io::Result<LockGuard> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| {
-            let hint = if e.kind() == io::ErrorKind::PermissionDenied && shared {
-                "; every member of a group store must be able to write it: its owner can \
-                 `chmod g+rw` it"
+            let denied = e.kind() == io::ErrorKind::PermissionDenied;
+            let err = PathError::new(e, "open the lock file", path);
+            if denied && shared {
+                err.with_hint(
+                    "every member of a group store must be able to write it: its owner can \
+                     `chmod g+rw` it",
+                )
             } else {
-                ""
-            };
-            let e = with_path(e, "open the lock file", path);
-            io::Error::new(e.kind(), format!("{e}{hint}"))
+                err
+            }
         })?;
     // Created under a umask that took the group's bits, or by an older
     // version: give them back (only its owner can).
     if let Ok(meta) = file.metadata() {
         if meta.uid() == crate::trust::euid() && meta.mode() & 0o777 != file_mode {
             file.set_permissions(std::fs::Permissions::from_mode(file_mode))
-                .map_err(|e| with_path(e, "set permissions of", path))?;
+                .at("set permissions of", path)?;
         }
     }
     let attempt = match mode {
@@ -81,9 +83,9 @@ pub fn lock(path: &Path, mode: LockMode, what: &str) -> io::Result<LockGuard> {
                 LockMode::Shared => file.lock_shared(),
                 LockMode::Exclusive => file.lock(),
             }
-            .map_err(|e| with_path(e, "lock", path))?;
+            .at("lock", path)?;
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(with_path(e, "lock", path)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(PathError::new(e, "lock", path).into()),
     }
     Ok(LockGuard { _file: file })
 }

@@ -34,6 +34,7 @@
 //! during alphas. Any other magic is [`BodyError::UnknownMagic`]: the body
 //! cannot be checked, which says nothing about damage.
 
+use crate::util::hex;
 use std::fmt;
 
 use crate::pyc::HEADER_LEN;
@@ -147,10 +148,6 @@ impl BodyError {
     pub fn is_damage(&self) -> bool {
         !matches!(self, BodyError::UnknownMagic(_))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks a whole pyc file: its header (magic, flags) and that its body is

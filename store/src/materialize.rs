@@ -30,8 +30,9 @@ use std::sync::Mutex;
 use rustix::fs::{AtFlags, Mode, CWD};
 use serde::{Deserialize, Serialize};
 
-use crate::objects::{with_path, ObjectId, Objects};
+use crate::objects::{ObjectId, Objects};
 use crate::tree;
+use crate::util::with_path;
 
 /// How objects are put into prefixes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use fs_err as fs;
 
 use crate::trust::Owner;
+use crate::util::with_path;
+use crate::util::PathContext;
 
 /// The mode of an object compiled from a source everyone may read.
 pub const PUBLIC_MODE: u32 = 0o444;
@@ -106,7 +108,7 @@ impl Objects {
     }
 
     /// Whether `mode` (permission bits only) is one an object may have.
-    pub fn mode_ok(&self, mode: u32) -> bool {
+    fn mode_ok(&self, mode: u32) -> bool {
         mode == PUBLIC_MODE || mode == self.private_mode()
     }
 
@@ -274,9 +276,8 @@ impl Objects {
     fn rewrite(&self, id: &ObjectId, mode: Option<u32>) -> io::Result<()> {
         use std::io::Read;
         let path = self.path(id);
-        let mut file =
-            crate::link::open_no_follow(&path).map_err(|e| with_path(e, "open", &path))?;
-        let meta = file.metadata().map_err(|e| with_path(e, "stat", &path))?;
+        let mut file = crate::link::open_no_follow(&path).at("open", &path)?;
+        let meta = file.metadata().at("stat", &path)?;
         if !meta.is_file() {
             return Err(with_path(
                 io::Error::new(io::ErrorKind::InvalidData, "not a regular file"),
@@ -285,8 +286,7 @@ impl Objects {
             ));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes)
-            .map_err(|e| with_path(e, "read", &path))?;
+        file.read_to_end(&mut bytes).at("read", &path)?;
         if ObjectId::of(&bytes) != *id {
             return Err(with_path(
                 io::Error::new(
@@ -323,21 +323,20 @@ impl Objects {
     /// [`Objects::write_temp`] with the object's mode: [`PUBLIC_MODE`], or
     /// [`Objects::private_mode`] for a source not everyone may read. In a
     /// group store the file is given the store's group.
-    pub fn write_temp_with_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
+    fn write_temp_with_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
         let mut tmp = tempfile::Builder::new()
             .prefix(".pycstore-")
             .suffix(".tmp")
             .tempfile_in(&self.tmp)
-            .map_err(|e| with_path(e, "create a temp file in", &self.tmp))?;
-        tmp.write_all(bytes)
-            .map_err(|e| with_path(e, "write", tmp.path()))?;
+            .at("create a temp file in", &self.tmp)?;
+        tmp.write_all(bytes).at("write", tmp.path())?;
         if let Owner::Group(gid) = self.owner {
             std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))
-                .map_err(|e| with_path(e, "change the group of", tmp.path()))?;
+                .at("change the group of", tmp.path())?;
         }
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| with_path(e, "set permissions of", tmp.path()))?;
+            .at("set permissions of", tmp.path())?;
         Ok(tmp.into_temp_path())
     }
 
@@ -371,11 +370,10 @@ pub(crate) fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mode: u32)
         .prefix(".pycstore-")
         .suffix(".tmp")
         .tempfile_in(tmp_dir)?;
-    tmp.write_all(bytes)
-        .map_err(|e| with_path(e, "write", tmp.path()))?;
+    tmp.write_all(bytes).at("write", tmp.path())?;
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| with_path(e, "set permissions of", tmp.path()))?;
+        .at("set permissions of", tmp.path())?;
     tmp.persist(dest)
         .map_err(|e| with_path(e.error, "rename a temp file to", dest))?;
     Ok(())
@@ -395,17 +393,10 @@ pub(crate) fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
             create_dir(dir, mode)
         }
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| with_path(e, "set permissions of", dir)),
+            .at("set permissions of", dir),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(with_path(e, "create", dir)),
     }
-}
-
-pub(crate) fn with_path(err: io::Error, action: &str, path: &Path) -> io::Error {
-    io::Error::new(
-        err.kind(),
-        format!("failed to {action} `{}`: {err}", path.display()),
-    )
 }
 
 #[cfg(test)]

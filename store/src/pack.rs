@@ -66,8 +66,9 @@ use serde::Serialize;
 use crate::index::{path_key, Entry, EntrySlot, Family, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::CompileKey;
-use crate::objects::{with_path, ObjectId};
+use crate::objects::ObjectId;
 use crate::pyc::HEADER_LEN;
+use crate::util::with_path;
 use crate::{Error, Result, Store};
 
 /// The first bytes of every pack (uncompressed).

@@ -11,10 +11,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::index::{EntrySlot, Writes};
-use crate::link::{now_ns, open_no_follow};
+use crate::link::open_no_follow;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
 use crate::source::{Hashed, Plan, Source};
 use crate::tree::{remove_empty_dir, remove_placed_if, Expect, Placed};
+use crate::util::now_ns;
 use crate::walk::Excludes;
 use crate::{Result, Store};
 
@@ -67,7 +68,7 @@ pub fn status(
 ) -> Result<StatusReport> {
     let excludes = Excludes::new(&options.excludes)?;
     let index = store.index_reader()?;
-    let mut probes = crate::index::Writes::default();
+    let mut probes = Writes::default();
     let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
     let (found, errors) = plan.walk(&excludes);
     let now = now_ns();

@@ -247,7 +247,7 @@ impl Checker {
     /// symlinks; every step must belong to root or the caller, and every
     /// directory looked into must keep others from replacing the entry.
     /// Returns the resolved path.
-    pub fn path(&mut self, path: &Path) -> Result<PathBuf, Doubt> {
+    fn path(&mut self, path: &Path) -> Result<PathBuf, Doubt> {
         let absolute = std::path::absolute(path).map_err(|e| unexaminable(path, &e))?;
         let mut pending: Vec<OsString> = components(&absolute);
         pending.reverse();

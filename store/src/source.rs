@@ -292,15 +292,7 @@ pub struct Plan {
 
 impl Plan {
     /// Resolves each prefix's interpreters: `python` when given, else the
-    /// prefix's own; new probes are cached in the index.
-    pub fn new(prefixes: &[PathBuf], python: &[PathBuf], index: &mut Index) -> Result<Plan> {
-        let mut writes = Writes::default();
-        let plan = Self::resolve(prefixes, python, index, &mut writes)?;
-        index.apply(writes)?;
-        Ok(plan)
-    }
-
-    /// As [`Plan::new`], recording new probes into `writes`.
+    /// prefix's own; new probes are recorded into `writes`.
     pub fn resolve(
         prefixes: &[PathBuf],
         python: &[PathBuf],

@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use crate::index::{Counters, EntrySlot, Family, Writes};
 use crate::layout::OBJECTS_DIR;
-use crate::link::now_ns;
 use crate::{Result, Store};
 
 /// The key of the counters family holding the time of the last reset.
@@ -112,7 +111,7 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
         writes.put(
             Family::Counters,
             RESET_KEY.as_bytes(),
-            &((now_ns() / 1_000_000_000) as u64).to_le_bytes(),
+            &crate::util::now_secs().to_le_bytes(),
         );
         store.index()?.apply(writes)?;
     }

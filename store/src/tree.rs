@@ -20,7 +20,8 @@ use std::path::{Component, Path};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
-use crate::objects::{with_path, ObjectId};
+use crate::objects::ObjectId;
+use crate::util::with_path;
 
 /// Flags of every directory opened under a prefix.
 const DIR_FLAGS: OFlags = OFlags::RDONLY

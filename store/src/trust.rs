@@ -10,13 +10,13 @@
 //! is a symlink or belongs to someone else makes opening the store fail:
 //! its owner could change the pycs of every environment linked from it.
 
-use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use rustix::fs::{FileType, Mode, OFlags};
 
+use crate::util::{with_path, PathContext};
 use crate::{Error, Result};
 
 /// The marker of a group-shared store, holding the group's name.
@@ -82,15 +82,14 @@ pub fn share(root: &Path, group: &str) -> Result<()> {
         path: root.to_path_buf(),
         reason: format!("no such group `{group}`"),
     })?;
-    std::os::unix::fs::chown(root, None, Some(gid))
-        .map_err(|e| io(e, "change the group of", root))?;
+    std::os::unix::fs::chown(root, None, Some(gid)).at("change the group of", root)?;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o2770))
-        .map_err(|e| io(e, "set permissions of", root))?;
+        .at("set permissions of", root)?;
     let marker = root.join(SHARED_MARKER);
-    std::fs::write(&marker, format!("{group}\n")).map_err(|e| io(e, "write", &marker))?;
+    std::fs::write(&marker, format!("{group}\n")).at("write", &marker)?;
     // Every member reads it, whatever the creator's umask.
     std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o644))
-        .map_err(|e| io(e, "set permissions of", &marker))?;
+        .at("set permissions of", &marker)?;
     Ok(())
 }
 
@@ -98,7 +97,7 @@ pub fn share(root: &Path, group: &str) -> Result<()> {
 /// caller): owned by someone else and not shared with one of their groups,
 /// or writable by others. Returns whom its files must belong to.
 pub fn check(root: &Path) -> Result<Owner> {
-    let meta = std::fs::metadata(root).map_err(|e| io(e, "stat", root))?;
+    let meta = std::fs::metadata(root).at("stat", root)?;
     let refuse = |reason: String| {
         Err(Error::Untrusted {
             path: root.to_path_buf(),
@@ -169,9 +168,9 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(()),
         Err(rustix::io::Errno::LOOP) => return refuse(SYMLINK.into()),
-        Err(e) => return Err(io(e.into(), "open", &path)),
+        Err(e) => return Err(with_path(e.into(), "open", &path).into()),
     };
-    let stat = rustix::fs::fstat(fd.as_fd()).map_err(|e| io(e.into(), "stat", &path))?;
+    let stat = rustix::fs::fstat(fd.as_fd()).at("stat", &path)?;
     if FileType::from_raw_mode(stat.st_mode) == FileType::Symlink {
         return refuse(SYMLINK.into());
     }
@@ -194,66 +193,30 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
 
 /// The effective user id of this process.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
-fn egid() -> u32 {
-    // SAFETY: getegid has no preconditions and cannot fail.
-    unsafe { libc::getegid() }
-}
-
+/// Whether this process is in the group `gid`: its effective group, or one
+/// of its supplementary groups.
 fn in_group(gid: u32) -> bool {
-    if egid() == gid {
-        return true;
-    }
-    // SAFETY: getgroups with a zero size only counts; the second call writes
-    // at most `n` ids into a buffer of `n`.
-    unsafe {
-        let n = libc::getgroups(0, std::ptr::null_mut());
-        if n <= 0 {
-            return false;
-        }
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let n = libc::getgroups(n, groups.as_mut_ptr());
-        n > 0 && groups[..n as usize].contains(&gid)
-    }
+    rustix::process::getegid().as_raw() == gid
+        || rustix::process::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
 }
 
-/// The id of a group given by name or number, through the reentrant
-/// `getgrnam_r` (a store opens from many threads of a FUSE server).
-pub fn group_id(name: &str) -> Option<u32> {
+/// The id of a group given by name or number. By name through `nix`, which
+/// calls the reentrant `getgrnam_r` (a store opens from many threads of a
+/// FUSE server).
+fn group_id(name: &str) -> Option<u32> {
     if let Ok(gid) = name.parse::<u32>() {
         return Some(gid);
     }
-    let cname = CString::new(name).ok()?;
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: a zeroed `group` is a valid out-parameter (pointers null).
-        let mut group: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call, `buf.len()` is the
-        // size of `buf`, and the strings `group` points into live in `buf`,
-        // which outlives the one field read below.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut group,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
+    match nix::unistd::Group::from_name(name) {
+        Ok(group) => group.map(|g| g.gid.as_raw()),
+        Err(e) => {
+            tracing::debug!("cannot look up the group `{name}`: {e}");
+            None
         }
-        return (rc == 0 && !result.is_null()).then_some(group.gr_gid);
     }
-}
-
-fn io(err: std::io::Error, action: &str, path: &Path) -> Error {
-    Error::Io(crate::objects::with_path(err, action, path))
 }
 
 #[cfg(test)]

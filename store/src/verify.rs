@@ -48,7 +48,9 @@
 //! healthy, and a repair with nothing to fix writes nothing.
 
 use std::collections::{hash_map, HashMap};
+use std::ffi::OsStr;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -61,10 +63,11 @@ use serde::Serialize;
 use crate::index::rebuild::{self, Readout};
 use crate::index::{Entry, EntrySlot, Family, Writes};
 use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
-use crate::objects::{with_path, ObjectId, Objects};
+use crate::objects::{ObjectId, Objects};
 use crate::pyc::{self, Flavor, HashVariant, HEADER_LEN};
 use crate::tree::{hash_at, open_parent, read_at, remove_placed, Expect};
 use crate::trust::Owner;
+use crate::util::{hex, with_path, PathContext, PathError};
 use crate::{Result, Store};
 
 /// What `verify` should do.
@@ -223,18 +226,18 @@ impl VerifyReport {
 }
 
 /// What reading one object found.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 enum State {
     Good,
     Corrupt,
     /// Hashes to its name but Python cannot load it: why.
     Unloadable(String),
     NotAFile(&'static str),
-    Unreadable(String),
+    Unreadable(PathError),
 }
 
 /// One object as checked.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Checked {
     state: State,
     size: u64,
@@ -255,28 +258,40 @@ impl Checked {
     fn good(&self) -> bool {
         matches!(self.state, State::Good)
     }
+
+    /// An object that could not even be looked at.
+    fn unreadable(err: PathError) -> Checked {
+        Checked {
+            state: State::Unreadable(err),
+            size: 0,
+            head: Vec::new(),
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            meta_ok: true,
+            found: None,
+            nlink: 1,
+            dev: 0,
+            ino: 0,
+        }
+    }
 }
+
+/// Every object as checked, by id.
+type Checks = HashMap<ObjectId, Checked>;
+
+/// The objects index entries name, each with the sizes its entries say.
+type Named = HashMap<ObjectId, Vec<u64>>;
+
+/// The families of the index `verify` looks at.
+const INDEX_FAMILIES: [Family; 2] = [Family::Entries, Family::Links];
 
 /// Reads and hashes the object at `path`; `None` when it does not exist.
 fn check_object(objects: &Objects, id: &ObjectId, path: &Path) -> Option<Checked> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            return Some(Checked {
-                state: State::Unreadable(with_path(e, "stat", path).to_string()),
-                size: 0,
-                head: Vec::new(),
-                mode: 0,
-                uid: 0,
-                gid: 0,
-                meta_ok: true,
-                found: None,
-                nlink: 1,
-                dev: 0,
-                ino: 0,
-            })
-        }
+        Err(e) => return Some(Checked::unreadable(PathError::new(e, "stat", path))),
     };
     let mut checked = Checked {
         state: State::Good,
@@ -306,262 +321,459 @@ fn check_object(objects: &Objects, id: &ObjectId, path: &Path) -> Option<Checked
         let mut bytes = Vec::with_capacity(meta.len() as usize);
         file.read_to_end(&mut bytes).map(|_| bytes)
     });
-    match read {
-        Ok(bytes) => {
-            checked.size = bytes.len() as u64;
-            checked.head = bytes[..bytes.len().min(HEADER_LEN)].to_vec();
-            let found = ObjectId::of(&bytes);
-            if found != *id {
-                checked.state = State::Corrupt;
-                checked.found = Some(found);
-            } else {
-                match crate::marshal::check_pyc(&bytes) {
-                    Err(e) if e.is_damage() => checked.state = State::Unloadable(e.to_string()),
-                    Err(e) => tracing::debug!("`{}`: {e}", path.display()),
-                    Ok(_) => {}
-                }
-            }
+    let bytes = match read {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            checked.state = State::Unreadable(PathError::new(e, "read", path));
+            return Some(checked);
         }
-        Err(e) => checked.state = State::Unreadable(with_path(e, "read", path).to_string()),
+    };
+    checked.size = bytes.len() as u64;
+    checked.head = bytes[..bytes.len().min(HEADER_LEN)].to_vec();
+    let found = ObjectId::of(&bytes);
+    if found != *id {
+        checked.state = State::Corrupt;
+        checked.found = Some(found);
+    } else {
+        match crate::marshal::check_pyc(&bytes) {
+            Err(e) if e.is_damage() => checked.state = State::Unloadable(e.to_string()),
+            Err(e) => tracing::debug!("`{}`: {e}", path.display()),
+            Ok(_) => {}
+        }
     }
     Some(checked)
 }
 
-/// Runs `verify` (and with `options.repair`, repairs) on a store.
+/// Everything a run found, in the order found, with what a repair is to do
+/// about each: the steps of [`verify`] add to it, the repair works through
+/// it.
+#[derive(Default)]
+struct Findings {
+    stats: VerifyStats,
+    repairs: Repairs,
+    problems: Vec<Problem>,
+    /// Index records to delete: the entries that go, and the use times of
+    /// objects that go.
+    writes: Writes,
+    /// How many of `writes` are entries.
+    entries_dropped: u64,
+    /// Files to remove from the objects bucket, each with its problem.
+    remove: Vec<(PathBuf, usize)>,
+    /// Good objects to give a fresh inode, each with its problem.
+    refresh: Vec<(ObjectId, usize)>,
+    /// Shard directories to give back to the store's owner, each with its
+    /// problem.
+    shards: Vec<(PathBuf, usize)>,
+    /// Recorded pycs to remove from their prefix, each with its problem and
+    /// what it must still be.
+    unlink: Vec<(PathBuf, usize, Expect)>,
+    /// Orphaned objects to remove.
+    orphans: Vec<ObjectId>,
+}
+
+impl Findings {
+    /// Adds a problem, not repaired (yet); returns its place.
+    fn problem(&mut self, kind: ProblemKind, path: PathBuf, message: String) -> usize {
+        self.problems.push(Problem {
+            kind,
+            path,
+            message,
+            repaired: false,
+        });
+        self.problems.len() - 1
+    }
+
+    /// Marks the index entry `key` to go.
+    fn drop_entry(&mut self, key: &[u8]) {
+        self.writes.delete(Family::Entries, key);
+        self.entries_dropped += 1;
+    }
+}
+
+/// What the index gave.
+struct IndexScan {
+    state: IndexState,
+    /// Where a rebuild moved the damaged index.
+    moved_to: Option<PathBuf>,
+    /// Indexes set aside by repairs (this run's included).
+    set_aside: Vec<PathBuf>,
+    /// Every entry's key, with the entry unless it cannot be decoded.
+    entries: Vec<(Vec<u8>, Option<Entry>)>,
+    /// Every pyc recorded as placed, with its object.
+    links: Vec<(PathBuf, ObjectId)>,
+}
+
+/// Runs `verify` (and with `options.repair`, repairs) on a store: each step
+/// adds what it finds to one [`Findings`], which the repair then works
+/// through.
 pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     let started = Instant::now();
-    let mut stats = VerifyStats::default();
-    let mut repairs = Repairs::default();
-    let mut problems = Vec::new();
+    let mut found = Findings::default();
+    let (mut objects, strays) = check_objects(store, options.repair, &mut found)?;
+    let index = scan_index(store, options.repair, &objects, &mut found)?;
+    let named = cross_check(store, &index.entries, &mut objects, &mut found);
+    judge_objects(store, &objects, &named, &index, &mut found);
+    report_strays(&strays, &mut found);
+    check_shards(store, &mut found);
+    check_links(store, &index.links, &objects, &mut found);
+    if options.repair {
+        repair_index(store, &mut found)?;
+        repair_files(store, &mut found);
+    }
+    Ok(VerifyReport {
+        stats: found.stats,
+        index: index.state,
+        index_moved_to: index.moved_to,
+        set_aside_indexes: index.set_aside,
+        repairs: options.repair.then_some(found.repairs),
+        problems: found.problems,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
+}
 
-    // 1. Every object, in parallel.
+/// Step 1: reads and hashes every object, in parallel. With `repair`, an
+/// object that could not be read is made read-only and read again: it may
+/// be good underneath. Returns the objects, and the strays of the listing.
+fn check_objects(
+    store: &Store,
+    repair: bool,
+    found: &mut Findings,
+) -> Result<(Checks, Vec<PathBuf>)> {
     let listing = store.objects.list()?;
-    let mut objects: HashMap<ObjectId, Checked> = listing
+    let mut objects: Checks = listing
         .objects
         .par_iter()
         .filter_map(|id| {
             check_object(&store.objects, id, &store.objects.path(id)).map(|c| (*id, c))
         })
         .collect();
-    if options.repair {
-        // An object unreadable for its permissions may be good underneath.
+    if repair {
         for (id, checked) in objects.iter_mut() {
             if matches!(checked.state, State::Unreadable(_)) {
-                let path = store.objects.path(id);
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444));
-                if let Some(again) = check_object(&store.objects, id, &path) {
-                    if again.good() {
-                        stats.unreadable += 1;
-                        repairs.permissions_fixed += 1;
-                        problems.push(Problem {
-                            kind: ProblemKind::Unreadable,
-                            path,
-                            message: format!(
-                                "could not be read (mode {:04o}); made it read-only (0444)",
-                                checked.mode
-                            ),
-                            repaired: true,
-                        });
-                    }
-                    *checked = again;
-                }
+                read_again(store, id, checked, found);
             }
         }
     }
-    stats.objects = objects.len() as u64;
-    stats.bytes = objects.values().map(|c| c.size).sum();
+    found.stats.objects = objects.len() as u64;
+    found.stats.bytes = objects.values().map(|c| c.size).sum();
+    Ok((objects, listing.strays))
+}
 
-    // 2. The index, read whole with its checksums verified: every entry,
-    //    and every pyc recorded as placed. A damaged index is rebuilt first
-    //    with `repair`.
-    let (readout, index_state, index_moved_to) =
-        check_index(store, options.repair, &objects, &mut problems)?;
-    let set_aside = rebuild::set_aside_indexes(store.root());
+/// Makes an object that could not be read read-only (0444) and checks it
+/// again; good underneath, that is a permission repaired.
+fn read_again(store: &Store, id: &ObjectId, checked: &mut Checked, found: &mut Findings) {
+    let path = store.objects.path(id);
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444));
+    let Some(again) = check_object(&store.objects, id, &path) else {
+        return;
+    };
+    if again.good() {
+        found.stats.unreadable += 1;
+        found.repairs.permissions_fixed += 1;
+        let message = format!(
+            "could not be read (mode {:04o}); made it read-only (0444)",
+            checked.mode
+        );
+        let at = found.problem(ProblemKind::Unreadable, path, message);
+        found.problems[at].repaired = true;
+    }
+    *checked = again;
+}
+
+/// Step 2: reads the index whole, with its checksums verified (a damaged
+/// one is rebuilt first with `repair`): every entry, and every pyc recorded
+/// as placed.
+fn scan_index(
+    store: &Store,
+    repair: bool,
+    objects: &Checks,
+    found: &mut Findings,
+) -> Result<IndexScan> {
+    let path = store.index_path();
+    let readout = rebuild::read_all(&path, &INDEX_FAMILIES)?;
+    let (readout, state, moved_to) = if readout.damage.is_empty() {
+        (readout, IndexState::Ok, None)
+    } else if repair {
+        rebuild_index(store, readout, objects, found)?
+    } else {
+        let cause = readout.damage.join("; ");
+        tracing::debug!("the index at `{}` is damaged: {cause}", path.display());
+        let message = format!(
+            "the index is damaged: {cause}; run `pycstore verify --repair` to rebuild it from \
+             what can be read (objects are kept)"
+        );
+        found.problem(ProblemKind::Index, path, message);
+        (readout, IndexState::Damaged, None)
+    };
     let entries: Vec<(Vec<u8>, Option<Entry>)> = readout
         .family(Family::Entries)
         .map(|(key, value)| (key.to_vec(), Entry::decode(value)))
         .collect();
-    let links = recorded_links(&readout);
-    drop(readout);
-    stats.entries = entries.len() as u64;
+    found.stats.entries = entries.len() as u64;
+    Ok(IndexScan {
+        state,
+        moved_to,
+        set_aside: rebuild::set_aside_indexes(store.root()),
+        entries,
+        links: recorded_links(&readout),
+    })
+}
 
-    // 3. Cross-check. Under a shared lock a `link` may have written an
-    //    object after the listing and its entry since: look again.
-    let mut named: HashMap<ObjectId, Vec<u64>> = HashMap::new();
+/// Rebuilds the index `damaged` was read from, from what can be read of it
+/// (keeping it aside), reports it repaired, and reads the new one. Returns
+/// what the new one holds, its state, and where the damaged one went.
+fn rebuild_index(
+    store: &Store,
+    damaged: Readout,
+    objects: &Checks,
+    found: &mut Findings,
+) -> Result<(Readout, IndexState, Option<PathBuf>)> {
+    let path = store.index_path();
+    let cause = damaged.damage.join("; ");
+    tracing::debug!("the index at `{}` is damaged: {cause}", path.display());
+    drop(damaged);
+    let rebuilt = rebuild::rebuild(&path, |salvaged| derive_entries(objects, salvaged))?;
+    let state = if rebuilt.kept + rebuilt.derived > 0 {
+        IndexState::Repaired
+    } else {
+        IndexState::Rebuilt
+    };
+    let mut message = format!(
+        "the index is damaged: {cause}; rebuilt it from what could be read: {} kept, {} derived \
+         again from the pycs linked from the store (what was lost, the next `pycstore link` \
+         compiles again)",
+        plural(rebuilt.kept, "record", "records"),
+        plural(rebuilt.derived, "entry", "entries"),
+    );
+    if let Some(aside) = &rebuilt.set_aside {
+        message.push_str(&format!(
+            "; the damaged index is kept at `{}` (orphaned objects are kept while it exists; \
+             remove it when you no longer need it)",
+            aside.display()
+        ));
+    }
+    let at = found.problem(ProblemKind::Index, path.clone(), message);
+    found.problems[at].repaired = true;
+    let readout = rebuild::read_all(&path, &INDEX_FAMILIES)?;
+    if !readout.damage.is_empty() {
+        let message = format!(
+            "the rebuilt index cannot be read: {}",
+            readout.damage.join("; ")
+        );
+        found.problem(ProblemKind::Index, path, message);
+    }
+    Ok((readout, state, rebuilt.set_aside))
+}
+
+/// Step 3: every entry against its object. Entries that cannot be decoded,
+/// name a missing or damaged object, or disagree with their object are to
+/// go. Under a shared lock a `link` may have written an object after the
+/// listing and its entry since: such an object is checked now. Returns the
+/// objects the entries name.
+fn cross_check(
+    store: &Store,
+    entries: &[(Vec<u8>, Option<Entry>)],
+    objects: &mut Checks,
+    found: &mut Findings,
+) -> Named {
+    let mut named = Named::new();
     let mut missing: HashMap<ObjectId, u64> = HashMap::new();
-    let mut writes = Writes::default();
-    let mut dropped_entries = 0u64;
-    for (key, entry) in &entries {
+    for (key, entry) in entries {
         let Some(entry) = entry else {
-            stats.malformed_entries += 1;
-            problems.push(Problem {
-                kind: ProblemKind::MalformedEntry,
-                path: store.index_path(),
-                message: format!("the entry {} cannot be decoded", hex(key)),
-                repaired: false,
-            });
-            writes.delete(Family::Entries, key);
-            dropped_entries += 1;
+            found.stats.malformed_entries += 1;
+            let message = format!("the entry {} cannot be decoded", hex(key));
+            found.problem(ProblemKind::MalformedEntry, store.index_path(), message);
+            found.drop_entry(key);
             continue;
         };
-        let checked = match objects.entry(entry.object) {
-            hash_map::Entry::Occupied(found) => found.into_mut(),
-            hash_map::Entry::Vacant(slot) => {
-                match check_object(
-                    &store.objects,
-                    &entry.object,
-                    &store.objects.path(&entry.object),
-                ) {
-                    Some(late) => {
-                        stats.objects += 1;
-                        stats.bytes += late.size;
-                        slot.insert(late)
-                    }
-                    None => {
-                        *missing.entry(entry.object).or_default() += 1;
-                        writes.delete(Family::Entries, key);
-                        dropped_entries += 1;
-                        continue;
-                    }
-                }
-            }
+        let Some(checked) = look_up(store, &entry.object, objects, &mut found.stats) else {
+            *missing.entry(entry.object).or_default() += 1;
+            found.drop_entry(key);
+            continue;
         };
         named.entry(entry.object).or_default().push(entry.size);
         if !checked.good() {
             // Reported with the object; its entries go with it.
-            writes.delete(Family::Entries, key);
-            dropped_entries += 1;
+            found.drop_entry(key);
         } else if checked.size != entry.size || checked.head != entry.header {
-            stats.mismatched_entries += 1;
-            problems.push(Problem {
-                kind: ProblemKind::MismatchedEntry,
-                path: store.objects.path(&entry.object),
-                message: format!(
-                    "the index entry {} says {} bytes beginning {}, the object has {} bytes beginning {}",
-                    hex(key),
-                    entry.size,
-                    hex(&entry.header),
-                    checked.size,
-                    hex(&checked.head)
-                ),
-                repaired: false,
-            });
-            writes.delete(Family::Entries, key);
-            dropped_entries += 1;
+            found.stats.mismatched_entries += 1;
+            let message = format!(
+                "the index entry {} says {} bytes beginning {}, the object has {} bytes \
+                 beginning {}",
+                hex(key),
+                entry.size,
+                hex(&entry.header),
+                checked.size,
+                hex(&checked.head)
+            );
+            found.problem(
+                ProblemKind::MismatchedEntry,
+                store.objects.path(&entry.object),
+                message,
+            );
+            found.drop_entry(key);
         }
     }
+    report_missing(store, missing, found);
+    named
+}
+
+/// The object `id` as checked: as listed, or else checked now (and counted).
+/// `None` when it does not exist.
+fn look_up<'a>(
+    store: &Store,
+    id: &ObjectId,
+    objects: &'a mut Checks,
+    stats: &mut VerifyStats,
+) -> Option<&'a Checked> {
+    match objects.entry(*id) {
+        hash_map::Entry::Occupied(listed) => Some(listed.into_mut()),
+        hash_map::Entry::Vacant(slot) => {
+            let late = check_object(&store.objects, id, &store.objects.path(id))?;
+            stats.objects += 1;
+            stats.bytes += late.size;
+            Some(slot.insert(late))
+        }
+    }
+}
+
+/// Objects entries name that do not exist, in id order, with how many
+/// entries name each: their use times are to go too.
+fn report_missing(store: &Store, missing: HashMap<ObjectId, u64>, found: &mut Findings) {
     let mut missing: Vec<(ObjectId, u64)> = missing.into_iter().collect();
     missing.sort_by_key(|(id, _)| id.0);
     for (id, count) in missing {
-        stats.missing_objects += 1;
-        writes.delete(Family::Used, &id.0);
-        problems.push(Problem {
-            kind: ProblemKind::MissingObject,
-            path: store.objects.path(&id),
-            message: format!(
-                "{count} index {} this object, which does not exist",
-                if count == 1 {
-                    "entry names"
-                } else {
-                    "entries name"
-                }
-            ),
-            repaired: false,
-        });
+        found.stats.missing_objects += 1;
+        found.writes.delete(Family::Used, &id.0);
+        let message = format!(
+            "{count} index {} this object, which does not exist",
+            if count == 1 {
+                "entry names"
+            } else {
+                "entries name"
+            }
+        );
+        found.problem(ProblemKind::MissingObject, store.objects.path(&id), message);
     }
+}
 
-    // 4. Objects: damage, permissions, orphans.
-    let mut ids: Vec<ObjectId> = objects.keys().copied().collect();
-    ids.sort_by_key(|id| id.0);
+/// Step 4: every object, in id order. Damaged, unreadable and stray ones
+/// are to be removed with their use times; good ones whose owner or mode
+/// changed to be given a fresh inode; orphans are counted, and removed
+/// unless they may be what a rebuilt or set-aside index lost.
+fn judge_objects(
+    store: &Store,
+    objects: &Checks,
+    named: &Named,
+    index: &IndexScan,
+    found: &mut Findings,
+) {
     // Without an index nothing is known to be an orphan; with one just
     // repaired or rebuilt, or one set aside, orphans may be what it lost:
     // keep them.
-    let count_orphans = index_state != IndexState::Damaged;
-    let keep_orphans = index_state != IndexState::Ok || !set_aside.is_empty();
-    let mut remove: Vec<(PathBuf, usize)> = Vec::new(); // file, problem index
-    let mut orphans = Vec::new();
-    let mut refresh: Vec<(ObjectId, usize)> = Vec::new(); // object, problem index
-    for id in &ids {
+    let count_orphans = index.state != IndexState::Damaged;
+    let keep_orphans = index.state != IndexState::Ok || !index.set_aside.is_empty();
+    let mut ids: Vec<&ObjectId> = objects.keys().collect();
+    ids.sort_by_key(|id| id.0);
+    for id in ids {
         let checked = &objects[id];
         let path = store.objects.path(id);
-        let sizes = named.get(id);
-        let message = match &checked.state {
-            State::Good => {
-                if sizes.is_none() && count_orphans {
-                    stats.orphans += 1;
-                    if !keep_orphans {
-                        orphans.push(*id);
-                    }
-                }
-                if !checked.meta_ok {
-                    refresh.push((*id, problems.len()));
-                    problems.push(metadata_problem(store, checked, path, &mut stats));
-                }
-                continue;
+        let sizes = named.get(id).map(Vec::as_slice);
+        if let Some((kind, message)) = damage(checked, sizes, &mut found.stats) {
+            found.writes.delete(Family::Used, &id.0);
+            let at = found.problem(kind, path.clone(), message);
+            found.remove.push((path, at));
+            continue;
+        }
+        if sizes.is_none() && count_orphans {
+            found.stats.orphans += 1;
+            if !keep_orphans {
+                found.orphans.push(*id);
             }
-            State::Corrupt => {
-                stats.corrupt += 1;
-                let expected = sizes.and_then(|s| s.iter().find(|&&n| n != checked.size));
-                let what = match expected {
-                    Some(n) if *n > checked.size => format!(
-                        "{} bytes, its index entries say {n}: truncated",
-                        checked.size
-                    ),
-                    Some(n) => format!("{} bytes, its index entries say {n}", checked.size),
-                    None => format!("{} bytes: changed in place", checked.size),
-                };
-                let shared = if checked.nlink > 1 {
-                    let others = checked.nlink - 1;
-                    format!(
-                        "; {others} hard {} outside the store {} the damaged bytes",
-                        if others == 1 { "link" } else { "links" },
-                        if others == 1 { "shares" } else { "share" },
-                    )
-                } else {
-                    String::new()
-                };
-                (
-                    ProblemKind::Corrupt,
-                    format!("the content does not match its name ({what}){shared}"),
-                )
-            }
-            State::Unloadable(why) => {
-                stats.corrupt += 1;
-                (
-                    ProblemKind::Corrupt,
-                    format!("not a pyc Python can load: {why}"),
-                )
-            }
-            State::NotAFile(what) => {
-                stats.strays += 1;
-                (ProblemKind::Stray, format!("is {what}, not a pyc file"))
-            }
-            State::Unreadable(message) => {
-                stats.unreadable += 1;
-                (ProblemKind::Unreadable, message.clone())
-            }
-        };
-        writes.delete(Family::Used, &id.0);
-        remove.push((path.clone(), problems.len()));
-        problems.push(Problem {
-            kind: message.0,
-            path,
-            message: message.1,
-            repaired: false,
-        });
+        }
+        if !checked.meta_ok {
+            let problem = metadata_problem(store, checked, path, &mut found.stats);
+            found.refresh.push((*id, found.problems.len()));
+            found.problems.push(problem);
+        }
     }
-    for stray in &listing.strays {
-        stats.strays += 1;
-        remove.push((stray.clone(), problems.len()));
-        problems.push(Problem {
-            kind: ProblemKind::Stray,
-            path: stray.clone(),
-            message: "not named like an object: pycstore never writes it there".into(),
-            repaired: false,
-        });
+}
+
+/// What is wrong with an object that is not good, counted; `None` for a
+/// good one. `sizes` are what its entries say.
+fn damage(
+    checked: &Checked,
+    sizes: Option<&[u64]>,
+    stats: &mut VerifyStats,
+) -> Option<(ProblemKind, String)> {
+    Some(match &checked.state {
+        State::Good => return None,
+        State::Corrupt => {
+            stats.corrupt += 1;
+            (ProblemKind::Corrupt, corruption(checked, sizes))
+        }
+        State::Unloadable(why) => {
+            stats.corrupt += 1;
+            (
+                ProblemKind::Corrupt,
+                format!("not a pyc Python can load: {why}"),
+            )
+        }
+        State::NotAFile(what) => {
+            stats.strays += 1;
+            (ProblemKind::Stray, format!("is {what}, not a pyc file"))
+        }
+        State::Unreadable(err) => {
+            stats.unreadable += 1;
+            (ProblemKind::Unreadable, err.to_string())
+        }
+    })
+}
+
+/// How an object whose bytes do not hash to its name differs from what its
+/// entries say, and who else holds its damaged bytes.
+fn corruption(checked: &Checked, sizes: Option<&[u64]>) -> String {
+    let expected = sizes.and_then(|s| s.iter().find(|&&n| n != checked.size));
+    let what = match expected {
+        Some(n) if *n > checked.size => format!(
+            "{} bytes, its index entries say {n}: truncated",
+            checked.size
+        ),
+        Some(n) => format!("{} bytes, its index entries say {n}", checked.size),
+        None => format!("{} bytes: changed in place", checked.size),
+    };
+    let shared = if checked.nlink > 1 {
+        let others = checked.nlink - 1;
+        format!(
+            "; {others} hard {} outside the store {} the damaged bytes",
+            if others == 1 { "link" } else { "links" },
+            if others == 1 { "shares" } else { "share" },
+        )
+    } else {
+        String::new()
+    };
+    format!("the content does not match its name ({what}){shared}")
+}
+
+/// The strays of the listing, names pycstore never writes in the objects
+/// bucket: to be removed.
+fn report_strays(strays: &[PathBuf], found: &mut Findings) {
+    for stray in strays {
+        found.stats.strays += 1;
+        let message = "not named like an object: pycstore never writes it there".into();
+        let at = found.problem(ProblemKind::Stray, stray.clone(), message);
+        found.remove.push((stray.clone(), at));
     }
-    let shards = check_shards(store, &mut stats, &mut problems);
-    // Every recorded pyc, against what its object turned out to be.
+}
+
+/// Step 6: every recorded pyc against what its object turned out to be, in
+/// parallel. Damaged or exposed ones are to be removed from their prefix.
+fn check_links(
+    store: &Store,
+    links: &[(PathBuf, ObjectId)],
+    objects: &Checks,
+    found: &mut Findings,
+) {
     let findings: Vec<(usize, Finding)> = links
         .par_iter()
         .enumerate()
@@ -570,122 +782,121 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
             check_link(&store.objects, pyc, id, object).map(|f| (i, f))
         })
         .collect();
-    let mut unlink_pycs = Vec::new();
     for (i, finding) in findings {
         let pyc = &links[i].0;
         match finding.kind {
-            ProblemKind::ExposedLink => stats.exposed_links += 1,
-            _ => stats.damaged_links += 1,
+            ProblemKind::ExposedLink => found.stats.exposed_links += 1,
+            _ => found.stats.damaged_links += 1,
         }
-        unlink_pycs.push((pyc.clone(), problems.len(), finding.expect));
-        problems.push(Problem {
-            kind: finding.kind,
-            path: pyc.clone(),
-            message: finding.message,
-            repaired: false,
-        });
+        let at = found.problem(finding.kind, pyc.clone(), finding.message);
+        found.unlink.push((pyc.clone(), at, finding.expect));
     }
+}
 
-    // 5. Repair: entries first, then files.
-    if options.repair {
-        for id in &orphans {
-            writes.delete(Family::Used, &id.0);
-        }
-        for (pyc, ..) in &unlink_pycs {
-            writes.delete(Family::Links, &crate::index::path_key(pyc));
-        }
-        if !writes.is_empty() {
-            store.index()?.apply(writes)?;
-        }
-        repairs.entries_removed = dropped_entries;
-        let say = |p: &mut Problem, outcome: std::io::Result<()>, done: &str| match outcome {
-            Ok(()) => {
-                p.repaired = true;
-                p.message.push_str("; ");
-                p.message.push_str(done);
-            }
-            Err(e) => p.message.push_str(&format!("; could not repair it: {e}")),
-        };
-        for p in problems.iter_mut() {
-            if matches!(
-                p.kind,
-                ProblemKind::MissingObject
-                    | ProblemKind::MismatchedEntry
-                    | ProblemKind::MalformedEntry
-            ) {
-                say(
-                    p,
-                    Ok(()),
-                    "removed from the index: the next `pycstore link` compiles again",
-                );
-            }
-        }
-        for (path, at) in &remove {
-            let outcome = remove_object(path);
-            if outcome.is_ok() {
-                repairs.objects_removed += 1;
-            }
-            say(
-                &mut problems[*at],
-                outcome,
-                "removed it: the next `pycstore link` compiles it again",
-            );
-        }
-        for (id, at) in &refresh {
-            let outcome = store.objects.refresh_inode(id);
-            if outcome.is_ok() {
-                match problems[*at].kind {
-                    ProblemKind::Owner => repairs.owners_fixed += 1,
-                    _ => repairs.permissions_fixed += 1,
-                }
-            }
-            say(
-                &mut problems[*at],
-                outcome,
-                "gave it a fresh inode with the store's owner and an object's mode (its bytes \
-                 match its name); prefixes holding the old inode are listed apart",
-            );
-        }
-        for (path, at) in &shards {
-            let outcome = give_back_shard(store.objects.owner(), path);
-            if outcome.is_ok() {
-                repairs.owners_fixed += 1;
-            }
-            say(
-                &mut problems[*at],
-                outcome,
-                "gave it back to the store's owner, mode 0700 (2770 in a group store)",
-            );
-        }
-        for (pyc, at, expect) in &unlink_pycs {
-            // Only the very inode (or bytes) found; never through a symlink.
-            let outcome = remove_placed(pyc, expect);
-            let done = match &outcome {
-                Ok(true) => {
-                    repairs.links_removed += 1;
-                    "removed it: Python compiles it again, or `pycstore link` its prefix \
-                     puts a good pyc back"
-                }
-                _ => "it was replaced since: left it alone",
-            };
-            say(&mut problems[*at], outcome.map(drop), done);
-        }
-        let removed: Vec<bool> = orphans
-            .par_iter()
-            .map(|id| remove_object(&store.objects.path(id)).is_ok())
-            .collect();
-        repairs.orphans_removed = removed.into_iter().filter(|&ok| ok).count() as u64;
+/// Repair, first the index: the entries and use times of what goes, and
+/// the records of pycs to be removed, are deleted before any file, as in
+/// `gc`.
+fn repair_index(store: &Store, found: &mut Findings) -> Result<()> {
+    let mut writes = std::mem::take(&mut found.writes);
+    for id in &found.orphans {
+        writes.delete(Family::Used, &id.0);
     }
+    for (pyc, ..) in &found.unlink {
+        writes.delete(Family::Links, &crate::index::path_key(pyc));
+    }
+    if !writes.is_empty() {
+        store.index()?.apply(writes)?;
+    }
+    found.repairs.entries_removed = found.entries_dropped;
+    for problem in &mut found.problems {
+        if matches!(
+            problem.kind,
+            ProblemKind::MissingObject | ProblemKind::MismatchedEntry | ProblemKind::MalformedEntry
+        ) {
+            settle(
+                problem,
+                Ok(()),
+                "removed from the index: the next `pycstore link` compiles again",
+            );
+        }
+    }
+    Ok(())
+}
 
-    Ok(VerifyReport {
-        stats,
-        index: index_state,
-        index_moved_to,
-        set_aside_indexes: set_aside,
-        repairs: options.repair.then_some(repairs),
+/// Repair, then the files: damaged, unreadable and stray files go, objects
+/// whose owner or mode changed get a fresh inode, shard directories go back
+/// to the store's owner, damaged or exposed pycs leave their prefix (only
+/// the very inode or bytes found, never through a symlink), and orphans go.
+fn repair_files(store: &Store, found: &mut Findings) {
+    let Findings {
+        repairs,
         problems,
-        elapsed_seconds: started.elapsed().as_secs_f64(),
-    })
+        remove,
+        refresh,
+        shards,
+        unlink,
+        orphans,
+        ..
+    } = found;
+    for (path, at) in remove.iter() {
+        let outcome = remove_object(path);
+        repairs.objects_removed += outcome.is_ok() as u64;
+        let done = "removed it: the next `pycstore link` compiles it again";
+        settle(&mut problems[*at], outcome, done);
+    }
+    for (id, at) in refresh.iter() {
+        let outcome = store.objects.refresh_inode(id);
+        if outcome.is_ok() {
+            match problems[*at].kind {
+                ProblemKind::Owner => repairs.owners_fixed += 1,
+                _ => repairs.permissions_fixed += 1,
+            }
+        }
+        let done = "gave it a fresh inode with the store's owner and an object's mode (its bytes \
+                    match its name); prefixes holding the old inode are listed apart";
+        settle(&mut problems[*at], outcome, done);
+    }
+    for (path, at) in shards.iter() {
+        let outcome = give_back_shard(store.objects.owner(), path);
+        repairs.owners_fixed += outcome.is_ok() as u64;
+        let done = "gave it back to the store's owner, mode 0700 (2770 in a group store)";
+        settle(&mut problems[*at], outcome, done);
+    }
+    for (pyc, at, expect) in unlink.iter() {
+        let outcome = remove_placed(pyc, expect);
+        let done = match &outcome {
+            Ok(true) => {
+                repairs.links_removed += 1;
+                "removed it: Python compiles it again, or `pycstore link` its prefix puts a good \
+                 pyc back"
+            }
+            _ => "it was replaced since: left it alone",
+        };
+        settle(&mut problems[*at], outcome.map(drop), done);
+    }
+    let removed: Vec<bool> = orphans
+        .par_iter()
+        .map(|id| remove_object(&store.objects.path(id)).is_ok())
+        .collect();
+    repairs.orphans_removed = removed.into_iter().filter(|&ok| ok).count() as u64;
+}
+
+/// Says what became of a problem: repaired, and what was done; or why not.
+fn settle(problem: &mut Problem, outcome: std::io::Result<()>, done: &str) {
+    match outcome {
+        Ok(()) => {
+            problem.repaired = true;
+            problem.message.push_str("; ");
+            problem.message.push_str(done);
+        }
+        Err(e) => problem
+            .message
+            .push_str(&format!("; could not repair it: {e}")),
+    }
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Every pyc pycstore recorded placing, with the object it placed.
@@ -699,7 +910,7 @@ fn recorded_links(readout: &Readout) -> Vec<(PathBuf, ObjectId)> {
         else {
             continue;
         };
-        links.push((PathBuf::from(std::ffi::OsStr::from_bytes(key)), id));
+        links.push((PathBuf::from(OsStr::from_bytes(key)), id));
     }
     links
 }
@@ -753,22 +964,17 @@ fn metadata_problem(
     }
 }
 
-/// Reports shard directories of the objects bucket that belong to someone
-/// else or that others can write: whoever can write a shard can swap its
-/// objects. Returns them with the index of their problem.
-fn check_shards(
-    store: &Store,
-    stats: &mut VerifyStats,
-    problems: &mut Vec<Problem>,
-) -> Vec<(PathBuf, usize)> {
+/// Step 5: the shard directories of the objects bucket. One that belongs
+/// to someone else or that others can write is to be given back: whoever
+/// can write a shard can swap its objects.
+fn check_shards(store: &Store, found: &mut Findings) {
     let owner = store.objects.owner();
     let foreign_write = match owner {
         Owner::User(_) => 0o022,
         Owner::Group(_) => 0o002,
     };
-    let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir(store.objects.dir()) else {
-        return found;
+        return;
     };
     for entry in entries.flatten() {
         // Symlinks and files there are strays, reported with the listing.
@@ -782,29 +988,24 @@ fn check_shards(
         if owned && meta.mode() & foreign_write == 0 {
             continue;
         }
-        stats.bad_owner += 1;
-        found.push((entry.path(), problems.len()));
-        problems.push(Problem {
-            kind: ProblemKind::Owner,
-            path: entry.path(),
-            message: format!(
-                "this shard directory belongs to user id {} and group id {}, mode {:04o}; it must \
-                 belong to the store's owner ({}) and be writable by no one else: whoever can \
-                 write it can swap the objects inside",
-                meta.uid(),
-                meta.gid(),
-                meta.mode() & 0o7777,
-                owner.describe()
-            ),
-            repaired: false,
-        });
+        found.stats.bad_owner += 1;
+        let message = format!(
+            "this shard directory belongs to user id {} and group id {}, mode {:04o}; it must \
+             belong to the store's owner ({}) and be writable by no one else: whoever can \
+             write it can swap the objects inside",
+            meta.uid(),
+            meta.gid(),
+            meta.mode() & 0o7777,
+            owner.describe()
+        );
+        let at = found.problem(ProblemKind::Owner, entry.path(), message);
+        found.shards.push((entry.path(), at));
     }
-    found
 }
 
 /// Gives a shard directory back to the store's owner, mode 0700 (2770).
 fn give_back_shard(owner: Owner, path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| with_path(e, "stat", path))?;
+    let meta = std::fs::symlink_metadata(path).at("stat", path)?;
     if !meta.is_dir() {
         return Ok(());
     }
@@ -812,10 +1013,9 @@ fn give_back_shard(owner: Owner, path: &Path) -> std::io::Result<()> {
         Owner::User(uid) => (Some(uid), None),
         Owner::Group(gid) => (None, Some(gid)),
     };
-    std::os::unix::fs::lchown(path, uid, gid)
-        .map_err(|e| with_path(e, "change the owner of", path))?;
+    std::os::unix::fs::lchown(path, uid, gid).at("change the owner of", path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(owner.dir_mode()))
-        .map_err(|e| with_path(e, "set permissions of", path))
+        .at("set permissions of", path)
 }
 
 /// Something wrong with one recorded pyc.
@@ -884,126 +1084,64 @@ fn check_link(objects: &Objects, pyc: &Path, id: &ObjectId, object: &Checked) ->
             },
         }),
         State::Good if st.st_nlink > 1 && st.st_dev == object.dev => {
-            let (bytes, found) = read_at(&dir, &name)?;
-            let head_len = bytes.len().min(HEADER_LEN);
-            // An edited source recompiled by Python has another header; a
-            // pyc of the same header and other bytes is a damaged copy.
-            let damaged = found != *id
-                && (bytes.len() as u64) <= object.size
-                && bytes[..head_len] == object.head[..head_len.min(object.head.len())];
-            let expect = Expect {
-                inode: Some(inode),
-                bytes: None,
-            };
-            if damaged {
-                Some(Finding {
-                    kind: ProblemKind::DamagedLink,
-                    message: format!(
-                        "is hard linked to an earlier inode of the store object `{}` (it was \
-                         rewritten since), and holds damaged bytes ({} bytes, {} expected)",
-                        object_path.display(),
-                        bytes.len(),
-                        object.size
-                    ),
-                    expect,
-                })
-            } else if found == *id && !objects.stat_ok(&st) {
-                Some(Finding {
-                    kind: ProblemKind::ExposedLink,
-                    message: format!(
-                        "is hard linked to an earlier inode of the store object `{}`, owned by \
-                         user id {} and group id {} with mode {:04o}: whoever owns it can change \
-                         this pyc in every prefix holding it",
-                        object_path.display(),
-                        st.st_uid,
-                        st.st_gid,
-                        st.st_mode & 0o7777
-                    ),
-                    expect,
-                })
-            } else {
-                None
-            }
+            check_earlier_inode(objects, (&dir, &name), &st, id, object)
         }
         _ => None,
     }
 }
 
-/// Reads the whole index; when it is damaged, reports it, and with
-/// `repair` rebuilds it from what can be read, keeping the damaged one.
-fn check_index(
-    store: &Store,
-    repair: bool,
-    objects: &HashMap<ObjectId, Checked>,
-    problems: &mut Vec<Problem>,
-) -> Result<(Readout, IndexState, Option<PathBuf>)> {
-    let path = store.index_path();
-    let keep = [Family::Entries, Family::Links];
-    let readout = rebuild::read_all(&path, &keep)?;
-    if readout.damage.is_empty() {
-        return Ok((readout, IndexState::Ok, None));
-    }
-    let cause = readout.damage.join("; ");
-    tracing::debug!("the index at `{}` is damaged: {cause}", path.display());
-    let mut problem = Problem {
-        kind: ProblemKind::Index,
-        path: path.clone(),
-        message: format!("the index is damaged: {cause}"),
-        repaired: false,
+/// Looks at a recorded pyc on another inode than its good object's, one
+/// it shares with other files: an earlier inode of the object (rewritten
+/// since, or given a fresh one). Reads it: it may hold damaged bytes, or
+/// good bytes on an inode whose owner or mode changed.
+fn check_earlier_inode(
+    objects: &Objects,
+    (dir, name): (&OwnedFd, &OsStr),
+    st: &rustix::fs::Stat,
+    id: &ObjectId,
+    object: &Checked,
+) -> Option<Finding> {
+    let (bytes, found) = read_at(dir, name)?;
+    let head_len = bytes.len().min(HEADER_LEN);
+    // An edited source recompiled by Python has another header; a pyc of
+    // the same header and other bytes is a damaged copy.
+    let damaged = found != *id
+        && (bytes.len() as u64) <= object.size
+        && bytes[..head_len] == object.head[..head_len.min(object.head.len())];
+    let expect = Expect {
+        inode: Some((st.st_dev, st.st_ino)),
+        bytes: None,
     };
-    if !repair {
-        problem.message.push_str(
-            "; run `pycstore verify --repair` to rebuild it from what can be read \
-             (objects are kept)",
-        );
-        problems.push(problem);
-        return Ok((readout, IndexState::Damaged, None));
-    }
-    drop(readout);
-    let rebuilt = rebuild::rebuild(&path, |salvaged| derive_entries(objects, salvaged))?;
-    let state = if rebuilt.kept + rebuilt.derived > 0 {
-        IndexState::Repaired
-    } else {
-        IndexState::Rebuilt
-    };
-    problem.repaired = true;
-    problem.message.push_str(&format!(
-        "; rebuilt it from what could be read: {} {} kept, {} {} derived again from the pycs \
-         linked from the store (what was lost, the next `pycstore link` compiles again)",
-        rebuilt.kept,
-        if rebuilt.kept == 1 {
-            "record"
-        } else {
-            "records"
-        },
-        rebuilt.derived,
-        if rebuilt.derived == 1 {
-            "entry"
-        } else {
-            "entries"
-        },
-    ));
-    if let Some(aside) = &rebuilt.set_aside {
-        problem.message.push_str(&format!(
-            "; the damaged index is kept at `{}` (orphaned objects are kept while it exists; \
-             remove it when you no longer need it)",
-            aside.display()
-        ));
-    }
-    problems.push(problem);
-    let readout = rebuild::read_all(&path, &keep)?;
-    if !readout.damage.is_empty() {
-        problems.push(Problem {
-            kind: ProblemKind::Index,
-            path: path.clone(),
+    let object_path = objects.path(id);
+    if damaged {
+        Some(Finding {
+            kind: ProblemKind::DamagedLink,
             message: format!(
-                "the rebuilt index cannot be read: {}",
-                readout.damage.join("; ")
+                "is hard linked to an earlier inode of the store object `{}` (it was \
+                 rewritten since), and holds damaged bytes ({} bytes, {} expected)",
+                object_path.display(),
+                bytes.len(),
+                object.size
             ),
-            repaired: false,
-        });
+            expect,
+        })
+    } else if found == *id && !objects.stat_ok(st) {
+        Some(Finding {
+            kind: ProblemKind::ExposedLink,
+            message: format!(
+                "is hard linked to an earlier inode of the store object `{}`, owned by \
+                 user id {} and group id {} with mode {:04o}: whoever owns it can change \
+                 this pyc in every prefix holding it",
+                object_path.display(),
+                st.st_uid,
+                st.st_gid,
+                st.st_mode & 0o7777
+            ),
+            expect,
+        })
+    } else {
+        None
     }
-    Ok((readout, state, rebuilt.set_aside))
 }
 
 /// Entries derived again from what was linked where: for each pyc recorded
@@ -1011,7 +1149,7 @@ fn check_index(
 /// it still has the hash the object's header carries, the entries of that
 /// source's compile key. The header proves which source bytes the object was
 /// compiled from; a timestamp pyc's does not, so none is derived from one.
-fn derive_entries(objects: &HashMap<ObjectId, Checked>, salvaged: &Readout) -> Writes {
+fn derive_entries(objects: &Checks, salvaged: &Readout) -> Writes {
     let mut writes = Writes::default();
     for (key, value) in salvaged.family(Family::Links) {
         let Some((id, tag)) = value
@@ -1039,7 +1177,7 @@ fn derive_entries(objects: &HashMap<ObjectId, Checked>, salvaged: &Readout) -> W
         let Ok(head) = <[u8; HEADER_LEN]>::try_from(checked.head.as_slice()) else {
             continue;
         };
-        let pyc = Path::new(std::ffi::OsStr::from_bytes(key));
+        let pyc = Path::new(OsStr::from_bytes(key));
         let Some((source, optimize)) = source_of(pyc) else {
             continue;
         };
@@ -1120,18 +1258,14 @@ fn remove_object(path: &Path) -> std::io::Result<()> {
         Err(e) => return Err(with_path(e, "stat", path)),
     };
     if meta.is_dir() {
-        return std::fs::remove_dir_all(path).map_err(|e| with_path(e, "remove", path));
+        return std::fs::remove_dir_all(path).at("remove", path);
     }
     if meta.is_file() {
         // Objects are read-only, and SMB mounts refuse to delete read-only
         // files.
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
     }
-    std::fs::remove_file(path).map_err(|e| with_path(e, "remove", path))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    std::fs::remove_file(path).at("remove", path)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use pycstore_store::gc::{GcOptions, GcReport};
 use pycstore_store::lock::LockMode;
 
 use crate::args::{GcArgs, GlobalArgs};
-use crate::output::{human_bytes, print_problems, SHOW_PROBLEMS};
+use crate::output::{human_bytes, plural, print_problems, SHOW_PROBLEMS};
 
 pub fn run(global: &GlobalArgs, args: &GcArgs) -> anyhow::Result<ExitCode> {
     let options = GcOptions {
@@ -124,8 +124,4 @@ fn summary(report: &GcReport) -> String {
     }
     line.push_str(&format!(" in {:.2}s", report.elapsed_seconds));
     line
-}
-
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }

@@ -34,11 +34,16 @@ pub fn open_store_with(
     global: &GlobalArgs,
     mode: LockMode,
 ) -> anyhow::Result<pycstore_store::Store> {
-    let root: PathBuf = match &global.store {
-        Some(dir) => dir.clone(),
-        None => pycstore_store::layout::default_root()
-            .context("no store location: set --store, PYCSTORE_DIR, XDG_CACHE_HOME or HOME")?,
-    };
+    let root = store_root(global)?;
     pycstore_store::Store::open_shared(&root, mode, global.shared_group.as_deref())
         .with_context(|| format!("cannot open the store at `{}`", root.display()))
+}
+
+/// The store directory: `--store`, `PYCSTORE_DIR`, or the default.
+pub fn store_root(global: &GlobalArgs) -> anyhow::Result<PathBuf> {
+    match &global.store {
+        Some(dir) => Ok(dir.clone()),
+        None => pycstore_store::layout::default_root()
+            .context("no store location: set --store, PYCSTORE_DIR, XDG_CACHE_HOME or HOME"),
+    }
 }

@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
@@ -32,13 +31,9 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
         return daemonize();
     }
     if let (Some(log), false) = (&log, args.daemon_child) {
-        redirect_stderr(log);
+        redirect_stderr(log)?;
     }
-    let root: PathBuf = match &global.store {
-        Some(dir) => dir.clone(),
-        None => pycstore_store::layout::default_root()
-            .context("no store location: set --store, PYCSTORE_DIR, XDG_CACHE_HOME or HOME")?,
-    };
+    let root = super::store_root(global)?;
     let store = pycstore_store::Store::open_unlocked(&root, global.shared_group.as_deref())
         .with_context(|| format!("cannot open the store at `{}`", root.display()))?;
     let mount = pycstore_fuse::mount(store, &options)
@@ -137,10 +132,13 @@ fn daemonize() -> anyhow::Result<ExitCode> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls may be made: it makes one system call,
+    // setsid(2), allocates nothing and touches no memory of the parent. A
+    // failure makes `spawn` fail with its error.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            rustix::process::setsid()?;
             Ok(())
         });
     }
@@ -173,10 +171,9 @@ fn open_log(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// Sends standard error to `log` from now on.
-fn redirect_stderr(log: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: dup2 onto standard error, from a descriptor we own.
-    unsafe { libc::dup2(log.as_raw_fd(), 2) };
+fn redirect_stderr(log: &std::fs::File) -> anyhow::Result<()> {
+    rustix::stdio::dup2_stderr(log).context("cannot send standard error to the log file")?;
+    Ok(())
 }
 
 /// In the detached server, once mounted: tell the parent, leave the working
@@ -192,13 +189,12 @@ fn detach(log: Option<&std::fs::File>) -> anyhow::Result<()> {
         .read(true)
         .write(true)
         .open("/dev/null")?;
-    use std::os::fd::AsRawFd;
-    for fd in 0..=2 {
-        // SAFETY: dup2 onto the standard descriptors, from a descriptor we own.
-        unsafe { libc::dup2(null.as_raw_fd(), fd) };
-    }
+    rustix::stdio::dup2_stdin(&null)
+        .and_then(|()| rustix::stdio::dup2_stdout(&null))
+        .and_then(|()| rustix::stdio::dup2_stderr(&null))
+        .context("cannot let go of the terminal (dup2 of /dev/null)")?;
     if let Some(log) = log {
-        redirect_stderr(log);
+        redirect_stderr(log)?;
     }
     Ok(())
 }

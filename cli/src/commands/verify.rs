@@ -8,7 +8,7 @@ use pycstore_store::lock::LockMode;
 use pycstore_store::verify::{IndexState, VerifyOptions, VerifyReport};
 
 use crate::args::{GlobalArgs, VerifyArgs};
-use crate::output::{human_bytes, print_problems, SHOW_PROBLEMS};
+use crate::output::{human_bytes, plural, print_problems, SHOW_PROBLEMS};
 
 pub fn run(global: &GlobalArgs, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let options = VerifyOptions {
@@ -155,8 +155,4 @@ fn summary(report: &VerifyReport) -> String {
         }
     }
     line
-}
-
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }

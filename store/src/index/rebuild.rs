@@ -29,7 +29,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{IteratorMode, Options, ReadOptions, WriteBatch, DB};
 
@@ -37,7 +36,7 @@ use super::{entry_key, free_bytes, is_no_space, EntrySlot, Family, Index, Writes
 use crate::key::CompileKey;
 use crate::layout::INDEX_DIR;
 use crate::lock::{self, LockMode};
-use crate::objects::with_path;
+use crate::util::{now_secs, with_path, PathContext};
 use crate::{Error, Result};
 
 /// What could be read of an index.
@@ -67,13 +66,8 @@ impl Readout {
     }
 
     /// How many records were read (of the families asked for).
-    pub fn len(&self) -> u64 {
+    fn len(&self) -> u64 {
         self.records.values().map(|f| f.len() as u64).sum()
-    }
-
-    /// Whether no record was read.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -149,8 +143,6 @@ pub struct Rebuilt {
     pub kept: u64,
     /// Records the caller derived.
     pub derived: u64,
-    /// What could not be read of the damaged index.
-    pub damage: Vec<String>,
 }
 
 /// Builds a new index from what the one at `path` still gives and from what
@@ -181,7 +173,7 @@ pub fn rebuild(path: &Path, derive: impl FnOnce(&Readout) -> Writes) -> Result<R
     let new = unused_name(root, "new");
     let built = build(path, &salvage, &new, derive);
     let _ = remove_tree(&salvage);
-    let (kept, derived, damage) = match built {
+    let (kept, derived) = match built {
         Ok(counts) => counts,
         Err(e) => {
             let _ = remove_tree(&new);
@@ -193,7 +185,6 @@ pub fn rebuild(path: &Path, derive: impl FnOnce(&Readout) -> Writes) -> Result<R
         set_aside,
         kept,
         derived,
-        damage,
     })
 }
 
@@ -203,7 +194,7 @@ fn build(
     salvage: &Path,
     new: &Path,
     derive: impl FnOnce(&Readout) -> Writes,
-) -> Result<(u64, u64, Vec<String>)> {
+) -> Result<(u64, u64)> {
     let all = Family::ALL;
     // What the damaged index gives as it is: every record before the first
     // damaged block of each family, as current as it gets.
@@ -271,7 +262,7 @@ fn build(
     if path.parent().is_some_and(crate::trust::is_shared) {
         super::share_files(new);
     }
-    Ok((kept, derived, merged.damage))
+    Ok((kept, derived))
 }
 
 /// Step 3: `new` takes the name of `path` in one atomic exchange (two
@@ -286,12 +277,11 @@ fn swap(path: &Path, new: &Path, root: &Path) -> Result<Option<PathBuf>> {
         Ok(()) => {
             // `new` now holds the old index: give it its set-aside name.
             // Should this fail, `gc` still keeps it (any `index-v1.*`).
-            std::fs::rename(new, &aside)
-                .map_err(|e| with_path(e, "set aside the damaged index", new))?;
+            std::fs::rename(new, &aside).at("set aside the damaged index", new)?;
             Some(aside)
         }
         Err(Errno::NOENT) if !path.exists() => {
-            std::fs::rename(new, path).map_err(|e| with_path(e, "move into place", new))?;
+            std::fs::rename(new, path).at("move into place", new)?;
             None
         }
         Err(e) => {
@@ -300,8 +290,7 @@ fn swap(path: &Path, new: &Path, root: &Path) -> Result<Option<PathBuf>> {
                 new.display(),
                 path.display()
             );
-            std::fs::rename(path, &aside)
-                .map_err(|e| with_path(e, "set aside the damaged index", path))?;
+            std::fs::rename(path, &aside).at("set aside the damaged index", path)?;
             if let Err(e) = std::fs::rename(new, path) {
                 let _ = std::fs::rename(&aside, path);
                 return Err(with_path(e, "move into place", new).into());
@@ -363,10 +352,7 @@ pub fn set_aside_indexes(root: &Path) -> Vec<PathBuf> {
 
 /// `index-v1.<kind>-<unix time>`, unused.
 fn unused_name(root: &Path, kind: &str) -> PathBuf {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = now_secs();
     let mut path = root.join(format!("{INDEX_DIR}.{kind}-{now}"));
     let mut n = 1;
     while path.symlink_metadata().is_ok() {

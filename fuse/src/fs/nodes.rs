@@ -1,0 +1,149 @@
+//! The node table: every node the kernel was told about, numbered when
+//! first seen and keyed by what it stands for, so one thing keeps one
+//! number for as long as the kernel remembers it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fuser::{Errno, INodeNo};
+
+use super::ingest::Written;
+use crate::pycs::{Served, SourceState};
+use crate::under::Meta;
+
+/// What a node stands for: the key it is found by again.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) enum Key {
+    /// A file, directory or symlink of the tree.
+    Path(PathBuf),
+    /// The overlay's `__pycache__` of the directory at this path.
+    Pycache(PathBuf),
+    /// A served pyc: its path in the view and the state of its source.
+    Pyc(PathBuf, SourceState),
+    /// A file being written, by creation number.
+    Written(u64),
+}
+
+/// A pyc from the store with the stat of its source.
+pub(super) struct PycNode {
+    pub served: Served,
+    pub source: Meta,
+    /// The source, relative to the tree's base.
+    pub rel: PathBuf,
+}
+
+#[derive(Clone)]
+pub(super) enum Node {
+    /// A file, directory or symlink of the tree (in the pycache-prefix view,
+    /// a directory).
+    Real(PathBuf),
+    /// The overlay's `__pycache__` of the directory at this path.
+    Pycache(PathBuf),
+    /// A pyc from the store.
+    Pyc(Arc<PycNode>),
+    /// A file being written by Python.
+    Written(Arc<Mutex<Written>>),
+}
+
+pub(super) struct Slot {
+    pub node: Node,
+    key: Key,
+    pub lookups: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Nodes {
+    pub slots: HashMap<u64, Slot>,
+    pub by_key: HashMap<Key, u64>,
+    /// Files being written, by directory and name.
+    pub written: HashMap<(PathBuf, OsString), u64>,
+    pub next: u64,
+}
+
+impl Nodes {
+    /// A table holding the root (node 1, the tree's base), which the kernel
+    /// never forgets.
+    pub fn with_root() -> Nodes {
+        let mut nodes = Nodes {
+            next: 1,
+            ..Nodes::default()
+        };
+        nodes.by_key.insert(Key::Path(PathBuf::new()), 1);
+        nodes.slots.insert(
+            1,
+            Slot {
+                node: Node::Real(PathBuf::new()),
+                key: Key::Path(PathBuf::new()),
+                lookups: 1,
+            },
+        );
+        nodes
+    }
+
+    pub fn get(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.slots
+            .get(&ino.0)
+            .map(|s| s.node.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// The node for `key`, made by `make` if new; counts a lookup when the
+    /// kernel is told about it.
+    pub fn insert(&mut self, key: Key, counted: bool, make: impl FnOnce() -> Node) -> (u64, Node) {
+        if let Some(&ino) = self.by_key.get(&key) {
+            if let Some(slot) = self.slots.get_mut(&ino) {
+                if counted {
+                    slot.lookups += 1;
+                }
+                return (ino, slot.node.clone());
+            }
+        }
+        self.next += 1;
+        let ino = self.next;
+        let node = make();
+        self.by_key.insert(key.clone(), ino);
+        self.slots.insert(
+            ino,
+            Slot {
+                node: node.clone(),
+                key,
+                lookups: u64::from(counted),
+            },
+        );
+        (ino, node)
+    }
+
+    /// The kernel forgot `n` lookups: pycs and written files it no longer
+    /// knows are dropped (tree nodes stay, so their numbers stay stable).
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        let Some(slot) = self.slots.get_mut(&ino) else {
+            return;
+        };
+        slot.lookups = slot.lookups.saturating_sub(n);
+        let droppable = match &slot.node {
+            Node::Pyc(_) => true,
+            Node::Written(w) => !w.lock().map(|w| w.linked).unwrap_or(false),
+            Node::Real(_) | Node::Pycache(_) => false,
+        };
+        if slot.lookups == 0 && droppable {
+            if let Some(slot) = self.slots.remove(&ino) {
+                if self.by_key.get(&slot.key) == Some(&ino) {
+                    self.by_key.remove(&slot.key);
+                }
+            }
+        }
+    }
+}
+
+/// A number for a listed name that has no node yet (readdir needs one;
+/// the kernel numbers nodes from lookups).
+pub(super) fn listing_ino(dir: &Path, name: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    dir.hash(&mut h);
+    name.hash(&mut h);
+    h.finish() | 1 << 63
+}

@@ -79,6 +79,16 @@ pub fn pycstore(store: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pycstore"));
     cmd.arg("--store").arg(store);
     cmd.env_remove("PYCSTORE_DIR");
+    // No user's config file or settings in the environment.
+    cmd.env("PYCSTORE_CONFIG", "/dev/null");
+    for var in [
+        "PYCSTORE_LINK_MODE",
+        "PYCSTORE_JOBS",
+        "PYCSTORE_INVALIDATION_MODE",
+        "PYCSTORE_EXCLUDE",
+    ] {
+        cmd.env_remove(var);
+    }
     cmd
 }
 

@@ -10,7 +10,7 @@ use crate::env;
 
 /// Compile Python bytecode once per machine and link it into every environment.
 #[derive(Parser, Debug)]
-#[command(name = "pycstore", version, about, max_term_width = 100)]
+#[command(name = "pycstore", version = crate::version::text(), about, max_term_width = 100)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -73,6 +73,16 @@ pub enum Command {
 
     /// Add the entries of a pack to the store, after checking all of it.
     Import(ImportArgs),
+
+    /// Print the effective settings (flags, environment, config file,
+    /// defaults) and where each came from.
+    Config(ConfigArgs),
+
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    Completions(CompletionsArgs),
+
+    /// Print the man page (roff), or write one per subcommand into --dir.
+    Man(ManArgs),
 
     /// Serve the store's pycs through FUSE where pycs cannot be written: a
     /// read-only overlay of a prefix whose __pycache__ directories hold them
@@ -374,6 +384,28 @@ pub enum LinkModeArg {
     Hardlink,
     /// Plain copies.
     Copy,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// Print the settings as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write pycstore.1 and a pycstore-SUBCOMMAND.1 per subcommand into DIR
+    /// instead of printing pycstore.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Parses a size: a number with an optional unit, `B`, `K`/`KB`, `M`/`MB`,

@@ -1,9 +1,12 @@
 //! One module per subcommand.
 
+pub mod completions;
+pub mod config;
 pub mod export;
 pub mod gc;
 pub mod import;
 pub mod link;
+pub mod man;
 pub mod mount;
 pub mod stats;
 pub mod status;

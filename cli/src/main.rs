@@ -13,6 +13,7 @@ mod args;
 mod commands;
 mod env;
 mod output;
+mod remote;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
@@ -43,6 +44,8 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         args::Command::Import(ref args) => commands::import::run(&cli.global, args),
         args::Command::Mount(ref args) => commands::mount::run(&cli.global, args),
         args::Command::Unmount(ref args) => commands::unmount::run(args),
+        args::Command::Push(ref args) => commands::push::run(&cli.global, args),
+        args::Command::Keygen(ref args) => commands::keygen::run(&cli.global, args),
     }
 }
 

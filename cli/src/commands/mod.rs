@@ -3,8 +3,10 @@
 pub mod export;
 pub mod gc;
 pub mod import;
+pub mod keygen;
 pub mod link;
 pub mod mount;
+pub mod push;
 pub mod stats;
 pub mod status;
 pub mod unlink;

@@ -76,6 +76,21 @@ pub struct RemoteSpec {
 }
 
 impl RemoteSpec {
+    /// The host and port a network remote is reached at.
+    pub(crate) fn address(&self) -> Option<(String, u16)> {
+        let endpoint = match &self.kind {
+            Kind::S3 { endpoint, .. } => endpoint.clone()?,
+            Kind::Redis { endpoint, .. } | Kind::Http { endpoint, .. } => endpoint.clone(),
+            Kind::File { .. } => return None,
+        };
+        let url = url::Url::parse(&endpoint).ok()?;
+        let port = url.port_or_known_default().or(match url.scheme() {
+            "redis" | "rediss" => Some(6379),
+            _ => None,
+        })?;
+        Some((url.host_str()?.to_string(), port))
+    }
+
     /// The credentials of this remote, to be kept out of every message.
     pub(crate) fn secrets(&self) -> Vec<String> {
         let found = match &self.kind {

@@ -125,6 +125,10 @@ pub struct RemoteReport {
 struct Remote {
     label: String,
     op: Operator,
+    /// Host and port to reach before the first request (network remotes).
+    address: Option<(String, u16)>,
+    /// Whether the address answered (checked once, on first use).
+    reachable: tokio::sync::OnceCell<Result<(), String>>,
     counters: AtomicCounters,
     /// The first error: the remote is not asked again by this process.
     disabled: Mutex<Option<String>>,
@@ -265,6 +269,8 @@ impl Remotes {
             remotes.push(Remote {
                 label: spec.label.clone(),
                 op,
+                address: spec.address(),
+                reachable: tokio::sync::OnceCell::new(),
                 counters: AtomicCounters::default(),
                 disabled: Mutex::new(None),
                 off: AtomicBool::new(false),
@@ -460,6 +466,38 @@ impl Remotes {
     }
 }
 
+/// A short account of a storage error: the HTTP status when there is one
+/// (not the page that came with it), else the error's own message.
+fn describe(e: &opendal::Error) -> String {
+    let text = e.to_string();
+    let refused = matches!(e.kind(), ErrorKind::PermissionDenied)
+        || text.contains("status: 401")
+        || text.contains("status: 403")
+        || text.contains("uthentication");
+    let status = text.split_once("status: ").and_then(|(_, rest)| {
+        let code: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        (code.len() == 3).then_some(code)
+    });
+    let mut message = match &status {
+        Some(code) => format!("the server answered HTTP {code}"),
+        None => {
+            let detail = text.rsplit_once(" => ").map_or(text.as_str(), |(_, m)| m);
+            detail.lines().next().unwrap_or("").to_string()
+        }
+    };
+    if message.len() > 300 {
+        let mut end = 300;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    if refused {
+        message.push_str(" (credentials refused? check the remote's credentials)");
+    }
+    message
+}
+
 /// Reads every remote's counters from the index.
 pub fn recorded(index: &Index) -> crate::Result<BTreeMap<String, RemoteCounters>> {
     let mut out = BTreeMap::new();
@@ -545,9 +583,33 @@ impl Shared {
         }
     }
 
+    /// Connects once to a network remote before its first request, so a
+    /// closed port is known at once (clients retry connecting for a while).
+    async fn reachable(&self, i: usize) -> Result<(), String> {
+        let r = &self.remotes[i];
+        let Some((host, port)) = &r.address else {
+            return Ok(());
+        };
+        r.reachable
+            .get_or_init(|| async {
+                let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
+                match tokio::time::timeout(self.settings.timeout, connect).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
+                    Err(_) => Err(format!(
+                        "cannot connect to {host}:{port} within {:.1}s (--remote-timeout)",
+                        self.settings.timeout.as_secs_f64()
+                    )),
+                }
+            })
+            .await
+            .clone()
+    }
+
     /// Reads `path` from remote `i`: `Ok(None)` when it is not there.
     async fn get(&self, i: usize, path: &str) -> Result<Option<Vec<u8>>, String> {
         let r = &self.remotes[i];
+        self.reachable(i).await?;
         AtomicCounters::add(&r.counters.requests, 1);
         match tokio::time::timeout(self.settings.timeout, r.op.read(path)).await {
             Err(_) => Err(format!(
@@ -555,7 +617,7 @@ impl Shared {
                 self.settings.timeout.as_secs_f64()
             )),
             Ok(Err(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(describe(&e)),
             Ok(Ok(buffer)) => {
                 let bytes = buffer.to_vec();
                 AtomicCounters::add(&r.counters.bytes_in, bytes.len() as u64);
@@ -566,6 +628,7 @@ impl Shared {
 
     async fn write(&self, i: usize, path: &str, bytes: Vec<u8>) -> Result<(), String> {
         let r = &self.remotes[i];
+        self.reachable(i).await?;
         AtomicCounters::add(&r.counters.requests, 1);
         let len = bytes.len() as u64;
         match tokio::time::timeout(self.settings.timeout, r.op.write(path, bytes)).await {
@@ -573,7 +636,7 @@ impl Shared {
                 "no answer within {:.1}s (--remote-timeout)",
                 self.settings.timeout.as_secs_f64()
             )),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(describe(&e)),
             Ok(Ok(_)) => {
                 AtomicCounters::add(&r.counters.bytes_out, len);
                 Ok(())

@@ -105,7 +105,7 @@ pub struct RemoteArgs {
     pub remote: Vec<String>,
 
     /// Never write to a remote (for untrusted jobs such as fork pull requests).
-    #[arg(long, env = env::PYCSTORE_REMOTE_READ_ONLY)]
+    #[arg(long, env = env::PYCSTORE_REMOTE_READ_ONLY, value_parser = clap::builder::BoolishValueParser::new())]
     pub remote_read_only: bool,
 
     /// Seconds one remote request may take; a remote that does not answer

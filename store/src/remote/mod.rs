@@ -725,3 +725,50 @@ impl Shared {
         AtomicCounters::add(&self.remotes[i].counters.uploads, 1);
     }
 }
+
+/// Direct access to what a remote stores, by name: for tests that play a
+/// hostile writer, and for debugging. Not used by any command.
+#[doc(hidden)]
+impl Remotes {
+    /// Every name under `dir` (recursively) on remote `i`.
+    pub fn raw_list(&self, i: usize, dir: &str) -> Result<Vec<String>, String> {
+        let op = self.shared.remotes[i].op.clone();
+        let dir = dir.to_string();
+        self.runtime.block_on(async move {
+            let entries = op
+                .list_with(&dir)
+                .recursive(true)
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok(entries
+                .into_iter()
+                .filter(|e| !e.path().ends_with('/'))
+                .map(|e| e.path().to_string())
+                .collect())
+        })
+    }
+
+    /// The bytes of `path` on remote `i`.
+    pub fn raw_read(&self, i: usize, path: &str) -> Result<Vec<u8>, String> {
+        let op = self.shared.remotes[i].op.clone();
+        let path = path.to_string();
+        self.runtime.block_on(async move {
+            op.read(&path)
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| describe(&e))
+        })
+    }
+
+    /// Writes `bytes` as `path` on remote `i`.
+    pub fn raw_write(&self, i: usize, path: &str, bytes: Vec<u8>) -> Result<(), String> {
+        let op = self.shared.remotes[i].op.clone();
+        let path = path.to_string();
+        self.runtime.block_on(async move {
+            op.write(&path, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e))
+        })
+    }
+}

@@ -320,7 +320,7 @@ fn redis_bytes(url: &str, args: &[&[u8]]) -> Vec<Vec<u8>> {
     fn value(r: &mut impl std::io::BufRead, out: &mut Vec<Vec<u8>>) {
         let l = line(r);
         match &l[..1] {
-            "+" | ":" => out.push(l[1..].as_bytes().to_vec()),
+            "+" | ":" => out.push(l.as_bytes()[1..].to_vec()),
             "-" => panic!("redis error: {l}"),
             "$" => {
                 let n: i64 = l[1..].parse().unwrap();
@@ -855,7 +855,8 @@ mod s3 {
 fn bad_remote_settings_exit_2_and_write_nothing() {
     let t = TestDir::new();
     let src = modules(&t, "a", 2);
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--remote", "ftp://host/x"],
             vec![],

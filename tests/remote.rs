@@ -603,22 +603,32 @@ fn tampered_remote_gives_no_wrong_pyc(b: Backend) {
     let entries: Vec<&String> = stored.iter().filter(|s| s.contains("/entries/")).collect();
     let objects: Vec<&String> = stored.iter().filter(|s| s.contains("/objects/")).collect();
     assert_eq!(entries.len(), count + 1, "{stored:#?}");
-    // Flip a byte in the middle of every other object.
-    for name in objects.iter().step_by(2) {
+    // Flip a byte in the middle of every other object: stored apart, or
+    // inside its entry (small objects travel in their entry, after the
+    // 110 bytes of key, object id, size, header and inline length).
+    for name in objects.iter() {
         let mut bytes = b.read(name);
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x55;
         b.write(name, &bytes);
     }
+    for name in entries.iter().skip(1).step_by(2) {
+        let mut bytes = b.read(name);
+        let inline = u32::from_le_bytes(bytes[106..110].try_into().unwrap()) as usize;
+        if inline > 0 {
+            bytes[110 + inline / 2] ^= 0x55;
+            b.write(name, &bytes);
+        }
+    }
     // Flip a byte of the recorded header (the source hash) in some entries.
-    for name in entries.iter().skip(1).step_by(5) {
+    for name in entries.iter().skip(2).step_by(6) {
         let mut bytes = b.read(name);
         bytes[18 + 32 + 32 + 8 + 12] ^= 0x01;
         b.write(name, &bytes);
     }
     // A self-consistent entry of another source under a key: its object
     // checks out against its name, not against the local source.
-    let (donor, victim) = (entries[1], entries[2]);
+    let (donor, victim) = (entries[0], entries[2]);
     let mut forged = b.read(donor);
     let key_hex = victim.rsplit('/').next().unwrap();
     for i in 0..32 {

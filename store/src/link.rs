@@ -675,8 +675,14 @@ impl Run<'_> {
     fn derive(&self, target: &Target, body: &Entry) -> std::result::Result<Option<Entry>, String> {
         match self.store.objects.read(&body.object) {
             Ok(bytes) if bytes.len() as u64 == body.size && bytes[..HEADER_LEN] == body.header => {
-                self.store_pyc(target, self.slot(target), &bytes[HEADER_LEN..], false)
-                    .map(Some)
+                self.store_pyc(
+                    target,
+                    self.slot(target),
+                    &bytes[HEADER_LEN..],
+                    false,
+                    false,
+                )
+                .map(Some)
             }
             Ok(_) => {
                 self.progress.warn(&format!(
@@ -760,6 +766,7 @@ impl Run<'_> {
         slot: EntrySlot,
         body: &[u8],
         new_body: bool,
+        body_checked: bool,
     ) -> std::result::Result<Entry, String> {
         let interpreter = &self.interpreters[target.interpreter];
         let input = target
@@ -769,7 +776,7 @@ impl Run<'_> {
         let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
         bytes.extend_from_slice(&header);
         bytes.extend_from_slice(body);
-        if new_body {
+        if new_body && !body_checked {
             // What a compile worker answered must be one loadable code object.
             match crate::marshal::check_pyc(&bytes) {
                 Err(e) if e.is_damage() => {
@@ -918,7 +925,9 @@ impl Run<'_> {
                     Outcome::Compiled(body) => {
                         let first = &inflight[&job.key][0];
                         let slot = self.slot(first);
-                        let stored = self.store_pyc(first, slot, body, true);
+                        // A fetched body was checked when it was accepted.
+                        let checked = how == Settled::Fetched;
+                        let stored = self.store_pyc(first, slot, body, true, checked);
                         if let Ok(entry) = &stored {
                             self.compiled
                                 .lock()
@@ -948,7 +957,7 @@ impl Run<'_> {
                         let entry = if self.slot(&target) == *slot {
                             Ok(*entry)
                         } else {
-                            self.store_pyc(&target, self.slot(&target), body, false)
+                            self.store_pyc(&target, self.slot(&target), body, false, false)
                         };
                         entry.and_then(|entry| self.settle(&target, &entry, None, how))
                     }

@@ -10,8 +10,10 @@
 //! └── pycstore-v1/
 //!     └── NAMESPACE/             --remote-namespace (default `default`): projects or
 //!         │                      Python fleets sharing a bucket keep apart
-//!         ├── objects/3f/3f9a0c…  zstd(pyc), named by the blake3 of the pyc
-//!         └── entries/b2/b21e47…  named by the compile key: which object, signed
+//!         ├── objects/3f/3f9a0c…  zstd(pyc), named by the blake3 of the pyc: pycs
+//!         │                      too large to travel inside their entry
+//!         └── entries/b2/b21e47…  named by the compile key: which object, signed,
+//!                                and the object itself when it is small
 //! ```
 //!
 //! An object is one complete pyc in the checked-hash flavor (its header
@@ -25,6 +27,9 @@
 //! object id               32   blake3 of the uncompressed pyc
 //! size                    u64 le, of the uncompressed pyc
 //! header                  16   the pyc's first 16 bytes
+//! inline object           u32 le length (0: none), then zstd(pyc): the object
+//!                              itself when compressed to at most 64 KiB, so one
+//!                              request fetches a pyc (checked like any object)
 //! signatures              u8 count, then per signature:
 //!                         u8 name length, key name (UTF-8), ed25519 signature (64)
 //! ```
@@ -56,6 +61,9 @@ const ENTRY_FIXED: usize = 18 + 32 + 32 + 8 + HEADER_LEN;
 
 /// The largest pyc taken from a remote (as for packs).
 pub const MAX_OBJECT: u64 = 64 << 20;
+
+/// The largest compressed object carried inside its entry.
+pub const INLINE_MAX: usize = 64 << 10;
 
 /// Where the object `id` lives under `namespace`.
 pub fn object_path(namespace: &str, id: &ObjectId) -> String {
@@ -95,14 +103,23 @@ impl RemoteEntry {
         m
     }
 
-    /// The entry's bytes, signed with `signer` (name and key) when given.
-    pub fn encode(&self, namespace: &str, signer: Option<(&str, &SigningKey)>) -> Vec<u8> {
-        let mut v = Vec::with_capacity(ENTRY_FIXED + 1 + 1 + 64 + 64);
+    /// The entry's bytes, carrying the compressed object `inline` when
+    /// given, signed with `signer` (name and key) when given.
+    pub fn encode(
+        &self,
+        namespace: &str,
+        inline: Option<&[u8]>,
+        signer: Option<(&str, &SigningKey)>,
+    ) -> Vec<u8> {
+        let inline = inline.unwrap_or_default();
+        let mut v = Vec::with_capacity(ENTRY_FIXED + 4 + inline.len() + 1 + 1 + 64 + 64);
         v.extend_from_slice(ENTRY_MAGIC);
         v.extend_from_slice(&self.key.0);
         v.extend_from_slice(&self.object.0);
         v.extend_from_slice(&self.size.to_le_bytes());
         v.extend_from_slice(&self.header);
+        v.extend_from_slice(&(inline.len() as u32).to_le_bytes());
+        v.extend_from_slice(inline);
         match signer {
             None => v.push(0),
             Some((name, key)) => {
@@ -150,14 +167,15 @@ pub enum Rejection {
 }
 
 /// Decodes an entry fetched under `key`, checking its signatures against
-/// `trusted` when any key is trusted.
-pub fn decode_entry(
-    bytes: &[u8],
+/// `trusted` when any key is trusted; with the compressed object it
+/// carries, if any (still to be checked by [`decode_object`]).
+pub fn decode_entry<'a>(
+    bytes: &'a [u8],
     key: &CompileKey,
     namespace: &str,
     trusted: &TrustedKeys,
-) -> Result<RemoteEntry, Rejection> {
-    if bytes.len() < ENTRY_FIXED + 1 || !bytes.starts_with(ENTRY_MAGIC) {
+) -> Result<(RemoteEntry, Option<&'a [u8]>), Rejection> {
+    if bytes.len() < ENTRY_FIXED + 4 + 1 || !bytes.starts_with(ENTRY_MAGIC) {
         return Err(Rejection::Malformed);
     }
     let mut at = ENTRY_MAGIC.len();
@@ -176,6 +194,13 @@ pub fn decode_entry(
         return Err(Rejection::WrongKey);
     }
     let mut rest = &bytes[ENTRY_FIXED..];
+    let inline_len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+    rest = &rest[4..];
+    if inline_len > INLINE_MAX || rest.len() < inline_len + 1 {
+        return Err(Rejection::Malformed);
+    }
+    let inline = (inline_len > 0).then(|| &rest[..inline_len]);
+    rest = &rest[inline_len..];
     let count = rest[0];
     rest = &rest[1..];
     let mut signatures = Vec::new();
@@ -196,7 +221,7 @@ pub fn decode_entry(
         return Err(Rejection::Malformed);
     }
     if trusted.is_empty() {
-        return Ok(entry);
+        return Ok((entry, inline));
     }
     if signatures.is_empty() {
         return Err(Rejection::Untrusted("that is not signed"));
@@ -208,7 +233,7 @@ pub fn decode_entry(
             .is_some_and(|key| key.verify(&message, signature).is_ok())
     });
     if good {
-        Ok(entry)
+        Ok((entry, inline))
     } else {
         Err(Rejection::Untrusted("not signed by a trusted key"))
     }
@@ -275,17 +300,23 @@ mod tests {
         let mut trusted = TrustedKeys::default();
         trusted.insert("ci-1".into(), key.verifying_key());
 
-        let unsigned = entry.encode("ns", None);
-        assert_eq!(decode_entry(&unsigned, &entry.key, "ns", &none), Ok(entry));
+        let unsigned = entry.encode("ns", None, None);
+        assert_eq!(
+            decode_entry(&unsigned, &entry.key, "ns", &none),
+            Ok((entry, None))
+        );
         assert!(matches!(
             decode_entry(&unsigned, &entry.key, "ns", &trusted),
             Err(Rejection::Untrusted(_))
         ));
-        let signed = entry.encode("ns", Some(("ci-1", &key)));
-        assert_eq!(decode_entry(&signed, &entry.key, "ns", &trusted), Ok(entry));
+        let signed = entry.encode("ns", Some(b"zz"), Some(("ci-1", &key)));
+        assert_eq!(
+            decode_entry(&signed, &entry.key, "ns", &trusted),
+            Ok((entry, Some(&b"zz"[..])))
+        );
         // Another namespace, another key of the same name, another key.
         assert!(decode_entry(&signed, &entry.key, "other", &trusted).is_err());
-        let forged = entry.encode("ns", Some(("ci-1", &other)));
+        let forged = entry.encode("ns", None, Some(("ci-1", &other)));
         assert!(decode_entry(&forged, &entry.key, "ns", &trusted).is_err());
         assert_eq!(
             decode_entry(&signed, &CompileKey([6; 32]), "ns", &trusted),

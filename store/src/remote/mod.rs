@@ -662,13 +662,23 @@ impl Shared {
                     continue;
                 }
             };
-            let entry = match format::decode_entry(&bytes, key, ns, &self.settings.trusted) {
-                Ok(entry) => entry,
-                Err(why) => {
-                    self.reject(i, &why);
-                    return None;
-                }
-            };
+            let (entry, inline) =
+                match format::decode_entry(&bytes, key, ns, &self.settings.trusted) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        self.reject(i, &why);
+                        return None;
+                    }
+                };
+            if let Some(inline) = inline {
+                return match format::decode_object(inline, &entry) {
+                    Ok(pyc) => Some(Fetched { remote: i, pyc }),
+                    Err(why) => {
+                        self.reject(i, &why);
+                        None
+                    }
+                };
+            }
             let compressed = match self.get(i, &format::object_path(ns, &entry.object)).await {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => {
@@ -709,12 +719,16 @@ impl Shared {
             .signing_key
             .as_ref()
             .map(|(name, key)| (name.as_str(), key));
-        let object = format::object_path(ns, &entry.object);
-        if let Err(e) = self.write(i, &object, format::encode_object(pyc)).await {
-            self.failed(i, "writing an object", e);
-            return;
+        let compressed = format::encode_object(pyc);
+        let inline = compressed.len() <= format::INLINE_MAX;
+        if !inline {
+            let object = format::object_path(ns, &entry.object);
+            if let Err(e) = self.write(i, &object, compressed.clone()).await {
+                self.failed(i, "writing an object", e);
+                return;
+            }
         }
-        let record = entry.encode(ns, signer);
+        let record = entry.encode(ns, inline.then_some(compressed.as_slice()), signer);
         if let Err(e) = self
             .write(i, &format::entry_path(ns, &entry.key), record)
             .await

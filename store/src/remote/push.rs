@@ -210,7 +210,7 @@ impl super::Shared {
             match self.get(i, &format::entry_path(ns, &entry.key)).await {
                 Ok(Some(bytes))
                     if format::decode_entry(&bytes, &entry.key, ns, &self.settings.trusted)
-                        .is_ok_and(|e| e.object == entry.object)
+                        .is_ok_and(|(e, _)| e.object == entry.object)
                         && (self.settings.signing_key.is_none()
                             || format::decode_entry(&bytes, &entry.key, ns, &self.own_key())
                                 .is_ok()) =>

@@ -20,6 +20,7 @@ mod link_modes;
 mod marshal;
 mod pack;
 mod prefix_attacks;
+mod remote;
 mod stdlib;
 mod trust;
 mod verify;

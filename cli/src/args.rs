@@ -93,6 +93,79 @@ pub enum Command {
 
     /// Unmount a view mounted by `pycstore mount`; its server then exits.
     Unmount(UnmountArgs),
+
+    /// Upload the pycs the store holds (or those linked under PREFIX...) to
+    /// the remotes, to prewarm a shared cache from a trusted job.
+    Push(PushArgs),
+
+    /// Make an ed25519 key pair for signing remote entries: NAME.secret
+    /// (for trusted writers: PYCSTORE_REMOTE_SIGNING_KEY) and NAME.pub (for
+    /// readers: PYCSTORE_REMOTE_TRUSTED_KEYS).
+    Keygen(KeygenArgs),
+}
+
+/// The remote tier: caches shared between machines, behind the local store.
+#[derive(Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// A remote cache to ask for local misses and give compiled pycs to:
+    /// s3://BUCKET[/PREFIX], redis://[USER:PASS@]HOST[:PORT][/DB] (rediss://),
+    /// http(s)://HOST[:PORT]/PATH (WebDAV or HTTP GET/PUT), file:///PATH.
+    /// Repeatable, asked in the order given [env: PYCSTORE_REMOTE, a
+    /// whitespace-separated list].
+    #[arg(long = "remote", value_name = "URL")]
+    pub remote: Vec<String>,
+
+    /// Never write to a remote (for untrusted jobs such as fork pull requests).
+    #[arg(long, env = env::PYCSTORE_REMOTE_READ_ONLY, value_parser = clap::builder::BoolishValueParser::new())]
+    pub remote_read_only: bool,
+
+    /// Seconds one remote request may take; a remote that does not answer
+    /// in time is left alone for the rest of the run.
+    #[arg(long, env = env::PYCSTORE_REMOTE_TIMEOUT, default_value_t = 10.0, value_name = "SECONDS")]
+    pub remote_timeout: f64,
+
+    /// The namespace inside the remotes: projects or Python fleets sharing a
+    /// bucket keep apart.
+    #[arg(long, env = env::PYCSTORE_REMOTE_NAMESPACE, default_value = "default", value_name = "NAME")]
+    pub remote_namespace: String,
+
+    /// Sign every uploaded entry with this ed25519 key (from `pycstore keygen`).
+    #[arg(long, env = env::PYCSTORE_REMOTE_SIGNING_KEY, value_name = "FILE")]
+    pub remote_signing_key: Option<PathBuf>,
+
+    /// Accept only entries signed by one of these public keys (NAME:BASE64,
+    /// or files of them), whitespace-separated.
+    #[arg(long, env = env::PYCSTORE_REMOTE_TRUSTED_KEYS, value_name = "KEYS")]
+    pub remote_trusted_keys: Option<String>,
+
+    /// Requests to the remotes in flight at once.
+    #[arg(long, env = env::PYCSTORE_REMOTE_JOBS, default_value_t = 128, value_name = "N")]
+    pub remote_jobs: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// Push only the pycs linked under these prefixes [default: all].
+    #[arg(value_name = "PREFIX")]
+    pub prefixes: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The key's name, carried by every signature (e.g. ci.example.org-1).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// Where to write NAME.secret and NAME.pub.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -362,6 +435,9 @@ pub struct LinkArgs {
     /// reported and skipped.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub max_source_size: u64,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

@@ -20,3 +20,17 @@ pub const PYCSTORE_LOG: &str = "PYCSTORE_LOG";
 pub const PYCSTORE_SHARED_GROUP: &str = "PYCSTORE_SHARED_GROUP";
 /// Run interpreters other users can change (`--trust-python`).
 pub const PYCSTORE_TRUST_PYTHON: &str = pycstore_store::python_trust::OVERRIDE_ENV;
+/// Remote URLs, whitespace-separated (`--remote`, repeatable).
+pub const PYCSTORE_REMOTE: &str = pycstore_store::remote::config::REMOTE_ENV;
+/// Make every remote read-only (`--remote-read-only`).
+pub const PYCSTORE_REMOTE_READ_ONLY: &str = pycstore_store::remote::config::READ_ONLY_ENV;
+/// Seconds before a remote request is given up (`--remote-timeout`).
+pub const PYCSTORE_REMOTE_TIMEOUT: &str = pycstore_store::remote::config::TIMEOUT_ENV;
+/// The namespace inside the remotes (`--remote-namespace`).
+pub const PYCSTORE_REMOTE_NAMESPACE: &str = pycstore_store::remote::config::NAMESPACE_ENV;
+/// The ed25519 signing key file of trusted writers (`--remote-signing-key`).
+pub const PYCSTORE_REMOTE_SIGNING_KEY: &str = pycstore_store::remote::config::SIGNING_KEY_ENV;
+/// Public keys, or files of them, readers accept (`--remote-trusted-keys`).
+pub const PYCSTORE_REMOTE_TRUSTED_KEYS: &str = pycstore_store::remote::config::TRUSTED_KEYS_ENV;
+/// Requests to the remotes in flight at once (`--remote-jobs`).
+pub const PYCSTORE_REMOTE_JOBS: &str = "PYCSTORE_REMOTE_JOBS";

@@ -14,6 +14,7 @@ mod env;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod glibc_compat;
 mod output;
+mod remote;
 mod version;
 
 fn main() -> ExitCode {
@@ -54,6 +55,8 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         args::Command::Config(ref args) => commands::config::run(args),
         args::Command::Completions(ref args) => commands::completions::run(args),
         args::Command::Man(ref args) => commands::man::run(args),
+        args::Command::Push(ref args) => commands::push::run(&cli.global, args),
+        args::Command::Keygen(ref args) => commands::keygen::run(&cli.global, args),
     }
 }
 

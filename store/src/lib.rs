@@ -26,6 +26,7 @@ pub mod pack;
 pub mod prefix;
 pub mod pyc;
 pub mod python_trust;
+pub mod remote;
 pub mod resolve;
 pub(crate) mod source;
 pub mod stats;

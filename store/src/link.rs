@@ -68,6 +68,8 @@ pub struct LinkOptions {
     /// The largest source read, in bytes; larger ones are reported and
     /// skipped.
     pub max_source_size: u64,
+    /// The remote tier: asked for local misses, given what is compiled.
+    pub remotes: Option<Arc<crate::remote::Remotes>>,
 }
 
 /// Counters of one `link` run.
@@ -86,6 +88,8 @@ pub struct LinkStats {
     /// pycs in another invalidation mode (timestamp, unchecked-hash) that
     /// were replaced by the mode asked for.
     pub replaced_other_mode: u64,
+    /// pycs placed from objects fetched from a remote (local misses).
+    pub fetched: u64,
     /// pycs that could not be produced or placed (see the failures).
     pub failed: u64,
     /// Sources that vanished or changed while being linked; the next run
@@ -120,6 +124,9 @@ pub struct LinkReport {
     pub failures: Vec<Failure>,
     /// Wall time in seconds.
     pub elapsed_seconds: f64,
+    /// What each remote did in this run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<crate::remote::RemoteReport>,
 }
 
 /// Where `link` reports progress and warnings (a progress bar, or nothing).
@@ -224,6 +231,26 @@ pub fn link(
                 })
                 .collect();
             drop(rx);
+            // Remote tier hook: with remotes, misses go to them first and
+            // reach the compile threads with what was fetched, if anything.
+            let tx = match &options.remotes {
+                None => tx,
+                Some(remotes) => {
+                    let (miss_tx, miss_rx) = crossbeam_channel::unbounded::<CompileJob>();
+                    let run = &run;
+                    scope.spawn(move || {
+                        remotes.fetch_misses(
+                            miss_rx,
+                            |job| run.remote_key(job),
+                            move |mut job, fetched| {
+                                job.fetched = fetched;
+                                let _ = tx.send(job);
+                            },
+                        )
+                    });
+                    miss_tx
+                }
+            };
             let session = index.as_ref().expect("open until the walk ends");
             found.par_iter().for_each(|(found, chosen)| {
                 for target in run.look_up(session, found, chosen, &optimize) {
@@ -251,9 +278,21 @@ pub fn link(
 
     // Phase 3: record.
     tracing::debug!("compiled at {:.3}s", started.elapsed().as_secs_f64());
+    if let Some(remotes) = &options.remotes {
+        remotes.finish();
+        run.remote_warnings();
+    }
     if !options.dry_run {
         if let Err(e) = run.flush() {
             run.index_failed(e);
+        }
+        if let Some(remotes) = &options.remotes {
+            if let Err(e) = store
+                .index()
+                .and_then(|mut index| remotes.record(&mut index))
+            {
+                tracing::debug!("cannot record the remotes' counters: {e}");
+            }
         }
     }
     tracing::debug!("recorded at {:.3}s", started.elapsed().as_secs_f64());
@@ -270,6 +309,11 @@ pub fn link(
         interpreters,
         failures: failures.into_inner().unwrap(),
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        remotes: options
+            .remotes
+            .as_ref()
+            .map(|r| r.report())
+            .unwrap_or_default(),
     })
 }
 
@@ -300,6 +344,8 @@ struct CompileJob {
     source: Arc<Source>,
     interpreter: usize,
     optimize: u8,
+    /// What a remote returned for this miss, still to be checked.
+    fetched: Option<crate::remote::Fetched>,
 }
 
 /// Whose trees may share the store's inodes, and who is placing pycs.
@@ -382,7 +428,7 @@ struct Run<'a> {
     inflight: Mutex<HashMap<CompileKey, Vec<Target>>>,
     /// Bodies compiled by this run, recorded before their key leaves
     /// `inflight`, so a late miss of the same key uses them.
-    compiled: Mutex<HashMap<CompileKey, (EntrySlot, Entry)>>,
+    compiled: Mutex<HashMap<CompileKey, (EntrySlot, Entry, Settled)>>,
     /// Index writes not yet applied.
     writes: Mutex<Writes>,
     /// Usage counters per interpreter.
@@ -558,7 +604,7 @@ impl Run<'_> {
             return Ok(());
         }
         let done = self.compiled.lock().unwrap().get(&target.key).copied();
-        if let Some((slot, body)) = done {
+        if let Some((slot, body, how)) = done {
             drop(inflight);
             let entry = if self.slot(&target) == slot {
                 Some(body)
@@ -566,7 +612,7 @@ impl Run<'_> {
                 self.derive(&target, &body)?
             };
             return match entry {
-                Some(entry) => self.settle(&target, &entry, None, Settled::Compiled),
+                Some(entry) => self.settle(&target, &entry, None, how),
                 None => Err("the object compiled by this run is unreadable".into()),
             };
         }
@@ -575,6 +621,7 @@ impl Run<'_> {
             source: Arc::clone(&target.source),
             interpreter: target.interpreter,
             optimize: target.optimize,
+            fetched: None,
         };
         inflight.insert(target.key, vec![target]);
         tx.send(job).expect("compile threads outlive the walk");
@@ -635,8 +682,14 @@ impl Run<'_> {
     fn derive(&self, target: &Target, body: &Entry) -> std::result::Result<Option<Entry>, String> {
         match self.store.objects.read(&body.object) {
             Ok(bytes) if bytes.len() as u64 == body.size && bytes[..HEADER_LEN] == body.header => {
-                self.store_pyc(target, self.slot(target), &bytes[HEADER_LEN..], false)
-                    .map(Some)
+                self.store_pyc(
+                    target,
+                    self.slot(target),
+                    &bytes[HEADER_LEN..],
+                    false,
+                    false,
+                )
+                .map(Some)
             }
             Ok(_) => {
                 self.progress.warn(&format!(
@@ -746,6 +799,7 @@ impl Run<'_> {
         slot: EntrySlot,
         body: &[u8],
         new_body: bool,
+        body_checked: bool,
     ) -> std::result::Result<Entry, String> {
         let interpreter = &self.interpreters[target.interpreter];
         let input = target
@@ -755,7 +809,7 @@ impl Run<'_> {
         let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
         bytes.extend_from_slice(&header);
         bytes.extend_from_slice(body);
-        if new_body {
+        if new_body && !body_checked {
             // What a compile worker answered must be one loadable code object.
             match crate::marshal::check_pyc(&bytes) {
                 Err(e) if e.is_damage() => {
@@ -812,11 +866,12 @@ impl Run<'_> {
                     self.record_link(target, entry);
                 }
                 self.tally(target.interpreter, |c| match how {
-                    Settled::Compiled => c.misses += 1,
+                    Settled::Compiled | Settled::Fetched => c.misses += 1,
                     Settled::Hit => c.hits += 1,
                 });
                 self.count(|s| match how {
                     Settled::Compiled => s.compiled += 1,
+                    Settled::Fetched => s.fetched += 1,
                     Settled::Hit => s.up_to_date += 1,
                 });
                 self.progress.advance(1);
@@ -860,12 +915,13 @@ impl Run<'_> {
             .map_err(|e| e.to_string())?;
         self.record_link(target, entry);
         self.tally(target.interpreter, |c| match how {
-            Settled::Compiled => c.misses += 1,
+            Settled::Compiled | Settled::Fetched => c.misses += 1,
             Settled::Hit => c.hits += 1,
         });
         self.count(|s| {
             match how {
                 Settled::Compiled => s.compiled += 1,
+                Settled::Fetched => s.fetched += 1,
                 Settled::Hit => s.hits += 1,
             }
             if mode.shares_blocks() {
@@ -882,18 +938,32 @@ impl Run<'_> {
     fn compile_loop(&self, jobs: crossbeam_channel::Receiver<CompileJob>) {
         let mut slots: Vec<Option<WorkerSlot>> =
             (0..self.interpreters.len()).map(|_| None).collect();
-        for job in jobs {
-            let slot = slots[job.interpreter].get_or_insert_with(|| {
-                WorkerSlot::new(
-                    self.interpreters[job.interpreter].executable.clone(),
-                    self.options.timeout,
-                )
-            });
-            let outcome = match job.source.bytes() {
-                Ok(bytes) => slot.compile(&bytes, &job.source.path, job.optimize),
-                Err(message) => Outcome::WorkerFailed(message),
+        for mut job in jobs {
+            // Remote tier hook: a fetched pyc that checks out is used as if
+            // compiled here; anything else is compiled.
+            let fetched = self.accept_fetched(&mut job);
+            let how = if fetched.is_some() {
+                Settled::Fetched
+            } else {
+                Settled::Compiled
             };
-            self.tally(job.interpreter, |c| c.compiles += 1);
+            let outcome = match fetched {
+                Some(body) => Outcome::Compiled(body),
+                None => {
+                    let slot = slots[job.interpreter].get_or_insert_with(|| {
+                        WorkerSlot::new(
+                            self.interpreters[job.interpreter].executable.clone(),
+                            self.options.timeout,
+                        )
+                    });
+                    let outcome = match job.source.bytes() {
+                        Ok(bytes) => slot.compile(&bytes, &job.source.path, job.optimize),
+                        Err(message) => Outcome::WorkerFailed(message),
+                    };
+                    self.tally(job.interpreter, |c| c.compiles += 1);
+                    outcome
+                }
+            };
             // Record the result while the key is still in flight, so a miss
             // of the same key arriving now finds it instead of compiling again.
             let targets = {
@@ -902,12 +972,17 @@ impl Run<'_> {
                     Outcome::Compiled(body) => {
                         let first = &inflight[&job.key][0];
                         let slot = self.slot(first);
-                        let stored = self.store_pyc(first, slot, body, true);
+                        // A fetched body was checked when it was accepted.
+                        let checked = how == Settled::Fetched;
+                        let stored = self.store_pyc(first, slot, body, true, checked);
                         if let Ok(entry) = &stored {
                             self.compiled
                                 .lock()
                                 .unwrap()
-                                .insert(job.key, (slot, *entry));
+                                .insert(job.key, (slot, *entry, how));
+                            if how == Settled::Compiled {
+                                self.upload(&job, body);
+                            }
                         }
                         Some(stored.map(|entry| (slot, entry)))
                     }
@@ -929,10 +1004,9 @@ impl Run<'_> {
                         let entry = if self.slot(&target) == *slot {
                             Ok(*entry)
                         } else {
-                            self.store_pyc(&target, self.slot(&target), body, false)
+                            self.store_pyc(&target, self.slot(&target), body, false, false)
                         };
-                        entry
-                            .and_then(|entry| self.settle(&target, &entry, None, Settled::Compiled))
+                        entry.and_then(|entry| self.settle(&target, &entry, None, how))
                     }
                     (Outcome::Rejected(message), _) => Err(self.rejected(&target, message)),
                     (Outcome::WorkerFailed(message), _) => Err(message.clone()),
@@ -942,6 +1016,7 @@ impl Run<'_> {
                     self.fail(&target.source.path, interpreter, message);
                 }
             }
+            self.remote_warnings();
             let due = !self.session_open.load(Ordering::Relaxed)
                 && self.last_flush.lock().unwrap().elapsed() >= FLUSH_EVERY;
             if due {
@@ -989,10 +1064,60 @@ enum Existing {
     Other,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Settled {
     Hit,
     Compiled,
+    Fetched,
+}
+
+/// The remote tier's side of a run (see [`crate::remote`]): which misses
+/// may travel, what is accepted from a remote, what is uploaded.
+impl Run<'_> {
+    fn remote_key(&self, job: &CompileJob) -> Option<CompileKey> {
+        let interpreter = &self.interpreters[job.interpreter];
+        crate::remote::eligible(interpreter.key_domain.as_ref(), interpreter.magic)
+            .then_some(job.key)
+    }
+
+    fn accept_fetched(&self, job: &mut CompileJob) -> Option<Vec<u8>> {
+        let (remotes, fetched) = (self.options.remotes.as_ref()?, job.fetched.take()?);
+        let interpreter = &self.interpreters[job.interpreter];
+        let source = job.source.bytes().ok()?;
+        remotes.accept(
+            fetched,
+            interpreter.magic,
+            interpreter.hash_variant,
+            &source,
+        )
+    }
+
+    fn upload(&self, job: &CompileJob, body: &[u8]) {
+        let Some(remotes) = &self.options.remotes else {
+            return;
+        };
+        let interpreter = &self.interpreters[job.interpreter];
+        if self.remote_key(job).is_none() || !remotes.writable() {
+            return;
+        }
+        if let Ok(source) = job.source.bytes() {
+            remotes.upload(
+                &job.key,
+                interpreter.magic,
+                interpreter.hash_variant,
+                &source,
+                body,
+            );
+        }
+    }
+
+    fn remote_warnings(&self) {
+        if let Some(remotes) = &self.options.remotes {
+            for message in remotes.take_warnings() {
+                self.progress.warn(&message);
+            }
+        }
+    }
 }
 
 pub(crate) fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {

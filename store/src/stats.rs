@@ -38,6 +38,8 @@ pub struct Stats {
     pub usage: BTreeMap<String, Counters>,
     /// When the counters were last reset (seconds since the epoch; 0: never).
     pub since: u64,
+    /// Per remote (URL without credentials), what it did since the last reset.
+    pub remotes: BTreeMap<String, crate::remote::RemoteCounters>,
 }
 
 /// Gathers the statistics of the store; `zero` resets the counters after.
@@ -85,8 +87,12 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
             }
         }
         stats.known_failures = index.failure_keys()?.len() as u64;
+        stats.remotes = crate::remote::recorded(&index)?;
         for (key, value) in index.scan(Family::Counters, b"")? {
             let label = String::from_utf8_lossy(&key).into_owned();
+            if key.starts_with(crate::remote::COUNTER_PREFIX.as_bytes()) {
+                continue;
+            }
             if label == RESET_KEY {
                 stats.since = value
                     .get(..8)
@@ -107,6 +113,10 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
         let labels: Vec<String> = stats.usage.keys().cloned().collect();
         for label in labels {
             writes.delete(Family::Counters, label.as_bytes());
+        }
+        for label in stats.remotes.keys() {
+            let key = format!("{}{label}", crate::remote::COUNTER_PREFIX);
+            writes.delete(Family::Counters, key.as_bytes());
         }
         writes.put(
             Family::Counters,

@@ -10,7 +10,8 @@ use crate::args::{GlobalArgs, InvalidationMode, LinkArgs, LinkModeArg};
 use crate::output::{human_bytes, print_problems, Bar, SHOW_PROBLEMS};
 
 pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
-    let options = settings(args);
+    let mut options = settings(args);
+    options.remotes = crate::remote::remotes(&args.remote)?;
     let store = super::open_store(global)?;
     let bar = Bar::new(!args.quiet && !args.json && std::io::stderr().is_terminal());
     let report = pycstore_store::link(&store, &args.prefixes, &options, &bar)?;
@@ -38,12 +39,13 @@ pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
             let modes: Vec<&str> = report.link_modes.iter().map(|m| m.as_str()).collect();
             writeln!(
                 stdout,
-                "{}{} sources, {} pycs: {} up to date, {} linked from the store, {} compiled, {} failed{} in {:.2}s",
+                "{}{} sources, {} pycs: {} up to date, {} linked from the store, {}{} compiled, {} failed{} in {:.2}s",
                 if options.dry_run { "dry run: " } else { "" },
                 s.sources,
                 s.pycs,
                 s.up_to_date,
                 s.hits,
+                if options.remotes.is_some() { format!("{} fetched from remotes, ", s.fetched) } else { String::new() },
                 s.compiled,
                 s.failed,
                 if s.skipped > 0 { format!(", {} skipped (changed during the run)", s.skipped) } else { String::new() },
@@ -99,6 +101,7 @@ fn settings(args: &LinkArgs) -> LinkOptions {
         dry_run: args.dry_run,
         timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),
         max_source_size: args.max_source_size,
+        remotes: None,
     }
 }
 

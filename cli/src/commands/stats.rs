@@ -48,6 +48,20 @@ pub fn run(global: &GlobalArgs, args: &StatsArgs) -> anyhow::Result<ExitCode> {
             c.hits, c.misses, c.compiles, c.failures
         )?;
     }
+    for (label, r) in &stats.remotes {
+        writeln!(
+            out,
+            "remote {label}: {} hits, {} misses, {} uploads, {} requests, {} in, {} out, {} errors, {} rejected",
+            r.hits,
+            r.misses,
+            r.uploads,
+            r.requests,
+            human_bytes(r.bytes_in),
+            human_bytes(r.bytes_out),
+            r.errors,
+            r.rejected
+        )?;
+    }
     if args.zero {
         writeln!(out, "counters reset")?;
     }

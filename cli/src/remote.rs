@@ -1,0 +1,35 @@
+//! Resolves the remote flags into the store's remote tier, before any I/O
+//! on the store: a bad URL or missing credentials end the command (exit 2)
+//! having written nothing.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use pycstore_store::remote::{config, Remotes, Requested, Settings};
+
+use crate::args::RemoteArgs;
+
+/// The remotes `args` name (flags, else `PYCSTORE_REMOTE`), or `None`.
+pub fn remotes(args: &RemoteArgs) -> anyhow::Result<Option<Arc<Remotes>>> {
+    let urls = if args.remote.is_empty() {
+        config::process_env(crate::env::PYCSTORE_REMOTE)
+            .map(|v| v.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    } else {
+        args.remote.clone()
+    };
+    let requested = Requested {
+        urls,
+        read_only: args.remote_read_only,
+        timeout_secs: args.remote_timeout,
+        namespace: args.remote_namespace.clone(),
+        signing_key: args.remote_signing_key.clone(),
+        trusted_keys: args.remote_trusted_keys.clone(),
+        concurrency: args.remote_jobs,
+    };
+    let Some(settings) = Settings::resolve(&requested, &config::process_env)? else {
+        return Ok(None);
+    };
+    let remotes = Remotes::new(settings).context("cannot set up the remotes")?;
+    Ok(Some(Arc::new(remotes)))
+}

@@ -1,0 +1,347 @@
+//! What a remote holds, and how every byte of it is checked on the way in.
+//!
+//! A remote is plain storage (an S3 bucket, Redis, a WebDAV/HTTP cache, a
+//! directory) that pycstore reads and writes by name. Its layout is
+//! versioned, content-addressed and namespaced:
+//!
+//! ```text
+//! ROOT/                          the URL's path (s3://BUCKET/ROOT, http://HOST/ROOT,
+//! │                              file:///ROOT); for Redis, a prefix of every key
+//! └── pycstore-v1/
+//!     └── NAMESPACE/             --remote-namespace (default `default`): projects or
+//!         │                      Python fleets sharing a bucket keep apart
+//!         ├── objects/3f/3f9a0c…  zstd(pyc), named by the blake3 of the pyc: pycs
+//!         │                      too large to travel inside their entry
+//!         └── entries/b2/b21e47…  named by the compile key: which object, signed,
+//!                                and the object itself when it is small
+//! ```
+//!
+//! An object is one complete pyc in the checked-hash flavor (its header
+//! carries the source hash), whatever flavor the writer linked: every
+//! reader can check it against its own copy of the source, and derives the
+//! flavor it wants from the body. An entry is binary:
+//!
+//! ```text
+//! "pycstore-entry-v1\n"   18 bytes
+//! compile key             32
+//! object id               32   blake3 of the uncompressed pyc
+//! size                    u64 le, of the uncompressed pyc
+//! header                  16   the pyc's first 16 bytes
+//! inline object           u32 le length (0: none), then zstd(pyc): the object
+//!                              itself when compressed to at most 64 KiB, so one
+//!                              request fetches a pyc (checked like any object)
+//! signatures              u8 count, then per signature:
+//!                         u8 name length, key name (UTF-8), ed25519 signature (64)
+//! ```
+//!
+//! A signature is over `"pycstore remote entry v1\0" ‖ NAMESPACE ‖ "\0" ‖
+//! key ‖ object ‖ size ‖ header`: the writer vouches that this object is
+//! what compiling the key gives. Objects are written before the entries
+//! naming them, and every write is a whole-file `PUT`/`SET`/rename, so an
+//! upload cut off halfway leaves at most an object no entry names, or
+//! nothing; a reader rejects any entry or object that does not check out
+//! (see [`decode_entry`], [`decode_object`], and
+//! [`super::Remotes::accept`] for the checks against the local source).
+
+use std::io::Read;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+
+use super::keys::TrustedKeys;
+use crate::key::CompileKey;
+use crate::objects::ObjectId;
+use crate::pyc::HEADER_LEN;
+
+/// The version directory of the layout.
+pub const LAYOUT_DIR: &str = "pycstore-v1";
+
+const ENTRY_MAGIC: &[u8; 18] = b"pycstore-entry-v1\n";
+const SIGNED_CONTEXT: &[u8] = b"pycstore remote entry v1\0";
+const ENTRY_FIXED: usize = 18 + 32 + 32 + 8 + HEADER_LEN;
+
+/// The largest pyc taken from a remote (as for packs).
+pub const MAX_OBJECT: u64 = 64 << 20;
+
+/// The largest compressed object carried inside its entry.
+pub const INLINE_MAX: usize = 64 << 10;
+
+/// Where the object `id` lives under `namespace`.
+pub fn object_path(namespace: &str, id: &ObjectId) -> String {
+    let hex = id.to_hex();
+    format!("{LAYOUT_DIR}/{namespace}/objects/{}/{hex}", &hex[..2])
+}
+
+/// Where the entry of `key` lives under `namespace`.
+pub fn entry_path(namespace: &str, key: &CompileKey) -> String {
+    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{LAYOUT_DIR}/{namespace}/entries/{}/{hex}", &hex[..2])
+}
+
+/// A remote entry: compile key → object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteEntry {
+    /// The compile key it answers.
+    pub key: CompileKey,
+    /// The object (blake3 of the uncompressed pyc).
+    pub object: ObjectId,
+    /// The pyc's size.
+    pub size: u64,
+    /// The pyc's header.
+    pub header: [u8; HEADER_LEN],
+}
+
+impl RemoteEntry {
+    fn signed_message(&self, namespace: &str) -> Vec<u8> {
+        let mut m = Vec::with_capacity(SIGNED_CONTEXT.len() + namespace.len() + 1 + 88);
+        m.extend_from_slice(SIGNED_CONTEXT);
+        m.extend_from_slice(namespace.as_bytes());
+        m.push(0);
+        m.extend_from_slice(&self.key.0);
+        m.extend_from_slice(&self.object.0);
+        m.extend_from_slice(&self.size.to_le_bytes());
+        m.extend_from_slice(&self.header);
+        m
+    }
+
+    /// The entry's bytes, carrying the compressed object `inline` when
+    /// given, signed with `signer` (name and key) when given.
+    pub fn encode(
+        &self,
+        namespace: &str,
+        inline: Option<&[u8]>,
+        signer: Option<(&str, &SigningKey)>,
+    ) -> Vec<u8> {
+        let inline = inline.unwrap_or_default();
+        let mut v = Vec::with_capacity(ENTRY_FIXED + 4 + inline.len() + 1 + 1 + 64 + 64);
+        v.extend_from_slice(ENTRY_MAGIC);
+        v.extend_from_slice(&self.key.0);
+        v.extend_from_slice(&self.object.0);
+        v.extend_from_slice(&self.size.to_le_bytes());
+        v.extend_from_slice(&self.header);
+        v.extend_from_slice(&(inline.len() as u32).to_le_bytes());
+        v.extend_from_slice(inline);
+        match signer {
+            None => v.push(0),
+            Some((name, key)) => {
+                let signature = key.sign(&self.signed_message(namespace));
+                v.push(1);
+                v.push(name.len() as u8);
+                v.extend_from_slice(name.as_bytes());
+                v.extend_from_slice(&signature.to_bytes());
+            }
+        }
+        v
+    }
+}
+
+/// Why something a remote returned is not used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// Not an entry of this format.
+    #[error("an entry that is not a pycstore-entry-v1 record")]
+    Malformed,
+    /// The entry answers another key than the one it is stored under.
+    #[error("an entry stored under one compile key that names another")]
+    WrongKey,
+    /// Trusted keys are set and no signature by one of them verifies.
+    #[error("an entry {0}")]
+    Untrusted(&'static str),
+    /// The object does not decompress, or not to the entry's size.
+    #[error("an object that does not decompress to its entry's size ({0})")]
+    BadObject(String),
+    /// The object's blake3 is not its name.
+    #[error("an object whose blake3 is not its name")]
+    WrongHash,
+    /// The object's header is not the entry's.
+    #[error("an object whose header is not its entry's")]
+    WrongHeader,
+    /// The pyc is for another interpreter, or not hash-based.
+    #[error("a pyc whose magic number or flags are not those asked for")]
+    WrongMagic,
+    /// The pyc's source hash is not the local source's.
+    #[error("a pyc whose source hash is not that of the local source")]
+    WrongSource,
+    /// The body is not one loadable code object.
+    #[error("a pyc Python cannot load: {0}")]
+    Unloadable(String),
+}
+
+/// Decodes an entry fetched under `key`, checking its signatures against
+/// `trusted` when any key is trusted; with the compressed object it
+/// carries, if any (still to be checked by [`decode_object`]).
+pub fn decode_entry<'a>(
+    bytes: &'a [u8],
+    key: &CompileKey,
+    namespace: &str,
+    trusted: &TrustedKeys,
+) -> Result<(RemoteEntry, Option<&'a [u8]>), Rejection> {
+    if bytes.len() < ENTRY_FIXED + 4 + 1 || !bytes.starts_with(ENTRY_MAGIC) {
+        return Err(Rejection::Malformed);
+    }
+    let mut at = ENTRY_MAGIC.len();
+    let mut take = |n: usize| {
+        let s = &bytes[at..at + n];
+        at += n;
+        s
+    };
+    let entry = RemoteEntry {
+        key: CompileKey(take(32).try_into().unwrap()),
+        object: ObjectId(take(32).try_into().unwrap()),
+        size: u64::from_le_bytes(take(8).try_into().unwrap()),
+        header: take(HEADER_LEN).try_into().unwrap(),
+    };
+    if entry.key != *key {
+        return Err(Rejection::WrongKey);
+    }
+    let mut rest = &bytes[ENTRY_FIXED..];
+    let inline_len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+    rest = &rest[4..];
+    if inline_len > INLINE_MAX || rest.len() < inline_len + 1 {
+        return Err(Rejection::Malformed);
+    }
+    let inline = (inline_len > 0).then(|| &rest[..inline_len]);
+    rest = &rest[inline_len..];
+    let count = rest[0];
+    rest = &rest[1..];
+    let mut signatures = Vec::new();
+    for _ in 0..count {
+        let Some((&len, tail)) = rest.split_first() else {
+            return Err(Rejection::Malformed);
+        };
+        let len = len as usize;
+        if tail.len() < len + 64 {
+            return Err(Rejection::Malformed);
+        }
+        let name = std::str::from_utf8(&tail[..len]).map_err(|_| Rejection::Malformed)?;
+        let signature = Signature::from_bytes(tail[len..len + 64].try_into().unwrap());
+        signatures.push((name, signature));
+        rest = &tail[len + 64..];
+    }
+    if !rest.is_empty() {
+        return Err(Rejection::Malformed);
+    }
+    if trusted.is_empty() {
+        return Ok((entry, inline));
+    }
+    if signatures.is_empty() {
+        return Err(Rejection::Untrusted("that is not signed"));
+    }
+    let message = entry.signed_message(namespace);
+    let good = signatures.iter().any(|(name, signature)| {
+        trusted
+            .get(name)
+            .is_some_and(|key| key.verify(&message, signature).is_ok())
+    });
+    if good {
+        Ok((entry, inline))
+    } else {
+        Err(Rejection::Untrusted("not signed by a trusted key"))
+    }
+}
+
+/// Compresses a pyc for upload.
+pub fn encode_object(pyc: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(pyc, 3).expect("compressing to memory does not fail")
+}
+
+/// Decompresses an object for `entry` and checks it against the entry: at
+/// most its size (never more than [`MAX_OBJECT`]), its blake3 its name, its
+/// header the entry's.
+pub fn decode_object(compressed: &[u8], entry: &RemoteEntry) -> Result<Vec<u8>, Rejection> {
+    if entry.size > MAX_OBJECT || entry.size < HEADER_LEN as u64 {
+        return Err(Rejection::BadObject(format!(
+            "the entry says {} bytes",
+            entry.size
+        )));
+    }
+    let mut pyc = Vec::with_capacity(entry.size as usize);
+    let decoder =
+        zstd::stream::Decoder::new(compressed).map_err(|e| Rejection::BadObject(e.to_string()))?;
+    decoder
+        .take(entry.size + 1)
+        .read_to_end(&mut pyc)
+        .map_err(|e| Rejection::BadObject(e.to_string()))?;
+    if pyc.len() as u64 != entry.size {
+        return Err(Rejection::BadObject(format!(
+            "{} bytes, {} expected",
+            pyc.len(),
+            entry.size
+        )));
+    }
+    if ObjectId::of(&pyc) != entry.object {
+        return Err(Rejection::WrongHash);
+    }
+    if pyc[..HEADER_LEN] != entry.header {
+        return Err(Rejection::WrongHeader);
+    }
+    Ok(pyc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry_for(pyc: &[u8]) -> RemoteEntry {
+        RemoteEntry {
+            key: CompileKey([5; 32]),
+            object: ObjectId::of(pyc),
+            size: pyc.len() as u64,
+            header: pyc[..16].try_into().unwrap(),
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_signatures_are_checked() {
+        let pyc = [7u8; 40];
+        let entry = entry_for(&pyc);
+        let none = TrustedKeys::default();
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let other = SigningKey::from_bytes(&[2; 32]);
+        let mut trusted = TrustedKeys::default();
+        trusted.insert("ci-1".into(), key.verifying_key());
+
+        let unsigned = entry.encode("ns", None, None);
+        assert_eq!(
+            decode_entry(&unsigned, &entry.key, "ns", &none),
+            Ok((entry, None))
+        );
+        assert!(matches!(
+            decode_entry(&unsigned, &entry.key, "ns", &trusted),
+            Err(Rejection::Untrusted(_))
+        ));
+        let signed = entry.encode("ns", Some(b"zz"), Some(("ci-1", &key)));
+        assert_eq!(
+            decode_entry(&signed, &entry.key, "ns", &trusted),
+            Ok((entry, Some(&b"zz"[..])))
+        );
+        // Another namespace, another key of the same name, another key.
+        assert!(decode_entry(&signed, &entry.key, "other", &trusted).is_err());
+        let forged = entry.encode("ns", None, Some(("ci-1", &other)));
+        assert!(decode_entry(&forged, &entry.key, "ns", &trusted).is_err());
+        assert_eq!(
+            decode_entry(&signed, &CompileKey([6; 32]), "ns", &trusted),
+            Err(Rejection::WrongKey)
+        );
+        for cut in 0..signed.len() {
+            assert!(decode_entry(&signed[..cut], &entry.key, "ns", &none).is_err());
+        }
+    }
+
+    #[test]
+    fn objects_are_checked_against_their_entry() {
+        let pyc: Vec<u8> = (0..100u8).collect();
+        let entry = entry_for(&pyc);
+        let z = encode_object(&pyc);
+        assert_eq!(decode_object(&z, &entry).unwrap(), pyc);
+        let mut bad = pyc.clone();
+        bad[50] ^= 1;
+        assert_eq!(
+            decode_object(&encode_object(&bad), &entry),
+            Err(Rejection::WrongHash)
+        );
+        assert!(decode_object(&z[..z.len() / 2], &entry).is_err());
+        let mut longer = pyc.clone();
+        longer.push(0);
+        assert!(decode_object(&encode_object(&longer), &entry).is_err());
+    }
+}

@@ -1,0 +1,788 @@
+//! The remote tier: stores of pycs shared between machines, behind the local
+//! store.
+//!
+//! The local store stays the first level. `link` sends only its local
+//! misses here ([`Remotes::fetch_misses`]): many requests in flight at
+//! once on a small tokio runtime this module owns (the rest of the crate
+//! stays synchronous), each remote asked in the order given. What comes
+//! back is checked ([`format`] for the remote's own consistency,
+//! [`Remotes::accept`] against the local source) and then stored like a
+//! compile result, so the next `link` on the machine never asks again.
+//! Objects compiled locally are uploaded in the background
+//! ([`Remotes::upload`]); `link` waits for them only at its end, at most
+//! the request timeout.
+//!
+//! Nothing a remote does fails a run: a remote that errors, times out or
+//! refuses credentials is warned about once, with the reason, and not asked
+//! again by this process; a remote that returns something that does not
+//! check out has it rejected, counted and said once, and the pyc is
+//! compiled locally. Storage goes through OpenDAL (S3, Redis, WebDAV/HTTP,
+//! a directory); [`format`] draws what a remote holds.
+
+pub mod config;
+pub mod format;
+pub mod keys;
+pub mod push;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opendal::{ErrorKind, Operator};
+use serde::{Deserialize, Serialize};
+
+pub use config::{ConfigError, Requested, Settings};
+use config::{Kind, RemoteSpec};
+use format::{Rejection, RemoteEntry};
+
+use crate::index::{Family, Index, Writes};
+use crate::key::CompileKey;
+use crate::objects::ObjectId;
+use crate::pyc::{self, Flavor, HashVariant, HeaderInput, HEADER_LEN};
+
+/// The prefix of a remote's counters in the index's `counters` family.
+pub const COUNTER_PREFIX: &str = "remote\0";
+
+/// What one remote did (in one run, or since `stats --zero`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCounters {
+    /// pycs fetched and accepted.
+    pub hits: u64,
+    /// Keys the remote did not have.
+    pub misses: u64,
+    /// Objects uploaded (with their entries).
+    pub uploads: u64,
+    /// Requests made (reads and writes).
+    pub requests: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Requests that failed (the remote was then left alone for the run).
+    pub errors: u64,
+    /// Entries or objects rejected by the checks.
+    pub rejected: u64,
+}
+
+impl std::ops::AddAssign for RemoteCounters {
+    fn add_assign(&mut self, o: RemoteCounters) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.uploads += o.uploads;
+        self.requests += o.requests;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.errors += o.errors;
+        self.rejected += o.rejected;
+    }
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    uploads: AtomicU64,
+    requests: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    errors: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl AtomicCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> RemoteCounters {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RemoteCounters {
+            hits: l(&self.hits),
+            misses: l(&self.misses),
+            uploads: l(&self.uploads),
+            requests: l(&self.requests),
+            bytes_in: l(&self.bytes_in),
+            bytes_out: l(&self.bytes_out),
+            errors: l(&self.errors),
+            rejected: l(&self.rejected),
+        }
+    }
+}
+
+/// One remote's counters in a report.
+#[derive(Clone, Debug, Serialize)]
+pub struct RemoteReport {
+    /// The remote's URL, without credentials.
+    pub remote: String,
+    /// What it did.
+    #[serde(flatten)]
+    pub counters: RemoteCounters,
+    /// Why it was left alone, if it was (its first error).
+    pub disabled: Option<String>,
+}
+
+struct Remote {
+    label: String,
+    op: Operator,
+    /// Host and port to reach before the first request (network remotes).
+    address: Option<(String, u16)>,
+    /// Whether the address answered (checked once, on first use).
+    reachable: tokio::sync::OnceCell<Result<(), String>>,
+    counters: AtomicCounters,
+    /// The first error: the remote is not asked again by this process.
+    disabled: Mutex<Option<String>>,
+    off: AtomicBool,
+    warned_reject: AtomicBool,
+}
+
+struct Shared {
+    remotes: Vec<Remote>,
+    settings: Settings,
+    secrets: Vec<String>,
+    warnings: Mutex<Vec<String>>,
+    pending_uploads: AtomicU64,
+}
+
+/// A pyc a remote returned, consistent with its name and entry; still to
+/// be checked against the local source ([`Remotes::accept`]).
+pub struct Fetched {
+    remote: usize,
+    pyc: Vec<u8>,
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fetched({} bytes)", self.pyc.len())
+    }
+}
+
+/// The remotes of one process, with the runtime their requests run on.
+pub struct Remotes {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Runtime,
+    semaphore: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for Remotes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remotes")
+            .field("settings", &self.shared.settings)
+            .finish()
+    }
+}
+
+fn operator(spec: &RemoteSpec, settings: &Settings) -> opendal::Result<Operator> {
+    use opendal::services;
+    Ok(match &spec.kind {
+        Kind::S3 {
+            bucket,
+            root,
+            endpoint,
+            region,
+            access_key,
+            secret_key,
+            session_token,
+        } => {
+            let mut b = services::S3::default()
+                .bucket(bucket)
+                .root(&format!("/{root}"))
+                .region(region)
+                .access_key_id(access_key)
+                .secret_access_key(secret_key)
+                .disable_config_load();
+            if let Some(e) = endpoint {
+                b = b.endpoint(e);
+            }
+            if let Some(t) = session_token {
+                b = b.session_token(t);
+            }
+            Operator::new(b)?
+        }
+        Kind::Redis {
+            endpoint,
+            username,
+            password,
+            db,
+        } => {
+            let mut b = services::Redis::default()
+                .endpoint(endpoint)
+                .db(*db)
+                .root("/")
+                .connection_pool_max_size(settings.concurrency.clamp(4, 64));
+            if let Some(u) = username {
+                b = b.username(u);
+            }
+            if let Some(p) = password {
+                b = b.password(p);
+            }
+            Operator::new(b)?
+        }
+        Kind::Http {
+            endpoint,
+            root,
+            token,
+            user,
+            password,
+        } => {
+            let mut b = services::Webdav::default()
+                .endpoint(endpoint)
+                .root(&format!("/{root}"))
+                .disable_create_dir(true);
+            if let Some(t) = token {
+                b = b.token(t);
+            }
+            if let Some(u) = user {
+                b = b.username(u);
+            }
+            if let Some(p) = password {
+                b = b.password(p);
+            }
+            Operator::new(b)?
+        }
+        Kind::File { root } => {
+            let root = root.to_string_lossy();
+            let tmp = format!("{}/{}/.tmp", root.trim_end_matches('/'), format::LAYOUT_DIR);
+            Operator::new(services::Fs::default().root(&root).atomic_write_dir(&tmp))?
+        }
+    })
+}
+
+/// Which pycs may travel: those of interpreters whose keys are the common
+/// ones (never an interpreter others can change) and whose pycs have a
+/// hash-based header (3.7 and later).
+pub fn eligible(key_domain: Option<&[u8; 32]>, magic: [u8; 4]) -> bool {
+    key_domain.is_none()
+        && crate::marshal::PycFormat::from_magic(magic).is_none_or(|f| f.header_len() == HEADER_LEN)
+}
+
+impl Remotes {
+    /// Connects nothing yet: builds a client per remote and the runtime.
+    pub fn new(settings: Settings) -> Result<Remotes, ConfigError> {
+        opendal::install_default();
+        let mut secrets = Vec::new();
+        let mut remotes = Vec::new();
+        for spec in &settings.remotes {
+            secrets.extend(spec.secrets());
+            let op = operator(spec, &settings)
+                .map_err(|e| ConfigError(format!("cannot use remote `{}`: {e}", spec.label)))?;
+            remotes.push(Remote {
+                label: spec.label.clone(),
+                op,
+                address: spec.address(),
+                reachable: tokio::sync::OnceCell::new(),
+                counters: AtomicCounters::default(),
+                disabled: Mutex::new(None),
+                off: AtomicBool::new(false),
+                warned_reject: AtomicBool::new(false),
+            });
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pycstore-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| ConfigError(format!("cannot start the remote client: {e}")))?;
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(settings.concurrency));
+        // Redact the longest secrets first, so no part of one is left.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Ok(Remotes {
+            shared: Arc::new(Shared {
+                remotes,
+                settings,
+                secrets,
+                warnings: Mutex::new(Vec::new()),
+                pending_uploads: AtomicU64::new(0),
+            }),
+            runtime,
+            semaphore,
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Whether anything will be uploaded.
+    pub fn writable(&self) -> bool {
+        !self.shared.settings.read_only
+    }
+
+    /// Warnings gathered since the last call, each said once.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.shared.warnings.lock().unwrap())
+    }
+
+    /// For each miss received on `wanted` (until it closes), asks the
+    /// remotes, many at a time, and hands the miss to `done` with what was
+    /// fetched, or `None` (then it is compiled). `key` gives the compile key
+    /// of a miss that may travel, `None` for one that must not. Returns when
+    /// every miss was handed on.
+    pub fn fetch_misses<T: Send + 'static>(
+        &self,
+        wanted: crossbeam_channel::Receiver<T>,
+        key: impl Fn(&T) -> Option<CompileKey>,
+        done: impl Fn(T, Option<Fetched>) + Send + Sync + 'static,
+    ) {
+        let done = Arc::new(done);
+        let mut tasks = Vec::new();
+        for miss in wanted {
+            let Some(k) = key(&miss).filter(|_| self.shared.any_on()) else {
+                done(miss, None);
+                continue;
+            };
+            let permit = self
+                .runtime
+                .block_on(Arc::clone(&self.semaphore).acquire_owned())
+                .expect("the semaphore is never closed");
+            let shared = Arc::clone(&self.shared);
+            let done = Arc::clone(&done);
+            tasks.push(self.runtime.spawn(async move {
+                let fetched = shared.fetch(&k).await;
+                drop(permit);
+                done(miss, fetched);
+            }));
+        }
+        self.runtime.block_on(async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        });
+    }
+
+    /// Checks a fetched pyc against what was asked: the interpreter's magic
+    /// number, a hash-based header whose source hash is the local source's,
+    /// and a body Python can load. Returns its body, or `None` (rejected,
+    /// counted and said once: the caller compiles).
+    pub fn accept(
+        &self,
+        fetched: Fetched,
+        magic: [u8; 4],
+        variant: HashVariant,
+        source: &[u8],
+    ) -> Option<Vec<u8>> {
+        let Fetched { remote, pyc } = fetched;
+        let checked = (|| {
+            let flags = u32::from_le_bytes(pyc[4..8].try_into().unwrap());
+            if pyc[..4] != magic || flags & !0b11 != 0 || flags & 0b01 == 0 {
+                return Err(Rejection::WrongMagic);
+            }
+            if pyc[8..16] != pyc::source_hash(variant, magic, source) {
+                return Err(Rejection::WrongSource);
+            }
+            match crate::marshal::check_pyc(&pyc) {
+                Err(e) if e.is_damage() => Err(Rejection::Unloadable(e.to_string())),
+                _ => Ok(()),
+            }
+        })();
+        let r = &self.shared.remotes[remote];
+        match checked {
+            Ok(()) => {
+                AtomicCounters::add(&r.counters.hits, 1);
+                Some(pyc[HEADER_LEN..].to_vec())
+            }
+            Err(why) => {
+                self.shared.reject(remote, &why);
+                None
+            }
+        }
+    }
+
+    /// Uploads the pyc of `key` (its `body`, compiled from `source` by an
+    /// interpreter with `magic` and `variant`) to every writable remote, in
+    /// the background: the object first, then its entry, signed when a
+    /// signing key is set.
+    pub fn upload(
+        &self,
+        key: &CompileKey,
+        magic: [u8; 4],
+        variant: HashVariant,
+        source: &[u8],
+        body: &[u8],
+    ) {
+        if self.shared.settings.read_only || !self.shared.any_on() {
+            return;
+        }
+        let (entry, object) = prepare(key, magic, variant, source, body);
+        self.upload_prepared(entry, object);
+    }
+
+    fn upload_prepared(&self, entry: RemoteEntry, object: Vec<u8>) {
+        let shared = Arc::clone(&self.shared);
+        let semaphore = Arc::clone(&self.semaphore);
+        shared.pending_uploads.fetch_add(1, Ordering::SeqCst);
+        self.runtime.spawn(async move {
+            if let Ok(_permit) = semaphore.acquire_owned().await {
+                shared.put(&entry, &object).await;
+            }
+            shared.pending_uploads.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Waits for uploads still in flight, at most the request timeout plus
+    /// a second (a cut-off upload leaves nothing a reader accepts).
+    pub fn finish(&self) {
+        let deadline = Instant::now() + self.shared.settings.timeout + Duration::from_secs(1);
+        while self.shared.pending_uploads.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                self.shared.warn(format!(
+                    "{} uploads to the remotes did not finish in time and were left off",
+                    self.shared.pending_uploads.load(Ordering::SeqCst)
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// What each remote did in this process.
+    pub fn report(&self) -> Vec<RemoteReport> {
+        self.shared
+            .remotes
+            .iter()
+            .map(|r| RemoteReport {
+                remote: r.label.clone(),
+                counters: r.counters.snapshot(),
+                disabled: r.disabled.lock().unwrap().clone(),
+            })
+            .collect()
+    }
+
+    /// Adds this process's counters to the store's (for `pycstore stats`).
+    pub fn record(&self, index: &mut Index) -> crate::Result<()> {
+        let mut writes = Writes::default();
+        for r in &self.shared.remotes {
+            let key = format!("{COUNTER_PREFIX}{}", r.label);
+            let mut total: RemoteCounters = index
+                .get(Family::Counters, key.as_bytes())?
+                .and_then(|v| serde_json::from_slice(&v).ok())
+                .unwrap_or_default();
+            total += r.counters.snapshot();
+            let json = serde_json::to_vec(&total).expect("counters serialize");
+            writes.put(Family::Counters, key.as_bytes(), &json);
+        }
+        index.apply(writes)
+    }
+}
+
+/// A short account of a storage error: the HTTP status when there is one
+/// (not the page that came with it), else the error's own message.
+fn describe(e: &opendal::Error) -> String {
+    let text = e.to_string();
+    let refused = matches!(e.kind(), ErrorKind::PermissionDenied)
+        || text.contains("status: 401")
+        || text.contains("status: 403")
+        || text.contains("uthentication");
+    let status = text.split_once("status: ").and_then(|(_, rest)| {
+        let code: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        (code.len() == 3).then_some(code)
+    });
+    let mut message = match &status {
+        Some(code) => format!("the server answered HTTP {code}"),
+        None => {
+            let detail = text.rsplit_once(" => ").map_or(text.as_str(), |(_, m)| m);
+            detail.lines().next().unwrap_or("").to_string()
+        }
+    };
+    if message.len() > 300 {
+        let mut end = 300;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    if refused {
+        message.push_str(" (credentials refused? check the remote's credentials)");
+    }
+    message
+}
+
+/// Reads every remote's counters from the index.
+pub fn recorded(index: &Index) -> crate::Result<BTreeMap<String, RemoteCounters>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in index.scan(Family::Counters, COUNTER_PREFIX.as_bytes())? {
+        let label = String::from_utf8_lossy(&key[COUNTER_PREFIX.len()..]).into_owned();
+        if let Ok(c) = serde_json::from_slice(&value) {
+            out.insert(label, c);
+        }
+    }
+    Ok(out)
+}
+
+/// The checked-hash pyc of `body` for `source`, and its entry.
+fn prepare(
+    key: &CompileKey,
+    magic: [u8; 4],
+    variant: HashVariant,
+    source: &[u8],
+    body: &[u8],
+) -> (RemoteEntry, Vec<u8>) {
+    let hash = pyc::source_hash(variant, magic, source);
+    let header = pyc::header(magic, Flavor::CheckedHash, HeaderInput::Hash(hash));
+    let mut pyc = Vec::with_capacity(HEADER_LEN + body.len());
+    pyc.extend_from_slice(&header);
+    pyc.extend_from_slice(body);
+    let entry = RemoteEntry {
+        key: *key,
+        object: ObjectId::of(&pyc),
+        size: pyc.len() as u64,
+        header,
+    };
+    (entry, pyc)
+}
+
+impl Shared {
+    fn any_on(&self) -> bool {
+        self.remotes.iter().any(|r| !r.off.load(Ordering::Relaxed))
+    }
+
+    fn redact(&self, message: &str) -> String {
+        let mut m = message.to_string();
+        for s in &self.secrets {
+            m = m.replace(s.as_str(), "***");
+        }
+        m
+    }
+
+    fn warn(&self, message: String) {
+        let message = self.redact(&message);
+        tracing::debug!("{message}");
+        self.warnings.lock().unwrap().push(message);
+    }
+
+    /// A request failed: the remote is left alone for the rest of the run,
+    /// said once.
+    fn failed(&self, i: usize, action: &str, error: String) {
+        let r = &self.remotes[i];
+        AtomicCounters::add(&r.counters.errors, 1);
+        let error = self.redact(&error);
+        tracing::debug!("remote `{}`: {action}: {error}", r.label);
+        let mut disabled = r.disabled.lock().unwrap();
+        if disabled.is_none() {
+            *disabled = Some(format!("{action}: {error}"));
+            r.off.store(true, Ordering::Relaxed);
+            drop(disabled);
+            self.warn(format!(
+                "remote `{}` cannot be used ({action}: {error}); going on without it for this \
+                 run: what it would have given is compiled locally",
+                r.label
+            ));
+        }
+    }
+
+    fn reject(&self, i: usize, why: &Rejection) {
+        let r = &self.remotes[i];
+        AtomicCounters::add(&r.counters.rejected, 1);
+        if !r.warned_reject.swap(true, Ordering::Relaxed) {
+            self.warn(format!(
+                "remote `{}` returned {why}; rejected and compiled locally (every rejection is \
+                 counted in `pycstore stats`)",
+                r.label
+            ));
+        }
+    }
+
+    /// Connects once to a network remote before its first request, so a
+    /// closed port is known at once (clients retry connecting for a while).
+    async fn reachable(&self, i: usize) -> Result<(), String> {
+        let r = &self.remotes[i];
+        let Some((host, port)) = &r.address else {
+            return Ok(());
+        };
+        r.reachable
+            .get_or_init(|| async {
+                let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
+                match tokio::time::timeout(self.settings.timeout, connect).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
+                    Err(_) => Err(format!(
+                        "cannot connect to {host}:{port} within {:.1}s (--remote-timeout)",
+                        self.settings.timeout.as_secs_f64()
+                    )),
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Reads `path` from remote `i`: `Ok(None)` when it is not there.
+    async fn get(&self, i: usize, path: &str) -> Result<Option<Vec<u8>>, String> {
+        let r = &self.remotes[i];
+        self.reachable(i).await?;
+        AtomicCounters::add(&r.counters.requests, 1);
+        match tokio::time::timeout(self.settings.timeout, r.op.read(path)).await {
+            Err(_) => Err(format!(
+                "no answer within {:.1}s (--remote-timeout)",
+                self.settings.timeout.as_secs_f64()
+            )),
+            Ok(Err(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(describe(&e)),
+            Ok(Ok(buffer)) => {
+                let bytes = buffer.to_vec();
+                AtomicCounters::add(&r.counters.bytes_in, bytes.len() as u64);
+                Ok(Some(bytes))
+            }
+        }
+    }
+
+    async fn write(&self, i: usize, path: &str, bytes: Vec<u8>) -> Result<(), String> {
+        let r = &self.remotes[i];
+        self.reachable(i).await?;
+        AtomicCounters::add(&r.counters.requests, 1);
+        let len = bytes.len() as u64;
+        match tokio::time::timeout(self.settings.timeout, r.op.write(path, bytes)).await {
+            Err(_) => Err(format!(
+                "no answer within {:.1}s (--remote-timeout)",
+                self.settings.timeout.as_secs_f64()
+            )),
+            Ok(Err(e)) => Err(describe(&e)),
+            Ok(Ok(_)) => {
+                AtomicCounters::add(&r.counters.bytes_out, len);
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks each remote in turn for `key`.
+    async fn fetch(&self, key: &CompileKey) -> Option<Fetched> {
+        let ns = &self.settings.namespace;
+        for (i, r) in self.remotes.iter().enumerate() {
+            if r.off.load(Ordering::Relaxed) {
+                continue;
+            }
+            let bytes = match self.get(i, &format::entry_path(ns, key)).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    AtomicCounters::add(&r.counters.misses, 1);
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(i, "reading an entry", e);
+                    continue;
+                }
+            };
+            let (entry, inline) =
+                match format::decode_entry(&bytes, key, ns, &self.settings.trusted) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        self.reject(i, &why);
+                        return None;
+                    }
+                };
+            if let Some(inline) = inline {
+                return match format::decode_object(inline, &entry) {
+                    Ok(pyc) => Some(Fetched { remote: i, pyc }),
+                    Err(why) => {
+                        self.reject(i, &why);
+                        None
+                    }
+                };
+            }
+            let compressed = match self.get(i, &format::object_path(ns, &entry.object)).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    // An entry whose object is gone (or not there yet).
+                    AtomicCounters::add(&r.counters.misses, 1);
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(i, "reading an object", e);
+                    continue;
+                }
+            };
+            return match format::decode_object(&compressed, &entry) {
+                Ok(pyc) => Some(Fetched { remote: i, pyc }),
+                Err(why) => {
+                    self.reject(i, &why);
+                    None
+                }
+            };
+        }
+        None
+    }
+
+    /// Writes an object and then its entry to every writable remote.
+    async fn put(&self, entry: &RemoteEntry, pyc: &[u8]) {
+        for i in 0..self.remotes.len() {
+            if !self.remotes[i].off.load(Ordering::Relaxed) {
+                self.put_to(i, entry, pyc).await;
+            }
+        }
+    }
+
+    /// Writes an object and then its entry to remote `i`.
+    async fn put_to(&self, i: usize, entry: &RemoteEntry, pyc: &[u8]) {
+        let ns = &self.settings.namespace;
+        let signer = self
+            .settings
+            .signing_key
+            .as_ref()
+            .map(|(name, key)| (name.as_str(), key));
+        let compressed = format::encode_object(pyc);
+        let inline = compressed.len() <= format::INLINE_MAX;
+        if !inline {
+            let object = format::object_path(ns, &entry.object);
+            if let Err(e) = self.write(i, &object, compressed.clone()).await {
+                self.failed(i, "writing an object", e);
+                return;
+            }
+        }
+        let record = entry.encode(ns, inline.then_some(compressed.as_slice()), signer);
+        if let Err(e) = self
+            .write(i, &format::entry_path(ns, &entry.key), record)
+            .await
+        {
+            self.failed(i, "writing an entry", e);
+            return;
+        }
+        AtomicCounters::add(&self.remotes[i].counters.uploads, 1);
+    }
+}
+
+/// Direct access to what a remote stores, by name: for tests that play a
+/// hostile writer, and for debugging. Not used by any command.
+#[doc(hidden)]
+impl Remotes {
+    /// Every name under `dir` (recursively) on remote `i`.
+    pub fn raw_list(&self, i: usize, dir: &str) -> Result<Vec<String>, String> {
+        let op = self.shared.remotes[i].op.clone();
+        let dir = dir.to_string();
+        self.runtime.block_on(async move {
+            let entries = op
+                .list_with(&dir)
+                .recursive(true)
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok(entries
+                .into_iter()
+                .filter(|e| !e.path().ends_with('/'))
+                .map(|e| e.path().to_string())
+                .collect())
+        })
+    }
+
+    /// The bytes of `path` on remote `i`.
+    pub fn raw_read(&self, i: usize, path: &str) -> Result<Vec<u8>, String> {
+        let op = self.shared.remotes[i].op.clone();
+        let path = path.to_string();
+        self.runtime.block_on(async move {
+            op.read(&path)
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| describe(&e))
+        })
+    }
+
+    /// Writes `bytes` as `path` on remote `i`.
+    pub fn raw_write(&self, i: usize, path: &str, bytes: Vec<u8>) -> Result<(), String> {
+        let op = self.shared.remotes[i].op.clone();
+        let path = path.to_string();
+        self.runtime.block_on(async move {
+            op.write(&path, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e))
+        })
+    }
+}

@@ -1,0 +1,258 @@
+//! `push`: upload what the local store holds to the remotes, to prewarm a
+//! shared cache from a trusted job.
+//!
+//! What to push is found from the pycs `link` recorded placing (under the
+//! given prefixes, or all): each names its object, and its path names its
+//! source and optimize level; the source as it is now gives the compile
+//! key. A record of an interpreter whose keys are not the common ones (one
+//! others can change) is never pushed, nor an object that no longer
+//! matches its source (the source changed since), nor one Python could not
+//! load.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{format, prepare, Remotes};
+use crate::index::Family;
+use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
+use crate::pyc::{self, HashVariant, HEADER_LEN};
+use crate::{Result, Store};
+
+/// What `push` did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PushReport {
+    /// Recorded pycs considered.
+    pub pycs: u64,
+    /// Distinct compile keys found among them.
+    pub keys: u64,
+    /// Keys every remote already had.
+    pub present: u64,
+    /// Keys uploaded to at least one remote.
+    pub uploaded: u64,
+    /// Recorded pycs left out: interpreters whose keys are their own, sources
+    /// changed or gone, objects missing or not loadable.
+    pub skipped: u64,
+}
+
+/// The source and optimize level of a pyc at `DIR/__pycache__/NAME.TAG[.opt-N].pyc`.
+fn source_of(pyc: &Path) -> Option<(PathBuf, u8)> {
+    let dir = pyc.parent()?;
+    if dir.file_name()? != "__pycache__" {
+        return None;
+    }
+    let name = pyc.file_name()?.to_str()?.strip_suffix(".pyc")?;
+    let (name, optimize) = match name.rsplit_once(".opt-") {
+        Some((rest, n)) => (rest, n.parse::<u8>().ok().filter(|n| *n <= 2)?),
+        None => (name, 0),
+    };
+    let (stem, _tag) = name.rsplit_once('.')?;
+    Some((dir.parent()?.join(format!("{stem}.py")), optimize))
+}
+
+fn read_source(path: &Path) -> Option<Vec<u8>> {
+    let file = crate::link::open_no_follow(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > 64 << 20 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(64 << 20).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// The source-hash variant of each magic number the store has probed.
+fn variants(index: &crate::index::Index) -> Result<HashMap<[u8; 4], HashVariant>> {
+    let mut out = HashMap::new();
+    for (_, value) in index.scan(Family::Interpreters, b"")? {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&value) else {
+            continue;
+        };
+        let interpreter = &json["interpreter"];
+        let magic = interpreter["magic"].as_str().and_then(|h| {
+            let bytes: Vec<u8> = (0..h.len())
+                .step_by(2)
+                .filter_map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                .collect();
+            <[u8; 4]>::try_from(bytes).ok()
+        });
+        let variant = serde_json::from_value::<HashVariant>(interpreter["hash_variant"].clone());
+        if let (Some(magic), Ok(variant)) = (magic, variant) {
+            out.insert(magic, variant);
+        }
+    }
+    Ok(out)
+}
+
+/// Uploads the pycs recorded under `prefixes` (all when empty) that the
+/// remotes lack.
+pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<PushReport> {
+    let mut report = PushReport::default();
+    let (records, variants) = {
+        let index = store.index_reader()?;
+        let mut records = Vec::new();
+        if prefixes.is_empty() {
+            records = index.scan(Family::Links, b"")?;
+        } else {
+            for prefix in prefixes {
+                let abs = std::path::absolute(prefix).unwrap_or_else(|_| prefix.clone());
+                let mut key = crate::index::path_key(&abs);
+                if !key.ends_with(b"/") {
+                    key.push(b'/');
+                }
+                records.extend(index.scan(Family::Links, &key)?);
+            }
+        }
+        (records, variants(&index)?)
+    };
+    let mut wanted: HashMap<CompileKey, (format::RemoteEntry, Vec<u8>)> = HashMap::new();
+    for (path, value) in records {
+        report.pycs += 1;
+        let pyc_path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+        let found = (|| {
+            // Only records of interpreters whose keys are the common ones.
+            if value.len() < 34 || value[33] != 1 {
+                return None;
+            }
+            let object = crate::objects::ObjectId(value[..32].try_into().ok()?);
+            let (source_path, optimize) = source_of(&pyc_path)?;
+            let bytes = store.objects.read(&object).ok()?;
+            if bytes.len() < HEADER_LEN || crate::objects::ObjectId::of(&bytes) != object {
+                return None;
+            }
+            let magic: [u8; 4] = bytes[..4].try_into().ok()?;
+            if !super::eligible(None, magic) {
+                return None;
+            }
+            let variant = *variants.get(&magic)?;
+            let source = read_source(&source_path)?;
+            let flags = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
+            let matches = if flags & 1 == 1 {
+                bytes[8..16] == pyc::source_hash(variant, magic, &source)
+            } else {
+                let meta = std::fs::metadata(&source_path).ok()?;
+                use std::os::unix::fs::MetadataExt;
+                let header = pyc::header(
+                    magic,
+                    pyc::Flavor::Timestamp,
+                    pyc::HeaderInput::Stat {
+                        mtime: meta.mtime(),
+                        size: meta.size(),
+                    },
+                );
+                bytes[8..16] == header[8..16]
+            };
+            if !matches {
+                return None;
+            }
+            if crate::marshal::check_pyc(&bytes).is_err_and(|e| e.is_damage()) {
+                return None;
+            }
+            let key = CompileKey::new(
+                &SourceDigest::of(&source),
+                magic,
+                optimize,
+                COMPILE_FLAGS_DEFAULT,
+            );
+            Some(prepare(&key, magic, variant, &source, &bytes[HEADER_LEN..]))
+        })();
+        match found {
+            Some((entry, pyc)) => {
+                wanted.entry(entry.key).or_insert((entry, pyc));
+            }
+            None => report.skipped += 1,
+        }
+    }
+    report.keys = wanted.len() as u64;
+    let shared = Arc::clone(&remotes.shared);
+    let semaphore = Arc::clone(&remotes.semaphore);
+    let (present, uploaded) = remotes.runtime.block_on(async move {
+        let mut tasks = Vec::new();
+        for (_, (entry, pyc)) in wanted {
+            let shared = Arc::clone(&shared);
+            let permit = Arc::clone(&semaphore).acquire_owned().await;
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                shared.push_one(&entry, &pyc).await
+            }));
+        }
+        let (mut present, mut uploaded) = (0, 0);
+        for task in tasks {
+            match task.await {
+                Ok(true) => uploaded += 1,
+                Ok(false) => present += 1,
+                Err(_) => {}
+            }
+        }
+        (present, uploaded)
+    });
+    report.present = present;
+    report.uploaded = uploaded;
+    Ok(report)
+}
+
+impl super::Shared {
+    /// Uploads one pyc to every remote that does not hold a valid entry for
+    /// it; whether any upload was made.
+    async fn push_one(&self, entry: &format::RemoteEntry, pyc: &[u8]) -> bool {
+        let ns = &self.settings.namespace;
+        let mut uploaded = false;
+        for i in 0..self.remotes.len() {
+            if self.remotes[i]
+                .off
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                continue;
+            }
+            match self.get(i, &format::entry_path(ns, &entry.key)).await {
+                Ok(Some(bytes))
+                    if format::decode_entry(&bytes, &entry.key, ns, &self.settings.trusted)
+                        .is_ok_and(|(e, _)| e.object == entry.object)
+                        && (self.settings.signing_key.is_none()
+                            || format::decode_entry(&bytes, &entry.key, ns, &self.own_key())
+                                .is_ok()) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    self.failed(i, "reading an entry", e);
+                    continue;
+                }
+                _ => {}
+            }
+            self.put_to(i, entry, pyc).await;
+            uploaded = true;
+        }
+        uploaded
+    }
+
+    /// The signing key's public half, as trusted keys.
+    fn own_key(&self) -> super::keys::TrustedKeys {
+        let mut keys = super::keys::TrustedKeys::default();
+        if let Some((name, key)) = &self.settings.signing_key {
+            keys.insert(name.clone(), key.verifying_key());
+        }
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pyc_paths_name_their_source() {
+        assert_eq!(
+            source_of(Path::new("/v/lib/a/__pycache__/m.cpython-311.opt-2.pyc")),
+            Some((PathBuf::from("/v/lib/a/m.py"), 2))
+        );
+        assert_eq!(
+            source_of(Path::new("/v/__pycache__/x.y.pypy39.pyc")),
+            Some((PathBuf::from("/v/x.y.py"), 0))
+        );
+        assert_eq!(source_of(Path::new("/v/m.cpython-311.pyc")), None);
+    }
+}

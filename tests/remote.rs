@@ -1,0 +1,978 @@
+//! The remote tier against real servers on loopback: Redis (Debian's
+//! redis-server), WebDAV (Debian's nginx with `dav_methods PUT`), S3
+//! (Garage, single node) and a `file://` directory. `scripts/test-servers
+//! up` starts the servers and names them in `PYCSTORE_TEST_REDIS`,
+//! `PYCSTORE_TEST_WEBDAV*` and `PYCSTORE_TEST_S3_*`; without them a test
+//! says SKIPPED, unless `PYCSTORE_TEST_REQUIRE_SERVERS` is set (as in CI),
+//! when it fails. Each test works in a namespace of its own, so tests share
+//! the servers.
+//!
+//! Machines are simulated by stores: a second, empty store is another
+//! machine. Servers that stop, hang or die mid-run are simulated by a TCP
+//! proxy in front of the real one.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    File,
+    Redis,
+    Webdav,
+    S3,
+}
+
+/// A remote under test, in a namespace of its own.
+struct Backend {
+    kind: Kind,
+    url: String,
+    env: Vec<(String, String)>,
+    namespace: String,
+    /// Where a file:// remote or the WebDAV server keeps what it stores.
+    disk: Option<PathBuf>,
+    _dir: Option<TestDir>,
+}
+
+fn skip_server(why: &str) -> Option<Backend> {
+    assert!(
+        std::env::var_os("PYCSTORE_TEST_REQUIRE_SERVERS").is_none(),
+        "{why}, and PYCSTORE_TEST_REQUIRE_SERVERS is set"
+    );
+    eprintln!("SKIPPED: {why}: run `eval \"$(scripts/test-servers up)\"`");
+    None
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn namespace() -> String {
+    format!("t{:016x}", fastrand_u64())
+}
+
+fn fastrand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+impl Backend {
+    fn get(kind: Kind) -> Option<Backend> {
+        let mut b = Backend {
+            kind,
+            url: String::new(),
+            env: Vec::new(),
+            namespace: namespace(),
+            disk: None,
+            _dir: None,
+        };
+        match kind {
+            Kind::File => {
+                let dir = TestDir::new();
+                b.url = format!("file://{}", dir.path().display());
+                b.disk = Some(dir.path().to_path_buf());
+                b._dir = Some(dir);
+            }
+            Kind::Redis => {
+                let Some(url) = var("PYCSTORE_TEST_REDIS") else {
+                    return skip_server("PYCSTORE_TEST_REDIS is not set");
+                };
+                b.url = url;
+            }
+            Kind::Webdav => {
+                let (Some(url), Some(token), Some(root)) = (
+                    var("PYCSTORE_TEST_WEBDAV"),
+                    var("PYCSTORE_TEST_WEBDAV_TOKEN"),
+                    var("PYCSTORE_TEST_WEBDAV_ROOT"),
+                ) else {
+                    return skip_server("PYCSTORE_TEST_WEBDAV* are not set");
+                };
+                b.url = url;
+                b.env.push(("PYCSTORE_REMOTE_HTTP_TOKEN".into(), token));
+                b.disk = Some(PathBuf::from(root));
+            }
+            Kind::S3 => {
+                let names = [
+                    "BUCKET",
+                    "ENDPOINT",
+                    "REGION",
+                    "ACCESS_KEY_ID",
+                    "SECRET_ACCESS_KEY",
+                ];
+                let values: Vec<_> = names
+                    .iter()
+                    .map(|n| var(&format!("PYCSTORE_TEST_S3_{n}")))
+                    .collect();
+                if values.iter().any(Option::is_none) {
+                    return skip_server("PYCSTORE_TEST_S3_* are not set");
+                }
+                let v: Vec<String> = values.into_iter().map(Option::unwrap).collect();
+                b.url = format!("s3://{}/ci", v[0]);
+                b.env = vec![
+                    ("AWS_ENDPOINT_URL".into(), v[1].clone()),
+                    ("AWS_REGION".into(), v[2].clone()),
+                    ("AWS_ACCESS_KEY_ID".into(), v[3].clone()),
+                    ("AWS_SECRET_ACCESS_KEY".into(), v[4].clone()),
+                ];
+            }
+        }
+        Some(b)
+    }
+
+    /// `pycstore --store STORE SUB` with the remote's environment.
+    fn cmd(&self, store: &Path, sub: &str) -> Command {
+        let mut cmd = pycstore(store);
+        for var in [
+            "PYCSTORE_REMOTE",
+            "PYCSTORE_REMOTE_READ_ONLY",
+            "PYCSTORE_REMOTE_SIGNING_KEY",
+            "PYCSTORE_REMOTE_TRUSTED_KEYS",
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.arg(sub)
+            .arg("--remote")
+            .arg(&self.url)
+            .arg("--remote-namespace")
+            .arg(&self.namespace);
+        cmd
+    }
+
+    /// `pycstore link` of `prefix` for CPython 3.11 with this remote.
+    fn link(&self, store: &Path, prefix: &Path, extra: &[&str]) -> (Output, Value) {
+        let mut cmd = self.cmd(store, "link");
+        cmd.arg(prefix)
+            .arg("--python")
+            .arg(python("3.11"))
+            .args(extra);
+        link_json(&mut cmd)
+    }
+
+    /// The port of a network remote.
+    fn port(&self) -> u16 {
+        let endpoint = match self.kind {
+            Kind::S3 => self.env[0].1.clone(),
+            _ => self.url.clone(),
+        };
+        let after = endpoint.rsplit_once("127.0.0.1:").unwrap().1;
+        after
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+
+    /// The same remote reached at another port of loopback.
+    fn at_port(&self, port: u16) -> Backend {
+        let old = format!("127.0.0.1:{}", self.port());
+        let new = format!("127.0.0.1:{port}");
+        Backend {
+            kind: self.kind,
+            url: self.url.replace(&old, &new),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.replace(&old, &new)))
+                .collect(),
+            namespace: self.namespace.clone(),
+            disk: self.disk.clone(),
+            _dir: None,
+        }
+    }
+
+    /// The same remote with its credentials made wrong.
+    fn with_wrong_credentials(&self) -> Backend {
+        let mut b = self.at_port(self.port());
+        match self.kind {
+            Kind::Redis => {
+                let (head, tail) = b.url.split_once('@').unwrap();
+                b.url = format!("{head}x@{tail}");
+            }
+            Kind::Webdav => b.env[0].1.push('x'),
+            Kind::S3 => b.env[3].1.push('x'),
+            Kind::File => unreachable!(),
+        }
+        b
+    }
+
+    /// What the remote stores under this test's namespace: names relative
+    /// to the remote's root.
+    fn stored(&self) -> Vec<String> {
+        let prefix = format!("pycstore-v1/{}/", self.namespace);
+        let mut names = match self.kind {
+            Kind::File | Kind::Webdav => {
+                let root = self.disk.clone().unwrap();
+                walkdir::WalkDir::new(root.join(&prefix))
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.file_type().is_file())
+                    .map(|e| {
+                        e.path()
+                            .strip_prefix(&root)
+                            .unwrap()
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                    .filter(|n| !n.contains("/.tmp/"))
+                    .collect()
+            }
+            Kind::Redis => redis(&self.url, &["KEYS", &format!("*{prefix}*")])
+                .into_iter()
+                .map(|k| String::from_utf8(k).unwrap())
+                .collect(),
+            Kind::S3 => self.client().raw_list(0, &prefix).unwrap(),
+        };
+        names.sort();
+        names
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        match self.kind {
+            Kind::File | Kind::Webdav => {
+                std::fs::read(self.disk.clone().unwrap().join(name)).unwrap()
+            }
+            Kind::Redis => redis(&self.url, &["GET", name]).pop().unwrap(),
+            Kind::S3 => self.client().raw_read(0, name).unwrap(),
+        }
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) {
+        match self.kind {
+            Kind::File | Kind::Webdav => {
+                let path = self.disk.clone().unwrap().join(name);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, bytes).unwrap()
+            }
+            Kind::Redis => {
+                redis_bytes(&self.url, &[b"SET", name.as_bytes(), bytes]);
+            }
+            Kind::S3 => self.client().raw_write(0, name, bytes.to_vec()).unwrap(),
+        }
+    }
+
+    /// A client of the store crate, to play a writer by hand (S3).
+    fn client(&self) -> pycstore_store::remote::Remotes {
+        use pycstore_store::remote::{Remotes, Requested, Settings};
+        let env = |name: &str| {
+            self.env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let requested = Requested {
+            urls: vec![self.url.clone()],
+            timeout_secs: 10.0,
+            namespace: self.namespace.clone(),
+            concurrency: 8,
+            ..Requested::default()
+        };
+        Remotes::new(Settings::resolve(&requested, &env).unwrap().unwrap()).unwrap()
+    }
+}
+
+/// A minimal Redis client (RESP) for the tests to look at what Redis holds.
+fn redis(url: &str, args: &[&str]) -> Vec<Vec<u8>> {
+    let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    redis_bytes(url, &args)
+}
+
+fn redis_bytes(url: &str, args: &[&[u8]]) -> Vec<Vec<u8>> {
+    let rest = url.strip_prefix("redis://").unwrap();
+    let (auth, host) = rest.split_once('@').unwrap();
+    let (user, pass) = auth.split_once(':').unwrap();
+    let host = host.split('/').next().unwrap();
+    let mut s = TcpStream::connect(host).unwrap();
+    let mut send = |args: &[&[u8]]| {
+        let mut m = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            m.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            m.extend_from_slice(a);
+            m.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&m).unwrap();
+    };
+    send(&[b"AUTH", user.as_bytes(), pass.as_bytes()]);
+    send(args);
+    let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut values = Vec::new();
+    fn line(r: &mut impl std::io::BufRead) -> String {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+    fn value(r: &mut impl std::io::BufRead, out: &mut Vec<Vec<u8>>) {
+        let l = line(r);
+        match &l[..1] {
+            "+" | ":" => out.push(l.as_bytes()[1..].to_vec()),
+            "-" => panic!("redis error: {l}"),
+            "$" => {
+                let n: i64 = l[1..].parse().unwrap();
+                if n >= 0 {
+                    let mut b = vec![0; n as usize + 2];
+                    r.read_exact(&mut b).unwrap();
+                    b.truncate(n as usize);
+                    out.push(b);
+                }
+            }
+            "*" => {
+                for _ in 0..l[1..].parse::<i64>().unwrap() {
+                    value(r, out);
+                }
+            }
+            _ => panic!("unexpected redis answer {l}"),
+        }
+    }
+    let mut ok = Vec::new();
+    value(&mut reader, &mut ok);
+    value(&mut reader, &mut values);
+    let _ = s.shutdown(Shutdown::Both);
+    values
+}
+
+/// A TCP proxy in front of a server: forwards, or hangs (accepts and never
+/// answers, like a stopped server), or dies (every connection cut, the port
+/// closed) when told or after forwarding some bytes.
+struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    upstream: u16,
+    hang: bool,
+    dead: AtomicBool,
+    die_after: u64,
+    forwarded: AtomicU64,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+impl ProxyState {
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Proxy {
+    fn start(upstream: u16, hang: bool, die_after: u64) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState {
+            upstream,
+            hang,
+            dead: AtomicBool::new(false),
+            die_after,
+            forwarded: AtomicU64::new(0),
+            conns: Mutex::new(Vec::new()),
+        });
+        let s = Arc::clone(&state);
+        std::thread::spawn(move || loop {
+            if s.dead.load(Ordering::SeqCst) {
+                return; // the listener closes: the port is closed
+            }
+            let Ok((client, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            client.set_nonblocking(false).unwrap();
+            s.conns.lock().unwrap().push(client.try_clone().unwrap());
+            if s.hang {
+                continue;
+            }
+            let server = TcpStream::connect(("127.0.0.1", s.upstream)).unwrap();
+            s.conns.lock().unwrap().push(server.try_clone().unwrap());
+            for (mut from, mut to, count) in [
+                (
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    false,
+                ),
+                (server, client, true),
+            ] {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if count {
+                            let total = s.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+                            if s.die_after > 0 && total + n as u64 >= s.die_after {
+                                s.kill();
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Proxy { port, state }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.kill();
+    }
+}
+
+/// `count` modules with distinct contents, and a script that imports them
+/// all and checks what they compute.
+fn modules(t: &TestDir, name: &str, count: usize) -> PathBuf {
+    modules_salted(t, name, count, "")
+}
+
+/// [`modules`] whose sources differ from those of another salt.
+fn modules_salted(t: &TestDir, name: &str, count: usize, salt: &str) -> PathBuf {
+    let dir = t.join(name);
+    for i in 0..count {
+        t.write(
+            format!("{name}/pkg/m{i}.py"),
+            format!(
+                "# {salt}\nVALUE = {i}\n\ndef f(x):\n    return x * {i} + {}\n",
+                i * i
+            ),
+        );
+    }
+    t.write(format!("{name}/pkg/__init__.py"), format!("# {salt}\n"));
+    let mut check = String::from("import sys\nsys.path.insert(0, sys.argv[1])\n");
+    for i in 0..count {
+        check.push_str(&format!(
+            "import pkg.m{i}\nassert pkg.m{i}.VALUE == {i} and pkg.m{i}.f(2) == {}\n",
+            2 * i + i * i
+        ));
+    }
+    t.write(format!("{name}-check.py"), check);
+    dir
+}
+
+/// Imports the modules of [`modules`] and asserts that each came from a
+/// pyc and computed the right thing.
+fn assert_modules_load(t: &TestDir, name: &str, count: usize) {
+    let dir = t.join(name);
+    let script = t.join(format!("{name}-check.py"));
+    let log = python_v(
+        &python("3.11"),
+        &[script.to_str().unwrap(), dir.to_str().unwrap()],
+        &[],
+    );
+    assert_nothing_compiled(&log, &dir, count + 1);
+}
+
+fn n(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+fn remote0(v: &Value) -> &Value {
+    &v["remotes"][0]
+}
+
+fn warnings(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_ok(out: &Output, v: &Value) {
+    assert_output!(
+        out,
+        out.status.success() && n(v, "failed") == 0,
+        "link failed: {v}"
+    );
+}
+
+/// A store links a venv of real packages with the remote; another, empty
+/// store (another machine) links a fresh copy with no compile at all, and
+/// Python compiles nothing at import; a third link of the same store never
+/// asks the remote again (what was fetched was kept locally).
+fn shares_a_venv_between_machines(b: Backend) {
+    let t = TestDir::new();
+    let python = python("3.11");
+    let (venv_a, venv_b, venv_c) = (t.join("venv-a"), t.join("venv-b"), t.join("venv-c"));
+    make_venv(&python, &venv_a);
+    let (out, a) = b.link(&t.join("store-a"), &venv_a, &[]);
+    assert_ok(&out, &a);
+    let pycs = n(&a, "pycs");
+    assert!(pycs > 300, "{a}");
+    assert_eq!(n(&a, "compiled"), pycs, "{a}");
+    assert!(n(remote0(&a), "uploads") > 0, "{a}");
+    assert_eq!(n(remote0(&a), "errors"), 0, "{a}");
+    assert!(!b.stored().is_empty());
+
+    make_venv(&python, &venv_b);
+    let store_b = t.join("store-b");
+    let (out, second) = b.link(&store_b, &venv_b, &[]);
+    assert_ok(&out, &second);
+    assert_eq!(n(&second, "compiled"), 0, "{second}");
+    assert_eq!(n(&second, "fetched") + n(&second, "hits"), pycs, "{second}");
+    assert!(n(&second, "fetched") > 0, "{second}");
+    assert_eq!(n(remote0(&second), "rejected"), 0, "{second}");
+    assert_eq!(n(remote0(&second), "uploads"), 0, "{second}");
+    assert!(warnings(&out).is_empty(), "{:?}", warnings(&out));
+    let imports = "import pip._internal.cli.main, pip._internal.commands.install, \
+                   pip._vendor.rich.console, pip._vendor.requests";
+    let log = python_v(&venv_b.join("bin/python"), &["-c", imports], &[]);
+    assert_nothing_compiled(&log, &venv_b, 100);
+
+    // Backfilled: the same machine links another copy without the remote's help.
+    make_venv(&python, &venv_c);
+    let (out, third) = b.link(&store_b, &venv_c, &[]);
+    assert_ok(&out, &third);
+    assert_eq!(n(&third, "hits"), pycs, "{third}");
+    assert_eq!(n(remote0(&third), "requests"), 0, "{third}");
+
+    // The store remembers what each remote did.
+    let stats = run_ok(pycstore(&store_b).arg("stats").arg("--json"));
+    let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let label = stats["remotes"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        n(&stats["remotes"][&label], "hits"),
+        n(remote0(&second), "hits"),
+        "{stats}"
+    );
+}
+
+/// `--remote-read-only` fetches but never writes.
+fn read_only_uploads_nothing(b: Backend) {
+    let t = TestDir::new();
+    let src = modules(&t, "a", 20);
+    let (out, a) = b.link(&t.join("store-a"), &src, &["--remote-read-only"]);
+    assert_ok(&out, &a);
+    assert_eq!(n(&a, "compiled"), 21, "{a}");
+    assert_eq!(n(remote0(&a), "uploads"), 0, "{a}");
+    assert_eq!(n(remote0(&a), "bytes_out"), 0, "{a}");
+    assert_eq!(b.stored(), Vec::<String>::new());
+    // The environment variable says the same.
+    let src = modules(&t, "b", 20);
+    let mut cmd = b.cmd(&t.join("store-b"), "link");
+    cmd.arg(&src)
+        .arg("--python")
+        .arg(python("3.11"))
+        .env("PYCSTORE_REMOTE_READ_ONLY", "1");
+    let (out, v) = link_json(&mut cmd);
+    assert_ok(&out, &v);
+    assert_eq!(n(remote0(&v), "uploads"), 0, "{v}");
+    assert_eq!(b.stored(), Vec::<String>::new());
+}
+
+/// A remote whose objects and entries were tampered with gives no wrong
+/// pyc: every tampered thing is rejected and compiled locally, with one
+/// warning.
+fn tampered_remote_gives_no_wrong_pyc(b: Backend) {
+    let t = TestDir::new();
+    let count = 40;
+    let src = modules(&t, "a", count);
+    let (out, a) = b.link(&t.join("store-a"), &src, &[]);
+    assert_ok(&out, &a);
+    let stored = b.stored();
+    let entries: Vec<&String> = stored.iter().filter(|s| s.contains("/entries/")).collect();
+    let objects: Vec<&String> = stored.iter().filter(|s| s.contains("/objects/")).collect();
+    assert_eq!(entries.len(), count + 1, "{stored:#?}");
+    // Flip a byte in the middle of every other object: stored apart, or
+    // inside its entry (small objects travel in their entry, after the
+    // 110 bytes of key, object id, size, header and inline length).
+    for name in objects.iter() {
+        let mut bytes = b.read(name);
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        b.write(name, &bytes);
+    }
+    for name in entries.iter().skip(1).step_by(2) {
+        let mut bytes = b.read(name);
+        let inline = u32::from_le_bytes(bytes[106..110].try_into().unwrap()) as usize;
+        if inline > 0 {
+            bytes[110 + inline / 2] ^= 0x55;
+            b.write(name, &bytes);
+        }
+    }
+    // Flip a byte of the recorded header (the source hash) in some entries.
+    for name in entries.iter().skip(2).step_by(6) {
+        let mut bytes = b.read(name);
+        bytes[18 + 32 + 32 + 8 + 12] ^= 0x01;
+        b.write(name, &bytes);
+    }
+    // A self-consistent entry of another source under a key: its object
+    // checks out against its name, not against the local source.
+    let (donor, victim) = (entries[0], entries[2]);
+    let mut forged = b.read(donor);
+    let key_hex = victim.rsplit('/').next().unwrap();
+    for i in 0..32 {
+        forged[18 + i] = u8::from_str_radix(&key_hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    b.write(victim, &forged);
+    // Another entry stored under the wrong name.
+    let moved = b.read(entries[3]);
+    b.write(entries[4], &moved);
+
+    let src_b = modules(&t, "b", count);
+    let (out, second) = b.link(&t.join("store-b"), &src_b, &[]);
+    assert_ok(&out, &second);
+    let rejected = n(remote0(&second), "rejected");
+    assert!(rejected >= (count / 2) as u64, "{second}");
+    assert_eq!(
+        n(&second, "compiled") + n(&second, "fetched"),
+        count as u64 + 1,
+        "{second}"
+    );
+    assert!(n(&second, "compiled") >= rejected, "{second}");
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("rejected and compiled locally"), "{w:?}");
+    assert_modules_load(&t, "b", count);
+}
+
+/// With trusted keys, only entries signed by one of them are taken:
+/// unsigned ones and those signed by another key are compiled locally.
+fn only_trusted_signatures_are_accepted(b: Backend) {
+    let t = TestDir::new();
+    for name in ["ours", "theirs"] {
+        run_ok(
+            pycstore(&t.store())
+                .arg("keygen")
+                .arg(name)
+                .arg("--dir")
+                .arg(t.path()),
+        );
+    }
+    let ours = std::fs::read_to_string(t.join("ours.pub")).unwrap();
+    let count = 10;
+    // Unsigned uploads, and uploads signed by a key the readers do not trust.
+    let src = modules(&t, "a", count);
+    let (out, v) = b.link(&t.join("store-a"), &src, &[]);
+    assert_ok(&out, &v);
+    let src = modules(&t, "b", count);
+    let mut cmd = b.cmd(&t.join("store-b"), "link");
+    cmd.arg(&src)
+        .arg("--python")
+        .arg(python("3.11"))
+        .env("PYCSTORE_REMOTE_SIGNING_KEY", t.join("theirs.secret"));
+    let (out, v) = link_json(&mut cmd);
+    assert_ok(&out, &v);
+    assert!(
+        n(remote0(&v), "hits") > 0,
+        "the same sources were uploaded: {v}"
+    );
+    for (name, what) in [("c", "unsigned"), ("d", "signed by another key")] {
+        let src = modules(&t, name, count);
+        let (out, v) = b.link(
+            &t.join(format!("store-{name}")),
+            &src,
+            &["--remote-trusted-keys", ours.trim(), "--remote-read-only"],
+        );
+        assert_ok(&out, &v);
+        assert_eq!(n(&v, "fetched"), 0, "{what}: {v}");
+        assert_eq!(n(&v, "compiled"), count as u64 + 1, "{what}: {v}");
+        assert!(n(remote0(&v), "rejected") > 0, "{what}: {v}");
+        assert_eq!(warnings(&out).len(), 1, "{:?}", warnings(&out));
+        assert_modules_load(&t, name, count);
+    }
+    // A trusted writer's uploads are taken, by readers given the public key
+    // in a file.
+    let src = modules_salted(&t, "e", count + 5, "signed");
+    let mut cmd = b.cmd(&t.join("store-e"), "link");
+    cmd.arg(&src)
+        .arg("--python")
+        .arg(python("3.11"))
+        .env("PYCSTORE_REMOTE_SIGNING_KEY", t.join("ours.secret"));
+    let (out, v) = link_json(&mut cmd);
+    assert_ok(&out, &v);
+    let src = modules_salted(&t, "f", count + 5, "signed");
+    let (out, v) = b.link(
+        &t.join("store-f"),
+        &src,
+        &[
+            "--remote-trusted-keys",
+            t.join("ours.pub").to_str().unwrap(),
+        ],
+    );
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_eq!(n(&v, "fetched"), count as u64 + 6, "{v}");
+    assert_modules_load(&t, "f", count + 5);
+}
+
+/// A closed port, a server that accepts but never answers, a server that
+/// dies mid-run and refused credentials: each gives a successful link,
+/// compiled locally, with one warning naming the remote.
+fn an_unusable_remote_never_fails_a_link(b: Backend) {
+    let t = TestDir::new();
+    let count = 60;
+    // Warm the remote, so the mid-run death happens while fetching.
+    let src = modules(&t, "warm", count);
+    let (out, v) = b.link(&t.join("store-warm"), &src, &[]);
+    assert_ok(&out, &v);
+
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let hanging = Proxy::start(b.port(), true, 0);
+    let dying = Proxy::start(b.port(), false, 20_000);
+    let cases: Vec<(&str, Backend, Vec<&str>)> = vec![
+        ("a closed port", b.at_port(closed), vec![]),
+        (
+            "a server that never answers",
+            b.at_port(hanging.port),
+            vec!["--remote-timeout", "1"],
+        ),
+        ("a server killed mid-run", b.at_port(dying.port), vec![]),
+        ("wrong credentials", b.with_wrong_credentials(), vec![]),
+    ];
+    for (i, (what, remote, extra)) in cases.into_iter().enumerate() {
+        let name = format!("s{i}");
+        let src = modules(&t, &name, count);
+        let started = std::time::Instant::now();
+        let (out, v) = remote.link(&t.join(format!("store-{i}")), &src, &extra);
+        assert_ok(&out, &v);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            n(&v, "compiled") + n(&v, "fetched"),
+            count as u64 + 1,
+            "{what}: {v}"
+        );
+        let w = warnings(&out);
+        assert_eq!(w.len(), 1, "{what}: {w:?}");
+        assert!(w[0].contains("cannot be used"), "{what}: {w:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for (_, secret) in &b.env {
+            if secret.len() > 8 && !secret.starts_with("http") {
+                assert!(
+                    !stderr.contains(secret.as_str()),
+                    "{what}: a secret in {stderr}"
+                );
+            }
+        }
+        if let Some((_, pass)) = b.url.split_once('@').and_then(|(h, _)| h.rsplit_once(':')) {
+            assert!(!stderr.contains(pass), "{what}: the password in {stderr}");
+            assert!(!String::from_utf8_lossy(&out.stdout).contains(pass));
+        }
+        assert_modules_load(&t, &name, count);
+    }
+    assert!(
+        dying.state.dead.load(Ordering::SeqCst),
+        "the proxy never died"
+    );
+}
+
+macro_rules! backend_tests {
+    ($module:ident, $kind:expr, network: $network:tt) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn shares_a_venv_between_machines() {
+                if let Some(b) = Backend::get($kind) {
+                    super::shares_a_venv_between_machines(b);
+                }
+            }
+
+            #[test]
+            fn read_only_uploads_nothing() {
+                if let Some(b) = Backend::get($kind) {
+                    super::read_only_uploads_nothing(b);
+                }
+            }
+
+            #[test]
+            fn tampered_remote_gives_no_wrong_pyc() {
+                if let Some(b) = Backend::get($kind) {
+                    super::tampered_remote_gives_no_wrong_pyc(b);
+                }
+            }
+
+            #[test]
+            fn only_trusted_signatures_are_accepted() {
+                if let Some(b) = Backend::get($kind) {
+                    super::only_trusted_signatures_are_accepted(b);
+                }
+            }
+
+            backend_tests!(@network $network);
+        }
+    };
+    (@network true) => {
+        #[test]
+        fn an_unusable_remote_never_fails_a_link() {
+            if let Some(b) = Backend::get(KIND) {
+                super::an_unusable_remote_never_fails_a_link(b);
+            }
+        }
+    };
+    (@network false) => {};
+}
+
+mod file {
+    use super::*;
+    backend_tests!(tests, Kind::File, network: false);
+}
+mod redis_server {
+    use super::*;
+    const KIND: Kind = Kind::Redis;
+    backend_tests!(tests, KIND, network: true);
+}
+mod webdav {
+    use super::*;
+    const KIND: Kind = Kind::Webdav;
+    backend_tests!(tests, KIND, network: true);
+}
+mod s3 {
+    use super::*;
+    const KIND: Kind = Kind::S3;
+    backend_tests!(tests, KIND, network: true);
+}
+
+/// Bad remote settings end the command before anything is written.
+#[test]
+fn bad_remote_settings_exit_2_and_write_nothing() {
+    let t = TestDir::new();
+    let src = modules(&t, "a", 2);
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["--remote", "ftp://host/x"],
+            vec![],
+            "unknown scheme `ftp`",
+        ),
+        (vec!["--remote", "s3://"], vec![], "no bucket"),
+        (
+            vec!["--remote", "s3://bucket/p"],
+            vec![],
+            "AWS_ACCESS_KEY_ID",
+        ),
+        (
+            vec!["--remote", "redis://h:1/zero"],
+            vec![],
+            "database number",
+        ),
+        (vec!["--remote", "not a url"], vec![], "--remote"),
+        (
+            vec![],
+            vec![("PYCSTORE_REMOTE", "gopher://x")],
+            "PYCSTORE_REMOTE",
+        ),
+        (
+            vec!["--remote", "file:///nonexistent-pycstore-dir"],
+            vec![],
+            "not a directory",
+        ),
+        (
+            vec![
+                "--remote",
+                "redis://u:hunter2secret@127.0.0.1:1/0",
+                "--remote-trusted-keys",
+                "x:y",
+            ],
+            vec![],
+            "PYCSTORE_REMOTE_TRUSTED_KEYS",
+        ),
+        (
+            vec![
+                "--remote",
+                "redis://127.0.0.1:1/0",
+                "--remote-signing-key",
+                "/nonexistent",
+            ],
+            vec![],
+            "PYCSTORE_REMOTE_SIGNING_KEY",
+        ),
+    ];
+    for (args, envs, expected) in cases {
+        let mut cmd = t.pycstore();
+        cmd.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("PYCSTORE_REMOTE")
+            .arg("link")
+            .arg(&src)
+            .arg("--python")
+            .arg(python("3.11"))
+            .args(&args)
+            .envs(envs.iter().copied());
+        let out = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_output!(
+            out,
+            out.status.code() == Some(2) && stderr.contains(expected),
+            "{args:?}: expected exit 2 naming {expected:?}"
+        );
+        assert!(!stderr.contains("hunter2secret"), "{stderr}");
+        assert!(!t.store().exists(), "{args:?} wrote the store");
+        assert!(pycs_under(&src).is_empty(), "{args:?} placed pycs");
+    }
+}
+
+/// `pycstore push` uploads what the store holds, so a later machine fetches
+/// everything; untrusted keys (an interpreter others can change) never go.
+#[test]
+fn push_prewarms_a_remote() {
+    let Some(b) = Backend::get(Kind::File) else {
+        return;
+    };
+    let t = TestDir::new();
+    let count = 15;
+    let src = modules(&t, "a", count);
+    // Linked without a remote, then pushed.
+    let (out, v) = link_json(
+        t.pycstore()
+            .arg("link")
+            .arg(&src)
+            .arg("--python")
+            .arg(python("3.11")),
+    );
+    assert_ok(&out, &v);
+    let out = run_ok(b.cmd(&t.store(), "push").arg(&src).arg("--json"));
+    let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&pushed, "uploaded"), count as u64 + 1, "{pushed}");
+    let out = run_ok(b.cmd(&t.store(), "push").arg("--json"));
+    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&again, "uploaded"), 0, "{again}");
+    assert_eq!(n(&again, "present"), count as u64 + 1, "{again}");
+
+    let src_b = modules(&t, "b", count);
+    let (out, v) = b.link(&t.join("store-b"), &src_b, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_modules_load(&t, "b", count);
+
+    // Read-only remotes: push refuses, exit 2.
+    let out = run(b.cmd(&t.store(), "push").arg("--remote-read-only"));
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -471,6 +471,17 @@ impl ConfigFile {
                     .map_err(|_| anyhow!("config file `{}`: not UTF-8 text", path.display()))?,
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from_env => None,
+            // The default file behind a directory the caller cannot search
+            // (root's 0700 home, for a command run as another user with
+            // HOME unchanged) is not theirs: no file. One that exists and
+            // cannot be read is still an error.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && !from_env
+                    && std::fs::symlink_metadata(&path).is_err() =>
+            {
+                None
+            }
             Err(e) => {
                 let named = if from_env {
                     format!(" (named by {})", env::PYCSTORE_CONFIG)

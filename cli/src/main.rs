@@ -7,15 +7,13 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-
 mod args;
 mod commands;
 mod env;
 mod output;
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let cli = args::parse();
     let to_file = matches!(&cli.command, args::Command::Mount(m) if m.log.is_some());
     init_logging(cli.verbose, std::io::stderr().is_terminal() && !to_file);
     match run(cli) {

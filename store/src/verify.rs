@@ -1064,7 +1064,7 @@ fn check_link(objects: &Objects, pyc: &Path, id: &ObjectId, object: &Checked) ->
                 ),
                 expect: Expect {
                     inode: None,
-                    bytes: Some((object.size, found)),
+                    bytes: Some((Some(object.size), found)),
                 },
             })
         }

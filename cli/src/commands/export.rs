@@ -22,7 +22,7 @@ pub fn run(global: &GlobalArgs, args: &ExportArgs) -> anyhow::Result<ExitCode> {
         python: args.python.clone(),
         prefixes: args.prefix.clone(),
     };
-    let store = super::open_store(global)?;
+    let store = super::open_existing_store(global, pycstore_store::lock::LockMode::Shared)?;
     let report = if to_stdout {
         pack::export(
             &store,

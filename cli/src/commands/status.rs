@@ -9,7 +9,7 @@ use pycstore_store::prefix::StatusOptions;
 use crate::args::{GlobalArgs, StatusArgs};
 
 pub fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let store = super::open_store(global)?;
+    let store = super::open_existing_store(global, pycstore_store::lock::LockMode::Shared)?;
     let options = StatusOptions {
         python: args.python.clone(),
         optimize: args.optimize.clone(),

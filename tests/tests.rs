@@ -7,6 +7,7 @@ mod util;
 mod cli;
 mod concurrency;
 mod crash;
+mod first_hour;
 mod flavors;
 mod fuse;
 mod fuse_corpus;

@@ -64,33 +64,6 @@ pub struct GlobalArgs {
     pub store_from: Option<&'static str>,
 }
 
-impl MountArgs {
-    /// What is wrong with the view the command line names, if anything,
-    /// with the command line that would do what it seems to mean.
-    fn view_problem(&self) -> Option<String> {
-        let view_given = self.source.is_some() || self.over.is_some() || self.pycache_prefix;
-        let views = "`--source PREFIX MOUNTPOINT` (an overlay of PREFIX at MOUNTPOINT), \
-                     `--over PREFIX` (an overlay mounted over PREFIX itself) or \
-                     `--pycache-prefix MOUNTPOINT` (a tree for PYTHONPYCACHEPREFIX)";
-        match (&self.mountpoint, &self.stray) {
-            (Some(prefix), Some(mountpoint)) if !view_given => Some(format!(
-                "name the view: to serve `{}` with its pycs at `{}`, run `pycstore mount \
-                 --source {} {}`; the views are {views}",
-                prefix.display(),
-                mountpoint.display(),
-                prefix.display(),
-                mountpoint.display()
-            )),
-            (_, Some(stray)) => Some(format!(
-                "unexpected argument `{}`: the views are {views}",
-                stray.display()
-            )),
-            _ if !view_given => Some(format!("name the view: {views}")),
-            _ => None,
-        }
-    }
-}
-
 impl GlobalArgs {
     /// Fills in what the command line left out from the environment: an
     /// empty variable counts as unset, and PYCSTORE_TRUST_PYTHON is on for
@@ -120,33 +93,36 @@ impl GlobalArgs {
 }
 
 /// Parses the command line. The global options are accepted everywhere but
-/// shown only in the help of the subcommands they matter to: `--shared-group`
-/// where a store can be created, `--trust-python` where an interpreter runs,
-/// `--store` wherever the store is used.
+/// shown only in the help of the subcommands they matter to: `--store`
+/// wherever the store is used, `--shared-group` where a store can be
+/// created, `--trust-python` where an interpreter runs.
 pub fn parse() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
     let mut cmd = Cli::command();
-    let show: [(&str, &[&str]); 3] = [
+    let hidden_in: [(&str, &[&str]); 3] = [
+        ("store", &["unmount"]),
         (
-            "store",
+            "shared_group",
             &[
-                "link", "unlink", "status", "stats", "gc", "verify", "export", "import", "mount",
+                "unlink", "status", "stats", "gc", "verify", "export", "unmount",
             ],
         ),
-        ("shared_group", &["link", "import", "mount"]),
-        ("trust_python", &["link", "status", "export", "mount"]),
+        (
+            "trust_python",
+            &["unlink", "stats", "gc", "verify", "import", "unmount"],
+        ),
     ];
     let names: Vec<String> = cmd
         .get_subcommands()
         .map(|s| s.get_name().to_string())
         .collect();
-    for (id, shown_in) in show {
+    for (id, hidden_in) in hidden_in {
         let global = cmd
             .get_arguments()
             .find(|a| a.get_id() == id)
             .expect("a global option")
             .clone();
-        for name in names.iter().filter(|n| !shown_in.contains(&n.as_str())) {
+        for name in names.iter().filter(|n| hidden_in.contains(&n.as_str())) {
             // A subcommand that has an argument of the global's id does not
             // get the global: this hidden copy takes its place, and its
             // value still reaches the global.
@@ -311,6 +287,33 @@ pub struct MountArgs {
     /// Per-file compile timeout in seconds, 0 for none.
     #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
     pub compile_timeout: u64,
+}
+
+impl MountArgs {
+    /// What is wrong with the view the command line names, if anything,
+    /// with the command line that would do what it seems to mean.
+    fn view_problem(&self) -> Option<String> {
+        let view_given = self.source.is_some() || self.over.is_some() || self.pycache_prefix;
+        let views = "`--source PREFIX MOUNTPOINT` (an overlay of PREFIX at MOUNTPOINT), \
+                     `--over PREFIX` (an overlay mounted over PREFIX itself) or \
+                     `--pycache-prefix MOUNTPOINT` (a tree for PYTHONPYCACHEPREFIX)";
+        match (&self.mountpoint, &self.stray) {
+            (Some(prefix), Some(mountpoint)) if !view_given => Some(format!(
+                "name the view: to serve `{}` with its pycs at `{}`, run `pycstore mount \
+                 --source {} {}`; the views are {views}",
+                prefix.display(),
+                mountpoint.display(),
+                prefix.display(),
+                mountpoint.display()
+            )),
+            (_, Some(stray)) => Some(format!(
+                "unexpected argument `{}`: the views are {views}",
+                stray.display()
+            )),
+            _ if !view_given => Some(format!("name the view: {views}")),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -514,6 +514,16 @@ fn mount_names_what_is_missing_once_and_the_view_that_was_meant() {
         )
     );
 
+    let out = run(t.pycstore().args(["mount", "--over"]).arg(&missing));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "pycstore: error: the prefix `{}` does not exist\n",
+            missing.display()
+        )
+    );
+
     let out = run(t
         .pycstore()
         .current_dir(t.path())

@@ -121,12 +121,19 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
     };
     let mountpoint =
         std::path::absolute(&options.mountpoint).map_err(io_err(&options.mountpoint))?;
-    if let Some(problem) = not_a_directory(
-        &mountpoint,
-        "does not exist: create it first (the mount point is an existing directory)",
-    ) {
+    // With `--over`, the mount point is the prefix.
+    let over = matches!(&options.view, View::Overlay { source } if *source == options.mountpoint);
+    let (what, missing) = if over {
+        ("the prefix", "does not exist")
+    } else {
+        (
+            "the mount point",
+            "does not exist: create it first (the mount point is an existing directory)",
+        )
+    };
+    if let Some(problem) = not_a_directory(&mountpoint, missing) {
         return Err(Error::NotADirectory {
-            what: "the mount point",
+            what,
             path: mountpoint,
             problem,
         });

@@ -1,17 +1,18 @@
 # What benches/corpus.sh and benches/fuse.sh share; sourced, not run.
 #
-# Sets repo, shared, bench, python, requirements, workload, date, results,
+# Sets repo, corpus_dir, bench, python, requirements, workload, date, results,
 # commit;
 # exports CARGO_TARGET_DIR and PYTHONDONTWRITEBYTECODE=1; sends stdout to
 # stderr, keeping the report's stdout as descriptor 3. Functions: say, q,
 # pycstore_binary, the_corpus, machine_info.
 
 repo=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)
-shared=$(cd "$repo/../shared" && pwd)
+corpus_dir=$repo/tests/corpus
 bench=${BENCH_DIR:-$HOME/.cache/pycstore-bench}
-python=${PYTHON:-/root/.pyenv/versions/3.11.7/bin/python3.11}
-requirements=$shared/corpus/requirements.txt
-workload=$shared/corpus/import-workload.py
+# $PYTHON, else the CPython 3.11 the tests use (scripts/find-python).
+python=${PYTHON:-$("$repo/scripts/find-python" 3.11)}
+requirements=$corpus_dir/requirements.txt
+workload=$corpus_dir/import-workload.py
 date=$(date +%Y-%m-%d)
 results=$repo/benches/results
 # Taken before the run writes its results into the checkout, so a clean tree
@@ -41,12 +42,12 @@ pycstore_binary() {
 # interpreter), built by make-corpus.sh if missing; never modified.
 the_corpus() {
   local corpus
-  corpus=$bench/corpus-$(cat "$requirements" "$shared/corpus/make-corpus.sh" <(echo "$python") |
+  corpus=$bench/corpus-$(cat "$requirements" "$corpus_dir/make-corpus.sh" <(echo "$python") |
     sha256sum | cut -c 1-12)
   if [[ ! -e $corpus.done ]]; then
     say "building the corpus in $corpus" >&2
     rm -rf "$corpus"
-    "$shared/corpus/make-corpus.sh" "$corpus" "$python" >&2
+    "$corpus_dir/make-corpus.sh" "$corpus" "$python" >&2
     touch "$corpus.done"
   fi
   echo "$corpus"

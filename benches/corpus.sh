@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark on the reference corpus (../shared/corpus, a CPython
+# Side-by-side benchmark on the reference corpus (tests/corpus, a CPython
 # 3.11 venv of ~7,000 .py files): what each way of giving an environment its
 # .pyc files costs in time and disk, and what the pycs are worth at import.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The corpus import workload (../shared/corpus/import-workload.py) on a
+# The corpus import workload (tests/corpus/import-workload.py) on a
 # read-only prefix served by `pycstore mount`, against the same workload on
 # the local disk with pycs and on the read-only prefix without any:
 #

@@ -57,8 +57,7 @@ fn bad_files_are_reported_and_the_rest_is_linked() {
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("5 failed"),
-        "{:?}",
-        out
+        "{out:?}"
     );
 
     // Failures are remembered: no worker is started for them again.

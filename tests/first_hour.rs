@@ -267,8 +267,8 @@ fn read_only_commands_create_no_store() {
     let typo = t.join("typo/deep/store");
     let pack = t.join("pycs.pack");
     let no_store = format!(
-        "pycstore: error: there is no store at `{}` (from PYCSTORE_DIR); `pycstore link` \
-         creates one\n",
+        "pycstore: error: there is no store at `{}` (from environment PYCSTORE_DIR); \
+         `pycstore link` creates one\n",
         typo.display()
     );
     let commands: [&[&OsStr]; 6] = [
@@ -439,6 +439,21 @@ fn help_starts_with_purpose_and_example_and_lists_global_options_apart() {
             true,
         ),
         ("unmount", "pycstore unmount /mnt/env", false, false, false),
+        ("config", "pycstore config --json", true, false, false),
+        (
+            "completions",
+            "pycstore completions bash > ~/.local/share/bash-completion/completions/pycstore",
+            false,
+            false,
+            false,
+        ),
+        (
+            "man",
+            "pycstore man --dir ~/.local/share/man/man1",
+            false,
+            false,
+            false,
+        ),
     ];
     for (name, example, store, group, trust) in pages {
         for flag in ["-h", "--help"] {

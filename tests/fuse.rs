@@ -5,8 +5,9 @@
 //! server makes the mount point fail instead of hang.
 //!
 //! These tests need /dev/fuse, `fusermount3` and root (for read-only bind
-//! mounts); without them they say "skipped", unless
-//! PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where they fail.
+//! mounts); without them they say "skipped" (and `scripts/test` counts
+//! them), unless `CI` or `PYCSTORE_TEST_REQUIRE_FS` is set, where they fail:
+//! see `util::skip`.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -700,7 +701,7 @@ fn daemon_sigterm_and_dead_server() {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while is_mounted(&mnt) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while is_mounted(&mnt) || Path::new(&format!("/proc/{pid}")).exists() {
         assert!(Instant::now() < deadline, "SIGTERM did not end the server");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -2,7 +2,7 @@
 //! reference corpus for CPython 3.11, the same packages for 3.13, and their
 //! pure-Python part for PyPy 3.9. A read-only copy of each, and a read-only
 //! loop-mounted ext4 filesystem holding the 3.11 one, import the corpus
-//! import workload (../shared/corpus/import-workload.py) and stdlib modules
+//! import workload (tests/corpus/import-workload.py) and stdlib modules
 //! through the overlay (`--over`) and through the pycache-prefix view with
 //! nothing compiled from source; afterwards the prefix is still mounted as it
 //! was, byte for byte unchanged, with no pyc in it. (The stdlib through the
@@ -11,8 +11,8 @@
 //! These tests need what tests/fuse.rs needs, the corpora (`scripts/test`
 //! builds them; by hand: `eval "$(scripts/test-corpora)"`) and, for the
 //! loop-mounted one, loop devices and mkfs.ext4. Without them they say
-//! "skipped", unless PYCSTORE_TEST_REQUIRE_FS is set (as in CI), where they
-//! fail.
+//! "skipped" (and `scripts/test` counts them), unless `CI` or
+//! `PYCSTORE_TEST_REQUIRE_FS` is set, where they fail: see `util::skip`.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use crate::util::*;
 /// `MODULES`.
 const WORKLOAD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/corpus/import-workload.py"
+    "/../tests/corpus/import-workload.py"
 );
 
 /// Standard library modules imported before the workload's.
@@ -99,8 +99,7 @@ const PYPY_3_9: Corpus = Corpus {
 impl Corpus {
     /// The workload's modules this corpus imports.
     fn modules(&self) -> Vec<String> {
-        let text = std::fs::read_to_string(WORKLOAD)
-            .unwrap_or_else(|e| panic!("{WORKLOAD} (../shared beside the repository): {e}"));
+        let text = std::fs::read_to_string(WORKLOAD).unwrap_or_else(|e| panic!("{WORKLOAD}: {e}"));
         let list = text
             .split_once("MODULES = \"\"\"")
             .and_then(|(_, rest)| rest.split_once("\"\"\""))

@@ -166,7 +166,7 @@ fn tracebacks_name_the_destination_and_edits_recompile() {
 
         // Edit the source: Python notices (checked-hash), recompiles, rewrites
         // the pyc by rename; the store object it was linked to is unchanged.
-        let pyc = crate::util::pycs_under(&second)
+        let pyc = pycs_under(&second)
             .into_iter()
             .find(|p| p.to_str().unwrap().contains("crash."))
             .map(|p| second.join(p))

@@ -96,14 +96,17 @@ fn unlink_removes_only_what_link_placed() {
         std::fs::read_to_string(t.join("app/pkg/a.py")).unwrap(),
         "A = 1\n"
     );
-    // Linking again is all hits.
+    // Linking again compiles only the edited source (the store never had
+    // it; Python's checked-hash pyc of it has the same bytes and is kept).
     let (_, json) = link_json(
         t.pycstore()
             .args(["link", "--python"])
             .arg(&python)
             .arg(&app),
     );
-    assert_eq!(json["compiled"], 0, "{json}");
+    assert_eq!(json["compiled"], 1, "{json}");
+    assert_eq!(json["up_to_date"], 0, "{json}");
+    assert_eq!(json["hits"], 3, "{json}");
 }
 
 #[test]
@@ -194,7 +197,7 @@ fn a_store_of_another_user_is_refused_unless_shared() {
     // Created shared with a group the caller is in: usable by its members.
     let shared = t.join("shared");
     let out = run_ok(
-        crate::util::pycstore(&shared)
+        pycstore(&shared)
             .args(["--shared-group", "root", "link", "--python"])
             .arg(&python)
             .arg(t.join("app")),
@@ -217,5 +220,98 @@ fn a_store_of_another_user_is_refused_unless_shared() {
         );
     }
     std::os::unix::fs::chown(&shared, Some(65534), None).unwrap();
-    run_ok(crate::util::pycstore(&shared).arg("stats"));
+    run_ok(pycstore(&shared).arg("stats"));
+}
+
+/// A prefix that already holds valid checked-hash pycs the store does not
+/// know (made by `compileall`, as uv makes them): `link` says it compiled
+/// them, remembers them as linked, and `export --prefix` carries every one.
+/// pycs made on purpose in another invalidation mode are replaced, and the
+/// summary says so.
+#[test]
+fn pycs_the_store_does_not_know_are_counted_recorded_and_exported() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    for i in 0..12 {
+        t.write(format!("app/pkg/m{i}.py"), format!("VALUE = {i}\n"));
+    }
+    t.write("app/pkg/__init__.py", "");
+    let app = t.join("app");
+    run_ok(
+        Command::new(&python)
+            .args([
+                "-m",
+                "compileall",
+                "-q",
+                "--invalidation-mode",
+                "checked-hash",
+            ])
+            .arg(&app)
+            .env_remove("PYTHONDONTWRITEBYTECODE"),
+    );
+    let (out, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_output!(out, out.status.success(), "link failed");
+    assert_eq!(json["pycs"], 13, "{json}");
+    assert_eq!(json["compiled"], 13, "{json}");
+    assert_eq!(json["up_to_date"], 0, "{json}");
+    assert_eq!(json["replaced_other_mode"], 0, "{json}");
+    // Linked again: up to date, nothing compiled.
+    let (_, again) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    assert_eq!(again["up_to_date"], 13, "{again}");
+    assert_eq!(again["compiled"], 0, "{again}");
+    // Every pyc is remembered: the pack of the prefix carries every object.
+    let pack = t.join("app.pack");
+    let out = run_ok(
+        t.pycstore()
+            .args(["export", "--json", "--prefix"])
+            .arg(&app)
+            .arg(&pack),
+    );
+    let exported: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 13 sources, 12 distinct bodies... and the empty __init__ of its own.
+    assert_eq!(exported["objects"], 13, "{exported}");
+    let out = run_ok(
+        t.pycstore()
+            .args(["unlink", "--dry-run", "--json"])
+            .arg(&app),
+    );
+    let unlinked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(unlinked["removed"], 13, "{unlinked}");
+
+    // Unchecked-hash pycs made on purpose: replaced, and said.
+    remove_pycache(&app);
+    run_ok(
+        Command::new(&python)
+            .args([
+                "-m",
+                "compileall",
+                "-q",
+                "--invalidation-mode",
+                "unchecked-hash",
+            ])
+            .arg(&app)
+            .env_remove("PYTHONDONTWRITEBYTECODE"),
+    );
+    let out = run_ok(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(&python)
+            .arg(&app),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .contains("replaced 13 pycs made in another invalidation mode with checked-hash ones"),
+        "{stdout}"
+    );
 }

@@ -6,6 +6,7 @@ mod util;
 
 mod cli;
 mod concurrency;
+mod config;
 mod crash;
 mod first_hour;
 mod flavors;

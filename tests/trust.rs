@@ -216,12 +216,12 @@ fn pth_files_and_sitecustomize_of_a_prefix_never_run() {
         let marker = t.join(format!("ran-{version}"));
         std::fs::write(
             site.join("evil.pth"),
-            format!("import os; open({:?}, 'a').write('pth\\n')\n", marker),
+            format!("import os; open({marker:?}, 'a').write('pth\\n')\n"),
         )
         .unwrap();
         std::fs::write(
             site.join("sitecustomize.py"),
-            format!("open({:?}, 'a').write('sitecustomize\\n')\n", marker),
+            format!("open({marker:?}, 'a').write('sitecustomize\\n')\n"),
         )
         .unwrap();
         let (out, json) = link_json(t.pycstore().arg("link").arg(&venv));

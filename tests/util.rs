@@ -1,9 +1,13 @@
 //! The test harness: a private directory per test, a command builder for the
 //! binary, the interpreters of this machine, and readers of `python -v`.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, PoisonError};
 
 /// Fails with the command's full output when `$cond` is false.
 macro_rules! assert_output {
@@ -75,6 +79,16 @@ pub fn pycstore(store: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pycstore"));
     cmd.arg("--store").arg(store);
     cmd.env_remove("PYCSTORE_DIR");
+    // No user's config file or settings in the environment.
+    cmd.env("PYCSTORE_CONFIG", "/dev/null");
+    for var in [
+        "PYCSTORE_LINK_MODE",
+        "PYCSTORE_JOBS",
+        "PYCSTORE_INVALIDATION_MODE",
+        "PYCSTORE_EXCLUDE",
+    ] {
+        cmd.env_remove(var);
+    }
     cmd
 }
 
@@ -104,33 +118,157 @@ pub fn link_json(cmd: &mut Command) -> (Output, serde_json::Value) {
     (out, json)
 }
 
-/// The interpreters the product is tested with. A missing one is a failure:
-/// `.ci/run` installs them.
+/// The interpreter the tests use for `version` ("3.11", or "pypy3.9"),
+/// the first of:
+///
+/// 1. the path in `PYCSTORE_TEST_PYTHON_3_11` (`PYCSTORE_TEST_PYTHON_PYPY_3_9`
+///    for PyPy: see [`python_var`]);
+/// 2. `python3.11` (for PyPy `pypy3`, then `pypy3.9`) on `PATH`, when it runs
+///    and is that version: the interpreter it runs (its `sys.executable`, so
+///    a pyenv shim names the real interpreter, and a shim of a version pyenv
+///    has not made active is passed over);
+/// 3. for CPython, the newest `versions/3.11.*/bin/python3.11` under the pyenv
+///    root (`$PYENV_ROOT`, else what `pyenv root` says, else `~/.pyenv`).
+///
+/// A missing one is a failure naming these (`scripts/find-python` looks in
+/// the same order). Found once per test process.
 pub fn python(version: &str) -> PathBuf {
-    if version == "pypy3.9" {
-        let p = PathBuf::from("/usr/bin/pypy3");
-        assert!(
-            p.exists(),
-            "pypy3 is missing: `apt-get install pypy3` (scripts/setup does)"
-        );
-        return p;
+    static FOUND: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut found = FOUND.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(p) = found.get(version) {
+        return p.clone();
     }
-    let versions = Path::new("/root/.pyenv/versions");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(versions)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", versions.display()))
+    let p = find_python(version).unwrap_or_else(|e| panic!("{e}"));
+    found.insert(version.to_owned(), p.clone());
+    p
+}
+
+/// The variable that names the interpreter for `version`:
+/// `PYCSTORE_TEST_PYTHON_3_11` for "3.11", `PYCSTORE_TEST_PYTHON_PYPY_3_9`
+/// for "pypy3.9".
+pub fn python_var(version: &str) -> String {
+    let name = version.replace("pypy", "pypy_").replace('.', "_");
+    format!("PYCSTORE_TEST_PYTHON_{}", name.to_uppercase())
+}
+
+/// [`python`]'s search, or a message saying where it looked.
+fn find_python(version: &str) -> Result<PathBuf, String> {
+    let var = python_var(version);
+    if let Some(p) = std::env::var_os(&var) {
+        let p = PathBuf::from(p);
+        return if is_executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{var}={} is not an executable file", p.display()))
+        };
+    }
+    let (language, names, what) = match version.strip_prefix("pypy") {
+        Some(v) => (v, vec!["pypy3".to_owned(), version.to_owned()], "PyPy"),
+        None => (version, vec![format!("python{version}")], "CPython"),
+    };
+    let mut passed_over = Vec::new();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        for name in &names {
+            let candidate = dir.join(name);
+            if !is_executable(&candidate) {
+                continue;
+            }
+            match probe_python(&candidate, language) {
+                Some(exe) => return Ok(exe),
+                None => passed_over.push(candidate.display().to_string()),
+            }
+        }
+    }
+    let mut looked = format!("{} on PATH", names.join(" or "));
+    if what == "CPython" {
+        let versions = pyenv_root().join("versions");
+        if let Some(exe) = newest_pyenv_python(&versions, version) {
+            return Ok(exe);
+        }
+        looked += &format!(", {}/{version}.*", versions.display());
+    }
+    let passed_over = if passed_over.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (passed over, as not running {what} {language}: {})",
+            passed_over.join(", ")
+        )
+    };
+    Err(format!(
+        "{what} {language} not found: set {var} to its path, or put {} on PATH{}; \
+         looked at {var}, {looked}{passed_over}",
+        names[0],
+        if what == "CPython" {
+            ", or install it with pyenv"
+        } else {
+            " (scripts/setup installs pypy3)"
+        },
+    ))
+}
+
+/// The interpreter `candidate` runs (its `sys.executable`), when it runs
+/// and its language version is `language` ("3.11").
+fn probe_python(candidate: &Path, language: &str) -> Option<PathBuf> {
+    let code = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys.executable)";
+    let out = Command::new(candidate)
+        .args(["-I", "-c", code])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let stdout = String::from_utf8(out.stdout).ok()?;
+    let mut lines = stdout.lines();
+    if !out.status.success() || lines.next() != Some(language) {
+        return None;
+    }
+    match lines.next().map(PathBuf::from) {
+        Some(exe) if is_executable(&exe) => Some(exe),
+        _ => Some(candidate.to_owned()),
+    }
+}
+
+/// pyenv's root: `$PYENV_ROOT`, else what `pyenv root` says, else
+/// `~/.pyenv`.
+fn pyenv_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("PYENV_ROOT").filter(|r| !r.is_empty()) {
+        return PathBuf::from(root);
+    }
+    let said = Command::new("pyenv")
+        .arg("root")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+    match said {
+        Some(root) => PathBuf::from(root),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".pyenv"),
+    }
+}
+
+/// The newest `VERSIONS/X.Y.*/bin/pythonX.Y` (3.11.10 is newer than 3.11.9).
+fn newest_pyenv_python(versions: &Path, version: &str) -> Option<PathBuf> {
+    let prefix = format!("{version}.");
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(versions)
+        .ok()?
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(OsStr::to_str)
-                .is_some_and(|n| n.starts_with(&format!("{version}.")))
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let patch: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+            let exe = e.path().join("bin").join(format!("python{version}"));
+            is_executable(&exe).then_some((patch, exe))
         })
         .collect();
     found.sort();
-    let dir = found
-        .pop()
-        .unwrap_or_else(|| panic!("CPython {version} is missing under {}", versions.display()));
-    dir.join("bin").join(format!("python{version}"))
+    found.pop().map(|(_, exe)| exe)
+}
+
+/// Whether `path` is a file someone may execute.
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Creates a venv with pip (installed offline from the interpreter's bundled
@@ -228,15 +366,50 @@ pub fn pycs_under(root: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// A test cannot run here because `why`: fails when PYCSTORE_TEST_REQUIRE_FS
-/// is set (as in CI, where everything it needs is set up), else says
-/// "SKIPPED" loudly and lets the test return.
+/// Names the file [`skip`] appends a line to for each skipped test
+/// (`scripts/test` sets it and prints how many were skipped, and why).
+pub const SKIPPED_LOG_ENV: &str = "PYCSTORE_TEST_SKIPPED_LOG";
+
+/// Why this run may not skip a test, if it may not: `CI` is set (to
+/// anything but "" , "0" or "false"; `.ci/run` sets `CI=true`), or
+/// `PYCSTORE_TEST_REQUIRE_FS` is (`scripts/test` sets it once it has made
+/// the test filesystems).
+fn skipping_forbidden() -> Option<String> {
+    if let Some(ci) = std::env::var_os("CI") {
+        if !["", "0", "false"].contains(&ci.to_string_lossy().to_lowercase().as_str()) {
+            return Some(format!("CI={}", ci.to_string_lossy()));
+        }
+    }
+    std::env::var_os("PYCSTORE_TEST_REQUIRE_FS")
+        .map(|_| "PYCSTORE_TEST_REQUIRE_FS is set".to_owned())
+}
+
+/// A test cannot run here because `why` (which says what is missing and how
+/// to provide it). Under CI, or with `PYCSTORE_TEST_REQUIRE_FS`, that is a
+/// failure. Otherwise the test is skipped: this says "SKIPPED" on stderr,
+/// appends `TEST<tab>WHY` to the file named by [`SKIPPED_LOG_ENV`] when set,
+/// and the caller returns.
 pub fn skip(why: &str) {
-    assert!(
-        std::env::var_os("PYCSTORE_TEST_REQUIRE_FS").is_none(),
-        "{why}, and PYCSTORE_TEST_REQUIRE_FS is set"
-    );
-    eprintln!("SKIPPED: {why}");
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    if let Some(reason) = skipping_forbidden() {
+        panic!(
+            "{test} cannot run here: {why}\n({reason}: a test whose prerequisite is missing \
+             fails instead of skipping)"
+        );
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(log) = std::env::var_os(SKIPPED_LOG_ENV) {
+        // One write of one line to a file opened for appending: lines of
+        // tests running in parallel do not interleave.
+        let line = format!("{test}\t{}\n", why.replace('\n', " "));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("cannot append to {}: {e}", Path::new(&log).display()));
+    }
 }
 
 /// The mounted test filesystem named by `var` (set up by

@@ -10,7 +10,7 @@ use crate::env;
 
 /// Compile Python bytecode once per machine and link it into every environment.
 #[derive(Parser, Debug)]
-#[command(name = "pycstore", version, about, max_term_width = 100)]
+#[command(name = "pycstore", version = crate::version::text(), about, max_term_width = 100)]
 #[command(before_help = "Example: pycstore link .venv", help_template = HELP)]
 pub struct Cli {
     #[command(flatten)]
@@ -58,24 +58,20 @@ pub struct GlobalArgs {
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub trust_python: bool,
 
-    /// Where the store location came from, for messages (set by
-    /// [`GlobalArgs::with_env`]).
+    /// Where the store location came from (`flag --store`, `environment
+    /// PYCSTORE_DIR`, the config file), for messages; `None`: the default.
+    /// Set by `config::parse`.
     #[arg(skip)]
-    pub store_from: Option<&'static str>,
+    pub store_from: Option<String>,
 }
 
 impl GlobalArgs {
-    /// Fills in what the command line left out from the environment: an
+    /// Fills in what the command line left out from the environment (the
+    /// store is `config::parse`'s: the config file may name it too): an
     /// empty variable counts as unset, and PYCSTORE_TRUST_PYTHON is on for
     /// any value but `0`, `false`, `no` and `off`.
     pub fn with_env(mut self) -> GlobalArgs {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-        if self.store.is_some() {
-            self.store_from = Some("--store");
-        } else if let Some(dir) = var(env::PYCSTORE_DIR) {
-            self.store = Some(PathBuf::from(dir));
-            self.store_from = Some(env::PYCSTORE_DIR);
-        }
         if self.shared_group.is_none() {
             self.shared_group =
                 var(env::PYCSTORE_SHARED_GROUP).map(|g| g.to_string_lossy().into_owned());
@@ -92,24 +88,43 @@ impl GlobalArgs {
     }
 }
 
-/// Parses the command line. The global options are accepted everywhere but
+/// The command line parser. The global options are accepted everywhere but
 /// shown only in the help of the subcommands they matter to: `--store`
 /// wherever the store is used, `--shared-group` where a store can be
 /// created, `--trust-python` where an interpreter runs.
-pub fn parse() -> Cli {
-    use clap::{CommandFactory, FromArgMatches};
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
     let mut cmd = Cli::command();
     let hidden_in: [(&str, &[&str]); 3] = [
-        ("store", &["unmount"]),
+        ("store", &["unmount", "completions", "man"]),
         (
             "shared_group",
             &[
-                "unlink", "status", "stats", "gc", "verify", "export", "unmount",
+                "unlink",
+                "status",
+                "stats",
+                "gc",
+                "verify",
+                "export",
+                "unmount",
+                "config",
+                "completions",
+                "man",
             ],
         ),
         (
             "trust_python",
-            &["unlink", "stats", "gc", "verify", "import", "unmount"],
+            &[
+                "unlink",
+                "stats",
+                "gc",
+                "verify",
+                "import",
+                "unmount",
+                "config",
+                "completions",
+                "man",
+            ],
         ),
     ];
     let names: Vec<String> = cmd
@@ -130,8 +145,12 @@ pub fn parse() -> Cli {
             cmd = cmd.mut_subcommand(name, |sub| sub.arg(hidden));
         }
     }
-    let matches = cmd.get_matches_mut();
-    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cmd
+}
+
+/// Checks what clap cannot: a `mount` must name its view. Exits with
+/// clap's usage error, and the command line that was probably meant.
+pub fn check(cli: &Cli, cmd: &mut clap::Command) {
     if let Command::Mount(mount) = &cli.command {
         if let Some(problem) = mount.view_problem() {
             let sub = cmd
@@ -141,8 +160,6 @@ pub fn parse() -> Cli {
                 .exit();
         }
     }
-    cli.global = cli.global.with_env();
-    cli
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,6 +199,22 @@ pub enum Command {
     /// Add the entries of a pack to the store, after checking all of it.
     #[command(before_help = "Example: pycstore import pycs.pack", help_template = HELP)]
     Import(ImportArgs),
+
+    /// Print the effective settings (flags, environment, config file,
+    /// defaults) and where each came from.
+    #[command(before_help = "Example: pycstore config --json", help_template = HELP)]
+    Config(ConfigArgs),
+
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    #[command(
+        before_help = "Example: pycstore completions bash > ~/.local/share/bash-completion/completions/pycstore",
+        help_template = HELP
+    )]
+    Completions(CompletionsArgs),
+
+    /// Print the man page (roff), or write one per subcommand into --dir.
+    #[command(before_help = "Example: pycstore man --dir ~/.local/share/man/man1", help_template = HELP)]
+    Man(ManArgs),
 
     /// Serve the store's pycs through FUSE where pycs cannot be written: a
     /// read-only overlay of a prefix whose __pycache__ directories hold them
@@ -524,6 +557,28 @@ pub enum LinkModeArg {
     Hardlink,
     /// Plain copies.
     Copy,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// Print the settings as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write pycstore.1 and a pycstore-SUBCOMMAND.1 per subcommand into DIR
+    /// instead of printing pycstore.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Parses a size: a number with an optional unit, `B`, `K`/`KB`, `M`/`MB`,

@@ -9,11 +9,21 @@ use std::process::ExitCode;
 
 mod args;
 mod commands;
+mod config;
 mod env;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc_compat;
 mod output;
+mod version;
 
 fn main() -> ExitCode {
-    let cli = args::parse();
+    let cli = match config::parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            eprintln!("pycstore: error: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     let to_file = matches!(&cli.command, args::Command::Mount(m) if m.log.is_some());
     init_logging(cli.verbose, std::io::stderr().is_terminal() && !to_file);
     match run(cli) {
@@ -41,6 +51,9 @@ fn run(cli: args::Cli) -> anyhow::Result<ExitCode> {
         args::Command::Import(ref args) => commands::import::run(&cli.global, args),
         args::Command::Mount(ref args) => commands::mount::run(&cli.global, args),
         args::Command::Unmount(ref args) => commands::unmount::run(args),
+        args::Command::Config(ref args) => commands::config::run(args),
+        args::Command::Completions(ref args) => commands::completions::run(args),
+        args::Command::Man(ref args) => commands::man::run(args),
     }
 }
 

@@ -185,7 +185,7 @@ impl Worker {
             Err(RecvTimeoutError::Timeout) => Outcome::WorkerFailed(format!(
                 "compiling took longer than {}s (set {} to change the limit, 0 for none)",
                 timeout.unwrap_or_default().as_secs(),
-                crate::compile::TIMEOUT_ENV
+                TIMEOUT_ENV
             )),
         }
     }

@@ -39,6 +39,7 @@ use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
 use crate::resolve::{self, open_object, ObjectState};
 use crate::source::{Hashed, Plan, Source};
+use crate::util::lock;
 use crate::walk::Excludes;
 use crate::{Result, Store};
 
@@ -82,6 +83,9 @@ pub struct LinkStats {
     pub hits: u64,
     /// pycs compiled by this run (compile misses).
     pub compiled: u64,
+    /// pycs in another invalidation mode (timestamp, unchecked-hash) that
+    /// were replaced by the mode asked for.
+    pub replaced_other_mode: u64,
     /// pycs that could not be produced or placed (see the failures).
     pub failed: u64,
     /// Sources that vanished or changed while being linked; the next run
@@ -659,54 +663,80 @@ impl Run<'_> {
         )
     }
 
-    /// Whether the destination already holds exactly this object: its very
-    /// inode where a hardlink is allowed, else the same header and size (for
-    /// one source and flavor only the body could differ, and a body of the
-    /// same size compiled from the same source is the same code) and no more
-    /// readable than the source. Anything else there (stale, truncated,
-    /// another flavor, a symlink, a hardlink where none may be) is replaced
-    /// by the store's known-good object.
-    fn up_to_date(
+    /// What is at the pyc's name now, against the object to place there:
+    /// its very inode where a hardlink is allowed, or the same header and
+    /// size (for one source and flavor only the body could differ, and a body
+    /// of the same size compiled from the same source is the same code) no
+    /// more readable than the source and sharing no inode it should not.
+    /// Anything else there (stale, truncated, another flavor, a symlink, a
+    /// hardlink where none may be) is replaced by the store's known-good
+    /// object.
+    fn existing(
         &self,
         dir: Option<BorrowedFd<'_>>,
         name: &OsStr,
         entry: &Entry,
         object: Option<Checked>,
         access: &Access,
-    ) -> bool {
+    ) -> Existing {
         let Some(dir) = dir else {
-            return false;
+            return Existing::Other;
         };
         let Ok(st) = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
-            return false;
+            return Existing::Other;
         };
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return false;
+            return Existing::Other;
         }
         if let Some(object) = object {
             if (st.st_dev, st.st_ino) == (object.dev, object.ino) {
-                return access.hardlink && object.mode == access.mode;
+                return if access.hardlink && object.mode == access.mode {
+                    Existing::Ours
+                } else {
+                    Existing::Other
+                };
             }
         }
-        if st.st_size as u64 != entry.size || st.st_mode & 0o444 & !access.mode != 0 {
-            return false;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
+            return Existing::Other;
+        };
+        let mut header = [0u8; HEADER_LEN];
+        if std::fs::File::from(fd).read_exact(&mut header).is_err() {
+            return Existing::Other;
+        }
+        if header[..4] == entry.header[..4]
+            && header[4..8] != entry.header[4..8]
+            && matches!(
+                u32::from_le_bytes([header[4], header[5], header[6], header[7]]),
+                0 | 1 | 3
+            )
+        {
+            return Existing::OtherMode;
         }
         // An inode shared with other names that is not the object: an
         // object's old inode where no hardlink may be, or one whose owner or
         // mode changed (a `chown -R` of another tree holding it).
-        if st.st_nlink > 1
+        let shared_badly = st.st_nlink > 1
             && (!access.hardlink
                 || !self.domain.object_ok(&st)
-                || st.st_mode & 0o7777 != PUBLIC_MODE)
+                || st.st_mode & 0o7777 != PUBLIC_MODE);
+        if header == entry.header
+            && st.st_size as u64 == entry.size
+            && st.st_mode & 0o444 & !access.mode == 0
+            && !shared_badly
         {
-            return false;
+            return Existing::Identical;
         }
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
-            return false;
-        };
-        let mut header = [0u8; HEADER_LEN];
-        std::fs::File::from(fd).read_exact(&mut header).is_ok() && header == entry.header
+        Existing::Other
+    }
+
+    /// Remembers that the pyc of `target` is the store's object.
+    fn record_link(&self, target: &Target, entry: &Entry) {
+        let mut writes = lock(&self.writes);
+        let trusted = self.interpreters[target.interpreter].key_domain.is_none();
+        writes.link(&target.pyc, &entry.object, self.options.flavor, trusted);
+        writes.used(&entry.object, (self.now_ns / 1_000_000_000) as u64);
     }
 
     /// Writes the object for `target` with `body` and records its entries.
@@ -768,10 +798,32 @@ impl Run<'_> {
             return Err("not a module file name".into());
         };
         let object = object.or_else(|| self.identity(&entry.object));
-        if self.up_to_date(dir, name, entry, object, &access) {
-            self.count(|s| s.up_to_date += 1);
-            self.progress.advance(1);
-            return Ok(());
+        match self.existing(dir, name, entry, object, &access) {
+            Existing::Ours => {
+                self.count(|s| s.up_to_date += 1);
+                self.progress.advance(1);
+                return Ok(());
+            }
+            // The same bytes, put there by another tool (uv, `compileall
+            // --invalidation-mode checked-hash`) or copied by an earlier run:
+            // kept, and remembered as linked from the store.
+            Existing::Identical => {
+                if !self.options.dry_run {
+                    self.record_link(target, entry);
+                }
+                self.tally(target.interpreter, |c| match how {
+                    Settled::Compiled => c.misses += 1,
+                    Settled::Hit => c.hits += 1,
+                });
+                self.count(|s| match how {
+                    Settled::Compiled => s.compiled += 1,
+                    Settled::Hit => s.up_to_date += 1,
+                });
+                self.progress.advance(1);
+                return Ok(());
+            }
+            Existing::OtherMode => self.count(|s| s.replaced_other_mode += 1),
+            Existing::Other => {}
         }
         if self.options.dry_run {
             self.count(|s| s.hits += 1);
@@ -806,12 +858,7 @@ impl Run<'_> {
             .materializer
             .place(&entry.object, &dest)
             .map_err(|e| e.to_string())?;
-        {
-            let mut writes = self.writes.lock().unwrap();
-            let trusted = self.interpreters[target.interpreter].key_domain.is_none();
-            writes.link(&target.pyc, &entry.object, self.options.flavor, trusted);
-            writes.used(&entry.object, (self.now_ns / 1_000_000_000) as u64);
-        }
+        self.record_link(target, entry);
         self.tally(target.interpreter, |c| match how {
             Settled::Compiled => c.misses += 1,
             Settled::Hit => c.hits += 1,
@@ -927,6 +974,19 @@ impl Run<'_> {
         }
         self.store.index()?.apply(writes)
     }
+}
+
+/// What is at a pyc's name before placing (see [`Run::existing`]).
+enum Existing {
+    /// The object itself (its inode, where a hardlink is allowed).
+    Ours,
+    /// The object's bytes, in a file of its own.
+    Identical,
+    /// A pyc of this interpreter in another invalidation mode: someone may
+    /// have made it so on purpose; replaced, and said.
+    OtherMode,
+    /// Nothing, or anything else.
+    Other,
 }
 
 #[derive(Clone, Copy)]

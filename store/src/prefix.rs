@@ -72,7 +72,7 @@ pub fn status(
 ) -> Result<StatusReport> {
     let excludes = Excludes::new(&options.excludes)?;
     let index = store.index_reader()?;
-    let mut probes = crate::index::Writes::default();
+    let mut probes = Writes::default();
     let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
     let (found, errors) = plan.walk(&excludes);
     let mut recorded: HashMap<PathBuf, ObjectId> = HashMap::new();

@@ -365,7 +365,7 @@ pub(crate) fn check_prefix(prefix: &Path) -> Result<()> {
         Ok(_) => "is not a directory: a prefix is a directory of Python sources (a venv, an \
                   install, a source tree)"
             .to_string(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
             "does not exist: a prefix is a directory of Python sources (a venv, an install, a \
              source tree)"
                 .to_string()

@@ -130,7 +130,7 @@ pub trait PathContext<T> {
     fn at(self, op: &str, path: &Path) -> io::Result<T>;
 }
 
-impl<T, E: Into<io::Error>> PathContext<T> for std::result::Result<T, E> {
+impl<T, E: Into<io::Error>> PathContext<T> for Result<T, E> {
     fn at(self, op: &str, path: &Path) -> io::Result<T> {
         self.map_err(|e| with_path(e.into(), op, path))
     }
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn a_poisoned_mutex_still_locks() {
         let m = std::sync::Arc::new(Mutex::new(1));
-        let held = m.clone();
+        let held = std::sync::Arc::clone(&m);
         let _ = std::thread::spawn(move || {
             let _guard = held.lock().unwrap();
             panic!("poison it");

@@ -914,7 +914,7 @@ fn recorded_links(readout: &Readout) -> Vec<(PathBuf, ObjectId)> {
         else {
             continue;
         };
-        links.push((PathBuf::from(std::ffi::OsStr::from_bytes(key)), id));
+        links.push((PathBuf::from(OsStr::from_bytes(key)), id));
     }
     links
 }
@@ -1181,7 +1181,7 @@ fn derive_entries(objects: &Checks, salvaged: &Readout) -> Writes {
         let Ok(head) = <[u8; HEADER_LEN]>::try_from(checked.head.as_slice()) else {
             continue;
         };
-        let pyc = Path::new(std::ffi::OsStr::from_bytes(key));
+        let pyc = Path::new(OsStr::from_bytes(key));
         let Some((source, optimize)) = source_of(pyc) else {
             continue;
         };

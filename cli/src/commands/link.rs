@@ -49,6 +49,15 @@ pub fn run(global: &GlobalArgs, args: &LinkArgs) -> anyhow::Result<ExitCode> {
                 if s.skipped > 0 { format!(", {} skipped (changed during the run)", s.skipped) } else { String::new() },
                 report.elapsed_seconds,
             )?;
+            if s.replaced_other_mode > 0 {
+                writeln!(
+                    stdout,
+                    "replaced {} pycs made in another invalidation mode with {} ones \
+                     (pass --invalidation-mode to keep another mode)",
+                    s.replaced_other_mode,
+                    options.flavor.as_str()
+                )?;
+            }
             if s.bytes_shared + s.bytes_copied > 0 {
                 writeln!(
                     stdout,

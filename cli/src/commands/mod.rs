@@ -1,9 +1,12 @@
 //! One module per subcommand.
 
+pub mod completions;
+pub mod config;
 pub mod export;
 pub mod gc;
 pub mod import;
 pub mod link;
+pub mod man;
 pub mod mount;
 pub mod stats;
 pub mod status;
@@ -49,7 +52,7 @@ pub fn open_existing_store(
         Err(pycstore_store::Error::NoStore { .. }) => anyhow::bail!(
             "there is no store at `{}` ({}); `pycstore link` creates one",
             root.display(),
-            match global.store_from {
+            match &global.store_from {
                 Some(from) => format!("from {from}"),
                 None => "the default; --store or PYCSTORE_DIR names another".to_string(),
             }

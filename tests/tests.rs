@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod config;
 mod crash;
+mod first_hour;
 mod flavors;
 mod fuse;
 mod fuse_corpus;

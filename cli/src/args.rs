@@ -11,77 +11,209 @@ use crate::env;
 /// Compile Python bytecode once per machine and link it into every environment.
 #[derive(Parser, Debug)]
 #[command(name = "pycstore", version = crate::version::text(), about, max_term_width = 100)]
+#[command(before_help = "Example: pycstore link .venv", help_template = HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
 
     /// More logging (-v debug, -vv trace); PYCSTORE_LOG takes a filter.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub verbose: u8,
 
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Flags every subcommand takes.
+/// Every help page: what the command is for, one example, then the usage.
+const HELP: &str =
+    "{about-with-newline}\n{before-help}{usage-heading} {usage}\n\n{all-args}{after-help}";
+
+/// The heading of the options every subcommand takes, listed apart from its own.
+const GLOBAL: &str = "Global options";
+
+/// Flags every subcommand takes (each is shown in the help of the
+/// subcommands it matters to, under "Global options"). Their environment
+/// variables are read by [`GlobalArgs::with_env`], not by clap, so that a
+/// variable neither shows in a usage line as if it were typed nor makes an
+/// empty value an error.
 #[derive(Args, Debug)]
 pub struct GlobalArgs {
-    /// The store directory [default: $XDG_CACHE_HOME/pycstore, else ~/.cache/pycstore].
-    #[arg(long, global = true, env = env::PYCSTORE_DIR, value_name = "DIR")]
+    /// The store directory; PYCSTORE_DIR when not given (empty counts as
+    /// unset) [default: $XDG_CACHE_HOME/pycstore, else ~/.cache/pycstore].
+    #[arg(long, global = true, value_name = "DIR", help_heading = GLOBAL)]
     pub store: Option<PathBuf>,
 
     /// When creating the store, share it with this group (mode 2770) instead
-    /// of keeping it private to its owner. Members of the group can then run
-    /// code in every environment linked from it.
-    #[arg(long, global = true, env = env::PYCSTORE_SHARED_GROUP, value_name = "GROUP")]
+    /// of keeping it private to its owner; PYCSTORE_SHARED_GROUP when not
+    /// given. Members of the group can then run code in every environment
+    /// linked from it.
+    #[arg(long, global = true, value_name = "GROUP", help_heading = GLOBAL)]
     pub shared_group: Option<String>,
 
     /// Run interpreters (and their standard libraries) that a user other
     /// than you or root can change, which is refused when you are root or
     /// the store is shared: that user could run code as you. What such an
-    /// interpreter compiles is kept for it alone.
-    #[arg(long, global = true, env = env::PYCSTORE_TRUST_PYTHON)]
+    /// interpreter compiles is kept for it alone. PYCSTORE_TRUST_PYTHON=1
+    /// does the same.
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub trust_python: bool,
+
+    /// Where the store location came from (`flag --store`, `environment
+    /// PYCSTORE_DIR`, the config file), for messages; `None`: the default.
+    /// Set by `config::parse`.
+    #[arg(skip)]
+    pub store_from: Option<String>,
+}
+
+impl GlobalArgs {
+    /// Fills in what the command line left out from the environment (the
+    /// store is `config::parse`'s: the config file may name it too): an
+    /// empty variable counts as unset, and PYCSTORE_TRUST_PYTHON is on for
+    /// any value but `0`, `false`, `no` and `off`.
+    pub fn with_env(mut self) -> GlobalArgs {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        if self.shared_group.is_none() {
+            self.shared_group =
+                var(env::PYCSTORE_SHARED_GROUP).map(|g| g.to_string_lossy().into_owned());
+        }
+        if !self.trust_python {
+            self.trust_python = var(env::PYCSTORE_TRUST_PYTHON).is_some_and(|v| {
+                !matches!(
+                    v.to_string_lossy().to_ascii_lowercase().as_str(),
+                    "0" | "false" | "no" | "off"
+                )
+            });
+        }
+        self
+    }
+}
+
+/// The command line parser. The global options are accepted everywhere but
+/// shown only in the help of the subcommands they matter to: `--store`
+/// wherever the store is used, `--shared-group` where a store can be
+/// created, `--trust-python` where an interpreter runs.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let hidden_in: [(&str, &[&str]); 3] = [
+        ("store", &["unmount", "completions", "man"]),
+        (
+            "shared_group",
+            &[
+                "unlink",
+                "status",
+                "stats",
+                "gc",
+                "verify",
+                "export",
+                "unmount",
+                "config",
+                "completions",
+                "man",
+            ],
+        ),
+        (
+            "trust_python",
+            &[
+                "unlink",
+                "stats",
+                "gc",
+                "verify",
+                "import",
+                "unmount",
+                "config",
+                "completions",
+                "man",
+            ],
+        ),
+    ];
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for (id, hidden_in) in hidden_in {
+        let global = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .expect("a global option")
+            .clone();
+        for name in names.iter().filter(|n| hidden_in.contains(&n.as_str())) {
+            // A subcommand that has an argument of the global's id does not
+            // get the global: this hidden copy takes its place, and its
+            // value still reaches the global.
+            let hidden = global.clone().global(false).hide(true);
+            cmd = cmd.mut_subcommand(name, |sub| sub.arg(hidden));
+        }
+    }
+    cmd
+}
+
+/// Checks what clap cannot: a `mount` must name its view. Exits with
+/// clap's usage error, and the command line that was probably meant.
+pub fn check(cli: &Cli, cmd: &mut clap::Command) {
+    if let Command::Mount(mount) = &cli.command {
+        if let Some(problem) = mount.view_problem() {
+            let sub = cmd
+                .find_subcommand_mut("mount")
+                .expect("mount is a subcommand");
+            sub.error(clap::error::ErrorKind::MissingRequiredArgument, problem)
+                .exit();
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Put a valid pyc beside every .py file of each prefix (venv, conda env,
     /// CPython install, or any directory of sources with --python).
+    #[command(before_help = "Example: pycstore link .venv", help_template = HELP)]
     Link(LinkArgs),
 
     /// Remove the pycs pycstore placed in each prefix (and the __pycache__
     /// directories it created, when left empty); nothing else.
+    #[command(before_help = "Example: pycstore unlink --dry-run .venv", help_template = HELP)]
     Unlink(UnlinkArgs),
 
     /// Report, per interpreter, how many sources have a pyc from the store,
     /// a foreign valid pyc, a stale pyc, or none.
+    #[command(before_help = "Example: pycstore status .venv", help_template = HELP)]
     Status(StatusArgs),
 
     /// Show what the store holds and how it was used since the last --zero.
+    #[command(before_help = "Example: pycstore stats --json", help_template = HELP)]
     Stats(StatsArgs),
 
     /// Evict least recently used objects (those still linked somewhere
     /// last) until the store fits --max-size, or those unused for --older-than.
+    #[command(before_help = "Example: pycstore gc --max-size 2G", help_template = HELP)]
     Gc(GcArgs),
 
     /// Check every object against its name and the index, both ways.
+    #[command(before_help = "Example: pycstore verify --repair", help_template = HELP)]
     Verify(VerifyArgs),
 
     /// Write store entries to a zstd-compressed pack (for CI caches).
+    #[command(before_help = "Example: pycstore export pycs.pack --prefix .venv", help_template = HELP)]
     Export(ExportArgs),
 
     /// Add the entries of a pack to the store, after checking all of it.
+    #[command(before_help = "Example: pycstore import pycs.pack", help_template = HELP)]
     Import(ImportArgs),
 
     /// Print the effective settings (flags, environment, config file,
     /// defaults) and where each came from.
+    #[command(before_help = "Example: pycstore config --json", help_template = HELP)]
     Config(ConfigArgs),
 
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    #[command(
+        before_help = "Example: pycstore completions bash > ~/.local/share/bash-completion/completions/pycstore",
+        help_template = HELP
+    )]
     Completions(CompletionsArgs),
 
     /// Print the man page (roff), or write one per subcommand into --dir.
+    #[command(before_help = "Example: pycstore man --dir ~/.local/share/man/man1", help_template = HELP)]
     Man(ManArgs),
 
     /// Serve the store's pycs through FUSE where pycs cannot be written: a
@@ -89,9 +221,16 @@ pub enum Command {
     /// (--source PREFIX MOUNTPOINT, or --over PREFIX), or a tree for
     /// PYTHONPYCACHEPREFIX (--pycache-prefix MOUNTPOINT). Misses compile on
     /// first access. Runs until unmounted (`pycstore unmount`, SIGTERM).
+    #[command(before_help = "Example: pycstore mount --source /opt/env /mnt/env --daemon", help_template = HELP)]
+    #[command(
+        override_usage = "pycstore mount [OPTIONS] --source <PREFIX> <MOUNTPOINT>\n       \
+                                pycstore mount [OPTIONS] --over <PREFIX>\n       \
+                                pycstore mount [OPTIONS] --pycache-prefix <MOUNTPOINT>"
+    )]
     Mount(MountArgs),
 
     /// Unmount a view mounted by `pycstore mount`; its server then exits.
+    #[command(before_help = "Example: pycstore unmount /mnt/env", help_template = HELP)]
     Unmount(UnmountArgs),
 
     /// Upload the pycs the store holds (or those linked under PREFIX...) to
@@ -169,7 +308,7 @@ pub struct KeygenArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("view").required(true).args(["source", "over", "pycache_prefix"])))]
+#[command(group(clap::ArgGroup::new("view").args(["source", "over", "pycache_prefix"])))]
 pub struct MountArgs {
     /// Overlay view: serve PREFIX read-only at MOUNTPOINT, every directory
     /// of sources with a __pycache__ of pycs from the store.
@@ -192,6 +331,11 @@ pub struct MountArgs {
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: Option<PathBuf>,
 
+    /// A second directory, taken only to say which view was meant
+    /// (`mount venv mnt` is `mount --source venv mnt`).
+    #[arg(value_name = "MOUNTPOINT", hide = true)]
+    pub stray: Option<PathBuf>,
+
     /// Interpreter to serve pycs for (repeatable) [default: the prefix's
     /// bin/python3; python3 on PATH for --pycache-prefix].
     #[arg(long, value_name = "PATH")]
@@ -206,7 +350,8 @@ pub struct MountArgs {
     #[arg(long, value_enum, default_value_t = InvalidationMode::CheckedHash)]
     pub invalidation_mode: InvalidationMode,
 
-    /// Compile processes per interpreter [default: the number of CPUs].
+    /// Compile processes per interpreter; 0 means the number of CPUs, as
+    /// for compileall -j0 [default: the number of CPUs].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
 
@@ -242,12 +387,39 @@ pub struct MountArgs {
     pub cache_ttl: u64,
 
     /// Threads answering the kernel [default: twice the CPUs, at least 4].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
 
     /// Per-file compile timeout in seconds, 0 for none.
     #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
     pub compile_timeout: u64,
+}
+
+impl MountArgs {
+    /// What is wrong with the view the command line names, if anything,
+    /// with the command line that would do what it seems to mean.
+    fn view_problem(&self) -> Option<String> {
+        let view_given = self.source.is_some() || self.over.is_some() || self.pycache_prefix;
+        let views = "`--source PREFIX MOUNTPOINT` (an overlay of PREFIX at MOUNTPOINT), \
+                     `--over PREFIX` (an overlay mounted over PREFIX itself) or \
+                     `--pycache-prefix MOUNTPOINT` (a tree for PYTHONPYCACHEPREFIX)";
+        match (&self.mountpoint, &self.stray) {
+            (Some(prefix), Some(mountpoint)) if !view_given => Some(format!(
+                "name the view: to serve `{}` with its pycs at `{}`, run `pycstore mount \
+                 --source {} {}`; the views are {views}",
+                prefix.display(),
+                mountpoint.display(),
+                prefix.display(),
+                mountpoint.display()
+            )),
+            (_, Some(stray)) => Some(format!(
+                "unexpected argument `{}`: the views are {views}",
+                stray.display()
+            )),
+            _ if !view_given => Some(format!("name the view: {views}")),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -405,7 +577,8 @@ pub struct LinkArgs {
     #[arg(long, value_enum, default_value_t = LinkModeArg::Auto)]
     pub link_mode: LinkModeArg,
 
-    /// Compile processes [default: the number of CPUs].
+    /// Compile processes per interpreter; 0 means the number of CPUs, as
+    /// for compileall -j0 [default: the number of CPUs].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
 

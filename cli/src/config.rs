@@ -29,7 +29,7 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, ValueEnum};
+use clap::{ArgMatches, FromArgMatches, ValueEnum};
 
 use crate::args::{Cli, Command, InvalidationMode, LinkModeArg};
 use crate::env;
@@ -121,8 +121,11 @@ pub fn report() -> Option<&'static Report> {
 /// Parses the command line (exiting on bad flags, as clap does), then fills
 /// in what no flag gave from the environment and the config file.
 pub fn parse() -> anyhow::Result<Cli> {
-    let matches = Cli::command().get_matches();
+    let mut cmd = crate::args::command();
+    let matches = cmd.get_matches_mut();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    crate::args::check(&cli, &mut cmd);
+    cli.global = cli.global.with_env();
     if matches!(cli.command, Command::Completions(_) | Command::Man(_)) {
         return Ok(cli);
     }
@@ -137,20 +140,26 @@ fn apply(cli: &mut Cli, matches: &ArgMatches, file: &ConfigFile) -> anyhow::Resu
     let sub = matches.subcommand().map(|(_, m)| m);
     let mut settings = Vec::new();
 
-    // store: clap reads --store and PYCSTORE_DIR.
+    // store: clap reads --store; PYCSTORE_DIR is read here, so that it
+    // neither shows in a usage line as if typed nor is an error when empty
+    // (it then counts as unset).
     let store = match matches.value_source("store") {
         Some(ValueSource::CommandLine) => {
             Setting::new(cli.global.store.clone(), Source::Flag("--store"))
         }
-        Some(ValueSource::EnvVariable) => {
-            Setting::new(cli.global.store.clone(), Source::Env(env::PYCSTORE_DIR))
-        }
-        _ => match file.path_value("store")? {
-            Some((path, line)) => Setting::new(Some(path), file.source(line)),
-            None => Setting::new(None, Source::Default),
+        _ => match std::env::var_os(env::PYCSTORE_DIR).filter(|v| !v.is_empty()) {
+            Some(dir) => Setting::new(Some(PathBuf::from(dir)), Source::Env(env::PYCSTORE_DIR)),
+            None => match file.path_value("store")? {
+                Some((path, line)) => Setting::new(Some(path), file.source(line)),
+                None => Setting::new(None, Source::Default),
+            },
         },
     };
     cli.global.store = store.value.clone();
+    cli.global.store_from = match &store.source {
+        Source::Default => None,
+        source => Some(source.to_string()),
+    };
     let shown_store = store
         .value
         .clone()

@@ -46,13 +46,25 @@ pub enum Error {
         /// What failed.
         source: io::Error,
     },
-    /// A file or directory the view needs could not be used.
-    #[error("`{path}`: {source}")]
+    /// A file or directory the view needs could not be used. The message
+    /// is the I/O error's (not repeated as its source).
+    #[error("`{path}`: {error}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// What failed.
-        source: io::Error,
+        error: io::Error,
+    },
+    /// The mount point or the prefix of an overlay is missing or is not a
+    /// directory.
+    #[error("{what} `{path}` {problem}")]
+    NotADirectory {
+        /// `the mount point` or `the prefix`.
+        what: &'static str,
+        /// The path as given, made absolute.
+        path: PathBuf,
+        /// `does not exist…` or `is not a directory`.
+        problem: &'static str,
     },
     /// `unmount` was asked for a directory that is no pycstore mount.
     #[error("`{0}` is not a pycstore mount (see /proc/self/mountinfo)")]

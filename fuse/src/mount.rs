@@ -117,19 +117,37 @@ pub(crate) enum Ended {
 pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
+        move |error| Error::Io { path, error }
     };
     let mountpoint =
         std::path::absolute(&options.mountpoint).map_err(io_err(&options.mountpoint))?;
-    if !mountpoint.is_dir() {
-        return Err(Error::Io {
+    // With `--over`, the mount point is the prefix.
+    let over = matches!(&options.view, View::Overlay { source } if *source == options.mountpoint);
+    let (what, missing) = if over {
+        ("the prefix", "does not exist")
+    } else {
+        (
+            "the mount point",
+            "does not exist: create it first (the mount point is an existing directory)",
+        )
+    };
+    if let Some(problem) = not_a_directory(&mountpoint, missing) {
+        return Err(Error::NotADirectory {
+            what,
             path: mountpoint,
-            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+            problem,
         });
     }
     let (under, kind, default_python) = match &options.view {
         View::Overlay { source } => {
             let source = std::path::absolute(source).map_err(io_err(source))?;
+            if let Some(problem) = not_a_directory(&source, "does not exist") {
+                return Err(Error::NotADirectory {
+                    what: "the prefix",
+                    path: source,
+                    problem,
+                });
+            }
             let under = Under::open(&source).map_err(io_err(&source))?;
             let python = if options.python.is_empty() {
                 vec![interpreter::find_in_prefix(&source)?]
@@ -254,10 +272,10 @@ impl Mount {
         let mut unmounter = self.session.unmount_callable();
         let mountpoint = self.mountpoint.clone();
         let mut signals =
-            signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|source| {
+            signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|error| {
                 Error::Io {
                     path: mountpoint.clone(),
-                    source,
+                    error,
                 }
             })?;
         let signal_handle = signals.handle();
@@ -301,9 +319,9 @@ impl Mount {
             .spawn(move || {
                 let _ = tell.send(Ended::Returned(session.run()));
             })
-            .map_err(|source| Error::Io {
+            .map_err(|error| Error::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
         let served = match self.ended.recv() {
             Ok(Ended::Returned(result)) => result,
@@ -317,7 +335,7 @@ impl Mount {
         let _ = flusher.join();
         pycs.stop_workers(WORKERS_GRACE);
         pycs.flush();
-        served.map_err(|source| Error::Io { path, source })?;
+        served.map_err(|error| Error::Io { path, error })?;
 
         let s = &pycs.stats;
         let ops: Vec<String> = s.ops().map(|(name, n)| format!("{name} {n}")).collect();
@@ -338,9 +356,9 @@ impl Mount {
 /// when its last user leaves. Refuses anything that is not a pycstore
 /// mount. The server process ends by itself once the mount is gone.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Error> {
-    let path = std::path::absolute(mountpoint).map_err(|source| Error::Io {
+    let path = std::path::absolute(mountpoint).map_err(|error| Error::Io {
         path: mountpoint.to_path_buf(),
-        source,
+        error,
     })?;
     if !is_pycstore_mount(&path) {
         return Err(Error::NotMounted(path));
@@ -444,6 +462,18 @@ fn unescape_mountinfo(field: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Why `path` cannot be used as a directory, if it cannot: `missing`
+/// when there is nothing there, or that it is something else.
+fn not_a_directory(path: &Path, missing: &'static str) -> Option<&'static str> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => None,
+        Ok(_) => Some("is not a directory"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(missing),
+        // Anything else (a permission) is reported when it is opened.
+        Err(_) => None,
+    }
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {

@@ -77,11 +77,27 @@ pub enum Error {
     /// No interpreter could be found for a prefix.
     #[error(
         "no Python interpreter found in `{prefix}` (looked for bin/python3, bin/python, \
-         bin/pypy3); pass `--python PATH`"
+         bin/pypy3, bin/pypy, bin/python3.N); pass `--python PATH`"
     )]
     NoInterpreter {
         /// The prefix that was searched.
         prefix: PathBuf,
+    },
+
+    /// A prefix that is not a directory.
+    #[error("`{prefix}` {problem}")]
+    NotAPrefix {
+        /// The prefix as given.
+        prefix: PathBuf,
+        /// What it is instead, and what to pass.
+        problem: String,
+    },
+
+    /// A command that only reads the store found none where it looked.
+    #[error("there is no store at `{path}` (`pycstore link` creates one)")]
+    NoStore {
+        /// Where the store was looked for.
+        path: PathBuf,
     },
 
     /// A store that is not safe to use.

@@ -195,6 +195,14 @@ impl LinkRecord {
     }
 }
 
+/// Whether a key of the entries family counts as an index entry in what
+/// commands report (`stats`, `verify`, `gc`, `export`, `import`): every
+/// record but a body, which repeats an entry of some flavor. A key that does
+/// not decode counts (it is a malformed entry).
+pub fn counts_as_entry(key: &[u8]) -> bool {
+    !matches!(EntrySlot::decode_key(key), Some((_, EntrySlot::Body)))
+}
+
 fn entry_key(key: &CompileKey, slot: EntrySlot) -> Vec<u8> {
     let mut k = Vec::with_capacity(32 + 1 + 16);
     k.extend_from_slice(&key.0);

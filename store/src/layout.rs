@@ -92,6 +92,19 @@ impl Store {
         Self::open_inner(root, Some(mode), shared_group)
     }
 
+    /// Opens the store at `root` as [`Store::open_with`] does, but only if
+    /// there is one: for commands that only read or clean up a store, which
+    /// must not create one (and every missing parent directory) at a
+    /// mistyped path. [`Error::NoStore`](crate::Error::NoStore) otherwise.
+    pub fn open_existing(root: &Path, mode: LockMode) -> Result<Store> {
+        if !is_store(root) {
+            return Err(crate::Error::NoStore {
+                path: root.to_path_buf(),
+            });
+        }
+        Self::open_inner(root, Some(mode), None)
+    }
+
     /// Opens the store without holding its lock, for a long-running process
     /// (a FUSE mount) that must not block `gc` for its whole life: it takes
     /// the lock with [`Store::lock_shared`] only around writing objects and
@@ -209,6 +222,13 @@ fn create_root(root: &Path, shared_group: Option<&str>) -> Result<()> {
         trust::share(root, group)?;
     }
     Ok(())
+}
+
+/// Whether `root` holds a store: a directory with the index or the cache
+/// directory tag that opening a store writes (a bare or unrelated directory
+/// is not one).
+pub fn is_store(root: &Path) -> bool {
+    root.is_dir() && (root.join(INDEX_DIR).exists() || root.join("CACHEDIR.TAG").exists())
 }
 
 /// The default store location: `$XDG_CACHE_HOME/pycstore`, else

@@ -148,7 +148,8 @@ impl Selection {
 /// What `export` wrote.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ExportReport {
-    /// Entries written (compile key and flavor → object).
+    /// Entries written (compile key and invalidation mode → object; the
+    /// stored bodies that repeat them are not counted, as in `stats`).
     pub entries: u64,
     /// Remembered compile failures written.
     pub failures: u64,
@@ -170,7 +171,7 @@ pub struct ExportReport {
 /// What `import` added.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ImportReport {
-    /// Entries in the pack.
+    /// Entries in the pack (counted as [`ExportReport::entries`]).
     pub entries: u64,
     /// Entries added to the index; the others were there already.
     pub entries_added: u64,
@@ -299,14 +300,20 @@ pub fn export<W: Write>(
         Ok(())
     })?;
 
+    // Records written: the entries, and the bodies that repeat them.
+    let mut records = 0;
     for raw in &chosen.entries {
+        // A body record repeats an entry of some flavor: the entries counted
+        // are those `stats` and `verify` count.
+        let counted = u64::from(!raw.is_body);
         match written.get(&raw.entry.object) {
             Some(&(size, header)) if size == raw.entry.size && header == raw.entry.header => {
                 pack.entry(&raw.key, &raw.value)?;
-                report.entries += 1;
+                records += 1;
+                report.entries += counted;
             }
             Some(_) => {
-                report.skipped_entries += 1;
+                report.skipped_entries += counted;
                 report.warnings.push(format!(
                     "left out an entry whose object `{}` does not have the size or header \
                      the index records (run `pycstore verify`)",
@@ -314,14 +321,14 @@ pub fn export<W: Write>(
                 ));
             }
             // The object's warning says why.
-            None => report.skipped_entries += 1,
+            None => report.skipped_entries += counted,
         }
     }
     for (key, message) in &chosen.failures {
         pack.failure(key, message)?;
         report.failures += 1;
     }
-    report.pack_bytes = pack.finish(report.entries, report.failures, report.objects)?;
+    report.pack_bytes = pack.finish(records, report.failures, report.objects)?;
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -575,7 +582,7 @@ pub fn import<R: Read>(store: &Store, pack: R, name: &Path) -> Result<ImportRepo
     );
     let received = read.received;
     let mut report = ImportReport {
-        entries: read.entries.len() as u64,
+        entries: read.entries.iter().filter(|raw| !raw.is_body).count() as u64,
         failures: read.failures.len() as u64,
         objects: (received.written.len() + received.present.len()) as u64,
         objects_present: received.present.len() as u64,
@@ -658,7 +665,7 @@ pub fn import<R: Read>(store: &Store, pack: R, name: &Path) -> Result<ImportRepo
     for (key, message) in &new_failures {
         writes.put(Family::Failures, key, message);
     }
-    report.entries_added = new_entries.len() as u64;
+    report.entries_added = new_entries.iter().filter(|raw| !raw.is_body).count() as u64;
     report.failures_added = new_failures.len() as u64;
     if !writes.is_empty() {
         store.index()?.apply(writes)?;
@@ -1250,7 +1257,9 @@ mod tests {
     fn pack_of(store: &Store) -> Vec<u8> {
         let mut pack = Vec::new();
         let report = export(store, &Selection::default(), &mut pack, Path::new("p")).unwrap();
-        assert_eq!((report.entries, report.failures, report.objects), (4, 1, 2));
+        // Two entries (their bodies are written but not counted, as in
+        // `stats`), one failure, two objects.
+        assert_eq!((report.entries, report.failures, report.objects), (2, 1, 2));
         assert_eq!(report.pack_bytes, pack.len() as u64);
         pack
     }
@@ -1279,9 +1288,10 @@ mod tests {
                 report.failures_added,
                 report.objects_added
             ),
-            (4, 1, 2)
+            (2, 1, 2)
         );
         let index = b.index().unwrap();
+        // The two entries and their two bodies.
         assert_eq!(index.scan(Family::Entries, b"").unwrap().len(), 4);
         assert!(index.failure(&CompileKey([9; 32])).unwrap().is_some());
         drop(index);
@@ -1339,15 +1349,19 @@ mod tests {
             size: 20,
             header: [0; 16],
         };
-        writes.entry(&CompileKey([7; 32]), EntrySlot::Body, &entry);
+        writes.entry(
+            &CompileKey([7; 32]),
+            EntrySlot::Hashed(Flavor::CheckedHash),
+            &entry,
+        );
         a.index().unwrap().apply(writes).unwrap();
         // The exporter leaves it out (its object is missing)...
         let mut pack = Vec::new();
         let report = export(&a, &Selection::default(), &mut pack, Path::new("p")).unwrap();
-        assert_eq!((report.entries, report.skipped_entries), (4, 1));
+        assert_eq!((report.entries, report.skipped_entries), (2, 1));
         // ...and a pack that has it anyway is refused.
         let mut key = vec![7; 32];
-        key.push(0);
+        key.push(Flavor::CheckedHash.tag());
         let mut value = entry.object.0.to_vec();
         value.extend_from_slice(&entry.size.to_le_bytes());
         value.extend_from_slice(&entry.header);

@@ -2,7 +2,7 @@
 //! (which sources have a pyc from the store, a foreign valid pyc, a stale
 //! pyc, or none) and `unlink` (remove exactly the pycs pycstore placed).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,8 +12,9 @@ use serde::Serialize;
 
 use crate::index::{EntrySlot, Writes};
 use crate::link::open_no_follow;
+use crate::objects::ObjectId;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
-use crate::source::{Hashed, Plan, Source};
+use crate::source::{check_prefix, Hashed, Plan, Source};
 use crate::tree::{remove_empty_dir, remove_placed_if, Expect, Placed};
 use crate::util::now_ns;
 use crate::walk::Excludes;
@@ -37,9 +38,12 @@ pub struct StatusOptions {
 pub struct PycCounts {
     /// pycs wanted: sources × optimize levels.
     pub pycs: u64,
-    /// Identical to the store's object for the source.
+    /// Placed by `link` and still what it placed (the object's inode or
+    /// bytes, as `unlink` checks before removing it), valid for the source
+    /// in the requested invalidation mode.
     pub from_store: u64,
-    /// Valid for the source (import would use it), but not the store's.
+    /// Valid for the source (import would use it), but not placed by
+    /// pycstore or changed since (Python or an installer wrote it).
     pub foreign: u64,
     /// Present but not valid: import would recompile.
     pub stale: u64,
@@ -71,6 +75,15 @@ pub fn status(
     let mut probes = Writes::default();
     let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
     let (found, errors) = plan.walk(&excludes);
+    let mut recorded: HashMap<PathBuf, ObjectId> = HashMap::new();
+    for (prefix, _) in &plan.prefixes {
+        for (pyc, record) in index.links(Some(prefix))? {
+            if let Some(record) = record {
+                recorded.insert(pyc, record.object);
+            }
+        }
+    }
+    let recorded = &recorded;
     let now = now_ns();
     let index = &index;
     let per_source: Vec<std::result::Result<Vec<(usize, State)>, PathBuf>> = found
@@ -108,23 +121,35 @@ pub fn status(
                             }
                         }
                         Some((header, len)) => {
-                            if entry.is_some_and(|e| e.header == header && e.size == len) {
+                            let valid = entry.is_some_and(|e| e.header == header && e.size == len)
+                                || (len > HEADER_LEN as u64
+                                    && matches!(
+                                        pyc::judge_header(
+                                            &header,
+                                            interpreter.magic,
+                                            interpreter.hash_variant,
+                                            source.meta.mtime(),
+                                            source.meta.size(),
+                                            || source.bytes().ok().map(|b| b.to_vec()),
+                                        ),
+                                        HeaderVerdict::Valid
+                                    ));
+                            let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
+                            // What `unlink` would remove as pycstore's own.
+                            let placed_here = || {
+                                recorded.get(&pyc).is_some_and(|id| {
+                                    matches!(
+                                        remove_placed_if(&pyc, &placed(store, *id), true),
+                                        Ok(Placed::Removed(_))
+                                    )
+                                })
+                            };
+                            if !valid {
+                                State::Stale
+                            } else if flags == options.flavor.flags() && placed_here() {
                                 State::FromStore
                             } else {
-                                let verdict = pyc::judge_header(
-                                    &header,
-                                    interpreter.magic,
-                                    interpreter.hash_variant,
-                                    source.meta.mtime(),
-                                    source.meta.size(),
-                                    || source.bytes().ok().map(|b| b.to_vec()),
-                                );
-                                match verdict {
-                                    HeaderVerdict::Valid if len > HEADER_LEN as u64 => {
-                                        State::Foreign
-                                    }
-                                    _ => State::Stale,
-                                }
+                                State::Foreign
                             }
                         }
                     };
@@ -196,6 +221,18 @@ fn read_head(pyc: &Path) -> Option<([u8; HEADER_LEN], u64)> {
     Some((header, len))
 }
 
+/// What a pyc pycstore placed from `id` must still be to count as placed:
+/// the object's inode (a hard link), or its bytes (a reflink or a copy; the
+/// object's name is the blake3 of its bytes, so this holds after `gc`
+/// evicted the object too).
+fn placed(store: &Store, id: ObjectId) -> Expect {
+    let object = rustix::fs::stat(store.objects.path(&id)).ok();
+    Expect {
+        inode: object.as_ref().map(|st| (st.st_dev, st.st_ino)),
+        bytes: Some((object.map(|st| st.st_size as u64), id)),
+    }
+}
+
 /// The report of `unlink`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct UnlinkReport {
@@ -221,33 +258,28 @@ pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<Unli
     let mut dirs = Vec::new();
     {
         let index = store.index_reader()?;
-        for prefix in prefixes {
-            let prefix = std::path::absolute(prefix)?;
+        for given in prefixes {
+            let prefix = std::path::absolute(given)?;
+            let links = index.links(Some(&prefix))?;
+            let created = index.created_dirs(Some(&prefix))?;
+            // A prefix removed since it was linked still has records to
+            // forget; anything else that is not a directory is a mistake.
+            if links.is_empty() && created.is_empty() {
+                check_prefix(given)?;
+            }
             decoded.extend(
-                index
-                    .links(Some(&prefix))?
+                links
                     .into_iter()
                     .map(|(pyc, record)| (pyc, record.map(|r| r.object))),
             );
-            dirs.extend(index.created_dirs(Some(&prefix))?);
+            dirs.extend(created);
         }
     }
     let outcomes: Vec<(PathBuf, std::io::Result<Placed>)> = decoded
         .into_par_iter()
         .map(|(pyc, id)| {
             let outcome = match id {
-                Some(id) => {
-                    let inode = rustix::fs::stat(store.objects.path(&id))
-                        .ok()
-                        .map(|st| (st.st_dev, st.st_ino));
-                    // A reflink or copy holds the object's bytes.
-                    let size = std::fs::metadata(store.objects.path(&id)).map(|m| m.len());
-                    let expect = Expect {
-                        inode,
-                        bytes: size.ok().map(|size| (size, id)),
-                    };
-                    remove_placed_if(&pyc, &expect, dry_run)
-                }
+                Some(id) => remove_placed_if(&pyc, &placed(store, id), dry_run),
                 None => Ok(Placed::Changed),
             };
             (pyc, outcome)

@@ -309,6 +309,7 @@ impl Plan {
         };
         let mut resolved = Vec::new();
         for prefix in prefixes {
+            check_prefix(prefix)?;
             let prefix = std::path::absolute(prefix)?;
             let chosen = if python.is_empty() {
                 vec![index_of(&interpreter::find_in_prefix(&prefix)?, writes)?]
@@ -342,4 +343,37 @@ impl Plan {
         }
         (sources, errors)
     }
+}
+
+/// Refuses a prefix that is not a directory, before anything is looked for
+/// in it: a missing path or a single file is a mistake on the command line,
+/// not a file of the prefix that failed.
+pub(crate) fn check_prefix(prefix: &Path) -> Result<()> {
+    let problem = match std::fs::metadata(prefix) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(meta) if meta.is_file() => {
+            let parent = prefix
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            format!(
+                "is a file, not a prefix: pycstore links every source of a directory (a venv, \
+                 an install, a source tree); pass its directory, `{}`",
+                parent.display()
+            )
+        }
+        Ok(_) => "is not a directory: a prefix is a directory of Python sources (a venv, an \
+                  install, a source tree)"
+            .to_string(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            "does not exist: a prefix is a directory of Python sources (a venv, an install, a \
+             source tree)"
+                .to_string()
+        }
+        Err(e) => format!("cannot be read: {e}"),
+    };
+    Err(crate::Error::NotAPrefix {
+        prefix: prefix.to_path_buf(),
+        problem,
+    })
 }

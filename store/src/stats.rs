@@ -74,7 +74,7 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
     stats.disk_bytes = sizes.values().map(|s| s.1).sum();
     {
         let index = store.index_reader()?;
-        // Body entries repeat an entry of some flavor.
+        // Body records repeat an entry of some flavor (see `counts_as_entry`).
         stats.entries = index
             .entries()?
             .iter()

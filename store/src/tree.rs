@@ -129,8 +129,8 @@ pub fn remove(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
 pub(crate) struct Expect {
     /// This inode (device, inode number).
     pub inode: Option<(u64, u64)>,
-    /// Or these bytes (size, hash).
-    pub bytes: Option<(u64, ObjectId)>,
+    /// Or these bytes (their size when known, and their hash).
+    pub bytes: Option<(Option<u64>, ObjectId)>,
 }
 
 /// The most a recorded pyc is read for comparing: far above any real pyc.
@@ -218,7 +218,7 @@ pub(crate) fn remove_placed_if(path: &Path, expect: &Expect, dry_run: bool) -> i
     let same_inode = expect.inode == Some((st.st_dev, st.st_ino));
     let same_bytes = !same_inode
         && expect.bytes.is_some_and(|(size, id)| {
-            st.st_size as u64 == size && hash_at(&dir, &name) == Some(id)
+            size.is_none_or(|size| st.st_size as u64 == size) && hash_at(&dir, &name) == Some(id)
         });
     if !same_inode && !same_bytes {
         return Ok(Placed::Changed);

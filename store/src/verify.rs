@@ -61,7 +61,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::index::rebuild::{self, Readout};
-use crate::index::{Entry, EntrySlot, Family, Writes};
+use crate::index::{counts_as_entry, Entry, EntrySlot, Family, Writes};
 use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::objects::{ObjectId, Objects};
 use crate::pyc::{self, Flavor, HashVariant, HEADER_LEN};
@@ -383,10 +383,11 @@ impl Findings {
         self.problems.len() - 1
     }
 
-    /// Marks the index entry `key` to go.
+    /// Marks the index entry `key` to go (a body record goes uncounted:
+    /// it repeats an entry, see [`counts_as_entry`]).
     fn drop_entry(&mut self, key: &[u8]) {
         self.writes.delete(Family::Entries, key);
-        self.entries_dropped += 1;
+        self.entries_dropped += u64::from(counts_as_entry(key));
     }
 }
 
@@ -509,7 +510,10 @@ fn scan_index(
         .family(Family::Entries)
         .map(|(key, value)| (key.to_vec(), Entry::decode(value)))
         .collect();
-    found.stats.entries = entries.len() as u64;
+    found.stats.entries = entries
+        .iter()
+        .filter(|(key, _)| counts_as_entry(key))
+        .count() as u64;
     Ok(IndexScan {
         state,
         moved_to,
@@ -1064,7 +1068,7 @@ fn check_link(objects: &Objects, pyc: &Path, id: &ObjectId, object: &Checked) ->
                 ),
                 expect: Expect {
                     inode: None,
-                    bytes: Some((object.size, found)),
+                    bytes: Some((Some(object.size), found)),
                 },
             })
         }

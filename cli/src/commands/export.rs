@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use pycstore_store::pack::{self, Selection};
 
 use crate::args::{ExportArgs, GlobalArgs};
-use crate::output::human_bytes;
+use crate::output::{human_bytes, plural};
 
 /// How many warnings the human output lists before counting the rest.
 const SHOW_WARNINGS: usize = 20;
@@ -22,7 +22,7 @@ pub fn run(global: &GlobalArgs, args: &ExportArgs) -> anyhow::Result<ExitCode> {
         python: args.python.clone(),
         prefixes: args.prefix.clone(),
     };
-    let store = super::open_store(global)?;
+    let store = super::open_existing_store(global, pycstore_store::lock::LockMode::Shared)?;
     let report = if to_stdout {
         pack::export(
             &store,
@@ -51,10 +51,10 @@ pub fn run(global: &GlobalArgs, args: &ExportArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     let line = format!(
-        "exported {} entries, {} failures and {} objects ({}) to {} ({}){} in {:.2}s",
-        report.entries,
-        report.failures,
-        report.objects,
+        "exported {}, {} and {} ({}) to {} ({}){} in {:.2}s",
+        plural(report.entries, "entry", "entries"),
+        plural(report.failures, "failure", "failures"),
+        plural(report.objects, "object", "objects"),
         human_bytes(report.object_bytes),
         if to_stdout {
             "stdout".to_string()
@@ -63,7 +63,10 @@ pub fn run(global: &GlobalArgs, args: &ExportArgs) -> anyhow::Result<ExitCode> {
         },
         human_bytes(report.pack_bytes),
         if report.skipped_entries > 0 {
-            format!(", {} entries left out", report.skipped_entries)
+            format!(
+                ", {} left out",
+                plural(report.skipped_entries, "entry", "entries")
+            )
         } else {
             String::new()
         },

@@ -17,7 +17,7 @@ pub fn run(global: &GlobalArgs, args: &GcArgs) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
     };
     // Exclusive: nobody may be about to link an object gc deletes.
-    let store = super::open_store_with(global, LockMode::Exclusive)?;
+    let store = super::open_existing_store(global, LockMode::Exclusive)?;
     let report = pycstore_store::gc::gc(&store, &options)?;
 
     if let Some(aside) = report.set_aside_indexes.first() {

@@ -89,14 +89,7 @@ fn settings(args: &LinkArgs) -> LinkOptions {
             LinkModeArg::Hardlink => LinkMode::Hardlink,
             LinkModeArg::Copy => LinkMode::Copy,
         },
-        jobs: args
-            .jobs
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .max(1),
+        jobs: super::jobs(args.jobs),
         excludes: args.exclude.clone(),
         dry_run: args.dry_run,
         timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),

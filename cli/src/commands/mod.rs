@@ -41,6 +41,42 @@ pub fn open_store_with(
         .with_context(|| format!("cannot open the store at `{}`", root.display()))
 }
 
+/// Opens the store for a command that only reads it or cleans it up
+/// (`stats`, `verify`, `gc`, `status`, `unlink`, `export`): where there is
+/// none, it says so, and creates nothing.
+pub fn open_existing_store(
+    global: &GlobalArgs,
+    mode: LockMode,
+) -> anyhow::Result<pycstore_store::Store> {
+    let root = store_root(global)?;
+    match pycstore_store::Store::open_existing(&root, mode) {
+        Ok(store) => Ok(store),
+        Err(pycstore_store::Error::NoStore { .. }) => anyhow::bail!(
+            "there is no store at `{}` ({}); `pycstore link` creates one",
+            root.display(),
+            match &global.store_from {
+                Some(from) => format!("from {from}"),
+                None => "the default; --store or PYCSTORE_DIR names another".to_string(),
+            }
+        ),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("cannot open the store at `{}`", root.display())))
+        }
+    }
+}
+
+/// Compile processes per interpreter: `--jobs N`, where 0 (or no flag)
+/// means the number of CPUs.
+pub fn jobs(jobs: Option<usize>) -> usize {
+    match jobs {
+        Some(n) if n > 0 => n,
+        _ => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    }
+}
+
 /// The store directory: `--store`, `PYCSTORE_DIR`, or the default.
 pub fn store_root(global: &GlobalArgs) -> anyhow::Result<PathBuf> {
     match &global.store {

@@ -36,8 +36,8 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
     let root = super::store_root(global)?;
     let store = pycstore_store::Store::open_unlocked(&root, global.shared_group.as_deref())
         .with_context(|| format!("cannot open the store at `{}`", root.display()))?;
-    let mount = pycstore_fuse::mount(store, &options)
-        .with_context(|| format!("cannot mount `{}`", options.mountpoint.display()))?;
+    // The view's errors name the mount point or the prefix they are about.
+    let mount = pycstore_fuse::mount(store, &options)?;
     let tags: Vec<String> = mount
         .interpreters()
         .iter()
@@ -110,10 +110,23 @@ fn settings(args: &MountArgs) -> anyhow::Result<MountOptions> {
     Ok(MountOptions {
         view,
         mountpoint: std::path::absolute(mountpoint)?,
-        python: args.python.clone(),
+        // A detached server leaves its working directory before it starts
+        // compile workers: a relative path must not depend on it. A bare
+        // name is looked up on PATH, as it was given.
+        python: args
+            .python
+            .iter()
+            .map(|exe| {
+                if exe.components().count() > 1 {
+                    std::path::absolute(exe)
+                } else {
+                    Ok(exe.clone())
+                }
+            })
+            .collect::<std::io::Result<_>>()?,
         optimize: args.optimize.clone(),
         flavor: super::link::flavor(args.invalidation_mode),
-        jobs: args.jobs.unwrap_or(cpus).max(1),
+        jobs: super::jobs(args.jobs),
         timeout: (args.compile_timeout > 0).then(|| Duration::from_secs(args.compile_timeout)),
         allow_other: args.allow_other,
         compile: !args.no_compile,

@@ -8,7 +8,7 @@ use crate::args::{GlobalArgs, StatsArgs};
 use crate::output::human_bytes;
 
 pub fn run(global: &GlobalArgs, args: &StatsArgs) -> anyhow::Result<ExitCode> {
-    let store = super::open_store(global)?;
+    let store = super::open_existing_store(global, pycstore_store::lock::LockMode::Shared)?;
     let stats = pycstore_store::stats::stats(&store, args.zero)?;
     let mut out = std::io::stdout().lock();
     if args.json {

@@ -4,12 +4,31 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use pycstore_store::lock::LockMode;
 use pycstore_store::prefix::StatusOptions;
 
 use crate::args::{GlobalArgs, StatusArgs};
 
 pub fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
-    let store = super::open_store(global)?;
+    let root = super::store_root(global)?;
+    // Before the first `link` there is no store, and nothing is from it:
+    // the report is that of an empty store, made aside and thrown away, so
+    // that no store is created where `status` looked.
+    let (store, _scratch) = if pycstore_store::layout::is_store(&root) {
+        let store = super::open_existing_store(global, LockMode::Shared)?;
+        (store, None)
+    } else {
+        eprintln!(
+            "pycstore: there is no store at `{}` yet: no pyc is from it",
+            root.display()
+        );
+        let scratch = tempfile::Builder::new()
+            .prefix("pycstore-status-")
+            .tempdir()?;
+        let store =
+            pycstore_store::Store::open_with(&scratch.path().join("store"), LockMode::Shared)?;
+        (store, Some(scratch))
+    };
     let options = StatusOptions {
         python: args.python.clone(),
         optimize: args.optimize.clone(),

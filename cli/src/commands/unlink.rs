@@ -5,10 +5,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use crate::args::{GlobalArgs, UnlinkArgs};
-use crate::output::human_bytes;
+use crate::output::{human_bytes, plural};
 
 pub fn run(global: &GlobalArgs, args: &UnlinkArgs) -> anyhow::Result<ExitCode> {
-    let store = super::open_store(global)?;
+    let store = super::open_existing_store(global, pycstore_store::lock::LockMode::Shared)?;
     let report = pycstore_store::prefix::unlink(&store, &args.prefixes, args.dry_run)?;
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -17,13 +17,21 @@ pub fn run(global: &GlobalArgs, args: &UnlinkArgs) -> anyhow::Result<ExitCode> {
         for (path, message) in &report.failures {
             writeln!(std::io::stderr(), "pycstore: {}: {message}", path.display())?;
         }
+        let (removed, left) = match (args.dry_run, report.changed) {
+            (true, _) => ("dry run: would remove", "would be left alone"),
+            (false, 1) => ("removed", "was left alone"),
+            (false, _) => ("removed", "were left alone"),
+        };
         writeln!(
             out,
-            "{}removed {} pycs ({}) and {} empty __pycache__ directories; {} changed since linking were left alone",
-            if args.dry_run { "dry run: " } else { "" },
-            report.removed,
+            "{removed} {} ({}) and {}; {} changed since linking {left}",
+            plural(report.removed, "pyc", "pycs"),
             human_bytes(report.bytes),
-            report.dirs_removed,
+            plural(
+                report.dirs_removed,
+                "empty __pycache__ directory",
+                "empty __pycache__ directories"
+            ),
             report.changed
         )?;
     }

@@ -20,7 +20,7 @@ pub fn run(global: &GlobalArgs, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         LockMode::Shared
     };
-    let store = super::open_store_with(global, mode)?;
+    let store = super::open_existing_store(global, mode)?;
     let report = pycstore_store::verify::verify(&store, &options)?;
 
     let mut stdout = std::io::stdout().lock();

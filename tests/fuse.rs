@@ -796,17 +796,6 @@ fn other_users_only_with_allow_other() {
 /// The unprivileged user the permission tests read as.
 const NOBODY: u32 = 65534;
 
-/// An interpreter `nobody` can run (the pyenv ones live under 0700 `/root`).
-fn nobody_python() -> PathBuf {
-    let p = PathBuf::from("/usr/bin/python3.11");
-    assert!(
-        p.exists(),
-        "{} is missing: apt-get install python3.11",
-        p.display()
-    );
-    p
-}
-
 /// `PROGRAM` as the user `nobody`, without root's groups or capabilities.
 fn as_nobody(program: &Path) -> Command {
     let mut cmd = Command::new("setpriv");
@@ -827,7 +816,7 @@ fn nobody_reads(paths: &[&Path]) -> Vec<String> {
         \x20   except OSError as e:\n\
         \x20       print(errno.errorcode[e.errno])\n";
     let out = run_ok(
-        as_nobody(&nobody_python())
+        as_nobody(&system_python())
             .args(["-I", "-c", script])
             .args(paths),
     );
@@ -907,7 +896,7 @@ fn overlay_pycs_as_readable_as_their_sources() {
     let src = permission_tree(&t);
     let mnt = t.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let py = nobody_python();
+    let py = system_python();
     let mut m = Mounted::start(
         &t,
         &t.store(),
@@ -981,7 +970,7 @@ fn pycache_prefix_mirrors_permissions() {
     let src = permission_tree(&t);
     let prefix = t.join("pycache");
     std::fs::create_dir(&prefix).unwrap();
-    let py = nobody_python();
+    let py = system_python();
     let mut m = Mounted::start(
         &t,
         &t.store(),

@@ -126,18 +126,6 @@ fn sources_changing_during_the_walk() {
     assert_nothing_compiled(&log, &app, 200);
 }
 
-/// Debian's CPython, which an unprivileged user can run (pyenv's live under
-/// root's home).
-fn system_python() -> PathBuf {
-    let p = PathBuf::from("/usr/bin/python3.11");
-    assert!(
-        p.exists(),
-        "{} is missing: scripts/setup installs python3.11",
-        p.display()
-    );
-    p
-}
-
 /// Runs pycstore as an unprivileged user (root ignores permission bits).
 fn as_nobody(store: &Path) -> Command {
     let mut cmd = Command::new("setpriv");

@@ -13,18 +13,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// Debian's CPython, which an unprivileged user can run (pyenv's live under
-/// root's home, mode 0700).
-fn system_python() -> PathBuf {
-    let p = PathBuf::from("/usr/bin/python3.11");
-    assert!(
-        p.exists(),
-        "{} is missing: scripts/setup installs python3.11",
-        p.display()
-    );
-    p
-}
-
 /// `COMMAND` run as `nobody` (root ignores permission bits).
 fn as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new("setpriv");

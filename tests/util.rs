@@ -448,3 +448,16 @@ pub fn test_corpus(var: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// Debian's CPython 3.11, which an unprivileged user can run (pyenv's live
+/// under root's home, mode 0700): the interpreter of every test that runs
+/// something as `nobody`.
+pub fn system_python() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/python3.11");
+    assert!(
+        p.exists(),
+        "{} is missing: scripts/setup installs python3.11",
+        p.display()
+    );
+    p
+}

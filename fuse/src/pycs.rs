@@ -29,6 +29,7 @@ use pycstore_store::lock::LockGuard;
 use pycstore_store::objects::ObjectId;
 use pycstore_store::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
 use pycstore_store::resolve::{self, ObjectState};
+use pycstore_store::util::now_ns;
 use pycstore_store::{Interpreter, Store};
 
 use crate::stats::MountStats;
@@ -904,13 +905,6 @@ impl Pycs {
 
 fn index_mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -39,7 +39,7 @@ use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
 use crate::resolve::{self, open_object, ObjectState};
 use crate::source::{Hashed, Plan, Source};
-use crate::util::lock;
+use crate::util::{lock, now_ns};
 use crate::walk::Excludes;
 use crate::{Result, Store};
 
@@ -304,10 +304,10 @@ pub fn link(
         ..
     } = run;
     Ok(LinkReport {
-        stats: stats.into_inner().unwrap(),
+        stats: stats.into_inner().unwrap_or_else(|e| e.into_inner()),
         link_modes: materializer.modes_used(),
         interpreters,
-        failures: failures.into_inner().unwrap(),
+        failures: failures.into_inner().unwrap_or_else(|e| e.into_inner()),
         elapsed_seconds: started.elapsed().as_secs_f64(),
         remotes: options
             .remotes
@@ -444,16 +444,11 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn count(&self, f: impl FnOnce(&mut LinkStats)) {
-        f(&mut self.stats.lock().unwrap());
+        f(&mut lock(&self.stats));
     }
 
     fn tally(&self, interpreter: usize, f: impl FnOnce(&mut Counters)) {
-        f(self
-            .counters
-            .lock()
-            .unwrap()
-            .entry(interpreter)
-            .or_default());
+        f(lock(&self.counters).entry(interpreter).or_default());
     }
 
     fn fail(&self, path: &Path, interpreter: usize, message: impl Into<String>) {
@@ -467,7 +462,7 @@ impl Run<'_> {
         message: impl Into<String>,
         pycs: u64,
     ) {
-        self.failures.lock().unwrap().push(Failure {
+        lock(&self.failures).push(Failure {
             path: path.to_path_buf(),
             message: message.into(),
         });
@@ -504,7 +499,7 @@ impl Run<'_> {
                 Some(&mut writes),
                 self.options.max_source_size,
             );
-            self.writes.lock().unwrap().append(&mut writes);
+            lock(&self.writes).append(&mut writes);
             hashed
         };
         let source = match hashed {
@@ -598,12 +593,12 @@ impl Run<'_> {
             self.progress.advance(1);
             return Ok(());
         }
-        let mut inflight = self.inflight.lock().unwrap();
+        let mut inflight = lock(&self.inflight);
         if let Some(waiting) = inflight.get_mut(&target.key) {
             waiting.push(target);
             return Ok(());
         }
-        let done = self.compiled.lock().unwrap().get(&target.key).copied();
+        let done = lock(&self.compiled).get(&target.key).copied();
         if let Some((slot, body, how)) = done {
             drop(inflight);
             let entry = if self.slot(&target) == slot {
@@ -829,7 +824,7 @@ impl Run<'_> {
             size: bytes.len() as u64,
             header,
         };
-        let mut writes = self.writes.lock().unwrap();
+        let mut writes = lock(&self.writes);
         writes.entry(&target.key, slot, &entry);
         if new_body {
             writes.entry(&target.key, EntrySlot::Body, &entry);
@@ -892,10 +887,7 @@ impl Run<'_> {
             ));
         };
         if created {
-            self.writes
-                .lock()
-                .unwrap()
-                .created_dir(&target.source.dir.path.join("__pycache__"));
+            lock(&self.writes).created_dir(&target.source.dir.path.join("__pycache__"));
         }
         // A private object now wanted by a source every user may read: its
         // bytes are public, give it the public mode before sharing its inode.
@@ -967,7 +959,7 @@ impl Run<'_> {
             // Record the result while the key is still in flight, so a miss
             // of the same key arriving now finds it instead of compiling again.
             let targets = {
-                let mut inflight = self.inflight.lock().unwrap();
+                let mut inflight = lock(&self.inflight);
                 let stored = match &outcome {
                     Outcome::Compiled(body) => {
                         let first = &inflight[&job.key][0];
@@ -976,10 +968,7 @@ impl Run<'_> {
                         let checked = how == Settled::Fetched;
                         let stored = self.store_pyc(first, slot, body, true, checked);
                         if let Ok(entry) = &stored {
-                            self.compiled
-                                .lock()
-                                .unwrap()
-                                .insert(job.key, (slot, *entry, how));
+                            lock(&self.compiled).insert(job.key, (slot, *entry, how));
                             if how == Settled::Compiled {
                                 self.upload(&job, body);
                             }
@@ -987,7 +976,7 @@ impl Run<'_> {
                         Some(stored.map(|entry| (slot, entry)))
                     }
                     Outcome::Rejected(message) => {
-                        self.writes.lock().unwrap().failure(&job.key, message);
+                        lock(&self.writes).failure(&job.key, message);
                         None
                     }
                     Outcome::WorkerFailed(_) => None,
@@ -1018,9 +1007,9 @@ impl Run<'_> {
             }
             self.remote_warnings();
             let due = !self.session_open.load(Ordering::Relaxed)
-                && self.last_flush.lock().unwrap().elapsed() >= FLUSH_EVERY;
+                && lock(&self.last_flush).elapsed() >= FLUSH_EVERY;
             if due {
-                *self.last_flush.lock().unwrap() = Instant::now();
+                *lock(&self.last_flush) = Instant::now();
                 if let Err(e) = self.flush() {
                     self.progress
                         .warn(&format!("cannot record progress in the index yet: {e}"));
@@ -1032,7 +1021,7 @@ impl Run<'_> {
     /// Reports that what this run learned could not be recorded: the pycs
     /// placed are fine, the next run compiles their objects' entries again.
     fn index_failed(&self, e: crate::Error) {
-        self.failures.lock().unwrap().push(Failure {
+        lock(&self.failures).push(Failure {
             path: self.store.index_path(),
             message: format!("{e}; what this run compiled is not recorded"),
         });
@@ -1040,8 +1029,8 @@ impl Run<'_> {
 
     /// Applies the pending writes and counters in one index session.
     fn flush(&self) -> Result<()> {
-        let mut writes = std::mem::take(&mut *self.writes.lock().unwrap());
-        for (i, counters) in self.counters.lock().unwrap().drain() {
+        let mut writes = std::mem::take(&mut *lock(&self.writes));
+        for (i, counters) in lock(&self.counters).drain() {
             writes.count(&counter_label(&self.interpreters[i]), counters);
         }
         if writes.is_empty() {
@@ -1126,11 +1115,4 @@ pub(crate) fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-}
-
-pub(crate) fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }

@@ -5,6 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -270,10 +271,8 @@ fn read_source(
 /// `DIR/__pycache__/NAME.TAG[.opt-N].pyc` for the source `DIR/NAME.py`.
 pub fn pyc_path(source: &Path, interpreter: &Interpreter, optimize: u8) -> Option<PathBuf> {
     let dir = source.parent()?;
-    let name = source.file_name()?.as_encoded_bytes();
-    let stem = name.strip_suffix(b".py")?;
-    // SAFETY: `stem` is a prefix of an OsStr, cut before the ASCII ".py".
-    let mut file = OsString::from(unsafe { OsStr::from_encoded_bytes_unchecked(stem) });
+    let stem = source.file_name()?.as_bytes().strip_suffix(b".py")?;
+    let mut file = OsString::from(OsStr::from_bytes(stem));
     file.push(interpreter.pyc_name("", optimize));
     Some(dir.join("__pycache__").join(file))
 }

@@ -829,32 +829,8 @@ fn nobody_reads(paths: &[&Path]) -> Vec<String> {
 /// `python -v ARGS` as `nobody`, with bytecode writing allowed.
 fn python_v_as_nobody(python: &Path, args: &[&str], envs: &[(&str, &OsStr)]) -> ImportLog {
     let mut cmd = as_nobody(python);
-    cmd.arg("-v")
-        .args(args)
-        .env_remove("PYTHONDONTWRITEBYTECODE")
-        .env_remove("PYTHONPYCACHEPREFIX")
-        .current_dir("/");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let output = run(&mut cmd);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let mut from_pyc = Vec::new();
-    let mut from_source = Vec::new();
-    for line in stderr.lines() {
-        if let Some(rest) = line.strip_prefix("# code object from ") {
-            if rest.starts_with('\'') {
-                from_pyc.push(rest.trim_matches('\'').to_string());
-            } else {
-                from_source.push(rest.to_string());
-            }
-        }
-    }
-    ImportLog {
-        from_pyc,
-        from_source,
-        output,
-    }
+    cmd.current_dir("/");
+    python_v_with(cmd, args, envs)
 }
 
 /// A tree of sources owned by root, in a directory others may search:

@@ -304,7 +304,12 @@ pub struct ImportLog {
 /// Runs `python -v ARGS` with bytecode writing allowed (this machine sets
 /// PYTHONDONTWRITEBYTECODE in every shell) and parses what it loaded.
 pub fn python_v(python: &Path, args: &[&str], envs: &[(&str, &OsStr)]) -> ImportLog {
-    let mut cmd = Command::new(python);
+    python_v_with(Command::new(python), args, envs)
+}
+
+/// [`python_v`] with the interpreter already in `cmd` (run as another user,
+/// say).
+pub fn python_v_with(mut cmd: Command, args: &[&str], envs: &[(&str, &OsStr)]) -> ImportLog {
     cmd.arg("-v")
         .args(args)
         .env_remove("PYTHONDONTWRITEBYTECODE");

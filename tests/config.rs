@@ -306,3 +306,52 @@ fn completions_man_pages_and_version() {
         "--version names the version, the commit and RocksDB"
     );
 }
+
+/// The file's remotes reach `link`: a second store with the same file
+/// links from the first one's uploads without compiling; read-only from the
+/// file uploads nothing.
+#[test]
+fn the_files_remotes_reach_link() {
+    let t = TestDir::new();
+    let py = python("3.11");
+    let remote = t.join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    t.write("src/pkg/mod.py", "X = 1\n");
+    let link = |store: &str, config: &str| {
+        let file = t.write(format!("{store}.toml"), config);
+        let mut cmd = bare(&t);
+        cmd.env("PYCSTORE_CONFIG", &file)
+            .env_remove("PYCSTORE_REMOTE")
+            .env_remove("PYCSTORE_REMOTE_READ_ONLY")
+            .arg("--store")
+            .arg(t.join(store))
+            .args(["link", "--json", "--python"])
+            .arg(&py)
+            .arg(t.join("src"));
+        let out = run(&mut cmd);
+        assert_output!(out, out.status.success(), "link with {config} failed");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        std::fs::remove_dir_all(t.join("src/pkg/__pycache__")).unwrap();
+        json
+    };
+    let url = format!("file://{}", remote.display());
+    let read_only = link(
+        "a",
+        &format!("remote = [\"{url}\"]\nremote-read-only = true\n"),
+    );
+    assert_eq!(read_only["compiled"], json!(1), "{read_only}");
+    assert_eq!(
+        walkdir::WalkDir::new(&remote)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .count(),
+        0,
+        "read-only uploaded: {read_only}"
+    );
+    let first = link("b", &format!("remote = [\"{url}\"]\n"));
+    assert_eq!(first["compiled"], json!(1), "{first}");
+    let second = link("c", &format!("remote = [\"{url}\"]\n"));
+    assert_eq!(second["compiled"], json!(0), "{second}");
+    assert_eq!(second["fetched"], json!(1), "{second}");
+}

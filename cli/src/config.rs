@@ -31,7 +31,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, FromArgMatches, ValueEnum};
 
-use crate::args::{Cli, Command, InvalidationMode, LinkModeArg};
+use crate::args::{Cli, Command, InvalidationMode, LinkModeArg, RemoteArgs};
 use crate::env;
 
 // The remote tier's variables, as its flags read them.
@@ -251,6 +251,21 @@ fn apply(cli: &mut Cli, matches: &ArgMatches, file: &ConfigFile) -> anyhow::Resu
     // The remote tier's settings: checked and shown here, read by the
     // remote flags where those exist.
     let remote = resolve_list_env(file, "remote", PYCSTORE_REMOTE)?;
+    // Flags, then the environment (read by the remote flags themselves),
+    // then the file: the file's remotes and read-only mode reach the
+    // commands that take remotes when neither of the others says.
+    if let Some(args) = remote_args(&mut cli.command) {
+        if let (Some(list), Source::File(..)) = (&remote.value, &remote.source) {
+            if args.remote.is_empty() {
+                args.remote = list.clone();
+            }
+        }
+        if env_value(PYCSTORE_REMOTE_READ_ONLY).is_none() {
+            if let Some((toml_like::Value::Bool(true), _)) = file.scalar("remote-read-only")? {
+                args.remote_read_only = true;
+            }
+        }
+    }
     settings.push(Shown {
         key: "remote",
         value: toml_like::Value::List(remote.value.unwrap_or_default()),
@@ -434,6 +449,15 @@ fn resolve_exclude(
 }
 
 /// A list from a whitespace-separated variable, else the file.
+/// The remote flags of the commands that take them.
+fn remote_args(command: &mut Command) -> Option<&mut RemoteArgs> {
+    match command {
+        Command::Link(args) => Some(&mut args.remote),
+        Command::Push(args) => Some(&mut args.remote),
+        _ => None,
+    }
+}
+
 fn resolve_list_env(
     file: &ConfigFile,
     key: &'static str,

@@ -1204,3 +1204,39 @@ fn overlay_never_serves_an_object_changed_through_a_hardlink() {
     let old = attacked.join(site).join("__pycache__/good.cpython-311.pyc");
     assert_eq!(std::fs::metadata(&old).unwrap().ino(), changed.ino());
 }
+
+/// A FIFO named like a source: asking the overlay for its pyc answers at
+/// once (no pyc) instead of blocking a request thread on the FIFO.
+#[test]
+fn overlay_does_not_block_on_a_fifo_source() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let src = t.join("src");
+    t.write("src/ok.py", "OK = 1\n");
+    run_ok(Command::new("mkfifo").arg(src.join("fifo.py")));
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    let out = run(Command::new("timeout")
+        .arg("20")
+        .arg("cat")
+        .arg(mnt.join("__pycache__/fifo.cpython-311.pyc")));
+    assert_ne!(out.status.code(), Some(124), "reading the FIFO's pyc hung");
+    assert!(!out.status.success(), "a FIFO got a pyc: {out:?}");
+    assert!(mnt.join("__pycache__/ok.cpython-311.pyc").is_file());
+    m.unmount();
+}

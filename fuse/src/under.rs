@@ -150,15 +150,26 @@ impl Under {
     /// Reads a whole file, following a final symlink (a source file may be
     /// one).
     pub fn read(&self, rel: &Path) -> io::Result<(Meta, Vec<u8>)> {
+        // O_NONBLOCK: a FIFO named like a source cannot block a request;
+        // only a regular file of at most the link's source size limit is read.
         let fd = rustix::fs::openat(
             &self.base,
             arg(rel),
-            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
             Mode::empty(),
         )?;
-        let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
+        let st = rustix::fs::fstat(&fd)?;
+        let limit = pycstore_store::MAX_SOURCE_SIZE;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 > limit
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file of at most the source size limit",
+            ));
+        }
+        let meta = Meta::from_stat(&st);
         let mut bytes = Vec::with_capacity(meta.size as usize);
-        File::from(fd).read_to_end(&mut bytes)?;
+        File::from(fd).take(limit + 1).read_to_end(&mut bytes)?;
         Ok((meta, bytes))
     }
 

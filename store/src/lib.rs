@@ -42,3 +42,4 @@ pub use layout::Store;
 pub use link::{link, LinkOptions, LinkReport, LinkStats};
 pub use materialize::LinkMode;
 pub use pyc::Flavor;
+pub use source::MAX_SOURCE_SIZE;

@@ -370,6 +370,35 @@ fn store_variables_are_not_flags_typed() {
         .arg(&python)
         .arg(&app));
     assert_output!(out, out.status.success(), "PYCSTORE_TRUST_PYTHON=1");
+
+    // Every variable set but empty (as a CI template's `${{ cond && '1' ||
+    // '' }}` leaves it) counts as unset, not as a bad value.
+    let mut cmd = bare(t.path());
+    for var in [
+        "PYCSTORE_DIR",
+        "PYCSTORE_REMOTE",
+        "PYCSTORE_REMOTE_READ_ONLY",
+        "PYCSTORE_REMOTE_TIMEOUT",
+        "PYCSTORE_REMOTE_NAMESPACE",
+        "PYCSTORE_REMOTE_SIGNING_KEY",
+        "PYCSTORE_REMOTE_TRUSTED_KEYS",
+        "PYCSTORE_REMOTE_JOBS",
+        "PYCSTORE_COMPILE_TIMEOUT",
+        "PYCSTORE_JOBS",
+        "PYCSTORE_LINK_MODE",
+        "PYCSTORE_INVALIDATION_MODE",
+        "PYCSTORE_EXCLUDE",
+        "PYCSTORE_SHARED_GROUP",
+        "PYCSTORE_TRUST_PYTHON",
+    ] {
+        cmd.env(var, "");
+    }
+    let out = run(cmd
+        .args(["link", "--json", "--python"])
+        .arg(&python)
+        .arg(&app));
+    assert_output!(out, out.status.success(), "link with every variable empty");
+    assert_eq!(json(&out)["up_to_date"], 1);
 }
 
 #[test]
@@ -648,5 +677,104 @@ fn entries_mean_the_same_everywhere() {
         stdout(&out).contains(" and 3 index entries: no problems; 0 orphaned objects in "),
         "{}",
         stdout(&out)
+    );
+}
+
+/// `stats` counts the pycs `link` placed the same before and after `gc`
+/// evicted their objects (count and size, in text and JSON), says how much
+/// of that the store no longer holds, and `status` keeps calling them from
+/// the store, never foreign, through a later `link` too.
+#[test]
+fn linked_pycs_stay_counted_and_pycstores_after_gc() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    let app = app(&t, 3);
+    // Two sources of one body: one object, linked twice.
+    t.write("app/same.py", "VALUE = 0\n");
+    link(&t, &python, &app);
+    let bytes = pyc_bytes(&app);
+    let stats = || json(&run_ok(t.pycstore().args(["stats", "--json"])));
+    let before = stats();
+    assert_eq!(before["linked_pycs"], 4, "{before}");
+    assert_eq!(before["logical_bytes"], bytes, "{before}");
+    assert_eq!(before["linked_stored_bytes"], bytes, "{before}");
+    assert_eq!(before["objects"], 3, "{before}");
+
+    // Evict one object (the least recently used goes first; all are linked):
+    // a max size just under what the store holds.
+    let disk = before["disk_bytes"].as_u64().unwrap();
+    run_ok(
+        t.pycstore()
+            .args(["gc", "--max-size"])
+            .arg((disk - 1).to_string()),
+    );
+    let some = stats();
+    assert_eq!(some["objects"], 2, "{some}");
+    assert_eq!(some["linked_pycs"], 4, "{some}");
+    assert_eq!(some["logical_bytes"], bytes, "{some}");
+    let stored = some["linked_stored_bytes"].as_u64().unwrap();
+    assert!(stored < bytes && stored > 0, "{some}");
+    let ratio = some["dedup_ratio"].as_f64().unwrap();
+    let object_bytes = some["object_bytes"].as_f64().unwrap();
+    assert!(
+        (ratio - stored as f64 / object_bytes).abs() < 1e-9,
+        "{some}"
+    );
+
+    // Everything evicted.
+    run_ok(t.pycstore().args(["gc", "--max-size", "0"]));
+    let none = stats();
+    assert_eq!(none["objects"], 0, "{none}");
+    assert_eq!(none["linked_pycs"], 4, "{none}");
+    assert_eq!(none["logical_bytes"], bytes, "{none}");
+    assert_eq!(none["linked_stored_bytes"], 0, "{none}");
+    let text = stdout(&run_ok(t.pycstore().arg("stats")));
+    assert!(
+        text.contains(&format!(
+            "\nlinked pycs          4 ({bytes} B as separate files, {bytes} B of them no longer \
+             in the store, dedup ratio 0.00)\n"
+        )),
+        "{text}"
+    );
+    let counts = status(&t, &python, &app);
+    assert_eq!(
+        (counts["from_store"].as_u64(), counts["foreign"].as_u64()),
+        (Some(4), Some(0)),
+        "{counts}"
+    );
+    let out = run_ok(
+        t.pycstore()
+            .arg("status")
+            .arg("--python")
+            .arg(&python)
+            .arg(&app),
+    );
+    assert!(
+        stdout(&out).ends_with(
+            ": 4 pycs: 4 from the store, 0 foreign, 0 stale, 0 missing (0 do not compile)\n"
+        ),
+        "{}",
+        stdout(&out)
+    );
+
+    // Linked again (the store compiles what it lost): the same pycs, the
+    // same counts, all stored again.
+    link(&t, &python, &app);
+    let again = stats();
+    assert_eq!(again["linked_pycs"], 4, "{again}");
+    assert_eq!(again["logical_bytes"], bytes, "{again}");
+    assert_eq!(again["linked_stored_bytes"], bytes, "{again}");
+    let counts = status(&t, &python, &app);
+    assert_eq!(
+        (counts["from_store"].as_u64(), counts["foreign"].as_u64()),
+        (Some(4), Some(0)),
+        "{counts}"
+    );
+    let text = stdout(&run_ok(t.pycstore().arg("stats")));
+    assert!(
+        text.contains(&format!(
+            "\nlinked pycs          4 ({bytes} B as separate files, dedup ratio "
+        )),
+        "{text}"
     );
 }

@@ -8,7 +8,7 @@
 //! failures        compile key                             the compiler's message
 //! stat            absolute source path                    dev ‖ ino ‖ size ‖ mtime ‖ ctime ‖ seen ‖ blake3
 //! interpreters    executable path                         identity + probe (JSON)
-//! links           absolute pyc path                       object id ‖ flavor tag
+//! links           absolute pyc path                       object id ‖ flavor tag ‖ trusted ‖ size
 //! dirs            absolute __pycache__ path               (empty): created by pycstore
 //! used            object id                               last use, seconds since the epoch
 //! counters        interpreter label, or "" for the reset time   Counters (JSON)
@@ -183,6 +183,9 @@ pub struct LinkRecord {
     /// domain (see [`crate::interpreter::Interpreter::compile_key`]); `false`
     /// for records that do not say.
     pub trusted: bool,
+    /// The size of the pyc placed; `None` for records that do not say
+    /// (written before it was recorded).
+    pub size: Option<u64>,
 }
 
 impl LinkRecord {
@@ -191,6 +194,9 @@ impl LinkRecord {
         Some(LinkRecord {
             object: ObjectId(v.get(..32)?.try_into().ok()?),
             trusted: v.get(33) == Some(&1),
+            size: v
+                .get(34..42)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap())),
         })
     }
 }
@@ -330,11 +336,14 @@ impl Writes {
             .push((Family::Stat, path_key(path), Some(record.encode())));
     }
 
-    /// Records that `pyc` was materialized from `object`.
-    pub fn link(&mut self, pyc: &Path, object: &ObjectId, flavor: Flavor, trusted: bool) {
-        let mut v = object.0.to_vec();
+    /// Records that `pyc` (of `size` bytes) was materialized from `entry`'s
+    /// object. The size is kept so that `stats` counts the pyc the same
+    /// after `gc` evicted its object.
+    pub fn link(&mut self, pyc: &Path, entry: &Entry, flavor: Flavor, trusted: bool) {
+        let mut v = entry.object.0.to_vec();
         v.push(flavor.tag());
         v.push(u8::from(trusted));
+        v.extend_from_slice(&entry.size.to_le_bytes());
         self.ops.push((Family::Links, path_key(pyc), Some(v)));
     }
 

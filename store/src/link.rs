@@ -783,7 +783,7 @@ impl Run<'_> {
     fn record_link(&self, target: &Target, entry: &Entry) {
         let mut writes = lock(&self.writes);
         let trusted = self.interpreters[target.interpreter].key_domain.is_none();
-        writes.link(&target.pyc, &entry.object, self.options.flavor, trusted);
+        writes.link(&target.pyc, entry, self.options.flavor, trusted);
         writes.used(&entry.object, (self.now_ns / 1_000_000_000) as u64);
     }
 

@@ -28,9 +28,13 @@ pub struct Stats {
     pub entries: u64,
     /// pycs placed in prefixes and recorded.
     pub linked_pycs: u64,
-    /// What the linked pycs would take as separate files.
+    /// What the linked pycs would take as separate files (their sizes when
+    /// placed, including those whose objects `gc` evicted since).
     pub logical_bytes: u64,
-    /// `logical_bytes / object_bytes`: how many times each stored byte is used.
+    /// Of `logical_bytes`, the pycs whose objects the store still holds.
+    pub linked_stored_bytes: u64,
+    /// `linked_stored_bytes / object_bytes`: how many times each stored byte
+    /// is used.
     pub dedup_ratio: f64,
     /// Sources known not to compile.
     pub known_failures: u64,
@@ -80,10 +84,24 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
             .iter()
             .filter(|(_, slot, entry)| *slot != EntrySlot::Body && entry.is_some())
             .count() as u64;
-        for (_, record) in index.links(None)? {
+        for (pyc, record) in index.links(None)? {
             stats.linked_pycs += 1;
-            if let Some((size, _)) = record.and_then(|r| sizes.get(r.object.0.as_slice())) {
-                stats.logical_bytes += size;
+            let stored = record
+                .as_ref()
+                .and_then(|r| sizes.get(r.object.0.as_slice()))
+                .map(|s| s.0);
+            // The size recorded at link time, whether or not the object is
+            // still stored (gc evicts objects, not the pycs placed); a record
+            // from before sizes were recorded: the object's, else the pyc's.
+            let size = record.as_ref().and_then(|r| r.size).or(stored).or_else(|| {
+                std::fs::symlink_metadata(&pyc)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+            });
+            stats.logical_bytes += size.unwrap_or(0);
+            if stored.is_some() {
+                stats.linked_stored_bytes += size.unwrap_or(0);
             }
         }
         stats.known_failures = index.failure_keys()?.len() as u64;
@@ -104,7 +122,7 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
         }
     }
     stats.dedup_ratio = if stats.object_bytes > 0 {
-        stats.logical_bytes as f64 / stats.object_bytes as f64
+        stats.linked_stored_bytes as f64 / stats.object_bytes as f64
     } else {
         0.0
     };

@@ -24,9 +24,20 @@ pub fn run(global: &GlobalArgs, args: &StatsArgs) -> anyhow::Result<ExitCode> {
         human_bytes(stats.disk_bytes)
     )?;
     writeln!(out, "entries              {}", stats.entries)?;
+    // After gc evicted objects still linked into prefixes, the pycs are
+    // still there (and still pycstore's): their size stays, and the part
+    // the store still holds is said apart.
+    let evicted = if stats.linked_stored_bytes < stats.logical_bytes {
+        format!(
+            ", {} of them no longer in the store",
+            human_bytes(stats.logical_bytes - stats.linked_stored_bytes)
+        )
+    } else {
+        String::new()
+    };
     writeln!(
         out,
-        "linked pycs          {} ({} as separate files, dedup ratio {:.2})",
+        "linked pycs          {} ({} as separate files{evicted}, dedup ratio {:.2})",
         stats.linked_pycs,
         human_bytes(stats.logical_bytes),
         stats.dedup_ratio

@@ -355,3 +355,85 @@ fn the_files_remotes_reach_link() {
     assert_eq!(second["compiled"], json!(0), "{second}");
     assert_eq!(second["fetched"], json!(1), "{second}");
 }
+
+/// Every remote setting of the file reaches `link`, as `pycstore config`
+/// says it does: the namespace, the signing key and the trusted keys (a
+/// reader trusting another key rejects the entries and compiles); the
+/// environment still goes over the file.
+#[test]
+fn the_files_remote_settings_reach_link() {
+    let t = TestDir::new();
+    let py = python("3.11");
+    let remote = t.join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    t.write("src/pkg/mod.py", "X = 1\n");
+    for name in ["ci", "other"] {
+        let out = run(bare(&t).args(["keygen", name, "--dir"]).arg(t.path()));
+        assert_output!(out, out.status.success(), "keygen {name}");
+    }
+    let url = format!("file://{}", remote.display());
+    let link = |store: &str, config: &str, envs: &[(&str, &str)]| {
+        let file = t.write(format!("{store}.toml"), config);
+        let mut cmd = bare(&t);
+        cmd.env("PYCSTORE_CONFIG", &file);
+        for var in [
+            "PYCSTORE_REMOTE",
+            "PYCSTORE_REMOTE_READ_ONLY",
+            "PYCSTORE_REMOTE_NAMESPACE",
+            "PYCSTORE_REMOTE_SIGNING_KEY",
+            "PYCSTORE_REMOTE_TRUSTED_KEYS",
+            "PYCSTORE_REMOTE_TIMEOUT",
+            "PYCSTORE_REMOTE_JOBS",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.arg("--store")
+            .arg(t.join(store))
+            .args(["link", "--json", "--python"])
+            .arg(&py)
+            .arg(t.join("src"));
+        let out = run(&mut cmd);
+        assert_output!(out, out.status.success(), "link with {config} failed");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        std::fs::remove_dir_all(t.join("src/pkg/__pycache__")).unwrap();
+        json
+    };
+    let ns_dir = |ns: &str| remote.join("pycstore-v1").join(ns);
+    let writer = format!(
+        "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-signing-key = \"{}\"\n\
+         remote-timeout = 5\nremote-jobs = 4\n",
+        t.join("ci.secret").display()
+    );
+    let first = link("a", &writer, &[]);
+    assert_eq!(first["compiled"], json!(1), "{first}");
+    assert!(ns_dir("proj").is_dir(), "the file's namespace was not used");
+    assert!(!ns_dir("default").exists());
+
+    let reader = |keys: &str| {
+        format!(
+            "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-trusted-keys = [\"{}\"]\n\
+             remote-read-only = true\n",
+            t.join(keys).display()
+        )
+    };
+    // Signed by `ci`: a reader trusting only `other` rejects it.
+    let rejected = link("b", &reader("other.pub"), &[]);
+    assert_eq!(rejected["compiled"], json!(1), "{rejected}");
+    let trusted = link("c", &reader("ci.pub"), &[]);
+    assert_eq!(trusted["compiled"], json!(0), "{trusted}");
+    assert_eq!(trusted["fetched"], json!(1), "{trusted}");
+
+    // The environment over the file: another namespace, where nothing is.
+    let other = link(
+        "d",
+        &reader("ci.pub"),
+        &[("PYCSTORE_REMOTE_NAMESPACE", "elsewhere")],
+    );
+    assert_eq!(other["compiled"], json!(1), "{other}");
+    assert_eq!(other["fetched"], json!(0), "{other}");
+    // Read-only from the file, so nothing was written there either.
+    assert!(!ns_dir("elsewhere").exists());
+}

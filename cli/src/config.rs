@@ -121,6 +121,7 @@ pub fn report() -> Option<&'static Report> {
 /// Parses the command line (exiting on bad flags, as clap does), then fills
 /// in what no flag gave from the environment and the config file.
 pub fn parse() -> anyhow::Result<Cli> {
+    unset_empty_clap_variables();
     let mut cmd = crate::args::command();
     let matches = cmd.get_matches_mut();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -133,6 +134,30 @@ pub fn parse() -> anyhow::Result<Cli> {
     let report = apply(&mut cli, &matches, &file)?;
     let _ = REPORT.set(report);
     Ok(cli)
+}
+
+/// The variables clap reads for its flags (`#[arg(env = ...)]`).
+const CLAP_VARIABLES: [&str; 7] = [
+    env::PYCSTORE_REMOTE_READ_ONLY,
+    env::PYCSTORE_REMOTE_TIMEOUT,
+    env::PYCSTORE_REMOTE_NAMESPACE,
+    env::PYCSTORE_REMOTE_SIGNING_KEY,
+    env::PYCSTORE_REMOTE_TRUSTED_KEYS,
+    env::PYCSTORE_REMOTE_JOBS,
+    env::PYCSTORE_COMPILE_TIMEOUT,
+];
+
+/// An empty (or blank) variable counts as unset, as it does for every
+/// variable pycstore reads itself: a CI template that sets
+/// `PYCSTORE_REMOTE_READ_ONLY: ${{ cond && '1' || '' }}` means "not set",
+/// not a bad value. clap would take "" as the flag's value, so such a
+/// variable is removed before it parses (the process has one thread here).
+fn unset_empty_clap_variables() {
+    for var in CLAP_VARIABLES {
+        if std::env::var_os(var).is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
+            std::env::remove_var(var);
+        }
+    }
 }
 
 /// Resolves every setting for `cli` and writes the winners into it.
@@ -263,6 +288,50 @@ fn apply(cli: &mut Cli, matches: &ArgMatches, file: &ConfigFile) -> anyhow::Resu
         if env_value(PYCSTORE_REMOTE_READ_ONLY).is_none() {
             if let Some((toml_like::Value::Bool(true), _)) = file.scalar("remote-read-only")? {
                 args.remote_read_only = true;
+            }
+        }
+        // The other remote settings: the file's, where clap took neither a
+        // flag nor a variable (it read those itself).
+        let by_flag_or_env = |id: &str| {
+            sub.filter(|m| m.try_contains_id(id).unwrap_or(false))
+                .and_then(|m| m.value_source(id))
+                .is_some_and(|s| matches!(s, ValueSource::CommandLine | ValueSource::EnvVariable))
+        };
+        if !by_flag_or_env("remote_timeout") {
+            if let Some((toml_like::Value::Float(secs), _)) = file.scalar("remote-timeout")? {
+                args.remote_timeout = secs;
+            }
+        }
+        if !by_flag_or_env("remote_namespace") {
+            if let Some((toml_like::Value::Str(name), _)) = file.scalar("remote-namespace")? {
+                args.remote_namespace = name;
+            }
+        }
+        if !by_flag_or_env("remote_signing_key") {
+            if let Some((toml_like::Value::Str(path), line)) = file.scalar("remote-signing-key")? {
+                args.remote_signing_key = Some(match path.strip_prefix("~/") {
+                    Some(rest) => std::env::var_os("HOME")
+                        .filter(|h| !h.is_empty())
+                        .map(|home| Path::new(&home).join(rest))
+                        .ok_or_else(|| {
+                            file.error(
+                                line,
+                                "remote-signing-key",
+                                "starts with ~/ but HOME is not set",
+                            )
+                        })?,
+                    None => PathBuf::from(path),
+                });
+            }
+        }
+        if !by_flag_or_env("remote_trusted_keys") {
+            if let Some((toml_like::Value::List(keys), _)) = file.scalar("remote-trusted-keys")? {
+                args.remote_trusted_keys = Some(keys.join(" "));
+            }
+        }
+        if !by_flag_or_env("remote_jobs") {
+            if let Some((toml_like::Value::Int(n), _)) = file.scalar("remote-jobs")? {
+                args.remote_jobs = usize::try_from(n).unwrap_or(usize::MAX);
             }
         }
     }

@@ -367,8 +367,9 @@ fn the_files_remote_settings_reach_link() {
     let remote = t.join("remote");
     std::fs::create_dir(&remote).unwrap();
     t.write("src/pkg/mod.py", "X = 1\n");
+    // keygen makes the directory it is told to write into.
     for name in ["ci", "other"] {
-        let out = run(bare(&t).args(["keygen", name, "--dir"]).arg(t.path()));
+        let out = run(bare(&t).args(["keygen", name, "--dir"]).arg(t.join("keys")));
         assert_output!(out, out.status.success(), "keygen {name}");
     }
     let url = format!("file://{}", remote.display());
@@ -405,7 +406,7 @@ fn the_files_remote_settings_reach_link() {
     let writer = format!(
         "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-signing-key = \"{}\"\n\
          remote-timeout = 5\nremote-jobs = 4\n",
-        t.join("ci.secret").display()
+        t.join("keys/ci.secret").display()
     );
     let first = link("a", &writer, &[]);
     assert_eq!(first["compiled"], json!(1), "{first}");
@@ -416,7 +417,7 @@ fn the_files_remote_settings_reach_link() {
         format!(
             "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-trusted-keys = [\"{}\"]\n\
              remote-read-only = true\n",
-            t.join(keys).display()
+            t.join("keys").join(keys).display()
         )
     };
     // Signed by `ci`: a reader trusting only `other` rejects it.

@@ -19,6 +19,9 @@ pub fn run(_global: &GlobalArgs, args: &KeygenArgs) -> anyhow::Result<ExitCode> 
     }
     let (secret, public) =
         pycstore_store::remote::keys::generate(&args.name).context("cannot make a key")?;
+    // `--dir ci` in a fresh checkout: made, as `mkdir -p` would.
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create the directory `{}`", args.dir.display()))?;
     let secret_path = args.dir.join(format!("{}.secret", args.name));
     let public_path = args.dir.join(format!("{}.pub", args.name));
     let write = |path: &std::path::Path, text: &str, mode: u32| -> anyhow::Result<()> {

@@ -20,12 +20,24 @@ every module of the venv from a pyc, compiling nothing.
   VENV, actions/cache restores and saves the path it names under its key
   (or the newest matching restore-keys) in a directory kept between runs.
   The job runs twice on fresh machines; the second must compile nothing.
+- The GitHub Actions job with a remote cache (github-actions-remote) runs
+  the same way, its `${{ }}` expressions and `if:` conditions evaluated
+  (vars, secrets, github.event_name, github.ref, &&, ||, ==, !=) and
+  $GITHUB_ENV honoured, on four fresh machines sharing one remote (a
+  file:// directory, named by the variable PYCSTORE_REMOTE): a pull request
+  from a fork (no secrets), a push to main (the secrets, among them the
+  signing key the README's `pycstore keygen` command made, whose public key
+  is committed), a pull request adding a requirement (six), a push to
+  another branch. Checked: who wrote to the remote (only the push to main,
+  with entries the committed key signed), what each run compiled (the later
+  ones only six) and what `pycstore stats` counts for the remote.
 
 Exits non-zero when a recipe fails, naming it and showing its output.
 """
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -310,6 +322,246 @@ def run_github_actions(e: Env, name, text):
             assert_compiled_nothing(output, what)
 
 
+class Expr:
+    """GitHub Actions expressions: literals, context paths, ==, !=, !, &&, ||
+    and parentheses, with GitHub's truthiness ('' , 0, null and false are
+    false) and its && / || returning an operand."""
+
+    TOKEN = re.compile(r"\s*(?:('(?:[^']|'')*')|(==|!=|&&|\|\||!|\(|\))|([A-Za-z_][\w.-]*))")
+
+    def __init__(self, text, context):
+        self.tokens, pos = [], 0
+        text = text.strip()
+        while pos < len(text):
+            m = self.TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                raise RecipeFailed(f"expression {text!r} not emulated (at {text[pos:]!r})")
+            self.tokens.append(m.groups())
+            pos = m.end()
+        self.context, self.i, self.text = context, 0, text
+
+    def value(self):
+        v = self.or_()
+        if self.i != len(self.tokens):
+            raise RecipeFailed(f"expression {self.text!r} not emulated")
+        return v
+
+    def peek(self):
+        return self.tokens[self.i][1] if self.i < len(self.tokens) else None
+
+    def or_(self):
+        v = self.and_()
+        while self.peek() == "||":
+            self.i += 1
+            w = self.and_()
+            v = v if truthy(v) else w
+        return v
+
+    def and_(self):
+        v = self.cmp()
+        while self.peek() == "&&":
+            self.i += 1
+            w = self.cmp()
+            v = w if truthy(v) else v
+        return v
+
+    def cmp(self):
+        v = self.unary()
+        while self.peek() in ("==", "!="):
+            op = self.peek()
+            self.i += 1
+            w = self.unary()
+            v = (str(v) == str(w)) == (op == "==")
+        return v
+
+    def unary(self):
+        if self.peek() == "!":
+            self.i += 1
+            return not truthy(self.unary())
+        if self.peek() == "(":
+            self.i += 1
+            v = self.or_()
+            if self.peek() != ")":
+                raise RecipeFailed(f"expression {self.text!r}: missing )")
+            self.i += 1
+            return v
+        string, op, name = self.tokens[self.i]
+        self.i += 1
+        if string is not None:
+            return string[1:-1].replace("''", "'")
+        if name in ("true", "false"):
+            return name == "true"
+        value = self.context
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                if name.split(".")[0] in ("secrets", "vars"):
+                    return ""  # unset secrets and variables are empty
+                raise RecipeFailed(f"expression {self.text!r}: {name} not emulated")
+            value = value[part]
+        return value
+
+
+def truthy(v):
+    return v not in ("", 0, None, False)
+
+
+def evaluate(text, context):
+    """A `${{ }}`-bearing string with every expression replaced by its value."""
+
+    def one(m):
+        v = Expr(m[1], context).value()
+        return {True: "true", False: "false"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+
+    return re.sub(r"\$\{\{(.*?)\}\}", one, str(text))
+
+
+def tree_listing(root: Path):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def signers(entry: bytes):
+    """The key names of a remote entry's signatures (its layout is drawn in
+    store/src/remote/format.rs)."""
+    pos = 18 + 32 + 32 + 8 + 16
+    inline = int.from_bytes(entry[pos : pos + 4], "little")
+    pos += 4 + inline
+    names = []
+    for _ in range(entry[pos] if pos < len(entry) else 0):
+        n = entry[pos + 1]
+        names.append(entry[pos + 2 : pos + 2 + n].decode(errors="replace"))
+        pos += 1 + n + 64
+    return names
+
+
+def readme_command(prefix):
+    """The README's inline command `PREFIX ...` (the recipe's set-up)."""
+    found = re.findall(r"`(" + re.escape(prefix) + r"[^`]*)`", (REPO / "README.md").read_text())
+    if not found:
+        raise RecipeFailed(f"README.md names no `{prefix}...` command")
+    return found[0]
+
+
+def run_github_actions_remote(e: Env, name, text):
+    workflow = yaml.safe_load(text)
+    (job_name, job), = workflow["jobs"].items()
+    base = e.work / name
+    shutil.rmtree(base, ignore_errors=True)
+    remote = base / "remote"
+    remote.mkdir(parents=True)
+    context = base / "repo"
+    make_project(context)
+    # The one-time set-up the README gives: a key pair in ci/, the public
+    # key committed, the secret moved to the secret store.
+    keygen = readme_command("pycstore keygen ")
+    run(["bash", "-e", "-c", keygen], context, e.env(e.fresh_home(f"{name}-keygen")), f"{name}: {keygen}")
+    secret_files = list(context.rglob("*.secret"))
+    if len(secret_files) != 1:
+        raise RecipeFailed(f"{name}: `{keygen}` made {len(secret_files)} secret keys")
+    signing_key = secret_files[0].read_text()
+    secret_files[0].unlink()
+    public_keys = list(context.rglob("*.pub"))
+    secrets = {
+        "PYCSTORE_S3_KEY_ID": "unused-by-file-remotes",
+        "PYCSTORE_S3_SECRET": "unused-by-file-remotes",
+        "PYCSTORE_SIGNING_KEY": signing_key,
+    }
+    variables = {"PYCSTORE_REMOTE": f"file://{remote}"}
+    public = public_keys[0].read_text().strip() if public_keys else ""
+
+    runs = [
+        # (what, event, ref, secrets, added requirement, expect)
+        ("fork pull request", "pull_request", "refs/pull/1/merge", {}, None, "compile-all"),
+        ("push to main", "push", "refs/heads/main", secrets, None, "write"),
+        ("pull request", "pull_request", "refs/pull/2/merge", secrets, "six==1.17.0", "one"),
+        ("push to a branch", "push", "refs/heads/topic", secrets, None, "none"),
+    ]
+    for what, event, ref, run_secrets, added, expect in runs:
+        label = f"{name}: {what}"
+        home = e.fresh_home(f"{name}-{event}-{ref.replace('/', '-')}")
+        workspace = base / f"workspace-{ref.replace('/', '-')}"
+        shutil.rmtree(workspace, ignore_errors=True)
+        workspace.mkdir(parents=True)
+        runner_temp = base / f"tmp-{ref.replace('/', '-')}"
+        shutil.rmtree(runner_temp, ignore_errors=True)
+        runner_temp.mkdir()
+        github_env = runner_temp / "github_env"
+        github_env.touch()
+        ctx = {
+            "github": {"event_name": event, "ref": ref},
+            "secrets": run_secrets,
+            "vars": variables,
+            "runner": {"os": "Linux", "temp": str(runner_temp)},
+        }
+        env = e.env(home, image_python=True)
+        env.update({"RUNNER_TEMP": str(runner_temp), "GITHUB_ENV": str(github_env), "CI": "true"})
+        for k, v in job.get("env", {}).items():
+            env[k] = evaluate(v, ctx)
+        before = tree_listing(remote)
+        output = ""
+        for step in job["steps"]:
+            if "if" in step and not truthy(Expr(str(step["if"]), ctx).value()):
+                print(f"test-recipes: [{label}] skipped: {step.get('name', step.get('uses'))}", flush=True)
+                continue
+            uses = step.get("uses", "")
+            if uses.startswith("actions/checkout@"):
+                shutil.copytree(context, workspace, dirs_exist_ok=True)
+                if added:  # the pull request adds a requirement
+                    with open(workspace / "requirements.txt", "a") as f:
+                        f.write(added + "\n")
+            elif uses.startswith("actions/setup-python@"):
+                pass
+            elif "run" in step:
+                step_env = dict(env)
+                for k, v in step.get("env", {}).items():
+                    step_env[k] = evaluate(v, ctx)
+                output += run(
+                    ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", evaluate(step["run"], ctx)],
+                    workspace,
+                    step_env,
+                    f"{label}: {step.get('name', 'run')}",
+                )
+                for line in github_env.read_text().splitlines():
+                    k, _, v = line.partition("=")
+                    env[k] = v
+            else:
+                raise RecipeFailed(f"{name}: step {step} not emulated")
+        check_no_compile(workspace / ".venv", env, label)
+        compiled = [int(c) for c, _ in re.findall(r"(\d+) compiled, (\d+) failed", output)]
+        if not compiled:
+            raise RecipeFailed(f"{label}: no link summary in the output")
+        after = tree_listing(remote)
+        stats = json.loads(run([str(e.bin / "pycstore"), "stats", "--json"], workspace, env, f"{label}: stats"))
+        counters = stats.get("remotes", {})
+        uploads = sum(r.get("uploads", 0) for r in counters.values())
+        hits = sum(r.get("hits", 0) for r in counters.values())
+        rejected = sum(r.get("rejected", 0) for r in counters.values())
+        print(
+            f"test-recipes: [{label}] compiled {compiled[-1]}; remote: {len(before)} -> {len(after)} files, "
+            f"{hits} hits, {uploads} uploads, {rejected} rejected",
+            flush=True,
+        )
+        if expect == "compile-all":
+            if compiled[-1] == 0 or after != before or counters:
+                raise RecipeFailed(f"{label}: expected a run without the remote that compiles")
+        elif expect == "write":
+            if compiled[-1] == 0 or uploads == 0 or len(after) <= len(before):
+                raise RecipeFailed(f"{label}: expected a run that compiles and uploads")
+            if "0 uploaded" not in output or "already there" not in output:
+                raise RecipeFailed(f"{label}: push found pycs the remote lacked after link uploaded")
+            entries = [p for p in remote.rglob("*") if p.is_file() and "/entries/" in str(p)]
+            key_name = public.split(":", 1)[0]
+            if not entries or not all(key_name in signers(p.read_bytes()) for p in entries):
+                raise RecipeFailed(f"{label}: entries not signed by the committed key {key_name!r}")
+        else:
+            want = 1 if expect == "one" else 0  # six is one module
+            if compiled[-1] != want:
+                raise RecipeFailed(f"{label}: compiled {compiled[-1]}, expected {want}")
+            if after != before or uploads != 0:
+                raise RecipeFailed(f"{label}: a read-only run wrote to the remote")
+            if hits == 0 or rejected != 0:
+                raise RecipeFailed(f"{label}: expected signed hits from the remote")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pycstore-env", required=True, help="venv the wheel is installed in")
@@ -322,7 +574,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     e = Env(args, work)
     found = recipes()
-    expected = {"uv-pip", "uv-sync", "pip", "poetry", "dockerfile", "github-actions"}
+    expected = {"uv-pip", "uv-sync", "pip", "poetry", "dockerfile", "github-actions", "github-actions-remote"}
     missing = expected - set(found)
     if missing:
         print(f"test-recipes: README.md lacks recipes: {sorted(missing)}", file=sys.stderr)
@@ -337,6 +589,8 @@ def main():
                 run_sh(e, name, text)
             elif lang == "dockerfile":
                 run_dockerfile(e, name, text)
+            elif lang == "yaml" and name == "github-actions-remote":
+                run_github_actions_remote(e, name, text)
             elif lang == "yaml":
                 run_github_actions(e, name, text)
             else:

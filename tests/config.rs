@@ -367,9 +367,12 @@ fn the_files_remote_settings_reach_link() {
     let remote = t.join("remote");
     std::fs::create_dir(&remote).unwrap();
     t.write("src/pkg/mod.py", "X = 1\n");
-    // keygen makes the directory it is told to write into.
+    // keygen makes the directory it is told to write into (in HOME, so that
+    // the file names the public keys as `~/keys/NAME.pub`).
     for name in ["ci", "other"] {
-        let out = run(bare(&t).args(["keygen", name, "--dir"]).arg(t.join("keys")));
+        let out = run(bare(&t)
+            .args(["keygen", name, "--dir"])
+            .arg(t.join("home/keys")));
         assert_output!(out, out.status.success(), "keygen {name}");
     }
     let url = format!("file://{}", remote.display());
@@ -406,7 +409,7 @@ fn the_files_remote_settings_reach_link() {
     let writer = format!(
         "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-signing-key = \"{}\"\n\
          remote-timeout = 5\nremote-jobs = 4\n",
-        t.join("keys/ci.secret").display()
+        t.join("home/keys/ci.secret").display()
     );
     let first = link("a", &writer, &[]);
     assert_eq!(first["compiled"], json!(1), "{first}");
@@ -415,9 +418,8 @@ fn the_files_remote_settings_reach_link() {
 
     let reader = |keys: &str| {
         format!(
-            "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-trusted-keys = [\"{}\"]\n\
-             remote-read-only = true\n",
-            t.join("keys").join(keys).display()
+            "remote = [\"{url}\"]\nremote-namespace = \"proj\"\nremote-trusted-keys = \
+             [\"~/keys/{keys}\"]\nremote-read-only = true\n",
         )
     };
     // Signed by `ci`: a reader trusting only `other` rejects it.

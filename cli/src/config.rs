@@ -326,6 +326,17 @@ fn apply(cli: &mut Cli, matches: &ArgMatches, file: &ConfigFile) -> anyhow::Resu
         }
         if !by_flag_or_env("remote_trusted_keys") {
             if let Some((toml_like::Value::List(keys), _)) = file.scalar("remote-trusted-keys")? {
+                // Files of keys may start with ~/, as the file's paths do.
+                let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+                let keys: Vec<String> = keys
+                    .into_iter()
+                    .map(|k| match (k.strip_prefix("~/"), &home) {
+                        (Some(rest), Some(home)) => {
+                            Path::new(home).join(rest).display().to_string()
+                        }
+                        _ => k,
+                    })
+                    .collect();
                 args.remote_trusted_keys = Some(keys.join(" "));
             }
         }

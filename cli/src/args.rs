@@ -175,7 +175,8 @@ pub enum Command {
     Unlink(UnlinkArgs),
 
     /// Report, per interpreter, how many sources have a pyc from the store,
-    /// a foreign valid pyc, a stale pyc, or none.
+    /// a foreign valid pyc, a stale pyc, or none; with --remote, how many of
+    /// those without a valid pyc the store lacks and a remote would give.
     #[command(before_help = "Example: pycstore status .venv", help_template = HELP)]
     Status(StatusArgs),
 
@@ -393,6 +394,13 @@ pub struct MountArgs {
     /// Per-file compile timeout in seconds, 0 for none.
     #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
     pub compile_timeout: u64,
+
+    /// Misses are asked of the remotes on first access before compiling
+    /// (also with --no-compile), and what the view compiles is uploaded
+    /// unless read-only; a remote that fails or does not answer in time is
+    /// said once and left alone while mounted.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 impl MountArgs {
@@ -470,6 +478,12 @@ pub struct StatusArgs {
     /// Skip files and directories matching this glob (as for link).
     #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
+
+    /// Ask the remotes which of the pycs the store lacks they would give
+    /// (one request per such pyc, checked as link checks, without fetching
+    /// objects stored apart; nothing is stored or uploaded).
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 
     /// Print the report as JSON on stdout.
     #[arg(long)]

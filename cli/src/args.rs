@@ -176,7 +176,8 @@ pub enum Command {
 
     /// Report, per interpreter, how many sources have a pyc from the store,
     /// a foreign valid pyc, a stale pyc, or none; with --remote, how many of
-    /// those without a valid pyc the store lacks and a remote would give.
+    /// those without a valid pyc the store lacks and a remote would give
+    /// (asked without fetching objects stored apart; nothing is stored).
     #[command(before_help = "Example: pycstore status .venv", help_template = HELP)]
     Status(StatusArgs),
 
@@ -220,8 +221,10 @@ pub enum Command {
     /// Serve the store's pycs through FUSE where pycs cannot be written: a
     /// read-only overlay of a prefix whose __pycache__ directories hold them
     /// (--source PREFIX MOUNTPOINT, or --over PREFIX), or a tree for
-    /// PYTHONPYCACHEPREFIX (--pycache-prefix MOUNTPOINT). Misses compile on
-    /// first access. Runs until unmounted (`pycstore unmount`, SIGTERM).
+    /// PYTHONPYCACHEPREFIX (--pycache-prefix MOUNTPOINT). Misses are asked
+    /// of the --remote caches, if any, then compiled, on first access; what
+    /// the mount compiles is uploaded unless --remote-read-only. Runs until
+    /// unmounted (`pycstore unmount`, SIGTERM).
     #[command(before_help = "Example: pycstore mount --source /opt/env /mnt/env --daemon", help_template = HELP)]
     #[command(
         override_usage = "pycstore mount [OPTIONS] --source <PREFIX> <MOUNTPOINT>\n       \
@@ -395,10 +398,10 @@ pub struct MountArgs {
     #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
     pub compile_timeout: u64,
 
-    /// Misses are asked of the remotes on first access before compiling
-    /// (also with --no-compile), and what the view compiles is uploaded
-    /// unless read-only; a remote that fails or does not answer in time is
-    /// said once and left alone while mounted.
+    // Misses are asked of the remotes on first access before compiling
+    // (also with --no-compile), and what the view compiles is uploaded
+    // unless read-only; a remote that fails or does not answer in time is
+    // said once and left alone while mounted.
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -479,9 +482,9 @@ pub struct StatusArgs {
     #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
 
-    /// Ask the remotes which of the pycs the store lacks they would give
-    /// (one request per such pyc, checked as link checks, without fetching
-    /// objects stored apart; nothing is stored or uploaded).
+    // The remotes are asked which of the pycs the store lacks they would
+    // give (one request per such pyc, checked as link checks, without
+    // fetching objects stored apart); nothing is stored or uploaded.
     #[command(flatten)]
     pub remote: RemoteArgs,
 

@@ -460,7 +460,6 @@ fn remote_args(command: &mut Command) -> Option<&mut RemoteArgs> {
 }
 
 /// A list from a whitespace-separated variable, else the file.
-
 fn resolve_list_env(
     file: &ConfigFile,
     key: &'static str,

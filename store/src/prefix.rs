@@ -96,8 +96,8 @@ pub fn status(
     let now = now_ns();
     let index = &index;
     // Per source: each pyc's state, and the misses to ask the remotes about.
-    type Asked = Vec<(usize, crate::remote::Wanted)>;
-    let per_source: Vec<std::result::Result<(Vec<(usize, State)>, Asked), PathBuf>> = found
+    type Judged = (Vec<(usize, State)>, Vec<(usize, crate::remote::Wanted)>);
+    let per_source: Vec<std::result::Result<Judged, PathBuf>> = found
         .par_iter()
         .map(|(found, chosen)| {
             let source = match Source::hash(found, index, now, None, crate::source::MAX_SOURCE_SIZE)

@@ -26,7 +26,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fuse::{
-    fuse_available, reported, tree_hash, venv_python, Mounted, ReadOnly, PIP_IMPORTS,
+    assert_served_by_prefix, fuse_available, reported, tree_hash, venv_python, Mounted, ReadOnly,
+    PIP_IMPORTS,
 };
 use crate::util::*;
 
@@ -911,6 +912,50 @@ fn a_mount_fetches_from_a_warm_remote(b: Backend) {
     assert_eq!(tree_hash(&venv_b), before, "the prefix changed");
 }
 
+/// The pycache-prefix view fetches from a warm remote too: modules import
+/// from pycs under the prefix, every one of them fetched.
+fn a_pycache_prefix_view_fetches_from_a_warm_remote(b: Backend) {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let count = 20;
+    let py = python("3.11");
+    let src = modules(&t, "a", count);
+    let (out, a) = b.link(&t.join("store-a"), &src, &[]);
+    assert_ok(&out, &a);
+    let src_b = modules(&t, "b", count);
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let mut m = b.mount(
+        &t,
+        &t.join("store-b"),
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    let script = t.join("b-check.py");
+    let log = python_v(
+        &py,
+        &[script.to_str().unwrap(), src_b.to_str().unwrap()],
+        &[("PYTHONPYCACHEPREFIX", prefix.as_os_str())],
+    );
+    assert_served_by_prefix(&log, &prefix, &src_b, count + 1);
+    let report = m.unmount();
+    // The modules' pycs all came from the remote (the stdlib's, which the
+    // view serves too, were compiled and uploaded).
+    assert_eq!(
+        reported(&report, "fetched from remotes"),
+        count as u64 + 1,
+        "{report}"
+    );
+    assert!(pycs_under(&src_b).is_empty());
+}
+
 /// A remote whose every object was tampered with (bytes flipped in objects
 /// stored apart and in those inside entries; another source's valid entry
 /// moved under a key) gives the mount no wrong pyc: each is rejected and
@@ -996,6 +1041,62 @@ fn a_tampered_remote_gives_a_mount_no_wrong_pyc(b: Backend) {
     let (_, remote) = store_stats(&t.join("store-b"));
     assert_eq!(n(&remote, "rejected"), count as u64 + 1, "{remote}");
     assert_eq!(n(&remote, "hits"), 0, "{remote}");
+}
+
+/// What a mount compiles goes to the remote, unless read-only, and `link`
+/// on another machine takes it.
+fn a_mount_uploads_what_it_compiles(b: Backend) {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let count = 10;
+    let py = python("3.11");
+    let mut stores = 0;
+    let mut mount_and_import = |name: &str, extra: &[&str]| {
+        let src = modules(&t, name, count);
+        let mnt = t.join(format!("mnt-{name}"));
+        std::fs::create_dir(&mnt).unwrap();
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        stores += 1;
+        let store = t.join(format!("store-{stores}"));
+        let mut m = b.mount(&t, &store, &mnt, &args);
+        let script = t.join(format!("{name}-check.py"));
+        let log = python_v(&py, &[script.to_str().unwrap(), mnt.to_str().unwrap()], &[]);
+        assert_nothing_compiled(&log, &mnt, count + 1);
+        let report = m.unmount();
+        assert_eq!(
+            reported(&report, "compiled on first access"),
+            count as u64 + 1,
+            "{report}"
+        );
+        assert!(mount_warnings(&report).is_empty(), "{report}");
+        store_stats(&store).1
+    };
+    let remote = mount_and_import("a", &["--remote-read-only"]);
+    assert_eq!(n(&remote, "uploads"), 0, "{remote}");
+    assert_eq!(b.stored(), Vec::<String>::new());
+    let remote = mount_and_import("b", &[]);
+    assert_eq!(n(&remote, "uploads"), count as u64 + 1, "{remote}");
+    let entries = b
+        .stored()
+        .iter()
+        .filter(|s| s.contains("/entries/"))
+        .count();
+    assert_eq!(entries, count + 1);
+    let src = modules(&t, "c", count);
+    let (out, v) = b.link(&t.join("store-c"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_modules_load(&t, "c", count);
 }
 
 /// A remote that cannot be reached (a closed port, a server that accepts
@@ -1199,6 +1300,20 @@ macro_rules! backend_tests {
             fn a_tampered_remote_gives_a_mount_no_wrong_pyc() {
                 if let Some(b) = Backend::get($kind) {
                     super::a_tampered_remote_gives_a_mount_no_wrong_pyc(b);
+                }
+            }
+
+            #[test]
+            fn a_pycache_prefix_view_fetches_from_a_warm_remote() {
+                if let Some(b) = Backend::get($kind) {
+                    super::a_pycache_prefix_view_fetches_from_a_warm_remote(b);
+                }
+            }
+
+            #[test]
+            fn a_mount_uploads_what_it_compiles() {
+                if let Some(b) = Backend::get($kind) {
+                    super::a_mount_uploads_what_it_compiles(b);
                 }
             }
 

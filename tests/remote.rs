@@ -1219,6 +1219,7 @@ fn status_counts_what_a_remote_would_give(b: Backend) {
     assert_eq!(n(c, "missing"), count as u64 + 2, "{v}");
     assert_eq!(n(c, "from_remote"), count as u64, "{v}");
     assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("not counted"), "{w:?}");
     // What status said is what link does.
     let (out, linked) = b.link(&store_b, &src_b, &["--remote-read-only"]);
     assert_ok(&out, &linked);

@@ -697,14 +697,19 @@ impl Shared {
     }
 
     fn reject(&self, i: usize, why: &Rejection) {
+        self.reject_then(
+            i,
+            why,
+            "rejected and compiled locally (every rejection is counted in `pycstore stats`)",
+        );
+    }
+
+    /// A rejection, with what follows from it in the one warning.
+    fn reject_then(&self, i: usize, why: &Rejection, then: &str) {
         let r = &self.remotes[i];
         AtomicCounters::add(&r.counters.rejected, 1);
         if !r.warned_reject.swap(true, Ordering::Relaxed) {
-            self.warn(format!(
-                "remote `{}` returned {why}; rejected and compiled locally (every rejection is \
-                 counted in `pycstore stats`)",
-                r.label
-            ));
+            self.warn(format!("remote `{}` returned {why}; {then}", r.label));
         }
     }
 
@@ -858,7 +863,7 @@ impl Shared {
             return match checked {
                 Ok(()) => true,
                 Err(why) => {
-                    self.reject(i, &why);
+                    self.reject_then(i, &why, "not counted as one a remote would give");
                     false
                 }
             };

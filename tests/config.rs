@@ -440,3 +440,46 @@ fn the_files_remote_settings_reach_link() {
     // Read-only from the file, so nothing was written there either.
     assert!(!ns_dir("elsewhere").exists());
 }
+
+/// The file's remotes reach `status` as they reach `link`: a fresh store
+/// counts what the file's remote would give, and nothing without the file.
+#[test]
+fn the_files_remotes_reach_status() {
+    let t = TestDir::new();
+    let py = python("3.11");
+    let remote = t.join("remote");
+    std::fs::create_dir(&remote).unwrap();
+    t.write("src/pkg/mod.py", "X = 1\n");
+    t.write("src/pkg/other.py", "Y = 2\n");
+    let file = t.write(
+        "with.toml",
+        format!("remote = [\"file://{}\"]\n", remote.display()),
+    );
+    let with = |store: &str, config: &Path, sub: &str| {
+        let mut cmd = bare(&t);
+        cmd.env("PYCSTORE_CONFIG", config)
+            .env_remove("PYCSTORE_REMOTE")
+            .env_remove("PYCSTORE_REMOTE_READ_ONLY")
+            .arg("--store")
+            .arg(t.join(store))
+            .args([sub, "--json", "--python"])
+            .arg(&py)
+            .arg(t.join("src"));
+        let out = run(&mut cmd);
+        assert_output!(out, out.status.success(), "{sub} with {config:?} failed");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let linked = with("a", &file, "link");
+    assert_eq!(linked["compiled"], json!(2), "{linked}");
+    std::fs::remove_dir_all(t.join("src/pkg/__pycache__")).unwrap();
+    let counts = |v: &serde_json::Value| {
+        let map = v["interpreters"].as_object().unwrap().clone();
+        assert_eq!(map.len(), 1, "{v}");
+        map.into_iter().next().unwrap().1
+    };
+    let status = with("b", &file, "status");
+    assert_eq!(counts(&status)["missing"], json!(2), "{status}");
+    assert_eq!(counts(&status)["from_remote"], json!(2), "{status}");
+    let status = with("b", Path::new("/dev/null"), "status");
+    assert_eq!(counts(&status)["from_remote"], json!(0), "{status}");
+}

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 /// Modules of pip that pull in a few hundred files, vendored packages included.
-const PIP_IMPORTS: &str = "import pip._internal.cli.main, pip._internal.commands.install, \
+pub(crate) const PIP_IMPORTS: &str =
+    "import pip._internal.cli.main, pip._internal.commands.install, \
     pip._vendor.packaging.version, pip._vendor.rich.console, pip._vendor.requests";
 
 /// Whether FUSE mounts can be tested here; says "skipped" when not.
@@ -61,14 +62,20 @@ impl Mounted {
     /// Starts `pycstore mount ARGS` in the background and waits until the
     /// mount is up.
     pub(crate) fn start(t: &TestDir, store: &Path, mountpoint: &Path, args: &[&OsStr]) -> Mounted {
+        let mut cmd = pycstore(store);
+        cmd.arg("mount").args(args);
+        Mounted::spawn(t, cmd, store, mountpoint)
+    }
+
+    /// Starts `cmd` (a `pycstore --store STORE mount ...`) in the background
+    /// and waits until the mount is up.
+    pub(crate) fn spawn(t: &TestDir, mut cmd: Command, store: &Path, mountpoint: &Path) -> Mounted {
         static MOUNTS: AtomicUsize = AtomicUsize::new(0);
         let stderr = t.join(format!(
             "mount-{}.stderr",
             MOUNTS.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = pycstore(store)
-            .arg("mount")
-            .args(args)
+        let child = cmd
             .env_remove("PYTHONPYCACHEPREFIX")
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).unwrap())

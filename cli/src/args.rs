@@ -175,7 +175,9 @@ pub enum Command {
     Unlink(UnlinkArgs),
 
     /// Report, per interpreter, how many sources have a pyc from the store,
-    /// a foreign valid pyc, a stale pyc, or none.
+    /// a foreign valid pyc, a stale pyc, or none; with --remote, how many of
+    /// those without a valid pyc the store lacks and a remote would give
+    /// (asked without fetching objects stored apart; nothing is stored).
     #[command(before_help = "Example: pycstore status .venv", help_template = HELP)]
     Status(StatusArgs),
 
@@ -219,8 +221,10 @@ pub enum Command {
     /// Serve the store's pycs through FUSE where pycs cannot be written: a
     /// read-only overlay of a prefix whose __pycache__ directories hold them
     /// (--source PREFIX MOUNTPOINT, or --over PREFIX), or a tree for
-    /// PYTHONPYCACHEPREFIX (--pycache-prefix MOUNTPOINT). Misses compile on
-    /// first access. Runs until unmounted (`pycstore unmount`, SIGTERM).
+    /// PYTHONPYCACHEPREFIX (--pycache-prefix MOUNTPOINT). Misses are asked
+    /// of the --remote caches, if any, then compiled, on first access; what
+    /// the mount compiles is uploaded unless --remote-read-only. Runs until
+    /// unmounted (`pycstore unmount`, SIGTERM).
     #[command(before_help = "Example: pycstore mount --source /opt/env /mnt/env --daemon", help_template = HELP)]
     #[command(
         override_usage = "pycstore mount [OPTIONS] --source <PREFIX> <MOUNTPOINT>\n       \
@@ -393,6 +397,13 @@ pub struct MountArgs {
     /// Per-file compile timeout in seconds, 0 for none.
     #[arg(long, env = env::PYCSTORE_COMPILE_TIMEOUT, default_value_t = 120, value_name = "SECONDS")]
     pub compile_timeout: u64,
+
+    // Misses are asked of the remotes on first access before compiling
+    // (also with --no-compile), and what the view compiles is uploaded
+    // unless read-only; a remote that fails or does not answer in time is
+    // said once and left alone while mounted.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 impl MountArgs {
@@ -470,6 +481,12 @@ pub struct StatusArgs {
     /// Skip files and directories matching this glob (as for link).
     #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
+
+    // The remotes are asked which of the pycs the store lacks they would
+    // give (one request per such pyc, checked as link checks, without
+    // fetching objects stored apart); nothing is stored or uploaded.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 
     /// Print the report as JSON on stdout.
     #[arg(long)]

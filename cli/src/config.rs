@@ -528,16 +528,18 @@ fn resolve_exclude(
     resolve_list_env(file, "exclude", env::PYCSTORE_EXCLUDE)
 }
 
-/// A list from a whitespace-separated variable, else the file.
 /// The remote flags of the commands that take them.
 fn remote_args(command: &mut Command) -> Option<&mut RemoteArgs> {
     match command {
         Command::Link(args) => Some(&mut args.remote),
         Command::Push(args) => Some(&mut args.remote),
+        Command::Status(args) => Some(&mut args.remote),
+        Command::Mount(args) => Some(&mut args.remote),
         _ => None,
     }
 }
 
+/// A list from a whitespace-separated variable, else the file.
 fn resolve_list_env(
     file: &ConfigFile,
     key: &'static str,

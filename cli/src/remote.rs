@@ -33,3 +33,16 @@ pub fn remotes(args: &RemoteArgs) -> anyhow::Result<Option<Arc<Remotes>>> {
     let remotes = Remotes::new(settings).context("cannot set up the remotes")?;
     Ok(Some(Arc::new(remotes)))
 }
+
+/// One remote's counters in a line (its URL without credentials first).
+pub fn summary(r: &pycstore_store::remote::RemoteReport) -> String {
+    let c = &r.counters;
+    let mut line = format!(
+        "{}: {} hits, {} misses, {} uploads, {} requests, {} errors, {} rejected",
+        r.remote, c.hits, c.misses, c.uploads, c.requests, c.errors, c.rejected
+    );
+    if let Some(why) = &r.disabled {
+        line.push_str(&format!("; left alone after: {why}"));
+    }
+    line
+}

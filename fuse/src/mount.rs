@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use pycstore_store::pyc::Flavor;
+use pycstore_store::remote::Remotes;
 use pycstore_store::{interpreter, Interpreter, Store};
 use rustix::mount::UnmountFlags;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -73,6 +74,9 @@ pub struct MountOptions {
     /// How long the kernel may cache what the view shows (names,
     /// attributes, listings): changes to the tree show within this time.
     pub cache_ttl: Duration,
+    /// Remotes asked for misses on first access, before compiling, and
+    /// given what the view compiles (unless read-only).
+    pub remotes: Option<Arc<Remotes>>,
 }
 
 /// What a mount did, reported when it ends.
@@ -82,6 +86,10 @@ pub struct MountReport {
     pub hits: u64,
     /// Misses compiled on first access.
     pub compiled: u64,
+    /// Misses filled from a remote on first access.
+    pub fetched: u64,
+    /// What each remote did while mounted (empty without remotes).
+    pub remotes: Vec<pycstore_store::remote::RemoteReport>,
     /// Wall time those compiles took, in seconds.
     pub compile_seconds: f64,
     /// Sources that do not compile, or compiles that failed.
@@ -200,6 +208,7 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
             jobs: options.jobs,
             timeout: options.timeout,
             compile: options.compile,
+            remotes: options.remotes.clone(),
         },
     )?);
     raise_open_files_limit();
@@ -334,6 +343,10 @@ impl Mount {
         stop.1.notify_all();
         let _ = flusher.join();
         pycs.stop_workers(WORKERS_GRACE);
+        // Uploads still in flight get the request timeout to finish.
+        if let Some(remotes) = pycs.remotes() {
+            remotes.finish();
+        }
         pycs.flush();
         served.map_err(|error| Error::Io { path, error })?;
 
@@ -343,6 +356,8 @@ impl Mount {
         Ok(MountReport {
             hits: s.hits.load(Ordering::Relaxed),
             compiled: s.compiled.load(Ordering::Relaxed),
+            fetched: s.fetched.load(Ordering::Relaxed),
+            remotes: pycs.remotes().map(Remotes::report).unwrap_or_default(),
             compile_seconds: s.compile_us.load(Ordering::Relaxed) as f64 / 1e6,
             failed: s.failed.load(Ordering::Relaxed),
             ingested: s.ingested.load(Ordering::Relaxed),

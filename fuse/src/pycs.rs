@@ -11,6 +11,12 @@
 //! for as long as the mount lives): it takes it shared around writing an
 //! object and until the batch naming it is recorded. An object that cannot
 //! be opened (`gc` evicted it) is a miss, compiled again.
+//!
+//! With remotes, a miss is asked of them first ([`Pycs::fill`]), one key at
+//! a time on first access, with `link`'s checks ([`Remotes::accept`]); what
+//! they give is stored like a compile, what the view compiles is uploaded
+//! (unless read-only), and a remote that fails or does not answer within
+//! its timeout is said once and left alone for the rest of the mount.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -28,6 +34,7 @@ use pycstore_store::key::{CompileKey, SourceDigest};
 use pycstore_store::lock::LockGuard;
 use pycstore_store::objects::ObjectId;
 use pycstore_store::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
+use pycstore_store::remote::Remotes;
 use pycstore_store::resolve::{self, ObjectState};
 use pycstore_store::util::now_ns;
 use pycstore_store::{Interpreter, Store};
@@ -256,6 +263,8 @@ pub(crate) struct PycsSettings<'a> {
     pub jobs: usize,
     pub timeout: Option<Duration>,
     pub compile: bool,
+    /// Asked for misses before compiling; given what is compiled.
+    pub remotes: Option<Arc<Remotes>>,
 }
 
 /// The store as a view sees it.
@@ -267,6 +276,10 @@ pub(crate) struct Pycs {
     pub optimize: Vec<u8>,
     flavor: Flavor,
     compile: bool,
+    remotes: Option<Arc<Remotes>>,
+    /// Keys the remotes did not give (asked once per mount when the view
+    /// does not compile; a compiled key is stored and never asked again).
+    remote_missed: Mutex<HashSet<CompileKey>>,
     bodies: RwLock<HashMap<CompileKey, Entry>>,
     failures: RwLock<HashSet<CompileKey>>,
     sources: Mutex<HashMap<(u64, u64), Known>>,
@@ -331,6 +344,8 @@ impl Pycs {
             optimize,
             flavor: settings.flavor,
             compile: settings.compile,
+            remotes: settings.remotes.clone(),
+            remote_missed: Mutex::new(HashSet::new()),
             bodies: RwLock::new(bodies),
             failures: RwLock::new(failures),
             sources: Mutex::new(HashMap::new()),
@@ -546,9 +561,14 @@ impl Pycs {
         Found::Miss
     }
 
-    /// Whether misses are compiled by the view.
-    pub fn compiles(&self) -> bool {
-        self.compile
+    /// Whether the view fills misses: compiles them, or asks remotes.
+    pub fn fills_misses(&self) -> bool {
+        self.compile || self.remotes.is_some()
+    }
+
+    /// The remotes asked for misses, if any.
+    pub fn remotes(&self) -> Option<&Remotes> {
+        self.remotes.as_deref()
     }
 
     /// The pyc of `source`, looked up, else compiled: from what the mount
@@ -566,7 +586,7 @@ impl Pycs {
             Found::Served(s) => return Ok(Some(s)),
             Found::Absent => return Ok(None),
             Found::Failed(e) => return Err(e),
-            Found::Miss if !self.compile => return Ok(None),
+            Found::Miss if !self.fills_misses() => return Ok(None),
             Found::Miss => {}
         }
         let key = self.key(source, interp, optimize);
@@ -604,22 +624,13 @@ impl Pycs {
         }
     }
 
-    /// Fills a miss the store does not have. The one place to look
-    /// elsewhere before compiling (a remote tier): what it brings is an
-    /// object like any other, recorded with [`Pycs::store_pyc`] and served
-    /// only through [`Pycs::open_object`]'s checks.
+    /// Fills a miss the store does not have: from the remotes when they
+    /// give a pyc that passes `link`'s checks against the live source
+    /// ([`Remotes::accept`]), else compiled (and uploaded). What a remote
+    /// brings is an object like any other, recorded with
+    /// [`Pycs::store_pyc`] and served only through [`Pycs::open_object`]'s
+    /// checks.
     fn fill(
-        &self,
-        under: &Under,
-        source: &Source,
-        interp: usize,
-        optimize: u8,
-        key: &CompileKey,
-    ) -> Result<(), Errno> {
-        self.compile(under, source, interp, optimize, key)
-    }
-
-    fn compile(
         &self,
         under: &Under,
         source: &Source,
@@ -633,10 +644,81 @@ impl Pycs {
         {
             return Err(Errno::ESTALE);
         }
+        if self.fetch(source, interp, key, &bytes)? {
+            return Ok(());
+        }
+        if !self.compile {
+            return Ok(());
+        }
+        self.compile(under, source, interp, optimize, key, &bytes)
+    }
+
+    /// Asks the remotes for `key` (of the source whose bytes are `bytes`):
+    /// whether they gave a pyc that checks out, now stored.
+    fn fetch(
+        &self,
+        source: &Source,
+        interp: usize,
+        key: &CompileKey,
+        bytes: &[u8],
+    ) -> Result<bool, Errno> {
+        let Some(remotes) = &self.remotes else {
+            return Ok(false);
+        };
+        let interpreter = &self.interps[interp].interpreter;
+        if !self.travels(interp) || lock(&self.remote_missed).contains(key) {
+            return Ok(false);
+        }
+        let fetched = remotes.fetch_one(key);
+        let body = fetched.and_then(|fetched| {
+            remotes.accept(fetched, interpreter.magic, interpreter.hash_variant, bytes)
+        });
+        self.remote_warnings();
+        let Some(body) = body else {
+            if !self.compile {
+                lock(&self.remote_missed).insert(*key);
+            }
+            return Ok(false);
+        };
+        let header = self.header(source, interp);
+        let mut pyc = Vec::with_capacity(HEADER_LEN + body.len());
+        pyc.extend_from_slice(&header);
+        pyc.extend_from_slice(&body);
+        let slot = resolve::slot(self.flavor, source.meta.mtime_secs(), source.meta.size);
+        self.store_pyc(key, slot, &pyc, source.meta.mode, |c| c.misses += 1, interp)?;
+        self.stats.fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Whether the pycs of an interpreter may travel to and from remotes
+    /// (never those of an interpreter others can change, nor Python 3.6's).
+    fn travels(&self, interp: usize) -> bool {
+        let interpreter = &self.interps[interp].interpreter;
+        pycstore_store::remote::eligible(interpreter.key_domain.as_ref(), interpreter.magic)
+    }
+
+    /// Gives the remotes' warnings to the log, each once.
+    pub fn remote_warnings(&self) {
+        if let Some(remotes) = &self.remotes {
+            for message in remotes.take_warnings() {
+                tracing::warn!("{message}");
+            }
+        }
+    }
+
+    fn compile(
+        &self,
+        under: &Under,
+        source: &Source,
+        interp: usize,
+        optimize: u8,
+        key: &CompileKey,
+        bytes: &[u8],
+    ) -> Result<(), Errno> {
         let pool = &self.interps[interp].pool;
         let started = Instant::now();
         let mut slot = pool.take();
-        let outcome = slot.compile(&bytes, &under.display_path(&source.rel), optimize);
+        let outcome = slot.compile(bytes, &under.display_path(&source.rel), optimize);
         pool.give(slot);
         self.stats
             .compile_us
@@ -668,7 +750,20 @@ impl Pycs {
                         c.misses += 1;
                     },
                     interp,
-                )
+                )?;
+                if let Some(remotes) = self.remotes.as_ref().filter(|r| r.writable()) {
+                    if self.travels(interp) {
+                        let interpreter = &self.interps[interp].interpreter;
+                        remotes.upload(
+                            key,
+                            interpreter.magic,
+                            interpreter.hash_variant,
+                            bytes,
+                            &body,
+                        );
+                    }
+                }
+                Ok(())
             }
             Outcome::Rejected(message) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -888,18 +983,29 @@ impl Pycs {
         for (interp, c) in counters {
             writes.count(&self.interps[interp].label, c);
         }
-        if writes.is_empty() {
+        self.remote_warnings();
+        if writes.is_empty() && !self.remotes_to_record() {
             return;
         }
-        let result = self
-            .store
-            .index()
-            .and_then(|mut index: Index| index.apply(writes));
+        let result = self.store.index().and_then(|mut index: Index| {
+            index.apply(writes)?;
+            match &self.remotes {
+                Some(remotes) => remotes.record(&mut index),
+                None => Ok(()),
+            }
+        });
         if let Err(e) = result {
             tracing::warn!("cannot record what the mount compiled in the index: {e}");
         }
         self.note_index_seen();
         drop(guards);
+    }
+}
+
+impl Pycs {
+    /// Whether the remotes did anything not yet recorded in the index.
+    fn remotes_to_record(&self) -> bool {
+        self.remotes.as_ref().is_some_and(|r| r.unrecorded())
     }
 }
 

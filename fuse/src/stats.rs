@@ -64,6 +64,8 @@ pub(crate) struct MountStats {
     pub hits: AtomicU64,
     /// Compiles run for misses.
     pub compiled: AtomicU64,
+    /// Misses filled from a remote.
+    pub fetched: AtomicU64,
     /// Time spent in those compiles, in microseconds (first-access cost).
     pub compile_us: AtomicU64,
     /// Sources that do not compile, or workers that failed.

@@ -31,6 +31,8 @@ pub struct StatusOptions {
     pub flavor: Flavor,
     /// Exclude patterns, as for `link`.
     pub excludes: Vec<String>,
+    /// Remotes to ask which pycs the store lacks they would give.
+    pub remotes: Option<std::sync::Arc<crate::remote::Remotes>>,
 }
 
 /// The state of the pycs of one interpreter across the prefixes.
@@ -51,6 +53,10 @@ pub struct PycCounts {
     pub missing: u64,
     /// Of the missing, sources the store knows do not compile.
     pub does_not_compile: u64,
+    /// Of the stale and missing, pycs the store lacks that a remote would
+    /// give `link` instead of a compile (see
+    /// [`crate::remote::Remotes::available`]); 0 without remotes.
+    pub from_remote: u64,
 }
 
 /// The report of `status`.
@@ -62,6 +68,9 @@ pub struct StatusReport {
     pub interpreters: BTreeMap<String, PycCounts>,
     /// Sources that could not be read.
     pub unreadable: Vec<PathBuf>,
+    /// What each remote did (asked only with remotes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<crate::remote::RemoteReport>,
 }
 
 /// Reports on the pycs of the prefixes; writes nothing.
@@ -86,18 +95,23 @@ pub fn status(
     let recorded = &recorded;
     let now = now_ns();
     let index = &index;
-    let per_source: Vec<std::result::Result<Vec<(usize, State)>, PathBuf>> = found
+    // Per source: each pyc's state, and the misses to ask the remotes about.
+    type Judged = (Vec<(usize, State)>, Vec<(usize, crate::remote::Wanted)>);
+    let per_source: Vec<std::result::Result<Judged, PathBuf>> = found
         .par_iter()
         .map(|(found, chosen)| {
             let source = match Source::hash(found, index, now, None, crate::source::MAX_SOURCE_SIZE)
             {
                 Hashed::Source(source) => source,
-                Hashed::Skipped => return Ok(Vec::new()),
+                Hashed::Skipped => return Ok((Vec::new(), Vec::new())),
                 Hashed::Failed(_) => return Err(found.path.clone()),
             };
             let mut states = Vec::new();
+            let mut asked = Vec::new();
             for &i in chosen {
                 let interpreter = &plan.interpreters[i];
+                let travels = options.remotes.is_some()
+                    && crate::remote::eligible(interpreter.key_domain.as_ref(), interpreter.magic);
                 for &optimize in &options.optimize {
                     let key = interpreter.compile_key(&source.digest, optimize);
                     let slot = match options.flavor {
@@ -153,16 +167,38 @@ pub fn status(
                             }
                         }
                     };
+                    // What the store lacks, and a remote might give.
+                    let ask = travels
+                        && matches!(state, State::Stale | State::Missing)
+                        && index.entry(&key, EntrySlot::Body).ok().flatten().is_none();
+                    if ask {
+                        if let Ok(bytes) = source.bytes() {
+                            let source_hash = pyc::source_hash(
+                                interpreter.hash_variant,
+                                interpreter.magic,
+                                &bytes,
+                            );
+                            asked.push((
+                                i,
+                                crate::remote::Wanted {
+                                    key,
+                                    magic: interpreter.magic,
+                                    source_hash,
+                                },
+                            ));
+                        }
+                    }
                     states.push((i, state));
                 }
             }
-            Ok(states)
+            Ok((states, asked))
         })
         .collect();
     let mut report = StatusReport {
         sources: found.len() as u64,
         interpreters: BTreeMap::new(),
         unreadable: errors.into_iter().map(|(p, _)| p).collect(),
+        remotes: Vec::new(),
     };
     let labels: Vec<String> = plan
         .interpreters
@@ -174,10 +210,12 @@ pub fn status(
             .interpreters
             .insert(label.clone(), PycCounts::default());
     }
+    let mut asked: Vec<(usize, crate::remote::Wanted)> = Vec::new();
     for states in per_source {
         match states {
             Err(path) => report.unreadable.push(path),
-            Ok(states) => {
+            Ok((states, wanted)) => {
+                asked.extend(wanted);
                 for (i, state) in states {
                     let c = report
                         .interpreters
@@ -197,6 +235,32 @@ pub fn status(
                 }
             }
         }
+    }
+    if let Some(remotes) = &options.remotes {
+        // One request per distinct key, many in flight at once.
+        let mut distinct: Vec<crate::remote::Wanted> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (_, w) in &asked {
+            if seen.insert(w.key) {
+                distinct.push(*w);
+            }
+        }
+        let available: std::collections::HashSet<_> = distinct
+            .iter()
+            .zip(remotes.available(&distinct))
+            .filter(|(_, yes)| *yes)
+            .map(|(w, _)| w.key)
+            .collect();
+        for (i, w) in &asked {
+            if available.contains(&w.key) {
+                report
+                    .interpreters
+                    .get_mut(&labels[*i])
+                    .expect("every label inserted")
+                    .from_remote += 1;
+            }
+        }
+        report.remotes = remotes.report();
     }
     report.unreadable.sort();
     Ok(report)

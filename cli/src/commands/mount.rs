@@ -66,9 +66,14 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let report = mount.run()?;
+    let fetched = if options.remotes.is_some() {
+        format!("{} fetched from remotes, ", report.fetched)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "pycstore: unmounted `{}`: {} pycs served from the store, {} compiled on first access \
-         in {:.2}s, {} without a pyc, {} written by Python stored, {} refused",
+        "pycstore: unmounted `{}`: {} pycs served from the store, {fetched}{} compiled on first \
+         access in {:.2}s, {} without a pyc, {} written by Python stored, {} refused",
         mountpoint.display(),
         report.hits,
         report.compiled,
@@ -77,6 +82,9 @@ pub fn run(global: &GlobalArgs, args: &MountArgs) -> anyhow::Result<ExitCode> {
         report.ingested,
         report.refused
     );
+    for r in &report.remotes {
+        eprintln!("pycstore: remote {}", crate::remote::summary(r));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -132,6 +140,8 @@ fn settings(args: &MountArgs) -> anyhow::Result<MountOptions> {
         compile: !args.no_compile,
         threads: args.threads.unwrap_or((2 * cpus).max(4)),
         cache_ttl: Duration::from_secs(args.cache_ttl),
+        // Checked before daemonizing: a bad remote exits 2 on the terminal.
+        remotes: crate::remote::remotes(&args.remote)?,
     })
 }
 

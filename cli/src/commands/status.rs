@@ -10,6 +10,8 @@ use pycstore_store::prefix::StatusOptions;
 use crate::args::{GlobalArgs, StatusArgs};
 
 pub fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    // Before the store is opened: a bad remote exits 2 having read nothing.
+    let remotes = crate::remote::remotes(&args.remote)?;
     let root = super::store_root(global)?;
     // Before the first `link` there is no store, and nothing is from it:
     // the report is that of an empty store, made aside and thrown away, so
@@ -34,19 +36,32 @@ pub fn run(global: &GlobalArgs, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         optimize: args.optimize.clone(),
         flavor: super::link::flavor(args.invalidation_mode),
         excludes: args.exclude.clone(),
+        remotes: remotes.clone(),
     };
     let report = pycstore_store::prefix::status(&store, &args.prefixes, &options)?;
+    // Status writes nothing: the remotes' counters go to the report only.
+    for message in remotes.iter().flat_map(|r| r.take_warnings()) {
+        eprintln!("pycstore: warning: {message}");
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         crate::output::write_json(&mut out, &report)?;
     } else {
         writeln!(out, "{} sources", report.sources)?;
         for (label, c) in &report.interpreters {
+            let from_remote = if remotes.is_some() {
+                format!(", {} of the stale and missing from a remote", c.from_remote)
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
-                "{label}: {} pycs: {} from the store, {} foreign, {} stale, {} missing ({} do not compile)",
+                "{label}: {} pycs: {} from the store, {} foreign, {} stale, {} missing ({} do not compile){from_remote}",
                 c.pycs, c.from_store, c.foreign, c.stale, c.missing, c.does_not_compile
             )?;
+        }
+        for r in &report.remotes {
+            writeln!(out, "remote {}", crate::remote::summary(r))?;
         }
         for path in &report.unreadable {
             writeln!(

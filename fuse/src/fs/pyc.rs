@@ -79,7 +79,7 @@ impl Inner {
             Found::Served(served) => Ok(Some(self.pyc_entry(pyc, &source, served)?)),
             Found::Absent => Err(Errno::ENOENT),
             Found::Failed(e) => Err(e),
-            Found::Miss if !pycs.compiles() || self.is_ours(pid) => Err(Errno::ENOENT),
+            Found::Miss if !pycs.fills_misses() || self.is_ours(pid) => Err(Errno::ENOENT),
             Found::Miss => Ok(Some(Resolved::Compile(CompileJob {
                 pyc,
                 source,

@@ -4,7 +4,10 @@
 //! The local store stays the first level. `link` sends only its local
 //! misses here ([`Remotes::fetch_misses`]): many requests in flight at
 //! once on a small tokio runtime this module owns (the rest of the crate
-//! stays synchronous), each remote asked in the order given. What comes
+//! stays synchronous), each remote asked in the order given. A FUSE view
+//! asks for one miss at a time, on first access ([`Remotes::fetch_one`]),
+//! and `status` only asks which misses a remote could give
+//! ([`Remotes::available`]), fetching no object stored apart. What comes
 //! back is checked ([`format`] for the remote's own consistency,
 //! [`Remotes::accept`] against the local source) and then stored like a
 //! compile result, so the next `link` on the machine never asks again.
@@ -78,6 +81,22 @@ impl std::ops::AddAssign for RemoteCounters {
     }
 }
 
+impl RemoteCounters {
+    /// What was counted since `earlier` (a snapshot of the same counters).
+    fn since(self, earlier: RemoteCounters) -> RemoteCounters {
+        RemoteCounters {
+            hits: self.hits.saturating_sub(earlier.hits),
+            misses: self.misses.saturating_sub(earlier.misses),
+            uploads: self.uploads.saturating_sub(earlier.uploads),
+            requests: self.requests.saturating_sub(earlier.requests),
+            bytes_in: self.bytes_in.saturating_sub(earlier.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(earlier.bytes_out),
+            errors: self.errors.saturating_sub(earlier.errors),
+            rejected: self.rejected.saturating_sub(earlier.rejected),
+        }
+    }
+}
+
 #[derive(Default)]
 struct AtomicCounters {
     hits: AtomicU64,
@@ -130,6 +149,8 @@ struct Remote {
     /// Whether the address answered (checked once, on first use).
     reachable: tokio::sync::OnceCell<Result<(), String>>,
     counters: AtomicCounters,
+    /// The counters as last added to the store's ([`Remotes::record`]).
+    recorded: Mutex<RemoteCounters>,
     /// The first error: the remote is not asked again by this process.
     disabled: Mutex<Option<String>>,
     off: AtomicBool,
@@ -272,6 +293,7 @@ impl Remotes {
                 address: spec.address(),
                 reachable: tokio::sync::OnceCell::new(),
                 counters: AtomicCounters::default(),
+                recorded: Mutex::new(RemoteCounters::default()),
                 disabled: Mutex::new(None),
                 off: AtomicBool::new(false),
                 warned_reject: AtomicBool::new(false),
@@ -351,6 +373,61 @@ impl Remotes {
         });
     }
 
+    /// Asks the remotes for one miss and waits for the answer: for a caller
+    /// that fills misses one at a time as they are asked for (a FUSE view,
+    /// on first access). Bounded like every request: a remote that does not
+    /// answer within the timeout is left alone from then on, and `None` is
+    /// returned (the caller compiles). The caller checks what comes back
+    /// with [`Remotes::accept`], as `link` does.
+    pub fn fetch_one(&self, key: &CompileKey) -> Option<Fetched> {
+        if !self.shared.any_on() {
+            return None;
+        }
+        let shared = Arc::clone(&self.shared);
+        let semaphore = Arc::clone(&self.semaphore);
+        let key = *key;
+        self.runtime.block_on(async move {
+            let _permit = semaphore.acquire_owned().await.ok()?;
+            shared.fetch(&key).await
+        })
+    }
+
+    /// For each miss, whether the remotes would give it: what `link` would
+    /// fetch instead of compiling, as far as can be told without objects
+    /// stored apart. An entry counts when the first remote that has one
+    /// holds one that passes every check of [`Remotes::accept`] that needs
+    /// no body (well-formed, naming the key and namespace, signed by a
+    /// trusted key when any is set, a header with the interpreter's magic,
+    /// hash-based flags and the local source's hash), and, when the object
+    /// travels inside the entry (most pycs), that object decompresses to
+    /// its name and entry. Nothing is stored; the requests are counted.
+    pub fn available(&self, wanted: &[Wanted]) -> Vec<bool> {
+        if !self.shared.any_on() {
+            return vec![false; wanted.len()];
+        }
+        let tasks: Vec<_> = wanted
+            .iter()
+            .map(|w| {
+                let shared = Arc::clone(&self.shared);
+                let semaphore = Arc::clone(&self.semaphore);
+                let w = *w;
+                self.runtime.spawn(async move {
+                    let Ok(_permit) = semaphore.acquire_owned().await else {
+                        return false;
+                    };
+                    shared.probe(&w).await
+                })
+            })
+            .collect();
+        self.runtime.block_on(async {
+            let mut found = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                found.push(task.await.unwrap_or(false));
+            }
+            found
+        })
+    }
+
     /// Checks a fetched pyc against what was asked: the interpreter's magic
     /// number, a hash-based header whose source hash is the local source's,
     /// and a body Python can load. Returns its body, or `None` (rejected,
@@ -364,13 +441,8 @@ impl Remotes {
     ) -> Option<Vec<u8>> {
         let Fetched { remote, pyc } = fetched;
         let checked = (|| {
-            let flags = u32::from_le_bytes(pyc[4..8].try_into().unwrap());
-            if pyc[..4] != magic || flags & !0b11 != 0 || flags & 0b01 == 0 {
-                return Err(Rejection::WrongMagic);
-            }
-            if pyc[8..16] != pyc::source_hash(variant, magic, source) {
-                return Err(Rejection::WrongSource);
-            }
+            let header: &[u8; HEADER_LEN] = pyc[..HEADER_LEN].try_into().unwrap();
+            check_header(header, magic, &pyc::source_hash(variant, magic, source))?;
             match crate::marshal::check_pyc(&pyc) {
                 Err(e) if e.is_damage() => Err(Rejection::Unloadable(e.to_string())),
                 _ => Ok(()),
@@ -436,6 +508,15 @@ impl Remotes {
         }
     }
 
+    /// Whether the remotes counted anything [`Remotes::record`] did not
+    /// record yet.
+    pub fn unrecorded(&self) -> bool {
+        self.shared
+            .remotes
+            .iter()
+            .any(|r| r.counters.snapshot() != *r.recorded.lock().unwrap())
+    }
+
     /// What each remote did in this process.
     pub fn report(&self) -> Vec<RemoteReport> {
         self.shared
@@ -449,21 +530,65 @@ impl Remotes {
             .collect()
     }
 
-    /// Adds this process's counters to the store's (for `pycstore stats`).
+    /// Adds what this process's remotes did since the last call to the
+    /// store's counters (for `pycstore stats`): once at the end of a run,
+    /// or as it goes for a process that lives long (a mount).
     pub fn record(&self, index: &mut Index) -> crate::Result<()> {
         let mut writes = Writes::default();
+        let mut done = Vec::new();
         for r in &self.shared.remotes {
+            let now = r.counters.snapshot();
+            let delta = now.since(*r.recorded.lock().unwrap());
+            if delta == RemoteCounters::default() {
+                continue;
+            }
             let key = format!("{COUNTER_PREFIX}{}", r.label);
             let mut total: RemoteCounters = index
                 .get(Family::Counters, key.as_bytes())?
                 .and_then(|v| serde_json::from_slice(&v).ok())
                 .unwrap_or_default();
-            total += r.counters.snapshot();
+            total += delta;
             let json = serde_json::to_vec(&total).expect("counters serialize");
             writes.put(Family::Counters, key.as_bytes(), &json);
+            done.push((r, now));
         }
-        index.apply(writes)
+        if writes.is_empty() {
+            return Ok(());
+        }
+        index.apply(writes)?;
+        for (r, now) in done {
+            *r.recorded.lock().unwrap() = now;
+        }
+        Ok(())
     }
+}
+
+/// A miss to ask about with [`Remotes::available`].
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted {
+    /// Its compile key.
+    pub key: CompileKey,
+    /// The interpreter's magic number.
+    pub magic: [u8; 4],
+    /// The local source's hash (`importlib.util.source_hash`).
+    pub source_hash: [u8; 8],
+}
+
+/// The checks of a remote pyc's header against what was asked: the
+/// interpreter's magic number, hash-based flags, the local source's hash.
+fn check_header(
+    header: &[u8; HEADER_LEN],
+    magic: [u8; 4],
+    source_hash: &[u8; 8],
+) -> Result<(), Rejection> {
+    let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
+    if header[..4] != magic || flags & !0b11 != 0 || flags & 0b01 == 0 {
+        return Err(Rejection::WrongMagic);
+    }
+    if header[8..16] != source_hash[..] {
+        return Err(Rejection::WrongSource);
+    }
+    Ok(())
 }
 
 /// A short account of a storage error: the HTTP status when there is one
@@ -572,14 +697,19 @@ impl Shared {
     }
 
     fn reject(&self, i: usize, why: &Rejection) {
+        self.reject_then(
+            i,
+            why,
+            "rejected and compiled locally (every rejection is counted in `pycstore stats`)",
+        );
+    }
+
+    /// A rejection, with what follows from it in the one warning.
+    fn reject_then(&self, i: usize, why: &Rejection, then: &str) {
         let r = &self.remotes[i];
         AtomicCounters::add(&r.counters.rejected, 1);
         if !r.warned_reject.swap(true, Ordering::Relaxed) {
-            self.warn(format!(
-                "remote `{}` returned {why}; rejected and compiled locally (every rejection is \
-                 counted in `pycstore stats`)",
-                r.label
-            ));
+            self.warn(format!("remote `{}` returned {why}; {then}", r.label));
         }
     }
 
@@ -700,6 +830,45 @@ impl Shared {
             };
         }
         None
+    }
+
+    /// Whether the remotes would give `w` (see [`Remotes::available`]):
+    /// asks them in turn as [`Shared::fetch`] does, and, like it, stops at
+    /// the first that holds an entry, taken or not.
+    async fn probe(&self, w: &Wanted) -> bool {
+        let ns = &self.settings.namespace;
+        for (i, r) in self.remotes.iter().enumerate() {
+            if r.off.load(Ordering::Relaxed) {
+                continue;
+            }
+            let bytes = match self.get(i, &format::entry_path(ns, &w.key)).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    AtomicCounters::add(&r.counters.misses, 1);
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(i, "reading an entry", e);
+                    continue;
+                }
+            };
+            let checked = format::decode_entry(&bytes, &w.key, ns, &self.settings.trusted)
+                .and_then(|(entry, inline)| {
+                    check_header(&entry.header, w.magic, &w.source_hash)?;
+                    match inline {
+                        Some(inline) => format::decode_object(inline, &entry).map(drop),
+                        None => Ok(()),
+                    }
+                });
+            return match checked {
+                Ok(()) => true,
+                Err(why) => {
+                    self.reject_then(i, &why, "not counted as one a remote would give");
+                    false
+                }
+            };
+        }
+        false
     }
 
     /// Writes an object and then its entry to every writable remote.

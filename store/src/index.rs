@@ -8,7 +8,7 @@
 //! failures        compile key                             the compiler's message
 //! stat            absolute source path                    dev ‖ ino ‖ size ‖ mtime ‖ ctime ‖ seen ‖ blake3
 //! interpreters    executable path                         identity + probe (JSON)
-//! links           absolute pyc path                       object id ‖ flavor tag ‖ trusted ‖ size
+//! links           absolute pyc path                       object id ‖ flavor tag ‖ trusted ‖ size [‖ dev ‖ ino]
 //! dirs            absolute __pycache__ path               (empty): created by pycstore
 //! used            object id                               last use, seconds since the epoch
 //! counters        interpreter label, or "" for the reset time   Counters (JSON)
@@ -186,17 +186,24 @@ pub struct LinkRecord {
     /// The size of the pyc placed; `None` for records that do not say
     /// (written before it was recorded).
     pub size: Option<u64>,
+    /// The device and inode of the object when it was hardlinked there:
+    /// a pyc that still has them (and the owner, mode and size of an
+    /// object) is the object, known from one `stat` of the pyc.
+    pub inode: Option<(u64, u64)>,
 }
 
 impl LinkRecord {
     /// Decodes a value of the links family.
     pub fn decode(v: &[u8]) -> Option<LinkRecord> {
+        let le = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
         Some(LinkRecord {
             object: ObjectId(v.get(..32)?.try_into().ok()?),
             trusted: v.get(33) == Some(&1),
-            size: v
-                .get(34..42)
-                .map(|b| u64::from_le_bytes(b.try_into().unwrap())),
+            size: v.get(34..42).map(le),
+            inode: v.get(42..58).map(|b| {
+                let (dev, ino) = b.split_at(8);
+                (le(dev), le(ino))
+            }),
         })
     }
 }
@@ -337,13 +344,25 @@ impl Writes {
     }
 
     /// Records that `pyc` (of `size` bytes) was materialized from `entry`'s
-    /// object. The size is kept so that `stats` counts the pyc the same
-    /// after `gc` evicted its object.
-    pub fn link(&mut self, pyc: &Path, entry: &Entry, flavor: Flavor, trusted: bool) {
+    /// object, and its very inode when `inode` says which. The size is kept
+    /// so that `stats` counts the pyc the same after `gc` evicted its
+    /// object.
+    pub fn link(
+        &mut self,
+        pyc: &Path,
+        entry: &Entry,
+        flavor: Flavor,
+        trusted: bool,
+        inode: Option<(u64, u64)>,
+    ) {
         let mut v = entry.object.0.to_vec();
         v.push(flavor.tag());
         v.push(u8::from(trusted));
         v.extend_from_slice(&entry.size.to_le_bytes());
+        if let Some((dev, ino)) = inode {
+            v.extend_from_slice(&dev.to_le_bytes());
+            v.extend_from_slice(&ino.to_le_bytes());
+        }
         self.ops.push((Family::Links, path_key(pyc), Some(v)));
     }
 
@@ -552,8 +571,7 @@ impl Index {
         };
         let guard = lock::lock(&lock_path, mode, "")?;
         let opened = if read_only {
-            let names = Family::ALL.iter().map(|f| f.name());
-            DB::open_cf_for_read_only(&Self::options(), path, names, false)
+            DB::open_cf_descriptors_read_only(&Self::options(), path, Self::families(), false)
         } else {
             check_free_space(path)?;
             DB::open_cf_descriptors(&Self::options(), path, Self::families())
@@ -580,6 +598,16 @@ impl Index {
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(2);
         opts.set_max_log_file_size(1 << 20);
+        // A session is short and mostly small: open its tables in the
+        // calling thread (the default starts 16 threads per column family
+        // on every open), without reading every table's statistics or
+        // stat'ing every table file first.
+        opts.set_max_file_opening_threads(1);
+        opts.set_skip_stats_update_on_db_open(true);
+        opts.set_skip_checking_sst_file_sizes_on_db_open(true);
+        // RocksDB's own log (`index-v1/LOG`) keeps warnings and errors, not
+        // a line per table opened and flushed.
+        opts.set_log_level(rocksdb::LogLevel::Warn);
         opts
     }
 
@@ -711,6 +739,13 @@ impl Index {
             .into_iter()
             .map(|(k, _)| path_of_key(&k))
             .collect())
+    }
+
+    /// What `link` recorded of the pyc at `pyc` (an unreadable record is
+    /// none).
+    pub fn link_record(&self, pyc: &Path) -> Option<LinkRecord> {
+        self.lookup(Family::Links, &path_key(pyc))
+            .and_then(|v| LinkRecord::decode(&v))
     }
 
     /// Looks up a stored pyc. An undecodable or unreadable value is a miss.

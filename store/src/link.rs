@@ -31,13 +31,13 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
 
 use crate::compile::{Outcome, WorkerSlot};
-use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
+use crate::index::{Counters, Entry, EntrySlot, Index, LinkRecord, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::CompileKey;
 use crate::materialize::{Access, Destination, LinkMode, Materializer};
 use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
-use crate::resolve::{self, open_object, ObjectState};
+use crate::resolve::{self, stat_object, ObjectState};
 use crate::source::{Hashed, Plan, Source};
 use crate::util::{lock, now_ns};
 use crate::walk::Excludes;
@@ -337,6 +337,8 @@ struct Target {
     key: CompileKey,
     pyc: PathBuf,
     lookup: Lookup,
+    /// What an earlier run recorded of the pyc, for a hit.
+    recorded: Option<LinkRecord>,
 }
 
 struct CompileJob {
@@ -530,9 +532,13 @@ impl Run<'_> {
                     key,
                     pyc,
                     lookup: Lookup::Miss,
+                    recorded: None,
                 };
                 match self.lookup(index, &target) {
                     Ok(lookup) => {
+                        if matches!(lookup, Lookup::Entry(_)) {
+                            target.recorded = index.link_record(&target.pyc);
+                        }
                         target.lookup = lookup;
                         targets.push(target);
                     }
@@ -573,6 +579,11 @@ impl Run<'_> {
         let lookup = std::mem::replace(&mut target.lookup, Lookup::Miss);
         match lookup {
             Lookup::Entry(entry) => {
+                if self.still_placed(&target, &entry) {
+                    self.count(|s| s.up_to_date += 1);
+                    self.progress.advance(1);
+                    return Ok(());
+                }
                 if let Some(checked) = self.check_object(&entry) {
                     return self.settle(&target, &entry, Some(checked), Settled::Hit);
                 }
@@ -623,24 +634,60 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Checks an entry's object before it is placed: present with the
-    /// recorded size and header, and with the owner and mode the store gave
-    /// it. A missing or damaged object is a miss (and is rewritten by the
-    /// compile that follows), never something to link; one whose metadata
-    /// changed (a `chown -R` or `chmod` through a hardlink) gets a fresh
-    /// inode first, so the change never reaches another tree.
+    /// Whether the pyc is still the object an earlier run hardlinked there,
+    /// from one `stat` of the pyc: the inode recorded, with the size of the
+    /// entry and the owner and mode of an object (the pyc's stat is the
+    /// object's). Anything else goes the long way ([`Run::settle`]).
+    fn still_placed(&self, target: &Target, entry: &Entry) -> bool {
+        let Some(recorded) = &target.recorded else {
+            return false;
+        };
+        let Some(inode) = recorded.inode.filter(|_| recorded.object == entry.object) else {
+            return false;
+        };
+        let access = self.domain.access(&target.source);
+        if !access.hardlink || access.mode != PUBLIC_MODE {
+            return false;
+        }
+        let (Ok(pycache), Some(name)) = (
+            target.source.dir.pycache(!self.options.dry_run),
+            target.pyc.file_name(),
+        ) else {
+            return false;
+        };
+        let Some(dir) = pycache.fd.filter(|_| !pycache.made) else {
+            return false;
+        };
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+            (st.st_dev, st.st_ino) == inode
+                && st.st_size as u64 == entry.size
+                && self.domain.object_ok(&st)
+                && st.st_mode & 0o7777 == PUBLIC_MODE
+        })
+    }
+
+    /// Checks an entry's object before it is placed, from its stat
+    /// ([`stat_object`]): present with the recorded size, and with the owner
+    /// and mode the store gave it. A missing or damaged object is a miss (and
+    /// is rewritten by the compile that follows), never something to link;
+    /// one whose metadata changed (a `chown -R` or `chmod` through a
+    /// hardlink) gets a fresh inode first, once its bytes are checked
+    /// against its name, so the change never reaches another tree.
     fn check_object(&self, entry: &Entry) -> Option<Checked> {
         let path = self.store.objects.path(&entry.object);
-        let st = match open_object(&self.store.objects, entry) {
-            Ok(ObjectState::Good(object)) => return Some(Checked::of(&object.stat)),
+        let damaged = |len: u64| {
+            self.progress.warn(&format!(
+                "store object `{}` does not match its index entry ({len} bytes, {} expected); \
+                 it will be rewritten (run `pycstore verify` to check the whole store)",
+                path.display(),
+                entry.size
+            ));
+        };
+        let st = match stat_object(&self.store.objects, entry) {
+            Ok(ObjectState::Good(stat)) => return Some(Checked::of(&stat)),
             Ok(ObjectState::Missing) | Err(_) => return None,
             Ok(ObjectState::Damaged { len }) => {
-                self.progress.warn(&format!(
-                    "store object `{}` does not match its index entry ({len} bytes, {} expected); \
-                     it will be rewritten (run `pycstore verify` to check the whole store)",
-                    path.display(),
-                    entry.size
-                ));
+                damaged(len);
                 return None;
             }
             Ok(ObjectState::Exposed(st)) => st,
@@ -662,7 +709,11 @@ impl Run<'_> {
         }
         match self.store.objects.reset(&entry.object, mode) {
             Ok(true) => self.identity(&entry.object),
-            Ok(false) | Err(_) => None,
+            Ok(false) => {
+                damaged(st.st_size as u64);
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -779,11 +830,12 @@ impl Run<'_> {
         Existing::Other
     }
 
-    /// Remembers that the pyc of `target` is the store's object.
-    fn record_link(&self, target: &Target, entry: &Entry) {
+    /// Remembers that the pyc of `target` is the store's object (its very
+    /// inode, when `inode` says which).
+    fn record_link(&self, target: &Target, entry: &Entry, inode: Option<(u64, u64)>) {
         let mut writes = lock(&self.writes);
         let trusted = self.interpreters[target.interpreter].key_domain.is_none();
-        writes.link(&target.pyc, entry, self.options.flavor, trusted);
+        writes.link(&target.pyc, entry, self.options.flavor, trusted, inode);
         writes.used(&entry.object, (self.now_ns / 1_000_000_000) as u64);
     }
 
@@ -842,13 +894,27 @@ impl Run<'_> {
         how: Settled,
     ) -> std::result::Result<(), String> {
         let access = self.domain.access(&target.source);
-        let (dir, created) = target.source.dir.pycache(!self.options.dry_run)?;
+        let pycache = target.source.dir.pycache(!self.options.dry_run)?;
+        let dir = pycache.fd;
         let Some(name) = target.pyc.file_name() else {
             return Err("not a module file name".into());
         };
         let object = object.or_else(|| self.identity(&entry.object));
-        match self.existing(dir, name, entry, object, &access) {
+        // A `__pycache__` this run made held nothing: no need to look.
+        let existing = if pycache.made {
+            Existing::Other
+        } else {
+            self.existing(dir, name, entry, object, &access)
+        };
+        match existing {
             Existing::Ours => {
+                // A record from before inodes were recorded, or of an
+                // object's earlier inode: the next run needs one stat.
+                let inode = object.map(|o| (o.dev, o.ino));
+                let recorded = target.recorded.as_ref().and_then(|r| r.inode);
+                if !self.options.dry_run && inode.is_some() && recorded != inode {
+                    self.record_link(target, entry, inode);
+                }
                 self.count(|s| s.up_to_date += 1);
                 self.progress.advance(1);
                 return Ok(());
@@ -858,7 +924,7 @@ impl Run<'_> {
             // kept, and remembered as linked from the store.
             Existing::Identical => {
                 if !self.options.dry_run {
-                    self.record_link(target, entry);
+                    self.record_link(target, entry, None);
                 }
                 self.tally(target.interpreter, |c| match how {
                     Settled::Compiled | Settled::Fetched => c.misses += 1,
@@ -886,14 +952,17 @@ impl Run<'_> {
                 target.source.dir.path.join("__pycache__").display()
             ));
         };
-        if created {
+        if pycache.first {
             lock(&self.writes).created_dir(&target.source.dir.path.join("__pycache__"));
         }
         // A private object now wanted by a source every user may read: its
         // bytes are public, give it the public mode before sharing its inode.
-        if access.hardlink && object.is_some_and(|o| o.mode != PUBLIC_MODE) {
+        let object = if access.hardlink && object.is_some_and(|o| o.mode != PUBLIC_MODE) {
             let _ = self.store.objects.reset(&entry.object, PUBLIC_MODE);
-        }
+            self.identity(&entry.object)
+        } else {
+            object
+        };
         let dest = Destination {
             dir,
             name,
@@ -905,7 +974,10 @@ impl Run<'_> {
             .materializer
             .place(&entry.object, &dest)
             .map_err(|e| e.to_string())?;
-        self.record_link(target, entry);
+        let inode = object
+            .filter(|_| mode == LinkMode::Hardlink)
+            .map(|o| (o.dev, o.ino));
+        self.record_link(target, entry, inode);
         self.tally(target.interpreter, |c| match how {
             Settled::Compiled | Settled::Fetched => c.misses += 1,
             Settled::Hit => c.hits += 1,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::index::{EntrySlot, Writes};
+use crate::index::{EntrySlot, LinkRecord, Writes};
 use crate::link::open_no_follow;
 use crate::objects::ObjectId;
 use crate::pyc::{self, Flavor, HeaderVerdict, HEADER_LEN};
@@ -84,11 +84,11 @@ pub fn status(
     let mut probes = Writes::default();
     let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
     let (found, errors) = plan.walk(&excludes);
-    let mut recorded: HashMap<PathBuf, ObjectId> = HashMap::new();
+    let mut recorded: HashMap<PathBuf, LinkRecord> = HashMap::new();
     for (prefix, _) in &plan.prefixes {
         for (pyc, record) in index.links(Some(prefix))? {
             if let Some(record) = record {
-                recorded.insert(pyc, record.object);
+                recorded.insert(pyc, record);
             }
         }
     }
@@ -126,15 +126,46 @@ pub fn status(
                     let Some(pyc) = source.pyc_path(interpreter, optimize) else {
                         continue;
                     };
-                    let state = match read_head(&pyc) {
-                        None => {
+                    // The object an earlier link hardlinked there, still
+                    // the entry's: known from one stat of the pyc.
+                    let still_linked = || {
+                        let entry = entry.as_ref()?;
+                        let record = recorded.get(&pyc)?;
+                        let inode = record.inode.filter(|_| record.object == entry.object)?;
+                        let dir = source.dir.pycache(false).ok()?.fd?;
+                        let st = rustix::fs::statat(
+                            dir,
+                            pyc.file_name()?,
+                            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                        .ok()?;
+                        let regular = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                            == rustix::fs::FileType::RegularFile;
+                        ((st.st_dev, st.st_ino) == inode
+                            && regular
+                            && st.st_size as u64 == entry.size)
+                            .then_some(())
+                    };
+                    let head = if still_linked().is_some() {
+                        Head::Linked
+                    } else if !source.dir.listed_pycache {
+                        Head::Missing
+                    } else {
+                        match read_head(&pyc) {
+                            Some((header, len)) => Head::Read(header, len),
+                            None => Head::Missing,
+                        }
+                    };
+                    let state = match head {
+                        Head::Linked => State::FromStore,
+                        Head::Missing => {
                             if index.failure(&key).ok().flatten().is_some() {
                                 State::DoesNotCompile
                             } else {
                                 State::Missing
                             }
                         }
-                        Some((header, len)) => {
+                        Head::Read(header, len) => {
                             let valid = entry.is_some_and(|e| e.header == header && e.size == len)
                                 || (len > HEADER_LEN as u64
                                     && matches!(
@@ -151,9 +182,9 @@ pub fn status(
                             let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
                             // What `unlink` would remove as pycstore's own.
                             let placed_here = || {
-                                recorded.get(&pyc).is_some_and(|id| {
+                                recorded.get(&pyc).is_some_and(|record| {
                                     matches!(
-                                        remove_placed_if(&pyc, &placed(store, *id), true),
+                                        remove_placed_if(&pyc, &placed(store, record.object), true),
                                         Ok(Placed::Removed(_))
                                     )
                                 })
@@ -264,6 +295,16 @@ pub fn status(
     }
     report.unreadable.sort();
     Ok(report)
+}
+
+/// What is at a pyc's name, for `status`.
+enum Head {
+    /// The object `link` hardlinked there (see `still_linked`).
+    Linked,
+    /// Something else: its first bytes and its size.
+    Read([u8; HEADER_LEN], u64),
+    /// Nothing.
+    Missing,
 }
 
 enum State {

@@ -18,7 +18,7 @@
 //! with [`OVERRIDE_FLAG`]; either way, what it compiles is keyed apart (see
 //! [`Verdict::key_domain`]) and never serves another interpreter.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -99,6 +99,13 @@ pub struct Checker {
     caller: u32,
     /// Directories already found safe, resolved.
     safe_dirs: HashSet<PathBuf>,
+    /// What each path step looked like, and where each symlink led, when
+    /// first examined: an interpreter's files share most of their steps,
+    /// and one check looks at each step once.
+    lstats: HashMap<PathBuf, std::fs::Metadata>,
+    links: HashMap<PathBuf, PathBuf>,
+    /// Paths already resolved through trusted steps.
+    resolved: HashMap<PathBuf, PathBuf>,
 }
 
 impl Default for Checker {
@@ -113,7 +120,30 @@ impl Checker {
         Checker {
             caller: rustix::process::geteuid().as_raw(),
             safe_dirs: HashSet::new(),
+            lstats: HashMap::new(),
+            links: HashMap::new(),
+            resolved: HashMap::new(),
         }
+    }
+
+    /// `lstat` of `path`, once per check.
+    fn lstat(&mut self, path: &Path) -> std::io::Result<std::fs::Metadata> {
+        if let Some(meta) = self.lstats.get(path) {
+            return Ok(meta.clone());
+        }
+        let meta = std::fs::symlink_metadata(path)?;
+        self.lstats.insert(path.to_path_buf(), meta.clone());
+        Ok(meta)
+    }
+
+    /// `readlink` of `path`, once per check.
+    fn read_link(&mut self, path: &Path) -> std::io::Result<PathBuf> {
+        if let Some(target) = self.links.get(path) {
+            return Ok(target.clone());
+        }
+        let target = std::fs::read_link(path)?;
+        self.links.insert(path.to_path_buf(), target.clone());
+        Ok(target)
     }
 
     fn trusted(&self, uid: u32) -> bool {
@@ -210,7 +240,7 @@ impl Checker {
 
     fn check_loaded(&mut self, files: &[PathBuf]) -> Result<(), Doubt> {
         for file in files {
-            if std::fs::symlink_metadata(file).is_err() {
+            if self.lstat(file).is_err() {
                 continue;
             }
             let resolved = self.path(file)?;
@@ -218,7 +248,7 @@ impl Checker {
                 self.closed_dir(dir)?;
                 let cache = dir.join("__pycache__");
                 if dir.file_name() != Some("__pycache__".as_ref())
-                    && std::fs::symlink_metadata(&cache).is_ok()
+                    && self.lstat(&cache).is_ok()
                 {
                     self.closed_dir(&cache)?;
                 }
@@ -231,7 +261,10 @@ impl Checker {
     /// add entries to (the sticky bit does not stop additions).
     fn closed_dir(&mut self, dir: &Path) -> Result<(), Doubt> {
         let resolved = self.path(dir)?;
-        let meta = std::fs::metadata(&resolved).map_err(|e| unexaminable(&resolved, &e))?;
+        // A resolved path has no symlink in it: its lstat is its stat.
+        let meta = self
+            .lstat(&resolved)
+            .map_err(|e| unexaminable(&resolved, &e))?;
         if meta.is_dir() {
             if let Some(reason) = writable_by_others(meta.mode()) {
                 return Err(Doubt {
@@ -249,7 +282,16 @@ impl Checker {
     /// Returns the resolved path.
     fn path(&mut self, path: &Path) -> Result<PathBuf, Doubt> {
         let absolute = std::path::absolute(path).map_err(|e| unexaminable(path, &e))?;
-        let mut pending: Vec<OsString> = components(&absolute);
+        if let Some(resolved) = self.resolved.get(&absolute) {
+            return Ok(resolved.clone());
+        }
+        let resolved = self.resolve(&absolute)?;
+        self.resolved.insert(absolute, resolved.clone());
+        Ok(resolved)
+    }
+
+    fn resolve(&mut self, absolute: &Path) -> Result<PathBuf, Doubt> {
+        let mut pending: Vec<OsString> = components(absolute);
         pending.reverse();
         let mut current = PathBuf::from("/");
         let mut current_mode = self.directory(&current)?;
@@ -261,7 +303,7 @@ impl Checker {
                 continue;
             }
             let entry = current.join(&name);
-            let meta = std::fs::symlink_metadata(&entry).map_err(|e| unexaminable(&entry, &e))?;
+            let meta = self.lstat(&entry).map_err(|e| unexaminable(&entry, &e))?;
             if let Some(reason) = writable_by_others(current_mode) {
                 let sticky = current_mode & 0o1000 != 0;
                 if !(sticky && self.trusted(meta.uid())) {
@@ -279,7 +321,9 @@ impl Checker {
                         reason: "leads through too many symlinks".into(),
                     });
                 }
-                let target = std::fs::read_link(&entry).map_err(|e| unexaminable(&entry, &e))?;
+                let target = self
+                    .read_link(&entry)
+                    .map_err(|e| unexaminable(&entry, &e))?;
                 if target.is_absolute() {
                     current = PathBuf::from("/");
                     current_mode = self.directory(&current)?;
@@ -320,7 +364,7 @@ impl Checker {
     /// The mode of a directory already resolved from trusted steps, checking
     /// its owner.
     fn directory(&mut self, dir: &Path) -> Result<u32, Doubt> {
-        let meta = std::fs::symlink_metadata(dir).map_err(|e| unexaminable(dir, &e))?;
+        let meta = self.lstat(dir).map_err(|e| unexaminable(dir, &e))?;
         if !self.safe_dirs.contains(dir) {
             if !self.trusted(meta.uid()) {
                 return Err(Doubt {

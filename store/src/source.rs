@@ -3,8 +3,8 @@
 //! unchanged. Shared by `link`, `status` and the FUSE views.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{self, Read};
-use std::os::fd::BorrowedFd;
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -114,12 +114,25 @@ impl Source {
         writes: Option<&mut Writes>,
         limit: u64,
     ) -> Hashed {
-        let meta =
+        // A source in a directory without `__pycache__` is most likely new
+        // to the store: open it at once and take its stat from the open file
+        // (no path lookup twice). Elsewhere stat it first: the stat cache
+        // usually knows it, and then it is never opened.
+        let (meta, mut opened) = if found.dir.listed_pycache || found.symlink {
             match rustix::fs::statat(found.dir.fd(), found.name.as_os_str(), AtFlags::empty()) {
-                Ok(st) => SourceStat::of(&st),
+                Ok(st) => (SourceStat::of(&st), None),
                 Err(rustix::io::Errno::NOENT) => return Hashed::Skipped,
                 Err(e) => return Hashed::Failed(format!("cannot stat: {}", io::Error::from(e))),
-            };
+            }
+        } else {
+            // Listed as a regular file: never follow a symlink swapped in
+            // since (that one is picked up by the next run).
+            match open_source(found.dir.fd(), &found.name, OFlags::NOFOLLOW) {
+                Ok(Some((fd, st))) => (SourceStat::of(&st), Some(fd)),
+                Ok(None) => return Hashed::Skipped,
+                Err(message) => return Hashed::Failed(message),
+            }
+        };
         if let Err(message) = check_kind_and_size(&meta, limit) {
             return Hashed::Failed(message);
         }
@@ -141,7 +154,11 @@ impl Source {
         let digest = match cached.filter(fresh) {
             Some(record) => record.digest,
             None => {
-                let data = match read_source(found.dir.fd(), &found.name, &meta, limit) {
+                let read = match opened.take() {
+                    Some(fd) => read_open(fd, &meta, limit),
+                    None => read_source(found.dir.fd(), &found.name, &meta, limit),
+                };
+                let data = match read {
                     Ok(Some(data)) => data,
                     Ok(None) => return Hashed::Skipped,
                     Err(message) => return Hashed::Failed(message),
@@ -231,8 +248,27 @@ fn too_large(size: u64, limit: u64) -> String {
     )
 }
 
-/// Reads a source through its directory's descriptor: only a regular file
-/// (opened with `O_NONBLOCK`, so not even the open of a FIFO can block),
+/// Opens a source through its directory's descriptor (with `O_NONBLOCK`,
+/// so not even the open of a FIFO swapped in can block) and stats it.
+/// `None` when it vanished.
+fn open_source(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    extra: OFlags,
+) -> std::result::Result<Option<(OwnedFd, rustix::fs::Stat)>, String> {
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC | extra;
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        // A symlink swapped in for a file listed as regular: changed.
+        Err(rustix::io::Errno::LOOP) if extra.contains(OFlags::NOFOLLOW) => return Ok(None),
+        Err(e) => return Err(format!("cannot read: {}", io::Error::from(e))),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("cannot stat: {}", io::Error::from(e)))?;
+    Ok(Some((fd, st)))
+}
+
+/// Reads a source through its directory's descriptor: only a regular file,
 /// the same file that was stat'ed, at most `limit` bytes counted as read.
 /// `None` when it vanished or changed meanwhile.
 fn read_source(
@@ -241,30 +277,46 @@ fn read_source(
     meta: &SourceStat,
     limit: u64,
 ) -> std::result::Result<Option<Vec<u8>>, String> {
-    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(format!("cannot read: {}", io::Error::from(e))),
+    let Some((fd, st)) = open_source(dir, name, OFlags::empty())? else {
+        return Ok(None);
     };
-    let st = rustix::fs::fstat(&fd).map_err(|e| format!("cannot stat: {}", io::Error::from(e)))?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err("not a regular file (a FIFO, device or socket): skipped".into());
     }
     if st.st_dev != meta.dev || st.st_ino != meta.ino {
         return Ok(None);
     }
-    let mut data = Vec::with_capacity(meta.size.min(limit) as usize + 1);
-    std::fs::File::from(fd)
-        .take(limit + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if data.len() as u64 > limit {
-        return Err(too_large(data.len() as u64, limit));
+    read_open(fd, meta, limit)
+}
+
+/// Reads the open regular file `meta` describes: its `size` bytes, in one
+/// `read` when the kernel gives them at once (a file does not end before
+/// its size unless it shrank, so the end is not read for). A file that
+/// turns out longer or shorter changed meanwhile: `None`.
+fn read_open(
+    fd: OwnedFd,
+    meta: &SourceStat,
+    limit: u64,
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    if meta.size > limit {
+        return Err(too_large(meta.size, limit));
     }
-    if data.len() as u64 != meta.size {
+    let size = meta.size as usize;
+    // One byte more than the size: a single read that fills it shows growth.
+    let mut data = vec![0u8; size + 1];
+    let mut filled = 0;
+    while filled < size {
+        match rustix::io::read(&fd, &mut data[filled..]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("cannot read: {}", io::Error::from(e))),
+        }
+    }
+    if filled > size {
         return Ok(None);
     }
+    data.truncate(size);
     Ok(Some(data))
 }
 

@@ -29,7 +29,32 @@ pub struct SourceDir {
     pub uid: u32,
     /// The directory's group.
     pub gid: u32,
-    pycache: OnceLock<std::result::Result<Option<OwnedFd>, String>>,
+    /// Whether the walk's listing of the directory held a `__pycache__`:
+    /// when not, the sources are most likely new to the store (read them at
+    /// once rather than stat them first) and the directory is made without
+    /// trying to open it first.
+    pub listed_pycache: bool,
+    pycache: OnceLock<std::result::Result<Option<Pycache>, String>>,
+}
+
+/// A source directory's `__pycache__`, open.
+struct Pycache {
+    fd: OwnedFd,
+    /// Made by this run: empty when it was made, so a pyc is linked at its
+    /// name without looking there first.
+    made: bool,
+}
+
+/// A source directory's `__pycache__` as [`SourceDir::pycache`] found it.
+pub struct PycacheDir<'a> {
+    /// The directory, open; `None` when it does not exist and was not to
+    /// be made.
+    pub fd: Option<BorrowedFd<'a>>,
+    /// Whether this run made it (then it was empty, and whatever is there
+    /// now was placed by this run or raced in since).
+    pub made: bool,
+    /// Whether this very call made it: true for one call per directory.
+    pub first: bool,
 }
 
 impl SourceDir {
@@ -39,14 +64,11 @@ impl SourceDir {
     }
 
     /// Its `__pycache__`, opened without following a symlink, and whether
-    /// this call created it. With `create`, a missing one is made (mode
-    /// 0777 less the umask, as Python makes it); without, it is `None`. The
-    /// first call decides for the directory's lifetime: one run asks one way.
-    pub fn pycache(
-        &self,
-        create: bool,
-    ) -> std::result::Result<(Option<BorrowedFd<'_>>, bool), String> {
-        let mut created = false;
+    /// this run made it. With `create`, a missing one is made (mode 0777
+    /// less the umask, as Python makes it); without, it is `None`. The first
+    /// call decides for the directory's lifetime: one run asks one way.
+    pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, String> {
+        let mut first = false;
         let opened = self.pycache.get_or_init(|| {
             let name = OsStr::new("__pycache__");
             let is_symlink = || {
@@ -65,28 +87,45 @@ impl SourceDir {
                 ),
                 _ => format!("cannot open `{}`: {e}", self.path.join(name).display()),
             };
+            let make = || match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o777)) {
+                Ok(()) => Ok(true),
+                Err(rustix::io::Errno::EXIST) => Ok(false),
+                Err(e) => Err(format!(
+                    "cannot create `{}`: {}",
+                    self.path.join(name).display(),
+                    std::io::Error::from(e)
+                )),
+            };
+            // One attempt per directory: make it when the listing had none.
+            if !create && !self.listed_pycache {
+                return Ok(None);
+            }
+            if create && !self.listed_pycache {
+                let made = make()?;
+                first = made;
+                return tree::open_dir(self.fd(), name)
+                    .map(|fd| Some(Pycache { fd, made }))
+                    .map_err(refuse);
+            }
             match tree::open_dir(self.fd(), name) {
-                Ok(fd) => Ok(Some(fd)),
+                Ok(fd) => Ok(Some(Pycache { fd, made: false })),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                    match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o777)) {
-                        Ok(()) => created = true,
-                        Err(rustix::io::Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(format!(
-                                "cannot create `{}`: {}",
-                                self.path.join(name).display(),
-                                std::io::Error::from(e)
-                            ))
-                        }
-                    }
-                    tree::open_dir(self.fd(), name).map(Some).map_err(refuse)
+                    let made = make()?;
+                    first = made;
+                    tree::open_dir(self.fd(), name)
+                        .map(|fd| Some(Pycache { fd, made }))
+                        .map_err(refuse)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(refuse(e)),
             }
         });
         match opened {
-            Ok(fd) => Ok((fd.as_ref().map(|fd| fd.as_fd()), created)),
+            Ok(pycache) => Ok(PycacheDir {
+                fd: pycache.as_ref().map(|p| p.fd.as_fd()),
+                made: pycache.as_ref().is_some_and(|p| p.made),
+                first,
+            }),
             Err(message) => Err(message.clone()),
         }
     }
@@ -102,6 +141,9 @@ pub struct Found {
     pub dir: Arc<SourceDir>,
     /// Its name in that directory.
     pub name: OsString,
+    /// Whether the name is a symlink (to a regular file): then it is
+    /// stat'ed before it is opened, and opened following the link.
+    pub symlink: bool,
 }
 
 impl std::fmt::Debug for Found {
@@ -168,13 +210,6 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
     let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
     let mut pending = vec![(prefix.to_path_buf(), root)];
     while let Some((path, fd)) = pending.pop() {
-        let stat = match rustix::fs::fstat(&fd) {
-            Ok(stat) => stat,
-            Err(e) => {
-                errors.push((path, format!("cannot read: {}", std::io::Error::from(e))));
-                continue;
-            }
-        };
         let mut entries = match read_entries(fd.as_fd(), &mut buf) {
             Ok(entries) => entries,
             Err(e) => {
@@ -183,20 +218,14 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
             }
         };
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let dir = Arc::new(SourceDir {
-            path,
-            fd,
-            dev: stat.st_dev,
-            uid: stat.st_uid,
-            gid: stat.st_gid,
-            pycache: OnceLock::new(),
-        });
+        let listed_pycache = entries.iter().any(|(name, _)| name == "__pycache__");
         let mut subdirs = Vec::new();
+        let mut sources = Vec::new();
         for (name, mut kind) in entries {
-            let child = dir.path.join(&name);
+            let child = path.join(&name);
             let relative = child.strip_prefix(prefix).unwrap_or(&child);
             if kind == FileType::Unknown {
-                match rustix::fs::statat(dir.fd(), name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                match rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) => kind = FileType::from_raw_mode(st.st_mode),
                     Err(_) => continue,
                 }
@@ -205,7 +234,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
                 if name == "__pycache__" || excludes.excluded(relative) {
                     continue;
                 }
-                match tree::open_dir(dir.fd(), &name) {
+                match tree::open_dir(fd.as_fd(), &name) {
                     Ok(fd) => subdirs.push((child, fd)),
                     // Swapped for a symlink or a file since it was listed:
                     // not a directory of this prefix any more.
@@ -226,7 +255,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
                 // A symlink counts when it leads to a regular file, as for
                 // compileall; a dangling one or a loop is no source.
                 FileType::Symlink => {
-                    match rustix::fs::statat(dir.fd(), name.as_os_str(), AtFlags::empty()) {
+                    match rustix::fs::statat(&fd, name.as_os_str(), AtFlags::empty()) {
                         Ok(st) => FileType::from_raw_mode(st.st_mode),
                         Err(_) => continue,
                     }
@@ -240,14 +269,36 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
                 ));
                 continue;
             }
-            found.push(Found {
-                path: child,
-                dir: Arc::clone(&dir),
-                name,
-            });
+            sources.push((child, name, kind == FileType::Symlink));
         }
         // Depth first, in name order.
         pending.extend(subdirs.into_iter().rev());
+        // Only a directory that holds sources is kept open, and stat'ed.
+        if sources.is_empty() {
+            continue;
+        }
+        let stat = match rustix::fs::fstat(&fd) {
+            Ok(stat) => stat,
+            Err(e) => {
+                errors.push((path, format!("cannot read: {}", std::io::Error::from(e))));
+                continue;
+            }
+        };
+        let dir = Arc::new(SourceDir {
+            path,
+            fd,
+            dev: stat.st_dev,
+            uid: stat.st_uid,
+            gid: stat.st_gid,
+            listed_pycache,
+            pycache: OnceLock::new(),
+        });
+        found.extend(sources.into_iter().map(|(path, name, symlink)| Found {
+            path,
+            dir: Arc::clone(&dir),
+            name,
+            symlink,
+        }));
     }
     (found, errors)
 }

@@ -18,6 +18,17 @@ results=$repo/benches/results
 # Taken before the run writes its results into the checkout, so a clean tree
 # is not reported as dirty.
 commit=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo "no commit")
+# Results are recorded only for a committed tree: a figure must name the
+# code it measured. PYCSTORE_BENCH_DIRTY=1 runs anyway and records nothing.
+if [[ $commit == *-dirty || $commit == "no commit" ]]; then
+  if [[ ${PYCSTORE_BENCH_DIRTY:-} != 1 ]]; then
+    echo "benches: the checkout has uncommitted changes ($commit): commit them first, so that" \
+      "the results name the code measured (PYCSTORE_BENCH_DIRTY=1 runs anyway and records nothing)" >&2
+    exit 2
+  fi
+  results=$(mktemp -d -t pycstore-bench-results.XXXXXX)
+  echo "benches: dirty checkout; results go to $results, not benches/results" >&2
+fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pycstore-target}
 # Only the tools measured may write pycs.
 export PYTHONDONTWRITEBYTECODE=1

@@ -16,11 +16,16 @@
 #   link cold        pycstore link on a copy without pycs, empty store
 #   link warm        pycstore link into a fresh copy, warm store
 #   link again       pycstore link on a prefix it has already linked
+#   link tiny        pycstore link of a 10-source directory, warm store
+#                    (what a small project pays, interpreter probe cached)
 #   import           the corpus import workload with compileall's pycs, with
 #                    pycstore's, and with none (PYTHONDONTWRITEBYTECODE=1)
 #   export, import   pycstore export of the linked store's entries to a pack,
 #                    and pycstore import of the pack into an empty store;
 #                    next to the cold link, what a CI cache of pycs saves
+# Counted with strace -f -c (every thread; counts do not drift with the
+# machine's load as times do): the syscalls of the warm link of a fresh
+# copy, of linking it again, and of status, per source.
 # Measured with du (hard links counted once): the store, what compileall's
 # pycs add to every prefix, and the new blocks a second linked prefix adds.
 #
@@ -102,6 +107,31 @@ hyperfine_to link-again --warmup 1 \
 hyperfine_to inspect --warmup 1 \
   -n "pycstore stats" "$(q "$pycstore") --store $(q "$store") stats" \
   -n "pycstore status" "$(q "$pycstore") --store $(q "$store") status $(q "$linked")"
+
+say "a tiny prefix"
+tiny=$work/tiny
+rm -rf "$tiny" && mkdir -p "$tiny/pkg"
+i=0
+find "$corpus/lib" -path '*/site-packages/dateutil/*.py' | sort | head -n 9 |
+  while read -r f; do i=$((i + 1)) && cp "$f" "$tiny/pkg/m$i.py"; done
+touch "$tiny/pkg/__init__.py"
+tiny_link="$link --python $(q "$corpus/bin/python") $(q "$tiny")"
+sh -c "$tiny_link" # the interpreter's probe is cached from here on
+hyperfine_to link-tiny --warmup 1 --prepare "$(rm_pycs "$tiny")" \
+  -n "pycstore link, 10 sources" "$tiny_link"
+tiny_sources=$(find "$tiny" -name '*.py' | wc -l)
+
+say "syscalls"
+# The calls of one run, every thread together.
+syscalls() {
+  strace -f -c -o "$work/strace.txt" "$@" >/dev/null
+  awk '$NF == "total" {print $4}' "$work/strace.txt"
+}
+counted=$work/link-counted
+fresh_copy "$counted"
+sys_warm=$(syscalls "$pycstore" --store "$store" link -q "$counted")
+sys_again=$(syscalls "$pycstore" --store "$store" link -q "$counted")
+sys_status=$(syscalls "$pycstore" --store "$store" status "$counted")
 
 say "disk"
 second=$work/link-second
@@ -190,6 +220,10 @@ PYTHONPATH=$repo/benches "$python" - "$json" "${machine[@]}" \
   second_pyc_kib="$second_pyc_kib" \
   exported="$exported" \
   after_import="$after_import" \
+  tiny_sources="$tiny_sources" \
+  sys_warm="$sys_warm" \
+  sys_again="$sys_again" \
+  sys_status="$sys_status" \
   <<'PY' | tee "$report" >&3
 """Turns the hyperfine JSON of corpus.sh into a Markdown report."""
 import json
@@ -208,7 +242,12 @@ def cell(name):
 
 
 def ratio(a, b):
-    return f"{a / b:.1f}x"
+    """The ratio of two commands' means, with the spread of their runs."""
+    return report.ratio(results[a], results[b])
+
+
+def per_source(calls):
+    return f"{int(calls):,} ({int(calls) / int(info['py_files']):.1f} per source)"
 
 
 def mib(kib):
@@ -238,17 +277,29 @@ print(f"""# pycstore on the reference corpus, {info['date']}
 | `pycstore link`, empty store | {cell("pycstore link, empty store")} | {info['pycs_cold']} |
 | `pycstore link`, warm store, fresh copy | {cell("pycstore link, warm store")} | {info['pycs_linked']} |
 | `pycstore link`, already linked | {cell("pycstore link, already linked")} | {info['pycs_linked']} |
+| `pycstore link`, {info['tiny_sources']} sources, warm store | {cell("pycstore link, 10 sources")} | |
 | `pycstore stats` | {cell("pycstore stats")} | |
 | `pycstore status`, linked corpus | {cell("pycstore status")} | |
 
 uv installs into a venv without pip, so it writes fewer pycs than the others.
 
+Ratios of the means, with the spread of the runs in brackets (the slowest
+run of one side over the fastest of the other, and the other way round):
+
 | ratio | |
 |---|---|
-| compileall / warm link | {ratio(mean("compileall -j0"), warm)} |
-| uv's compile step / warm link | {ratio(uv_cost, warm)} |
-| compileall / cold link | {ratio(mean("compileall -j0"), mean("pycstore link, empty store"))} |
-| warm link / already linked | {ratio(warm, mean("pycstore link, already linked"))} |
+| compileall / warm link | {ratio("compileall -j0", "pycstore link, warm store")} |
+| uv's compile step / warm link | {uv_cost / warm:.1f}x |
+| compileall / cold link | {ratio("compileall -j0", "pycstore link, empty store")} |
+| warm link / already linked | {ratio("pycstore link, warm store", "pycstore link, already linked")} |
+
+Syscalls (`strace -f -c`, every thread, one run each):
+
+| | syscalls |
+|---|---|
+| warm link of a fresh copy | {per_source(info['sys_warm'])} |
+| link of the prefix again | {per_source(info['sys_again'])} |
+| `pycstore status` of the linked prefix | {per_source(info['sys_status'])} |
 
 ## Carrying the pycs to another store (export, import)
 
@@ -264,7 +315,7 @@ A pack of the linked store: {exported['entries']} entries, {exported['objects']}
 
 | ratio | |
 |---|---|
-| cold link / (export + import) | {ratio(mean("pycstore link, empty store"), carry)} |
+| cold link / (export + import) | {mean("pycstore link, empty store") / carry:.1f}x |
 
 Linking a fresh copy of the corpus from the imported store: {after_import['hits']} pycs
 from the store, {after_import['compiled']} compiled.
@@ -279,9 +330,9 @@ from the store, {after_import['compiled']} compiled.
 
 | ratio | |
 |---|---|
-| no pycs / pycstore's | {ratio(mean("no pycs"), mean("pycstore's pycs"))} |
-| pycstore's / compileall's | {ratio(mean("pycstore's pycs"), mean("compileall's pycs"))} ({100 * (mean("pycstore's pycs") / mean("compileall's pycs") - 1):+.1f}%) |
-| pycstore's unchecked-hash / compileall's (a run of their own) | {ratio(mean("pycstore's pycs, unchecked-hash"), mean("compileall's pycs (again)"))} ({100 * (mean("pycstore's pycs, unchecked-hash") / mean("compileall's pycs (again)") - 1):+.1f}%) |
+| no pycs / pycstore's | {ratio("no pycs", "pycstore's pycs")} |
+| pycstore's / compileall's | {ratio("pycstore's pycs", "compileall's pycs")} ({100 * (mean("pycstore's pycs") / mean("compileall's pycs") - 1):+.1f}%) |
+| pycstore's unchecked-hash / compileall's (a run of their own) | {ratio("pycstore's pycs, unchecked-hash", "compileall's pycs (again)")} ({100 * (mean("pycstore's pycs, unchecked-hash") / mean("compileall's pycs (again)") - 1):+.1f}%) |
 
 ## Disk (du, hard links counted once)
 

@@ -21,3 +21,12 @@ def load():
 def cell(result):
     """`mean ± σ | min` of one hyperfine result, in seconds."""
     return f"{result['mean']:.3f} ± {result['stddev'] or 0:.3f} | {result['min']:.3f}"
+
+
+def ratio(slow, fast):
+    """`slow / fast` of two hyperfine results: the ratio of the means, and
+    the spread of the two sides (the slowest run of `slow` over the fastest
+    of `fast`, and the other way round), e.g. `38.8x (35.2x-41.9x)`."""
+    low = min(slow["times"]) / max(fast["times"])
+    high = max(slow["times"]) / min(fast["times"])
+    return f"{slow['mean'] / fast['mean']:.1f}x ({low:.1f}x-{high:.1f}x)"

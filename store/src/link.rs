@@ -37,7 +37,7 @@ use crate::key::CompileKey;
 use crate::materialize::{Access, Destination, LinkMode, Materializer};
 use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
-use crate::resolve::{self, stat_object, ObjectState};
+use crate::resolve::{self, open_object, ObjectState};
 use crate::source::{Hashed, Plan, Source};
 use crate::util::{lock, now_ns};
 use crate::walk::Excludes;
@@ -666,13 +666,13 @@ impl Run<'_> {
         })
     }
 
-    /// Checks an entry's object before it is placed, from its stat
-    /// ([`stat_object`]): present with the recorded size, and with the owner
-    /// and mode the store gave it. A missing or damaged object is a miss (and
-    /// is rewritten by the compile that follows), never something to link;
-    /// one whose metadata changed (a `chown -R` or `chmod` through a
-    /// hardlink) gets a fresh inode first, once its bytes are checked
-    /// against its name, so the change never reaches another tree.
+    /// Checks an entry's object before it is placed ([`open_object`]):
+    /// present with the recorded size and header, and with the owner and
+    /// mode the store gave it. A missing or damaged object is a miss (and is
+    /// rewritten by the compile that follows), never something to link; one
+    /// whose metadata changed (a `chown -R` or `chmod` through a hardlink)
+    /// gets a fresh inode first, once its bytes are checked against its
+    /// name, so the change never reaches another tree.
     fn check_object(&self, entry: &Entry) -> Option<Checked> {
         let path = self.store.objects.path(&entry.object);
         let damaged = |len: u64| {
@@ -683,8 +683,8 @@ impl Run<'_> {
                 entry.size
             ));
         };
-        let st = match stat_object(&self.store.objects, entry) {
-            Ok(ObjectState::Good(stat)) => return Some(Checked::of(&stat)),
+        let st = match open_object(&self.store.objects, entry) {
+            Ok(ObjectState::Good(object)) => return Some(Checked::of(&object.stat)),
             Ok(ObjectState::Missing) | Err(_) => return None,
             Ok(ObjectState::Damaged { len }) => {
                 damaged(len);

@@ -247,9 +247,7 @@ impl Checker {
             for dir in [file.parent(), resolved.parent()].into_iter().flatten() {
                 self.closed_dir(dir)?;
                 let cache = dir.join("__pycache__");
-                if dir.file_name() != Some("__pycache__".as_ref())
-                    && self.lstat(&cache).is_ok()
-                {
+                if dir.file_name() != Some("__pycache__".as_ref()) && self.lstat(&cache).is_ok() {
                     self.closed_dir(&cache)?;
                 }
             }

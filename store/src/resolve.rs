@@ -76,12 +76,12 @@ pub struct CheckedObject {
     pub stat: rustix::fs::Stat,
 }
 
-/// What [`open_object`] (or, without reading, [`stat_object`]) found.
+/// What [`open_object`] found.
 #[derive(Debug)]
-pub enum ObjectState<T = CheckedObject> {
+pub enum ObjectState {
     /// Present with the entry's size and header, the store's owner and an
     /// object mode: good to place or serve.
-    Good(T),
+    Good(CheckedObject),
     /// Present with the entry's size and header, but its owner or mode
     /// changed (a `chown -R` or `chmod` through a hardlinked pyc): whoever
     /// changed it may have changed its bytes too. Not to be placed as it is;
@@ -129,32 +129,6 @@ pub fn open_object(objects: &Objects, entry: &Entry) -> io::Result<ObjectState> 
         return Ok(ObjectState::Exposed(stat));
     }
     Ok(ObjectState::Good(CheckedObject { file, stat }))
-}
-
-/// As [`open_object`] from the object's `stat` alone (one `statx`, no
-/// open or read): present, regular, the entry's size, the store's owner and
-/// an object mode. What `link` checks before it links an object: the bytes
-/// of an object only its owner can write are checked by `pycstore verify`
-/// (and by [`Objects::reset`] before an exposed one is placed), not read
-/// again by every link.
-pub fn stat_object(objects: &Objects, entry: &Entry) -> io::Result<ObjectState<rustix::fs::Stat>> {
-    let path = objects.path(&entry.object);
-    let stat = match rustix::fs::statat(rustix::fs::CWD, &path, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-    {
-        Ok(stat) => stat,
-        Err(rustix::io::Errno::NOENT) => return Ok(ObjectState::Missing),
-        Err(e) => return Err(e.into()),
-    };
-    let len = stat.st_size as u64;
-    let regular =
-        rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile;
-    if !regular || len != entry.size {
-        return Ok(ObjectState::Damaged { len });
-    }
-    if !objects.stat_ok(&stat) {
-        return Ok(ObjectState::Exposed(stat));
-    }
-    Ok(ObjectState::Good(stat))
 }
 
 #[cfg(test)]

@@ -642,9 +642,6 @@ impl Run<'_> {
         let Some(recorded) = &target.recorded else {
             return false;
         };
-        let Some(inode) = recorded.inode.filter(|_| recorded.object == entry.object) else {
-            return false;
-        };
         let access = self.domain.access(&target.source);
         if !access.hardlink || access.mode != PUBLIC_MODE {
             return false;
@@ -658,12 +655,8 @@ impl Run<'_> {
         let Some(dir) = pycache.fd.filter(|_| !pycache.made) else {
             return false;
         };
-        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
-            (st.st_dev, st.st_ino) == inode
-                && st.st_size as u64 == entry.size
-                && self.domain.object_ok(&st)
-                && st.st_mode & 0o7777 == PUBLIC_MODE
-        })
+        resolve::still_linked(dir, name, recorded, entry)
+            .is_some_and(|st| self.domain.object_ok(&st) && st.st_mode & 0o7777 == PUBLIC_MODE)
     }
 
     /// Checks an entry's object before it is placed ([`open_object`]):

@@ -129,22 +129,9 @@ pub fn status(
                     // The object an earlier link hardlinked there, still
                     // the entry's: known from one stat of the pyc.
                     let still_linked = || {
-                        let entry = entry.as_ref()?;
                         let record = recorded.get(&pyc)?;
-                        let inode = record.inode.filter(|_| record.object == entry.object)?;
                         let dir = source.dir.pycache(false).ok()?.fd?;
-                        let st = rustix::fs::statat(
-                            dir,
-                            pyc.file_name()?,
-                            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-                        )
-                        .ok()?;
-                        let regular = rustix::fs::FileType::from_raw_mode(st.st_mode)
-                            == rustix::fs::FileType::RegularFile;
-                        ((st.st_dev, st.st_ino) == inode
-                            && regular
-                            && st.st_size as u64 == entry.size)
-                            .then_some(())
+                        crate::resolve::still_linked(dir, pyc.file_name()?, record, entry.as_ref()?)
                     };
                     let head = if still_linked().is_some() {
                         Head::Linked

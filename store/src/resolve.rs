@@ -20,7 +20,10 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::index::{Entry, EntrySlot};
+use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
+
+use crate::index::{Entry, EntrySlot, LinkRecord};
 use crate::objects::Objects;
 use crate::pyc::{Flavor, HEADER_LEN};
 
@@ -129,6 +132,25 @@ pub fn open_object(objects: &Objects, entry: &Entry) -> io::Result<ObjectState> 
         return Ok(ObjectState::Exposed(stat));
     }
     Ok(ObjectState::Good(CheckedObject { file, stat }))
+}
+
+/// The `stat` of the pyc `name` in `dir` when it is still the object an
+/// earlier `link` hardlinked there for `entry`, as `record` says: the
+/// recorded inode (the entry's object), a regular file of the entry's size.
+/// One `statx`, no open or read; the stat is the object's, for callers that
+/// also judge its owner and mode. `None` for anything else (no inode
+/// recorded, another object, another file there).
+pub fn still_linked(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    record: &LinkRecord,
+    entry: &Entry,
+) -> Option<rustix::fs::Stat> {
+    let inode = record.inode.filter(|_| record.object == entry.object)?;
+    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    let regular =
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+    ((st.st_dev, st.st_ino) == inode && regular && st.st_size as u64 == entry.size).then_some(st)
 }
 
 #[cfg(test)]

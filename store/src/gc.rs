@@ -15,7 +15,9 @@
 //!    take at most `SIZE` of disk.
 //!
 //! Last use is the index's use time of the object (recorded by every `link`
-//! that places it), else the file's mtime. An object still hard linked into
+//! that places it), else the file's mtime, or its ctime (when it was
+//! written or last linked) for an object still sealed with
+//! [`crate::objects::SEAL_MTIME`]. An object still hard linked into
 //! a prefix (link count > 1) frees nothing when the store lets go of it, so
 //! `--older-than` keeps it and `--max-size` evicts it only when evicting
 //! every other object was not enough. Evicting an object removes the index
@@ -170,7 +172,12 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
                 size: meta.len(),
                 disk: disk_usage(&meta),
                 linked: meta.nlink() > 1,
-                last_use: meta.mtime().max(0) as u64,
+                last_use: if (meta.mtime(), meta.mtime_nsec()) == crate::objects::SEAL_MTIME {
+                    meta.ctime()
+                } else {
+                    meta.mtime()
+                }
+                .max(0) as u64,
                 orphan: true,
             })
         })
@@ -469,7 +476,7 @@ mod tests {
             let key = CompileKey([n; 32]);
             writes.entry(&key, EntrySlot::Hashed(Flavor::CheckedHash), &entry);
             writes.entry(&key, EntrySlot::Body, &entry);
-            // Object 0 has no use time: its mtime (now) makes it the newest.
+            // Object 0 has no use time: its ctime (now) makes it the newest.
             if n > 0 {
                 writes.used(&id, 1000 + n as u64);
             }

@@ -667,6 +667,9 @@ impl Run<'_> {
     /// gets a fresh inode first, once its bytes are checked against its
     /// name, so the change never reaches another tree.
     fn check_object(&self, entry: &Entry) -> Option<Checked> {
+        if let Some(st) = resolve::sealed_object(&self.store.objects, entry) {
+            return Some(Checked::of(&st));
+        }
         let path = self.store.objects.path(&entry.object);
         let damaged = |len: u64| {
             self.progress.warn(&format!(
@@ -677,7 +680,21 @@ impl Run<'_> {
             ));
         };
         let st = match open_object(&self.store.objects, entry) {
-            Ok(ObjectState::Good(object)) => return Some(Checked::of(&object.stat)),
+            // Changed since the store wrote it, or older than the seal: its
+            // whole bytes must hash to its name before it is placed (and
+            // sealed again).
+            Ok(ObjectState::Good(object)) => {
+                if !self.store.objects.intact(&entry.object) {
+                    self.progress.warn(&format!(
+                        "store object `{}` does not hash to its name (damaged); it will be \
+                         rewritten (run `pycstore verify` to check the whole store)",
+                        path.display()
+                    ));
+                    return None;
+                }
+                self.store.objects.seal(&entry.object);
+                return Some(Checked::of(&object.stat));
+            }
             Ok(ObjectState::Missing) | Err(_) => return None,
             Ok(ObjectState::Damaged { len }) => {
                 damaged(len);

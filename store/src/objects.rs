@@ -9,6 +9,16 @@
 //! mode 0444, or 0400 (0440 in a group store) when its source is not
 //! readable by everyone; [`Objects::metadata_ok`] tells the rest apart, and
 //! nothing else may be linked.
+//!
+//! Every object is written with the modification time [`SEAL_MTIME`] (one
+//! second past the epoch, as Nix does for its store). Any write to an
+//! object, through the store or through a prefix it is hard linked into,
+//! sets its mtime to the time of that write, so an object still sealed, of
+//! its entry's size and with an object's owner and mode, is the object the
+//! store wrote: `link` checks it with one `stat` ([`Objects::sealed`]).
+//! Anything else is opened and checked byte by byte before it is placed,
+//! and sealed again once its bytes hash to its name. (An object changed
+//! on purpose with its mtime put back is found by `pycstore verify`.)
 
 use std::fmt;
 use std::io::{self, Write};
@@ -23,6 +33,10 @@ use crate::util::PathContext;
 
 /// The mode of an object compiled from a source everyone may read.
 pub const PUBLIC_MODE: u32 = 0o444;
+
+/// The modification time of every object the store wrote and nothing
+/// changed since: 1 second, 0 nanoseconds past the epoch.
+pub const SEAL_MTIME: (i64, i64) = (1, 0);
 
 /// The content address of an object: blake3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +163,33 @@ impl Objects {
         rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
             && self.owner.owns(stat.st_uid, stat.st_gid)
             && self.mode_ok(stat.st_mode & 0o7777)
+    }
+
+    /// Whether a `stat` of an object says it is still as the store wrote
+    /// it: sealed ([`SEAL_MTIME`]), a regular file of `size` bytes with an
+    /// object's owner and mode. No system call.
+    pub fn sealed(&self, stat: &rustix::fs::Stat, size: u64) -> bool {
+        (stat.st_mtime, stat.st_mtime_nsec as i64) == SEAL_MTIME
+            && stat.st_size as u64 == size
+            && self.stat_ok(stat)
+    }
+
+    /// Seals the object `id` after its bytes were checked against its
+    /// name (an object of a store older than the seal, or one whose mtime
+    /// changed): its next check is one `stat`. Only the object's owner (or
+    /// root) may; anyone else leaves it as it is.
+    pub fn seal(&self, id: &ObjectId) {
+        let _ = rustix::fs::utimensat(
+            rustix::fs::CWD,
+            self.path(id),
+            &seal_times(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+    }
+
+    /// Whether the object `id` hashes to its name (a whole read).
+    pub fn intact(&self, id: &ObjectId) -> bool {
+        self.holds(id)
     }
 
     /// Where the object `id` lives (whether or not it exists).
@@ -337,6 +378,9 @@ impl Objects {
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))
             .at("set permissions of", tmp.path())?;
+        rustix::fs::futimens(tmp.as_file(), &seal_times())
+            .map_err(io::Error::from)
+            .at("set the modification time of", tmp.path())?;
         Ok(tmp.into_temp_path())
     }
 
@@ -360,6 +404,20 @@ impl Objects {
         }
         temp.persist(&path)
             .map_err(|e| with_path(e.error, "rename a temp file to", &path))
+    }
+}
+
+/// The access time left as it is, the modification time [`SEAL_MTIME`].
+fn seal_times() -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: SEAL_MTIME.0,
+            tv_nsec: SEAL_MTIME.1,
+        },
     }
 }
 

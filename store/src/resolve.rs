@@ -134,6 +134,20 @@ pub fn open_object(objects: &Objects, entry: &Entry) -> io::Result<ObjectState> 
     Ok(ObjectState::Good(CheckedObject { file, stat }))
 }
 
+/// The `stat` of an entry's object when one `stat` shows it is still as
+/// the store wrote it ([`Objects::sealed`]); `None` when it must be opened
+/// and checked ([`open_object`]): missing, changed since, or written before
+/// objects were sealed.
+pub fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::fs::Stat> {
+    let st = rustix::fs::statat(
+        rustix::fs::CWD,
+        objects.path(&entry.object),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .ok()?;
+    objects.sealed(&st, entry.size).then_some(st)
+}
+
 /// The `stat` of the pyc `name` in `dir` when it is still the object an
 /// earlier `link` hardlinked there for `entry`, as `record` says: the
 /// recorded inode (the entry's object), a regular file of the entry's size.

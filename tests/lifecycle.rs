@@ -315,3 +315,69 @@ fn pycs_the_store_does_not_know_are_counted_recorded_and_exported() {
         "{stdout}"
     );
 }
+
+/// A re-link of a prefix walks directories it listed before by one `stat`
+/// each (their listing records); every change below them is still seen:
+/// a module added, a package added deeper down, a module edited in place
+/// (its directory unchanged), a package swapped for a symlink.
+#[test]
+fn relink_sees_every_change_below_directories_it_listed_before() {
+    let t = TestDir::new();
+    let app = t.join("app");
+    for (path, text) in [
+        ("app/top.py", "TOP = 1\n"),
+        ("app/pkg/__init__.py", ""),
+        ("app/pkg/a.py", "A = 1\n"),
+        ("app/pkg/sub/__init__.py", ""),
+        ("app/pkg/sub/b.py", "B = 1\n"),
+        ("app/pkg/gone/__init__.py", ""),
+        ("app/pkg/gone/g.py", "G = 1\n"),
+    ] {
+        t.write(path, text);
+    }
+    // pycs placed (compiled, or hits: empty modules share one object), and
+    // pycs up to date.
+    let link = |expect_compiled: u64, expect_up_to_date: u64| {
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "--python"])
+                .arg(python("3.11"))
+                .arg(&app),
+        );
+        assert_output!(out, out.status.success(), "link");
+        let placed = json["compiled"].as_u64().unwrap() + json["hits"].as_u64().unwrap();
+        assert_eq!(
+            (placed, json["up_to_date"].as_u64()),
+            (expect_compiled, Some(expect_up_to_date)),
+            "{json}"
+        );
+    };
+    link(7, 0);
+    // Listings are trusted once older than the filesystem's clock tick.
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    link(0, 7);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+
+    t.write("app/pkg/c.py", "C = 1\n");
+    t.write("app/pkg/sub/deep/__init__.py", "");
+    t.write("app/pkg/sub/deep/d.py", "D = 1\n");
+    std::fs::write(app.join("top.py"), "TOP = 2\n").unwrap();
+    let elsewhere = t.join("elsewhere");
+    std::fs::rename(app.join("pkg/gone"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, app.join("pkg/gone")).unwrap();
+    let before: Vec<_> = pycs_under(&elsewhere);
+
+    // c, deep/__init__, deep/d and the edited top are placed; the symlinked
+    // package is no longer walked (and nothing is written through it).
+    link(4, 4);
+    assert_eq!(pycs_under(&elsewhere), before);
+    let log = python_v(
+        &python("3.11"),
+        &[
+            "-c",
+            "import top, pkg.a, pkg.c, pkg.sub.b, pkg.sub.deep.d; assert top.TOP == 2",
+        ],
+        &[("PYTHONPATH", app.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &app, 7);
+}

@@ -281,6 +281,102 @@ impl StatRecord {
     }
 }
 
+/// What the walk remembers of a directory of a prefix: enough of its `stat`
+/// to tell its entries have not changed (any entry added, removed or renamed
+/// changes its mtime), and the entries the walk needs. Kept in the stat
+/// family under the directory's path and a NUL byte, a key no file can have.
+///
+/// ```text
+/// dev ‖ ino ‖ mtime_ns ‖ ctime_ns ‖ seen_ns   (8 bytes each, little-endian)
+/// ‖ has __pycache__ (1 byte)
+/// ‖ (kind (1 byte: 0 directory, 1 source) ‖ name length (2) ‖ name)*
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListingRecord {
+    /// `st_dev` of the directory.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+    /// `st_mtime` in nanoseconds.
+    pub mtime_ns: i64,
+    /// `st_ctime` in nanoseconds.
+    pub ctime_ns: i64,
+    /// When it was listed, in nanoseconds since the epoch.
+    pub seen_ns: i64,
+    /// Whether it held a `__pycache__` directory.
+    pub pycache: bool,
+    /// Its subdirectories (not `__pycache__`), by name.
+    pub dirs: Vec<std::ffi::OsString>,
+    /// Its sources (regular `*.py` files), by name.
+    pub sources: Vec<std::ffi::OsString>,
+}
+
+impl ListingRecord {
+    fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut v = Vec::with_capacity(41 + 24 * (self.dirs.len() + self.sources.len()));
+        for n in [self.dev, self.ino] {
+            v.extend_from_slice(&n.to_le_bytes());
+        }
+        for n in [self.mtime_ns, self.ctime_ns, self.seen_ns] {
+            v.extend_from_slice(&n.to_le_bytes());
+        }
+        v.push(u8::from(self.pycache));
+        for (kind, names) in [(0u8, &self.dirs), (1u8, &self.sources)] {
+            for name in names {
+                let name = name.as_bytes();
+                v.push(kind);
+                // Names are at most 255 bytes (NAME_MAX).
+                v.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                v.extend_from_slice(name);
+            }
+        }
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<ListingRecord> {
+        use std::os::unix::ffi::OsStrExt;
+        let fixed = v.get(..41)?;
+        let u = |i: usize| u64::from_le_bytes(fixed[i * 8..i * 8 + 8].try_into().unwrap());
+        let mut record = ListingRecord {
+            dev: u(0),
+            ino: u(1),
+            mtime_ns: u(2) as i64,
+            ctime_ns: u(3) as i64,
+            seen_ns: u(4) as i64,
+            pycache: match fixed[40] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+            dirs: Vec::new(),
+            sources: Vec::new(),
+        };
+        let mut rest = &v[41..];
+        while let [kind, a, b, tail @ ..] = rest {
+            let len = u16::from_le_bytes([*a, *b]) as usize;
+            let name = tail
+                .get(..len)
+                .filter(|n| !n.is_empty() && !n.contains(&b'/'))?;
+            let name = std::ffi::OsStr::from_bytes(name).to_os_string();
+            match kind {
+                0 => record.dirs.push(name),
+                1 => record.sources.push(name),
+                _ => return None,
+            }
+            rest = &tail[len..];
+        }
+        rest.is_empty().then_some(record)
+    }
+}
+
+/// The key of a directory's [`ListingRecord`]: its path and a NUL byte.
+fn listing_key(dir: &Path) -> Vec<u8> {
+    let mut key = path_key(dir);
+    key.push(0);
+    key
+}
+
 /// Usage counters of one interpreter since the last `stats --zero`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -341,6 +437,12 @@ impl Writes {
     pub fn stat(&mut self, path: &Path, record: &StatRecord) {
         self.ops
             .push((Family::Stat, path_key(path), Some(record.encode())));
+    }
+
+    /// Records what the walk listed in the directory `dir`.
+    pub fn listing(&mut self, dir: &Path, record: &ListingRecord) {
+        self.ops
+            .push((Family::Stat, listing_key(dir), Some(record.encode())));
     }
 
     /// Records that `pyc` (of `size` bytes) was materialized from `entry`'s
@@ -571,7 +673,7 @@ impl Index {
         };
         let guard = lock::lock(&lock_path, mode, "")?;
         let opened = if read_only {
-            DB::open_cf_descriptors_read_only(&Self::options(), path, Self::families(), false)
+            DB::open_cf_descriptors_read_only(&Self::read_options(), path, Self::families(), false)
         } else {
             check_free_space(path)?;
             DB::open_cf_descriptors(&Self::options(), path, Self::families())
@@ -585,6 +687,16 @@ impl Index {
             shared: path.parent().is_some_and(crate::trust::is_shared),
             _lock: guard,
         })
+    }
+
+    /// [`Index::options`] for a read-only session, which writes nothing:
+    /// not even RocksDB's own log (which would be rotated, and get its
+    /// thousand-line options dump, at every open). RocksDB runs without a
+    /// log when it cannot make one, and it cannot under `/proc`.
+    fn read_options() -> Options {
+        let mut opts = Self::options();
+        opts.set_db_log_dir("/proc/self/pycstore-no-log");
+        opts
     }
 
     fn options() -> Options {
@@ -769,6 +881,13 @@ impl Index {
         Ok(self
             .lookup(Family::Stat, &path_key(path))
             .and_then(|v| StatRecord::decode(&v)))
+    }
+
+    /// What the walk listed in the directory `dir` (an unreadable record is
+    /// a miss: the directory is listed again).
+    pub fn listing(&self, dir: &Path) -> Option<ListingRecord> {
+        self.lookup(Family::Stat, &listing_key(dir))
+            .and_then(|v| ListingRecord::decode(&v))
     }
 
     /// A cached interpreter probe (JSON); an unreadable one is a miss.

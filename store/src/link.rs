@@ -180,7 +180,11 @@ pub fn link(
         let index = store.index_reader()?;
         let mut learned = Writes::default();
         let plan = Plan::resolve(prefixes, &options.python, &index, &mut learned)?;
-        let (found, errors) = plan.walk(&excludes);
+        let (found, errors) = plan.walk(
+            &excludes,
+            &index,
+            (!options.dry_run).then_some(&mut learned),
+        );
         tracing::debug!(
             "found {} sources in {:.3}s",
             found.len(),
@@ -274,6 +278,20 @@ pub fn link(
                 worker.join().expect("compile threads do not panic");
             }
         });
+        // Directories whose `__pycache__` this run made changed since the walk
+        // listed them: listed again, so the next walk need not.
+        if !options.dry_run {
+            let now = now_ns();
+            let mut last = None;
+            for (found, _) in &found {
+                if last.replace(Arc::as_ptr(&found.dir)) == Some(Arc::as_ptr(&found.dir)) {
+                    continue;
+                }
+                if let Some(record) = found.dir.listing_after_run(now) {
+                    lock(&run.writes).listing(&found.dir.path, &record);
+                }
+            }
+        }
     }
 
     // Phase 3: record.
@@ -646,16 +664,10 @@ impl Run<'_> {
         if !access.hardlink || access.mode != PUBLIC_MODE {
             return false;
         }
-        let (Ok(pycache), Some(name)) = (
-            target.source.dir.pycache(!self.options.dry_run),
-            target.pyc.file_name(),
-        ) else {
+        let Some(name) = target.pyc.file_name() else {
             return false;
         };
-        let Some(dir) = pycache.fd.filter(|_| !pycache.made) else {
-            return false;
-        };
-        resolve::still_linked(dir, name, recorded, entry)
+        resolve::still_linked(&target.source.dir, name, recorded, entry)
             .is_some_and(|st| self.domain.object_ok(&st) && st.st_mode & 0o7777 == PUBLIC_MODE)
     }
 

@@ -83,7 +83,7 @@ pub fn status(
     let index = store.index_reader()?;
     let mut probes = Writes::default();
     let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
-    let (found, errors) = plan.walk(&excludes);
+    let (found, errors) = plan.walk(&excludes, &index, None);
     let mut recorded: HashMap<PathBuf, LinkRecord> = HashMap::new();
     for (prefix, _) in &plan.prefixes {
         for (pyc, record) in index.links(Some(prefix))? {
@@ -130,8 +130,12 @@ pub fn status(
                     // the entry's: known from one stat of the pyc.
                     let still_linked = || {
                         let record = recorded.get(&pyc)?;
-                        let dir = source.dir.pycache(false).ok()?.fd?;
-                        crate::resolve::still_linked(dir, pyc.file_name()?, record, entry.as_ref()?)
+                        crate::resolve::still_linked(
+                            &source.dir,
+                            pyc.file_name()?,
+                            record,
+                            entry.as_ref()?,
+                        )
                     };
                     let head = if still_linked().is_some() {
                         Head::Linked

@@ -21,7 +21,6 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 
 use std::ffi::OsStr;
-use std::os::fd::BorrowedFd;
 
 use crate::index::{Entry, EntrySlot, LinkRecord};
 use crate::objects::Objects;
@@ -154,14 +153,14 @@ pub fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::fs::Sta
 /// One `statx`, no open or read; the stat is the object's, for callers that
 /// also judge its owner and mode. `None` for anything else (no inode
 /// recorded, another object, another file there).
-pub fn still_linked(
-    dir: BorrowedFd<'_>,
+pub(crate) fn still_linked(
+    dir: &crate::walk::SourceDir,
     name: &OsStr,
     record: &LinkRecord,
     entry: &Entry,
 ) -> Option<rustix::fs::Stat> {
     let inode = record.inode.filter(|_| record.object == entry.object)?;
-    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    let st = dir.pyc_stat(name)?;
     let regular =
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
     ((st.st_dev, st.st_ino) == inode && regular && st.st_size as u64 == entry.size).then_some(st)

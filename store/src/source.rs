@@ -119,15 +119,20 @@ impl Source {
         // (no path lookup twice). Elsewhere stat it first: the stat cache
         // usually knows it, and then it is never opened.
         let (meta, mut opened) = if found.dir.listed_pycache || found.symlink {
-            match rustix::fs::statat(found.dir.fd(), found.name.as_os_str(), AtFlags::empty()) {
+            match found.dir.stat_at(found.name.as_os_str(), AtFlags::empty()) {
                 Ok(st) => (SourceStat::of(&st), None),
                 Err(rustix::io::Errno::NOENT) => return Hashed::Skipped,
                 Err(e) => return Hashed::Failed(format!("cannot stat: {}", io::Error::from(e))),
             }
         } else {
+            let dir = match found.dir.fd() {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Hashed::Skipped,
+                Err(e) => return Hashed::Failed(format!("cannot read: {e}")),
+            };
             // Listed as a regular file: never follow a symlink swapped in
             // since (that one is picked up by the next run).
-            match open_source(found.dir.fd(), &found.name, OFlags::NOFOLLOW) {
+            match open_source(dir, &found.name, OFlags::NOFOLLOW) {
                 Ok(Some((fd, st))) => (SourceStat::of(&st), Some(fd)),
                 Ok(None) => return Hashed::Skipped,
                 Err(message) => return Hashed::Failed(message),
@@ -156,7 +161,11 @@ impl Source {
             None => {
                 let read = match opened.take() {
                     Some(fd) => read_open(fd, &meta, limit),
-                    None => read_source(found.dir.fd(), &found.name, &meta, limit),
+                    None => match found.dir.fd() {
+                        Ok(dir) => read_source(dir, &found.name, &meta, limit),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(format!("cannot read: {e}")),
+                    },
                 };
                 let data = match read {
                     Ok(Some(data)) => data,
@@ -196,7 +205,8 @@ impl Source {
     pub fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, String> {
         self.bytes
             .get_or_init(|| {
-                let bytes = read_source(self.dir.fd(), &self.name, &self.meta, self.limit)?
+                let dir = self.dir.fd().map_err(|e| format!("cannot read: {e}"))?;
+                let bytes = read_source(dir, &self.name, &self.meta, self.limit)?
                     .filter(|bytes| SourceDigest::of(bytes) == self.digest)
                     .ok_or("changed while being linked; run again")?;
                 Ok(Arc::new(bytes))
@@ -380,17 +390,32 @@ impl Plan {
 
     /// Walks every prefix: the sources with their interpreters, and what
     /// could not be read.
-    pub fn walk(&self, excludes: &Excludes) -> Walked {
+    ///
+    /// Directories unchanged since `index`'s listing records of them are
+    /// not listed again ([`walk::walk`]); with `learned`, what this walk
+    /// listed is recorded there.
+    pub fn walk(
+        &self,
+        excludes: &Excludes,
+        index: &Index,
+        mut learned: Option<&mut Writes>,
+    ) -> Walked {
         let mut sources = Vec::new();
         let mut errors = Vec::new();
+        let now = crate::util::now_ns();
         for (prefix, chosen) in &self.prefixes {
             if !prefix.is_dir() {
                 errors.push((prefix.clone(), "not a directory".to_string()));
                 continue;
             }
-            let (found, errs) = walk::walk(prefix, excludes);
-            errors.extend(errs);
-            sources.extend(found.into_iter().map(|f| (f, chosen.clone())));
+            let walked = walk::walk(prefix, excludes, Some((index, now)));
+            errors.extend(walked.errors);
+            if let Some(writes) = learned.as_deref_mut() {
+                for (dir, record) in &walked.listed {
+                    writes.listing(dir, record);
+                }
+            }
+            sources.extend(walked.found.into_iter().map(|f| (f, chosen.clone())));
         }
         (sources, errors)
     }

@@ -49,6 +49,15 @@ pub fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
 /// `O_NOFOLLOW` open per component. `relative` must be a plain relative
 /// path (no `..`).
 pub fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
+    open_beneath(root, relative, OFlags::PATH)
+}
+
+/// [`open_dir_beneath`] for a descriptor that can also list the directory.
+pub fn open_listable_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
+    open_beneath(root, relative, OFlags::RDONLY)
+}
+
+fn open_beneath(root: BorrowedFd<'_>, relative: &Path, access: OFlags) -> io::Result<OwnedFd> {
     let plain = relative
         .components()
         .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
@@ -58,7 +67,7 @@ pub fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<Own
             format!("`{}` is not a plain relative path", relative.display()),
         ));
     }
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let flags = access | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     let target = if relative.as_os_str().is_empty() {
         Path::new(".")

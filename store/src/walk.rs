@@ -13,16 +13,26 @@ use std::sync::{Arc, OnceLock};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 
+use crate::index::{Index, ListingRecord};
 use crate::tree;
 use crate::{Error, Result};
 
-/// A directory of a prefix that holds sources, opened relative to its
-/// parent without following symlinks (see [`tree`]): every pyc of its
-/// sources is written through it.
+/// A directory of a prefix that holds sources. Its descriptor is the one
+/// the walk listed it through (opened relative to its parent without
+/// following symlinks, see [`tree`]), or, for a directory the walk knew
+/// unchanged from its listing record, opened on first use beneath the
+/// prefix's root without following any symlink ([`tree::open_dir_beneath`])
+/// and checked to be the directory listed. Every pyc of its sources is
+/// written through it; what only reads (the `stat` of an unchanged source
+/// or of a pyc in place) may go by path beneath the root instead.
 pub struct SourceDir {
     /// The path as reached from the prefix, for messages and the index.
     pub path: PathBuf,
-    fd: OwnedFd,
+    /// The prefix's root, and the directory's path relative to it.
+    root: Arc<OwnedFd>,
+    relative: PathBuf,
+    ino: u64,
+    fd: OnceLock<std::result::Result<OwnedFd, (std::io::ErrorKind, String)>>,
     /// The device of the directory: where its pycs are written.
     pub dev: u64,
     /// The directory's owner.
@@ -58,9 +68,82 @@ pub struct PycacheDir<'a> {
 }
 
 impl SourceDir {
-    /// The directory's descriptor.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The directory's descriptor: the walk's, or opened now beneath the
+    /// prefix's root without following a symlink. An error when it cannot be
+    /// opened, or is no longer the directory listed (then its sources are
+    /// picked up by the next run).
+    pub fn fd(&self) -> std::io::Result<BorrowedFd<'_>> {
+        let opened = self.fd.get_or_init(|| {
+            let fd = tree::open_dir_beneath(self.root.as_fd(), &self.relative)
+                .map_err(|e| (e.kind(), e.to_string()))?;
+            match rustix::fs::fstat(&fd) {
+                Ok(st) if (st.st_dev, st.st_ino) == (self.dev, self.ino) => Ok(fd),
+                Ok(_) => Err((
+                    std::io::ErrorKind::NotFound,
+                    "replaced while being linked".to_string(),
+                )),
+                Err(e) => Err((
+                    std::io::ErrorKind::Other,
+                    std::io::Error::from(e).to_string(),
+                )),
+            }
+        });
+        match opened {
+            Ok(fd) => Ok(fd.as_fd()),
+            Err((kind, message)) => Err(std::io::Error::new(*kind, message.clone())),
+        }
+    }
+
+    /// `stat` of the entry `name` (following a symlink unless `flags` says
+    /// not to): through the directory's descriptor once it is open, else by
+    /// path beneath the prefix's root (one system call, no descriptor; for
+    /// reading only: a directory above swapped for a symlink meanwhile is
+    /// followed, and nothing is written on the strength of it).
+    pub fn stat_at(&self, name: &OsStr, flags: AtFlags) -> rustix::io::Result<rustix::fs::Stat> {
+        match self.fd.get() {
+            Some(Ok(fd)) => rustix::fs::statat(fd, name, flags),
+            _ => rustix::fs::statat(self.root.as_fd(), self.relative.join(name), flags),
+        }
+    }
+
+    /// `lstat` of the pyc `name` in the directory's `__pycache__`: through
+    /// the descriptors this run opened, else by path beneath the prefix's
+    /// root (for reading only, as [`SourceDir::stat_at`]). `None` when there
+    /// is no such file, or no `__pycache__` was listed.
+    pub fn pyc_stat(&self, name: &OsStr) -> Option<rustix::fs::Stat> {
+        let nofollow = AtFlags::SYMLINK_NOFOLLOW;
+        if let Some(Ok(pycache)) = self.pycache.get() {
+            // One this run made held nothing of an earlier run.
+            let pycache = pycache.as_ref().filter(|p| !p.made)?;
+            return rustix::fs::statat(&pycache.fd, name, nofollow).ok();
+        }
+        if !self.listed_pycache {
+            return None;
+        }
+        let in_pycache = Path::new("__pycache__").join(name);
+        match self.fd.get() {
+            Some(Ok(fd)) => rustix::fs::statat(fd, &in_pycache, nofollow).ok(),
+            _ => {
+                rustix::fs::statat(self.root.as_fd(), self.relative.join(in_pycache), nofollow).ok()
+            }
+        }
+    }
+
+    /// A fresh listing record of the directory when this run made its
+    /// `__pycache__` (which changed it since the walk listed it), so that
+    /// the next walk need not list it again: its `stat`, then its entries.
+    pub fn listing_after_run(&self, now_ns: i64) -> Option<ListingRecord> {
+        let made = self.pycache.get()?.as_ref().ok()?.as_ref()?.made;
+        let fd = self.fd.get()?.as_ref().ok()?;
+        if !made {
+            return None;
+        }
+        let stat = rustix::fs::fstat(fd).ok()?;
+        // The walk read this descriptor to its end.
+        rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0)).ok()?;
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
+        let (listed, _) = list(fd.as_fd(), &self.path, None, &mut buf).ok()?;
+        listed.rememberable.then(|| listed.record(&stat, now_ns))
     }
 
     /// Its `__pycache__`, opened without following a symlink, and whether
@@ -71,8 +154,15 @@ impl SourceDir {
         let mut first = false;
         let opened = self.pycache.get_or_init(|| {
             let name = OsStr::new("__pycache__");
+            // One attempt per directory: make it when the listing had none.
+            if !create && !self.listed_pycache {
+                return Ok(None);
+            }
+            let dir = self
+                .fd()
+                .map_err(|e| format!("cannot open `{}`: {e}", self.path.display()))?;
             let is_symlink = || {
-                rustix::fs::statat(self.fd(), name, AtFlags::SYMLINK_NOFOLLOW)
+                rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
             };
             let refuse = |e: std::io::Error| match e.raw_os_error() {
@@ -87,7 +177,7 @@ impl SourceDir {
                 ),
                 _ => format!("cannot open `{}`: {e}", self.path.join(name).display()),
             };
-            let make = || match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o777)) {
+            let make = || match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o777)) {
                 Ok(()) => Ok(true),
                 Err(rustix::io::Errno::EXIST) => Ok(false),
                 Err(e) => Err(format!(
@@ -96,23 +186,19 @@ impl SourceDir {
                     std::io::Error::from(e)
                 )),
             };
-            // One attempt per directory: make it when the listing had none.
-            if !create && !self.listed_pycache {
-                return Ok(None);
-            }
             if create && !self.listed_pycache {
                 let made = make()?;
                 first = made;
-                return tree::open_dir(self.fd(), name)
+                return tree::open_dir(dir, name)
                     .map(|fd| Some(Pycache { fd, made }))
                     .map_err(refuse);
             }
-            match tree::open_dir(self.fd(), name) {
+            match tree::open_dir(dir, name) {
                 Ok(fd) => Ok(Some(Pycache { fd, made: false })),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                     let made = make()?;
                     first = made;
-                    tree::open_dir(self.fd(), name)
+                    tree::open_dir(dir, name)
                         .map(|fd| Some(Pycache { fd, made }))
                         .map_err(refuse)
                 }
@@ -194,113 +280,274 @@ impl Excludes {
     }
 }
 
+/// What one walk found.
+pub struct Walk {
+    /// The sources, depth first in name order.
+    pub found: Vec<Found>,
+    /// Paths that could not be read, or are not regular files.
+    pub errors: Vec<(PathBuf, String)>,
+    /// Directories this walk listed, to remember ([`crate::index::Writes::listing`]).
+    pub listed: Vec<(PathBuf, ListingRecord)>,
+}
+
+/// A directory's entries that matter to the walk.
+struct Listed {
+    pycache: bool,
+    dirs: Vec<OsString>,
+    /// Sources by name, and whether the name is a symlink.
+    sources: Vec<(OsString, bool)>,
+    /// Whether its record may stand for it while its `stat` is unchanged:
+    /// not when a source is a symlink (its target changes without the
+    /// directory changing) or something to report each run is there.
+    rememberable: bool,
+}
+
+impl Listed {
+    fn record(&self, stat: &rustix::fs::Stat, now_ns: i64) -> ListingRecord {
+        ListingRecord {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+            mtime_ns: stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
+            ctime_ns: stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
+            seen_ns: now_ns,
+            pycache: self.pycache,
+            dirs: self.dirs.clone(),
+            sources: self.sources.iter().map(|(n, _)| n.clone()).collect(),
+        }
+    }
+}
+
 /// Walks `prefix` through directory descriptors (never following a
 /// symlinked directory, skipping `__pycache__`), returning the sources and
 /// the paths that could not be read or are not regular files.
-pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, String)>) {
-    let mut found = Vec::new();
-    let mut errors = Vec::new();
-    let root = match tree::open_root(prefix) {
-        Ok(fd) => fd,
+///
+/// With `known` (the index, and the time now), a directory whose `stat` is
+/// the one its listing record was taken with ([`Index::listing`], settled
+/// as the stat cache's records are) is neither opened nor listed again: its
+/// entries come from the record, and its subdirectories are `stat`ed by
+/// path beneath the root. A prefix linked before costs one `stat` per
+/// directory.
+pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) -> Walk {
+    let mut walk = Walk {
+        found: Vec::new(),
+        errors: Vec::new(),
+        listed: Vec::new(),
+    };
+    let opened = tree::open_root(prefix).and_then(|root| Ok((root, tree::open_root(prefix)?)));
+    let (root, first) = match opened {
+        Ok(fds) => fds,
         Err(e) => {
-            errors.push((prefix.to_path_buf(), format!("cannot read: {e}")));
-            return (found, errors);
+            walk.errors
+                .push((prefix.to_path_buf(), format!("cannot read: {e}")));
+            return walk;
         }
     };
+    let root = Arc::new(root);
     let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
-    let mut pending = vec![(prefix.to_path_buf(), root)];
+    let mut pending = vec![(prefix.to_path_buf(), Some(first))];
     while let Some((path, fd)) = pending.pop() {
-        let mut entries = match read_entries(fd.as_fd(), &mut buf) {
-            Ok(entries) => entries,
+        let relative = path.strip_prefix(prefix).unwrap_or(&path).to_path_buf();
+        let stat = match &fd {
+            Some(fd) => rustix::fs::fstat(fd),
+            None => rustix::fs::statat(root.as_fd(), &relative, AtFlags::SYMLINK_NOFOLLOW),
+        };
+        let stat = match stat {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
+            // Swapped for a symlink or a file, or gone, since its parent was
+            // listed: not a directory of this prefix any more.
+            Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => continue,
             Err(e) => {
-                errors.push((path, format!("cannot read: {e}")));
+                let e = std::io::Error::from(e);
+                walk.errors.push((path, format!("cannot read: {e}")));
                 continue;
             }
         };
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let listed_pycache = entries.iter().any(|(name, _)| name == "__pycache__");
+        let (mtime_ns, ctime_ns) = (
+            stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
+            stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
+        );
+        let record = known
+            .and_then(|(index, _)| index.listing(&path))
+            .filter(|r| {
+                (r.dev, r.ino, r.mtime_ns, r.ctime_ns)
+                    == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
+                    && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
+            });
+        let (listed, fd, from_record) = match record {
+            Some(record) => (
+                Listed {
+                    pycache: record.pycache,
+                    dirs: record.dirs,
+                    sources: record.sources.into_iter().map(|n| (n, false)).collect(),
+                    rememberable: true,
+                },
+                fd,
+                true,
+            ),
+            None => {
+                let fd = match fd {
+                    Some(fd) => fd,
+                    None => match tree::open_listable_beneath(root.as_fd(), &relative) {
+                        Ok(fd) => fd,
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => {
+                            walk.errors.push((path, format!("cannot read: {e}")));
+                            continue;
+                        }
+                    },
+                };
+                let listed = match list(fd.as_fd(), &path, Some((prefix, excludes)), &mut buf) {
+                    Ok((listed, errors)) => {
+                        walk.errors.extend(errors);
+                        listed
+                    }
+                    Err(e) => {
+                        walk.errors.push((path, format!("cannot read: {e}")));
+                        continue;
+                    }
+                };
+                if let (true, Some((_, now_ns))) = (listed.rememberable, known) {
+                    walk.listed
+                        .push((path.clone(), listed.record(&stat, now_ns)));
+                }
+                (listed, Some(fd), false)
+            }
+        };
         let mut subdirs = Vec::new();
-        let mut sources = Vec::new();
-        for (name, mut kind) in entries {
+        for name in listed.dirs {
             let child = path.join(&name);
-            let relative = child.strip_prefix(prefix).unwrap_or(&child);
-            if kind == FileType::Unknown {
-                match rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                    Ok(st) => kind = FileType::from_raw_mode(st.st_mode),
+            if excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child)) {
+                continue;
+            }
+            // Below a directory known from its record, subdirectories are
+            // `stat`ed by path and opened only if they changed.
+            let Some(fd) = fd.as_ref().filter(|_| !from_record) else {
+                subdirs.push((child, None));
+                continue;
+            };
+            match tree::open_dir(fd.as_fd(), &name) {
+                Ok(fd) => subdirs.push((child, Some(fd))),
+                Err(e) if gone(&e) => {}
+                Err(e) => walk.errors.push((child, format!("cannot read: {e}"))),
+            }
+        }
+        // Depth first, in name order.
+        pending.extend(subdirs.into_iter().rev());
+        let sources: Vec<_> = listed
+            .sources
+            .into_iter()
+            .map(|(name, symlink)| (path.join(&name), name, symlink))
+            .filter(|(child, _, _)| !excludes.excluded(child.strip_prefix(prefix).unwrap_or(child)))
+            .collect();
+        // Only a directory that holds sources is kept (open, if it is).
+        if sources.is_empty() {
+            continue;
+        }
+        let opened = OnceLock::new();
+        if let Some(fd) = fd {
+            let _ = opened.set(Ok(fd));
+        }
+        let dir = Arc::new(SourceDir {
+            path,
+            root: Arc::clone(&root),
+            relative,
+            ino: stat.st_ino,
+            fd: opened,
+            dev: stat.st_dev,
+            uid: stat.st_uid,
+            gid: stat.st_gid,
+            listed_pycache: listed.pycache,
+            pycache: OnceLock::new(),
+        });
+        walk.found
+            .extend(sources.into_iter().map(|(path, name, symlink)| Found {
+                path,
+                dir: Arc::clone(&dir),
+                name,
+                symlink,
+            }));
+    }
+    walk
+}
+
+/// Whether opening a directory failed because it is no longer one (swapped
+/// for a symlink or a file, or gone) since it was listed.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT | libc::EXDEV)
+    )
+}
+
+/// Lists the directory `fd` at `path`: its subdirectories and sources (a
+/// `*.py` regular file, or a symlink to one), and the `*.py` names that are
+/// neither, to report.
+type Listing = (Listed, Vec<(PathBuf, String)>);
+
+fn list(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    excludes: Option<(&Path, &Excludes)>,
+    buf: &mut [MaybeUninit<u8>],
+) -> std::io::Result<Listing> {
+    let mut entries = read_entries(fd, buf)?;
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut listed = Listed {
+        pycache: entries.iter().any(|(name, _)| name == "__pycache__"),
+        dirs: Vec::new(),
+        sources: Vec::new(),
+        rememberable: true,
+    };
+    let mut errors = Vec::new();
+    for (name, mut kind) in entries {
+        if kind == FileType::Unknown {
+            match rustix::fs::statat(fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => kind = FileType::from_raw_mode(st.st_mode),
+                Err(_) => continue,
+            }
+        }
+        if kind == FileType::Directory {
+            if name != "__pycache__" {
+                listed.dirs.push(name);
+            }
+            continue;
+        }
+        let is_py = name
+            .as_bytes()
+            .strip_suffix(b".py")
+            .is_some_and(|stem| !stem.is_empty());
+        if !is_py {
+            continue;
+        }
+        let target = match kind {
+            // A symlink counts when it leads to a regular file, as for
+            // compileall; a dangling one or a loop is no source.
+            FileType::Symlink => {
+                listed.rememberable = false;
+                match rustix::fs::statat(fd, name.as_os_str(), AtFlags::empty()) {
+                    Ok(st) => FileType::from_raw_mode(st.st_mode),
                     Err(_) => continue,
                 }
             }
-            if kind == FileType::Directory {
-                if name == "__pycache__" || excludes.excluded(relative) {
-                    continue;
-                }
-                match tree::open_dir(fd.as_fd(), &name) {
-                    Ok(fd) => subdirs.push((child, fd)),
-                    // Swapped for a symlink or a file since it was listed:
-                    // not a directory of this prefix any more.
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => errors.push((child, format!("cannot read: {e}"))),
-                }
-                continue;
-            }
-            let is_py = name
-                .as_bytes()
-                .strip_suffix(b".py")
-                .is_some_and(|stem| !stem.is_empty());
-            if !is_py || excludes.excluded(relative) {
-                continue;
-            }
-            let target = match kind {
-                // A symlink counts when it leads to a regular file, as for
-                // compileall; a dangling one or a loop is no source.
-                FileType::Symlink => {
-                    match rustix::fs::statat(&fd, name.as_os_str(), AtFlags::empty()) {
-                        Ok(st) => FileType::from_raw_mode(st.st_mode),
-                        Err(_) => continue,
-                    }
-                }
-                kind => kind,
-            };
-            if target != FileType::RegularFile {
+            kind => kind,
+        };
+        if target != FileType::RegularFile {
+            listed.rememberable = false;
+            let child = path.join(&name);
+            let excluded = excludes.is_some_and(|(prefix, excludes)| {
+                excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child))
+            });
+            if !excluded {
                 errors.push((
                     child,
                     "not a regular file (a FIFO, device or socket): skipped".to_string(),
                 ));
-                continue;
             }
-            sources.push((child, name, kind == FileType::Symlink));
-        }
-        // Depth first, in name order.
-        pending.extend(subdirs.into_iter().rev());
-        // Only a directory that holds sources is kept open, and stat'ed.
-        if sources.is_empty() {
             continue;
         }
-        let stat = match rustix::fs::fstat(&fd) {
-            Ok(stat) => stat,
-            Err(e) => {
-                errors.push((path, format!("cannot read: {}", std::io::Error::from(e))));
-                continue;
-            }
-        };
-        let dir = Arc::new(SourceDir {
-            path,
-            fd,
-            dev: stat.st_dev,
-            uid: stat.st_uid,
-            gid: stat.st_gid,
-            listed_pycache,
-            pycache: OnceLock::new(),
-        });
-        found.extend(sources.into_iter().map(|(path, name, symlink)| Found {
-            path,
-            dir: Arc::clone(&dir),
-            name,
-            symlink,
-        }));
+        listed.sources.push((name, kind == FileType::Symlink));
     }
-    (found, errors)
+    Ok((listed, errors))
 }
 
 /// The names and types of a directory's entries, without `.` and `..`.
@@ -343,7 +590,7 @@ mod tests {
         }
         std::os::unix::fs::symlink(root.join("sub"), root.join("linked")).unwrap();
         let excludes = Excludes::new(&["tests".into(), "sub/*.py".into()]).unwrap();
-        let (found, errors) = walk(root, &excludes);
+        let Walk { found, errors, .. } = walk(root, &excludes, None);
         let names: Vec<_> = found
             .iter()
             .map(|f| {

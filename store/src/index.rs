@@ -7,6 +7,7 @@
 //!                 compile key ‖ 0  (any flavor: the body)     the same, to derive flavors
 //! failures        compile key                             the compiler's message
 //! stat            absolute source path                    dev ‖ ino ‖ size ‖ mtime ‖ ctime ‖ seen ‖ blake3
+//!                 absolute directory path ‖ 0x00          dev ‖ ino ‖ mtime ‖ ctime ‖ seen ‖ has __pycache__ ‖ (kind ‖ len ‖ name)* (ListingRecord)
 //! interpreters    executable path                         identity + probe (JSON)
 //! links           absolute pyc path                       object id ‖ flavor tag ‖ trusted ‖ size [‖ dev ‖ ino]
 //! dirs            absolute __pycache__ path               (empty): created by pycstore

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 
+use crate::error::{Cause, FileError, Op};
 use crate::tree;
 use crate::{Error, Result};
 
@@ -34,7 +35,7 @@ pub struct SourceDir {
     /// once rather than stat them first) and the directory is made without
     /// trying to open it first.
     pub listed_pycache: bool,
-    pycache: OnceLock<std::result::Result<Option<Pycache>, String>>,
+    pycache: OnceLock<std::result::Result<Option<Pycache>, FileError>>,
 }
 
 /// A source directory's `__pycache__`, open.
@@ -66,8 +67,10 @@ impl SourceDir {
     /// Its `__pycache__`, opened without following a symlink, and whether
     /// this run made it. With `create`, a missing one is made (mode 0777
     /// less the umask, as Python makes it); without, it is `None`. The first
-    /// call decides for the directory's lifetime: one run asks one way.
-    pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, String> {
+    /// call decides for the directory's lifetime: one run asks one way. An
+    /// error is this directory's: report it under each source with
+    /// [`FileError::at`].
+    pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, FileError> {
         let mut first = false;
         let opened = self.pycache.get_or_init(|| {
             let name = OsStr::new("__pycache__");
@@ -75,26 +78,20 @@ impl SourceDir {
                 rustix::fs::statat(self.fd(), name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
             };
+            let fail = |op: fn(PathBuf) -> Op, cause: Cause| {
+                FileError::new(&self.path, op(self.path.join(name)), cause)
+            };
             let refuse = |e: std::io::Error| match e.raw_os_error() {
-                Some(libc::ELOOP | libc::ENOTDIR) if is_symlink() => format!(
-                    "`{}` is a symlink; pycstore never writes through symlinks \
-                     (remove it, or exclude the directory)",
-                    self.path.join(name).display()
-                ),
-                Some(libc::ENOTDIR) => format!(
-                    "`{}` exists and is not a directory",
-                    self.path.join(name).display()
-                ),
-                _ => format!("cannot open `{}`: {e}", self.path.join(name).display()),
+                Some(libc::ELOOP | libc::ENOTDIR) if is_symlink() => {
+                    fail(Op::OpenPycache, Cause::Symlink)
+                }
+                Some(libc::ENOTDIR) => fail(Op::OpenPycache, Cause::NotADirectory),
+                _ => fail(Op::OpenPycache, e.into()),
             };
             let make = || match rustix::fs::mkdirat(self.fd(), name, Mode::from_raw_mode(0o777)) {
                 Ok(()) => Ok(true),
                 Err(rustix::io::Errno::EXIST) => Ok(false),
-                Err(e) => Err(format!(
-                    "cannot create `{}`: {}",
-                    self.path.join(name).display(),
-                    std::io::Error::from(e)
-                )),
+                Err(e) => Err(fail(Op::MakePycache, e.into())),
             };
             // One attempt per directory: make it when the listing had none.
             if !create && !self.listed_pycache {
@@ -126,7 +123,7 @@ impl SourceDir {
                 made: pycache.as_ref().is_some_and(|p| p.made),
                 first,
             }),
-            Err(message) => Err(message.clone()),
+            Err(e) => Err(e.clone()),
         }
     }
 }
@@ -197,13 +194,13 @@ impl Excludes {
 /// Walks `prefix` through directory descriptors (never following a
 /// symlinked directory, skipping `__pycache__`), returning the sources and
 /// the paths that could not be read or are not regular files.
-pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, String)>) {
+pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<FileError>) {
     let mut found = Vec::new();
     let mut errors = Vec::new();
     let root = match tree::open_root(prefix) {
         Ok(fd) => fd,
         Err(e) => {
-            errors.push((prefix.to_path_buf(), format!("cannot read: {e}")));
+            errors.push(FileError::new(prefix, Op::Read, e));
             return (found, errors);
         }
     };
@@ -213,7 +210,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
         let mut entries = match read_entries(fd.as_fd(), &mut buf) {
             Ok(entries) => entries,
             Err(e) => {
-                errors.push((path, format!("cannot read: {e}")));
+                errors.push(FileError::new(path, Op::Read, e));
                 continue;
             }
         };
@@ -240,7 +237,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
                     // not a directory of this prefix any more.
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => errors.push((child, format!("cannot read: {e}"))),
+                    Err(e) => errors.push(FileError::new(child, Op::Read, e)),
                 }
                 continue;
             }
@@ -263,10 +260,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
                 kind => kind,
             };
             if target != FileType::RegularFile {
-                errors.push((
-                    child,
-                    "not a regular file (a FIFO, device or socket): skipped".to_string(),
-                ));
+                errors.push(FileError::new(child, Op::Read, Cause::NotRegular));
                 continue;
             }
             sources.push((child, name, kind == FileType::Symlink));
@@ -280,7 +274,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes) -> (Vec<Found>, Vec<(PathBuf, St
         let stat = match rustix::fs::fstat(&fd) {
             Ok(stat) => stat,
             Err(e) => {
-                errors.push((path, format!("cannot read: {}", std::io::Error::from(e))));
+                errors.push(FileError::new(path, Op::Read, e));
                 continue;
             }
         };

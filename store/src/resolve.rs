@@ -61,7 +61,7 @@ pub fn slot(flavor: Flavor, mtime_secs: i64, size: u64) -> EntrySlot {
 
 /// The mode of a new object compiled from a source with permission bits
 /// `source_mode`: readable by everyone only when the source is (see
-/// [`crate::objects::PUBLIC_MODE`] and [`Objects::private_mode`]).
+/// `PUBLIC_MODE` (0444) and [`Objects::private_mode`]).
 pub fn object_mode(objects: &Objects, source_mode: u32) -> u32 {
     if source_mode & 0o444 == 0o444 {
         crate::objects::PUBLIC_MODE
@@ -154,7 +154,7 @@ pub fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::fs::Sta
 /// One `statx`, no open or read; the stat is the object's, for callers that
 /// also judge its owner and mode. `None` for anything else (no inode
 /// recorded, another object, another file there).
-pub fn still_linked(
+pub(crate) fn still_linked(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     record: &LinkRecord,

@@ -15,19 +15,19 @@
 //!    batches (every few seconds during long compiles, and at the end).
 //!
 //! Nothing stops at a bad file: each failure is kept as a
-//! [`FileError`](crate::error::FileError) with its path, reported as a
+//! `FileError` with its path, reported as a
 //! [`Failure`] at the end, and the run finishes the rest.
 //!
-//! One [`Run`] is shared by the walk's threads and the compile threads. Its
+//! One `Run` is shared by the walk's threads and the compile threads. Its
 //! pieces, one file each:
 //!
-//! - [`lookup`]: hash a source, derive its compile keys, look them up in
+//! - `lookup`: hash a source, derive its compile keys, look them up in
 //!   the index: one target per wanted pyc;
-//! - [`place`]: what to do with a target; check the object, the pyc already
+//! - `place`: what to do with a target; check the object, the pyc already
 //!   there, and place it (or, in a dry run, count what would be done);
-//! - [`compile`]: the compile threads, and the misses in flight and bodies
+//! - `compile`: the compile threads, and the misses in flight and bodies
 //!   compiled, behind one lock;
-//! - [`record`]: the ledger of counts, failures, usage counters and index
+//! - `record`: the ledger of counts, failures, usage counters and index
 //!   writes, behind one lock, and its flushes to the index.
 //!
 //! A thread that holds the compile lock may take the ledger's, never the
@@ -77,7 +77,8 @@ pub struct LinkOptions {
     pub link_mode: LinkMode,
     /// Compile processes per interpreter.
     pub jobs: usize,
-    /// Exclude patterns (see [`Excludes`]).
+    /// Exclude patterns: a pattern with a `/` matches the path relative to
+    /// the prefix, one without matches any file or directory name.
     pub excludes: Vec<String>,
     /// Report what would happen, write nothing.
     pub dry_run: bool,
@@ -158,10 +159,6 @@ pub trait Progress: Sync {
         eprintln!("pycstore: warning: {message}");
     }
 }
-
-/// A [`Progress`] that shows nothing but warnings.
-pub struct NoProgress;
-impl Progress for NoProgress {}
 
 /// The label of an interpreter in the usage counters.
 pub fn counter_label(interpreter: &Interpreter) -> String {

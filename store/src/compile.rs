@@ -66,7 +66,70 @@ pub enum Outcome {
     Rejected(String),
     /// The worker crashed, hung or could not start: not the source's fault,
     /// not remembered.
-    WorkerFailed(String),
+    WorkerFailed(WorkerError),
+}
+
+/// Why a compile worker gave no answer for a file. What the worker wrote
+/// to its stderr last, if anything, ends the message.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The interpreter could not be run.
+    #[error("failed to start `{}`: {source}", executable.display())]
+    Start {
+        /// The interpreter.
+        executable: PathBuf,
+        /// Why it could not be run.
+        source: io::Error,
+    },
+    /// It ran, but never said it was ready.
+    #[error("`{}` did not start as a compile worker{}", executable.display(), Stderr(stderr))]
+    NoHandshake {
+        /// The interpreter.
+        executable: PathBuf,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// It died while compiling (or before taking the whole request).
+    #[error(
+        "the compile worker died ({status}) while compiling this file{}",
+        Stderr(stderr)
+    )]
+    Died {
+        /// How it ended, as its exit status says it.
+        status: String,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// Its reply could not be read.
+    #[error("the compile worker failed: {source}{}", Stderr(stderr))]
+    Garbled {
+        /// What was wrong with the reply.
+        source: io::Error,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// It took longer than the per-file timeout.
+    #[error(
+        "compiling took longer than {}s (set {TIMEOUT_ENV} to change the limit, 0 for none)",
+        limit.as_secs()
+    )]
+    Timeout {
+        /// The per-file timeout.
+        limit: Duration,
+    },
+}
+
+/// "; its stderr: TEXT" after a message, or nothing when it said nothing.
+struct Stderr<'a>(&'a str);
+
+impl std::fmt::Display for Stderr<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, "; its stderr: {}", self.0)
+        }
+    }
 }
 
 enum Reply {
@@ -83,7 +146,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(executable: &Path, extra_args: &[OsString]) -> Result<Worker, String> {
+    fn spawn(executable: &Path, extra_args: &[OsString]) -> Result<Worker, WorkerError> {
         let mut child = Command::new(executable)
             .args(["-I", "-S", "-W", "ignore"])
             .args(extra_args)
@@ -92,7 +155,10 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("failed to start `{}`: {e}", executable.display()))?;
+            .map_err(|source| WorkerError::Start {
+                executable: executable.to_path_buf(),
+                source,
+            })?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr_pipe = child.stderr.take().expect("piped");
@@ -128,11 +194,10 @@ impl Worker {
             Ok(Err(_)) | Err(_) => {
                 let _ = worker.child.kill();
                 let _ = worker.child.wait();
-                Err(format!(
-                    "`{}` did not start as a compile worker{}",
-                    executable.display(),
-                    worker.stderr_suffix()
-                ))
+                Err(WorkerError::NoHandshake {
+                    executable: executable.to_path_buf(),
+                    stderr: worker.stderr_tail(),
+                })
             }
         }
     }
@@ -157,10 +222,10 @@ impl Worker {
             tracing::debug!("writing to the compile worker failed: {e}");
             let _ = self.child.kill();
             let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-            return Outcome::WorkerFailed(format!(
-                "the compile worker died ({status}) while compiling this file{}",
-                self.stderr_suffix()
-            ));
+            return Outcome::WorkerFailed(WorkerError::Died {
+                status,
+                stderr: self.stderr_tail(),
+            });
         }
         let reply = match timeout {
             Some(t) => self.replies.recv_timeout(t),
@@ -172,35 +237,31 @@ impl Worker {
         match reply {
             Ok(Ok(Reply::Ok(body))) => Outcome::Compiled(body),
             Ok(Ok(Reply::Err(message))) => Outcome::Rejected(message),
-            Ok(Err(e)) if e.kind() != io::ErrorKind::UnexpectedEof => Outcome::WorkerFailed(
-                format!("the compile worker failed: {e}{}", self.stderr_suffix()),
-            ),
+            Ok(Err(source)) if source.kind() != io::ErrorKind::UnexpectedEof => {
+                Outcome::WorkerFailed(WorkerError::Garbled {
+                    source,
+                    stderr: self.stderr_tail(),
+                })
+            }
             Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
-                Outcome::WorkerFailed(format!(
-                    "the compile worker died ({status}) while compiling this file{}",
-                    self.stderr_suffix()
-                ))
+                Outcome::WorkerFailed(WorkerError::Died {
+                    status,
+                    stderr: self.stderr_tail(),
+                })
             }
-            Err(RecvTimeoutError::Timeout) => Outcome::WorkerFailed(format!(
-                "compiling took longer than {}s (set {} to change the limit, 0 for none)",
-                timeout.unwrap_or_default().as_secs(),
-                TIMEOUT_ENV
-            )),
+            Err(RecvTimeoutError::Timeout) => Outcome::WorkerFailed(WorkerError::Timeout {
+                limit: timeout.unwrap_or_default(),
+            }),
         }
     }
 
-    fn stderr_suffix(&self) -> String {
+    /// The end of what the worker wrote to its stderr, trimmed.
+    fn stderr_tail(&self) -> String {
         // Give the reader thread a moment to collect the last words.
         thread::sleep(Duration::from_millis(20));
         let tail = self.stderr.lock().map(|t| t.clone()).unwrap_or_default();
-        let text = String::from_utf8_lossy(&tail);
-        let text = text.trim();
-        if text.is_empty() {
-            String::new()
-        } else {
-            format!("; its stderr: {text}")
-        }
+        String::from_utf8_lossy(&tail).trim().to_owned()
     }
 }
 

@@ -23,7 +23,7 @@
 //!
 //! A value that cannot be read (a damaged block) is a miss for lookups, said
 //! once per process; `verify` reads the whole index with checksums and
-//! `verify --repair` rebuilds it ([`rebuild`]). A full disk is
+//! `verify --repair` rebuilds it (`rebuild`). A full disk is
 //! [`Error::IndexNoSpace`], never taken for damage.
 
 use std::collections::BTreeMap;
@@ -35,7 +35,7 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
-pub mod rebuild;
+pub(crate) mod rebuild;
 
 use crate::key::{CompileKey, SourceDigest};
 use crate::lock::{self, LockGuard, LockMode};
@@ -45,7 +45,7 @@ use crate::{Error, Result};
 
 /// The column families, in the order of the table above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Family {
+pub(crate) enum Family {
     /// Compile key (and flavor) → object.
     Entries,
     /// Compile key → compiler message.
@@ -117,7 +117,7 @@ impl Entry {
     }
 
     /// Decodes a value of the entries family; `None` when malformed.
-    pub fn decode(v: &[u8]) -> Option<Entry> {
+    pub(crate) fn decode(v: &[u8]) -> Option<Entry> {
         if v.len() != 32 + 8 + HEADER_LEN {
             return None;
         }
@@ -155,7 +155,7 @@ impl EntrySlot {
 
     /// Decodes a key of the entries family (or a pack); `None` when it is
     /// not one [`EntrySlot::encode_key`] makes.
-    pub fn decode_key(k: &[u8]) -> Option<(CompileKey, EntrySlot)> {
+    pub(crate) fn decode_key(k: &[u8]) -> Option<(CompileKey, EntrySlot)> {
         let key = CompileKey(k.get(..32)?.try_into().ok()?);
         let slot = match (k.len(), k[32..].first()?) {
             (33, 0) => EntrySlot::Body,
@@ -177,7 +177,7 @@ impl EntrySlot {
 
 /// What the index remembers of a pyc pycstore placed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkRecord {
+pub(crate) struct LinkRecord {
     /// The object placed.
     pub object: ObjectId,
     /// Whether the interpreter it was compiled for had the common key
@@ -195,7 +195,7 @@ pub struct LinkRecord {
 
 impl LinkRecord {
     /// Decodes a value of the links family.
-    pub fn decode(v: &[u8]) -> Option<LinkRecord> {
+    pub(crate) fn decode(v: &[u8]) -> Option<LinkRecord> {
         let le = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
         Some(LinkRecord {
             object: ObjectId(v.get(..32)?.try_into().ok()?),
@@ -213,7 +213,7 @@ impl LinkRecord {
 /// commands report (`stats`, `verify`, `gc`, `export`, `import`): every
 /// record but a body, which repeats an entry of some flavor. A key that does
 /// not decode counts (it is a malformed entry).
-pub fn counts_as_entry(key: &[u8]) -> bool {
+pub(crate) fn counts_as_entry(key: &[u8]) -> bool {
     !matches!(EntrySlot::decode_key(key), Some((_, EntrySlot::Body)))
 }
 
@@ -470,7 +470,7 @@ impl Writes {
     }
 
     /// Records that pycstore created this `__pycache__` directory.
-    pub fn created_dir(&mut self, dir: &Path) {
+    pub(crate) fn created_dir(&mut self, dir: &Path) {
         self.ops
             .push((Family::Dirs, path_key(dir), Some(Vec::new())));
     }
@@ -495,12 +495,12 @@ impl Writes {
     }
 
     /// Forgets that pycstore placed the pyc at `pyc`.
-    pub fn forget_link(&mut self, pyc: &Path) {
+    pub(crate) fn forget_link(&mut self, pyc: &Path) {
         self.ops.push((Family::Links, path_key(pyc), None));
     }
 
     /// Forgets that pycstore created the `__pycache__` directory `dir`.
-    pub fn forget_dir(&mut self, dir: &Path) {
+    pub(crate) fn forget_dir(&mut self, dir: &Path) {
         self.ops.push((Family::Dirs, path_key(dir), None));
     }
 
@@ -602,7 +602,7 @@ fn warn_unreadable(path: &Path, err: &Error) {
 static FAILED_WRITE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The path a key of the stat, links or dirs family names.
-pub fn path_of_key(key: &[u8]) -> PathBuf {
+pub(crate) fn path_of_key(key: &[u8]) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     PathBuf::from(std::ffi::OsStr::from_bytes(key))
 }
@@ -623,7 +623,7 @@ fn dir_prefix(under: Option<&Path>) -> Vec<u8> {
 }
 
 /// The key of a path in the stat, links and dirs families.
-pub fn path_key(path: &Path) -> Vec<u8> {
+pub(crate) fn path_key(path: &Path) -> Vec<u8> {
     path.as_os_str().as_encoded_bytes().to_vec()
 }
 
@@ -652,7 +652,7 @@ impl Index {
     /// lock and cost no writes (a read-write open of RocksDB writes a new
     /// manifest and options file and syncs them). Falls back to a read-write
     /// session when the index does not exist yet.
-    pub fn open_read_only(path: &Path) -> Result<Index> {
+    pub(crate) fn open_read_only(path: &Path) -> Result<Index> {
         if !path.join("CURRENT").exists() {
             return Self::open(path);
         }
@@ -839,7 +839,7 @@ impl Index {
 
     /// The pycs recorded as placed under the directory `under` (every one
     /// with `None`), with what was placed (`None`: malformed).
-    pub fn links(&self, under: Option<&Path>) -> Result<Vec<(PathBuf, Option<LinkRecord>)>> {
+    pub(crate) fn links(&self, under: Option<&Path>) -> Result<Vec<(PathBuf, Option<LinkRecord>)>> {
         Ok(self
             .scan(Family::Links, &dir_prefix(under))?
             .into_iter()
@@ -848,7 +848,7 @@ impl Index {
     }
 
     /// The `__pycache__` directories pycstore created under `under`.
-    pub fn created_dirs(&self, under: Option<&Path>) -> Result<Vec<PathBuf>> {
+    pub(crate) fn created_dirs(&self, under: Option<&Path>) -> Result<Vec<PathBuf>> {
         Ok(self
             .scan(Family::Dirs, &dir_prefix(under))?
             .into_iter()
@@ -858,7 +858,7 @@ impl Index {
 
     /// What `link` recorded of the pyc at `pyc` (an unreadable record is
     /// none).
-    pub fn link_record(&self, pyc: &Path) -> Option<LinkRecord> {
+    pub(crate) fn link_record(&self, pyc: &Path) -> Option<LinkRecord> {
         self.lookup(Family::Links, &path_key(pyc))
             .and_then(|v| LinkRecord::decode(&v))
     }
@@ -896,14 +896,6 @@ impl Index {
     /// A cached interpreter probe (JSON); an unreadable one is a miss.
     pub fn interpreter(&self, exe: &Path) -> Result<Option<Vec<u8>>> {
         Ok(self.lookup(Family::Interpreters, &path_key(exe)))
-    }
-
-    /// Caches an interpreter probe (JSON).
-    pub fn put_interpreter(&mut self, exe: &Path, probe: &[u8]) -> Result<()> {
-        let mut w = Writes::default();
-        w.ops
-            .push((Family::Interpreters, path_key(exe), Some(probe.to_vec())));
-        self.apply(w)
     }
 
     /// The counters of interpreter `label` ("" holds the time of the last reset).

@@ -128,7 +128,7 @@ impl Interpreter {
 
     /// Probes `executable` unless `index` has its answer; a new answer is
     /// recorded into `writes`.
-    pub fn probe_cached(
+    pub(crate) fn probe_cached(
         executable: &Path,
         index: &Index,
         writes: &mut Writes,

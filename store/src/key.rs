@@ -22,7 +22,7 @@ impl SourceDigest {
 /// Flags that change what `compile()` produces. Workers run isolated with none
 /// of them set today; the word is in the key so that adding one (for example
 /// `-X no_debug_ranges`) can never collide with existing entries.
-pub const COMPILE_FLAGS_DEFAULT: u32 = 0;
+pub(crate) const COMPILE_FLAGS_DEFAULT: u32 = 0;
 
 /// The key of one compilation: (source, magic, optimize level, flags).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,7 +43,7 @@ impl CompileKey {
     /// Like [`CompileKey::new`], in a domain of its own when `domain` is
     /// given: the keys of an interpreter that others can change (see
     /// [`crate::python_trust`]) never equal another interpreter's.
-    pub fn in_domain(
+    pub(crate) fn in_domain(
         source: &SourceDigest,
         magic: [u8; 4],
         optimize: u8,

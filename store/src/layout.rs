@@ -37,15 +37,15 @@ use crate::util::{with_path, PathContext};
 use crate::Result;
 
 /// The bucket holding objects, with its layout version.
-pub const OBJECTS_DIR: &str = "objects-v1";
+pub(crate) const OBJECTS_DIR: &str = "objects-v1";
 /// The bucket holding the RocksDB index, with its layout version.
-pub const INDEX_DIR: &str = "index-v1";
+pub(crate) const INDEX_DIR: &str = "index-v1";
 /// Scratch space for files being written.
-pub const TMP_DIR: &str = "tmp";
+pub(crate) const TMP_DIR: &str = "tmp";
 /// The store lock, shared by every command, exclusive for `gc`.
-pub const LOCK_FILE: &str = "lock";
+pub(crate) const LOCK_FILE: &str = "lock";
 /// The lock of the sessions on the index.
-pub const INDEX_LOCK_FILE: &str = "index-v1.lock";
+pub(crate) const INDEX_LOCK_FILE: &str = "index-v1.lock";
 
 /// The buckets of the store: what each must be.
 const BUCKETS: [(&str, Bucket); 5] = [
@@ -180,7 +180,7 @@ impl Store {
 
     /// Opens a read-only session on the index; readers do not wait for
     /// each other.
-    pub fn index_reader(&self) -> Result<Index> {
+    pub(crate) fn index_reader(&self) -> Result<Index> {
         Index::open_read_only(&self.index_path())
     }
 

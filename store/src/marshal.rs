@@ -15,7 +15,7 @@
 //! object's field layout for the pyc's Python version, decided by the magic
 //! number, with the field types the code constructor requires. It never
 //! panics, allocates only a table of back references (at most one entry per
-//! input byte) and recurses at most [`MAX_DEPTH`] levels, as marshal does.
+//! input byte) and recurses at most `MAX_DEPTH` (2000) levels, as marshal does.
 //!
 //! ```text
 //! magic          Python           header  code object fields (i = i32, o = object)
@@ -41,7 +41,7 @@ use crate::pyc::HEADER_LEN;
 
 /// How deep marshal data may nest: CPython's `MAX_MARSHAL_STACK_DEPTH`.
 /// Deeper data does not load, so it is damage.
-pub const MAX_DEPTH: u32 = 2000;
+pub(crate) const MAX_DEPTH: u32 = 2000;
 
 /// The field layout of a marshalled code object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub struct PycFormat {
 impl PycFormat {
     /// The format of pycs with this magic number, if it is one of a
     /// released version this module knows.
-    pub fn from_magic(magic: [u8; 4]) -> Option<PycFormat> {
+    pub(crate) fn from_magic(magic: [u8; 4]) -> Option<PycFormat> {
         if magic[2..] != *b"\r\n" {
             return None;
         }
@@ -194,7 +194,7 @@ pub fn check_pyc(bytes: &[u8]) -> Result<PycFormat, BodyError> {
 /// Checks that `body` (a pyc without its header) is exactly one
 /// well-formed code object in `format`. Offsets in errors count from the
 /// start of `body`.
-pub fn check_body(format: PycFormat, body: &[u8]) -> Result<(), BodyError> {
+pub(crate) fn check_body(format: PycFormat, body: &[u8]) -> Result<(), BodyError> {
     let mut parser = Parser {
         data: body,
         pos: 0,

@@ -60,7 +60,7 @@ impl LinkMode {
     }
 
     /// Whether the placed file shares the store's disk blocks.
-    pub fn shares_blocks(self) -> bool {
+    pub(crate) fn shares_blocks(self) -> bool {
         matches!(self, LinkMode::Reflink | LinkMode::Hardlink)
     }
 }
@@ -121,7 +121,7 @@ impl<'a> Materializer<'a> {
     }
 
     /// The modes used so far (one per destination filesystem under `auto`).
-    pub fn modes_used(&self) -> Vec<LinkMode> {
+    pub(crate) fn modes_used(&self) -> Vec<LinkMode> {
         let mut modes: Vec<LinkMode> = self.decided().values().copied().collect();
         modes.sort_by_key(|m| m.as_str());
         modes.dedup();

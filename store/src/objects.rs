@@ -32,7 +32,7 @@ use crate::util::with_path;
 use crate::util::PathContext;
 
 /// The mode of an object compiled from a source everyone may read.
-pub const PUBLIC_MODE: u32 = 0o444;
+pub(crate) const PUBLIC_MODE: u32 = 0o444;
 
 /// The modification time of every object the store wrote and nothing
 /// changed since: 1 second, 0 nanoseconds past the epoch.
@@ -198,7 +198,7 @@ impl Objects {
         self.dir.join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Stores `bytes` readable by everyone ([`PUBLIC_MODE`]) and returns
+    /// Stores `bytes` readable by everyone (`PUBLIC_MODE`, 0444) and returns
     /// their id. Bytes already present are not written again; a damaged file
     /// under their name is replaced.
     pub fn put(&self, bytes: &[u8]) -> io::Result<ObjectId> {

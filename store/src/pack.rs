@@ -43,10 +43,10 @@
 //! [`import`] streams: one thread decompresses, another checks each object's
 //! bytes against its id, checks that it is a pyc Python can load
 //! ([`crate::marshal`]) and writes it to the store's `tmp/`, and only the
-//! objects between them (at most [`IN_FLIGHT`] bytes), the entries and the
+//! objects between them (at most `IN_FLIGHT` bytes, 64 MiB), the entries and the
 //! failures are held in memory. No length read from a pack is trusted
-//! beyond [`MAX_OBJECT_LEN`] per object, the header's declared totals, and
-//! [`MAX_RECORDS_MEMORY`] for what is kept in memory until the end: `tmp/`
+//! beyond `MAX_OBJECT_LEN` (64 MiB) per object, the header's declared totals, and
+//! `MAX_RECORDS_MEMORY` (256 MiB) for what is kept in memory until the end: `tmp/`
 //! never receives more than the header declared.
 //! Only when the trailer's counts and blake3 match, the seal follows and
 //! matches, and every entry names an object of the pack (or of the store)
@@ -76,7 +76,7 @@ const MAGIC: &[u8; 14] = b"pycstore pack\0";
 
 /// The pack format this build writes and reads (2: the header declares
 /// its totals).
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// zstd's level. On the reference corpus pycs compress 2.5:1 at -1, 2.7:1
 /// at 1 and 3.1:1 at 3; levels 1 and 3 take 1.2 and 2 times as long to
@@ -86,18 +86,18 @@ const LEVEL: i32 = -1;
 
 /// The largest object an import accepts: a pyc (the largest in CPython's
 /// stdlib is under 1 MiB).
-pub const MAX_OBJECT_LEN: u64 = 64 << 20;
+pub(crate) const MAX_OBJECT_LEN: u64 = 64 << 20;
 /// The longest compile failure message kept.
 const MAX_MESSAGE_LEN: u32 = 1 << 20;
 /// How many bytes of objects an import holds between its reading and its
 /// storing thread.
-pub const IN_FLIGHT: u64 = 64 << 20;
+pub(crate) const IN_FLIGHT: u64 = 64 << 20;
 /// One credit of [`IN_FLIGHT`].
 const CREDIT: u64 = 1 << 20;
 /// What an import may hold in memory until it applies the pack: entries,
 /// failures and the bookkeeping of each object (about two million entries
 /// and a million objects).
-pub const MAX_RECORDS_MEMORY: u64 = 256 << 20;
+pub(crate) const MAX_RECORDS_MEMORY: u64 = 256 << 20;
 /// What each record costs in memory besides its bytes.
 const RECORD_COST: u64 = 128;
 const OBJECT_COST: u64 = 256;
@@ -140,7 +140,7 @@ pub struct Selection {
 
 impl Selection {
     /// Whether everything is selected.
-    pub fn is_everything(&self) -> bool {
+    pub(crate) fn is_everything(&self) -> bool {
         self.python.is_empty() && self.prefixes.is_empty()
     }
 }

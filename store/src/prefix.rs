@@ -219,7 +219,7 @@ pub fn status(
     let mut report = StatusReport {
         sources: found.len() as u64,
         interpreters: BTreeMap::new(),
-        unreadable: errors.into_iter().map(|(p, _)| p).collect(),
+        unreadable: errors.into_iter().map(|e| e.path).collect(),
         remotes: Vec::new(),
     };
     let labels: Vec<String> = plan

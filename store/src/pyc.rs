@@ -124,7 +124,7 @@ pub fn header(magic: [u8; 4], flavor: Flavor, input: HeaderInput) -> [u8; HEADER
 
 /// What an existing pyc's header says about its source, as import would judge it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeaderVerdict {
+pub(crate) enum HeaderVerdict {
     /// Import would use it.
     Valid,
     /// Wrong magic, bad flags, or a mismatch with the source: import would
@@ -134,7 +134,7 @@ pub enum HeaderVerdict {
 
 /// Judges a pyc header against its source the way `importlib` does.
 /// `source` is only read for checked-hash pycs, through the closure.
-pub fn judge_header(
+pub(crate) fn judge_header(
     header: &[u8],
     magic: [u8; 4],
     variant: HashVariant,

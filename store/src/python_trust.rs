@@ -15,8 +15,8 @@
 //! reports it loaded is checked the same way before any compile worker
 //! starts. An interpreter that fails the check is refused where it matters
 //! (the caller is root, or the store is shared) unless the caller overrides
-//! with [`OVERRIDE_FLAG`]; either way, what it compiles is keyed apart (see
-//! [`Verdict::key_domain`]) and never serves another interpreter.
+//! with `--trust-python`; either way, what it compiles is keyed apart (see
+//! `Verdict::key_domain`) and never serves another interpreter.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -25,14 +25,14 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The command-line flag that runs an interpreter other users can change.
-pub const OVERRIDE_FLAG: &str = "--trust-python";
-/// The environment variable of [`OVERRIDE_FLAG`].
+pub(crate) const OVERRIDE_FLAG: &str = "--trust-python";
+/// The environment variable of `--trust-python`.
 pub const OVERRIDE_ENV: &str = "PYCSTORE_TRUST_PYTHON";
 
 static OVERRIDE: AtomicBool = AtomicBool::new(false);
 
 /// Lets this process run interpreters that fail the check (the binary sets
-/// it from [`OVERRIDE_FLAG`] before any work). What they compile is still
+/// it from `--trust-python` before any work). What they compile is still
 /// kept apart.
 pub fn set_override(on: bool) {
     OVERRIDE.store(on, Ordering::Relaxed);
@@ -48,7 +48,7 @@ const MAX_SYMLINKS: u32 = 40;
 
 /// A path step that someone other than root or the caller can change.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Doubt {
+pub(crate) struct Doubt {
     /// The file or directory in question.
     pub path: PathBuf,
     /// Why, in words: "belongs to user id 1001", "is writable by every user".
@@ -57,7 +57,7 @@ pub struct Doubt {
 
 /// The result of checking an interpreter.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Only root and the caller can change what it runs.
     Trusted,
     /// Someone else can: the first step found.
@@ -95,7 +95,7 @@ impl Verdict {
 
 /// Checks paths on behalf of one caller: root and the caller's effective
 /// user are trusted, nobody else.
-pub struct Checker {
+pub(crate) struct Checker {
     caller: u32,
     /// Directories already found safe, resolved.
     safe_dirs: HashSet<PathBuf>,

@@ -60,7 +60,7 @@ pub fn slot(flavor: Flavor, mtime_secs: i64, size: u64) -> EntrySlot {
 
 /// The mode of a new object compiled from a source with permission bits
 /// `source_mode`: readable by everyone only when the source is (see
-/// [`crate::objects::PUBLIC_MODE`] and [`Objects::private_mode`]).
+/// `PUBLIC_MODE` (0444) and [`Objects::private_mode`]).
 pub fn object_mode(objects: &Objects, source_mode: u32) -> u32 {
     if source_mode & 0o444 == 0o444 {
         crate::objects::PUBLIC_MODE

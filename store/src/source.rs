@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
+use crate::error::{Cause, FileError, Op};
 use crate::index::{Index, StatRecord, Writes};
 use crate::interpreter::{self, Interpreter};
 use crate::key::SourceDigest;
@@ -90,7 +91,7 @@ pub struct Source {
     /// blake3 of its bytes.
     pub digest: SourceDigest,
     limit: u64,
-    bytes: OnceLock<std::result::Result<Arc<Vec<u8>>, String>>,
+    bytes: OnceLock<std::result::Result<Arc<Vec<u8>>, FileError>>,
 }
 
 /// What became of hashing a found file.
@@ -100,7 +101,7 @@ pub enum Hashed {
     /// It vanished or changed while being read: the next run picks it up.
     Skipped,
     /// It could not be read.
-    Failed(String),
+    Failed(FileError),
 }
 
 impl Source {
@@ -118,34 +119,35 @@ impl Source {
         // to the store: open it at once and take its stat from the open file
         // (no path lookup twice). Elsewhere stat it first: the stat cache
         // usually knows it, and then it is never opened.
+        let path = &found.path;
         let (meta, mut opened) = if found.dir.listed_pycache || found.symlink {
             match found.dir.stat_at(found.name.as_os_str(), AtFlags::empty()) {
                 Ok(st) => (SourceStat::of(&st), None),
                 Err(rustix::io::Errno::NOENT) => return Hashed::Skipped,
-                Err(e) => return Hashed::Failed(format!("cannot stat: {}", io::Error::from(e))),
+                Err(e) => return Hashed::Failed(FileError::new(path, Op::Stat, e)),
             }
         } else {
             let dir = match found.dir.fd() {
                 Ok(dir) => dir,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Hashed::Skipped,
-                Err(e) => return Hashed::Failed(format!("cannot read: {e}")),
+                Err(e) => return Hashed::Failed(FileError::new(path, Op::Read, e)),
             };
             // Listed as a regular file: never follow a symlink swapped in
             // since (that one is picked up by the next run).
-            match open_source(dir, &found.name, OFlags::NOFOLLOW) {
+            match open_source(dir, &found.name, OFlags::NOFOLLOW, path) {
                 Ok(Some((fd, st))) => (SourceStat::of(&st), Some(fd)),
                 Ok(None) => return Hashed::Skipped,
-                Err(message) => return Hashed::Failed(message),
+                Err(e) => return Hashed::Failed(e),
             }
         };
-        if let Err(message) = check_kind_and_size(&meta, limit) {
-            return Hashed::Failed(message);
+        if let Err(e) = check_kind_and_size(&meta, limit, path) {
+            return Hashed::Failed(e);
         }
         let mtime_ns = meta.mtime.0 * 1_000_000_000 + meta.mtime.1;
         let ctime_ns = meta.ctime.0 * 1_000_000_000 + meta.ctime.1;
-        let cached = match index.stat(&found.path) {
+        let cached = match index.stat(path) {
             Ok(cached) => cached,
-            Err(e) => return Hashed::Failed(e.to_string()),
+            Err(e) => return Hashed::Failed(FileError::new(path, Op::LookUp, e)),
         };
         let fresh = |r: &StatRecord| {
             r.dev == meta.dev
@@ -160,17 +162,17 @@ impl Source {
             Some(record) => record.digest,
             None => {
                 let read = match opened.take() {
-                    Some(fd) => read_open(fd, &meta, limit),
+                    Some(fd) => read_open(fd, &meta, limit, path),
                     None => match found.dir.fd() {
-                        Ok(dir) => read_source(dir, &found.name, &meta, limit),
+                        Ok(dir) => read_source(dir, &found.name, &meta, limit, path),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                        Err(e) => Err(format!("cannot read: {e}")),
+                        Err(e) => Err(FileError::new(path, Op::Read, e)),
                     },
                 };
                 let data = match read {
                     Ok(Some(data)) => data,
                     Ok(None) => return Hashed::Skipped,
-                    Err(message) => return Hashed::Failed(message),
+                    Err(e) => return Hashed::Failed(e),
                 };
                 let digest = SourceDigest::of(&data);
                 if let Some(writes) = writes {
@@ -202,24 +204,28 @@ impl Source {
 
     /// The source bytes, read at most once and checked against the digest
     /// the keys were made from.
-    pub fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, String> {
+    pub(crate) fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, FileError> {
         self.bytes
             .get_or_init(|| {
-                let dir = self.dir.fd().map_err(|e| format!("cannot read: {e}"))?;
-                let bytes = read_source(dir, &self.name, &self.meta, self.limit)?
+                let path = &self.path;
+                let dir = self
+                    .dir
+                    .fd()
+                    .map_err(|e| FileError::new(path, Op::Read, e))?;
+                let bytes = read_source(dir, &self.name, &self.meta, self.limit, path)?
                     .filter(|bytes| SourceDigest::of(bytes) == self.digest)
-                    .ok_or("changed while being linked; run again")?;
+                    .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
                 Ok(Arc::new(bytes))
             })
             .clone()
     }
 
     /// What the header of this source's pyc is made from.
-    pub fn header_input(
+    pub(crate) fn header_input(
         &self,
         interpreter: &Interpreter,
         flavor: Flavor,
-    ) -> std::result::Result<HeaderInput, String> {
+    ) -> std::result::Result<HeaderInput, FileError> {
         Ok(match flavor {
             Flavor::Timestamp => HeaderInput::Stat {
                 mtime: self.meta.mtime(),
@@ -241,40 +247,42 @@ impl Source {
 
 /// Refuses what is not a regular file (a FIFO would block the read, a
 /// device never ends) and what is larger than `limit`.
-fn check_kind_and_size(meta: &SourceStat, limit: u64) -> std::result::Result<(), String> {
+fn check_kind_and_size(
+    meta: &SourceStat,
+    limit: u64,
+    path: &Path,
+) -> std::result::Result<(), FileError> {
     if !meta.regular {
-        return Err("not a regular file (a FIFO, device or socket): skipped".into());
+        return Err(FileError::new(path, Op::Read, Cause::NotRegular));
     }
     if meta.size > limit {
-        return Err(too_large(meta.size, limit));
+        return Err(too_large(meta.size, limit, path));
     }
     Ok(())
 }
 
-fn too_large(size: u64, limit: u64) -> String {
-    format!(
-        "is larger than the source size limit ({size} bytes, limit {limit}); \
-         skipped (raise it with --max-source-size, or exclude the file)"
-    )
+fn too_large(size: u64, limit: u64, path: &Path) -> FileError {
+    FileError::new(path, Op::Read, Cause::TooLarge { size, limit })
 }
 
 /// Opens a source through its directory's descriptor (with `O_NONBLOCK`,
 /// so not even the open of a FIFO swapped in can block) and stats it.
-/// `None` when it vanished.
+/// `None` when it vanished. `path` names it in errors.
 fn open_source(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     extra: OFlags,
-) -> std::result::Result<Option<(OwnedFd, rustix::fs::Stat)>, String> {
+    path: &Path,
+) -> std::result::Result<Option<(OwnedFd, rustix::fs::Stat)>, FileError> {
     let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC | extra;
     let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         // A symlink swapped in for a file listed as regular: changed.
         Err(rustix::io::Errno::LOOP) if extra.contains(OFlags::NOFOLLOW) => return Ok(None),
-        Err(e) => return Err(format!("cannot read: {}", io::Error::from(e))),
+        Err(e) => return Err(FileError::new(path, Op::Read, e)),
     };
-    let st = rustix::fs::fstat(&fd).map_err(|e| format!("cannot stat: {}", io::Error::from(e)))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| FileError::new(path, Op::Stat, e))?;
     Ok(Some((fd, st)))
 }
 
@@ -286,17 +294,18 @@ fn read_source(
     name: &OsStr,
     meta: &SourceStat,
     limit: u64,
-) -> std::result::Result<Option<Vec<u8>>, String> {
-    let Some((fd, st)) = open_source(dir, name, OFlags::empty())? else {
+    path: &Path,
+) -> std::result::Result<Option<Vec<u8>>, FileError> {
+    let Some((fd, st)) = open_source(dir, name, OFlags::empty(), path)? else {
         return Ok(None);
     };
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err("not a regular file (a FIFO, device or socket): skipped".into());
+        return Err(FileError::new(path, Op::Read, Cause::NotRegular));
     }
     if st.st_dev != meta.dev || st.st_ino != meta.ino {
         return Ok(None);
     }
-    read_open(fd, meta, limit)
+    read_open(fd, meta, limit, path)
 }
 
 /// Reads the open regular file `meta` describes: its `size` bytes, in one
@@ -307,9 +316,10 @@ fn read_open(
     fd: OwnedFd,
     meta: &SourceStat,
     limit: u64,
-) -> std::result::Result<Option<Vec<u8>>, String> {
+    path: &Path,
+) -> std::result::Result<Option<Vec<u8>>, FileError> {
     if meta.size > limit {
-        return Err(too_large(meta.size, limit));
+        return Err(too_large(meta.size, limit, path));
     }
     let size = meta.size as usize;
     // One byte more than the size: a single read that fills it shows growth.
@@ -320,7 +330,7 @@ fn read_open(
             Ok(0) => return Ok(None),
             Ok(n) => filled += n,
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(format!("cannot read: {}", io::Error::from(e))),
+            Err(e) => return Err(FileError::new(path, Op::Read, e)),
         }
     }
     if filled > size {
@@ -341,7 +351,7 @@ pub fn pyc_path(source: &Path, interpreter: &Interpreter, optimize: u8) -> Optio
 
 /// What [`Plan::walk`] found: each source with the indexes of its
 /// interpreters, and the paths that could not be read, with why.
-pub type Walked = (Vec<(Found, Vec<usize>)>, Vec<(PathBuf, String)>);
+pub type Walked = (Vec<(Found, Vec<usize>)>, Vec<FileError>);
 
 /// The prefixes to work on, each with the interpreters it is for.
 pub struct Plan {
@@ -405,7 +415,7 @@ impl Plan {
         let now = crate::util::now_ns();
         for (prefix, chosen) in &self.prefixes {
             if !prefix.is_dir() {
-                errors.push((prefix.clone(), "not a directory".to_string()));
+                errors.push(FileError::new(prefix, Op::Read, Cause::NotADirectory));
                 continue;
             }
             let walked = walk::walk(prefix, excludes, Some((index, now)));

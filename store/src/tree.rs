@@ -38,7 +38,7 @@ pub fn open_root(path: &Path) -> io::Result<OwnedFd> {
 
 /// Opens the directory `name` inside `parent`, refusing a symlink (ELOOP) or
 /// anything that is not a directory (ENOTDIR).
-pub fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(parent, name, DIR_FLAGS, Mode::empty())?)
 }
 
@@ -48,12 +48,12 @@ pub fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
 /// RESOLVE_NO_SYMLINKS` where the kernel has it (Linux 5.6), else one
 /// `O_NOFOLLOW` open per component. `relative` must be a plain relative
 /// path (no `..`).
-pub fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
     open_beneath(root, relative, OFlags::PATH)
 }
 
 /// [`open_dir_beneath`] for a descriptor that can also list the directory.
-pub fn open_listable_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_listable_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
     open_beneath(root, relative, OFlags::RDONLY)
 }
 
@@ -91,7 +91,7 @@ fn open_beneath(root: BorrowedFd<'_>, relative: &Path, access: OFlags) -> io::Re
 
 /// A fresh temp name for `dir`: `.pycstore-` and 16 random letters, 30 bytes
 /// whatever the final name (so a 255-byte pyc name still has a temp name).
-pub fn temp_name() -> OsString {
+pub(crate) fn temp_name() -> OsString {
     let mut name = b".pycstore-".to_vec();
     name.extend((0..16).map(|_| fastrand::alphanumeric() as u8));
     name.extend_from_slice(b".tmp");
@@ -104,7 +104,7 @@ const TEMP_ATTEMPTS: u32 = 8;
 
 /// Calls `make` with fresh temp names until one is not taken (EEXIST), and
 /// returns the name used with `make`'s result.
-pub fn with_temp_name<T>(
+pub(crate) fn with_temp_name<T>(
     mut make: impl FnMut(&OsStr) -> rustix::io::Result<T>,
 ) -> io::Result<(OsString, T)> {
     let mut attempt = 0;
@@ -120,7 +120,7 @@ pub fn with_temp_name<T>(
 
 /// Creates a new file at a fresh temp name in `dir`, exclusively and without
 /// following anything, with `mode`.
-pub fn create_temp(dir: BorrowedFd<'_>, mode: u32) -> io::Result<(OsString, OwnedFd)> {
+pub(crate) fn create_temp(dir: BorrowedFd<'_>, mode: u32) -> io::Result<(OsString, OwnedFd)> {
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     with_temp_name(|name| rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(mode)))
 }
@@ -296,7 +296,7 @@ pub(crate) fn remove_empty_dir(
 
 /// Raises the soft limit on open files to the hard limit: a walk holds one
 /// descriptor per directory with sources until its pycs are placed.
-pub fn raise_open_file_limit() {
+pub(crate) fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {

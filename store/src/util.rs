@@ -31,7 +31,7 @@ pub fn now_ns() -> i64 {
 
 /// The wall clock in whole seconds since the Unix epoch; 0 for a clock set
 /// before it.
-pub fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -55,7 +55,7 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// [`source`](StdError::source) it gives that error's own cause, if any (as
 /// `fs-err` does): printing the chain says each cause once.
 #[derive(Debug)]
-pub struct PathError {
+pub(crate) struct PathError {
     /// What was being done, as it reads after "failed to": `stat`,
     /// `remove`, `set permissions of`.
     pub op: String,
@@ -79,14 +79,9 @@ impl PathError {
     }
 
     /// The same, saying `hint` after the error.
-    pub fn with_hint(mut self, hint: &'static str) -> PathError {
+    pub(crate) fn with_hint(mut self, hint: &'static str) -> PathError {
         self.hint = Some(hint);
         self
-    }
-
-    /// The [`PathError`] inside an [`io::Error`] made by [`with_path`].
-    pub fn of(err: &io::Error) -> Option<&PathError> {
-        err.get_ref()?.downcast_ref()
     }
 }
 
@@ -119,13 +114,13 @@ impl From<PathError> for io::Error {
 }
 
 /// `err`, which failed doing `op` to `path`, as an [`io::Error`] of the same
-/// kind holding a [`PathError`].
+/// kind holding a `PathError` ("failed to OP `PATH`: ERROR").
 pub fn with_path(err: io::Error, op: &str, path: &Path) -> io::Error {
     PathError::new(err, op, path).into()
 }
 
 /// Names the path of a failed I/O operation: `fs::remove_file(p).at("remove", p)`.
-pub trait PathContext<T> {
+pub(crate) trait PathContext<T> {
     /// On failure, the error as [`with_path`] gives it.
     fn at(self, op: &str, path: &Path) -> io::Result<T>;
 }
@@ -158,7 +153,7 @@ mod tests {
             err.to_string(),
             "failed to stat `/x/y`: No such file or directory (os error 2)"
         );
-        let inner = PathError::of(&err).unwrap();
+        let inner: &PathError = err.get_ref().unwrap().downcast_ref().unwrap();
         assert_eq!(
             (inner.op.as_str(), inner.path.as_path()),
             ("stat", Path::new("/x/y"))

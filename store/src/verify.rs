@@ -32,7 +32,7 @@
 //! first rebuilt beside the old one from what can still be read of it and
 //! from entries derived again from the pycs linked from the store, then
 //! swapped in atomically; the damaged one is kept as
-//! `index-v1.broken-<unix time>` (see [`crate::index::rebuild`]). Without
+//! `index-v1.broken-<unix time>` (see `index::rebuild`). Without
 //! room for that on the disk it fails before changing anything. Damaged,
 //! unreadable and stray files are removed, with every entry that names a
 //! removed or missing object and their use times; entries that disagree

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 
+use crate::error::{Cause, FileError, Op};
 use crate::index::{Index, ListingRecord};
 use crate::tree;
 use crate::{Error, Result};
@@ -44,7 +45,7 @@ pub struct SourceDir {
     /// once rather than stat them first) and the directory is made without
     /// trying to open it first.
     pub listed_pycache: bool,
-    pycache: OnceLock<std::result::Result<Option<Pycache>, String>>,
+    pycache: OnceLock<std::result::Result<Option<Pycache>, FileError>>,
 }
 
 /// A source directory's `__pycache__`, open.
@@ -149,8 +150,10 @@ impl SourceDir {
     /// Its `__pycache__`, opened without following a symlink, and whether
     /// this run made it. With `create`, a missing one is made (mode 0777
     /// less the umask, as Python makes it); without, it is `None`. The first
-    /// call decides for the directory's lifetime: one run asks one way.
-    pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, String> {
+    /// call decides for the directory's lifetime: one run asks one way. An
+    /// error is this directory's: report it under each source with
+    /// [`FileError::at`].
+    pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, FileError> {
         let mut first = false;
         let opened = self.pycache.get_or_init(|| {
             let name = OsStr::new("__pycache__");
@@ -160,31 +163,25 @@ impl SourceDir {
             }
             let dir = self
                 .fd()
-                .map_err(|e| format!("cannot open `{}`: {e}", self.path.display()))?;
+                .map_err(|e| FileError::new(&self.path, Op::Read, e))?;
             let is_symlink = || {
                 rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
             };
+            let fail = |op: fn(PathBuf) -> Op, cause: Cause| {
+                FileError::new(&self.path, op(self.path.join(name)), cause)
+            };
             let refuse = |e: std::io::Error| match e.raw_os_error() {
-                Some(libc::ELOOP | libc::ENOTDIR) if is_symlink() => format!(
-                    "`{}` is a symlink; pycstore never writes through symlinks \
-                     (remove it, or exclude the directory)",
-                    self.path.join(name).display()
-                ),
-                Some(libc::ENOTDIR) => format!(
-                    "`{}` exists and is not a directory",
-                    self.path.join(name).display()
-                ),
-                _ => format!("cannot open `{}`: {e}", self.path.join(name).display()),
+                Some(libc::ELOOP | libc::ENOTDIR) if is_symlink() => {
+                    fail(Op::OpenPycache, Cause::Symlink)
+                }
+                Some(libc::ENOTDIR) => fail(Op::OpenPycache, Cause::NotADirectory),
+                _ => fail(Op::OpenPycache, e.into()),
             };
             let make = || match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o777)) {
                 Ok(()) => Ok(true),
                 Err(rustix::io::Errno::EXIST) => Ok(false),
-                Err(e) => Err(format!(
-                    "cannot create `{}`: {}",
-                    self.path.join(name).display(),
-                    std::io::Error::from(e)
-                )),
+                Err(e) => Err(fail(Op::MakePycache, e.into())),
             };
             if create && !self.listed_pycache {
                 let made = make()?;
@@ -212,7 +209,7 @@ impl SourceDir {
                 made: pycache.as_ref().is_some_and(|p| p.made),
                 first,
             }),
-            Err(message) => Err(message.clone()),
+            Err(e) => Err(e.clone()),
         }
     }
 }
@@ -285,7 +282,7 @@ pub struct Walk {
     /// The sources, depth first in name order.
     pub found: Vec<Found>,
     /// Paths that could not be read, or are not regular files.
-    pub errors: Vec<(PathBuf, String)>,
+    pub(crate) errors: Vec<FileError>,
     /// Directories this walk listed, to remember ([`crate::index::Writes::listing`]).
     pub listed: Vec<(PathBuf, ListingRecord)>,
 }
@@ -337,8 +334,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
     let (root, first) = match opened {
         Ok(fds) => fds,
         Err(e) => {
-            walk.errors
-                .push((prefix.to_path_buf(), format!("cannot read: {e}")));
+            walk.errors.push(FileError::new(prefix, Op::Read, e));
             return walk;
         }
     };
@@ -357,8 +353,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
             // listed: not a directory of this prefix any more.
             Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => continue,
             Err(e) => {
-                let e = std::io::Error::from(e);
-                walk.errors.push((path, format!("cannot read: {e}")));
+                walk.errors.push(FileError::new(path, Op::Read, e));
                 continue;
             }
         };
@@ -391,7 +386,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                         Ok(fd) => fd,
                         Err(e) if gone(&e) => continue,
                         Err(e) => {
-                            walk.errors.push((path, format!("cannot read: {e}")));
+                            walk.errors.push(FileError::new(path, Op::Read, e));
                             continue;
                         }
                     },
@@ -402,7 +397,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                         listed
                     }
                     Err(e) => {
-                        walk.errors.push((path, format!("cannot read: {e}")));
+                        walk.errors.push(FileError::new(path, Op::Read, e));
                         continue;
                     }
                 };
@@ -428,7 +423,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
             match tree::open_dir(fd.as_fd(), &name) {
                 Ok(fd) => subdirs.push((child, Some(fd))),
                 Err(e) if gone(&e) => {}
-                Err(e) => walk.errors.push((child, format!("cannot read: {e}"))),
+                Err(e) => walk.errors.push(FileError::new(child, Op::Read, e)),
             }
         }
         // Depth first, in name order.
@@ -482,7 +477,7 @@ fn gone(e: &std::io::Error) -> bool {
 /// Lists the directory `fd` at `path`: its subdirectories and sources (a
 /// `*.py` regular file, or a symlink to one), and the `*.py` names that are
 /// neither, to report.
-type Listing = (Listed, Vec<(PathBuf, String)>);
+type Listing = (Listed, Vec<FileError>);
 
 fn list(
     fd: BorrowedFd<'_>,
@@ -538,10 +533,7 @@ fn list(
                 excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child))
             });
             if !excluded {
-                errors.push((
-                    child,
-                    "not a regular file (a FIFO, device or socket): skipped".to_string(),
-                ));
+                errors.push(FileError::new(child, Op::Read, Cause::NotRegular));
             }
             continue;
         }

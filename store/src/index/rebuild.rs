@@ -41,7 +41,7 @@ use crate::{Error, Result};
 
 /// What could be read of an index.
 #[derive(Debug, Default)]
-pub struct Readout {
+pub(crate) struct Readout {
     records: BTreeMap<Family, BTreeMap<Vec<u8>, Vec<u8>>>,
     /// What stopped a read: RocksDB's messages, which name the damaged
     /// file. Empty when every record of every family was read.
@@ -59,7 +59,7 @@ impl Readout {
     }
 
     /// Whether an entry of `key` in `slot` was read.
-    pub fn has_entry(&self, key: &CompileKey, slot: EntrySlot) -> bool {
+    pub(crate) fn has_entry(&self, key: &CompileKey, slot: EntrySlot) -> bool {
         self.records
             .get(&Family::Entries)
             .is_some_and(|f| f.contains_key(&entry_key(key, slot)))
@@ -76,7 +76,7 @@ impl Readout {
 /// verified. The records of the families in `keep` are returned. Damage is
 /// reported in [`Readout::damage`]; only a full disk is an error. A missing
 /// index reads as empty.
-pub fn read_all(path: &Path, keep: &[Family]) -> Result<Readout> {
+pub(crate) fn read_all(path: &Path, keep: &[Family]) -> Result<Readout> {
     if !path.exists() {
         return Ok(Readout::default());
     }

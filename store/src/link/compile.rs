@@ -1,0 +1,191 @@
+//! Compiling: the misses of the walk, each key compiled once by the compile
+//! threads (one worker process per interpreter and thread, started on the
+//! first miss), its object written and its pycs placed.
+//!
+//! The keys in flight, with every target waiting for them, and the bodies
+//! this run compiled are one state behind one lock: a miss either joins
+//! the targets of its key in flight, takes the body compiled for it, or
+//! becomes a compile job, in one step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::compile::{Outcome, WorkerSlot};
+use crate::error::{Cause, FileError, Op};
+use crate::index::{Entry, EntrySlot};
+use crate::key::CompileKey;
+use crate::source::Source;
+use crate::util::lock;
+
+use super::lookup::Target;
+use super::{Run, Settled};
+
+/// One key to compile (or to take from a remote).
+pub(super) struct CompileJob {
+    pub(super) key: CompileKey,
+    pub(super) source: Arc<Source>,
+    pub(super) interpreter: usize,
+    pub(super) optimize: u8,
+    /// What a remote returned for this miss, still to be checked.
+    pub(super) fetched: Option<crate::remote::Fetched>,
+}
+
+/// The compiles of a run.
+#[derive(Default)]
+pub(super) struct Compiles(Mutex<InFlight>);
+
+#[derive(Default)]
+struct InFlight {
+    /// Misses being compiled, with every target waiting for them.
+    waiting: HashMap<CompileKey, Vec<Target>>,
+    /// Bodies compiled by this run, recorded before their key leaves
+    /// `waiting`, so a late miss of the same key uses them.
+    compiled: HashMap<CompileKey, (EntrySlot, Entry, Settled)>,
+}
+
+/// What a compile job gave every target waiting for its key.
+enum Answer {
+    /// A body, compiled here or fetched from a remote.
+    Body(Vec<u8>),
+    /// The source does not compile: what the interpreter said.
+    Rejected(String),
+    /// No answer (the source could not be read, the worker failed): not
+    /// the source's fault, not remembered.
+    Failed(FileError),
+}
+
+impl Run<'_> {
+    /// A miss: waits for its key in flight, takes the body this run
+    /// compiled for it, or becomes a compile job.
+    pub(super) fn miss(
+        &self,
+        target: Target,
+        tx: &crossbeam_channel::Sender<CompileJob>,
+    ) -> Result<(), FileError> {
+        let mut state = lock(&self.compiles.0);
+        if let Some(waiting) = state.waiting.get_mut(&target.key) {
+            waiting.push(target);
+            return Ok(());
+        }
+        if let Some(&(slot, body, how)) = state.compiled.get(&target.key) {
+            drop(state);
+            let entry = if self.slot(&target) == slot {
+                Some(body)
+            } else {
+                self.derive(&target, &body)?
+            };
+            return match entry {
+                Some(entry) => self.settle(&target, &entry, None, how),
+                None => Err(FileError::new(
+                    &target.source.path,
+                    Op::Place,
+                    Cause::DamagedObject,
+                )),
+            };
+        }
+        let job = CompileJob {
+            key: target.key,
+            source: Arc::clone(&target.source),
+            interpreter: target.interpreter,
+            optimize: target.optimize,
+            fetched: None,
+        };
+        state.waiting.insert(target.key, vec![target]);
+        tx.send(job).expect("compile threads outlive the walk");
+        Ok(())
+    }
+
+    /// A compile thread: one worker process per interpreter, started lazily.
+    pub(super) fn compile_loop(&self, jobs: crossbeam_channel::Receiver<CompileJob>) {
+        let mut slots: Vec<Option<WorkerSlot>> =
+            (0..self.interpreters.len()).map(|_| None).collect();
+        for mut job in jobs {
+            // Remote tier hook: a fetched pyc that checks out is used as if
+            // compiled here; anything else is compiled.
+            let fetched = self.accept_fetched(&mut job);
+            let how = if fetched.is_some() {
+                Settled::Fetched
+            } else {
+                Settled::Compiled
+            };
+            let answer = match fetched {
+                Some(body) => Answer::Body(body),
+                None => {
+                    let slot = slots[job.interpreter].get_or_insert_with(|| {
+                        WorkerSlot::new(
+                            self.interpreters[job.interpreter].executable.clone(),
+                            self.options.timeout,
+                        )
+                    });
+                    let answer = match job.source.bytes() {
+                        Ok(bytes) => match slot.compile(&bytes, &job.source.path, job.optimize) {
+                            Outcome::Compiled(body) => Answer::Body(body),
+                            Outcome::Rejected(message) => Answer::Rejected(message),
+                            Outcome::WorkerFailed(e) => Answer::Failed(FileError::new(
+                                &job.source.path,
+                                Op::Compile,
+                                Cause::Worker(Arc::new(e)),
+                            )),
+                        },
+                        Err(e) => Answer::Failed(e),
+                    };
+                    self.ledger.tally(job.interpreter, |c| c.compiles += 1);
+                    answer
+                }
+            };
+            // Record the result while the key is still in flight, so a miss
+            // of the same key arriving now finds it instead of compiling again.
+            let (targets, stored) = {
+                let mut guard = lock(&self.compiles.0);
+                let state = &mut *guard;
+                let stored = match &answer {
+                    Answer::Body(body) => {
+                        let first = &state.waiting[&job.key][0];
+                        let slot = self.slot(first);
+                        // A fetched body was checked when it was accepted.
+                        let checked = how == Settled::Fetched;
+                        let stored = self.store_pyc(first, slot, body, true, checked);
+                        if let Ok(entry) = &stored {
+                            state.compiled.insert(job.key, (slot, *entry, how));
+                            if how == Settled::Compiled {
+                                self.upload(&job, body);
+                            }
+                        }
+                        Some(stored.map(|entry| (slot, entry)))
+                    }
+                    Answer::Rejected(message) => {
+                        self.ledger.rejected(&job.key, message);
+                        None
+                    }
+                    Answer::Failed(_) => None,
+                };
+                (state.waiting.remove(&job.key).unwrap_or_default(), stored)
+            };
+            for target in targets {
+                let result = match (&answer, &stored) {
+                    (Answer::Body(_), Some(Err(e))) => Err(e.clone()),
+                    (Answer::Body(body), Some(Ok((slot, entry)))) => {
+                        // Timestamp pycs of sources with other stats need their own header.
+                        let entry = if self.slot(&target) == *slot {
+                            Ok(*entry)
+                        } else {
+                            self.store_pyc(&target, self.slot(&target), body, false, false)
+                        };
+                        entry.and_then(|entry| self.settle(&target, &entry, None, how))
+                    }
+                    (Answer::Rejected(message), _) => Err(self.rejected(&target, message)),
+                    (Answer::Failed(e), _) => Err(e.clone()),
+                    (Answer::Body(_), None) => unreachable!("compiled bodies are stored"),
+                };
+                if let Err(e) = result {
+                    self.fail(&target.source.path, target.interpreter, e);
+                }
+            }
+            self.remote_warnings();
+            if let Some(Err(e)) = self.ledger.flush_due(self.store, &self.interpreters) {
+                self.progress
+                    .warn(&format!("cannot record progress in the index yet: {e}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! `link`: put a valid pyc beside every source of one or more prefixes.
+//!
+//! The RocksDB index lets one process at a time open it, so it is held only
+//! while walking, and a long cold compile never blocks another process:
+//!
+//! 1. walk (one index session): stat each source, take its blake3 from the
+//!    stat cache or read and hash it, derive the compile key of every
+//!    (interpreter, optimize level) and look it up; place hits at once,
+//!    derive other flavors from stored bodies, and send misses to the
+//!    compile pool (interpreter processes started on the first miss, so a
+//!    warm run starts none);
+//! 2. compile (no session): compile threads write each object and place its
+//!    pycs; misses of one key compile once;
+//! 3. record: what was compiled, placed and counted goes to the index in
+//!    batches (every few seconds during long compiles, and at the end).
+//!
+//! Nothing stops at a bad file: each failure is kept as a
+//! `FileError` with its path, reported as a
+//! [`Failure`] at the end, and the run finishes the rest.
+//!
+//! One `Run` is shared by the walk's threads and the compile threads. Its
+//! pieces, one file each:
+//!
+//! - `lookup`: hash a source, derive its compile keys, look them up in
+//!   the index: one target per wanted pyc;
+//! - `place`: what to do with a target; check the object, the pyc already
+//!   there, and place it (or, in a dry run, count what would be done);
+//! - `compile`: the compile threads, and the misses in flight and bodies
+//!   compiled, behind one lock;
+//! - `record`: the ledger of counts, failures, usage counters and index
+//!   writes, behind one lock, and its flushes to the index.
+//!
+//! A thread that holds the compile lock may take the ledger's, never the
+//! other way round.
+
+mod compile;
+mod lookup;
+mod place;
+mod record;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::FileError;
+use crate::index::{EntrySlot, Writes};
+use crate::interpreter::Interpreter;
+use crate::key::CompileKey;
+use crate::materialize::{LinkMode, Materializer};
+use crate::pyc::Flavor;
+use crate::resolve;
+use crate::source::Plan;
+use crate::util::now_ns;
+use crate::walk::Excludes;
+use crate::{Result, Store};
+
+use compile::{CompileJob, Compiles};
+use lookup::Target;
+use place::TrustDomain;
+use record::Ledger;
+
+/// What `link` should do.
+#[derive(Clone, Debug)]
+pub struct LinkOptions {
+    /// Interpreters to link for; empty: each prefix's own.
+    pub python: Vec<PathBuf>,
+    /// Optimize levels (0, 1, 2).
+    pub optimize: Vec<u8>,
+    /// The invalidation mode of the pycs placed.
+    pub flavor: Flavor,
+    /// How objects are put into prefixes.
+    pub link_mode: LinkMode,
+    /// Compile processes per interpreter.
+    pub jobs: usize,
+    /// Exclude patterns: a pattern with a `/` matches the path relative to
+    /// the prefix, one without matches any file or directory name.
+    pub excludes: Vec<String>,
+    /// Report what would happen, write nothing.
+    pub dry_run: bool,
+    /// Per-file compile timeout.
+    pub timeout: Option<Duration>,
+    /// The largest source read, in bytes; larger ones are reported and
+    /// skipped.
+    pub max_source_size: u64,
+    /// The remote tier: asked for local misses, given what is compiled.
+    pub remotes: Option<Arc<crate::remote::Remotes>>,
+}
+
+/// Counters of one `link` run.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LinkStats {
+    /// `.py` files found under the prefixes.
+    pub sources: u64,
+    /// pycs wanted: sources × interpreters × optimize levels.
+    pub pycs: u64,
+    /// pycs already in place, identical to the store's: left alone.
+    pub up_to_date: u64,
+    /// pycs placed from objects the store already had.
+    pub hits: u64,
+    /// pycs compiled by this run (compile misses).
+    pub compiled: u64,
+    /// pycs in another invalidation mode (timestamp, unchecked-hash) that
+    /// were replaced by the mode asked for.
+    pub replaced_other_mode: u64,
+    /// pycs placed from objects fetched from a remote (local misses).
+    pub fetched: u64,
+    /// pycs that could not be produced or placed (see the failures).
+    pub failed: u64,
+    /// Sources that vanished or changed while being linked; the next run
+    /// picks them up.
+    pub skipped: u64,
+    /// Bytes of the pycs placed that share the store's blocks (reflink, hardlink).
+    pub bytes_shared: u64,
+    /// Bytes of the pycs placed by copying.
+    pub bytes_copied: u64,
+}
+
+/// One file that failed, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Failure {
+    /// The source (or directory) concerned.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The outcome of `link`.
+#[derive(Debug, Serialize)]
+pub struct LinkReport {
+    /// The counters.
+    #[serde(flatten)]
+    pub stats: LinkStats,
+    /// The link modes used (one per destination filesystem).
+    pub link_modes: Vec<LinkMode>,
+    /// The interpreters linked for.
+    pub interpreters: Vec<Interpreter>,
+    /// Every failure, in no particular order.
+    pub failures: Vec<Failure>,
+    /// Wall time in seconds.
+    pub elapsed_seconds: f64,
+    /// What each remote did in this run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<crate::remote::RemoteReport>,
+}
+
+/// Where `link` reports progress and warnings (a progress bar, or nothing).
+pub trait Progress: Sync {
+    /// The number of pycs the run will consider.
+    fn start(&self, _total: u64) {}
+    /// `n` more pycs were settled.
+    fn advance(&self, _n: u64) {}
+    /// A warning for the user.
+    fn warn(&self, message: &str) {
+        eprintln!("pycstore: warning: {message}");
+    }
+}
+
+/// The label of an interpreter in the usage counters.
+pub fn counter_label(interpreter: &Interpreter) -> String {
+    let magic: String = interpreter
+        .magic
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{} {magic}", interpreter.cache_tag)
+}
+
+/// Links the prefixes. Fatal errors (no interpreter, no index) are errors;
+/// everything per file is in the report.
+pub fn link(
+    store: &Store,
+    prefixes: &[PathBuf],
+    options: &LinkOptions,
+    progress: &dyn Progress,
+) -> Result<LinkReport> {
+    let started = Instant::now();
+    let excludes = Excludes::new(&options.excludes)?;
+    let mut optimize = options.optimize.clone();
+    optimize.sort_unstable();
+    optimize.dedup();
+
+    let warn = |message: String| progress.warn(&message);
+    crate::tree::raise_open_file_limit();
+    let domain = TrustDomain::of(store);
+    let run;
+    {
+        // Phase 1: one read-only index session for the probes and every
+        // lookup; what it learns is written in one session at its end.
+        let index = store.index_reader()?;
+        let mut learned = Writes::default();
+        let plan = Plan::resolve(prefixes, &options.python, &index, &mut learned)?;
+        let (found, errors) = plan.walk(
+            &excludes,
+            &index,
+            (!options.dry_run).then_some(&mut learned),
+        );
+        tracing::debug!(
+            "found {} sources in {:.3}s",
+            found.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let total: u64 = found
+            .iter()
+            .map(|(_, chosen)| (chosen.len() * optimize.len()) as u64)
+            .sum();
+        progress.start(total);
+        let now = now_ns();
+        run = Run {
+            store,
+            options,
+            interpreters: plan.interpreters,
+            materializer: Materializer::new(&store.objects, options.link_mode, &warn),
+            domain,
+            ledger: Ledger::new(
+                LinkStats {
+                    sources: found.len() as u64,
+                    pycs: total,
+                    ..LinkStats::default()
+                },
+                errors,
+                learned,
+                options,
+                now,
+                progress,
+            ),
+            compiles: Compiles::default(),
+            progress,
+            now_ns: now,
+            warned_metadata: AtomicBool::new(false),
+        };
+        // Phase 2 runs while the lookups go on: hits are placed at once,
+        // misses go to the compile threads, which outlive the session.
+        let (tx, rx) = crossbeam_channel::unbounded::<CompileJob>();
+        let mut index = Some(index);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..options.jobs.max(1))
+                .map(|_| {
+                    let rx = rx.clone();
+                    let run = &run;
+                    scope.spawn(move || run.compile_loop(rx))
+                })
+                .collect();
+            drop(rx);
+            // Remote tier hook: with remotes, misses go to them first and
+            // reach the compile threads with what was fetched, if anything.
+            let tx = match &options.remotes {
+                None => tx,
+                Some(remotes) => {
+                    let (miss_tx, miss_rx) = crossbeam_channel::unbounded::<CompileJob>();
+                    let run = &run;
+                    scope.spawn(move || {
+                        remotes.fetch_misses(
+                            miss_rx,
+                            |job| run.remote_key(job),
+                            move |mut job, fetched| {
+                                job.fetched = fetched;
+                                let _ = tx.send(job);
+                            },
+                        )
+                    });
+                    miss_tx
+                }
+            };
+            let session = index.as_ref().expect("open until the walk ends");
+            found.par_iter().for_each(|(found, chosen)| {
+                for target in run.look_up(session, found, chosen, &optimize) {
+                    let path = target.source.path.clone();
+                    let interpreter = target.interpreter;
+                    if let Err(e) = run.act(target, &tx) {
+                        run.fail(&path, interpreter, e);
+                    }
+                }
+            });
+            tracing::debug!(
+                "walked and looked up in {:.3}s",
+                started.elapsed().as_secs_f64()
+            );
+            // What the walk learned is written with the compile threads'
+            // results: by their periodic flush, or at the end.
+            drop(index.take());
+            run.ledger.session_closed();
+            drop(tx);
+            for worker in workers {
+                worker.join().expect("compile threads do not panic");
+            }
+        });
+        // Directories whose `__pycache__` this run made changed since the
+        // walk listed them: listed again, so the next walk need not.
+        if !options.dry_run {
+            let now = now_ns();
+            let mut relisted = Writes::default();
+            let mut last = None;
+            for (found, _) in &found {
+                if last.replace(Arc::as_ptr(&found.dir)) == Some(Arc::as_ptr(&found.dir)) {
+                    continue;
+                }
+                if let Some(record) = found.dir.listing_after_run(now) {
+                    relisted.listing(&found.dir.path, &record);
+                }
+            }
+            run.ledger.learned(&mut relisted);
+        }
+    }
+
+    // Phase 3: record.
+    tracing::debug!("compiled at {:.3}s", started.elapsed().as_secs_f64());
+    if let Some(remotes) = &options.remotes {
+        remotes.finish();
+        run.remote_warnings();
+    }
+    if let Err(e) = run.ledger.flush(store, &run.interpreters) {
+        run.ledger.index_failed(store.index_path(), e);
+    }
+    if !options.dry_run {
+        if let Some(remotes) = &options.remotes {
+            if let Err(e) = store
+                .index()
+                .and_then(|mut index| remotes.record(&mut index))
+            {
+                tracing::debug!("cannot record the remotes' counters: {e}");
+            }
+        }
+    }
+    tracing::debug!("recorded at {:.3}s", started.elapsed().as_secs_f64());
+    let Run {
+        materializer,
+        ledger,
+        interpreters,
+        ..
+    } = run;
+    let (stats, failures) = ledger.into_report();
+    Ok(LinkReport {
+        stats,
+        link_modes: materializer.modes_used(),
+        interpreters,
+        failures,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        remotes: options
+            .remotes
+            .as_ref()
+            .map(|r| r.report())
+            .unwrap_or_default(),
+    })
+}
+
+/// One `link` run, shared by the walk's threads and the compile threads.
+struct Run<'a> {
+    store: &'a Store,
+    domain: TrustDomain<'a>,
+    options: &'a LinkOptions,
+    interpreters: Vec<Interpreter>,
+    materializer: Materializer<'a>,
+    /// What the run counted and failed, and the index writes not yet
+    /// applied (see [`record`]).
+    ledger: Ledger<'a>,
+    /// The misses being compiled, and the bodies compiled (see [`compile`]).
+    compiles: Compiles,
+    progress: &'a dyn Progress,
+    now_ns: i64,
+    /// Whether the warning about objects whose metadata changed was said.
+    warned_metadata: AtomicBool,
+}
+
+/// How a pyc came to be settled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Hit,
+    Compiled,
+    Fetched,
+}
+
+impl Run<'_> {
+    /// Reports that one pyc of the source at `path` failed.
+    fn fail(&self, path: &Path, interpreter: usize, e: FileError) {
+        self.ledger.fail(e.at(path), Some(interpreter), 1);
+    }
+
+    /// The entry slot of `target`'s flavor (and, for timestamp pycs, of its
+    /// source's stat).
+    fn slot(&self, target: &Target) -> EntrySlot {
+        resolve::slot(
+            self.options.flavor,
+            target.source.meta.mtime(),
+            target.source.meta.size(),
+        )
+    }
+}
+
+/// The remote tier's side of a run (see [`crate::remote`]): which misses
+/// may travel, what is accepted from a remote, what is uploaded.
+impl Run<'_> {
+    fn remote_key(&self, job: &CompileJob) -> Option<CompileKey> {
+        let interpreter = &self.interpreters[job.interpreter];
+        crate::remote::eligible(interpreter.key_domain.as_ref(), interpreter.magic)
+            .then_some(job.key)
+    }
+
+    fn accept_fetched(&self, job: &mut CompileJob) -> Option<Vec<u8>> {
+        let (remotes, fetched) = (self.options.remotes.as_ref()?, job.fetched.take()?);
+        let interpreter = &self.interpreters[job.interpreter];
+        let source = job.source.bytes().ok()?;
+        remotes.accept(
+            fetched,
+            interpreter.magic,
+            interpreter.hash_variant,
+            &source,
+        )
+    }
+
+    fn upload(&self, job: &CompileJob, body: &[u8]) {
+        let Some(remotes) = &self.options.remotes else {
+            return;
+        };
+        let interpreter = &self.interpreters[job.interpreter];
+        if self.remote_key(job).is_none() || !remotes.writable() {
+            return;
+        }
+        if let Ok(source) = job.source.bytes() {
+            remotes.upload(
+                &job.key,
+                interpreter.magic,
+                interpreter.hash_variant,
+                &source,
+                body,
+            );
+        }
+    }
+
+    fn remote_warnings(&self) {
+        if let Some(remotes) = &self.options.remotes {
+            for message in remotes.take_warnings() {
+                self.progress.warn(&message);
+            }
+        }
+    }
+}
+
+pub(crate) fn open_no_follow(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+}

@@ -269,7 +269,7 @@ impl StatRecord {
         if v.len() != 6 * 8 + 32 {
             return None;
         }
-        let u = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().unwrap());
+        let u = |i: usize| u64::from_le_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         Some(StatRecord {
             dev: u(0),
             ino: u(1),
@@ -338,7 +338,7 @@ impl ListingRecord {
     fn decode(v: &[u8]) -> Option<ListingRecord> {
         use std::os::unix::ffi::OsStrExt;
         let fixed = v.get(..41)?;
-        let u = |i: usize| u64::from_le_bytes(fixed[i * 8..i * 8 + 8].try_into().unwrap());
+        let u = |i: usize| u64::from_le_bytes(fixed[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         let mut record = ListingRecord {
             dev: u(0),
             ino: u(1),

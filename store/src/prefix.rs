@@ -170,7 +170,8 @@ pub fn status(
                                         ),
                                         HeaderVerdict::Valid
                                     ));
-                            let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
+                            let flags =
+                                u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
                             // What `unlink` would remove as pycstore's own.
                             let placed_here = || {
                                 recorded.get(&pyc).is_some_and(|record| {

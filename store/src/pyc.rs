@@ -145,7 +145,7 @@ pub(crate) fn judge_header(
     if header.len() < HEADER_LEN || header[..4] != magic {
         return HeaderVerdict::Stale;
     }
-    let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
+    let flags = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
     if flags & !0b11 != 0 {
         return HeaderVerdict::Stale;
     }

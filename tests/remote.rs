@@ -404,6 +404,16 @@ impl ProxyState {
 impl Proxy {
     fn start(upstream: u16, hang: bool, die_after: u64) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Proxy::serve(listener, upstream, hang, die_after)
+    }
+
+    /// A proxy that forwards from `port` (a server that starts there).
+    fn start_at(port: u16, upstream: u16) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        Proxy::serve(listener, upstream, false, 0)
+    }
+
+    fn serve(listener: TcpListener, upstream: u16, hang: bool, die_after: u64) -> Proxy {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(ProxyState {
@@ -1172,6 +1182,93 @@ fn a_stopped_remote_never_fails_a_mount(b: Backend) {
     }
 }
 
+/// Imports `pkg.m{i}` for each `i` of `which` from `dir` (a mount of
+/// [`modules`]), asserting that each came from a pyc there.
+fn import_some(dir: &Path, which: std::ops::Range<usize>) {
+    let mut code = format!("import sys\nsys.path.insert(0, {:?})\n", dir.to_str().unwrap());
+    for i in which.clone() {
+        code.push_str(&format!("import pkg.m{i}\nassert pkg.m{i}.VALUE == {i}\n"));
+    }
+    let log = python_v(&python("3.11"), &["-c", &code], &[]);
+    assert_nothing_compiled(&log, dir, which.len());
+}
+
+/// A remote that was down when the mount began is asked again once its
+/// cooldown is over (`--remote-retry`): while it is down, pycs are compiled
+/// locally, with one warning; once it is up (and warm), the first access
+/// after the cooldown tries it again in the background, and the pycs of
+/// the sources accessed after that are fetched from it, not compiled, with
+/// nothing more said.
+fn a_mount_retries_a_remote_that_failed(b: Backend) {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let count = 10;
+    let half = count / 2;
+    let cooldown = 2;
+    let py = python("3.11");
+    // The server's port, closed for now: a stopped server.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let src = modules(&t, "b", count);
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let store = t.join("store-b");
+    let cooldown_arg = cooldown.to_string();
+    let mut m = b.at_port(port).mount(
+        &t,
+        &store,
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--remote-retry"),
+            OsStr::new(&cooldown_arg),
+            OsStr::new("--remote-read-only"),
+        ],
+    );
+    // Down: compiled locally (the package and the first half).
+    import_some(&mnt, 0..half);
+
+    // The server starts, warm: another machine linked the same sources.
+    let warm = modules(&t, "w", count);
+    let (out, v) = b.link(&t.join("store-w"), &warm, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(remote0(&v), "uploads"), count as u64 + 1, "{v}");
+    let _up = Proxy::start_at(port, b.port());
+    std::thread::sleep(Duration::from_secs(cooldown + 1));
+    // The first access after the cooldown starts the retry (and compiles);
+    // those after it fetch.
+    import_some(&mnt, half..half + 1);
+    std::thread::sleep(Duration::from_secs(2));
+    import_some(&mnt, half + 1..count);
+
+    let report = m.unmount();
+    assert_eq!(
+        reported(&report, "compiled on first access"),
+        half as u64 + 2,
+        "{report}"
+    );
+    let fetched = reported(&report, "fetched from remotes");
+    assert_eq!(fetched, (count - half - 1) as u64, "{report}");
+    let w = mount_warnings(&report);
+    assert_eq!(w.len(), 1, "{report}");
+    assert!(
+        w[0].contains("cannot be used") && w[0].contains("trying it again every 2s"),
+        "{w:?}"
+    );
+    let (_, remote) = store_stats(&store);
+    assert_eq!(n(&remote, "hits"), fetched, "{remote}");
+    assert!(n(&remote, "errors") >= 1, "{remote}");
+    assert_eq!(n(&remote, "rejected"), 0, "{remote}");
+}
+
 /// `status --remote` counts the pycs the store lacks that a remote would
 /// give, as `link` then finds them: all of a fresh copy's from a warm
 /// remote; not a source the remote lacks, nor an entry whose header names
@@ -1340,6 +1437,13 @@ macro_rules! backend_tests {
         fn a_stopped_remote_never_fails_a_mount() {
             if let Some(b) = Backend::get(KIND) {
                 super::a_stopped_remote_never_fails_a_mount(b);
+            }
+        }
+
+        #[test]
+        fn a_mount_retries_a_remote_that_failed() {
+            if let Some(b) = Backend::get(KIND) {
+                super::a_mount_retries_a_remote_that_failed(b);
             }
         }
     };

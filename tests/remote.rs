@@ -148,9 +148,14 @@ impl Backend {
             "PYCSTORE_REMOTE_READ_ONLY",
             "PYCSTORE_REMOTE_SIGNING_KEY",
             "PYCSTORE_REMOTE_TRUSTED_KEYS",
+            "PYCSTORE_REMOTE_HTTP_TOKEN",
+            "PYCSTORE_REMOTE_HTTP_USER",
+            "PYCSTORE_REMOTE_HTTP_PASSWORD",
             "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
         ] {
             cmd.env_remove(var);
         }
@@ -1185,7 +1190,10 @@ fn a_stopped_remote_never_fails_a_mount(b: Backend) {
 /// Imports `pkg.m{i}` for each `i` of `which` from `dir` (a mount of
 /// [`modules`]), asserting that each came from a pyc there.
 fn import_some(dir: &Path, which: std::ops::Range<usize>) {
-    let mut code = format!("import sys\nsys.path.insert(0, {:?})\n", dir.to_str().unwrap());
+    let mut code = format!(
+        "import sys\nsys.path.insert(0, {:?})\n",
+        dir.to_str().unwrap()
+    );
     for i in which.clone() {
         code.push_str(&format!("import pkg.m{i}\nassert pkg.m{i}.VALUE == {i}\n"));
     }
@@ -1585,4 +1593,146 @@ fn push_prewarms_a_remote() {
     // Read-only remotes: push refuses, exit 2.
     let out = run(b.cmd(&t.store(), "push").arg("--remote-read-only"));
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// An `https://` remote whose certificate comes from a CA the client trusts
+/// through `SSL_CERT_FILE`, with HTTP basic auth (nginx's `auth_basic`,
+/// scripts/test-servers): what one link uploads, a link into an empty
+/// store fetches, all of it, with the user and password from
+/// `PYCSTORE_REMOTE_HTTP_USER` and `PYCSTORE_REMOTE_HTTP_PASSWORD` or in
+/// the URL. A wrong password, and a certificate from a CA the client does
+/// not trust, each give one warning saying why, no password in any output,
+/// and a link compiled locally.
+#[test]
+fn https_with_basic_auth() {
+    let names = [
+        "PYCSTORE_TEST_WEBDAV_TLS",
+        "PYCSTORE_TEST_WEBDAV_TLS_CA",
+        "PYCSTORE_TEST_WEBDAV_USER",
+        "PYCSTORE_TEST_WEBDAV_PASSWORD",
+        "PYCSTORE_TEST_WEBDAV_ROOT",
+    ];
+    let values: Vec<Option<String>> = names.iter().map(|n| var(n)).collect();
+    if values.iter().any(Option::is_none) {
+        skip_server("PYCSTORE_TEST_WEBDAV_TLS* and PYCSTORE_TEST_WEBDAV_USER/PASSWORD are not set");
+        return;
+    }
+    let [url, ca, user, password, root] =
+        <[String; 5]>::try_from(values.into_iter().map(Option::unwrap).collect::<Vec<_>>())
+            .unwrap();
+    let ns = namespace();
+    let remote = |url: &str, env: &[(&str, &str)]| Backend {
+        kind: Kind::Webdav,
+        url: url.to_string(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        namespace: ns.clone(),
+        disk: Some(PathBuf::from(&root)),
+        _dir: None,
+    };
+    let b = remote(
+        &url,
+        &[
+            ("SSL_CERT_FILE", &ca),
+            ("PYCSTORE_REMOTE_HTTP_USER", &user),
+            ("PYCSTORE_REMOTE_HTTP_PASSWORD", &password),
+        ],
+    );
+    let t = TestDir::new();
+    let count = 10;
+    let all = count as u64 + 1;
+    let assert_no_password = |out: &Output| {
+        for stream in [&out.stdout, &out.stderr] {
+            let text = String::from_utf8_lossy(stream);
+            assert!(!text.contains(&password), "the password in {text}");
+        }
+    };
+
+    let src = modules(&t, "a", count);
+    let (out, v) = b.link(&t.join("store-a"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), all, "{v}");
+    assert_eq!(n(remote0(&v), "uploads"), all, "{v}");
+    assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
+    assert!(warnings(&out).is_empty(), "{out:?}");
+    assert_no_password(&out);
+
+    let src = modules(&t, "b", count);
+    let (out, v) = b.link(&t.join("store-b"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), all, "{v}");
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_modules_load(&t, "b", count);
+
+    // The user and password in the URL instead.
+    let in_url = url.replacen("https://", &format!("https://{user}:{password}@"), 1);
+    let c = remote(&in_url, &[("SSL_CERT_FILE", &ca)]);
+    let src = modules(&t, "c", count);
+    let (out, v) = c.link(&t.join("store-c"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), all, "{v}");
+    assert_eq!(
+        v["remotes"][0]["remote"].as_str(),
+        Some(url.as_str()),
+        "{v}"
+    );
+    assert_no_password(&out);
+
+    // A wrong password; a CA the client does not trust.
+    let other_ca = t.join("other-ca.pem");
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .arg("ec_paramgen_curve:prime256v1")
+            .args(["-nodes", "-days", "1", "-subj", "/CN=another CA", "-keyout"])
+            .arg(t.join("other-ca.key"))
+            .arg("-out")
+            .arg(&other_ca),
+    );
+    let wrong = format!("{password}x");
+    let other_ca = other_ca.to_str().unwrap().to_string();
+    let cases = [
+        (
+            "a wrong password",
+            remote(
+                &url,
+                &[
+                    ("SSL_CERT_FILE", &ca),
+                    ("PYCSTORE_REMOTE_HTTP_USER", &user),
+                    ("PYCSTORE_REMOTE_HTTP_PASSWORD", &wrong),
+                ],
+            ),
+            "credentials refused",
+        ),
+        (
+            "a certificate from a CA not trusted",
+            remote(
+                &url,
+                &[
+                    ("SSL_CERT_FILE", &other_ca),
+                    ("PYCSTORE_REMOTE_HTTP_USER", &user),
+                    ("PYCSTORE_REMOTE_HTTP_PASSWORD", &password),
+                ],
+            ),
+            "certificate",
+        ),
+    ];
+    for (i, (what, r, why)) in cases.into_iter().enumerate() {
+        let name = format!("d{i}");
+        let src = modules(&t, &name, count);
+        let (out, v) = r.link(&t.join(format!("store-{name}")), &src, &[]);
+        assert_ok(&out, &v);
+        assert_eq!(n(&v, "compiled"), all, "{what}: {v}");
+        assert_eq!(n(&v, "fetched"), 0, "{what}: {v}");
+        let w = warnings(&out);
+        assert_eq!(w.len(), 1, "{what}: {w:?}");
+        assert!(
+            w[0].contains("cannot be used") && w[0].contains(why),
+            "{what}: {w:?}"
+        );
+        assert_no_password(&out);
+        assert_modules_load(&t, &name, count);
+    }
 }

@@ -704,7 +704,20 @@ fn describe(e: &opendal::Error) -> String {
         Some(code) => format!("the server answered HTTP {code}"),
         None => {
             let detail = text.rsplit_once(" => ").map_or(text.as_str(), |(_, m)| m);
-            detail.lines().next().unwrap_or("").to_string()
+            let mut m = detail.lines().next().unwrap_or("").to_string();
+            // The innermost cause says what went wrong where the message
+            // does not (a certificate not trusted, a connection reset).
+            let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
+            let mut innermost = None;
+            while let Some(c) = cause {
+                innermost = Some(c.to_string());
+                cause = c.source();
+            }
+            if let Some(inner) = innermost.filter(|i| !i.is_empty() && !m.contains(i.as_str())) {
+                m.push_str(": ");
+                m.push_str(&inner);
+            }
+            m
         }
     };
     if message.len() > 300 {

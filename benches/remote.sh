@@ -3,7 +3,8 @@
 # .py files): an empty local store linking a fresh copy from a warm remote,
 # against compiling from scratch, for S3 (Garage), Redis and HTTP (nginx
 # WebDAV) on loopback, and again with 20 ms added to every request by a
-# delaying proxy (benches/delay-proxy.py).
+# delaying proxy (benches/delay-proxy, a small workspace member built
+# here).
 #
 #   benches/remote.sh
 #
@@ -12,15 +13,37 @@
 # per-remote counters. The servers come from scripts/test-servers (Garage
 # from scripts/garage). Prints a Markdown report and writes it to
 # benches/results/remote-DATE.md. Scratch data lives in BENCH_DIR (default
-# ~/.cache/pycstore-bench). Environment as for benches/corpus.sh.
+# ~/.cache/pycstore-bench); the run needs about 6 GB there (every case keeps
+# its copy and store until the end, see below). Environment as for
+# benches/corpus.sh.
+#
+# Nothing is deleted while runs are timed. On ext4 without a journal, every
+# file created skips the inodes freed in the last minute (five while their
+# inode table is not yet written back): a link right after `rm -rf` of a
+# corpus copy spends seconds of system time there, more than the link
+# itself. So each case has its own copy and store, all removed at the end,
+# and on such a filesystem the first timed run waits until a minute after
+# the last removal (this script's, of a previous run's leftovers, or of the
+# end of the previous run), synced.
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 
 pycstore=$(pycstore_binary)
+say "cargo build --release -p pycstore-delay-proxy"
+(cd "$repo" && cargo build --release -p pycstore-delay-proxy)
+proxy_bin=$CARGO_TARGET_DIR/release/delay-proxy
 corpus=$(the_corpus)
 work=$bench/remote
-rm -rf "$work"
+removed_mark=$bench/.remote-removed
+remove_work() {
+  if [[ -e $work ]]; then
+    rm -rf "$work"
+    sync
+    touch "$removed_mark"
+  fi
+}
+remove_work
 mkdir -p "$work"
 servers=$work/servers
 eval "$("$repo/scripts/test-servers" up "$servers")"
@@ -28,6 +51,7 @@ proxies=()
 cleanup() {
   for p in "${proxies[@]}"; do kill "$p" 2>/dev/null || true; done
   "$repo/scripts/test-servers" down "$servers" >/dev/null 2>&1 || true
+  remove_work
 }
 trap cleanup EXIT
 
@@ -37,28 +61,44 @@ export PYCSTORE_REMOTE_HTTP_TOKEN=$PYCSTORE_TEST_WEBDAV_TOKEN
 unset PYCSTORE_REMOTE PYCSTORE_REMOTE_READ_ONLY
 
 port_of() { sed -E 's|.*127\.0\.0\.1:([0-9]+).*|\1|' <<<"$1"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# fresh DIR: a copy of the corpus without pycs.
-fresh() {
-  rm -rf "$1"
-  cp -a "$corpus" "$1"
-  find "$1" -name __pycache__ -prune -exec rm -rf {} +
-  sync
+# Whether creating files on the work directory's filesystem pays for
+# recently freed inodes (ext4 without a journal; see above).
+pays_for_freed_inodes() {
+  local fstype dev
+  fstype=$(findmnt -n -o FSTYPE -T "$work")
+  dev=$(basename "$(findmnt -n -o SOURCE -T "$work")")
+  [[ $fstype == ext4 ]] && ! compgen -G "/proc/fs/jbd2/$dev-*" >/dev/null
 }
 
-# link NAME URL...: one timed link of a fresh copy into an empty store;
-# prints "seconds compiled fetched requests bytes_in".
+# Waits until the last removal is a minute old (nothing is removed after).
+settle() {
+  sync
+  pays_for_freed_inodes || return 0
+  local last wait
+  last=$(stat -c %Y "$removed_mark" 2>/dev/null || echo 0)
+  wait=$((last + 61 - $(date +%s)))
+  if ((wait > 0)); then
+    say "waiting ${wait}s: inodes freed in the last minute slow every file creation here"
+    sleep "$wait"
+  fi
+}
+
+# link NAME URL...: one timed link of a fresh copy (its own) into an empty
+# store (its own); prints "seconds compiled fetched requests bytes_in
+# bytes_out pycs" (and only that on stdout: it is read from a pipe).
 link() {
   local name=$1
   shift
-  fresh "$work/copy"
-  rm -rf "$work/store"
+  local copy=$work/copy-$name store=$work/store-$name
+  cp -a "$corpus" "$copy"
+  find "$copy" -name __pycache__ -prune -exec rm -rf {} +
+  sync
   local args=()
   for url in "$@"; do args+=(--remote "$url"); done
   local start end
   start=$(date +%s.%N)
-  "$pycstore" --store "$work/store" link "$work/copy" "${args[@]}" --remote-namespace bench --json >"$work/$name.json"
+  "$pycstore" --store "$store" link "$copy" "${args[@]}" --remote-namespace bench --json >"$work/$name.json"
   end=$(date +%s.%N)
   python3 - "$work/$name.json" "$start" "$end" <<'PY'
 import json, sys
@@ -68,6 +108,14 @@ print(f"{float(sys.argv[3]) - float(sys.argv[2]):.2f} {d['compiled']} {d['fetche
       f"{r.get('requests', 0)} {r.get('bytes_in', 0)} {r.get('bytes_out', 0)} {d['pycs']}")
 PY
 }
+
+# The CPU seconds a process used so far (user and system).
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"
+}
+
+settle
+load_before=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
 say "cold: compiling from scratch, no remote"
 read -r cold_s cold_compiled _ _ _ _ pycs < <(link cold)
@@ -87,31 +135,47 @@ for kind in s3 redis http; do
   target=${url[$kind]}
   upstream=$(port_of "${AWS_ENDPOINT_URL}")
   [[ $kind != s3 ]] && upstream=$(port_of "$target")
-  port=$(free_port)
-  python3 "$repo/benches/delay-proxy.py" "$port" "$upstream" 20 &
-  proxies+=($!)
-  sleep 0.5
-  say "$kind: empty store, warm remote 20 ms away"
+  "$proxy_bin" 0 "$upstream" 20 >"$work/proxy-$kind.port" &
+  proxy=$!
+  proxies+=("$proxy")
+  for _ in $(seq 100); do
+    [[ -s $work/proxy-$kind.port ]] && break
+    sleep 0.05
+  done
+  port=$(cat "$work/proxy-$kind.port")
+  say "$kind: empty store, warm remote 20 ms away (proxy on port $port)"
   if [[ $kind == s3 ]]; then
     read -r ds dcompiled dfetched drequests dbytes _ _ < <(AWS_ENDPOINT_URL=http://127.0.0.1:$port link "$kind-delayed" "$target")
   else
     read -r ds dcompiled dfetched drequests dbytes _ _ < <(link "$kind-delayed" "${target/127.0.0.1:$upstream/127.0.0.1:$port}")
   fi
-  rows+=("$kind $up_s $up_requests $up_bytes $s $compiled $fetched $requests $bytes $ds $dcompiled $dfetched $drequests $dbytes")
+  proxy_cpu=$(cpu_seconds "$proxy")
+  kill "$proxy"
+  rows+=("$kind $up_s $up_requests $up_bytes $s $compiled $fetched $requests $bytes $ds $dcompiled $dfetched $drequests $dbytes $proxy_cpu")
 done
+load_after=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
-report=$(python3 - "$cold_s" "$cold_compiled" "$pycs" "${rows[@]}" <<'PY'
+report=$(python3 - "$cold_s" "$cold_compiled" "$pycs" "$load_before" "$load_after" "${rows[@]}" <<'PY'
 import sys
-cold, cold_compiled, pycs = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+cold, cold_compiled, pycs = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+load_before, load_after = sys.argv[4], sys.argv[5]
 print(f"Cold link of the corpus with no remote (compiling from scratch): {cold:.2f} s, "
-      f"{cold_compiled} of {pycs} pycs compiled.\n")
-print("| remote | upload run | requests | MiB out | warm remote | compiled | fetched | requests | MiB in | vs. cold | +20 ms/request | compiled | requests | vs. cold |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for row in sys.argv[4:]:
-    k, up_s, up_r, up_b, s, c, f, r, b, ds, dc, df, dr, db = row.split()
-    mib = lambda x: f"{int(x) / 2**20:.1f}"
+      f"{cold_compiled} of {pycs} pycs compiled. Load average (1, 5, 15 min) before the "
+      f"runs: {load_before}; after: {load_after}.\n")
+print("| remote | upload run | requests | MiB out | warm remote | compiled | fetched | requests | MiB in | vs. cold | +20 ms/request | compiled | fetched | requests | MiB in | vs. cold | proxy CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+mib = lambda x: f"{int(x) / 2**20:.1f}"
+for row in sys.argv[6:]:
+    k, up_s, up_r, up_b, s, c, f, r, b, ds, dc, df, dr, db, pcpu = row.split()
     print(f"| {k} | {float(up_s):.2f} s | {up_r} | {mib(up_b)} | {float(s):.2f} s | {c} | {f} | {r} | {mib(b)} | "
-          f"{cold / float(s):.1f}x | {float(ds):.2f} s | {dc} | {dr} | {cold / float(ds):.1f}x |")
+          f"{cold / float(s):.1f}x | {float(ds):.2f} s | {dc} | {df} | {dr} | {mib(db)} | {cold / float(ds):.1f}x | {pcpu} s |")
+print()
+for row in sys.argv[6:]:
+    k, _, up_r, up_b, _, _, _, r, b = row.split()[:9]
+    print(f"- {k}: per pyc, {int(r) / pycs:.2f} requests and {int(b) / pycs / 1024:.1f} KiB in "
+          f"from the warm remote; {int(up_r) / pycs:.2f} requests and "
+          f"{int(up_b) / pycs / 1024:.1f} KiB out to warm it")
+print("\nTargets: at least 10x faster than the cold link on loopback, 4x at +20 ms per request.")
 PY
 )
 mkdir -p "$results"

@@ -148,9 +148,14 @@ impl Backend {
             "PYCSTORE_REMOTE_READ_ONLY",
             "PYCSTORE_REMOTE_SIGNING_KEY",
             "PYCSTORE_REMOTE_TRUSTED_KEYS",
+            "PYCSTORE_REMOTE_HTTP_TOKEN",
+            "PYCSTORE_REMOTE_HTTP_USER",
+            "PYCSTORE_REMOTE_HTTP_PASSWORD",
             "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
         ] {
             cmd.env_remove(var);
         }
@@ -404,6 +409,16 @@ impl ProxyState {
 impl Proxy {
     fn start(upstream: u16, hang: bool, die_after: u64) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Proxy::serve(listener, upstream, hang, die_after)
+    }
+
+    /// A proxy that forwards from `port` (a server that starts there).
+    fn start_at(port: u16, upstream: u16) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        Proxy::serve(listener, upstream, false, 0)
+    }
+
+    fn serve(listener: TcpListener, upstream: u16, hang: bool, die_after: u64) -> Proxy {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(ProxyState {
@@ -442,18 +457,26 @@ impl Proxy {
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 16384];
                     loop {
-                        let n = match from.read(&mut buf) {
+                        let mut n = match from.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        // Dying: answers are cut at exactly `die_after`
+                        // bytes, however the server's bytes were chunked.
+                        let mut dies = false;
+                        if count && s.die_after > 0 {
+                            let total = s.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+                            if total + n as u64 >= s.die_after {
+                                n = s.die_after.saturating_sub(total) as usize;
+                                dies = true;
+                            }
+                        }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
-                        if count {
-                            let total = s.forwarded.fetch_add(n as u64, Ordering::SeqCst);
-                            if s.die_after > 0 && total + n as u64 >= s.die_after {
-                                s.kill();
-                            }
+                        if dies {
+                            s.kill();
+                            break;
                         }
                     }
                     let _ = to.shutdown(Shutdown::Write);
@@ -771,7 +794,9 @@ fn an_unusable_remote_never_fails_a_link(b: Backend) {
         l.local_addr().unwrap().port()
     };
     let hanging = Proxy::start(b.port(), true, 0);
-    let dying = Proxy::start(b.port(), false, 20_000);
+    // Cut well before the 60 answers end (about 20 KB from Redis, which
+    // pipelines them on one connection; more over HTTP).
+    let dying = Proxy::start(b.port(), false, 5_000);
     let cases: Vec<(&str, Backend, Vec<&str>)> = vec![
         ("a closed port", b.at_port(closed), vec![]),
         (
@@ -1172,6 +1197,96 @@ fn a_stopped_remote_never_fails_a_mount(b: Backend) {
     }
 }
 
+/// Imports `pkg.m{i}` for each `i` of `which` from `dir` (a mount of
+/// [`modules`]), asserting that each came from a pyc there.
+fn import_some(dir: &Path, which: std::ops::Range<usize>) {
+    let mut code = format!(
+        "import sys\nsys.path.insert(0, {:?})\n",
+        dir.to_str().unwrap()
+    );
+    for i in which.clone() {
+        code.push_str(&format!("import pkg.m{i}\nassert pkg.m{i}.VALUE == {i}\n"));
+    }
+    let log = python_v(&python("3.11"), &["-c", &code], &[]);
+    assert_nothing_compiled(&log, dir, which.len());
+}
+
+/// A remote that was down when the mount began is asked again once its
+/// cooldown is over (`--remote-retry`): while it is down, pycs are compiled
+/// locally, with one warning; once it is up (and warm), the first access
+/// after the cooldown tries it again in the background, and the pycs of
+/// the sources accessed after that are fetched from it, not compiled, with
+/// nothing more said.
+fn a_mount_retries_a_remote_that_failed(b: Backend) {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let count = 10;
+    let half = count / 2;
+    let cooldown = 2;
+    let py = python("3.11");
+    // The server's port, closed for now: a stopped server.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let src = modules(&t, "b", count);
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let store = t.join("store-b");
+    let cooldown_arg = cooldown.to_string();
+    let mut m = b.at_port(port).mount(
+        &t,
+        &store,
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--remote-retry"),
+            OsStr::new(&cooldown_arg),
+            OsStr::new("--remote-read-only"),
+        ],
+    );
+    // Down: compiled locally (the package and the first half).
+    import_some(&mnt, 0..half);
+
+    // The server starts, warm: another machine linked the same sources.
+    let warm = modules(&t, "w", count);
+    let (out, v) = b.link(&t.join("store-w"), &warm, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(remote0(&v), "uploads"), count as u64 + 1, "{v}");
+    let _up = Proxy::start_at(port, b.port());
+    std::thread::sleep(Duration::from_secs(cooldown + 1));
+    // The first access after the cooldown starts the retry (and compiles);
+    // those after it fetch.
+    import_some(&mnt, half..half + 1);
+    std::thread::sleep(Duration::from_secs(2));
+    import_some(&mnt, half + 1..count);
+
+    let report = m.unmount();
+    assert_eq!(
+        reported(&report, "compiled on first access"),
+        half as u64 + 2,
+        "{report}"
+    );
+    let fetched = reported(&report, "fetched from remotes");
+    assert_eq!(fetched, (count - half - 1) as u64, "{report}");
+    let w = mount_warnings(&report);
+    assert_eq!(w.len(), 1, "{report}");
+    assert!(
+        w[0].contains("cannot be used") && w[0].contains("trying it again every 2s"),
+        "{w:?}"
+    );
+    let (_, remote) = store_stats(&store);
+    assert_eq!(n(&remote, "hits"), fetched, "{remote}");
+    assert!(n(&remote, "errors") >= 1, "{remote}");
+    assert_eq!(n(&remote, "rejected"), 0, "{remote}");
+}
+
 /// `status --remote` counts the pycs the store lacks that a remote would
 /// give, as `link` then finds them: all of a fresh copy's from a warm
 /// remote; not a source the remote lacks, nor an entry whose header names
@@ -1342,6 +1457,13 @@ macro_rules! backend_tests {
                 super::a_stopped_remote_never_fails_a_mount(b);
             }
         }
+
+        #[test]
+        fn a_mount_retries_a_remote_that_failed() {
+            if let Some(b) = Backend::get(KIND) {
+                super::a_mount_retries_a_remote_that_failed(b);
+            }
+        }
     };
     (@network false) => {};
 }
@@ -1481,4 +1603,146 @@ fn push_prewarms_a_remote() {
     // Read-only remotes: push refuses, exit 2.
     let out = run(b.cmd(&t.store(), "push").arg("--remote-read-only"));
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// An `https://` remote whose certificate comes from a CA the client trusts
+/// through `SSL_CERT_FILE`, with HTTP basic auth (nginx's `auth_basic`,
+/// scripts/test-servers): what one link uploads, a link into an empty
+/// store fetches, all of it, with the user and password from
+/// `PYCSTORE_REMOTE_HTTP_USER` and `PYCSTORE_REMOTE_HTTP_PASSWORD` or in
+/// the URL. A wrong password, and a certificate from a CA the client does
+/// not trust, each give one warning saying why, no password in any output,
+/// and a link compiled locally.
+#[test]
+fn https_with_basic_auth() {
+    let names = [
+        "PYCSTORE_TEST_WEBDAV_TLS",
+        "PYCSTORE_TEST_WEBDAV_TLS_CA",
+        "PYCSTORE_TEST_WEBDAV_USER",
+        "PYCSTORE_TEST_WEBDAV_PASSWORD",
+        "PYCSTORE_TEST_WEBDAV_ROOT",
+    ];
+    let values: Vec<Option<String>> = names.iter().map(|n| var(n)).collect();
+    if values.iter().any(Option::is_none) {
+        skip_server("PYCSTORE_TEST_WEBDAV_TLS* and PYCSTORE_TEST_WEBDAV_USER/PASSWORD are not set");
+        return;
+    }
+    let [url, ca, user, password, root] =
+        <[String; 5]>::try_from(values.into_iter().map(Option::unwrap).collect::<Vec<_>>())
+            .unwrap();
+    let ns = namespace();
+    let remote = |url: &str, env: &[(&str, &str)]| Backend {
+        kind: Kind::Webdav,
+        url: url.to_string(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        namespace: ns.clone(),
+        disk: Some(PathBuf::from(&root)),
+        _dir: None,
+    };
+    let b = remote(
+        &url,
+        &[
+            ("SSL_CERT_FILE", &ca),
+            ("PYCSTORE_REMOTE_HTTP_USER", &user),
+            ("PYCSTORE_REMOTE_HTTP_PASSWORD", &password),
+        ],
+    );
+    let t = TestDir::new();
+    let count = 10;
+    let all = count as u64 + 1;
+    let assert_no_password = |out: &Output| {
+        for stream in [&out.stdout, &out.stderr] {
+            let text = String::from_utf8_lossy(stream);
+            assert!(!text.contains(&password), "the password in {text}");
+        }
+    };
+
+    let src = modules(&t, "a", count);
+    let (out, v) = b.link(&t.join("store-a"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), all, "{v}");
+    assert_eq!(n(remote0(&v), "uploads"), all, "{v}");
+    assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
+    assert!(warnings(&out).is_empty(), "{out:?}");
+    assert_no_password(&out);
+
+    let src = modules(&t, "b", count);
+    let (out, v) = b.link(&t.join("store-b"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), all, "{v}");
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_modules_load(&t, "b", count);
+
+    // The user and password in the URL instead.
+    let in_url = url.replacen("https://", &format!("https://{user}:{password}@"), 1);
+    let c = remote(&in_url, &[("SSL_CERT_FILE", &ca)]);
+    let src = modules(&t, "c", count);
+    let (out, v) = c.link(&t.join("store-c"), &src, &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), all, "{v}");
+    assert_eq!(
+        v["remotes"][0]["remote"].as_str(),
+        Some(url.as_str()),
+        "{v}"
+    );
+    assert_no_password(&out);
+
+    // A wrong password; a CA the client does not trust.
+    let other_ca = t.join("other-ca.pem");
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .arg("ec_paramgen_curve:prime256v1")
+            .args(["-nodes", "-days", "1", "-subj", "/CN=another CA", "-keyout"])
+            .arg(t.join("other-ca.key"))
+            .arg("-out")
+            .arg(&other_ca),
+    );
+    let wrong = format!("{password}x");
+    let other_ca = other_ca.to_str().unwrap().to_string();
+    let cases = [
+        (
+            "a wrong password",
+            remote(
+                &url,
+                &[
+                    ("SSL_CERT_FILE", &ca),
+                    ("PYCSTORE_REMOTE_HTTP_USER", &user),
+                    ("PYCSTORE_REMOTE_HTTP_PASSWORD", &wrong),
+                ],
+            ),
+            "credentials refused",
+        ),
+        (
+            "a certificate from a CA not trusted",
+            remote(
+                &url,
+                &[
+                    ("SSL_CERT_FILE", &other_ca),
+                    ("PYCSTORE_REMOTE_HTTP_USER", &user),
+                    ("PYCSTORE_REMOTE_HTTP_PASSWORD", &password),
+                ],
+            ),
+            "certificate",
+        ),
+    ];
+    for (i, (what, r, why)) in cases.into_iter().enumerate() {
+        let name = format!("d{i}");
+        let src = modules(&t, &name, count);
+        let (out, v) = r.link(&t.join(format!("store-{name}")), &src, &[]);
+        assert_ok(&out, &v);
+        assert_eq!(n(&v, "compiled"), all, "{what}: {v}");
+        assert_eq!(n(&v, "fetched"), 0, "{what}: {v}");
+        let w = warnings(&out);
+        assert_eq!(w.len(), 1, "{what}: {w:?}");
+        assert!(
+            w[0].contains("cannot be used") && w[0].contains(why),
+            "{what}: {w:?}"
+        );
+        assert_no_password(&out);
+        assert_modules_load(&t, &name, count);
+    }
 }

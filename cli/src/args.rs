@@ -263,7 +263,8 @@ pub struct RemoteArgs {
     pub remote_read_only: bool,
 
     /// Seconds one remote request may take; a remote that does not answer
-    /// in time is left alone for the rest of the run.
+    /// in time is left alone for the rest of the run (a mount tries it
+    /// again after --remote-retry).
     #[arg(long, env = env::PYCSTORE_REMOTE_TIMEOUT, default_value_t = 10.0, value_name = "SECONDS")]
     pub remote_timeout: f64,
 
@@ -401,9 +402,15 @@ pub struct MountArgs {
     // Misses are asked of the remotes on first access before compiling
     // (also with --no-compile), and what the view compiles is uploaded
     // unless read-only; a remote that fails or does not answer in time is
-    // said once and left alone while mounted.
+    // said once and left alone until a retry finds it answering.
     #[command(flatten)]
     pub remote: RemoteArgs,
+
+    /// Seconds a remote that failed is left alone before it is asked again
+    /// (in the background, on the next access); 0: for as long as the
+    /// mount lives.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub remote_retry: u64,
 }
 
 impl MountArgs {

@@ -3,14 +3,25 @@
 //! having written nothing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use pycstore_store::remote::{config, Remotes, Requested, Settings};
 
 use crate::args::RemoteArgs;
 
-/// The remotes `args` name (flags, else `PYCSTORE_REMOTE`), or `None`.
+/// The remotes `args` name (flags, else `PYCSTORE_REMOTE`), or `None`; a
+/// remote that fails is left alone for the rest of the run.
 pub fn remotes(args: &RemoteArgs) -> anyhow::Result<Option<Arc<Remotes>>> {
+    remotes_retried(args, None)
+}
+
+/// [`remotes`] for a process that lives long (a mount): a remote that
+/// failed is tried again after `retry_after`.
+pub fn remotes_retried(
+    args: &RemoteArgs,
+    retry_after: Option<Duration>,
+) -> anyhow::Result<Option<Arc<Remotes>>> {
     let urls = if args.remote.is_empty() {
         config::process_env(crate::env::PYCSTORE_REMOTE)
             .map(|v| v.split_whitespace().map(str::to_string).collect())
@@ -26,6 +37,7 @@ pub fn remotes(args: &RemoteArgs) -> anyhow::Result<Option<Arc<Remotes>>> {
         signing_key: args.remote_signing_key.clone(),
         trusted_keys: args.remote_trusted_keys.clone(),
         concurrency: args.remote_jobs,
+        retry_after,
     };
     let Some(settings) = Settings::resolve(&requested, &config::process_env)? else {
         return Ok(None);

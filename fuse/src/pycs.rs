@@ -16,7 +16,8 @@
 //! a time on first access, with `link`'s checks ([`Remotes::accept`]); what
 //! they give is stored like a compile, what the view compiles is uploaded
 //! (unless read-only), and a remote that fails or does not answer within
-//! its timeout is said once and left alone for the rest of the mount.
+//! its timeout is said once and left alone until a retry after its
+//! cooldown finds it answering again (`mount --remote-retry`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -34,7 +35,7 @@ use pycstore_store::key::{CompileKey, SourceDigest};
 use pycstore_store::lock::LockGuard;
 use pycstore_store::objects::ObjectId;
 use pycstore_store::pyc::{self, Flavor, HeaderInput, HEADER_LEN};
-use pycstore_store::remote::Remotes;
+use pycstore_store::remote::{Answer, Remotes};
 use pycstore_store::resolve::{self, ObjectState};
 use pycstore_store::util::now_ns;
 use pycstore_store::{Interpreter, Store};
@@ -277,8 +278,9 @@ pub(crate) struct Pycs {
     flavor: Flavor,
     compile: bool,
     remotes: Option<Arc<Remotes>>,
-    /// Keys the remotes did not give (asked once per mount when the view
-    /// does not compile; a compiled key is stored and never asked again).
+    /// Keys the remotes did not give although all answered (asked once per
+    /// mount when the view does not compile; a compiled key is stored and
+    /// never asked again).
     remote_missed: Mutex<HashSet<CompileKey>>,
     bodies: RwLock<HashMap<CompileKey, Entry>>,
     failures: RwLock<HashSet<CompileKey>>,
@@ -669,13 +671,19 @@ impl Pycs {
         if !self.travels(interp) || lock(&self.remote_missed).contains(key) {
             return Ok(false);
         }
-        let fetched = remotes.fetch_one(key);
-        let body = fetched.and_then(|fetched| {
-            remotes.accept(fetched, interpreter.magic, interpreter.hash_variant, bytes)
-        });
+        let (body, answered) = match remotes.fetch_one(key) {
+            Answer::Fetched(fetched) => (
+                remotes.accept(fetched, interpreter.magic, interpreter.hash_variant, bytes),
+                true,
+            ),
+            Answer::Missing => (None, true),
+            Answer::Unavailable => (None, false),
+        };
         self.remote_warnings();
         let Some(body) = body else {
-            if !self.compile {
+            // Not asked again unless a remote could not answer (it may,
+            // after a retry).
+            if !self.compile && answered {
                 lock(&self.remote_missed).insert(*key);
             }
             return Ok(false);

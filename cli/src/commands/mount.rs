@@ -141,7 +141,10 @@ fn settings(args: &MountArgs) -> anyhow::Result<MountOptions> {
         threads: args.threads.unwrap_or((2 * cpus).max(4)),
         cache_ttl: Duration::from_secs(args.cache_ttl),
         // Checked before daemonizing: a bad remote exits 2 on the terminal.
-        remotes: crate::remote::remotes(&args.remote)?,
+        remotes: crate::remote::remotes_retried(
+            &args.remote,
+            Some(Duration::from_secs(args.remote_retry)),
+        )?,
     })
 }
 

@@ -141,6 +141,10 @@ pub struct Settings {
     pub trusted: TrustedKeys,
     /// Requests in flight at once, per run.
     pub concurrency: usize,
+    /// How long a remote that failed is left alone before it is tried
+    /// again; `None`: for the rest of the process (a `link`, which is
+    /// short-lived). A mount sets it.
+    pub retry_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -155,6 +159,7 @@ impl std::fmt::Debug for Settings {
                 &self.signing_key.as_ref().map(|(name, _)| name),
             )
             .field("trusted", &self.trusted.names())
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }
@@ -176,6 +181,8 @@ pub struct Requested {
     pub trusted_keys: Option<String>,
     /// `--remote-jobs`.
     pub concurrency: usize,
+    /// `mount --remote-retry` (see [`Settings::retry_after`]).
+    pub retry_after: Option<Duration>,
 }
 
 /// Reads a variable of the environment (a function, so tests can pass one).
@@ -238,6 +245,7 @@ impl Settings {
             signing_key,
             trusted,
             concurrency: req.concurrency.clamp(1, 1024),
+            retry_after: req.retry_after.filter(|d| !d.is_zero()),
         }))
     }
 }

@@ -43,7 +43,7 @@
 //! (see [`decode_entry`], [`decode_object`], and
 //! [`super::Remotes::accept`] for the checks against the local source).
 
-use std::io::Read;
+use std::cell::RefCell;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 
@@ -239,6 +239,14 @@ pub fn decode_entry<'a>(
     }
 }
 
+thread_local! {
+    /// A decompression context per thread, made once: a context is larger
+    /// than most objects, and making one for each costs more than the
+    /// decompression itself.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
 /// Compresses a pyc for upload.
 pub fn encode_object(pyc: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(pyc, 3).expect("compressing to memory does not fail")
@@ -254,12 +262,18 @@ pub fn decode_object(compressed: &[u8], entry: &RemoteEntry) -> Result<Vec<u8>, 
             entry.size
         )));
     }
+    // Decompressed into exactly the entry's size: a frame that holds more
+    // fails here, one that holds less fails the length check below.
     let mut pyc = Vec::with_capacity(entry.size as usize);
-    let decoder =
-        zstd::stream::Decoder::new(compressed).map_err(|e| Rejection::BadObject(e.to_string()))?;
-    decoder
-        .take(entry.size + 1)
-        .read_to_end(&mut pyc)
+    DECOMPRESSOR
+        .with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let decompressor = match &mut *cell {
+                Some(d) => d,
+                empty => empty.insert(zstd::bulk::Decompressor::new()?),
+            };
+            decompressor.decompress_to_buffer(compressed, &mut pyc)
+        })
         .map_err(|e| Rejection::BadObject(e.to_string()))?;
     if pyc.len() as u64 != entry.size {
         return Err(Rejection::BadObject(format!(
@@ -343,5 +357,7 @@ mod tests {
         let mut longer = pyc.clone();
         longer.push(0);
         assert!(decode_object(&encode_object(&longer), &entry).is_err());
+        // The thread's context still decodes after those failures.
+        assert_eq!(decode_object(&z, &entry).unwrap(), pyc);
     }
 }

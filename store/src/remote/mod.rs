@@ -16,16 +16,20 @@
 //! the request timeout.
 //!
 //! Nothing a remote does fails a run: a remote that errors, times out or
-//! refuses credentials is warned about once, with the reason, and not asked
-//! again by this process; a remote that returns something that does not
-//! check out has it rejected, counted and said once, and the pyc is
-//! compiled locally. Storage goes through OpenDAL (S3, Redis, WebDAV/HTTP,
-//! a directory); [`format`] draws what a remote holds.
+//! refuses credentials is warned about once, with the reason, and left
+//! alone: for the rest of the run (`link`, `status`, `push`), or, in a
+//! process that lives long (a mount, [`Settings::retry_after`]), until a
+//! request made in the background after a cooldown succeeds; a remote that
+//! returns something that does not check out has it rejected, counted and
+//! said once, and the pyc is compiled locally. Storage goes through OpenDAL
+//! (S3, WebDAV/HTTP, a directory) and, for Redis, a pipelined connection of
+//! its own ([`redis_client`]); [`format`] draws what a remote holds.
 
 pub mod config;
 pub mod format;
 pub mod keys;
 pub mod push;
+mod redis_client;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,7 +66,8 @@ pub struct RemoteCounters {
     pub bytes_in: u64,
     /// Bytes sent.
     pub bytes_out: u64,
-    /// Requests that failed (the remote was then left alone for the run).
+    /// Requests that failed (the remote was then left alone for the run,
+    /// or until a retry succeeds).
     pub errors: u64,
     /// Entries or objects rejected by the checks.
     pub rejected: u64,
@@ -137,24 +142,55 @@ pub struct RemoteReport {
     /// What it did.
     #[serde(flatten)]
     pub counters: RemoteCounters,
-    /// Why it was left alone, if it was (its first error).
+    /// Why it is left alone, if it is (the first error of the outage).
     pub disabled: Option<String>,
 }
 
 struct Remote {
     label: String,
     op: Operator,
+    /// Redis, reached without OpenDAL (reads and writes; `op` still serves
+    /// the listing of [`Remotes::raw_list`]).
+    redis: Option<redis_client::RedisClient>,
     /// Host and port to reach before the first request (network remotes).
     address: Option<(String, u16)>,
-    /// Whether the address answered (checked once, on first use).
-    reachable: tokio::sync::OnceCell<Result<(), String>>,
+    /// Whether the address answered: checked on first use, and again by
+    /// each retry after an outage (a new cell).
+    reachable: Mutex<Arc<tokio::sync::OnceCell<Result<(), String>>>>,
     counters: AtomicCounters,
     /// The counters as last added to the store's ([`Remotes::record`]).
     recorded: Mutex<RemoteCounters>,
-    /// The first error: the remote is not asked again by this process.
+    /// The first error of the outage under way, if any: while there is
+    /// one, the remote is left alone (`off`).
     disabled: Mutex<Option<String>>,
     off: AtomicBool,
+    /// When a remote left alone is tried again ([`Settings::retry_after`]).
+    retry: Mutex<Retry>,
     warned_reject: AtomicBool,
+}
+
+/// The retries of a remote left alone.
+#[derive(Default)]
+struct Retry {
+    /// When the next retry is due; `None` while the remote is in use, or
+    /// when it is never retried.
+    at: Option<Instant>,
+    /// A retry is under way.
+    trying: bool,
+}
+
+/// What the remotes said about one key ([`Remotes::fetch_one`]).
+#[derive(Debug)]
+pub enum Answer {
+    /// A pyc consistent with its name and entry, still to be checked
+    /// against the local source ([`Remotes::accept`]).
+    Fetched(Fetched),
+    /// Every remote was asked and none gave a pyc (or what one gave was
+    /// rejected): asking again would change nothing.
+    Missing,
+    /// A remote that may have it could not be asked (left alone after a
+    /// failure, or failing now): asking again later may give it.
+    Unavailable,
 }
 
 struct Shared {
@@ -193,7 +229,7 @@ impl std::fmt::Debug for Remotes {
     }
 }
 
-fn operator(spec: &RemoteSpec, settings: &Settings) -> opendal::Result<Operator> {
+fn operator(spec: &RemoteSpec) -> opendal::Result<Operator> {
     use opendal::services;
     Ok(match &spec.kind {
         Kind::S3 {
@@ -226,11 +262,12 @@ fn operator(spec: &RemoteSpec, settings: &Settings) -> opendal::Result<Operator>
             password,
             db,
         } => {
+            // Used only by the raw helpers below: requests go through
+            // `redis_client`.
             let mut b = services::Redis::default()
                 .endpoint(endpoint)
                 .db(*db)
-                .root("/")
-                .connection_pool_max_size(settings.concurrency.clamp(4, 64));
+                .root("/");
             if let Some(u) = username {
                 b = b.username(u);
             }
@@ -285,17 +322,39 @@ impl Remotes {
         let mut remotes = Vec::new();
         for spec in &settings.remotes {
             secrets.extend(spec.secrets());
-            let op = operator(spec, &settings)
-                .map_err(|e| ConfigError(format!("cannot use remote `{}`: {e}", spec.label)))?;
+            let cannot = |e: &dyn std::fmt::Display| {
+                ConfigError(format!("cannot use remote `{}`: {e}", spec.label))
+            };
+            let op = operator(spec).map_err(|e| cannot(&e))?;
+            let redis = match &spec.kind {
+                Kind::Redis {
+                    endpoint,
+                    username,
+                    password,
+                    db,
+                } => Some(
+                    redis_client::RedisClient::new(
+                        endpoint,
+                        username.as_deref(),
+                        password.as_deref(),
+                        *db,
+                        settings.timeout,
+                    )
+                    .map_err(|e| cannot(&e))?,
+                ),
+                _ => None,
+            };
             remotes.push(Remote {
                 label: spec.label.clone(),
                 op,
+                redis,
                 address: spec.address(),
-                reachable: tokio::sync::OnceCell::new(),
+                reachable: Mutex::new(Arc::new(tokio::sync::OnceCell::new())),
                 counters: AtomicCounters::default(),
                 recorded: Mutex::new(RemoteCounters::default()),
                 disabled: Mutex::new(None),
                 off: AtomicBool::new(false),
+                retry: Mutex::new(Retry::default()),
                 warned_reject: AtomicBool::new(false),
             });
         }
@@ -361,7 +420,7 @@ impl Remotes {
             let shared = Arc::clone(&self.shared);
             let done = Arc::clone(&done);
             tasks.push(self.runtime.spawn(async move {
-                let fetched = shared.fetch(&k).await;
+                let (fetched, _) = shared.fetch(&k).await;
                 drop(permit);
                 done(miss, fetched);
             }));
@@ -376,20 +435,58 @@ impl Remotes {
     /// Asks the remotes for one miss and waits for the answer: for a caller
     /// that fills misses one at a time as they are asked for (a FUSE view,
     /// on first access). Bounded like every request: a remote that does not
-    /// answer within the timeout is left alone from then on, and `None` is
-    /// returned (the caller compiles). The caller checks what comes back
-    /// with [`Remotes::accept`], as `link` does.
-    pub fn fetch_one(&self, key: &CompileKey) -> Option<Fetched> {
+    /// answer within the timeout is left alone from then on (until a retry
+    /// succeeds, with [`Settings::retry_after`]), and the answer is
+    /// [`Answer::Unavailable`] (the caller compiles). The caller checks
+    /// what comes back with [`Remotes::accept`], as `link` does.
+    ///
+    /// With [`Settings::retry_after`], a remote left alone whose cooldown
+    /// is over is first tried again in the background, with a request for
+    /// this key's entry: this call does not wait for it, later ones use the
+    /// remote again if it answered.
+    pub fn fetch_one(&self, key: &CompileKey) -> Answer {
+        self.retry_due(key);
         if !self.shared.any_on() {
-            return None;
+            return Answer::Unavailable;
         }
         let shared = Arc::clone(&self.shared);
         let semaphore = Arc::clone(&self.semaphore);
         let key = *key;
-        self.runtime.block_on(async move {
-            let _permit = semaphore.acquire_owned().await.ok()?;
+        let (fetched, answered) = self.runtime.block_on(async move {
+            let Ok(_permit) = semaphore.acquire_owned().await else {
+                return (None, false);
+            };
             shared.fetch(&key).await
-        })
+        });
+        match fetched {
+            Some(fetched) => Answer::Fetched(fetched),
+            None if answered => Answer::Missing,
+            None => Answer::Unavailable,
+        }
+    }
+
+    /// Starts a retry, in the background, of each remote left alone whose
+    /// cooldown is over ([`Settings::retry_after`]).
+    fn retry_due(&self, key: &CompileKey) {
+        let Some(cooldown) = self.shared.settings.retry_after else {
+            return;
+        };
+        for (i, r) in self.shared.remotes.iter().enumerate() {
+            if !r.off.load(Ordering::Relaxed) {
+                continue;
+            }
+            {
+                let mut retry = r.retry.lock().unwrap();
+                match retry.at {
+                    Some(at) if !retry.trying && Instant::now() >= at => retry.trying = true,
+                    _ => continue,
+                }
+            }
+            let shared = Arc::clone(&self.shared);
+            let path = format::entry_path(&self.shared.settings.namespace, key);
+            self.runtime
+                .spawn(async move { shared.retry(i, &path, cooldown).await });
+        }
     }
 
     /// For each miss, whether the remotes would give it: what `link` would
@@ -607,7 +704,20 @@ fn describe(e: &opendal::Error) -> String {
         Some(code) => format!("the server answered HTTP {code}"),
         None => {
             let detail = text.rsplit_once(" => ").map_or(text.as_str(), |(_, m)| m);
-            detail.lines().next().unwrap_or("").to_string()
+            let mut m = detail.lines().next().unwrap_or("").to_string();
+            // The innermost cause says what went wrong where the message
+            // does not (a certificate not trusted, a connection reset).
+            let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e);
+            let mut innermost = None;
+            while let Some(c) = cause {
+                innermost = Some(c.to_string());
+                cause = c.source();
+            }
+            if let Some(inner) = innermost.filter(|i| !i.is_empty() && !m.contains(i.as_str())) {
+                m.push_str(": ");
+                m.push_str(&inner);
+            }
+            m
         }
     };
     if message.len() > 300 {
@@ -677,7 +787,8 @@ impl Shared {
     }
 
     /// A request failed: the remote is left alone for the rest of the run,
-    /// said once.
+    /// or until a retry succeeds ([`Settings::retry_after`]); said once per
+    /// outage.
     fn failed(&self, i: usize, action: &str, error: String) {
         let r = &self.remotes[i];
         AtomicCounters::add(&r.counters.errors, 1);
@@ -686,13 +797,51 @@ impl Shared {
         let mut disabled = r.disabled.lock().unwrap();
         if disabled.is_none() {
             *disabled = Some(format!("{action}: {error}"));
+            r.retry.lock().unwrap().at = self.settings.retry_after.map(|c| Instant::now() + c);
             r.off.store(true, Ordering::Relaxed);
             drop(disabled);
+            let until = match self.settings.retry_after {
+                None => "for this run".to_string(),
+                Some(c) => format!("and trying it again every {}s", c.as_secs_f64()),
+            };
             self.warn(format!(
-                "remote `{}` cannot be used ({action}: {error}); going on without it for this \
-                 run: what it would have given is compiled locally",
+                "remote `{}` cannot be used ({action}: {error}); going on without it {until}: \
+                 what it would have given is compiled locally",
                 r.label
             ));
+        }
+    }
+
+    /// Tries remote `i`, left alone, again: a request for `path` (an entry)
+    /// from a fresh connection. If it answers (found or not), the remote is
+    /// used again; if not, the next retry is due after `cooldown`. Neither
+    /// is a warning: the outage was said when it began.
+    async fn retry(&self, i: usize, path: &str, cooldown: Duration) {
+        let r = &self.remotes[i];
+        *r.reachable.lock().unwrap() = Arc::new(tokio::sync::OnceCell::new());
+        match self.get(i, path).await {
+            Ok(_) => {
+                let why = r.disabled.lock().unwrap().take();
+                *r.retry.lock().unwrap() = Retry::default();
+                r.off.store(false, Ordering::Relaxed);
+                tracing::info!(
+                    "remote `{}` answers again (it was left alone after: {}); using it again",
+                    r.label,
+                    why.unwrap_or_default()
+                );
+            }
+            Err(e) => {
+                AtomicCounters::add(&r.counters.errors, 1);
+                tracing::debug!(
+                    "remote `{}` still cannot be used: {}",
+                    r.label,
+                    self.redact(&e)
+                );
+                *r.retry.lock().unwrap() = Retry {
+                    at: Some(Instant::now() + cooldown),
+                    trying: false,
+                };
+            }
         }
     }
 
@@ -720,20 +869,31 @@ impl Shared {
         let Some((host, port)) = &r.address else {
             return Ok(());
         };
-        r.reachable
-            .get_or_init(|| async {
-                let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
-                match tokio::time::timeout(self.settings.timeout, connect).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
-                    Err(_) => Err(format!(
-                        "cannot connect to {host}:{port} within {:.1}s (--remote-timeout)",
-                        self.settings.timeout.as_secs_f64()
-                    )),
-                }
-            })
-            .await
-            .clone()
+        let cell = Arc::clone(&r.reachable.lock().unwrap());
+        cell.get_or_init(|| async {
+            let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
+            match tokio::time::timeout(self.settings.timeout, connect).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}: {e}")),
+                Err(_) => Err(format!(
+                    "cannot connect to {host}:{port} within {:.1}s (--remote-timeout)",
+                    self.settings.timeout.as_secs_f64()
+                )),
+            }
+        })
+        .await
+        .clone()
+    }
+
+    /// The error of a request that did not answer in time.
+    fn timed_out(&self, i: usize) -> String {
+        if let Some(redis) = &self.remotes[i].redis {
+            redis.reset();
+        }
+        format!(
+            "no answer within {:.1}s (--remote-timeout)",
+            self.settings.timeout.as_secs_f64()
+        )
     }
 
     /// Reads `path` from remote `i`: `Ok(None)` when it is not there.
@@ -741,18 +901,23 @@ impl Shared {
         let r = &self.remotes[i];
         self.reachable(i).await?;
         AtomicCounters::add(&r.counters.requests, 1);
-        match tokio::time::timeout(self.settings.timeout, r.op.read(path)).await {
-            Err(_) => Err(format!(
-                "no answer within {:.1}s (--remote-timeout)",
-                self.settings.timeout.as_secs_f64()
-            )),
-            Ok(Err(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Ok(Err(e)) => Err(describe(&e)),
-            Ok(Ok(buffer)) => {
-                let bytes = buffer.to_vec();
+        let read = async {
+            match &r.redis {
+                Some(redis) => redis.get(path).await,
+                None => match r.op.read(path).await {
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(describe(&e)),
+                    Ok(buffer) => Ok(Some(buffer.to_vec())),
+                },
+            }
+        };
+        match tokio::time::timeout(self.settings.timeout, read).await {
+            Err(_) => Err(self.timed_out(i)),
+            Ok(Ok(Some(bytes))) => {
                 AtomicCounters::add(&r.counters.bytes_in, bytes.len() as u64);
                 Ok(Some(bytes))
             }
+            Ok(answer) => answer,
         }
     }
 
@@ -761,24 +926,35 @@ impl Shared {
         self.reachable(i).await?;
         AtomicCounters::add(&r.counters.requests, 1);
         let len = bytes.len() as u64;
-        match tokio::time::timeout(self.settings.timeout, r.op.write(path, bytes)).await {
-            Err(_) => Err(format!(
-                "no answer within {:.1}s (--remote-timeout)",
-                self.settings.timeout.as_secs_f64()
-            )),
-            Ok(Err(e)) => Err(describe(&e)),
-            Ok(Ok(_)) => {
+        let write = async {
+            match &r.redis {
+                Some(redis) => redis.set(path, bytes).await,
+                None => {
+                    r.op.write(path, bytes)
+                        .await
+                        .map(drop)
+                        .map_err(|e| describe(&e))
+                }
+            }
+        };
+        match tokio::time::timeout(self.settings.timeout, write).await {
+            Err(_) => Err(self.timed_out(i)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => {
                 AtomicCounters::add(&r.counters.bytes_out, len);
                 Ok(())
             }
         }
     }
 
-    /// Asks each remote in turn for `key`.
-    async fn fetch(&self, key: &CompileKey) -> Option<Fetched> {
+    /// Asks each remote in turn for `key`: what one gave, and whether
+    /// every remote answered (none left alone, none failing now).
+    async fn fetch(&self, key: &CompileKey) -> (Option<Fetched>, bool) {
         let ns = &self.settings.namespace;
+        let mut answered = true;
         for (i, r) in self.remotes.iter().enumerate() {
             if r.off.load(Ordering::Relaxed) {
+                answered = false;
                 continue;
             }
             let bytes = match self.get(i, &format::entry_path(ns, key)).await {
@@ -789,6 +965,7 @@ impl Shared {
                 }
                 Err(e) => {
                     self.failed(i, "reading an entry", e);
+                    answered = false;
                     continue;
                 }
             };
@@ -797,39 +974,38 @@ impl Shared {
                     Ok(found) => found,
                     Err(why) => {
                         self.reject(i, &why);
-                        return None;
+                        return (None, true);
                     }
                 };
-            if let Some(inline) = inline {
-                return match format::decode_object(inline, &entry) {
-                    Ok(pyc) => Some(Fetched { remote: i, pyc }),
-                    Err(why) => {
-                        self.reject(i, &why);
-                        None
+            let compressed;
+            let object = match inline {
+                Some(inline) => inline,
+                None => match self.get(i, &format::object_path(ns, &entry.object)).await {
+                    Ok(Some(bytes)) => {
+                        compressed = bytes;
+                        &compressed
                     }
-                };
-            }
-            let compressed = match self.get(i, &format::object_path(ns, &entry.object)).await {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => {
-                    // An entry whose object is gone (or not there yet).
-                    AtomicCounters::add(&r.counters.misses, 1);
-                    continue;
-                }
-                Err(e) => {
-                    self.failed(i, "reading an object", e);
-                    continue;
-                }
+                    Ok(None) => {
+                        // An entry whose object is gone (or not there yet).
+                        AtomicCounters::add(&r.counters.misses, 1);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.failed(i, "reading an object", e);
+                        answered = false;
+                        continue;
+                    }
+                },
             };
-            return match format::decode_object(&compressed, &entry) {
-                Ok(pyc) => Some(Fetched { remote: i, pyc }),
+            return match format::decode_object(object, &entry) {
+                Ok(pyc) => (Some(Fetched { remote: i, pyc }), true),
                 Err(why) => {
                     self.reject(i, &why);
-                    None
+                    (None, true)
                 }
             };
         }
-        None
+        (None, answered)
     }
 
     /// Whether the remotes would give `w` (see [`Remotes::available`]):

@@ -392,7 +392,7 @@ impl Remotes {
 
     /// Warnings gathered since the last call, each said once.
     pub fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut *self.shared.warnings.lock().unwrap())
+        std::mem::take(&mut *crate::util::lock(&self.shared.warnings))
     }
 
     /// For each miss received on `wanted` (until it closes), asks the
@@ -476,7 +476,7 @@ impl Remotes {
                 continue;
             }
             {
-                let mut retry = r.retry.lock().unwrap();
+                let mut retry = crate::util::lock(&r.retry);
                 match retry.at {
                     Some(at) if !retry.trying && Instant::now() >= at => retry.trying = true,
                     _ => continue,
@@ -611,7 +611,7 @@ impl Remotes {
         self.shared
             .remotes
             .iter()
-            .any(|r| r.counters.snapshot() != *r.recorded.lock().unwrap())
+            .any(|r| r.counters.snapshot() != *crate::util::lock(&r.recorded))
     }
 
     /// What each remote did in this process.
@@ -622,7 +622,7 @@ impl Remotes {
             .map(|r| RemoteReport {
                 remote: r.label.clone(),
                 counters: r.counters.snapshot(),
-                disabled: r.disabled.lock().unwrap().clone(),
+                disabled: crate::util::lock(&r.disabled).clone(),
             })
             .collect()
     }
@@ -635,7 +635,7 @@ impl Remotes {
         let mut done = Vec::new();
         for r in &self.shared.remotes {
             let now = r.counters.snapshot();
-            let delta = now.since(*r.recorded.lock().unwrap());
+            let delta = now.since(*crate::util::lock(&r.recorded));
             if delta == RemoteCounters::default() {
                 continue;
             }
@@ -654,7 +654,7 @@ impl Remotes {
         }
         index.apply(writes)?;
         for (r, now) in done {
-            *r.recorded.lock().unwrap() = now;
+            *crate::util::lock(&r.recorded) = now;
         }
         Ok(())
     }
@@ -783,7 +783,7 @@ impl Shared {
     fn warn(&self, message: String) {
         let message = self.redact(&message);
         tracing::debug!("{message}");
-        self.warnings.lock().unwrap().push(message);
+        crate::util::lock(&self.warnings).push(message);
     }
 
     /// A request failed: the remote is left alone for the rest of the run,
@@ -794,10 +794,10 @@ impl Shared {
         AtomicCounters::add(&r.counters.errors, 1);
         let error = self.redact(&error);
         tracing::debug!("remote `{}`: {action}: {error}", r.label);
-        let mut disabled = r.disabled.lock().unwrap();
+        let mut disabled = crate::util::lock(&r.disabled);
         if disabled.is_none() {
             *disabled = Some(format!("{action}: {error}"));
-            r.retry.lock().unwrap().at = self.settings.retry_after.map(|c| Instant::now() + c);
+            crate::util::lock(&r.retry).at = self.settings.retry_after.map(|c| Instant::now() + c);
             r.off.store(true, Ordering::Relaxed);
             drop(disabled);
             let until = match self.settings.retry_after {
@@ -818,11 +818,11 @@ impl Shared {
     /// is a warning: the outage was said when it began.
     async fn retry(&self, i: usize, path: &str, cooldown: Duration) {
         let r = &self.remotes[i];
-        *r.reachable.lock().unwrap() = Arc::new(tokio::sync::OnceCell::new());
+        *crate::util::lock(&r.reachable) = Arc::new(tokio::sync::OnceCell::new());
         match self.get(i, path).await {
             Ok(_) => {
-                let why = r.disabled.lock().unwrap().take();
-                *r.retry.lock().unwrap() = Retry::default();
+                let why = crate::util::lock(&r.disabled).take();
+                *crate::util::lock(&r.retry) = Retry::default();
                 r.off.store(false, Ordering::Relaxed);
                 tracing::info!(
                     "remote `{}` answers again (it was left alone after: {}); using it again",
@@ -837,7 +837,7 @@ impl Shared {
                     r.label,
                     self.redact(&e)
                 );
-                *r.retry.lock().unwrap() = Retry {
+                *crate::util::lock(&r.retry) = Retry {
                     at: Some(Instant::now() + cooldown),
                     trying: false,
                 };
@@ -869,7 +869,7 @@ impl Shared {
         let Some((host, port)) = &r.address else {
             return Ok(());
         };
-        let cell = Arc::clone(&r.reachable.lock().unwrap());
+        let cell = Arc::clone(&crate::util::lock(&r.reachable));
         cell.get_or_init(|| async {
             let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
             match tokio::time::timeout(self.settings.timeout, connect).await {

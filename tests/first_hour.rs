@@ -758,8 +758,11 @@ fn linked_pycs_stay_counted_and_pycstores_after_gc() {
     );
 
     // Linked again (the store compiles what it lost): the same pycs, the
-    // same counts, all stored again.
+    // same counts, all stored again. A recompiled pyc may differ from the
+    // first compile by a few bytes (marshal's references depend on the
+    // interpreter's state), and replaces it: count what is there now.
     link(&t, &python, &app);
+    let bytes = pyc_bytes(&app);
     let again = stats();
     assert_eq!(again["linked_pycs"], 4, "{again}");
     assert_eq!(again["logical_bytes"], bytes, "{again}");

@@ -43,9 +43,20 @@ set -euo pipefail
 runs=${RUNS:-3}
 source "$(dirname "$0")/common.sh"
 
-# A shell command removing every pyc under a prefix.
-rm_pycs() { echo "find $(q "$1") -name __pycache__ -type d -prune -exec rm -rf {} +"; }
-fresh_copy() { rm -rf "$1" && cp -a "$corpus" "$1"; }
+# Nothing is removed while the script measures: what a run replaces is moved
+# into the trash, removed at the end. ext4 without a journal skips inodes
+# freed in the last minute when it allocates, at a cost that grows with
+# their number, so a link (or compileall) creating files right after the
+# prepare step removed thousands would measure the benchmark's own rm -rf.
+# A command moving PATH into the trash, if it exists.
+aside() { echo "if [ -e $(q "$1") ]; then mv $(q "$1") \"\$(mktemp -d -p $(q "$trash"))\"; fi"; }
+# A shell command moving every __pycache__ under a prefix into the trash.
+rm_pycs() {
+  echo "find $(q "$1") -name __pycache__ -type d -prune -exec sh -c" \
+    "'t=\$(mktemp -d -p \"\$0\"); n=0; for d; do n=\$((n + 1)); mv \"\$d\" \"\$t/\$n\"; done'" \
+    "$(q "$trash") {} +"
+}
+fresh_copy() { sh -c "$(aside "$1")" && cp -a "$corpus" "$1"; }
 count_pycs() { find "$1" -name '*.pyc' | wc -l; }
 # Disk use in KiB of all arguments together, each hard-linked file once.
 kib() { du -skc "$@" | tail -n 1 | cut -f 1; }
@@ -55,7 +66,8 @@ say "setup"
 
 json=$results/corpus-$date
 work=$bench/work
-mkdir -p "$json" "$work"
+trash=$work/trash
+mkdir -p "$json" "$work" "$trash"
 
 pycstore=$(pycstore_binary)
 corpus=$(the_corpus)
@@ -83,7 +95,7 @@ hyperfine_to compileall --prepare "$(rm_pycs "$compiled")" \
 
 say "uv pip install, with and without --compile-bytecode"
 venv=$work/uv-venv
-new_venv="rm -rf $(q "$venv") && $(q "$uv") venv -q --python $(q "$python") $(q "$venv")"
+new_venv="$(aside "$venv") && $(q "$uv") venv -q --python $(q "$python") $(q "$venv")"
 install="$(q "$uv") pip install -q --python $(q "$venv/bin/python") --link-mode copy -r $(q "$requirements")"
 sh -c "$new_venv && $install" # warms the uv cache
 hyperfine_to uv \
@@ -94,13 +106,13 @@ uv_pycs=$(count_pycs "$venv")
 say "pycstore link"
 store=$work/store
 link="$(q "$pycstore") --store $(q "$store") link -q"
-rm_store="chmod -R u+w $(q "$store") 2>/dev/null; rm -rf $(q "$store")"
+rm_store="$(aside "$store")"
 cold=$work/link-cold
 fresh_copy "$cold"
 hyperfine_to link-cold --prepare "$rm_store && $(rm_pycs "$cold")" \
   -n "pycstore link, empty store" "$link $(q "$cold")"
 linked=$work/link-warm
-hyperfine_to link-warm --prepare "rm -rf $(q "$linked") && cp -a $(q "$corpus") $(q "$linked")" \
+hyperfine_to link-warm --prepare "$(aside "$linked") && cp -a $(q "$corpus") $(q "$linked")" \
   -n "pycstore link, warm store" "$link $(q "$linked")"
 hyperfine_to link-again --warmup 1 \
   -n "pycstore link, already linked" "$link $(q "$linked")"
@@ -110,7 +122,7 @@ hyperfine_to inspect --warmup 1 \
 
 say "a tiny prefix"
 tiny=$work/tiny
-rm -rf "$tiny" && mkdir -p "$tiny/pkg"
+sh -c "$(aside "$tiny")" && mkdir -p "$tiny/pkg"
 i=0
 find "$corpus/lib" -path '*/site-packages/dateutil/*.py' | sort | head -n 9 |
   while read -r f; do i=$((i + 1)) && cp "$f" "$tiny/pkg/m$i.py"; done
@@ -168,26 +180,18 @@ hyperfine_to import --warmup 1 \
 say "pycstore export and import"
 pack=$work/pycs.pack
 imported=$work/store-imported
-# Replaced stores are moved aside, and removed at the end: ext4 without a
-# journal skips inodes freed in the last minute when it allocates, at a cost
-# that grows with their number, so creating thousands of objects right after
-# removing thousands measures the benchmark's own rm -rf. A CI job imports
-# on a fresh machine. For the same reason, let the earlier steps' removals age.
-trash=$work/trash
-mkdir -p "$trash"
-sleep 60
+# Replaced stores are moved aside (see `aside`): a CI job imports on a
+# fresh machine.
 # A CI job exports right after linking, with the objects in the page cache.
 hyperfine_to pack-export --warmup 1 --prepare "rm -f $(q "$pack")" \
   -n "pycstore export" "$(q "$pycstore") --store $(q "$store") export $(q "$pack")"
-set_aside="if [ -e $(q "$imported") ]; then mv $(q "$imported") $(q "$trash")/\$(date +%s%N); fi"
-hyperfine_to pack-import --prepare "$set_aside" \
+hyperfine_to pack-import --prepare "$(aside "$imported")" \
   -n "pycstore import" "$(q "$pycstore") --store $(q "$imported") import $(q "$pack")"
 exported=$("$pycstore" --store "$store" export --json "$pack")
 # What the import is for: a fresh prefix links from it without compiling.
 from_pack=$work/link-from-pack
 fresh_copy "$from_pack"
 after_import=$("$pycstore" --store "$imported" link --json "$from_pack")
-chmod -R u+w "$trash" && rm -rf "$trash"
 
 say "import workload, unchecked-hash pycs"
 # Linked after the export, so that the pack holds one flavor, as in CI.
@@ -347,4 +351,5 @@ from the store, {after_import['compiled']} compiled.
 du does not see blocks that reflinked files share: where pycstore reflinks (XFS,
 btrfs), the prefix numbers overstate what is really new.""")
 PY
+chmod -R u+w "$trash" && rm -rf "$trash"
 echo "report: $report"

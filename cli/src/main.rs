@@ -3,6 +3,10 @@
 //! Exit codes: 0 success; 1 the command ran but some files failed (each is
 //! reported); 2 the command could not run (bad flags, no store, no
 //! interpreter).
+#![allow(
+    rustdoc::broken_intra_doc_links,
+    reason = "doc comments are clap's help texts, whose [OPTIONAL] parts are not links"
+)]
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

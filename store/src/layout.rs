@@ -20,7 +20,7 @@
 //!
 //! Everything in the store belongs to its owner (in a group store, mode
 //! 2770 and 0660, to its group); no bucket is a symlink. Opening refuses
-//! a store whose buckets are not so ([`trust::check_bucket`]); `verify`
+//! a store whose buckets are not so (`trust::check_bucket`); `verify`
 //! reports anything else inside that is not.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -405,7 +405,7 @@ struct IndexScan {
 }
 
 /// Runs `verify` (and with `options.repair`, repairs) on a store: each step
-/// adds what it finds to one [`Findings`], which the repair then works
+/// adds what it finds to one `Findings`, which the repair then works
 /// through.
 pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     let started = Instant::now();

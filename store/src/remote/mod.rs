@@ -8,7 +8,7 @@
 //! asks for one miss at a time, on first access ([`Remotes::fetch_one`]),
 //! and `status` only asks which misses a remote could give
 //! ([`Remotes::available`]), fetching no object stored apart. What comes
-//! back is checked ([`format`] for the remote's own consistency,
+//! back is checked ([`format`](mod@format) for the remote's own consistency,
 //! [`Remotes::accept`] against the local source) and then stored like a
 //! compile result, so the next `link` on the machine never asks again.
 //! Objects compiled locally are uploaded in the background
@@ -23,7 +23,7 @@
 //! returns something that does not check out has it rejected, counted and
 //! said once, and the pyc is compiled locally. Storage goes through OpenDAL
 //! (S3, WebDAV/HTTP, a directory) and, for Redis, a pipelined connection of
-//! its own ([`redis_client`]); [`format`] draws what a remote holds.
+//! its own (`redis_client`); [`format`](mod@format) draws what a remote holds.
 
 pub mod config;
 pub mod format;

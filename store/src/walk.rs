@@ -304,8 +304,8 @@ impl Listed {
         ListingRecord {
             dev: stat.st_dev,
             ino: stat.st_ino,
-            mtime_ns: stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
-            ctime_ns: stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
+            mtime_ns: times_ns(stat).0,
+            ctime_ns: times_ns(stat).1,
             seen_ns: now_ns,
             pycache: self.pycache,
             dirs: self.dirs.clone(),
@@ -357,10 +357,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                 continue;
             }
         };
-        let (mtime_ns, ctime_ns) = (
-            stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
-            stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
-        );
+        let (mtime_ns, ctime_ns) = times_ns(&stat);
         let record = known
             .and_then(|(index, _)| index.listing(&path))
             .filter(|r| {
@@ -383,7 +380,11 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                 let fd = match fd {
                     Some(fd) => fd,
                     None => match tree::open_listable_beneath(root.as_fd(), &relative) {
-                        Ok(fd) => fd,
+                        // The directory stat'ed by path, not one swapped in
+                        // since: its owner decides who may share an inode
+                        // with its pycs.
+                        Ok(fd) if same_dir(&fd, &stat) => fd,
+                        Ok(_) => continue,
                         Err(e) if gone(&e) => continue,
                         Err(e) => {
                             walk.errors.push(FileError::new(path, Op::Read, e));
@@ -463,6 +464,19 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
             }));
     }
     walk
+}
+
+/// A `stat`'s modification and status change times, in nanoseconds.
+fn times_ns(stat: &rustix::fs::Stat) -> (i64, i64) {
+    (
+        stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
+        stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
+    )
+}
+
+/// Whether `fd` is the directory `stat` describes.
+fn same_dir(fd: &OwnedFd, stat: &rustix::fs::Stat) -> bool {
+    rustix::fs::fstat(fd).is_ok_and(|st| (st.st_dev, st.st_ino) == (stat.st_dev, stat.st_ino))
 }
 
 /// Whether opening a directory failed because it is no longer one (swapped

@@ -1372,120 +1372,57 @@ fn status_counts_what_a_remote_would_give(b: Backend) {
     }
 }
 
+/// One test per scenario for a backend, each running the scenario of that
+/// name against it; `network: true` adds those that stop or break a server.
 macro_rules! backend_tests {
-    ($module:ident, $kind:expr, network: $network:tt) => {
-        mod $module {
-            use super::*;
-
+    (@each $kind:expr; $($name:ident),+ $(,)?) => {
+        $(
             #[test]
-            fn shares_a_venv_between_machines() {
+            fn $name() {
                 if let Some(b) = Backend::get($kind) {
-                    super::shares_a_venv_between_machines(b);
+                    super::$name(b);
                 }
             }
-
-            #[test]
-            fn read_only_uploads_nothing() {
-                if let Some(b) = Backend::get($kind) {
-                    super::read_only_uploads_nothing(b);
-                }
-            }
-
-            #[test]
-            fn tampered_remote_gives_no_wrong_pyc() {
-                if let Some(b) = Backend::get($kind) {
-                    super::tampered_remote_gives_no_wrong_pyc(b);
-                }
-            }
-
-            #[test]
-            fn only_trusted_signatures_are_accepted() {
-                if let Some(b) = Backend::get($kind) {
-                    super::only_trusted_signatures_are_accepted(b);
-                }
-            }
-
-            #[test]
-            fn a_mount_fetches_from_a_warm_remote() {
-                if let Some(b) = Backend::get($kind) {
-                    super::a_mount_fetches_from_a_warm_remote(b);
-                }
-            }
-
-            #[test]
-            fn a_tampered_remote_gives_a_mount_no_wrong_pyc() {
-                if let Some(b) = Backend::get($kind) {
-                    super::a_tampered_remote_gives_a_mount_no_wrong_pyc(b);
-                }
-            }
-
-            #[test]
-            fn a_pycache_prefix_view_fetches_from_a_warm_remote() {
-                if let Some(b) = Backend::get($kind) {
-                    super::a_pycache_prefix_view_fetches_from_a_warm_remote(b);
-                }
-            }
-
-            #[test]
-            fn a_mount_uploads_what_it_compiles() {
-                if let Some(b) = Backend::get($kind) {
-                    super::a_mount_uploads_what_it_compiles(b);
-                }
-            }
-
-            #[test]
-            fn status_counts_what_a_remote_would_give() {
-                if let Some(b) = Backend::get($kind) {
-                    super::status_counts_what_a_remote_would_give(b);
-                }
-            }
-
-            backend_tests!(@network $network);
-        }
+        )+
     };
-    (@network true) => {
-        #[test]
-        fn an_unusable_remote_never_fails_a_link() {
-            if let Some(b) = Backend::get(KIND) {
-                super::an_unusable_remote_never_fails_a_link(b);
-            }
-        }
-
-        #[test]
-        fn a_stopped_remote_never_fails_a_mount() {
-            if let Some(b) = Backend::get(KIND) {
-                super::a_stopped_remote_never_fails_a_mount(b);
-            }
-        }
-
-        #[test]
-        fn a_mount_retries_a_remote_that_failed() {
-            if let Some(b) = Backend::get(KIND) {
-                super::a_mount_retries_a_remote_that_failed(b);
-            }
-        }
+    ($kind:expr, network: true) => {
+        backend_tests!($kind, network: false);
+        backend_tests!(@each $kind;
+            an_unusable_remote_never_fails_a_link,
+            a_stopped_remote_never_fails_a_mount,
+            a_mount_retries_a_remote_that_failed,
+        );
     };
-    (@network false) => {};
+    ($kind:expr, network: false) => {
+        backend_tests!(@each $kind;
+            shares_a_venv_between_machines,
+            read_only_uploads_nothing,
+            tampered_remote_gives_no_wrong_pyc,
+            only_trusted_signatures_are_accepted,
+            a_mount_fetches_from_a_warm_remote,
+            a_tampered_remote_gives_a_mount_no_wrong_pyc,
+            a_pycache_prefix_view_fetches_from_a_warm_remote,
+            a_mount_uploads_what_it_compiles,
+            status_counts_what_a_remote_would_give,
+        );
+    };
 }
 
 mod file {
     use super::*;
-    backend_tests!(tests, Kind::File, network: false);
+    backend_tests!(Kind::File, network: false);
 }
 mod redis_server {
     use super::*;
-    const KIND: Kind = Kind::Redis;
-    backend_tests!(tests, KIND, network: true);
+    backend_tests!(Kind::Redis, network: true);
 }
 mod webdav {
     use super::*;
-    const KIND: Kind = Kind::Webdav;
-    backend_tests!(tests, KIND, network: true);
+    backend_tests!(Kind::Webdav, network: true);
 }
 mod s3 {
     use super::*;
-    const KIND: Kind = Kind::S3;
-    backend_tests!(tests, KIND, network: true);
+    backend_tests!(Kind::S3, network: true);
 }
 
 /// Bad remote settings end the command before anything is written.

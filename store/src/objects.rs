@@ -15,7 +15,7 @@
 //! object, through the store or through a prefix it is hard linked into,
 //! sets its mtime to the time of that write, so an object still sealed, of
 //! its entry's size and with an object's owner and mode, is the object the
-//! store wrote: `link` checks it with one `stat` ([`Objects::sealed`]).
+//! store wrote: `link` checks it with one `stat` (`Objects::sealed`).
 //! Anything else is opened and checked byte by byte before it is placed,
 //! and sealed again once its bytes hash to its name. (An object changed
 //! on purpose with its mtime put back is found by `pycstore verify`.)
@@ -168,7 +168,7 @@ impl Objects {
     /// Whether a `stat` of an object says it is still as the store wrote
     /// it: sealed ([`SEAL_MTIME`]), a regular file of `size` bytes with an
     /// object's owner and mode. No system call.
-    pub fn sealed(&self, stat: &rustix::fs::Stat, size: u64) -> bool {
+    pub(crate) fn sealed(&self, stat: &rustix::fs::Stat, size: u64) -> bool {
         (stat.st_mtime, stat.st_mtime_nsec as i64) == SEAL_MTIME
             && stat.st_size as u64 == size
             && self.stat_ok(stat)
@@ -178,18 +178,13 @@ impl Objects {
     /// name (an object of a store older than the seal, or one whose mtime
     /// changed): its next check is one `stat`. Only the object's owner (or
     /// root) may; anyone else leaves it as it is.
-    pub fn seal(&self, id: &ObjectId) {
+    pub(crate) fn seal(&self, id: &ObjectId) {
         let _ = rustix::fs::utimensat(
             rustix::fs::CWD,
             self.path(id),
             &seal_times(),
             rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
         );
-    }
-
-    /// Whether the object `id` hashes to its name (a whole read).
-    pub fn intact(&self, id: &ObjectId) -> bool {
-        self.holds(id)
     }
 
     /// Where the object `id` lives (whether or not it exists).
@@ -210,7 +205,7 @@ impl Objects {
     /// read.
     pub fn put_mode(&self, bytes: &[u8], mode: u32) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
-        if !self.holds(&id) {
+        if !self.intact(&id) {
             self.adopt(&id, self.write_temp_with_mode(bytes, mode)?)?;
         }
         Ok(id)
@@ -231,7 +226,7 @@ impl Objects {
 
     /// Whether the object `id` is present, not a symlink, with the metadata
     /// of an object and bytes that hash to its name.
-    fn holds(&self, id: &ObjectId) -> bool {
+    pub(crate) fn intact(&self, id: &ObjectId) -> bool {
         use std::io::Read;
         let Ok(mut file) = crate::link::open_no_follow(&self.path(id)) else {
             return false;
@@ -399,7 +394,7 @@ impl Objects {
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
             Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
         };
-        if self.holds(id) {
+        if self.intact(id) {
             return Ok(());
         }
         temp.persist(&path)

@@ -137,7 +137,7 @@ pub fn open_object(objects: &Objects, entry: &Entry) -> io::Result<ObjectState> 
 /// the store wrote it ([`Objects::sealed`]); `None` when it must be opened
 /// and checked ([`open_object`]): missing, changed since, or written before
 /// objects were sealed.
-pub fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::fs::Stat> {
+pub(crate) fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::fs::Stat> {
     let st = rustix::fs::statat(
         rustix::fs::CWD,
         objects.path(&entry.object),

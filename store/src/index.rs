@@ -358,7 +358,9 @@ impl ListingRecord {
             let len = u16::from_le_bytes([*a, *b]) as usize;
             let name = tail
                 .get(..len)
-                .filter(|n| !n.is_empty() && !n.contains(&b'/'))?;
+                // One plain name: a record never leads the walk up or
+                // across directories.
+                .filter(|n| !matches!(*n, b"" | b"." | b"..") && !n.contains(&b'/'))?;
             let name = std::ffi::OsStr::from_bytes(name).to_os_string();
             match kind {
                 0 => record.dirs.push(name),
@@ -963,6 +965,29 @@ fn share_files(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listing_record_names_only_plain_entries() {
+        let record = ListingRecord {
+            dev: 1,
+            ino: 2,
+            mtime_ns: 3,
+            ctime_ns: 4,
+            seen_ns: 5,
+            pycache: true,
+            dirs: vec!["pkg".into()],
+            sources: vec!["a.py".into()],
+        };
+        assert_eq!(
+            ListingRecord::decode(&record.encode()),
+            Some(record.clone())
+        );
+        for bad in ["..", ".", "a/b", ""] {
+            let mut forged = record.clone();
+            forged.dirs.push(bad.into());
+            assert_eq!(ListingRecord::decode(&forged.encode()), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn writes_round_trip_per_slot() {

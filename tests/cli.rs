@@ -156,6 +156,53 @@ fn never_writes_through_a_symlinked_pycache() {
     assert!(app.join("__pycache__/a.cpython-311.pyc").exists());
 }
 
+/// A linked `__pycache__` swapped for a symlink to where its pycs went:
+/// the next link neither looks through it (its pycs would seem in place)
+/// nor writes through it, and says so.
+#[test]
+fn a_pycache_swapped_for_a_symlink_after_linking_is_refused() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/sub/b.py", "x = 2\n");
+    let app = t.join("app");
+    let link = || {
+        link_json(
+            t.pycstore()
+                .args(["link", "--python"])
+                .arg(&python)
+                .arg(&app),
+        )
+    };
+    let (out, json) = link();
+    assert_eq!(out.status.code(), Some(0), "{json}");
+    std::fs::rename(app.join("sub/__pycache__"), t.join("outside")).unwrap();
+    std::os::unix::fs::symlink(t.join("outside"), app.join("sub/__pycache__")).unwrap();
+    let before: Vec<_> = std::fs::read_dir(t.join("outside"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+
+    let (out, json) = link();
+    assert_eq!(out.status.code(), Some(1), "{json}");
+    assert_eq!(
+        (json["failed"].as_u64(), json["up_to_date"].as_u64()),
+        (Some(1), Some(0)),
+        "{json}"
+    );
+    assert!(
+        json["failures"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symlink"),
+        "{json}"
+    );
+    let after: Vec<_> = std::fs::read_dir(t.join("outside"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(before, after, "wrote through the symlink");
+}
+
 #[test]
 fn read_only_directories_are_reported_not_fatal() {
     let python = python("3.11");

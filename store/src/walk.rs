@@ -502,7 +502,9 @@ fn list(
     let mut entries = read_entries(fd, buf)?;
     entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut listed = Listed {
-        pycache: entries.iter().any(|(name, _)| name == "__pycache__"),
+        // Only a real directory: a symlink there is refused when a pyc is
+        // to be written through it, never looked through.
+        pycache: false,
         dirs: Vec::new(),
         sources: Vec::new(),
         rememberable: true,
@@ -516,7 +518,9 @@ fn list(
             }
         }
         if kind == FileType::Directory {
-            if name != "__pycache__" {
+            if name == "__pycache__" {
+                listed.pycache = true;
+            } else {
                 listed.dirs.push(name);
             }
             continue;

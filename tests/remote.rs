@@ -589,6 +589,11 @@ fn shares_a_venv_between_machines(b: Backend) {
     assert!(n(&second, "fetched") > 0, "{second}");
     assert_eq!(n(remote0(&second), "rejected"), 0, "{second}");
     assert_eq!(n(remote0(&second), "uploads"), 0, "{second}");
+    // A directory's pycs come in one request.
+    assert!(
+        n(remote0(&second), "requests") * 3 < n(&second, "fetched"),
+        "{second}"
+    );
     assert!(warnings(&out).is_empty(), "{:?}", warnings(&out));
     let imports = "import pip._internal.cli.main, pip._internal.commands.install, \
                    pip._vendor.rich.console, pip._vendor.requests";
@@ -690,6 +695,8 @@ fn tampered_remote_gives_no_wrong_pyc(b: Backend) {
     // Another entry stored under the wrong name.
     let moved = b.read(entries[3]);
     b.write(entries[4], &moved);
+    // The directory's bundle carries the same tampered entries.
+    rebundle(&b, &stored);
 
     let src_b = modules(&t, "b", count);
     let (out, second) = b.link(&t.join("store-b"), &src_b, &[]);
@@ -701,11 +708,97 @@ fn tampered_remote_gives_no_wrong_pyc(b: Backend) {
         count as u64 + 1,
         "{second}"
     );
-    assert!(n(&second, "compiled") >= rejected, "{second}");
+    // Each tampered pyc is rejected at most twice (in the bundle, then by
+    // its own name), and compiled.
+    assert!(2 * n(&second, "compiled") >= rejected, "{second}");
     let w = warnings(&out);
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains("rejected and compiled locally"), "{w:?}");
     assert_modules_load(&t, "b", count);
+}
+
+/// Rewrites every bundle the remote holds with the entries now stored
+/// under the names of those it carries: what was done to the entries is
+/// done to the bundles too.
+fn rebundle(b: &Backend, stored: &[String]) {
+    let bundles: Vec<&String> = stored.iter().filter(|s| s.contains("/bundles/")).collect();
+    assert!(!bundles.is_empty(), "{stored:#?}");
+    for name in bundles {
+        let bundle = b.read(name);
+        let mut out = bundle[..23].to_vec();
+        let mut rest = &bundle[23..];
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            let key: String = rest[4 + 18..4 + 50].iter().map(|b| format!("{b:02x}")).collect();
+            let entry = stored
+                .iter()
+                .find(|s| s.contains("/entries/") && s.ends_with(&key))
+                .unwrap();
+            let entry = b.read(entry);
+            out.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+            out.extend_from_slice(&entry);
+            rest = &rest[4 + len..];
+        }
+        b.write(name, &out);
+    }
+}
+
+/// A directory's pycs come in one bundle; a bundle that is damaged, or
+/// that holds another directory's entries, costs the per-key requests it
+/// saved, never a wrong pyc.
+fn a_damaged_bundle_costs_requests_not_pycs(b: Backend) {
+    let t = TestDir::new();
+    let count = 30;
+    let src = modules(&t, "a", count);
+    let (out, a) = b.link(&t.join("store-a"), &src, &[]);
+    assert_ok(&out, &a);
+    let stored = b.stored();
+    let bundles: Vec<&String> = stored.iter().filter(|s| s.contains("/bundles/")).collect();
+    assert_eq!(bundles.len(), 1, "one directory, one bundle: {stored:#?}");
+    let bundle = b.read(bundles[0]);
+
+    // Intact: one request for the directory's 31 pycs.
+    let (out, v) = b.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_eq!(n(remote0(&v), "requests"), 1, "{v}");
+    assert!(warnings(&out).is_empty(), "{:?}", warnings(&out));
+
+    // Cut short: rejected once, every pyc then asked for by its own name,
+    // and the bundle written again (one more request).
+    b.write(bundles[0], &bundle[..bundle.len() - 7]);
+    let (out, v) = b.link(&t.join("store-c"), &modules(&t, "c", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_eq!(n(remote0(&v), "rejected"), 1, "{v}");
+    assert_eq!(n(remote0(&v), "requests"), count as u64 + 3, "{v}");
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("not a pycstore-bundle-v1 record"), "{w:?}");
+    assert_modules_load(&t, "c", count);
+    let (out, v) = b.link(&t.join("store-e"), &modules(&t, "e", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_eq!(n(remote0(&v), "requests"), 1, "written again: {v}");
+
+    // Another directory's bundle under this one's name: it answers none of
+    // the keys asked, and the reader asks for each.
+    let other = modules_salted(&t, "x", 3, "other");
+    let (out, v) = b.link(&t.join("store-x"), &other, &[]);
+    assert_ok(&out, &v);
+    let theirs = b
+        .stored()
+        .into_iter()
+        .find(|s| s.contains("/bundles/") && s != bundles[0])
+        .unwrap();
+    b.write(bundles[0], &b.read(&theirs));
+    let (out, v) = b.link(&t.join("store-d"), &modules(&t, "d", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_eq!(n(remote0(&v), "rejected"), 0, "{v}");
+    assert!(warnings(&out).is_empty(), "{:?}", warnings(&out));
+    assert_modules_load(&t, "d", count);
 }
 
 /// With trusted keys, only entries signed by one of them are taken:
@@ -1398,6 +1491,7 @@ macro_rules! backend_tests {
             shares_a_venv_between_machines,
             read_only_uploads_nothing,
             tampered_remote_gives_no_wrong_pyc,
+            a_damaged_bundle_costs_requests_not_pycs,
             only_trusted_signatures_are_accepted,
             a_mount_fetches_from_a_warm_remote,
             a_tampered_remote_gives_a_mount_no_wrong_pyc,

@@ -28,6 +28,9 @@ pub(super) struct CompileJob {
     pub(super) optimize: u8,
     /// What a remote returned for this miss, still to be checked.
     pub(super) fetched: Option<crate::remote::Fetched>,
+    /// The bundle this run writes for the miss's directory, if any: given
+    /// the miss's entry once it is settled.
+    pub(super) bundle: Option<Arc<crate::remote::BundleUpload>>,
 }
 
 /// The compiles of a run.
@@ -56,16 +59,13 @@ enum Answer {
 
 impl Run<'_> {
     /// A miss: waits for its key in flight, takes the body this run
-    /// compiled for it, or becomes a compile job.
-    pub(super) fn miss(
-        &self,
-        target: Target,
-        tx: &crossbeam_channel::Sender<CompileJob>,
-    ) -> Result<(), FileError> {
+    /// compiled for it, or becomes a compile job (returned: the caller
+    /// sends it on).
+    pub(super) fn miss(&self, target: Target) -> Result<Option<CompileJob>, FileError> {
         let mut state = lock(&self.compiles.0);
         if let Some(waiting) = state.waiting.get_mut(&target.key) {
             waiting.push(target);
-            return Ok(());
+            return Ok(None);
         }
         if let Some(&(slot, body, how)) = state.compiled.get(&target.key) {
             drop(state);
@@ -75,7 +75,7 @@ impl Run<'_> {
                 self.derive(&target, &body)?
             };
             return match entry {
-                Some(entry) => self.settle(&target, &entry, None, how),
+                Some(entry) => self.settle(&target, &entry, None, how).map(|()| None),
                 None => Err(FileError::new(
                     &target.source.path,
                     Op::Place,
@@ -89,10 +89,10 @@ impl Run<'_> {
             interpreter: target.interpreter,
             optimize: target.optimize,
             fetched: None,
+            bundle: None,
         };
         state.waiting.insert(target.key, vec![target]);
-        tx.send(job).expect("compile threads outlive the walk");
-        Ok(())
+        Ok(Some(job))
     }
 
     /// A compile thread: one worker process per interpreter, started lazily.
@@ -102,7 +102,7 @@ impl Run<'_> {
         for mut job in jobs {
             // Remote tier hook: a fetched pyc that checks out is used as if
             // compiled here; anything else is compiled.
-            let fetched = self.accept_fetched(&mut job);
+            let (fetched, mut record) = self.accept_fetched(&mut job);
             let how = if fetched.is_some() {
                 Settled::Fetched
             } else {
@@ -148,7 +148,7 @@ impl Run<'_> {
                         if let Ok(entry) = &stored {
                             state.compiled.insert(job.key, (slot, *entry, how));
                             if how == Settled::Compiled {
-                                self.upload(&job, body);
+                                record = self.upload(&job, body);
                             }
                         }
                         Some(stored.map(|entry| (slot, entry)))
@@ -159,6 +159,9 @@ impl Run<'_> {
                     }
                     Answer::Failed(_) => None,
                 };
+                if !matches!(stored, Some(Ok(_))) {
+                    record = None;
+                }
                 (state.waiting.remove(&job.key).unwrap_or_default(), stored)
             };
             for target in targets {
@@ -180,6 +183,9 @@ impl Run<'_> {
                 if let Err(e) = result {
                     self.fail(&target.source.path, target.interpreter, e);
                 }
+            }
+            if let (Some(bundle), Some(remotes)) = (job.bundle.take(), &self.options.remotes) {
+                remotes.bundle_part(&bundle, record);
             }
             self.remote_warnings();
             if let Some(Err(e)) = self.ledger.flush_due(self.store, &self.interpreters) {

@@ -56,7 +56,7 @@ use crate::pyc::Flavor;
 use crate::resolve;
 use crate::source::Plan;
 use crate::util::now_ns;
-use crate::walk::Excludes;
+use crate::walk::{Excludes, Found};
 use crate::{Result, Store};
 
 use compile::{CompileJob, Compiles};
@@ -246,36 +246,59 @@ pub fn link(
                 })
                 .collect();
             drop(rx);
-            // Remote tier hook: with remotes, misses go to them first and
-            // reach the compile threads with what was fetched, if anything.
-            let tx = match &options.remotes {
-                None => tx,
+            // Remote tier hook: with remotes, misses go to them first, a
+            // directory's together (they may come in one bundle), and reach
+            // the compile threads with what was fetched, if anything.
+            let session = index.as_ref().expect("open until the walk ends");
+            match &options.remotes {
+                None => {
+                    found.par_iter().for_each(|(found, chosen)| {
+                        for target in run.look_up(session, found, chosen, &optimize) {
+                            if let Some(job) = run.act_on(target) {
+                                tx.send(job).expect("compile threads outlive the walk");
+                            }
+                        }
+                    });
+                    drop(tx);
+                }
                 Some(remotes) => {
-                    let (miss_tx, miss_rx) = crossbeam_channel::unbounded::<CompileJob>();
+                    let (miss_tx, miss_rx) = crossbeam_channel::unbounded();
                     let run = &run;
                     scope.spawn(move || {
                         remotes.fetch_misses(
                             miss_rx,
                             |job| run.remote_key(job),
-                            move |mut job, fetched| {
+                            move |mut job: CompileJob, fetched, bundle| {
                                 job.fetched = fetched;
+                                job.bundle = bundle;
                                 let _ = tx.send(job);
                             },
                         )
                     });
-                    miss_tx
+                    let same_dir = |a: &(Found, Vec<usize>), b: &(Found, Vec<usize>)| {
+                        Arc::ptr_eq(&a.0.dir, &b.0.dir)
+                    };
+                    found.par_chunk_by(same_dir).for_each(|dir| {
+                        let mut keys = Vec::new();
+                        let mut misses = Vec::new();
+                        for (found, chosen) in dir {
+                            for target in run.look_up(session, found, chosen, &optimize) {
+                                if run.remote_eligible(target.interpreter) {
+                                    keys.push(target.key);
+                                }
+                                misses.extend(run.act_on(target));
+                            }
+                        }
+                        if !misses.is_empty() {
+                            // Named after every pyc of the directory, hits
+                            // included: the same on every machine.
+                            let bundle = (keys.len() > 1)
+                                .then(|| crate::remote::format::bundle_id(&mut keys));
+                            let _ = miss_tx.send(crate::remote::MissGroup { bundle, misses });
+                        }
+                    });
                 }
-            };
-            let session = index.as_ref().expect("open until the walk ends");
-            found.par_iter().for_each(|(found, chosen)| {
-                for target in run.look_up(session, found, chosen, &optimize) {
-                    let path = target.source.path.clone();
-                    let interpreter = target.interpreter;
-                    if let Err(e) = run.act(target, &tx) {
-                        run.fail(&path, interpreter, e);
-                    }
-                }
-            });
+            }
             tracing::debug!(
                 "walked and looked up in {:.3}s",
                 started.elapsed().as_secs_f64()
@@ -284,7 +307,6 @@ pub fn link(
             // results: by their periodic flush, or at the end.
             drop(index.take());
             run.ledger.session_closed();
-            drop(tx);
             for worker in workers {
                 worker.join().expect("compile threads do not panic");
             }
@@ -375,6 +397,17 @@ enum Settled {
 }
 
 impl Run<'_> {
+    /// Acts on one target ([`Run::act`]): its compile job, if it is one,
+    /// failures reported.
+    fn act_on(&self, target: Target) -> Option<CompileJob> {
+        let path = target.source.path.clone();
+        let interpreter = target.interpreter;
+        self.act(target).unwrap_or_else(|e| {
+            self.fail(&path, interpreter, e);
+            None
+        })
+    }
+
     /// Reports that one pyc of the source at `path` failed.
     fn fail(&self, path: &Path, interpreter: usize, e: FileError) {
         self.ledger.fail(e.at(path), Some(interpreter), 1);
@@ -394,41 +427,53 @@ impl Run<'_> {
 /// The remote tier's side of a run (see [`crate::remote`]): which misses
 /// may travel, what is accepted from a remote, what is uploaded.
 impl Run<'_> {
-    fn remote_key(&self, job: &CompileJob) -> Option<CompileKey> {
-        let interpreter = &self.interpreters[job.interpreter];
+    /// Whether the pycs of `interpreter` may travel.
+    fn remote_eligible(&self, interpreter: usize) -> bool {
+        let interpreter = &self.interpreters[interpreter];
         crate::remote::eligible(interpreter.key_domain.as_ref(), interpreter.magic)
-            .then_some(job.key)
     }
 
-    fn accept_fetched(&self, job: &mut CompileJob) -> Option<Vec<u8>> {
-        let (remotes, fetched) = (self.options.remotes.as_ref()?, job.fetched.take()?);
+    fn remote_key(&self, job: &CompileJob) -> Option<CompileKey> {
+        self.remote_eligible(job.interpreter).then_some(job.key)
+    }
+
+    /// The body of what a remote returned for `job`, if it checks out, with
+    /// the entry it came in (for a bundle this run writes).
+    fn accept_fetched(&self, job: &mut CompileJob) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let (Some(remotes), Some(mut fetched)) = (&self.options.remotes, job.fetched.take()) else {
+            return (None, None);
+        };
+        let record = fetched.take_record();
         let interpreter = &self.interpreters[job.interpreter];
-        let source = job.source.bytes().ok()?;
-        remotes.accept(
+        let Ok(source) = job.source.bytes() else {
+            return (None, None);
+        };
+        let body = remotes.accept(
             fetched,
             interpreter.magic,
             interpreter.hash_variant,
             &source,
-        )
+        );
+        let record = record.filter(|_| body.is_some());
+        (body, record)
     }
 
-    fn upload(&self, job: &CompileJob, body: &[u8]) {
-        let Some(remotes) = &self.options.remotes else {
-            return;
-        };
+    /// Uploads what was compiled for `job`; returns its entry (for a
+    /// bundle), if uploaded.
+    fn upload(&self, job: &CompileJob, body: &[u8]) -> Option<Vec<u8>> {
+        let remotes = self.options.remotes.as_ref()?;
         let interpreter = &self.interpreters[job.interpreter];
         if self.remote_key(job).is_none() || !remotes.writable() {
-            return;
+            return None;
         }
-        if let Ok(source) = job.source.bytes() {
-            remotes.upload(
-                &job.key,
-                interpreter.magic,
-                interpreter.hash_variant,
-                &source,
-                body,
-            );
-        }
+        let source = job.source.bytes().ok()?;
+        remotes.upload(
+            &job.key,
+            interpreter.magic,
+            interpreter.hash_variant,
+            &source,
+            body,
+        )
     }
 
     fn remote_warnings(&self) {

@@ -94,28 +94,30 @@ impl Checked {
 
 impl Run<'_> {
     /// For one pyc: up to date, a hit, a cached failure, or a compile job.
-    pub(super) fn act(
-        &self,
-        mut target: Target,
-        tx: &crossbeam_channel::Sender<CompileJob>,
-    ) -> Result<(), FileError> {
+    pub(super) fn act(&self, mut target: Target) -> Result<Option<CompileJob>, FileError> {
         let lookup = std::mem::replace(&mut target.lookup, Lookup::Miss);
         match lookup {
             Lookup::Entry(entry) => {
                 if self.still_placed(&target, &entry) {
                     self.ledger.settled(|s| s.up_to_date += 1);
-                    return Ok(());
+                    return Ok(None);
                 }
                 if let Some(checked) = self.check_object(&entry) {
-                    return self.settle(&target, &entry, Some(checked), Settled::Hit);
+                    return self
+                        .settle(&target, &entry, Some(checked), Settled::Hit)
+                        .map(|()| None);
                 }
             }
             Lookup::Body(body) if self.check_object(&body).is_some() => {
                 if self.options.dry_run {
-                    return self.settle(&target, &body, None, Settled::Hit);
+                    return self
+                        .settle(&target, &body, None, Settled::Hit)
+                        .map(|()| None);
                 }
                 if let Some(entry) = self.derive(&target, &body)? {
-                    return self.settle(&target, &entry, None, Settled::Hit);
+                    return self
+                        .settle(&target, &entry, None, Settled::Hit)
+                        .map(|()| None);
                 }
             }
             Lookup::Rejected(message) => return Err(self.rejected(&target, &message)),
@@ -123,9 +125,9 @@ impl Run<'_> {
         }
         if self.options.dry_run {
             self.ledger.settled(|s| s.compiled += 1);
-            return Ok(());
+            return Ok(None);
         }
-        self.miss(target, tx)
+        self.miss(target)
     }
 
     /// Whether the pyc is still the object an earlier run hardlinked there,

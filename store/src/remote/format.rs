@@ -12,8 +12,10 @@
 //!         │                      Python fleets sharing a bucket keep apart
 //!         ├── objects/3f/3f9a0c…  zstd(pyc), named by the blake3 of the pyc: pycs
 //!         │                      too large to travel inside their entry
-//!         └── entries/b2/b21e47…  named by the compile key: which object, signed,
-//!                                and the object itself when it is small
+//!         ├── entries/b2/b21e47…  named by the compile key: which object, signed,
+//!         │                      and the object itself when it is small
+//!         └── bundles/7c/7c05d1…  the entries of one directory's sources, in one
+//!                                record: named by the blake3 of their compile keys
 //! ```
 //!
 //! An object is one complete pyc in the checked-hash flavor (its header
@@ -34,6 +36,24 @@
 //!                         u8 name length, key name (UTF-8), ed25519 signature (64)
 //! ```
 //!
+//! A bundle saves a request per source where whole directories are
+//! missed (an empty store, a CI runner): `link` names a directory's bundle
+//! after the compile keys of all its sources' pycs (sorted, each once), so
+//! every machine linking the same files asks for the same bundle, and
+//! writes one where it found none and compiled or fetched every pyc of the
+//! directory. It is only a container:
+//!
+//! ```text
+//! "pycstore-bundle-v1\n"  19 bytes
+//! count                   u32 le
+//! per entry:              u32 le length, then an entry as above
+//! ```
+//!
+//! Each entry in it is checked as if fetched under its own name (key,
+//! signatures, object, header, then the local source): a bundle can only
+//! answer keys the reader asked for, and one that does not check out costs
+//! the reader the per-key requests it saved, nothing more.
+//!
 //! A signature is over `"pycstore remote entry v1\0" ‖ NAMESPACE ‖ "\0" ‖
 //! key ‖ object ‖ size ‖ header`: the writer vouches that this object is
 //! what compiling the key gives. Objects are written before the entries
@@ -44,6 +64,7 @@
 //! [`super::Remotes::accept`] for the checks against the local source).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
 
@@ -57,6 +78,8 @@ pub const LAYOUT_DIR: &str = "pycstore-v1";
 
 const ENTRY_MAGIC: &[u8; 18] = b"pycstore-entry-v1\n";
 const SIGNED_CONTEXT: &[u8] = b"pycstore remote entry v1\0";
+const BUNDLE_MAGIC: &[u8; 19] = b"pycstore-bundle-v1\n";
+const BUNDLE_CONTEXT: &[u8] = b"pycstore remote bundle v1\0";
 const ENTRY_FIXED: usize = 18 + 32 + 32 + 8 + HEADER_LEN;
 
 /// The largest pyc taken from a remote (as for packs).
@@ -75,6 +98,68 @@ pub fn object_path(namespace: &str, id: &ObjectId) -> String {
 pub fn entry_path(namespace: &str, key: &CompileKey) -> String {
     let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
     format!("{LAYOUT_DIR}/{namespace}/entries/{}/{hex}", &hex[..2])
+}
+
+/// The name of the bundle of a directory whose pycs have the compile keys
+/// `keys`: the blake3 of the keys sorted, each once (`keys` is sorted in
+/// place).
+pub fn bundle_id(keys: &mut Vec<CompileKey>) -> [u8; 32] {
+    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    keys.dedup();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(BUNDLE_CONTEXT);
+    for key in keys.iter() {
+        hasher.update(&key.0);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// Where the bundle `id` lives under `namespace`.
+pub fn bundle_path(namespace: &str, id: &[u8; 32]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{LAYOUT_DIR}/{namespace}/bundles/{}/{hex}", &hex[..2])
+}
+
+/// A bundle of `entries` (each as [`RemoteEntry::encode`] made it).
+pub fn encode_bundle<E: AsRef<[u8]>>(entries: &[E]) -> Vec<u8> {
+    let len = entries.iter().map(|e| 4 + e.as_ref().len()).sum::<usize>();
+    let mut v = Vec::with_capacity(BUNDLE_MAGIC.len() + 4 + len);
+    v.extend_from_slice(BUNDLE_MAGIC);
+    v.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for entry in entries {
+        let entry = entry.as_ref();
+        v.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        v.extend_from_slice(entry);
+    }
+    v
+}
+
+/// The entries of a bundle, by the key each names (the first, where a key
+/// is named twice): still to be checked one by one by [`decode_entry`].
+pub fn decode_bundle(bytes: &[u8]) -> Result<HashMap<CompileKey, &[u8]>, Rejection> {
+    let body = bytes
+        .strip_prefix(BUNDLE_MAGIC.as_slice())
+        .ok_or(Rejection::MalformedBundle)?;
+    let (count, mut rest) = body.split_at_checked(4).ok_or(Rejection::MalformedBundle)?;
+    let count = u32::from_le_bytes(count.try_into().expect("4 bytes"));
+    let mut entries = HashMap::new();
+    for _ in 0..count {
+        let (len, tail) = rest.split_at_checked(4).ok_or(Rejection::MalformedBundle)?;
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        let (entry, tail) = tail
+            .split_at_checked(len)
+            .ok_or(Rejection::MalformedBundle)?;
+        let key = entry
+            .get(ENTRY_MAGIC.len()..ENTRY_MAGIC.len() + 32)
+            .ok_or(Rejection::MalformedBundle)?;
+        let key = CompileKey(key.try_into().expect("32 bytes"));
+        entries.entry(key).or_insert(entry);
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(Rejection::MalformedBundle);
+    }
+    Ok(entries)
 }
 
 /// A remote entry: compile key → object.
@@ -140,6 +225,9 @@ pub enum Rejection {
     /// Not an entry of this format.
     #[error("an entry that is not a pycstore-entry-v1 record")]
     Malformed,
+    /// Not a bundle of this format.
+    #[error("a bundle that is not a pycstore-bundle-v1 record")]
+    MalformedBundle,
     /// The entry answers another key than the one it is stored under.
     #[error("an entry stored under one compile key that names another")]
     WrongKey,
@@ -339,6 +427,42 @@ mod tests {
         for cut in 0..signed.len() {
             assert!(decode_entry(&signed[..cut], &entry.key, "ns", &none).is_err());
         }
+    }
+
+    #[test]
+    fn bundles_round_trip_and_their_names_ignore_order() {
+        let a = entry_for(&[7u8; 40]);
+        let b = RemoteEntry {
+            key: CompileKey([6; 32]),
+            ..a
+        };
+        let (ea, eb) = (
+            a.encode("ns", None, None),
+            b.encode("ns", Some(b"zz"), None),
+        );
+        let bundle = encode_bundle(&[&ea, &eb, &ea]);
+        let entries = decode_bundle(&bundle).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[&a.key], &ea[..]);
+        assert_eq!(entries[&b.key], &eb[..]);
+        for cut in 0..bundle.len() {
+            assert!(decode_bundle(&bundle[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bundle.clone();
+        longer.push(0);
+        assert_eq!(decode_bundle(&longer), Err(Rejection::MalformedBundle));
+        assert!(decode_bundle(&ea).is_err());
+        assert_eq!(
+            decode_bundle(&encode_bundle::<&[u8]>(&[])).unwrap().len(),
+            0
+        );
+
+        let mut one = vec![a.key, b.key, a.key];
+        let mut other = vec![b.key, a.key];
+        assert_eq!(bundle_id(&mut one), bundle_id(&mut other));
+        assert_eq!(one, other);
+        assert_ne!(bundle_id(&mut vec![a.key]), bundle_id(&mut other));
+        assert!(bundle_path("ns", &[0xab; 32]).starts_with("pycstore-v1/ns/bundles/ab/abab"));
     }
 
     #[test]

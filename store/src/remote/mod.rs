@@ -32,7 +32,7 @@ pub mod push;
 mod redis_client;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,56 @@ struct Shared {
 pub struct Fetched {
     remote: usize,
     pyc: Vec<u8>,
+    /// The entry it came in, when fetched by its own name (for a bundle
+    /// this run may write).
+    record: Option<Vec<u8>>,
+}
+
+impl Fetched {
+    /// The entry it came in, if kept, for [`Remotes::bundle_part`].
+    pub fn take_record(&mut self) -> Option<Vec<u8>> {
+        self.record.take()
+    }
+}
+
+/// What asking one remote for one entry gave.
+enum Step {
+    Got(Fetched),
+    /// Not there.
+    Missing,
+    /// There, and rejected (counted and said).
+    Rejected,
+    /// The request failed (the remote is now left alone).
+    Failed,
+}
+
+/// The misses of one directory, sent together to
+/// [`Remotes::fetch_misses`] so that they can come in one bundle.
+pub struct MissGroup<T> {
+    /// The directory's bundle ([`format::bundle_id`] of the compile keys of
+    /// all its pycs), or `None` to ask for each miss by its own name.
+    pub bundle: Option<[u8; 32]>,
+    /// The misses.
+    pub misses: Vec<T>,
+}
+
+/// A bundle this run writes: the entries of a directory's misses, each
+/// given by [`Remotes::bundle_part`] once its miss is settled; uploaded
+/// when the last one is.
+pub struct BundleUpload {
+    id: [u8; 32],
+    remaining: AtomicUsize,
+    records: Mutex<Vec<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for BundleUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BundleUpload({} remaining)",
+            self.remaining.load(Ordering::Relaxed)
+        )
+    }
 }
 
 impl std::fmt::Debug for Fetched {
@@ -395,40 +445,121 @@ impl Remotes {
         std::mem::take(&mut *crate::util::lock(&self.shared.warnings))
     }
 
-    /// For each miss received on `wanted` (until it closes), asks the
-    /// remotes, many at a time, and hands the miss to `done` with what was
-    /// fetched, or `None` (then it is compiled). `key` gives the compile key
-    /// of a miss that may travel, `None` for one that must not. Returns when
+    /// For each group of misses received on `wanted` (until it closes),
+    /// asks the remotes, many at a time, and hands each miss to `done` with
+    /// what was fetched, or `None` (then it is compiled), and the bundle
+    /// this run writes for its group, if any (the caller gives it the
+    /// miss's entry with [`Remotes::bundle_part`] once the miss is
+    /// settled). A group with a bundle asks for it first, and for each miss
+    /// it did not answer by its own name. `key` gives the compile key of a
+    /// miss that may travel, `None` for one that must not. Returns when
     /// every miss was handed on.
     pub fn fetch_misses<T: Send + 'static>(
         &self,
-        wanted: crossbeam_channel::Receiver<T>,
+        wanted: crossbeam_channel::Receiver<MissGroup<T>>,
         key: impl Fn(&T) -> Option<CompileKey>,
-        done: impl Fn(T, Option<Fetched>) + Send + Sync + 'static,
+        done: impl Fn(T, Option<Fetched>, Option<Arc<BundleUpload>>) + Send + Sync + 'static,
     ) {
         let done = Arc::new(done);
         let mut tasks = Vec::new();
-        for miss in wanted {
-            let Some(k) = key(&miss).filter(|_| self.shared.any_on()) else {
-                done(miss, None);
+        for group in wanted {
+            let mut misses = Vec::with_capacity(group.misses.len());
+            for miss in group.misses {
+                match key(&miss).filter(|_| self.shared.any_on()) {
+                    Some(k) => misses.push((k, miss)),
+                    None => done(miss, None, None),
+                }
+            }
+            if misses.is_empty() {
                 continue;
-            };
+            }
             let permit = self
                 .runtime
                 .block_on(Arc::clone(&self.semaphore).acquire_owned())
                 .expect("the semaphore is never closed");
             let shared = Arc::clone(&self.shared);
+            let semaphore = Arc::clone(&self.semaphore);
             let done = Arc::clone(&done);
+            let bundle = group.bundle.filter(|_| misses.len() > 1);
             tasks.push(self.runtime.spawn(async move {
-                let (fetched, _) = shared.fetch(&k).await;
+                let Some(id) = bundle else {
+                    for (k, miss) in misses {
+                        let (fetched, _) = shared.fetch(&k).await;
+                        done(miss, fetched, None);
+                    }
+                    drop(permit);
+                    return;
+                };
+                let keys: Vec<CompileKey> = misses.iter().map(|(k, _)| *k).collect();
+                let (got, write) = shared.fetch_bundle(&id, &keys).await;
+                // The permit is given back before the misses the bundle did
+                // not answer each take one: a group never waits for a
+                // permit while it holds one.
                 drop(permit);
-                done(miss, fetched);
+                let upload = write.then(|| {
+                    Arc::new(BundleUpload {
+                        id,
+                        remaining: AtomicUsize::new(misses.len()),
+                        records: Mutex::new(Vec::with_capacity(misses.len())),
+                    })
+                });
+                let mut rest = tokio::task::JoinSet::new();
+                for ((k, miss), fetched) in misses.into_iter().zip(got) {
+                    let upload = upload.clone();
+                    if fetched.is_some() {
+                        done(miss, fetched, upload);
+                        continue;
+                    }
+                    let (shared, semaphore, done) = (
+                        Arc::clone(&shared),
+                        Arc::clone(&semaphore),
+                        Arc::clone(&done),
+                    );
+                    rest.spawn(async move {
+                        let fetched = match semaphore.acquire_owned().await {
+                            Ok(_permit) => shared.fetch(&k).await.0,
+                            Err(_) => None,
+                        };
+                        done(miss, fetched, upload);
+                    });
+                }
+                while rest.join_next().await.is_some() {}
             }));
         }
         self.runtime.block_on(async {
             for task in tasks {
                 let _ = task.await;
             }
+        });
+    }
+
+    /// Gives `bundle` the entry of one of its misses (`None` when the miss
+    /// gave no pyc to share); the last part uploads the bundle to every
+    /// writable remote, in the background, if it holds any entry.
+    pub fn bundle_part(&self, bundle: &BundleUpload, record: Option<Vec<u8>>) {
+        let mut records = crate::util::lock(&bundle.records);
+        records.extend(record);
+        if bundle.remaining.fetch_sub(1, Ordering::AcqRel) != 1 || records.is_empty() {
+            return;
+        }
+        let bytes = format::encode_bundle(&records);
+        drop(records);
+        let path = format::bundle_path(&self.shared.settings.namespace, &bundle.id);
+        let shared = Arc::clone(&self.shared);
+        let semaphore = Arc::clone(&self.semaphore);
+        shared.pending_uploads.fetch_add(1, Ordering::SeqCst);
+        self.runtime.spawn(async move {
+            if let Ok(_permit) = semaphore.acquire_owned().await {
+                for i in 0..shared.remotes.len() {
+                    if shared.remotes[i].off.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Err(e) = shared.write(i, &path, bytes.clone()).await {
+                        shared.failed(i, "writing a bundle", e);
+                    }
+                }
+            }
+            shared.pending_uploads.fetch_sub(1, Ordering::SeqCst);
         });
     }
 
@@ -536,7 +667,7 @@ impl Remotes {
         variant: HashVariant,
         source: &[u8],
     ) -> Option<Vec<u8>> {
-        let Fetched { remote, pyc } = fetched;
+        let Fetched { remote, pyc, .. } = fetched;
         let checked = (|| {
             let header: &[u8; HEADER_LEN] = pyc[..HEADER_LEN].try_into().unwrap();
             check_header(header, magic, &pyc::source_hash(variant, magic, source))?;
@@ -561,7 +692,8 @@ impl Remotes {
     /// Uploads the pyc of `key` (its `body`, compiled from `source` by an
     /// interpreter with `magic` and `variant`) to every writable remote, in
     /// the background: the object first, then its entry, signed when a
-    /// signing key is set.
+    /// signing key is set. Returns the entry (for a bundle), or `None` when
+    /// nothing is uploaded.
     pub fn upload(
         &self,
         key: &CompileKey,
@@ -569,24 +701,29 @@ impl Remotes {
         variant: HashVariant,
         source: &[u8],
         body: &[u8],
-    ) {
+    ) -> Option<Vec<u8>> {
         if self.shared.settings.read_only || !self.shared.any_on() {
-            return;
+            return None;
         }
         let (entry, object) = prepare(key, magic, variant, source, body);
-        self.upload_prepared(entry, object);
+        Some(self.upload_prepared(entry, &object))
     }
 
-    fn upload_prepared(&self, entry: RemoteEntry, object: Vec<u8>) {
+    /// Uploads `pyc` and its `entry` in the background; returns the entry's
+    /// bytes.
+    fn upload_prepared(&self, entry: RemoteEntry, pyc: &[u8]) -> Vec<u8> {
+        let (object, record) = self.shared.encode(&entry, pyc);
         let shared = Arc::clone(&self.shared);
         let semaphore = Arc::clone(&self.semaphore);
         shared.pending_uploads.fetch_add(1, Ordering::SeqCst);
+        let upload = record.clone();
         self.runtime.spawn(async move {
             if let Ok(_permit) = semaphore.acquire_owned().await {
-                shared.put(&entry, &object).await;
+                shared.put(&entry, object.as_deref(), upload).await;
             }
             shared.pending_uploads.fetch_sub(1, Ordering::SeqCst);
         });
+        record
     }
 
     /// Waits for uploads still in flight, at most the request timeout plus
@@ -768,6 +905,23 @@ fn prepare(
 }
 
 impl Shared {
+    /// What goes to a remote for `pyc`: its compressed object, when too
+    /// large to travel inside its entry, and the entry (carrying the
+    /// object otherwise), signed when a signing key is set.
+    fn encode(&self, entry: &RemoteEntry, pyc: &[u8]) -> (Option<Vec<u8>>, Vec<u8>) {
+        let compressed = format::encode_object(pyc);
+        let inline = compressed.len() <= format::INLINE_MAX;
+        let signer = self
+            .settings
+            .signing_key
+            .as_ref()
+            .map(|(name, key)| (name.as_str(), key));
+        let ns = &self.settings.namespace;
+        let record = entry.encode(ns, inline.then_some(compressed.as_slice()), signer);
+        let object = if inline { None } else { Some(compressed) };
+        (object, record)
+    }
+
     fn any_on(&self) -> bool {
         self.remotes.iter().any(|r| !r.off.load(Ordering::Relaxed))
     }
@@ -950,62 +1104,143 @@ impl Shared {
     /// Asks each remote in turn for `key`: what one gave, and whether
     /// every remote answered (none left alone, none failing now).
     async fn fetch(&self, key: &CompileKey) -> (Option<Fetched>, bool) {
-        let ns = &self.settings.namespace;
         let mut answered = true;
         for (i, r) in self.remotes.iter().enumerate() {
             if r.off.load(Ordering::Relaxed) {
                 answered = false;
                 continue;
             }
-            let bytes = match self.get(i, &format::entry_path(ns, key)).await {
-                Ok(Some(bytes)) => bytes,
+            match self.fetch_at(i, key).await {
+                Step::Got(fetched) => return (Some(fetched), true),
+                Step::Missing => {}
+                Step::Rejected => return (None, true),
+                Step::Failed => answered = false,
+            }
+        }
+        (None, answered)
+    }
+
+    /// Asks remote `i` for the entry of `key`.
+    async fn fetch_at(&self, i: usize, key: &CompileKey) -> Step {
+        let bytes = match self
+            .get(i, &format::entry_path(&self.settings.namespace, key))
+            .await
+        {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                AtomicCounters::add(&self.remotes[i].counters.misses, 1);
+                return Step::Missing;
+            }
+            Err(e) => {
+                self.failed(i, "reading an entry", e);
+                return Step::Failed;
+            }
+        };
+        let step = self.from_entry(i, key, &bytes).await;
+        match step {
+            // Kept to go into a bundle, should this run write one.
+            Step::Got(mut fetched) => {
+                fetched.record = Some(bytes);
+                Step::Got(fetched)
+            }
+            step => step,
+        }
+    }
+
+    /// The pyc of the entry `bytes` of `key` from remote `i` (fetching its
+    /// object when the entry does not carry it), checked against its name
+    /// and entry.
+    async fn from_entry(&self, i: usize, key: &CompileKey, bytes: &[u8]) -> Step {
+        let r = &self.remotes[i];
+        let ns = &self.settings.namespace;
+        let (entry, inline) = match format::decode_entry(bytes, key, ns, &self.settings.trusted) {
+            Ok(found) => found,
+            Err(why) => {
+                self.reject(i, &why);
+                return Step::Rejected;
+            }
+        };
+        let compressed;
+        let object = match inline {
+            Some(inline) => inline,
+            None => match self.get(i, &format::object_path(ns, &entry.object)).await {
+                Ok(Some(bytes)) => {
+                    compressed = bytes;
+                    &compressed
+                }
                 Ok(None) => {
+                    // An entry whose object is gone (or not there yet).
                     AtomicCounters::add(&r.counters.misses, 1);
-                    continue;
+                    return Step::Missing;
                 }
                 Err(e) => {
-                    self.failed(i, "reading an entry", e);
+                    self.failed(i, "reading an object", e);
+                    return Step::Failed;
+                }
+            },
+        };
+        match format::decode_object(object, &entry) {
+            Ok(pyc) => Step::Got(Fetched {
+                remote: i,
+                pyc,
+                record: None,
+            }),
+            Err(why) => {
+                self.reject(i, &why);
+                Step::Rejected
+            }
+        }
+    }
+
+    /// Asks the remotes, in turn, for the bundle `id` of a directory whose
+    /// misses have the compile keys `keys`, until one has it: what it gave
+    /// for each key (checked like any entry), and whether this run should
+    /// write the bundle (writable remotes, every one answered, and none
+    /// held a bundle whose entries all checked out).
+    async fn fetch_bundle(
+        &self,
+        id: &[u8; 32],
+        keys: &[CompileKey],
+    ) -> (Vec<Option<Fetched>>, bool) {
+        let mut got: Vec<Option<Fetched>> = keys.iter().map(|_| None).collect();
+        let mut answered = true;
+        let mut usable = false;
+        let path = format::bundle_path(&self.settings.namespace, id);
+        for (i, r) in self.remotes.iter().enumerate() {
+            if r.off.load(Ordering::Relaxed) {
+                answered = false;
+                continue;
+            }
+            let bytes = match self.get(i, &path).await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.failed(i, "reading a bundle", e);
                     answered = false;
                     continue;
                 }
             };
-            let (entry, inline) =
-                match format::decode_entry(&bytes, key, ns, &self.settings.trusted) {
-                    Ok(found) => found,
-                    Err(why) => {
-                        self.reject(i, &why);
-                        return (None, true);
-                    }
-                };
-            let compressed;
-            let object = match inline {
-                Some(inline) => inline,
-                None => match self.get(i, &format::object_path(ns, &entry.object)).await {
-                    Ok(Some(bytes)) => {
-                        compressed = bytes;
-                        &compressed
-                    }
-                    Ok(None) => {
-                        // An entry whose object is gone (or not there yet).
-                        AtomicCounters::add(&r.counters.misses, 1);
-                        continue;
-                    }
-                    Err(e) => {
-                        self.failed(i, "reading an object", e);
-                        answered = false;
-                        continue;
-                    }
-                },
-            };
-            return match format::decode_object(object, &entry) {
-                Ok(pyc) => (Some(Fetched { remote: i, pyc }), true),
+            let entries = match format::decode_bundle(&bytes) {
+                Ok(entries) => entries,
                 Err(why) => {
-                    self.reject(i, &why);
-                    (None, true)
+                    self.reject_then(i, &why, "its pycs are asked for one by one");
+                    break;
                 }
             };
+            usable = true;
+            for (key, slot) in keys.iter().zip(&mut got) {
+                if let Some(entry) = entries.get(key) {
+                    match self.from_entry(i, key, entry).await {
+                        Step::Got(fetched) => *slot = Some(fetched),
+                        Step::Rejected => usable = false,
+                        Step::Missing | Step::Failed => {}
+                    }
+                }
+            }
+            break;
         }
-        (None, answered)
+        let write = answered && !usable && !self.settings.read_only;
+        (got, write)
     }
 
     /// Whether the remotes would give `w` (see [`Remotes::available`]):
@@ -1047,33 +1282,27 @@ impl Shared {
         false
     }
 
-    /// Writes an object and then its entry to every writable remote.
-    async fn put(&self, entry: &RemoteEntry, pyc: &[u8]) {
+    /// Writes an object (unless its entry carries it) and then its entry
+    /// to every writable remote.
+    async fn put(&self, entry: &RemoteEntry, object: Option<&[u8]>, record: Vec<u8>) {
         for i in 0..self.remotes.len() {
             if !self.remotes[i].off.load(Ordering::Relaxed) {
-                self.put_to(i, entry, pyc).await;
+                self.put_to(i, entry, object, record.clone()).await;
             }
         }
     }
 
-    /// Writes an object and then its entry to remote `i`.
-    async fn put_to(&self, i: usize, entry: &RemoteEntry, pyc: &[u8]) {
+    /// Writes an object (unless its entry carries it) and then its entry
+    /// to remote `i`.
+    async fn put_to(&self, i: usize, entry: &RemoteEntry, object: Option<&[u8]>, record: Vec<u8>) {
         let ns = &self.settings.namespace;
-        let signer = self
-            .settings
-            .signing_key
-            .as_ref()
-            .map(|(name, key)| (name.as_str(), key));
-        let compressed = format::encode_object(pyc);
-        let inline = compressed.len() <= format::INLINE_MAX;
-        if !inline {
-            let object = format::object_path(ns, &entry.object);
-            if let Err(e) = self.write(i, &object, compressed.clone()).await {
+        if let Some(object) = object {
+            let path = format::object_path(ns, &entry.object);
+            if let Err(e) = self.write(i, &path, object.to_vec()).await {
                 self.failed(i, "writing an object", e);
                 return;
             }
         }
-        let record = entry.encode(ns, inline.then_some(compressed.as_slice()), signer);
         if let Err(e) = self
             .write(i, &format::entry_path(ns, &entry.key), record)
             .await

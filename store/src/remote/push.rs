@@ -200,6 +200,7 @@ impl super::Shared {
     async fn push_one(&self, entry: &format::RemoteEntry, pyc: &[u8]) -> bool {
         let ns = &self.settings.namespace;
         let mut uploaded = false;
+        let mut encoded = None;
         for i in 0..self.remotes.len() {
             if self.remotes[i]
                 .off
@@ -223,7 +224,9 @@ impl super::Shared {
                 }
                 _ => {}
             }
-            self.put_to(i, entry, pyc).await;
+            let (object, record) = encoded.get_or_insert_with(|| self.encode(entry, pyc));
+            self.put_to(i, entry, object.as_deref(), record.clone())
+                .await;
             uploaded = true;
         }
         uploaded

@@ -729,7 +729,10 @@ fn rebundle(b: &Backend, stored: &[String]) {
         let mut rest = &bundle[23..];
         while !rest.is_empty() {
             let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
-            let key: String = rest[4 + 18..4 + 50].iter().map(|b| format!("{b:02x}")).collect();
+            let key: String = rest[4 + 18..4 + 50]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             let entry = stored
                 .iter()
                 .find(|s| s.contains("/entries/") && s.ends_with(&key))

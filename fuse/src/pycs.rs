@@ -689,9 +689,9 @@ impl Pycs {
             return Ok(false);
         };
         let header = self.header(source, interp);
-        let mut pyc = Vec::with_capacity(HEADER_LEN + body.len());
+        let mut pyc = Vec::with_capacity(HEADER_LEN + body.body().len());
         pyc.extend_from_slice(&header);
-        pyc.extend_from_slice(&body);
+        pyc.extend_from_slice(body.body());
         let slot = resolve::slot(self.flavor, source.meta.mtime_secs(), source.meta.size);
         self.store_pyc(key, slot, &pyc, source.meta.mode, |c| c.misses += 1, interp)?;
         self.stats.fetched.fetch_add(1, Ordering::Relaxed);

@@ -205,10 +205,18 @@ impl Objects {
     /// read.
     pub fn put_mode(&self, bytes: &[u8], mode: u32) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
-        if !self.intact(&id) {
-            self.adopt(&id, self.write_temp_with_mode(bytes, mode)?)?;
-        }
+        self.put_hashed(&id, bytes, mode)?;
         Ok(id)
+    }
+
+    /// As [`Objects::put_mode`], for `bytes` whose blake3 the caller
+    /// checked to be `id` (a pyc from a remote, checked against its name).
+    pub(crate) fn put_hashed(&self, id: &ObjectId, bytes: &[u8], mode: u32) -> io::Result<()> {
+        debug_assert_eq!(ObjectId::of(bytes), *id);
+        if !self.intact(id) {
+            self.adopt(id, self.write_temp_with_mode(bytes, mode)?)?;
+        }
+        Ok(())
     }
 
     /// Gives the object `id` a fresh inode with `mode` (as

@@ -49,12 +49,29 @@ struct InFlight {
 /// What a compile job gave every target waiting for its key.
 enum Answer {
     /// A body, compiled here or fetched from a remote.
-    Body(Vec<u8>),
+    Body(Body),
     /// The source does not compile: what the interpreter said.
     Rejected(String),
     /// No answer (the source could not be read, the worker failed): not
     /// the source's fault, not remembered.
     Failed(FileError),
+}
+
+/// A body, as it came.
+enum Body {
+    /// From a compile worker.
+    Compiled(Vec<u8>),
+    /// A whole pyc from a remote, checked.
+    Fetched(crate::remote::Accepted),
+}
+
+impl Body {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Compiled(body) => body,
+            Body::Fetched(fetched) => fetched.body(),
+        }
+    }
 }
 
 impl Run<'_> {
@@ -109,7 +126,7 @@ impl Run<'_> {
                 Settled::Compiled
             };
             let answer = match fetched {
-                Some(body) => Answer::Body(body),
+                Some(fetched) => Answer::Body(Body::Fetched(fetched)),
                 None => {
                     let slot = slots[job.interpreter].get_or_insert_with(|| {
                         WorkerSlot::new(
@@ -119,7 +136,7 @@ impl Run<'_> {
                     });
                     let answer = match job.source.bytes() {
                         Ok(bytes) => match slot.compile(&bytes, &job.source.path, job.optimize) {
-                            Outcome::Compiled(body) => Answer::Body(body),
+                            Outcome::Compiled(body) => Answer::Body(Body::Compiled(body)),
                             Outcome::Rejected(message) => Answer::Rejected(message),
                             Outcome::WorkerFailed(e) => Answer::Failed(FileError::new(
                                 &job.source.path,
@@ -143,11 +160,13 @@ impl Run<'_> {
                         let first = &state.waiting[&job.key][0];
                         let slot = self.slot(first);
                         // A fetched body was checked when it was accepted.
-                        let checked = how == Settled::Fetched;
-                        let stored = self.store_pyc(first, slot, body, true, checked);
+                        let stored = match body {
+                            Body::Fetched(fetched) => self.store_fetched(first, slot, fetched),
+                            Body::Compiled(body) => self.store_pyc(first, slot, body, true, false),
+                        };
                         if let Ok(entry) = &stored {
                             state.compiled.insert(job.key, (slot, *entry, how));
-                            if how == Settled::Compiled {
+                            if let Body::Compiled(body) = body {
                                 record = self.upload(&job, body);
                             }
                         }
@@ -172,7 +191,7 @@ impl Run<'_> {
                         let entry = if self.slot(&target) == *slot {
                             Ok(*entry)
                         } else {
-                            self.store_pyc(&target, self.slot(&target), body, false, false)
+                            self.store_pyc(&target, self.slot(&target), body.bytes(), false, false)
                         };
                         entry.and_then(|entry| self.settle(&target, &entry, None, how))
                     }

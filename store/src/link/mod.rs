@@ -439,7 +439,10 @@ impl Run<'_> {
 
     /// The body of what a remote returned for `job`, if it checks out, with
     /// the entry it came in (for a bundle this run writes).
-    fn accept_fetched(&self, job: &mut CompileJob) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    fn accept_fetched(
+        &self,
+        job: &mut CompileJob,
+    ) -> (Option<crate::remote::Accepted>, Option<Vec<u8>>) {
         let (Some(remotes), Some(mut fetched)) = (&self.options.remotes, job.fetched.take()) else {
             return (None, None);
         };

@@ -15,7 +15,7 @@ use crate::error::{Cause, FileError, Op};
 use crate::index::{Entry, EntrySlot};
 use crate::materialize::{Access, Destination, LinkMode};
 use crate::objects::{ObjectId, PUBLIC_MODE};
-use crate::pyc::{self, HEADER_LEN};
+use crate::pyc::{self, Flavor, HEADER_LEN};
 use crate::resolve::{self, open_object, ObjectState};
 use crate::source::Source;
 use crate::Store;
@@ -379,6 +379,38 @@ impl Run<'_> {
             header,
         };
         self.ledger.entry(&target.key, slot, &entry, new_body);
+        Ok(entry)
+    }
+
+    /// Stores a pyc a remote gave (checked, see [`crate::remote`]) for
+    /// `target` as it is when it is the pyc this run makes (checked-hash
+    /// pycs, the default: its header is then the one
+    /// [`Run::store_pyc`] would make, and its blake3 is known), else its
+    /// body as [`Run::store_pyc`] does.
+    pub(super) fn store_fetched(
+        &self,
+        target: &Target,
+        slot: EntrySlot,
+        fetched: &crate::remote::Accepted,
+    ) -> Result<Entry, FileError> {
+        // `accept` checked the magic number and the source hash; the flags
+        // decide the rest of the header.
+        let header: [u8; HEADER_LEN] = fetched.pyc[..HEADER_LEN].try_into().expect("a header");
+        let checked_hash = header[4..8] == [3, 0, 0, 0];
+        if self.options.flavor != Flavor::CheckedHash || !checked_hash {
+            return self.store_pyc(target, slot, fetched.body(), true, true);
+        }
+        let mode = resolve::object_mode(&self.store.objects, target.source.meta.mode);
+        self.store
+            .objects
+            .put_hashed(&fetched.object, &fetched.pyc, mode)
+            .map_err(|e| FileError::new(&target.source.path, Op::Store, e))?;
+        let entry = Entry {
+            object: fetched.object,
+            size: fetched.pyc.len() as u64,
+            header,
+        };
+        self.ledger.entry(&target.key, slot, &entry, true);
         Ok(entry)
     }
 

@@ -104,7 +104,7 @@ pub fn entry_path(namespace: &str, key: &CompileKey) -> String {
 /// `keys`: the blake3 of the keys sorted, each once (`keys` is sorted in
 /// place).
 pub fn bundle_id(keys: &mut Vec<CompileKey>) -> [u8; 32] {
-    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    keys.sort_unstable_by_key(|k| k.0);
     keys.dedup();
     let mut hasher = blake3::Hasher::new();
     hasher.update(BUNDLE_CONTEXT);

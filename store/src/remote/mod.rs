@@ -206,6 +206,8 @@ struct Shared {
 pub struct Fetched {
     remote: usize,
     pyc: Vec<u8>,
+    /// The pyc's blake3, checked.
+    object: ObjectId,
     /// The entry it came in, when fetched by its own name (for a bundle
     /// this run may write).
     record: Option<Vec<u8>>,
@@ -215,6 +217,22 @@ impl Fetched {
     /// The entry it came in, if kept, for [`Remotes::bundle_part`].
     pub fn take_record(&mut self) -> Option<Vec<u8>> {
         self.record.take()
+    }
+}
+
+/// A fetched pyc that passed every check ([`Remotes::accept`]).
+pub struct Accepted {
+    /// The whole pyc: a hash-based header with the interpreter's magic and
+    /// the local source's hash, then the body.
+    pub pyc: Vec<u8>,
+    /// Its blake3, checked.
+    pub object: ObjectId,
+}
+
+impl Accepted {
+    /// The code object, after the header.
+    pub fn body(&self) -> &[u8] {
+        &self.pyc[HEADER_LEN..]
     }
 }
 
@@ -658,16 +676,21 @@ impl Remotes {
 
     /// Checks a fetched pyc against what was asked: the interpreter's magic
     /// number, a hash-based header whose source hash is the local source's,
-    /// and a body Python can load. Returns its body, or `None` (rejected,
-    /// counted and said once: the caller compiles).
+    /// and a body Python can load. Returns it, or `None` (rejected, counted
+    /// and said once: the caller compiles).
     pub fn accept(
         &self,
         fetched: Fetched,
         magic: [u8; 4],
         variant: HashVariant,
         source: &[u8],
-    ) -> Option<Vec<u8>> {
-        let Fetched { remote, pyc, .. } = fetched;
+    ) -> Option<Accepted> {
+        let Fetched {
+            remote,
+            pyc,
+            object,
+            ..
+        } = fetched;
         let checked = (|| {
             let header: &[u8; HEADER_LEN] = pyc[..HEADER_LEN].try_into().unwrap();
             check_header(header, magic, &pyc::source_hash(variant, magic, source))?;
@@ -680,7 +703,7 @@ impl Remotes {
         match checked {
             Ok(()) => {
                 AtomicCounters::add(&r.counters.hits, 1);
-                Some(pyc[HEADER_LEN..].to_vec())
+                Some(Accepted { pyc, object })
             }
             Err(why) => {
                 self.shared.reject(remote, &why);
@@ -1136,7 +1159,7 @@ impl Shared {
                 return Step::Failed;
             }
         };
-        let step = self.from_entry(i, key, &bytes).await;
+        let step = self.open_entry(i, key, &bytes).await;
         match step {
             // Kept to go into a bundle, should this run write one.
             Step::Got(mut fetched) => {
@@ -1150,7 +1173,7 @@ impl Shared {
     /// The pyc of the entry `bytes` of `key` from remote `i` (fetching its
     /// object when the entry does not carry it), checked against its name
     /// and entry.
-    async fn from_entry(&self, i: usize, key: &CompileKey, bytes: &[u8]) -> Step {
+    async fn open_entry(&self, i: usize, key: &CompileKey, bytes: &[u8]) -> Step {
         let r = &self.remotes[i];
         let ns = &self.settings.namespace;
         let (entry, inline) = match format::decode_entry(bytes, key, ns, &self.settings.trusted) {
@@ -1183,6 +1206,7 @@ impl Shared {
             Ok(pyc) => Step::Got(Fetched {
                 remote: i,
                 pyc,
+                object: entry.object,
                 record: None,
             }),
             Err(why) => {
@@ -1230,7 +1254,7 @@ impl Shared {
             usable = true;
             for (key, slot) in keys.iter().zip(&mut got) {
                 if let Some(entry) = entries.get(key) {
-                    match self.from_entry(i, key, entry).await {
+                    match self.open_entry(i, key, entry).await {
                         Step::Got(fetched) => *slot = Some(fetched),
                         Step::Rejected => usable = false,
                         Step::Missing | Step::Failed => {}

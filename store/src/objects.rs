@@ -24,6 +24,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fs_err as fs;
 
@@ -94,6 +95,9 @@ pub struct Objects {
     dir: PathBuf,
     tmp: PathBuf,
     owner: Owner,
+    /// The shard directories this process made or found, by the object
+    /// id's first byte: not made again for each object.
+    shards: [AtomicBool; 256],
 }
 
 impl Objects {
@@ -104,7 +108,12 @@ impl Objects {
     }
 
     pub(crate) fn with_owner(dir: PathBuf, tmp: PathBuf, owner: Owner) -> Self {
-        Objects { dir, tmp, owner }
+        Objects {
+            dir,
+            tmp,
+            owner,
+            shards: std::array::from_fn(|_| AtomicBool::new(false)),
+        }
     }
 
     /// Whom objects must belong to.
@@ -210,13 +219,12 @@ impl Objects {
     }
 
     /// As [`Objects::put_mode`], for `bytes` whose blake3 the caller
-    /// checked to be `id` (a pyc from a remote, checked against its name).
+    /// checked to be `id` (a pyc from a remote, checked against its name)
+    /// and that the store most likely lacks: written without looking
+    /// first ([`Objects::adopt`] keeps a good object already there).
     pub(crate) fn put_hashed(&self, id: &ObjectId, bytes: &[u8], mode: u32) -> io::Result<()> {
         debug_assert_eq!(ObjectId::of(bytes), *id);
-        if !self.intact(id) {
-            self.adopt(id, self.write_temp_with_mode(bytes, mode)?)?;
-        }
-        Ok(())
+        self.adopt(id, self.write_temp_with_mode(bytes, mode)?)
     }
 
     /// Gives the object `id` a fresh inode with `mode` (as
@@ -394,12 +402,24 @@ impl Objects {
     /// one is replaced.
     pub fn adopt(&self, id: &ObjectId, temp: tempfile::TempPath) -> io::Result<()> {
         let path = self.path(id);
-        if let Some(shard) = path.parent() {
+        let shard = path.parent().expect("an object has a shard");
+        let made = &self.shards[id.0[0] as usize];
+        if !made.load(Ordering::Relaxed) {
             create_dir(shard, self.owner.dir_mode())?;
+            made.store(true, Ordering::Relaxed);
         }
         let temp = match temp.persist_noclobber(&path) {
             Ok(()) => return Ok(()),
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
+            // The shard was removed since (`gc`, `verify --repair`).
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound && e.path.exists() => {
+                create_dir(shard, self.owner.dir_mode())?;
+                match e.path.persist_noclobber(&path) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
+                    Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
+                }
+            }
             Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
         };
         if self.intact(id) {
@@ -482,6 +502,28 @@ mod tests {
         let after = std::fs::metadata(objects.path(&a)).unwrap().ino();
         assert_ne!(before, after);
         assert_eq!(objects.read(&a).unwrap(), b"same bytes");
+    }
+
+    #[test]
+    fn a_shard_removed_after_its_first_object_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let first = objects.put(b"0").unwrap();
+        // Another object in the same shard, put after the shard is gone.
+        let other = (1..)
+            .map(|i: u32| i.to_string().into_bytes())
+            .find(|b| ObjectId::of(b).0[0] == first.0[0])
+            .unwrap();
+        std::fs::remove_dir_all(objects.path(&first).parent().unwrap()).unwrap();
+        let id = ObjectId::of(&other);
+        objects.put_hashed(&id, &other, PUBLIC_MODE).unwrap();
+        assert_eq!(objects.read(&id).unwrap(), other);
+        // And a good object already there is kept.
+        let before = std::fs::metadata(objects.path(&id)).unwrap().ino();
+        objects.put_hashed(&id, &other, PUBLIC_MODE).unwrap();
+        assert_eq!(std::fs::metadata(objects.path(&id)).unwrap().ino(), before);
     }
 
     #[test]

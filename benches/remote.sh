@@ -22,9 +22,12 @@
 # inode table is not yet written back): a link right after `rm -rf` of a
 # corpus copy spends seconds of system time there, more than the link
 # itself. So each case has its own copy and store, all removed at the end,
-# and on such a filesystem the first timed run waits until a minute after
-# the last removal (this script's, of a previous run's leftovers, or of the
-# end of the previous run), synced.
+# and on such a filesystem the first timed run waits until five minutes
+# after the last removal (this script's, of a previous run's leftovers, or
+# of the end of the previous run), synced: the links themselves keep the
+# inode tables dirty, so a minute is not enough (measured: warm links of 4 s
+# instead of 0.8 s two minutes after a removal). Removals by others are not
+# known here: leave the machine alone for five minutes before a run.
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
@@ -71,15 +74,16 @@ pays_for_freed_inodes() {
   [[ $fstype == ext4 ]] && ! compgen -G "/proc/fs/jbd2/$dev-*" >/dev/null
 }
 
-# Waits until the last removal is a minute old (nothing is removed after).
+# Waits until the last removal is five minutes old (nothing is removed
+# after).
 settle() {
   sync
   pays_for_freed_inodes || return 0
   local last wait
   last=$(stat -c %Y "$removed_mark" 2>/dev/null || echo 0)
-  wait=$((last + 61 - $(date +%s)))
+  wait=$((last + 301 - $(date +%s)))
   if ((wait > 0)); then
-    say "waiting ${wait}s: inodes freed in the last minute slow every file creation here"
+    say "waiting ${wait}s: inodes freed in the last five minutes slow every file creation here"
     sleep "$wait"
   fi
 }

@@ -18,6 +18,10 @@
 #   link again       pycstore link on a prefix it has already linked
 #   link tiny        pycstore link of a 10-source directory, warm store
 #                    (what a small project pays, interpreter probe cached)
+#   fs-floor         benches/fs-floor on a fresh copy: the filesystem work
+#                    of a warm link with nothing else (list every directory,
+#                    read and hash every source, make each __pycache__, hard
+#                    link one file as every pyc), the floor of "link warm"
 #   import           the corpus import workload with compileall's pycs, with
 #                    pycstore's, and with none (PYTHONDONTWRITEBYTECODE=1)
 #   export, import   pycstore export of the linked store's entries to a pack,
@@ -25,7 +29,7 @@
 #                    next to the cold link, what a CI cache of pycs saves
 # Counted with strace -f -c (every thread; counts do not drift with the
 # machine's load as times do): the syscalls of the warm link of a fresh
-# copy, of linking it again, and of status, per source.
+# copy, of linking it again, and of status, per source; and of fs-floor.
 # Measured with du (hard links counted once): the store, what compileall's
 # pycs add to every prefix, and the new blocks a second linked prefix adds.
 #
@@ -114,6 +118,16 @@ hyperfine_to link-cold --prepare "$rm_store && $(rm_pycs "$cold")" \
 linked=$work/link-warm
 hyperfine_to link-warm --prepare "$(aside "$linked") && cp -a $(q "$corpus") $(q "$linked")" \
   -n "pycstore link, warm store" "$link $(q "$linked")"
+say "the filesystem floor of a warm link (benches/fs-floor)"
+(cd "$repo" && cargo build --release -p pycstore-fs-floor)
+floor_bin=$CARGO_TARGET_DIR/release/fs-floor
+# The one file every pyc is a hard link of: a pyc of the corpus, on the
+# same filesystem (ext4 allows 65,000 links to it: 6,990 per run).
+floor_object=$work/floor-object.pyc
+cp "$(find "$linked" -name '*.pyc' -print -quit)" "$floor_object"
+floored=$work/floor
+hyperfine_to fs-floor --prepare "$(aside "$floored") && cp -a $(q "$corpus") $(q "$floored")" \
+  -n "fs-floor" "$(q "$floor_bin") $(q "$floored") $(q "$floor_object") cpython-311"
 hyperfine_to link-again --warmup 1 \
   -n "pycstore link, already linked" "$link $(q "$linked")"
 hyperfine_to inspect --warmup 1 \
@@ -144,6 +158,8 @@ fresh_copy "$counted"
 sys_warm=$(syscalls "$pycstore" --store "$store" link -q "$counted")
 sys_again=$(syscalls "$pycstore" --store "$store" link -q "$counted")
 sys_status=$(syscalls "$pycstore" --store "$store" status "$counted")
+fresh_copy "$floored"
+sys_floor=$(syscalls "$floor_bin" "$floored" "$floor_object" cpython-311)
 
 say "disk"
 second=$work/link-second
@@ -228,6 +244,7 @@ PYTHONPATH=$repo/benches "$python" - "$json" "${machine[@]}" \
   sys_warm="$sys_warm" \
   sys_again="$sys_again" \
   sys_status="$sys_status" \
+  sys_floor="$sys_floor" \
   <<'PY' | tee "$report" >&3
 """Turns the hyperfine JSON of corpus.sh into a Markdown report."""
 import json
@@ -280,6 +297,7 @@ print(f"""# pycstore on the reference corpus, {info['date']}
 | uv's compile step (difference) | {uv_cost:.3f} | | |
 | `pycstore link`, empty store | {cell("pycstore link, empty store")} | {info['pycs_cold']} |
 | `pycstore link`, warm store, fresh copy | {cell("pycstore link, warm store")} | {info['pycs_linked']} |
+| `fs-floor`: the filesystem work of a warm link alone | {cell("fs-floor")} | {info['py_files']} |
 | `pycstore link`, already linked | {cell("pycstore link, already linked")} | {info['pycs_linked']} |
 | `pycstore link`, {info['tiny_sources']} sources, warm store | {cell("pycstore link, 10 sources")} | |
 | `pycstore stats` | {cell("pycstore stats")} | |
@@ -293,6 +311,8 @@ run of one side over the fastest of the other, and the other way round):
 | ratio | |
 |---|---|
 | compileall / warm link | {ratio("compileall -j0", "pycstore link, warm store")} |
+| compileall / fs-floor (the most any warm link could reach here) | {ratio("compileall -j0", "fs-floor")} |
+| warm link / fs-floor | {ratio("pycstore link, warm store", "fs-floor")} |
 | uv's compile step / warm link | {uv_cost / warm:.1f}x |
 | compileall / cold link | {ratio("compileall -j0", "pycstore link, empty store")} |
 | warm link / already linked | {ratio("pycstore link, warm store", "pycstore link, already linked")} |
@@ -304,6 +324,7 @@ Syscalls (`strace -f -c`, every thread, one run each):
 | warm link of a fresh copy | {per_source(info['sys_warm'])} |
 | link of the prefix again | {per_source(info['sys_again'])} |
 | `pycstore status` of the linked prefix | {per_source(info['sys_status'])} |
+| `fs-floor` on a fresh copy | {per_source(info['sys_floor'])} |
 
 ## Carrying the pycs to another store (export, import)
 

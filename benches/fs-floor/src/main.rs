@@ -60,8 +60,8 @@ fn open_dir<P: rustix::path::Arg>(at: impl AsFd, path: P) -> OwnedFd {
 fn walk<'s>(scope: &rayon::Scope<'s>, dir: OwnedFd, object: &'s CStr, tag: &'s str) {
     DIRS.fetch_add(1, Ordering::Relaxed);
     let mut sources = Vec::new();
-    let mut buf = [MaybeUninit::<u8>::uninit(); 32 << 10];
-    let mut entries = RawDir::new(&dir, &mut buf);
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 32 << 10];
+    let mut entries = RawDir::new(&dir, &mut buf[..]);
     while let Some(entry) = entries.next() {
         let entry = entry.expect("a listing");
         let name = entry.file_name();

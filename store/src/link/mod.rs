@@ -275,13 +275,39 @@ pub fn link(
                             },
                         )
                     });
+                    // Directories are looked up on every core, nearly in
+                    // walk order (each thread takes the next), and their
+                    // misses gathered in walk order into bundles
+                    // ([`crate::remote::Bundler`]).
                     let same_dir = |a: &(Found, Vec<usize>), b: &(Found, Vec<usize>)| {
                         Arc::ptr_eq(&a.0.dir, &b.0.dir)
                     };
-                    found.par_chunk_by(same_dir).for_each(|dir| {
+                    let dirs: Vec<_> = found.chunk_by(same_dir).collect();
+                    let (dir_tx, dir_rx) = crossbeam_channel::unbounded();
+                    scope.spawn(move || {
+                        let mut bundler = crate::remote::Bundler::default();
+                        let mut arrived = std::collections::BTreeMap::new();
+                        let mut next = 0;
+                        for (i, keys, misses) in dir_rx {
+                            arrived.insert(i, (keys, misses));
+                            while let Some((keys, misses)) = arrived.remove(&next) {
+                                next += 1;
+                                if let Some(group) = bundler.add(keys, misses) {
+                                    let _ = miss_tx.send(group);
+                                }
+                            }
+                        }
+                        if let Some(group) = bundler.finish() {
+                            let _ = miss_tx.send(group);
+                        }
+                    });
+                    let taken = std::sync::atomic::AtomicUsize::new(0);
+                    rayon::broadcast(|_| loop {
+                        let i = taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(dir) = dirs.get(i) else { break };
                         let mut keys = Vec::new();
                         let mut misses = Vec::new();
-                        for (found, chosen) in dir {
+                        for (found, chosen) in *dir {
                             for target in run.look_up(session, found, chosen, &optimize) {
                                 if run.remote_eligible(target.interpreter) {
                                     keys.push(target.key);
@@ -289,14 +315,9 @@ pub fn link(
                                 misses.extend(run.act_on(target));
                             }
                         }
-                        if !misses.is_empty() {
-                            // Named after every pyc of the directory, hits
-                            // included: the same on every machine.
-                            let bundle = (keys.len() > 1)
-                                .then(|| crate::remote::format::bundle_id(&mut keys));
-                            let _ = miss_tx.send(crate::remote::MissGroup { bundle, misses });
-                        }
+                        let _ = dir_tx.send((i, keys, misses));
                     });
+                    drop(dir_tx);
                 }
             }
             tracing::debug!(

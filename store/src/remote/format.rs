@@ -14,8 +14,8 @@
 //!         │                      too large to travel inside their entry
 //!         ├── entries/b2/b21e47…  named by the compile key: which object, signed,
 //!         │                      and the object itself when it is small
-//!         └── bundles/7c/7c05d1…  the entries of one directory's sources, in one
-//!                                record: named by the blake3 of their compile keys
+//!         └── bundles/7c/7c05d1…  the entries of a run of directories' pycs, in
+//!                                one record: named by the blake3 of their keys
 //! ```
 //!
 //! An object is one complete pyc in the checked-hash flavor (its header
@@ -37,11 +37,15 @@
 //! ```
 //!
 //! A bundle saves a request per source where whole directories are
-//! missed (an empty store, a CI runner): `link` names a directory's bundle
-//! after the compile keys of all its sources' pycs (sorted, each once), so
-//! every machine linking the same files asks for the same bundle, and
-//! writes one where it found none and compiled or fetched every pyc of the
-//! directory. It is only a container:
+//! missed (an empty store, a CI runner). `link` cuts the directories it
+//! walks, in walk order, into runs ([`super::Bundler`]: cut after a
+//! directory whose own keys hash to 1 value in 8, so every machine walking
+//! the same files cuts in the same places, and one changed directory moves
+//! no cut but its own) and names each run's bundle after the compile keys
+//! of all its pycs (sorted, each once), hits included. It asks for that
+//! bundle before asking for each miss by its own name, and writes one where
+//! it found none and compiled or fetched pycs of the run. It is only a
+//! container:
 //!
 //! ```text
 //! "pycstore-bundle-v1\n"  19 bytes
@@ -100,9 +104,8 @@ pub fn entry_path(namespace: &str, key: &CompileKey) -> String {
     format!("{LAYOUT_DIR}/{namespace}/entries/{}/{hex}", &hex[..2])
 }
 
-/// The name of the bundle of a directory whose pycs have the compile keys
-/// `keys`: the blake3 of the keys sorted, each once (`keys` is sorted in
-/// place).
+/// The name of the bundle of pycs with the compile keys `keys`: the blake3
+/// of the keys sorted, each once (`keys` is sorted in place).
 pub fn bundle_id(keys: &mut Vec<CompileKey>) -> [u8; 32] {
     keys.sort_unstable_by_key(|k| k.0);
     keys.dedup();

@@ -247,14 +247,71 @@ enum Step {
     Failed,
 }
 
-/// The misses of one directory, sent together to
+/// The misses of consecutive directories ([`Bundler`]), sent together to
 /// [`Remotes::fetch_misses`] so that they can come in one bundle.
 pub struct MissGroup<T> {
-    /// The directory's bundle ([`format::bundle_id`] of the compile keys of
-    /// all its pycs), or `None` to ask for each miss by its own name.
+    /// Their bundle ([`format::bundle_id`] of the compile keys of all the
+    /// directories' pycs), or `None` to ask for each miss by its own name.
     pub bundle: Option<[u8; 32]>,
     /// The misses.
     pub misses: Vec<T>,
+}
+
+/// Gathers the misses of consecutive directories (in walk order) into
+/// groups, each asked for as one bundle: a group ends after a directory
+/// whose own compile keys hash to a value 1 in [`DIRS_PER_BUNDLE`] does
+/// (content-defined, as chunkers cut files: every machine walking the
+/// same files cuts in the same places, and a change in one directory
+/// changes only its own bundle, and a neighbour's at most), or once it
+/// holds [`MAX_BUNDLE_KEYS`]. A bundle is named after the keys of every
+/// pyc of its directories, hits included, so the name does not depend on
+/// what the local store holds.
+#[derive(Debug)]
+pub struct Bundler<T> {
+    keys: Vec<CompileKey>,
+    misses: Vec<T>,
+}
+
+impl<T> Default for Bundler<T> {
+    fn default() -> Self {
+        Bundler {
+            keys: Vec::new(),
+            misses: Vec::new(),
+        }
+    }
+}
+
+/// One directory in this many ends a bundle, on average.
+pub const DIRS_PER_BUNDLE: u8 = 8;
+
+/// A bundle ends once it names this many pycs (a directory is never cut).
+pub const MAX_BUNDLE_KEYS: usize = 512;
+
+impl<T> Bundler<T> {
+    /// Adds the next directory: the compile keys of all its pycs that may
+    /// travel, and its misses. Returns a group to ask for when this
+    /// directory ends one that holds misses.
+    pub fn add(&mut self, mut keys: Vec<CompileKey>, misses: Vec<T>) -> Option<MissGroup<T>> {
+        let cut = format::bundle_id(&mut keys)[0].is_multiple_of(DIRS_PER_BUNDLE);
+        self.keys.extend(keys);
+        self.misses.extend(misses);
+        if cut || self.keys.len() >= MAX_BUNDLE_KEYS {
+            self.finish()
+        } else {
+            None
+        }
+    }
+
+    /// Ends the group under way: returned if it holds misses.
+    pub fn finish(&mut self) -> Option<MissGroup<T>> {
+        let mut keys = std::mem::take(&mut self.keys);
+        let misses = std::mem::take(&mut self.misses);
+        if misses.is_empty() {
+            return None;
+        }
+        let bundle = (keys.len() > 1).then(|| format::bundle_id(&mut keys));
+        Some(MissGroup { bundle, misses })
+    }
 }
 
 /// A bundle this run writes: the entries of a directory's misses, each
@@ -1382,5 +1439,75 @@ impl Remotes {
                 .map(|_| ())
                 .map_err(|e| describe(&e))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundles of directories with the given keys, every directory
+    /// holding one miss.
+    fn bundles(dirs: &[Vec<CompileKey>]) -> Vec<([u8; 32], Vec<usize>)> {
+        let mut bundler = Bundler::default();
+        let mut out = Vec::new();
+        for (i, keys) in dirs.iter().enumerate() {
+            out.extend(bundler.add(keys.clone(), vec![i]));
+        }
+        out.extend(bundler.finish());
+        out.into_iter()
+            .map(|g| (g.bundle.unwrap(), g.misses))
+            .collect()
+    }
+
+    fn key(i: u32) -> CompileKey {
+        CompileKey(*blake3::hash(&i.to_le_bytes()).as_bytes())
+    }
+
+    #[test]
+    fn bundles_are_cut_by_content_so_a_change_stays_local() {
+        let dirs: Vec<Vec<CompileKey>> = (0..400)
+            .map(|d| (0..3).map(|k| key(d * 10 + k)).collect())
+            .collect();
+        let before = bundles(&dirs);
+        // Every directory in exactly one bundle, in walk order.
+        let order: Vec<usize> = before.iter().flat_map(|(_, m)| m.clone()).collect();
+        assert_eq!(order, (0..400).collect::<Vec<_>>());
+        // About one directory in DIRS_PER_BUNDLE ends a bundle.
+        assert!(
+            (25..=80).contains(&before.len()),
+            "{} bundles",
+            before.len()
+        );
+        // The same directories give the same bundles.
+        assert_eq!(bundles(&dirs), before);
+        // A source changed in one directory: at most two bundles change.
+        let mut changed = dirs.clone();
+        changed[200][1] = key(999_999);
+        let after = bundles(&changed);
+        let kept = after.iter().filter(|b| before.contains(b)).count();
+        assert!(kept + 2 >= before.len(), "{kept} of {} kept", before.len());
+        assert!(kept < after.len());
+        // A directory added (a package installed): the cuts after it stay
+        // where they were (a cut every so many directories would move all).
+        let mut added = dirs.clone();
+        added.insert(200, vec![key(777_777), key(777_778)]);
+        let names = |b: &[([u8; 32], Vec<usize>)]| b.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+        let (before, after) = (names(&before), names(&bundles(&added)));
+        let kept = after.iter().filter(|b| before.contains(b)).count();
+        assert!(kept + 2 >= before.len(), "{kept} of {} kept", before.len());
+    }
+
+    #[test]
+    fn a_bundle_ends_at_its_key_limit_and_only_misses_are_sent() {
+        let big: Vec<CompileKey> = (0..MAX_BUNDLE_KEYS as u32).map(key).collect();
+        let mut bundler = Bundler::default();
+        assert!(bundler.add(big, vec![1]).is_some());
+        // Directories without misses send nothing, whatever their keys.
+        let mut bundler: Bundler<usize> = Bundler::default();
+        for d in 0..100 {
+            assert!(bundler.add(vec![key(d), key(d + 1000)], vec![]).is_none());
+        }
+        assert!(bundler.finish().is_none());
     }
 }

@@ -1516,10 +1516,92 @@ mod redis_server {
 mod webdav {
     use super::*;
     backend_tests!(Kind::Webdav, network: true);
+    backend_tests!(@each Kind::Webdav; a_busy_server_is_asked_again);
 }
 mod s3 {
     use super::*;
     backend_tests!(Kind::S3, network: true);
+    backend_tests!(@each Kind::S3; a_busy_server_is_asked_again);
+}
+
+/// A front to the HTTP server at `upstream` that answers the first
+/// request of every other connection with `503 Service Unavailable` (what
+/// a busy S3 server says, "slow down") and closes it, and relays the
+/// others. Returns its port and the count of requests refused.
+fn busy_front(upstream: u16) -> (u16, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let refused = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&refused);
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(mut client) = client else { continue };
+            if n % 2 == 0 {
+                let counter = Arc::clone(&counter);
+                std::thread::spawn(move || {
+                    // The request head, then its body, before the answer.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let length: u64 = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let _ = std::io::copy(&mut (&client).take(length), &mut std::io::sink());
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = client.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    let _ = client.shutdown(Shutdown::Both);
+                });
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, refused)
+}
+
+/// A server that answers some requests "503, slow down" (as S3 does under
+/// a burst of uploads) is asked again: every upload and fetch gets
+/// through, with no warning, and the remote is not left alone.
+fn a_busy_server_is_asked_again(b: Backend) {
+    let t = TestDir::new();
+    let count = 40;
+    let (port, refused) = busy_front(b.port());
+    let busy = b.at_port(port);
+    let (out, v) = busy.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), count as u64 + 1, "{v}");
+    assert_eq!(n(remote0(&v), "uploads"), count as u64 + 1, "{v}");
+    assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
+    assert!(warnings(&out).is_empty(), "{:?}", warnings(&out));
+    let (out, v) = busy.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert!(warnings(&out).is_empty(), "{:?}", warnings(&out));
+    assert_modules_load(&t, "b", count);
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the front refused nothing"
+    );
 }
 
 /// Bad remote settings end the command before anything is written.

@@ -354,6 +354,29 @@ impl std::fmt::Debug for Remotes {
     }
 }
 
+/// What a request that failed in a way the storage calls temporary (an
+/// S3 server's 503 "slow down", a 500, a dropped connection) gets: up to
+/// three more tries, 50 ms to 1 s apart, as S3's own clients do, within
+/// the request's timeout. A server under a burst of uploads answers 503 to
+/// some: without a retry, one of them left the remote alone for the rest
+/// of the run.
+fn retries() -> opendal::layers::RetryLayer<impl opendal::layers::RetryInterceptor> {
+    opendal::layers::RetryLayer::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(3)
+        .with_jitter()
+        .with_notify(|event: opendal::layers::RetryEvent<'_>| {
+            tracing::debug!(
+                "retrying a {:?} after {:.2}s (try {}): {}",
+                event.op,
+                event.retry_after.as_secs_f64(),
+                event.attempt,
+                event.err.kind()
+            );
+        })
+}
+
 fn operator(spec: &RemoteSpec) -> opendal::Result<Operator> {
     use opendal::services;
     Ok(match &spec.kind {
@@ -450,7 +473,7 @@ impl Remotes {
             let cannot = |e: &dyn std::fmt::Display| {
                 ConfigError(format!("cannot use remote `{}`: {e}", spec.label))
             };
-            let op = operator(spec).map_err(|e| cannot(&e))?;
+            let op = operator(spec).map_err(|e| cannot(&e))?.layer(retries());
             let redis = match &spec.kind {
                 Kind::Redis {
                     endpoint,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 
 use crate::error::{Cause, FileError, Op};
@@ -325,23 +326,52 @@ impl Listed {
 /// path beneath the root. A prefix linked before costs one `stat` per
 /// directory.
 pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) -> Walk {
+    let opened = tree::open_root(prefix).and_then(|root| Ok((root, tree::open_root(prefix)?)));
+    let (root, first) = match opened {
+        Ok(fds) => fds,
+        Err(e) => {
+            return Walk {
+                found: Vec::new(),
+                errors: vec![FileError::new(prefix, Op::Read, e)],
+                listed: Vec::new(),
+            };
+        }
+    };
+    let at = At {
+        prefix,
+        excludes,
+        known,
+        root: Arc::new(root),
+    };
+    visit(&at, prefix.to_path_buf(), Some(first))
+}
+
+/// What every directory of one walk shares.
+struct At<'a> {
+    prefix: &'a Path,
+    excludes: &'a Excludes,
+    known: Option<(&'a Index, i64)>,
+    root: Arc<OwnedFd>,
+}
+
+thread_local! {
+    /// The buffer each thread lists directories into.
+    static LISTING: std::cell::RefCell<Vec<MaybeUninit<u8>>> =
+        std::cell::RefCell::new(vec![MaybeUninit::uninit(); 64 * 1024]);
+}
+
+/// Walks the directory `path` (through `fd` when open, else by path
+/// beneath the root), then its subdirectories, on every core: its sources
+/// first, then each subdirectory's, in name order (depth first, as a
+/// sequential walk would find them).
+fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
+    let (prefix, excludes, known, root) = (at.prefix, at.excludes, at.known, &at.root);
     let mut walk = Walk {
         found: Vec::new(),
         errors: Vec::new(),
         listed: Vec::new(),
     };
-    let opened = tree::open_root(prefix).and_then(|root| Ok((root, tree::open_root(prefix)?)));
-    let (root, first) = match opened {
-        Ok(fds) => fds,
-        Err(e) => {
-            walk.errors.push(FileError::new(prefix, Op::Read, e));
-            return walk;
-        }
-    };
-    let root = Arc::new(root);
-    let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
-    let mut pending = vec![(prefix.to_path_buf(), Some(first))];
-    while let Some((path, fd)) = pending.pop() {
+    {
         let relative = path.strip_prefix(prefix).unwrap_or(&path).to_path_buf();
         let stat = match &fd {
             Some(fd) => rustix::fs::fstat(fd),
@@ -351,10 +381,10 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
             // Swapped for a symlink or a file, or gone, since its parent was
             // listed: not a directory of this prefix any more.
-            Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => continue,
+            Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return walk,
             Err(e) => {
                 walk.errors.push(FileError::new(path, Op::Read, e));
-                continue;
+                return walk;
             }
         };
         let (mtime_ns, ctime_ns) = times_ns(&stat);
@@ -384,22 +414,30 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                         // since: its owner decides who may share an inode
                         // with its pycs.
                         Ok(fd) if same_dir(&fd, &stat) => fd,
-                        Ok(_) => continue,
-                        Err(e) if gone(&e) => continue,
+                        Ok(_) => return walk,
+                        Err(e) if gone(&e) => return walk,
                         Err(e) => {
                             walk.errors.push(FileError::new(path, Op::Read, e));
-                            continue;
+                            return walk;
                         }
                     },
                 };
-                let listed = match list(fd.as_fd(), &path, Some((prefix, excludes)), &mut buf) {
+                let listed = LISTING.with(|buf| {
+                    list(
+                        fd.as_fd(),
+                        &path,
+                        Some((prefix, excludes)),
+                        &mut buf.borrow_mut(),
+                    )
+                });
+                let listed = match listed {
                     Ok((listed, errors)) => {
                         walk.errors.extend(errors);
                         listed
                     }
                     Err(e) => {
                         walk.errors.push(FileError::new(path, Op::Read, e));
-                        continue;
+                        return walk;
                     }
                 };
                 if let (true, Some((_, now_ns))) = (listed.rememberable, known) {
@@ -427,8 +465,24 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                 Err(e) => walk.errors.push(FileError::new(child, Op::Read, e)),
             }
         }
-        // Depth first, in name order.
-        pending.extend(subdirs.into_iter().rev());
+        // Depth first, in name order: this directory's sources, then each
+        // subdirectory's, walked in parallel.
+        let subtrees: Vec<Walk> = subdirs
+            .into_par_iter()
+            .map(|(child, fd)| visit(at, child, fd))
+            .collect();
+        let mut below = Walk {
+            found: Vec::new(),
+            errors: Vec::new(),
+            listed: Vec::new(),
+        };
+        for sub in subtrees {
+            below.found.extend(sub.found);
+            below.errors.extend(sub.errors);
+            below.listed.extend(sub.listed);
+        }
+        walk.errors.extend(below.errors);
+        walk.listed.extend(below.listed);
         let sources: Vec<_> = listed
             .sources
             .into_iter()
@@ -437,7 +491,8 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
             .collect();
         // Only a directory that holds sources is kept (open, if it is).
         if sources.is_empty() {
-            continue;
+            walk.found.extend(below.found);
+            return walk;
         }
         let opened = OnceLock::new();
         if let Some(fd) = fd {
@@ -445,7 +500,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
         }
         let dir = Arc::new(SourceDir {
             path,
-            root: Arc::clone(&root),
+            root: Arc::clone(root),
             relative,
             ino: stat.st_ino,
             fd: opened,
@@ -462,6 +517,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
                 name,
                 symlink,
             }));
+        walk.found.extend(below.found);
     }
     walk
 }

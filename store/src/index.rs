@@ -718,6 +718,11 @@ impl Index {
         // on every open), without reading every table's statistics or
         // stat'ing every table file first.
         opts.set_max_file_opening_threads(1);
+        // Tables open when first read (at most 16 on open), not all at
+        // every open: a link of a few sources reads few of a store's
+        // tables. 24.8 ms instead of 26.5 ms for a 10-source link on a
+        // store of 36 table files (hyperfine, 60 runs each).
+        opts.set_max_open_files(1000);
         opts.set_skip_stats_update_on_db_open(true);
         opts.set_skip_checking_sst_file_sizes_on_db_open(true);
         // RocksDB's own log (`index-v1/LOG`) keeps warnings and errors, not

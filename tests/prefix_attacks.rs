@@ -340,6 +340,38 @@ fn fifos_devices_and_huge_sources_are_reported_and_skipped() {
     );
 }
 
+/// A tree as deep as a user can make one inside a prefix (1,500 levels,
+/// each with a sibling directory, so that a walk run on several threads
+/// would hand the recursion to its workers' smaller stacks) is walked to
+/// its bottom, by `link` and `status`, without exhausting a stack.
+#[test]
+fn a_deep_tree_is_walked_without_exhausting_the_stack() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    let mut dir = String::from("deep");
+    for _ in 0..1_500 {
+        std::fs::create_dir_all(t.join(format!("{dir}/e"))).unwrap();
+        dir.push_str("/d");
+    }
+    t.write(format!("{dir}/bottom.py"), "DEEP = True\n");
+    t.write("deep/top.py", "TOP = True\n");
+    let json = link(&t, &python, &t.join("deep"), &[]);
+    assert_eq!(json["failed"], 0, "{json}");
+    assert_eq!(json["compiled"], 2, "{json}");
+    let pycs = pycs_under(&t.join("deep"));
+    assert_eq!(pycs.len(), 2, "{pycs:?}");
+    assert!(pycs
+        .iter()
+        .any(|p| p.to_string_lossy().contains("bottom.cpython-311.pyc")));
+    let out = run_ok(
+        t.pycstore()
+            .args(["status", "--json", "--python"])
+            .arg(&python)
+            .arg(t.join("deep")),
+    );
+    assert!(out.status.success());
+}
+
 #[test]
 fn names_up_to_the_filesystem_limit_are_linked() {
     let python = python("3.11");

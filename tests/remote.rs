@@ -1604,6 +1604,62 @@ fn a_busy_server_is_asked_again(b: Backend) {
     );
 }
 
+/// A link writing bundles to one remote never copies another remote's
+/// entries into them: what a writer of B uploaded does not reach the
+/// readers of A through a job that reads both.
+#[test]
+fn a_bundle_carries_no_other_remotes_entries() {
+    let (Some(a), Some(b)) = (Backend::get(Kind::File), Backend::get(Kind::File)) else {
+        return;
+    };
+    // Everything A holds, in any namespace.
+    let held_by_a = || -> Vec<PathBuf> {
+        walkdir::WalkDir::new(a.disk.clone().unwrap())
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.into_path())
+            .collect()
+    };
+    let t = TestDir::new();
+    let count = 20;
+    let (out, v) = b.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
+    assert_ok(&out, &v);
+    // B holds entries and no bundle (as a remote warmed by `push` does).
+    for name in b.stored().iter().filter(|s| s.contains("/bundles/")) {
+        std::fs::remove_file(b.disk.clone().unwrap().join(name)).unwrap();
+    }
+    // A fresh store reading B (warm) and A (empty), both writable: it
+    // writes the bundle it did not find, to B only.
+    let (out, v) = b.link(
+        &t.join("store-ab"),
+        &modules(&t, "ab", count),
+        &["--remote", &a.url],
+    );
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert!(
+        held_by_a().is_empty(),
+        "B's entries reached A: {:#?}",
+        held_by_a()
+    );
+    // What the job compiles itself goes to both, in bundles too.
+    let (out, v) = b.link(
+        &t.join("store-ab2"),
+        &modules_salted(&t, "own", count, "own"),
+        &["--remote", &a.url],
+    );
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), count as u64 + 1, "{v}");
+    let held = held_by_a();
+    assert!(
+        held.iter()
+            .any(|p| p.to_string_lossy().contains("/bundles/")),
+        "{held:#?}"
+    );
+}
+
 /// Bad remote settings end the command before anything is written.
 #[test]
 fn bad_remote_settings_exit_2_and_write_nothing() {

@@ -214,7 +214,9 @@ impl Objects {
     /// read.
     pub fn put_mode(&self, bytes: &[u8], mode: u32) -> io::Result<ObjectId> {
         let id = ObjectId::of(bytes);
-        self.put_hashed(&id, bytes, mode)?;
+        if !self.intact(&id) {
+            self.adopt(&id, self.write_temp_with_mode(bytes, mode)?)?;
+        }
         Ok(id)
     }
 

@@ -343,7 +343,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
         known,
         root: Arc::new(root),
     };
-    visit(&at, prefix.to_path_buf(), Some(first))
+    visit(&at, prefix.to_path_buf(), Some(first), 0)
 }
 
 /// What every directory of one walk shares.
@@ -360,17 +360,52 @@ thread_local! {
         std::cell::RefCell::new(vec![MaybeUninit::uninit(); 64 * 1024]);
 }
 
+/// Below this depth (from the prefix), subdirectories are walked in
+/// parallel; deeper, one after the other without recursion, so that no
+/// depth of tree can exhaust a thread's stack.
+const PARALLEL_DEPTH: usize = 8;
+
 /// Walks the directory `path` (through `fd` when open, else by path
-/// beneath the root), then its subdirectories, on every core: its sources
-/// first, then each subdirectory's, in name order (depth first, as a
-/// sequential walk would find them).
-fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
-    let (prefix, excludes, known, root) = (at.prefix, at.excludes, at.known, &at.root);
+/// beneath the root), then its subdirectories: its sources first, then
+/// each subdirectory's, in name order (depth first, as a sequential walk
+/// finds them). Subtrees above [`PARALLEL_DEPTH`] are walked on every core.
+fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>, depth: usize) -> Walk {
     let mut walk = Walk {
         found: Vec::new(),
         errors: Vec::new(),
         listed: Vec::new(),
     };
+    let subdirs = one_dir(at, path, fd, &mut walk);
+    if depth < PARALLEL_DEPTH {
+        let subtrees: Vec<Walk> = subdirs
+            .into_par_iter()
+            .map(|(child, fd)| visit(at, child, fd, depth + 1))
+            .collect();
+        for sub in subtrees {
+            walk.found.extend(sub.found);
+            walk.errors.extend(sub.errors);
+            walk.listed.extend(sub.listed);
+        }
+    } else {
+        let mut pending: Vec<_> = subdirs.into_iter().rev().collect();
+        while let Some((child, fd)) = pending.pop() {
+            let subdirs = one_dir(at, child, fd, &mut walk);
+            pending.extend(subdirs.into_iter().rev());
+        }
+    }
+    walk
+}
+
+/// One directory of a walk: its sources (and what could not be read) added
+/// to `walk`, its subdirectories to walk returned, in name order (open
+/// when this directory was).
+fn one_dir(
+    at: &At<'_>,
+    path: PathBuf,
+    fd: Option<OwnedFd>,
+    walk: &mut Walk,
+) -> Vec<(PathBuf, Option<OwnedFd>)> {
+    let (prefix, excludes, known, root) = (at.prefix, at.excludes, at.known, &at.root);
     {
         let relative = path.strip_prefix(prefix).unwrap_or(&path).to_path_buf();
         let stat = match &fd {
@@ -381,10 +416,10 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
             // Swapped for a symlink or a file, or gone, since its parent was
             // listed: not a directory of this prefix any more.
-            Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return walk,
+            Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Vec::new(),
             Err(e) => {
                 walk.errors.push(FileError::new(path, Op::Read, e));
-                return walk;
+                return Vec::new();
             }
         };
         let (mtime_ns, ctime_ns) = times_ns(&stat);
@@ -414,11 +449,11 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
                         // since: its owner decides who may share an inode
                         // with its pycs.
                         Ok(fd) if same_dir(&fd, &stat) => fd,
-                        Ok(_) => return walk,
-                        Err(e) if gone(&e) => return walk,
+                        Ok(_) => return Vec::new(),
+                        Err(e) if gone(&e) => return Vec::new(),
                         Err(e) => {
                             walk.errors.push(FileError::new(path, Op::Read, e));
-                            return walk;
+                            return Vec::new();
                         }
                     },
                 };
@@ -437,7 +472,7 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
                     }
                     Err(e) => {
                         walk.errors.push(FileError::new(path, Op::Read, e));
-                        return walk;
+                        return Vec::new();
                     }
                 };
                 if let (true, Some((_, now_ns))) = (listed.rememberable, known) {
@@ -465,24 +500,6 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
                 Err(e) => walk.errors.push(FileError::new(child, Op::Read, e)),
             }
         }
-        // Depth first, in name order: this directory's sources, then each
-        // subdirectory's, walked in parallel.
-        let subtrees: Vec<Walk> = subdirs
-            .into_par_iter()
-            .map(|(child, fd)| visit(at, child, fd))
-            .collect();
-        let mut below = Walk {
-            found: Vec::new(),
-            errors: Vec::new(),
-            listed: Vec::new(),
-        };
-        for sub in subtrees {
-            below.found.extend(sub.found);
-            below.errors.extend(sub.errors);
-            below.listed.extend(sub.listed);
-        }
-        walk.errors.extend(below.errors);
-        walk.listed.extend(below.listed);
         let sources: Vec<_> = listed
             .sources
             .into_iter()
@@ -491,8 +508,7 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
             .collect();
         // Only a directory that holds sources is kept (open, if it is).
         if sources.is_empty() {
-            walk.found.extend(below.found);
-            return walk;
+            return subdirs;
         }
         let opened = OnceLock::new();
         if let Some(fd) = fd {
@@ -517,9 +533,8 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>) -> Walk {
                 name,
                 symlink,
             }));
-        walk.found.extend(below.found);
+        subdirs
     }
-    walk
 }
 
 /// A `stat`'s modification and status change times, in nanoseconds.

@@ -463,7 +463,10 @@ impl Run<'_> {
     fn accept_fetched(
         &self,
         job: &mut CompileJob,
-    ) -> (Option<crate::remote::Accepted>, Option<Vec<u8>>) {
+    ) -> (
+        Option<crate::remote::Accepted>,
+        Option<crate::remote::BundleRecord>,
+    ) {
         let (Some(remotes), Some(mut fetched)) = (&self.options.remotes, job.fetched.take()) else {
             return (None, None);
         };
@@ -484,7 +487,7 @@ impl Run<'_> {
 
     /// Uploads what was compiled for `job`; returns its entry (for a
     /// bundle), if uploaded.
-    fn upload(&self, job: &CompileJob, body: &[u8]) -> Option<Vec<u8>> {
+    fn upload(&self, job: &CompileJob, body: &[u8]) -> Option<crate::remote::BundleRecord> {
         let remotes = self.options.remotes.as_ref()?;
         let interpreter = &self.interpreters[job.interpreter];
         if self.remote_key(job).is_none() || !remotes.writable() {

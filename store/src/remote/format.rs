@@ -89,6 +89,9 @@ const ENTRY_FIXED: usize = 18 + 32 + 32 + 8 + HEADER_LEN;
 /// The largest pyc taken from a remote (as for packs).
 pub const MAX_OBJECT: u64 = 64 << 20;
 
+/// The most signatures an entry may carry.
+pub const MAX_SIGNATURES: u8 = 4;
+
 /// The largest compressed object carried inside its entry.
 pub const INLINE_MAX: usize = 64 << 10;
 
@@ -294,6 +297,11 @@ pub fn decode_entry<'a>(
     rest = &rest[inline_len..];
     let count = rest[0];
     rest = &rest[1..];
+    // A writer signs once; a few keys at most (a key rotated in). More
+    // would only make a reader verify signatures for nothing.
+    if count > MAX_SIGNATURES {
+        return Err(Rejection::Malformed);
+    }
     let mut signatures = Vec::new();
     for _ in 0..count {
         let Some((&len, tail)) = rest.split_first() else {
@@ -430,6 +438,17 @@ mod tests {
         for cut in 0..signed.len() {
             assert!(decode_entry(&signed[..cut], &entry.key, "ns", &none).is_err());
         }
+        // More signatures than a writer makes: refused before any is verified.
+        let mut many = unsigned.clone();
+        *many.last_mut().unwrap() = MAX_SIGNATURES + 1;
+        for _ in 0..=MAX_SIGNATURES {
+            many.extend_from_slice(&[1, b'x']);
+            many.extend_from_slice(&[0; 64]);
+        }
+        assert_eq!(
+            decode_entry(&many, &entry.key, "ns", &trusted),
+            Err(Rejection::Malformed)
+        );
     }
 
     #[test]

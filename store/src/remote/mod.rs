@@ -215,18 +215,32 @@ pub struct Fetched {
 
 impl Fetched {
     /// The entry it came in, if kept, for [`Remotes::bundle_part`].
-    pub fn take_record(&mut self) -> Option<Vec<u8>> {
-        self.record.take()
+    pub fn take_record(&mut self) -> Option<BundleRecord> {
+        let bytes = self.record.take()?;
+        Some(BundleRecord {
+            from: Some(self.remote),
+            bytes,
+        })
     }
+}
+
+/// An entry for a bundle this run writes, and where it came from: a
+/// bundle written to a remote carries what this run compiled and what it
+/// fetched from that remote, never another remote's entries.
+#[derive(Debug)]
+pub struct BundleRecord {
+    /// The remote it was fetched from; `None`: compiled here.
+    from: Option<usize>,
+    bytes: Vec<u8>,
 }
 
 /// A fetched pyc that passed every check ([`Remotes::accept`]).
 pub struct Accepted {
     /// The whole pyc: a hash-based header with the interpreter's magic and
     /// the local source's hash, then the body.
-    pub pyc: Vec<u8>,
-    /// Its blake3, checked.
-    pub object: ObjectId,
+    pub(crate) pyc: Vec<u8>,
+    /// Its blake3, checked (the store writes the pyc under it unhashed).
+    pub(crate) object: ObjectId,
 }
 
 impl Accepted {
@@ -320,7 +334,7 @@ impl<T> Bundler<T> {
 pub struct BundleUpload {
     id: [u8; 32],
     remaining: AtomicUsize,
-    records: Mutex<Vec<Vec<u8>>>,
+    records: Mutex<Vec<BundleRecord>>,
 }
 
 impl std::fmt::Debug for BundleUpload {
@@ -634,14 +648,13 @@ impl Remotes {
     /// Gives `bundle` the entry of one of its misses (`None` when the miss
     /// gave no pyc to share); the last part uploads the bundle to every
     /// writable remote, in the background, if it holds any entry.
-    pub fn bundle_part(&self, bundle: &BundleUpload, record: Option<Vec<u8>>) {
+    pub fn bundle_part(&self, bundle: &BundleUpload, record: Option<BundleRecord>) {
         let mut records = crate::util::lock(&bundle.records);
         records.extend(record);
         if bundle.remaining.fetch_sub(1, Ordering::AcqRel) != 1 || records.is_empty() {
             return;
         }
-        let bytes = format::encode_bundle(&records);
-        drop(records);
+        let records = std::mem::take(&mut *records);
         let path = format::bundle_path(&self.shared.settings.namespace, &bundle.id);
         let shared = Arc::clone(&self.shared);
         let semaphore = Arc::clone(&self.semaphore);
@@ -652,7 +665,15 @@ impl Remotes {
                     if shared.remotes[i].off.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if let Err(e) = shared.write(i, &path, bytes.clone()).await {
+                    let own: Vec<&[u8]> = records
+                        .iter()
+                        .filter(|r| r.from.is_none_or(|from| from == i))
+                        .map(|r| r.bytes.as_slice())
+                        .collect();
+                    if own.is_empty() {
+                        continue;
+                    }
+                    if let Err(e) = shared.write(i, &path, format::encode_bundle(&own)).await {
                         shared.failed(i, "writing a bundle", e);
                     }
                 }
@@ -804,12 +825,15 @@ impl Remotes {
         variant: HashVariant,
         source: &[u8],
         body: &[u8],
-    ) -> Option<Vec<u8>> {
+    ) -> Option<BundleRecord> {
         if self.shared.settings.read_only || !self.shared.any_on() {
             return None;
         }
         let (entry, object) = prepare(key, magic, variant, source, body);
-        Some(self.upload_prepared(entry, &object))
+        Some(BundleRecord {
+            from: None,
+            bytes: self.upload_prepared(entry, &object),
+        })
     }
 
     /// Uploads `pyc` and its `entry` in the background; returns the entry's
@@ -1333,6 +1357,12 @@ impl Shared {
             };
             usable = true;
             for (key, slot) in keys.iter().zip(&mut got) {
+                // A request for an object stored apart failed: the remote
+                // is left alone, for the rest of the bundle too.
+                if r.off.load(Ordering::Relaxed) {
+                    answered = false;
+                    break;
+                }
                 if let Some(entry) = entries.get(key) {
                     match self.open_entry(i, key, entry).await {
                         Step::Got(fetched) => *slot = Some(fetched),

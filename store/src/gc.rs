@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -349,13 +349,17 @@ fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<PathError>) -> u64 {
     let Ok(entries) = std::fs::read_dir(tmp) else {
         return 0;
     };
-    let cutoff = SystemTime::now() - TMP_GRACE;
+    let cutoff = now_secs().saturating_sub(TMP_GRACE.as_secs()) as i64;
     let mut removed = 0;
     for entry in entries.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t < cutoff);
+        // A temp object carries the seal's mtime (1 s past the epoch) from
+        // before it is renamed into place: judged by its mtime, it was
+        // removed under a running link. A sealed file is judged by its
+        // status change time, anything else by its mtime.
+        let old = entry.metadata().is_ok_and(|m| {
+            let sealed = (m.mtime(), m.mtime_nsec()) == crate::objects::SEAL_MTIME;
+            (if sealed { m.ctime() } else { m.mtime() }) < cutoff
+        });
         if !old {
             continue;
         }
@@ -415,6 +419,20 @@ fn failure(err: PathError) -> Failure {
 mod tests {
     use super::*;
     use crate::index::EntrySlot;
+
+    #[test]
+    fn a_sealed_temp_file_being_written_is_not_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let objects = crate::objects::Objects::new(dir.path().join("objects"), tmp.clone());
+        let temp = objects.write_temp(b"an object on its way in").unwrap();
+        let mtime = std::fs::metadata(&temp).unwrap().mtime();
+        assert!(mtime < 60, "sealed: {mtime}");
+        let mut failures = Vec::new();
+        assert_eq!(sweep_tmp(&tmp, false, &mut failures), 0);
+        assert!(temp.exists());
+    }
     use crate::key::CompileKey;
     use crate::pyc::Flavor;
 

@@ -421,6 +421,23 @@ mod tests {
     use crate::index::EntrySlot;
 
     #[test]
+    fn opening_the_store_leaves_another_process_s_temp_objects_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let writer = Store::open_with(&root, crate::lock::LockMode::Shared).unwrap();
+        let temp = writer
+            .objects
+            .write_temp(b"an object on its way in")
+            .unwrap();
+        // Another process opens the store (and sweeps its leftovers).
+        let _other = Store::open_with(&root, crate::lock::LockMode::Shared).unwrap();
+        assert!(
+            temp.exists(),
+            "a sealed temp object was swept while being written"
+        );
+    }
+
+    #[test]
     fn a_sealed_temp_file_being_written_is_not_swept() {
         let dir = tempfile::tempdir().unwrap();
         let tmp = dir.path().join("tmp");

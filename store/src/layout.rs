@@ -25,7 +25,6 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use fs_err as fs;
 
@@ -248,12 +247,16 @@ fn sweep_tmp(tmp: &Path) {
     let Ok(entries) = std::fs::read_dir(tmp) else {
         return;
     };
-    let cutoff = SystemTime::now() - Duration::from_secs(3600);
+    let cutoff = crate::util::now_secs().saturating_sub(3600) as i64;
     for entry in entries.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t < cutoff);
+        // A temp object carries the seal's mtime (1 s past the epoch) from
+        // before it is renamed into place: judged by its mtime, every
+        // process opening the store removed the objects other processes
+        // were writing. A sealed file is judged by its status change time.
+        let old = entry.metadata().is_ok_and(|m| {
+            let sealed = (m.mtime(), m.mtime_nsec()) == crate::objects::SEAL_MTIME;
+            (if sealed { m.ctime() } else { m.mtime() }) < cutoff
+        });
         if old {
             let path = entry.path();
             // Objects are read-only; make the leftover removable first.

@@ -172,12 +172,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
                 size: meta.len(),
                 disk: disk_usage(&meta),
                 linked: meta.nlink() > 1,
-                last_use: if (meta.mtime(), meta.mtime_nsec()) == crate::objects::SEAL_MTIME {
-                    meta.ctime()
-                } else {
-                    meta.mtime()
-                }
-                .max(0) as u64,
+                last_use: crate::objects::last_written(&meta).max(0) as u64,
                 orphan: true,
             })
         })
@@ -352,14 +347,11 @@ fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<PathError>) -> u64 {
     let cutoff = now_secs().saturating_sub(TMP_GRACE.as_secs()) as i64;
     let mut removed = 0;
     for entry in entries.flatten() {
-        // A temp object carries the seal's mtime (1 s past the epoch) from
-        // before it is renamed into place: judged by its mtime, it was
-        // removed under a running link. A sealed file is judged by its
-        // status change time, anything else by its mtime.
-        let old = entry.metadata().is_ok_and(|m| {
-            let sealed = (m.mtime(), m.mtime_nsec()) == crate::objects::SEAL_MTIME;
-            (if sealed { m.ctime() } else { m.mtime() }) < cutoff
-        });
+        // A temp object carries the seal from before its rename: by its
+        // mtime alone, it was removed under a running link.
+        let old = entry
+            .metadata()
+            .is_ok_and(|m| crate::objects::last_written(&m) < cutoff);
         if !old {
             continue;
         }
@@ -439,10 +431,8 @@ mod tests {
 
     #[test]
     fn a_sealed_temp_file_being_written_is_not_swept() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, objects) = crate::objects::Objects::scratch();
         let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        let objects = crate::objects::Objects::new(dir.path().join("objects"), tmp.clone());
         let temp = objects.write_temp(b"an object on its way in").unwrap();
         let mtime = std::fs::metadata(&temp).unwrap().mtime();
         assert!(mtime < 60, "sealed: {mtime}");

@@ -249,14 +249,12 @@ fn sweep_tmp(tmp: &Path) {
     };
     let cutoff = crate::util::now_secs().saturating_sub(3600) as i64;
     for entry in entries.flatten() {
-        // A temp object carries the seal's mtime (1 s past the epoch) from
-        // before it is renamed into place: judged by its mtime, every
-        // process opening the store removed the objects other processes
-        // were writing. A sealed file is judged by its status change time.
-        let old = entry.metadata().is_ok_and(|m| {
-            let sealed = (m.mtime(), m.mtime_nsec()) == crate::objects::SEAL_MTIME;
-            (if sealed { m.ctime() } else { m.mtime() }) < cutoff
-        });
+        // A temp object carries the seal from before its rename: by its
+        // mtime alone, every process opening the store removed the objects
+        // other processes were writing.
+        let old = entry
+            .metadata()
+            .is_ok_and(|m| crate::objects::last_written(&m) < cutoff);
         if old {
             let path = entry.path();
             // Objects are read-only; make the leftover removable first.

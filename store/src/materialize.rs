@@ -356,10 +356,7 @@ mod tests {
     /// inode, must not make a hardlink fail.
     #[test]
     fn hardlinks_survive_the_object_being_replaced_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let (dir, objects) = Objects::scratch();
         let id = objects.put(b"an object many processes want").unwrap();
         let prefix = dir.path().join("prefix");
         std::fs::create_dir(&prefix).unwrap();

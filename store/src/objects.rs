@@ -39,6 +39,18 @@ pub(crate) const PUBLIC_MODE: u32 = 0o444;
 /// changed since: 1 second, 0 nanoseconds past the epoch.
 pub const SEAL_MTIME: (i64, i64) = (1, 0);
 
+/// When a file of the store was last written, in seconds since the epoch:
+/// its mtime, or, for a file carrying the seal (an object, or a temp object
+/// before its rename, whose mtime says nothing of when), its status change
+/// time, which no `utimensat` sets back.
+pub(crate) fn last_written(meta: &std::fs::Metadata) -> i64 {
+    if (meta.mtime(), meta.mtime_nsec()) == SEAL_MTIME {
+        meta.ctime()
+    } else {
+        meta.mtime()
+    }
+}
+
 /// The content address of an object: blake3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ObjectId(pub [u8; 32]);
@@ -101,10 +113,15 @@ pub struct Objects {
 }
 
 impl Objects {
-    /// The bucket of a private store of the current user.
+    /// A bucket of a private store of the current user in a new temporary
+    /// directory (`objects/`, with `tmp/` beside it), for tests.
     #[cfg(test)]
-    pub(crate) fn new(dir: PathBuf, tmp: PathBuf) -> Self {
-        Self::with_owner(dir, tmp, Owner::current_user())
+    pub(crate) fn scratch() -> (tempfile::TempDir, Self) {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let objects = Self::with_owner(dir.path().join("objects"), tmp, Owner::current_user());
+        (dir, objects)
     }
 
     pub(crate) fn with_owner(dir: PathBuf, tmp: PathBuf, owner: Owner) -> Self {
@@ -489,10 +506,7 @@ mod tests {
 
     #[test]
     fn put_dedups_and_is_read_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let (_dir, objects) = Objects::scratch();
         let a = objects.put(b"same bytes").unwrap();
         let b = objects.put(b"same bytes").unwrap();
         assert_eq!(a, b);
@@ -508,10 +522,7 @@ mod tests {
 
     #[test]
     fn a_shard_removed_after_its_first_object_is_made_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let (_dir, objects) = Objects::scratch();
         let first = objects.put(b"0").unwrap();
         // Another object in the same shard, put after the shard is gone.
         let other = (1..)
@@ -530,10 +541,7 @@ mod tests {
 
     #[test]
     fn adopt_keeps_a_good_object_and_replaces_a_damaged_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let (dir, objects) = Objects::scratch();
         let bytes = b"bytes two processes compiled at once";
         let id = objects.put(bytes).unwrap();
         let path = objects.path(&id);
@@ -556,10 +564,7 @@ mod tests {
 
     #[test]
     fn list_finds_objects_and_strays() {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        let objects = Objects::new(dir.path().join("objects"), tmp);
+        let (_dir, objects) = Objects::scratch();
         let a = objects.put(b"first object bytes").unwrap();
         let b = objects.put(b"second object bytes").unwrap();
         std::fs::write(objects.dir().join("README"), "").unwrap();

@@ -804,6 +804,46 @@ fn a_damaged_bundle_costs_requests_not_pycs(b: Backend) {
     assert_modules_load(&t, "d", count);
 }
 
+/// A record longer than any valid one of its kind (what a hostile writer
+/// stores to exhaust readers' memory) is read only up to that length,
+/// rejected, and its pycs compiled: a 40 MiB bundle and a 20 MiB entry cost
+/// the reader a few MiB in all (network answers come in small pieces; a
+/// file remote's in pieces of 2 MiB, read past the limit of 4 MiB and of
+/// 67 KiB: 8 MiB in all).
+fn an_oversized_record_is_cut_off(b: Backend) {
+    let t = TestDir::new();
+    let count = 30;
+    let (out, a) = b.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
+    assert_ok(&out, &a);
+    let stored = b.stored();
+    let bundle = stored.iter().find(|s| s.contains("/bundles/")).unwrap();
+    let entry = stored.iter().find(|s| s.contains("/entries/")).unwrap();
+    let huge = |len: usize, head: &[u8]| {
+        let mut v = head.to_vec();
+        v.resize(len, 0x5a);
+        v
+    };
+    b.write(bundle, &huge(40 << 20, &b.read(bundle)));
+    b.write(entry, &huge(20 << 20, &b.read(entry)));
+    // An empty record is none (and no reason to leave the remote alone).
+    let empty = stored.iter().rfind(|s| s.contains("/entries/")).unwrap();
+    b.write(empty, b"");
+
+    let (out, v) = b.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 - 1, "{v}");
+    assert_eq!(n(&v, "compiled"), 2, "{v}");
+    assert_eq!(n(remote0(&v), "misses"), 1, "{v}");
+    assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
+    assert_eq!(n(remote0(&v), "rejected"), 2, "{v}");
+    let bytes_in = n(remote0(&v), "bytes_in");
+    assert!(bytes_in < 9 << 20, "read {bytes_in} bytes: {v}");
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("larger than any valid one"), "{w:?}");
+    assert_modules_load(&t, "b", count);
+}
+
 /// With trusted keys, only entries signed by one of them are taken:
 /// unsigned ones and those signed by another key are compiled locally.
 fn only_trusted_signatures_are_accepted(b: Backend) {
@@ -1495,6 +1535,7 @@ macro_rules! backend_tests {
             read_only_uploads_nothing,
             tampered_remote_gives_no_wrong_pyc,
             a_damaged_bundle_costs_requests_not_pycs,
+            an_oversized_record_is_cut_off,
             only_trusted_signatures_are_accepted,
             a_mount_fetches_from_a_warm_remote,
             a_tampered_remote_gives_a_mount_no_wrong_pyc,

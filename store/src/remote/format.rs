@@ -58,6 +58,15 @@
 //! answer keys the reader asked for, and one that does not check out costs
 //! the reader the per-key requests it saved, nothing more.
 //!
+//! Every record has a largest valid size, and a reader stops reading past
+//! it (the record is then rejected, like any that does not check out): an
+//! entry at [`ENTRY_MAX`] (the fixed part, a 64 KiB inline object, four
+//! signatures with 255-byte key names), a bundle at [`BUNDLE_MAX`] (4 MiB:
+//! a writer leaves out the entries past it, and readers fetch those by
+//! name), an object stored apart at [`object_max`] (zstd's bound for a
+//! 64 MiB pyc). An empty record is none. A bundle gives at most
+//! [`BUNDLE_PYCS_MAX`] of pycs; the rest of its keys are fetched by name.
+//!
 //! A signature is over `"pycstore remote entry v1\0" ‖ NAMESPACE ‖ "\0" ‖
 //! key ‖ object ‖ size ‖ header`: the writer vouches that this object is
 //! what compiling the key gives. Objects are written before the entries
@@ -95,6 +104,26 @@ pub const MAX_SIGNATURES: u8 = 4;
 /// The largest compressed object carried inside its entry.
 pub const INLINE_MAX: usize = 64 << 10;
 
+/// The largest entry: the fixed part, the largest inline object and the
+/// most signatures, each with the longest name. A read stops past it.
+pub const ENTRY_MAX: usize =
+    ENTRY_FIXED + 4 + INLINE_MAX + 1 + MAX_SIGNATURES as usize * (1 + 255 + 64);
+
+/// The largest bundle: a writer leaves out the entries past it (they are
+/// fetched by their own names), a read stops past it.
+pub const BUNDLE_MAX: usize = 4 << 20;
+
+/// The most bytes of pycs taken from one bundle: past them, the bundle's
+/// other entries are fetched by their own names (what a bundle gave is
+/// held until the whole bundle is checked).
+pub const BUNDLE_PYCS_MAX: u64 = 64 << 20;
+
+/// The largest compressed object stored apart: what zstd makes of the
+/// largest pyc at worst. A read stops past it.
+pub fn object_max() -> usize {
+    zstd::zstd_safe::compress_bound(MAX_OBJECT as usize)
+}
+
 /// Where the object `id` lives under `namespace`.
 pub fn object_path(namespace: &str, id: &ObjectId) -> String {
     let hex = id.to_hex();
@@ -126,17 +155,27 @@ pub fn bundle_path(namespace: &str, id: &[u8; 32]) -> String {
     format!("{LAYOUT_DIR}/{namespace}/bundles/{}/{hex}", &hex[..2])
 }
 
-/// A bundle of `entries` (each as [`RemoteEntry::encode`] made it).
+/// A bundle of `entries` (each as [`RemoteEntry::encode`] made it), in
+/// order, up to [`BUNDLE_MAX`] bytes: the entries past it are left out
+/// (readers fetch them by their own names).
 pub fn encode_bundle<E: AsRef<[u8]>>(entries: &[E]) -> Vec<u8> {
-    let len = entries.iter().map(|e| 4 + e.as_ref().len()).sum::<usize>();
-    let mut v = Vec::with_capacity(BUNDLE_MAGIC.len() + 4 + len);
+    let mut v =
+        Vec::with_capacity(BUNDLE_MAX.min(
+            BUNDLE_MAGIC.len() + 4 + entries.iter().map(|e| 4 + e.as_ref().len()).sum::<usize>(),
+        ));
     v.extend_from_slice(BUNDLE_MAGIC);
-    v.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    v.extend_from_slice(&[0; 4]);
+    let mut count = 0u32;
     for entry in entries {
         let entry = entry.as_ref();
+        if v.len() + 4 + entry.len() > BUNDLE_MAX {
+            continue;
+        }
         v.extend_from_slice(&(entry.len() as u32).to_le_bytes());
         v.extend_from_slice(entry);
+        count += 1;
     }
+    v[BUNDLE_MAGIC.len()..BUNDLE_MAGIC.len() + 4].copy_from_slice(&count.to_le_bytes());
     v
 }
 
@@ -258,6 +297,10 @@ pub enum Rejection {
     /// The body is not one loadable code object.
     #[error("a pyc Python cannot load: {0}")]
     Unloadable(String),
+    /// More bytes than any valid record of its kind holds: the read was
+    /// stopped there.
+    #[error("{0} larger than any valid one ({1} bytes at most; reading it was stopped there)")]
+    TooLarge(&'static str, usize),
 }
 
 /// Decodes an entry fetched under `key`, checking its signatures against
@@ -485,6 +528,41 @@ mod tests {
         assert_eq!(one, other);
         assert_ne!(bundle_id(&mut vec![a.key]), bundle_id(&mut other));
         assert!(bundle_path("ns", &[0xab; 32]).starts_with("pycstore-v1/ns/bundles/ab/abab"));
+    }
+
+    #[test]
+    fn the_largest_valid_records_are_within_their_read_limits() {
+        // The largest entry: the largest inline object, and the most
+        // signatures, each with the longest name.
+        let entry = entry_for(&[7u8; 40]);
+        let name = "k".repeat(255);
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let mut largest = entry.encode("ns", Some(&vec![9; INLINE_MAX]), Some((&name, &key)));
+        let signature = largest[largest.len() - (1 + 255 + 64)..].to_vec();
+        for _ in 1..MAX_SIGNATURES {
+            largest.extend_from_slice(&signature);
+        }
+        largest[ENTRY_FIXED + 4 + INLINE_MAX] = MAX_SIGNATURES;
+        assert!(decode_entry(&largest, &entry.key, "ns", &TrustedKeys::default()).is_ok());
+        assert_eq!(largest.len(), ENTRY_MAX);
+
+        // A bundle stops short of its limit, leaving out what does not fit.
+        let mut entries = Vec::new();
+        for i in 0..100u8 {
+            let mut e = entry;
+            e.key = CompileKey([i; 32]);
+            entries.push(e.encode("ns", Some(&vec![i; 60 << 10]), None));
+        }
+        let bundle = encode_bundle(&entries);
+        assert!(bundle.len() <= BUNDLE_MAX && bundle.len() > BUNDLE_MAX - ENTRY_MAX);
+        let kept = decode_bundle(&bundle).unwrap();
+        assert_eq!(kept.len(), BUNDLE_MAX / (60 << 10));
+        assert_eq!(kept[&CompileKey([0; 32])], &entries[0][..]);
+
+        // zstd's bound for the largest pyc.
+        let most = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap().len();
+        assert!(most <= object_max());
+        assert!(object_max() >= MAX_OBJECT as usize);
     }
 
     #[test]

@@ -154,6 +154,8 @@ struct Remote {
     redis: Option<redis_client::RedisClient>,
     /// Host and port to reach before the first request (network remotes).
     address: Option<(String, u16)>,
+    /// A `file://` remote.
+    file: bool,
     /// Whether the address answered: checked on first use, and again by
     /// each retry after an outage (a new cell).
     reachable: Mutex<Arc<tokio::sync::OnceCell<Result<(), String>>>>,
@@ -199,6 +201,9 @@ struct Shared {
     secrets: Vec<String>,
     warnings: Mutex<Vec<String>>,
     pending_uploads: AtomicU64,
+    /// The read budgets, in KiB ([`READ_BUDGET`]): entries and bundles,
+    /// objects stored apart.
+    budget: [Arc<tokio::sync::Semaphore>; 2],
 }
 
 /// A pyc a remote returned, consistent with its name and entry; still to
@@ -259,6 +264,117 @@ enum Step {
     Rejected,
     /// The request failed (the remote is now left alone).
     Failed,
+}
+
+/// The kinds of record read from a remote, each with its largest valid
+/// size and its read budget.
+#[derive(Clone, Copy, Debug)]
+enum Record {
+    Entry,
+    Bundle,
+    /// An object stored apart from its entry (a large pyc).
+    Object,
+}
+
+impl Record {
+    /// The most bytes a valid record of this kind holds.
+    fn limit(self) -> usize {
+        match self {
+            Record::Entry => format::ENTRY_MAX,
+            Record::Bundle => format::BUNDLE_MAX,
+            Record::Object => format::object_max(),
+        }
+    }
+
+    /// Which of [`Shared::budget`] its reads take from.
+    fn budget(self) -> usize {
+        match self {
+            Record::Entry | Record::Bundle => 0,
+            Record::Object => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Record::Entry => "an entry",
+            Record::Bundle => "a bundle",
+            Record::Object => "an object",
+        }
+    }
+}
+
+/// The bytes in flight or being checked, at most, per budget: one for
+/// entries and bundles, one for objects stored apart. Each read takes the
+/// largest size of its kind from its budget before it starts and gives it
+/// back when its bytes are dropped, so what hostile writers store (records
+/// of gigabytes, 128 at a time) costs at most this much memory. Objects
+/// have a budget of their own: a read holding an entry or a bundle may wait
+/// for an object's, never the other way round.
+const READ_BUDGET: usize = 256 << 20;
+
+/// The most OpenDAL's file service reads at once: a read of a `file://`
+/// remote may hold this much past its limit before it stops.
+const FILE_READ_STRIDE: usize = 2 << 20;
+
+/// What reading a name on a remote gave.
+enum Read {
+    Found(Body),
+    Missing,
+    /// Longer than any valid record of its kind: cut off, and rejected.
+    TooLarge(Rejection),
+    Failed(String),
+}
+
+/// The bytes of a record read, holding their share of the read budget.
+struct Body {
+    bytes: Vec<u8>,
+    _budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Body {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Reads `path` with `op`, streaming, and stops once it holds more than
+/// `limit` bytes (network answers come in small pieces; a file in pieces
+/// of up to [`FILE_READ_STRIDE`]): `Ok(None)` when there is no such name,
+/// or it is empty (no record is). Counts the bytes received. (Not a ranged
+/// request: OpenDAL takes a range past the end of a record for an error.)
+async fn read_capped(
+    op: &Operator,
+    path: &str,
+    limit: usize,
+    counters: &AtomicCounters,
+) -> Result<Option<Vec<u8>>, String> {
+    use futures::TryStreamExt;
+    let missing_or = |e: opendal::Error| match e.kind() {
+        ErrorKind::NotFound => Ok(None),
+        _ => Err(describe(&e)),
+    };
+    let stream = async { op.reader(path).await?.into_stream(..).await }.await;
+    let mut stream = match stream {
+        Ok(stream) => stream,
+        Err(e) => return missing_or(e),
+    };
+    let mut bytes = Vec::new();
+    loop {
+        match stream.try_next().await {
+            Ok(None) => return Ok((!bytes.is_empty()).then_some(bytes)),
+            Ok(Some(buffer)) => {
+                AtomicCounters::add(&counters.bytes_in, buffer.len() as u64);
+                for chunk in buffer {
+                    bytes.extend_from_slice(&chunk);
+                }
+                if bytes.len() > limit {
+                    return Ok(Some(bytes));
+                }
+            }
+            Err(e) => return missing_or(e),
+        }
+    }
 }
 
 /// The misses of consecutive directories ([`Bundler`]), sent together to
@@ -511,6 +627,7 @@ impl Remotes {
                 op,
                 redis,
                 address: spec.address(),
+                file: matches!(spec.kind, Kind::File { .. }),
                 reachable: Mutex::new(Arc::new(tokio::sync::OnceCell::new())),
                 counters: AtomicCounters::default(),
                 recorded: Mutex::new(RemoteCounters::default()),
@@ -536,6 +653,7 @@ impl Remotes {
                 secrets,
                 warnings: Mutex::new(Vec::new()),
                 pending_uploads: AtomicU64::new(0),
+                budget: [0, 1].map(|_| Arc::new(tokio::sync::Semaphore::new(READ_BUDGET >> 10))),
             }),
             runtime,
             semaphore,
@@ -1100,8 +1218,8 @@ impl Shared {
     async fn retry(&self, i: usize, path: &str, cooldown: Duration) {
         let r = &self.remotes[i];
         *crate::util::lock(&r.reachable) = Arc::new(tokio::sync::OnceCell::new());
-        match self.get(i, path).await {
-            Ok(_) => {
+        match self.get(i, path, Record::Entry).await {
+            Read::Found(_) | Read::Missing | Read::TooLarge(_) => {
                 let why = crate::util::lock(&r.disabled).take();
                 *crate::util::lock(&r.retry) = Retry::default();
                 r.off.store(false, Ordering::Relaxed);
@@ -1111,7 +1229,7 @@ impl Shared {
                     why.unwrap_or_default()
                 );
             }
-            Err(e) => {
+            Read::Failed(e) => {
                 AtomicCounters::add(&r.counters.errors, 1);
                 tracing::debug!(
                     "remote `{}` still cannot be used: {}",
@@ -1177,28 +1295,49 @@ impl Shared {
         )
     }
 
-    /// Reads `path` from remote `i`: `Ok(None)` when it is not there.
-    async fn get(&self, i: usize, path: &str) -> Result<Option<Vec<u8>>, String> {
+    /// Reads `path`, a record of kind `kind`, from remote `i`: at most the
+    /// largest valid record of that kind (a longer answer is cut off and
+    /// [`Read::TooLarge`]), once the read budget of its kind allows.
+    async fn get(&self, i: usize, path: &str, kind: Record) -> Read {
         let r = &self.remotes[i];
-        self.reachable(i).await?;
+        if let Err(e) = self.reachable(i).await {
+            return Read::Failed(e);
+        }
+        let limit = kind.limit();
+        let most = if r.file {
+            limit + FILE_READ_STRIDE
+        } else {
+            limit
+        };
+        let budget = Arc::clone(&self.budget[kind.budget()])
+            .acquire_many_owned(most.div_ceil(1024) as u32)
+            .await
+            .expect("the budget is never closed");
         AtomicCounters::add(&r.counters.requests, 1);
+        let counters = &r.counters;
         let read = async {
             match &r.redis {
-                Some(redis) => redis.get(path).await,
-                None => match r.op.read(path).await {
-                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(describe(&e)),
-                    Ok(buffer) => Ok(Some(buffer.to_vec())),
-                },
+                Some(redis) => redis.get(path, limit).await,
+                None => read_capped(&r.op, path, limit, counters).await,
             }
         };
         match tokio::time::timeout(self.settings.timeout, read).await {
-            Err(_) => Err(self.timed_out(i)),
+            Err(_) => Read::Failed(self.timed_out(i)),
+            Ok(Err(e)) => Read::Failed(e),
+            Ok(Ok(None)) => Read::Missing,
             Ok(Ok(Some(bytes))) => {
-                AtomicCounters::add(&r.counters.bytes_in, bytes.len() as u64);
-                Ok(Some(bytes))
+                if r.redis.is_some() {
+                    AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
+                }
+                if bytes.len() > limit {
+                    Read::TooLarge(Rejection::TooLarge(kind.name(), limit))
+                } else {
+                    Read::Found(Body {
+                        bytes,
+                        _budget: budget,
+                    })
+                }
             }
-            Ok(answer) => answer,
         }
     }
 
@@ -1249,25 +1388,29 @@ impl Shared {
 
     /// Asks remote `i` for the entry of `key`.
     async fn fetch_at(&self, i: usize, key: &CompileKey) -> Step {
-        let bytes = match self
-            .get(i, &format::entry_path(&self.settings.namespace, key))
-            .await
-        {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => {
+        let path = format::entry_path(&self.settings.namespace, key);
+        let bytes = match self.get(i, &path, Record::Entry).await {
+            Read::Found(bytes) => bytes,
+            Read::Missing => {
                 AtomicCounters::add(&self.remotes[i].counters.misses, 1);
                 return Step::Missing;
             }
-            Err(e) => {
+            Read::TooLarge(why) => {
+                self.reject(i, &why);
+                return Step::Rejected;
+            }
+            Read::Failed(e) => {
                 self.failed(i, "reading an entry", e);
                 return Step::Failed;
             }
         };
         let step = self.open_entry(i, key, &bytes).await;
         match step {
-            // Kept to go into a bundle, should this run write one.
+            // Kept to go into a bundle, should this run write one (out of
+            // the read budget: it is small, and kept until the bundle's
+            // last miss is settled).
             Step::Got(mut fetched) => {
-                fetched.record = Some(bytes);
+                fetched.record = Some(bytes.bytes);
                 Step::Got(fetched)
             }
             step => step,
@@ -1290,17 +1433,24 @@ impl Shared {
         let compressed;
         let object = match inline {
             Some(inline) => inline,
-            None => match self.get(i, &format::object_path(ns, &entry.object)).await {
-                Ok(Some(bytes)) => {
+            None => match self
+                .get(i, &format::object_path(ns, &entry.object), Record::Object)
+                .await
+            {
+                Read::Found(bytes) => {
                     compressed = bytes;
                     &compressed
                 }
-                Ok(None) => {
+                Read::Missing => {
                     // An entry whose object is gone (or not there yet).
                     AtomicCounters::add(&r.counters.misses, 1);
                     return Step::Missing;
                 }
-                Err(e) => {
+                Read::TooLarge(why) => {
+                    self.reject(i, &why);
+                    return Step::Rejected;
+                }
+                Read::Failed(e) => {
                     self.failed(i, "reading an object", e);
                     return Step::Failed;
                 }
@@ -1339,10 +1489,14 @@ impl Shared {
                 answered = false;
                 continue;
             }
-            let bytes = match self.get(i, &path).await {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => continue,
-                Err(e) => {
+            let bytes = match self.get(i, &path, Record::Bundle).await {
+                Read::Found(bytes) => bytes,
+                Read::Missing => continue,
+                Read::TooLarge(why) => {
+                    self.reject_then(i, &why, "its pycs are asked for one by one");
+                    break;
+                }
+                Read::Failed(e) => {
                     self.failed(i, "reading a bundle", e);
                     answered = false;
                     continue;
@@ -1356,6 +1510,7 @@ impl Shared {
                 }
             };
             usable = true;
+            let mut taken = 0u64;
             for (key, slot) in keys.iter().zip(&mut got) {
                 // A request for an object stored apart failed: the remote
                 // is left alone, for the rest of the bundle too.
@@ -1363,9 +1518,17 @@ impl Shared {
                     answered = false;
                     break;
                 }
+                // What the bundle gave is held until it is all checked:
+                // past this much, the rest is fetched by name.
+                if taken > format::BUNDLE_PYCS_MAX {
+                    break;
+                }
                 if let Some(entry) = entries.get(key) {
                     match self.open_entry(i, key, entry).await {
-                        Step::Got(fetched) => *slot = Some(fetched),
+                        Step::Got(fetched) => {
+                            taken += fetched.pyc.len() as u64;
+                            *slot = Some(fetched);
+                        }
                         Step::Rejected => usable = false,
                         Step::Missing | Step::Failed => {}
                     }
@@ -1386,13 +1549,20 @@ impl Shared {
             if r.off.load(Ordering::Relaxed) {
                 continue;
             }
-            let bytes = match self.get(i, &format::entry_path(ns, &w.key)).await {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => {
+            let bytes = match self
+                .get(i, &format::entry_path(ns, &w.key), Record::Entry)
+                .await
+            {
+                Read::Found(bytes) => bytes,
+                Read::Missing => {
                     AtomicCounters::add(&r.counters.misses, 1);
                     continue;
                 }
-                Err(e) => {
+                Read::TooLarge(why) => {
+                    self.reject_then(i, &why, "not counted as one a remote would give");
+                    return false;
+                }
+                Read::Failed(e) => {
                     self.failed(i, "reading an entry", e);
                     continue;
                 }

@@ -208,8 +208,11 @@ impl super::Shared {
             {
                 continue;
             }
-            match self.get(i, &format::entry_path(ns, &entry.key)).await {
-                Ok(Some(bytes))
+            match self
+                .get(i, &format::entry_path(ns, &entry.key), super::Record::Entry)
+                .await
+            {
+                super::Read::Found(bytes)
                     if format::decode_entry(&bytes, &entry.key, ns, &self.settings.trusted)
                         .is_ok_and(|(e, _)| e.object == entry.object)
                         && (self.settings.signing_key.is_none()
@@ -218,10 +221,11 @@ impl super::Shared {
                 {
                     continue
                 }
-                Err(e) => {
+                super::Read::Failed(e) => {
                     self.failed(i, "reading an entry", e);
                     continue;
                 }
+                // Missing, too large or not valid: replaced.
                 _ => {}
             }
             let (object, record) = encoded.get_or_insert_with(|| self.encode(entry, pyc));

@@ -96,13 +96,18 @@ impl RedisClient {
         *self.connection.lock().unwrap() = None;
     }
 
-    /// The value of `key`, `None` when there is none.
-    pub(super) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    /// The value of `key`, `None` when there is none (or it is empty: no
+    /// record is), cut off past `limit` bytes (`GETRANGE`: a longer value
+    /// comes back `limit + 1` bytes long).
+    pub(super) async fn get(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, String> {
         let mut c = self.connection().await?;
-        redis::cmd("GET")
+        redis::cmd("GETRANGE")
             .arg(key)
-            .query_async::<Option<Vec<u8>>>(&mut c)
+            .arg(0)
+            .arg(limit)
+            .query_async::<Vec<u8>>(&mut c)
             .await
+            .map(|value| (!value.is_empty()).then_some(value))
             .map_err(|e| self.failed(&e))
     }
 

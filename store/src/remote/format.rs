@@ -61,7 +61,7 @@
 //! Every record has a largest valid size, and a reader stops reading past
 //! it (the record is then rejected, like any that does not check out): an
 //! entry at [`ENTRY_MAX`] (the fixed part, a 64 KiB inline object, four
-//! signatures with 255-byte key names), a bundle at [`BUNDLE_MAX`] (4 MiB:
+//! signatures with 255-byte key names), a bundle at [`BUNDLE_MAX`] (8 MiB:
 //! a writer leaves out the entries past it, and readers fetch those by
 //! name), an object stored apart at [`object_max`] (zstd's bound for a
 //! 64 MiB pyc). An empty record is none. A bundle gives at most
@@ -111,7 +111,7 @@ pub const ENTRY_MAX: usize =
 
 /// The largest bundle: a writer leaves out the entries past it (they are
 /// fetched by their own names), a read stops past it.
-pub const BUNDLE_MAX: usize = 4 << 20;
+pub const BUNDLE_MAX: usize = 8 << 20;
 
 /// The most bytes of pycs taken from one bundle: past them, the bundle's
 /// other entries are fetched by their own names (what a bundle gave is
@@ -548,7 +548,7 @@ mod tests {
 
         // A bundle stops short of its limit, leaving out what does not fit.
         let mut entries = Vec::new();
-        for i in 0..100u8 {
+        for i in 0..200u8 {
             let mut e = entry;
             e.key = CompileKey([i; 32]);
             entries.push(e.encode("ns", Some(&vec![i; 60 << 10]), None));

@@ -305,9 +305,10 @@ impl Record {
 
 /// The bytes in flight or being checked, at most, per budget: one for
 /// entries and bundles, one for objects stored apart. Each read takes the
-/// largest size of its kind from its budget before it starts and gives it
-/// back when its bytes are dropped, so what hostile writers store (records
-/// of gigabytes, 128 at a time) costs at most this much memory. Objects
+/// largest size of its kind from its budget before it starts, gives back
+/// what it did not need once read, and the rest when its bytes are
+/// dropped, so what hostile writers store (records of gigabytes, 128 at a
+/// time) costs at most this much memory. Objects
 /// have a budget of their own: a read holding an entry or a bundle may wait
 /// for an object's, never the other way round.
 const READ_BUDGET: usize = 256 << 20;
@@ -1332,6 +1333,10 @@ impl Shared {
                 if bytes.len() > limit {
                     Read::TooLarge(Rejection::TooLarge(kind.name(), limit))
                 } else {
+                    // What the read did not need goes back to the budget.
+                    let mut budget = budget;
+                    let keep = bytes.len().div_ceil(1024).max(1);
+                    drop(budget.split(budget.num_permits() - keep));
                     Read::Found(Body {
                         bytes,
                         _budget: budget,

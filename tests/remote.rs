@@ -301,6 +301,35 @@ impl Backend {
         }
     }
 
+    /// Puts something that is not a record under the record name `name`:
+    /// a directory (a file or WebDAV remote), a list (Redis), a name under
+    /// it (S3, which has no directories: the name itself is then missing).
+    /// Whether a reader finds something there to reject.
+    fn put_not_a_record(&self, name: &str) -> bool {
+        match self.kind {
+            Kind::File | Kind::Webdav => {
+                let path = self.disk.clone().unwrap().join(name);
+                std::fs::remove_file(&path).unwrap();
+                std::fs::create_dir(&path).unwrap();
+                std::fs::write(path.join("x"), b"x").unwrap();
+                true
+            }
+            Kind::Redis => {
+                redis(&self.url, &["DEL", name]);
+                redis(&self.url, &["RPUSH", name, "x"]);
+                true
+            }
+            Kind::S3 => {
+                let client = self.client();
+                client
+                    .raw_write(0, &format!("{name}/x"), b"x".to_vec())
+                    .unwrap();
+                client.raw_delete(0, name).unwrap();
+                false
+            }
+        }
+    }
+
     /// A client of the store crate, to play a writer by hand (S3).
     fn client(&self) -> pycstore_store::remote::Remotes {
         use pycstore_store::remote::{Remotes, Requested, Settings};
@@ -806,9 +835,9 @@ fn a_damaged_bundle_costs_requests_not_pycs(b: Backend) {
 
 /// A record longer than any valid one of its kind (what a hostile writer
 /// stores to exhaust readers' memory) is read only up to that length,
-/// rejected, and its pycs compiled: a 40 MiB bundle and a 20 MiB entry cost
-/// the reader 8 MiB in all (network answers come in small pieces; a file
-/// remote's in pieces of 2 MiB: 12 MiB).
+/// rejected, and its pycs compiled: a 40 MiB bundle, a 20 MiB entry and a
+/// 20 MiB object cost the reader little more than the 8 MiB a bundle may
+/// hold.
 fn an_oversized_record_is_cut_off(b: Backend) {
     let t = TestDir::new();
     let count = 30;
@@ -824,23 +853,73 @@ fn an_oversized_record_is_cut_off(b: Backend) {
     };
     b.write(bundle, &huge(40 << 20, &b.read(bundle)));
     b.write(entry, &huge(20 << 20, &b.read(entry)));
-    // An empty record is none (and no reason to leave the remote alone).
-    let empty = stored.iter().rfind(|s| s.contains("/entries/")).unwrap();
-    b.write(empty, b"");
+    // An entry whose object is stored apart, as a large pyc's is: it is
+    // read no further than the entry's size allows.
+    let other = stored.iter().rfind(|s| s.contains("/entries/")).unwrap();
+    let mut apart = b.read(other)[..106].to_vec();
+    apart.extend_from_slice(&[0, 0, 0, 0, 0]);
+    b.write(other, &apart);
+    let object: String = apart[50..82].iter().map(|b| format!("{b:02x}")).collect();
+    let ns = other.split("/entries/").next().unwrap();
+    b.write(
+        &format!("{ns}/objects/{}/{object}", &object[..2]),
+        &huge(20 << 20, &[0x28, 0xb5, 0x2f, 0xfd]),
+    );
 
     let (out, v) = b.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
     assert_ok(&out, &v);
     assert_eq!(n(&v, "fetched"), count as u64 - 1, "{v}");
     assert_eq!(n(&v, "compiled"), 2, "{v}");
-    assert_eq!(n(remote0(&v), "misses"), 1, "{v}");
     assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
-    assert_eq!(n(remote0(&v), "rejected"), 2, "{v}");
+    assert_eq!(n(remote0(&v), "rejected"), 3, "{v}");
     let bytes_in = n(remote0(&v), "bytes_in");
-    assert!(bytes_in < 13 << 20, "read {bytes_in} bytes: {v}");
+    assert!(bytes_in < 10 << 20, "read {bytes_in} bytes: {v}");
     let w = warnings(&out);
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].contains("larger than any valid one"), "{w:?}");
     assert_modules_load(&t, "b", count);
+}
+
+/// An empty record, or something else than a record under a record's name
+/// (a directory, a Redis list), gives no pyc and leaves the remote in use:
+/// the rest of the run still fetches from it.
+fn what_is_not_a_record_is_passed_over(b: Backend) {
+    let t = TestDir::new();
+    let count = 30;
+    let (out, a) = b.link(
+        &t.join("store-a"),
+        &modules(&t, "a", count),
+        &["--remote-read-only"],
+    );
+    assert_ok(&out, &a);
+    assert!(b.stored().is_empty());
+    // Entries only, no bundle: every pyc is asked for by its own name.
+    let (out, a) = b.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
+    assert_ok(&out, &a);
+    let stored = b.stored();
+    for bundle in stored.iter().filter(|s| s.contains("/bundles/")) {
+        b.write(bundle, b"");
+    }
+    let entries: Vec<&String> = stored.iter().filter(|s| s.contains("/entries/")).collect();
+    b.write(entries[0], b"");
+    let rejected = b.put_not_a_record(entries[1]);
+
+    let (out, v) = b.link(
+        &t.join("store-c"),
+        &modules(&t, "c", count),
+        &["--remote-read-only"],
+    );
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 - 1, "{v}");
+    assert_eq!(n(&v, "compiled"), 2, "{v}");
+    assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
+    assert_eq!(n(remote0(&v), "rejected"), u64::from(rejected), "{v}");
+    let w = warnings(&out);
+    assert_eq!(w.len(), usize::from(rejected), "{w:?}");
+    if rejected {
+        assert!(w[0].contains("where an entry belongs"), "{w:?}");
+    }
+    assert_modules_load(&t, "c", count);
 }
 
 /// With trusted keys, only entries signed by one of them are taken:
@@ -1535,6 +1614,7 @@ macro_rules! backend_tests {
             tampered_remote_gives_no_wrong_pyc,
             a_damaged_bundle_costs_requests_not_pycs,
             an_oversized_record_is_cut_off,
+            what_is_not_a_record_is_passed_over,
             only_trusted_signatures_are_accepted,
             a_mount_fetches_from_a_warm_remote,
             a_tampered_remote_gives_a_mount_no_wrong_pyc,
@@ -1562,6 +1642,59 @@ mod s3 {
     use super::*;
     backend_tests!(Kind::S3, network: true);
     backend_tests!(@each Kind::S3; a_busy_server_is_asked_again);
+}
+
+/// A file remote is read from regular files only: a FIFO (which would
+/// block a reader for good) and a symlink (to a valid entry elsewhere)
+/// under entries' names are rejected at once, and the link ends.
+#[test]
+fn a_file_remote_reads_regular_files_only() {
+    let Some(b) = Backend::get(Kind::File) else {
+        return;
+    };
+    let t = TestDir::new();
+    let count = 10;
+    let (out, a) = b.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
+    assert_ok(&out, &a);
+    let stored = b.stored();
+    let root = b.disk.clone().unwrap();
+    for bundle in stored.iter().filter(|s| s.contains("/bundles/")) {
+        std::fs::remove_file(root.join(bundle)).unwrap();
+    }
+    let entries: Vec<&String> = stored.iter().filter(|s| s.contains("/entries/")).collect();
+    let fifo = root.join(entries[0]);
+    std::fs::remove_file(&fifo).unwrap();
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    let elsewhere = t.join("elsewhere");
+    std::fs::rename(root.join(entries[1]), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, root.join(entries[1])).unwrap();
+
+    let mut cmd = b.cmd(&t.join("store-b"), "link");
+    cmd.arg(modules(&t, "b", count))
+        .args(["--python".as_ref(), python("3.11").as_os_str()])
+        .args(["--remote-read-only", "--remote-timeout", "5", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("link still running after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), count as u64 - 1, "{v}");
+    assert_eq!(n(&v, "compiled"), 2, "{v}");
+    assert_eq!(n(remote0(&v), "rejected"), 2, "{v}");
+    assert_eq!(n(remote0(&v), "errors"), 0, "{v}");
+    let w = warnings(&out);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("where an entry belongs"), "{w:?}");
+    assert_modules_load(&t, "b", count);
 }
 
 /// A front to the HTTP server at `upstream` that answers the first

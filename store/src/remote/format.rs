@@ -63,8 +63,10 @@
 //! entry at [`ENTRY_MAX`] (the fixed part, a 64 KiB inline object, four
 //! signatures with 255-byte key names), a bundle at [`BUNDLE_MAX`] (8 MiB:
 //! a writer leaves out the entries past it, and readers fetch those by
-//! name), an object stored apart at [`object_max`] (zstd's bound for a
-//! 64 MiB pyc). An empty record is none. A bundle gives at most
+//! name), an object stored apart at [`object_limit`] of its entry's size
+//! (zstd's bound for a pyc of that size, at most 64 MiB). An empty record
+//! is none; something else than a file under a record's name (a Redis
+//! list, a directory, a FIFO or a symlink in a file remote) is rejected. A bundle gives at most
 //! [`BUNDLE_PYCS_MAX`] of pycs; the rest of its keys are fetched by name.
 //!
 //! A signature is over `"pycstore remote entry v1\0" ‖ NAMESPACE ‖ "\0" ‖
@@ -118,10 +120,10 @@ pub const BUNDLE_MAX: usize = 8 << 20;
 /// held until the whole bundle is checked).
 pub const BUNDLE_PYCS_MAX: u64 = 64 << 20;
 
-/// The largest compressed object stored apart: what zstd makes of the
-/// largest pyc at worst. A read stops past it.
-pub fn object_max() -> usize {
-    zstd::zstd_safe::compress_bound(MAX_OBJECT as usize)
+/// The largest compressed object for a pyc of `size` bytes: what zstd
+/// makes of it at worst. A read of an object stored apart stops past it.
+pub fn object_limit(size: u64) -> usize {
+    zstd::zstd_safe::compress_bound(size.min(MAX_OBJECT) as usize)
 }
 
 /// Where the object `id` lives under `namespace`.
@@ -301,6 +303,9 @@ pub enum Rejection {
     /// stopped there.
     #[error("{0} larger than any valid one ({1} bytes at most; reading it was stopped there)")]
     TooLarge(&'static str, usize),
+    /// Something else than a record stored under a record's name.
+    #[error("{1} where {0} belongs")]
+    NotARecord(&'static str, String),
 }
 
 /// Decodes an entry fetched under `key`, checking its signatures against
@@ -394,16 +399,30 @@ pub fn encode_object(pyc: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(pyc, 3).expect("compressing to memory does not fail")
 }
 
-/// Decompresses an object for `entry` and checks it against the entry: at
-/// most its size (never more than [`MAX_OBJECT`]), its blake3 its name, its
-/// header the entry's.
-pub fn decode_object(compressed: &[u8], entry: &RemoteEntry) -> Result<Vec<u8>, Rejection> {
+/// The pyc size an entry's bytes give, unchecked (the entry is still to
+/// be decoded).
+pub fn entry_size(bytes: &[u8]) -> Option<u64> {
+    let at = ENTRY_MAGIC.len() + 32 + 32;
+    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Whether the size `entry` gives is one a pyc taken from a remote may
+/// have: at least a header, at most [`MAX_OBJECT`].
+pub fn check_size(entry: &RemoteEntry) -> Result<(), Rejection> {
     if entry.size > MAX_OBJECT || entry.size < HEADER_LEN as u64 {
         return Err(Rejection::BadObject(format!(
             "the entry says {} bytes",
             entry.size
         )));
     }
+    Ok(())
+}
+
+/// Decompresses an object for `entry` and checks it against the entry: at
+/// most its size (never more than [`MAX_OBJECT`]), its blake3 its name, its
+/// header the entry's.
+pub fn decode_object(compressed: &[u8], entry: &RemoteEntry) -> Result<Vec<u8>, Rejection> {
+    check_size(entry)?;
     // Decompressed into exactly the entry's size: a frame that holds more
     // fails here, one that holds less fails the length check below.
     let mut pyc = Vec::with_capacity(entry.size as usize);
@@ -559,10 +578,16 @@ mod tests {
         assert_eq!(kept.len(), BUNDLE_MAX / (60 << 10));
         assert_eq!(kept[&CompileKey([0; 32])], &entries[0][..]);
 
-        // zstd's bound for the largest pyc.
-        let most = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap().len();
-        assert!(most <= object_max());
-        assert!(object_max() >= MAX_OBJECT as usize);
+        // zstd's bound for a pyc of the entry's size.
+        let mut random = vec![0u8; 1 << 20];
+        blake3::Hasher::new().finalize_xof().fill(&mut random);
+        let z = encode_object(&random);
+        assert!(
+            z.len() > 1 << 20 && z.len() <= object_limit(1 << 20),
+            "{}",
+            z.len()
+        );
+        assert!(object_limit(u64::MAX) == object_limit(MAX_OBJECT));
     }
 
     #[test]

@@ -154,8 +154,11 @@ struct Remote {
     redis: Option<redis_client::RedisClient>,
     /// Host and port to reach before the first request (network remotes).
     address: Option<(String, u16)>,
-    /// A `file://` remote.
-    file: bool,
+    /// The directory of a `file://` remote (read without OpenDAL: see
+    /// [`read_file`]).
+    file_root: Option<std::path::PathBuf>,
+    /// An `http://` or `https://` remote.
+    http: bool,
     /// Whether the address answered: checked on first use, and again by
     /// each retry after an outage (a new cell).
     reachable: Mutex<Arc<tokio::sync::OnceCell<Result<(), String>>>>,
@@ -277,12 +280,13 @@ enum Record {
 }
 
 impl Record {
-    /// The most bytes a valid record of this kind holds.
+    /// The most bytes a valid record of this kind holds (an object: the
+    /// largest; each is read up to what its entry's size allows).
     fn limit(self) -> usize {
         match self {
             Record::Entry => format::ENTRY_MAX,
             Record::Bundle => format::BUNDLE_MAX,
-            Record::Object => format::object_max(),
+            Record::Object => format::object_limit(format::MAX_OBJECT),
         }
     }
 
@@ -313,17 +317,29 @@ impl Record {
 /// for an object's, never the other way round.
 const READ_BUDGET: usize = 256 << 20;
 
-/// The most OpenDAL's file service reads at once: a read of a `file://`
-/// remote may hold this much past its limit before it stops.
-const FILE_READ_STRIDE: usize = 2 << 20;
+const _: () = assert!(
+    format::ENTRY_MAX < READ_BUDGET && format::BUNDLE_MAX + (1 << 20) <= READ_BUDGET,
+    "a read never waits for more than its budget holds"
+);
 
 /// What reading a name on a remote gave.
 enum Read {
     Found(Body),
     Missing,
-    /// Longer than any valid record of its kind: cut off, and rejected.
-    TooLarge(Rejection),
+    /// Not a record to check: longer than any valid one of its kind (cut
+    /// off), or no record at all (a Redis list, a directory or a FIFO in a
+    /// file remote). Rejected for this name; the remote stays in use.
+    Rejected(Rejection),
     Failed(String),
+}
+
+/// What one read of a name gave, before any check.
+enum Fetch {
+    /// At most the limit and one more byte.
+    Bytes(Vec<u8>),
+    Missing,
+    /// Something there that is not a record, and what it is.
+    NotARecord(String),
 }
 
 /// The bytes of a record read, holding their share of the read budget.
@@ -340,19 +356,27 @@ impl std::ops::Deref for Body {
 }
 
 /// Reads `path` with `op`, streaming, and stops once it holds more than
-/// `limit` bytes (network answers come in small pieces; a file in pieces
-/// of up to [`FILE_READ_STRIDE`]): `Ok(None)` when there is no such name,
-/// or it is empty (no record is). Counts the bytes received. (Not a ranged
-/// request: OpenDAL takes a range past the end of a record for an error.)
+/// `limit` bytes (keeping `limit + 1`). An empty record is none. Counts the
+/// bytes received. (Not a ranged request: OpenDAL takes a range past the
+/// end of a record for an error.)
+///
+/// An HTTP server's 403 (a directory there, a file it may not read) is
+/// about that one name, when `http`: a refused credential is a 401. (An S3
+/// server's 403 is a refused signature or key.)
 async fn read_capped(
     op: &Operator,
     path: &str,
     limit: usize,
     counters: &AtomicCounters,
-) -> Result<Option<Vec<u8>>, String> {
+    http: bool,
+) -> Result<Fetch, String> {
     use futures::TryStreamExt;
     let missing_or = |e: opendal::Error| match e.kind() {
-        ErrorKind::NotFound => Ok(None),
+        ErrorKind::NotFound => Ok(Fetch::Missing),
+        ErrorKind::IsADirectory => Ok(Fetch::NotARecord("a directory".into())),
+        ErrorKind::PermissionDenied if http => Ok(Fetch::NotARecord(
+            "something the server refuses to serve (HTTP 403)".into(),
+        )),
         _ => Err(describe(&e)),
     };
     let stream = async { op.reader(path).await?.into_stream(..).await }.await;
@@ -363,19 +387,65 @@ async fn read_capped(
     let mut bytes = Vec::new();
     loop {
         match stream.try_next().await {
-            Ok(None) => return Ok((!bytes.is_empty()).then_some(bytes)),
+            Ok(None) if bytes.is_empty() => return Ok(Fetch::Missing),
+            Ok(None) => return Ok(Fetch::Bytes(bytes)),
             Ok(Some(buffer)) => {
                 AtomicCounters::add(&counters.bytes_in, buffer.len() as u64);
                 for chunk in buffer {
-                    bytes.extend_from_slice(&chunk);
-                }
-                if bytes.len() > limit {
-                    return Ok(Some(bytes));
+                    let room = limit + 1 - bytes.len();
+                    bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if bytes.len() > limit {
+                        return Ok(Fetch::Bytes(bytes));
+                    }
                 }
             }
             Err(e) => return missing_or(e),
         }
     }
+}
+
+/// Reads `path` in the directory of a `file://` remote, at most `limit + 1`
+/// bytes, without following a symlink, and only from a regular file: a
+/// FIFO or a device there would block a reader, or feed it without end. An
+/// empty file is no record. (OpenDAL's file service follows symlinks and
+/// opens whatever is there.)
+fn read_file(root: &std::path::Path, path: &str, limit: usize) -> Result<Fetch, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let full = root.join(path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&full);
+    let not_a_record = |what: &str| Ok(Fetch::NotARecord(what.to_string()));
+    let file = match file {
+        Ok(file) => file,
+        Err(e) => {
+            return match (e.kind(), e.raw_os_error()) {
+                (std::io::ErrorKind::NotFound, _) => Ok(Fetch::Missing),
+                (_, Some(libc::ELOOP)) => not_a_record("a symlink"),
+                (_, Some(libc::ENOTDIR)) => not_a_record("a file where a directory belongs"),
+                (_, Some(libc::EISDIR)) => not_a_record("a directory"),
+                _ => Err(format!("cannot read `{}`: {e}", full.display())),
+            }
+        }
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if meta.is_dir() {
+        return not_a_record("a directory");
+    }
+    if !meta.is_file() {
+        return not_a_record("a special file (a FIFO, socket or device)");
+    }
+    let mut bytes = Vec::with_capacity((meta.len() as usize).min(limit + 1));
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{}`: {e}", full.display()))?;
+    Ok(if bytes.is_empty() {
+        Fetch::Missing
+    } else {
+        Fetch::Bytes(bytes)
+    })
 }
 
 /// The misses of consecutive directories ([`Bundler`]), sent together to
@@ -473,8 +543,19 @@ impl std::fmt::Debug for Fetched {
 /// The remotes of one process, with the runtime their requests run on.
 pub struct Remotes {
     shared: Arc<Shared>,
-    runtime: tokio::runtime::Runtime,
+    /// Shut down without waiting on drop ([`Remotes::drop`]).
+    runtime: std::mem::ManuallyDrop<tokio::runtime::Runtime>,
     semaphore: Arc<tokio::sync::Semaphore>,
+}
+
+impl Drop for Remotes {
+    /// Leaves whatever is still under way (uploads past [`Remotes::finish`]'s
+    /// wait; a read blocked in the kernel, on a hung network filesystem)
+    /// behind, instead of waiting for it: the process is done with them.
+    fn drop(&mut self) {
+        // SAFETY: `runtime` is not used after this, and taken only here.
+        unsafe { std::mem::ManuallyDrop::take(&mut self.runtime) }.shutdown_background();
+    }
 }
 
 impl std::fmt::Debug for Remotes {
@@ -628,7 +709,11 @@ impl Remotes {
                 op,
                 redis,
                 address: spec.address(),
-                file: matches!(spec.kind, Kind::File { .. }),
+                http: matches!(spec.kind, Kind::Http { .. }),
+                file_root: match &spec.kind {
+                    Kind::File { root } => Some(root.clone()),
+                    _ => None,
+                },
                 reachable: Mutex::new(Arc::new(tokio::sync::OnceCell::new())),
                 counters: AtomicCounters::default(),
                 recorded: Mutex::new(RemoteCounters::default()),
@@ -656,7 +741,7 @@ impl Remotes {
                 pending_uploads: AtomicU64::new(0),
                 budget: [0, 1].map(|_| Arc::new(tokio::sync::Semaphore::new(READ_BUDGET >> 10))),
             }),
-            runtime,
+            runtime: std::mem::ManuallyDrop::new(runtime),
             semaphore,
         })
     }
@@ -1220,7 +1305,7 @@ impl Shared {
         let r = &self.remotes[i];
         *crate::util::lock(&r.reachable) = Arc::new(tokio::sync::OnceCell::new());
         match self.get(i, path, Record::Entry).await {
-            Read::Found(_) | Read::Missing | Read::TooLarge(_) => {
+            Read::Found(_) | Read::Missing | Read::Rejected(_) => {
                 let why = crate::util::lock(&r.disabled).take();
                 *crate::util::lock(&r.retry) = Retry::default();
                 r.off.store(false, Ordering::Relaxed);
@@ -1297,19 +1382,22 @@ impl Shared {
     }
 
     /// Reads `path`, a record of kind `kind`, from remote `i`: at most the
-    /// largest valid record of that kind (a longer answer is cut off and
-    /// [`Read::TooLarge`]), once the read budget of its kind allows.
+    /// largest valid record of that kind ([`Shared::get_at_most`]).
     async fn get(&self, i: usize, path: &str, kind: Record) -> Read {
+        self.get_at_most(i, path, kind, kind.limit()).await
+    }
+
+    /// Reads `path`, a record of kind `kind`, from remote `i`: at most
+    /// `limit` bytes (a longer answer is cut off and rejected), once the
+    /// read budget of its kind allows.
+    async fn get_at_most(&self, i: usize, path: &str, kind: Record, limit: usize) -> Read {
         let r = &self.remotes[i];
         if let Err(e) = self.reachable(i).await {
             return Read::Failed(e);
         }
-        let limit = kind.limit();
-        let most = if r.file {
-            limit + FILE_READ_STRIDE
-        } else {
-            limit
-        };
+        // A network answer comes in pieces of up to a few hundred KiB: the
+        // last one may be read whole before the read stops.
+        let most = limit + if r.file_root.is_some() { 0 } else { 1 << 20 };
         let budget = Arc::clone(&self.budget[kind.budget()])
             .acquire_many_owned(most.div_ceil(1024) as u32)
             .await
@@ -1317,26 +1405,43 @@ impl Shared {
         AtomicCounters::add(&r.counters.requests, 1);
         let counters = &r.counters;
         let read = async {
-            match &r.redis {
-                Some(redis) => redis.get(path, limit).await,
-                None => read_capped(&r.op, path, limit, counters).await,
+            if let Some(redis) = &r.redis {
+                let fetched = redis.get(path, limit).await;
+                if let Ok(Fetch::Bytes(bytes)) = &fetched {
+                    AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
+                }
+                return fetched;
             }
+            if let Some(root) = &r.file_root {
+                let (root, path) = (root.clone(), path.to_string());
+                let fetched =
+                    tokio::task::spawn_blocking(move || read_file(&root, &path, limit)).await;
+                let fetched = fetched.unwrap_or_else(|e| Err(e.to_string()));
+                if let Ok(Fetch::Bytes(bytes)) = &fetched {
+                    AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
+                }
+                return fetched;
+            }
+            read_capped(&r.op, path, limit, counters, r.http).await
         };
         match tokio::time::timeout(self.settings.timeout, read).await {
             Err(_) => Read::Failed(self.timed_out(i)),
             Ok(Err(e)) => Read::Failed(e),
-            Ok(Ok(None)) => Read::Missing,
-            Ok(Ok(Some(bytes))) => {
-                if r.redis.is_some() {
-                    AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
-                }
+            Ok(Ok(Fetch::Missing)) => Read::Missing,
+            Ok(Ok(Fetch::NotARecord(what))) => {
+                Read::Rejected(Rejection::NotARecord(kind.name(), what))
+            }
+            Ok(Ok(Fetch::Bytes(mut bytes))) => {
                 if bytes.len() > limit {
-                    Read::TooLarge(Rejection::TooLarge(kind.name(), limit))
+                    Read::Rejected(Rejection::TooLarge(kind.name(), limit))
                 } else {
+                    if bytes.capacity() > bytes.len() + bytes.len() / 4 {
+                        bytes.shrink_to_fit();
+                    }
                     // What the read did not need goes back to the budget.
                     let mut budget = budget;
-                    let keep = bytes.len().div_ceil(1024).max(1);
-                    drop(budget.split(budget.num_permits() - keep));
+                    let keep = bytes.capacity().div_ceil(1024).max(1);
+                    drop(budget.split(budget.num_permits().saturating_sub(keep)));
                     Read::Found(Body {
                         bytes,
                         _budget: budget,
@@ -1400,7 +1505,7 @@ impl Shared {
                 AtomicCounters::add(&self.remotes[i].counters.misses, 1);
                 return Step::Missing;
             }
-            Read::TooLarge(why) => {
+            Read::Rejected(why) => {
                 self.reject(i, &why);
                 return Step::Rejected;
             }
@@ -1436,30 +1541,36 @@ impl Shared {
             }
         };
         let compressed;
-        let object = match inline {
+        let object: &[u8] = match inline {
             Some(inline) => inline,
-            None => match self
-                .get(i, &format::object_path(ns, &entry.object), Record::Object)
-                .await
-            {
-                Read::Found(bytes) => {
-                    compressed = bytes;
-                    &compressed
-                }
-                Read::Missing => {
-                    // An entry whose object is gone (or not there yet).
-                    AtomicCounters::add(&r.counters.misses, 1);
-                    return Step::Missing;
-                }
-                Read::TooLarge(why) => {
+            None => {
+                // Read no more than the entry's size allows.
+                if let Err(why) = format::check_size(&entry) {
                     self.reject(i, &why);
                     return Step::Rejected;
                 }
-                Read::Failed(e) => {
-                    self.failed(i, "reading an object", e);
-                    return Step::Failed;
+                let path = format::object_path(ns, &entry.object);
+                let limit = format::object_limit(entry.size);
+                match self.get_at_most(i, &path, Record::Object, limit).await {
+                    Read::Found(bytes) => {
+                        compressed = bytes;
+                        &compressed
+                    }
+                    Read::Missing => {
+                        // An entry whose object is gone (or not there yet).
+                        AtomicCounters::add(&r.counters.misses, 1);
+                        return Step::Missing;
+                    }
+                    Read::Rejected(why) => {
+                        self.reject(i, &why);
+                        return Step::Rejected;
+                    }
+                    Read::Failed(e) => {
+                        self.failed(i, "reading an object", e);
+                        return Step::Failed;
+                    }
                 }
-            },
+            }
         };
         match format::decode_object(object, &entry) {
             Ok(pyc) => Step::Got(Fetched {
@@ -1497,7 +1608,7 @@ impl Shared {
             let bytes = match self.get(i, &path, Record::Bundle).await {
                 Read::Found(bytes) => bytes,
                 Read::Missing => continue,
-                Read::TooLarge(why) => {
+                Read::Rejected(why) => {
                     self.reject_then(i, &why, "its pycs are asked for one by one");
                     break;
                 }
@@ -1523,12 +1634,13 @@ impl Shared {
                     answered = false;
                     break;
                 }
-                // What the bundle gave is held until it is all checked:
-                // past this much, the rest is fetched by name.
-                if taken > format::BUNDLE_PYCS_MAX {
-                    break;
-                }
                 if let Some(entry) = entries.get(key) {
+                    // What the bundle gave is held until it is all checked:
+                    // past this much, the rest is fetched by name.
+                    let size = format::entry_size(entry).unwrap_or(0);
+                    if taken + size.min(format::MAX_OBJECT) > format::BUNDLE_PYCS_MAX {
+                        break;
+                    }
                     match self.open_entry(i, key, entry).await {
                         Step::Got(fetched) => {
                             taken += fetched.pyc.len() as u64;
@@ -1563,7 +1675,7 @@ impl Shared {
                     AtomicCounters::add(&r.counters.misses, 1);
                     continue;
                 }
-                Read::TooLarge(why) => {
+                Read::Rejected(why) => {
                     self.reject_then(i, &why, "not counted as one a remote would give");
                     return false;
                 }
@@ -1655,6 +1767,14 @@ impl Remotes {
                 .map(|b| b.to_vec())
                 .map_err(|e| describe(&e))
         })
+    }
+
+    /// Removes `path` on remote `i`.
+    pub fn raw_delete(&self, i: usize, path: &str) -> Result<(), String> {
+        let op = self.shared.remotes[i].op.clone();
+        let path = path.to_string();
+        self.runtime
+            .block_on(async move { op.delete(&path).await.map_err(|e| describe(&e)) })
     }
 
     /// Writes `bytes` as `path` on remote `i`.

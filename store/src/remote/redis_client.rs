@@ -96,19 +96,26 @@ impl RedisClient {
         *self.connection.lock().unwrap() = None;
     }
 
-    /// The value of `key`, `None` when there is none (or it is empty: no
-    /// record is), cut off past `limit` bytes (`GETRANGE`: a longer value
-    /// comes back `limit + 1` bytes long).
-    pub(super) async fn get(&self, key: &str, limit: usize) -> Result<Option<Vec<u8>>, String> {
+    /// The value of `key`, cut off past `limit` bytes (`GETRANGE`: a longer
+    /// value comes back `limit + 1` bytes long): missing when there is none
+    /// (or it is empty: no record is), not a record when the key holds
+    /// another type (a list, a hash).
+    pub(super) async fn get(&self, key: &str, limit: usize) -> Result<super::Fetch, String> {
         let mut c = self.connection().await?;
-        redis::cmd("GETRANGE")
+        let value = redis::cmd("GETRANGE")
             .arg(key)
             .arg(0)
             .arg(limit)
             .query_async::<Vec<u8>>(&mut c)
-            .await
-            .map(|value| (!value.is_empty()).then_some(value))
-            .map_err(|e| self.failed(&e))
+            .await;
+        match value {
+            Ok(value) if value.is_empty() => Ok(super::Fetch::Missing),
+            Ok(value) => Ok(super::Fetch::Bytes(value)),
+            Err(e) if e.code() == Some("WRONGTYPE") => Ok(super::Fetch::NotARecord(
+                "a value that is not a string".into(),
+            )),
+            Err(e) => Err(self.failed(&e)),
+        }
     }
 
     /// Sets `key` to `value`.

@@ -374,11 +374,11 @@ impl ListingRecord {
     }
 }
 
-/// The key of a directory's [`ListingRecord`]: its path and a NUL byte.
 /// Writes of a session from which on they are ingested as tables
 /// ([`Index::ingest`]) rather than written through the memtable.
 const INGEST_AT: usize = 2000;
 
+/// The key of a directory's [`ListingRecord`]: its path and a NUL byte.
 fn listing_key(dir: &Path) -> Vec<u8> {
     let mut key = path_key(dir);
     key.push(0);
@@ -638,8 +638,8 @@ pub(crate) fn path_key(path: &Path) -> Vec<u8> {
 pub struct Index {
     db: ManuallyDrop<DB>,
     path: PathBuf,
-    /// The families this session wrote: flushed on close (unless only
-    /// ingested), and compacted when their small files pile up.
+    /// The families this session wrote: flushed on close, and compacted
+    /// when their small files pile up.
     wrote: Vec<Family>,
     /// The families this session added tables to ([`Index::ingest`]).
     ingested: Vec<Family>,
@@ -842,7 +842,14 @@ impl Index {
         // By family and key; the last write of a key wins.
         let mut ops = std::mem::take(&mut writes.ops);
         ops.reverse();
-        ops.sort_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
+        // A pyc's link is added last: a session killed between two
+        // families never leaves one without its object's use time, or
+        // without the `__pycache__` it made.
+        let rank = |f: Family| match f {
+            Family::Links => 1,
+            _ => 0,
+        };
+        ops.sort_by(|a, b| (rank(a.0), a.0 as u8, &a.1).cmp(&(rank(b.0), b.0 as u8, &b.1)));
         ops.dedup_by(|later, first| later.0 as u8 == first.0 as u8 && later.1 == first.1);
         let options = Self::family_options();
         let mut ingest = IngestExternalFileOptions::default();
@@ -864,6 +871,13 @@ impl Index {
                     }
                 }
                 writer.finish()?;
+                if self.shared {
+                    // Added as it is (a hard link): readable by the group
+                    // even if the session stops before sharing its files.
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ =
+                        std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o660));
+                }
                 self.db
                     .ingest_external_file_cf_opts(self.cf(family), &ingest, vec![&table])
             })();
@@ -1000,12 +1014,11 @@ impl Drop for Index {
         }
         for family in std::mem::take(&mut self.wrote) {
             let cf = self.cf(family);
-            // Ingested families have nothing in the memtable.
-            if !self.ingested.contains(&family) {
-                if let Err(e) = self.db.flush_cf(cf) {
-                    tracing::debug!("flushing `{}` failed: {e}", self.path.display());
-                    return;
-                }
+            // (Nearly free for a family only ingested: its memtable is
+            // empty.)
+            if let Err(e) = self.db.flush_cf(cf) {
+                tracing::debug!("flushing `{}` failed: {e}", self.path.display());
+                return;
             }
             let level0 = self
                 .db
@@ -1111,7 +1124,7 @@ mod tests {
             w.ops.push((Family::Used, b"new".to_vec(), Some(vec![4])));
             w.count("x", Counters::default());
             index.apply(w).unwrap();
-            assert_eq!(index.ingested, vec![Family::Links, Family::Used]);
+            assert_eq!(index.ingested, vec![Family::Used, Family::Links]);
         }
         let leftovers = || {
             std::fs::read_dir(&path)
@@ -1134,6 +1147,41 @@ mod tests {
             assert_eq!(index.get(Family::Used, b"gone").unwrap(), None);
             assert_eq!(index.get(Family::Used, b"new").unwrap(), Some(vec![4]));
             assert!(index.get(Family::Counters, b"x").unwrap().is_some());
+        }
+        // Written through the memtable, then ingested over and beside it:
+        // nothing is left in the log on close.
+        {
+            let mut index = Index::open(&path).unwrap();
+            let mut w = Writes::default();
+            w.ops.push((Family::Links, b"/zzz".to_vec(), Some(vec![5])));
+            w.ops
+                .push((Family::Links, b"/p/00008".to_vec(), Some(vec![5])));
+            index.apply(w).unwrap();
+            let mut w = links(1);
+            w.ops.retain(|op| op.1 != b"/p/00008");
+            w.ops
+                .push((Family::Counters, b"y".to_vec(), Some(b"{}".to_vec())));
+            w.count("y", Counters::default());
+            index.apply(w).unwrap();
+        }
+        let logged: u64 = std::fs::read_dir(&path)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert_eq!(logged, 0, "left in the log on close");
+        {
+            let index = Index::open_read_only(&path).unwrap();
+            assert_eq!(index.get(Family::Links, b"/zzz").unwrap(), Some(vec![5]));
+            assert_eq!(
+                index.get(Family::Links, b"/p/00008").unwrap(),
+                Some(vec![5])
+            );
+            assert_eq!(
+                index.get(Family::Links, b"/p/00007").unwrap(),
+                Some(vec![1])
+            );
         }
         // Sessions that each add a table keep the family's small files few.
         for session in 2..14 {

@@ -1499,20 +1499,10 @@ impl Shared {
     /// Asks remote `i` for the entry of `key`.
     async fn fetch_at(&self, i: usize, key: &CompileKey) -> Step {
         let path = format::entry_path(&self.settings.namespace, key);
-        let bytes = match self.get(i, &path, Record::Entry).await {
-            Read::Found(bytes) => bytes,
-            Read::Missing => {
-                AtomicCounters::add(&self.remotes[i].counters.misses, 1);
-                return Step::Missing;
-            }
-            Read::Rejected(why) => {
-                self.reject(i, &why);
-                return Step::Rejected;
-            }
-            Read::Failed(e) => {
-                self.failed(i, "reading an entry", e);
-                return Step::Failed;
-            }
+        let read = self.get(i, &path, Record::Entry).await;
+        let bytes = match self.found(i, read, "reading an entry") {
+            Ok(bytes) => bytes,
+            Err(step) => return step,
         };
         let step = self.open_entry(i, key, &bytes).await;
         match step {
@@ -1527,11 +1517,31 @@ impl Shared {
         }
     }
 
+    /// The bytes a read of remote `i` found, or how the fetch ends: a miss
+    /// (counted), a rejection (counted and said), or a failure of `action`
+    /// (the remote is left alone).
+    fn found(&self, i: usize, read: Read, action: &str) -> Result<Body, Step> {
+        match read {
+            Read::Found(bytes) => Ok(bytes),
+            Read::Missing => {
+                AtomicCounters::add(&self.remotes[i].counters.misses, 1);
+                Err(Step::Missing)
+            }
+            Read::Rejected(why) => {
+                self.reject(i, &why);
+                Err(Step::Rejected)
+            }
+            Read::Failed(e) => {
+                self.failed(i, action, e);
+                Err(Step::Failed)
+            }
+        }
+    }
+
     /// The pyc of the entry `bytes` of `key` from remote `i` (fetching its
     /// object when the entry does not carry it), checked against its name
     /// and entry.
     async fn open_entry(&self, i: usize, key: &CompileKey, bytes: &[u8]) -> Step {
-        let r = &self.remotes[i];
         let ns = &self.settings.namespace;
         let (entry, inline) = match format::decode_entry(bytes, key, ns, &self.settings.trusted) {
             Ok(found) => found,
@@ -1551,24 +1561,14 @@ impl Shared {
                 }
                 let path = format::object_path(ns, &entry.object);
                 let limit = format::object_limit(entry.size);
-                match self.get_at_most(i, &path, Record::Object, limit).await {
-                    Read::Found(bytes) => {
+                // Missing: an entry whose object is gone (or not there yet).
+                let read = self.get_at_most(i, &path, Record::Object, limit).await;
+                match self.found(i, read, "reading an object") {
+                    Ok(bytes) => {
                         compressed = bytes;
                         &compressed
                     }
-                    Read::Missing => {
-                        // An entry whose object is gone (or not there yet).
-                        AtomicCounters::add(&r.counters.misses, 1);
-                        return Step::Missing;
-                    }
-                    Read::Rejected(why) => {
-                        self.reject(i, &why);
-                        return Step::Rejected;
-                    }
-                    Read::Failed(e) => {
-                        self.failed(i, "reading an object", e);
-                        return Step::Failed;
-                    }
+                    Err(step) => return step,
                 }
             }
         };

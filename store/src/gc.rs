@@ -341,28 +341,11 @@ fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
 /// Removes temp files no process is writing: under the exclusive lock, all
 /// but the youngest (see [`TMP_GRACE`]). Returns how many went.
 fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<PathError>) -> u64 {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return 0;
-    };
-    let cutoff = now_secs().saturating_sub(TMP_GRACE.as_secs()) as i64;
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        // A temp object carries the seal from before its rename: by its
-        // mtime alone, it was removed under a running link.
-        let old = entry
-            .metadata()
-            .is_ok_and(|m| crate::objects::last_written(&m) < cutoff);
-        if !old {
-            continue;
-        }
-        removed += 1;
-        if !dry_run {
-            if let Err(e) = remove_tree(&entry.path()) {
-                failures.push(e);
-            }
-        }
+    let stale = crate::objects::stale_temps(tmp, TMP_GRACE);
+    if !dry_run {
+        failures.extend(stale.iter().filter_map(|path| remove_tree(path).err()));
     }
-    removed
+    stale.len() as u64
 }
 
 /// Removes a file or a directory tree; directories made read-only (old

@@ -244,22 +244,9 @@ pub fn default_root() -> Option<PathBuf> {
 /// Removes leftovers of writers that died: anything in `tmp/` untouched for an
 /// hour. Younger files may belong to a running process.
 fn sweep_tmp(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    let cutoff = crate::util::now_secs().saturating_sub(3600) as i64;
-    for entry in entries.flatten() {
-        // A temp object carries the seal from before its rename: by its
-        // mtime alone, every process opening the store removed the objects
-        // other processes were writing.
-        let old = entry
-            .metadata()
-            .is_ok_and(|m| crate::objects::last_written(&m) < cutoff);
-        if old {
-            let path = entry.path();
-            // Objects are read-only; make the leftover removable first.
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-            let _ = std::fs::remove_file(&path);
-        }
+    for path in crate::objects::stale_temps(tmp, std::time::Duration::from_secs(3600)) {
+        // Objects are read-only; make the leftover removable first.
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -51,6 +51,21 @@ pub(crate) fn last_written(meta: &std::fs::Metadata) -> i64 {
     }
 }
 
+/// What in `tmp` was last written more than `grace` ago ([`last_written`]:
+/// a temp object carries the seal before its rename, and by its mtime alone
+/// every temp object another process is writing would look ancient).
+pub(crate) fn stale_temps(tmp: &Path, grace: std::time::Duration) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return Vec::new();
+    };
+    let cutoff = crate::util::now_secs().saturating_sub(grace.as_secs()) as i64;
+    entries
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| last_written(&m) < cutoff))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// The content address of an object: blake3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ObjectId(pub [u8; 32]);
@@ -427,19 +442,20 @@ impl Objects {
             create_dir(shard, self.owner.dir_mode())?;
             made.store(true, Ordering::Relaxed);
         }
-        let temp = match temp.persist_noclobber(&path) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
-            // The shard was removed since (`gc`, `verify --repair`).
-            Err(e) if e.error.kind() == io::ErrorKind::NotFound && e.path.exists() => {
-                create_dir(shard, self.owner.dir_mode())?;
-                match e.path.persist_noclobber(&path) {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => e.path,
-                    Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
+        let (mut temp, mut remade) = (temp, false);
+        let temp = loop {
+            match temp.persist_noclobber(&path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => break e.path,
+                // The shard was removed since (`gc`, `verify --repair`).
+                Err(e)
+                    if e.error.kind() == io::ErrorKind::NotFound && !remade && e.path.exists() =>
+                {
+                    create_dir(shard, self.owner.dir_mode())?;
+                    (temp, remade) = (e.path, true);
                 }
+                Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
             }
-            Err(e) => return Err(with_path(e.error, "rename a temp file to", &path)),
         };
         if self.intact(id) {
             return Ok(());

@@ -406,135 +406,132 @@ fn one_dir(
     walk: &mut Walk,
 ) -> Vec<(PathBuf, Option<OwnedFd>)> {
     let (prefix, excludes, known, root) = (at.prefix, at.excludes, at.known, &at.root);
-    {
-        let relative = path.strip_prefix(prefix).unwrap_or(&path).to_path_buf();
-        let stat = match &fd {
-            Some(fd) => rustix::fs::fstat(fd),
-            None => rustix::fs::statat(root.as_fd(), &relative, AtFlags::SYMLINK_NOFOLLOW),
-        };
-        let stat = match stat {
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
-            // Swapped for a symlink or a file, or gone, since its parent was
-            // listed: not a directory of this prefix any more.
-            Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Vec::new(),
-            Err(e) => {
-                walk.errors.push(FileError::new(path, Op::Read, e));
-                return Vec::new();
-            }
-        };
-        let (mtime_ns, ctime_ns) = times_ns(&stat);
-        let record = known
-            .and_then(|(index, _)| index.listing(&path))
-            .filter(|r| {
-                (r.dev, r.ino, r.mtime_ns, r.ctime_ns)
-                    == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
-                    && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
-            });
-        let (listed, fd, from_record) = match record {
-            Some(record) => (
-                Listed {
-                    pycache: record.pycache,
-                    dirs: record.dirs,
-                    sources: record.sources.into_iter().map(|n| (n, false)).collect(),
-                    rememberable: true,
-                },
-                fd,
-                true,
-            ),
-            None => {
-                let fd = match fd {
-                    Some(fd) => fd,
-                    None => match tree::open_listable_beneath(root.as_fd(), &relative) {
-                        // The directory stat'ed by path, not one swapped in
-                        // since: its owner decides who may share an inode
-                        // with its pycs.
-                        Ok(fd) if same_dir(&fd, &stat) => fd,
-                        Ok(_) => return Vec::new(),
-                        Err(e) if gone(&e) => return Vec::new(),
-                        Err(e) => {
-                            walk.errors.push(FileError::new(path, Op::Read, e));
-                            return Vec::new();
-                        }
-                    },
-                };
-                let listed = LISTING.with(|buf| {
-                    list(
-                        fd.as_fd(),
-                        &path,
-                        Some((prefix, excludes)),
-                        &mut buf.borrow_mut(),
-                    )
-                });
-                let listed = match listed {
-                    Ok((listed, errors)) => {
-                        walk.errors.extend(errors);
-                        listed
-                    }
+    let relative = path.strip_prefix(prefix).unwrap_or(&path).to_path_buf();
+    let stat = match &fd {
+        Some(fd) => rustix::fs::fstat(fd),
+        None => rustix::fs::statat(root.as_fd(), &relative, AtFlags::SYMLINK_NOFOLLOW),
+    };
+    let stat = match stat {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
+        // Swapped for a symlink or a file, or gone, since its parent was
+        // listed: not a directory of this prefix any more.
+        Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Vec::new(),
+        Err(e) => {
+            walk.errors.push(FileError::new(path, Op::Read, e));
+            return Vec::new();
+        }
+    };
+    let (mtime_ns, ctime_ns) = times_ns(&stat);
+    let record = known
+        .and_then(|(index, _)| index.listing(&path))
+        .filter(|r| {
+            (r.dev, r.ino, r.mtime_ns, r.ctime_ns) == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
+                && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
+        });
+    let (listed, fd, from_record) = match record {
+        Some(record) => (
+            Listed {
+                pycache: record.pycache,
+                dirs: record.dirs,
+                sources: record.sources.into_iter().map(|n| (n, false)).collect(),
+                rememberable: true,
+            },
+            fd,
+            true,
+        ),
+        None => {
+            let fd = match fd {
+                Some(fd) => fd,
+                None => match tree::open_listable_beneath(root.as_fd(), &relative) {
+                    // The directory stat'ed by path, not one swapped in
+                    // since: its owner decides who may share an inode
+                    // with its pycs.
+                    Ok(fd) if same_dir(&fd, &stat) => fd,
+                    Ok(_) => return Vec::new(),
+                    Err(e) if gone(&e) => return Vec::new(),
                     Err(e) => {
                         walk.errors.push(FileError::new(path, Op::Read, e));
                         return Vec::new();
                     }
-                };
-                if let (true, Some((_, now_ns))) = (listed.rememberable, known) {
-                    walk.listed
-                        .push((path.clone(), listed.record(&stat, now_ns)));
-                }
-                (listed, Some(fd), false)
-            }
-        };
-        let mut subdirs = Vec::new();
-        for name in listed.dirs {
-            let child = path.join(&name);
-            if excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child)) {
-                continue;
-            }
-            // Below a directory known from its record, subdirectories are
-            // `stat`ed by path and opened only if they changed.
-            let Some(fd) = fd.as_ref().filter(|_| !from_record) else {
-                subdirs.push((child, None));
-                continue;
+                },
             };
-            match tree::open_dir(fd.as_fd(), &name) {
-                Ok(fd) => subdirs.push((child, Some(fd))),
-                Err(e) if gone(&e) => {}
-                Err(e) => walk.errors.push(FileError::new(child, Op::Read, e)),
+            let listed = LISTING.with(|buf| {
+                list(
+                    fd.as_fd(),
+                    &path,
+                    Some((prefix, excludes)),
+                    &mut buf.borrow_mut(),
+                )
+            });
+            let listed = match listed {
+                Ok((listed, errors)) => {
+                    walk.errors.extend(errors);
+                    listed
+                }
+                Err(e) => {
+                    walk.errors.push(FileError::new(path, Op::Read, e));
+                    return Vec::new();
+                }
+            };
+            if let (true, Some((_, now_ns))) = (listed.rememberable, known) {
+                walk.listed
+                    .push((path.clone(), listed.record(&stat, now_ns)));
             }
+            (listed, Some(fd), false)
         }
-        let sources: Vec<_> = listed
-            .sources
-            .into_iter()
-            .map(|(name, symlink)| (path.join(&name), name, symlink))
-            .filter(|(child, _, _)| !excludes.excluded(child.strip_prefix(prefix).unwrap_or(child)))
-            .collect();
-        // Only a directory that holds sources is kept (open, if it is).
-        if sources.is_empty() {
-            return subdirs;
+    };
+    let mut subdirs = Vec::new();
+    for name in listed.dirs {
+        let child = path.join(&name);
+        if excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child)) {
+            continue;
         }
-        let opened = OnceLock::new();
-        if let Some(fd) = fd {
-            let _ = opened.set(Ok(fd));
+        // Below a directory known from its record, subdirectories are
+        // `stat`ed by path and opened only if they changed.
+        let Some(fd) = fd.as_ref().filter(|_| !from_record) else {
+            subdirs.push((child, None));
+            continue;
+        };
+        match tree::open_dir(fd.as_fd(), &name) {
+            Ok(fd) => subdirs.push((child, Some(fd))),
+            Err(e) if gone(&e) => {}
+            Err(e) => walk.errors.push(FileError::new(child, Op::Read, e)),
         }
-        let dir = Arc::new(SourceDir {
-            path,
-            root: Arc::clone(root),
-            relative,
-            ino: stat.st_ino,
-            fd: opened,
-            dev: stat.st_dev,
-            uid: stat.st_uid,
-            gid: stat.st_gid,
-            listed_pycache: listed.pycache,
-            pycache: OnceLock::new(),
-        });
-        walk.found
-            .extend(sources.into_iter().map(|(path, name, symlink)| Found {
-                path,
-                dir: Arc::clone(&dir),
-                name,
-                symlink,
-            }));
-        subdirs
     }
+    let sources: Vec<_> = listed
+        .sources
+        .into_iter()
+        .map(|(name, symlink)| (path.join(&name), name, symlink))
+        .filter(|(child, _, _)| !excludes.excluded(child.strip_prefix(prefix).unwrap_or(child)))
+        .collect();
+    // Only a directory that holds sources is kept (open, if it is).
+    if sources.is_empty() {
+        return subdirs;
+    }
+    let opened = OnceLock::new();
+    if let Some(fd) = fd {
+        let _ = opened.set(Ok(fd));
+    }
+    let dir = Arc::new(SourceDir {
+        path,
+        root: Arc::clone(root),
+        relative,
+        ino: stat.st_ino,
+        fd: opened,
+        dev: stat.st_dev,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        listed_pycache: listed.pycache,
+        pycache: OnceLock::new(),
+    });
+    walk.found
+        .extend(sources.into_iter().map(|(path, name, symlink)| Found {
+            path,
+            dir: Arc::clone(&dir),
+            name,
+            symlink,
+        }));
+    subdirs
 }
 
 /// A `stat`'s modification and status change times, in nanoseconds.

@@ -358,3 +358,49 @@ fn a_crashed_or_hung_worker_is_replaced_and_its_file_reported() {
         assert_eq!(json["compiled"], 1, "{mode}: {json}");
     }
 }
+
+/// A process may start with a low soft limit of open files (1,024 on many
+/// systems; 128 here). A tree with more directories of sources than that
+/// is linked whole, warm as cold: `pycstore` raises its soft limit towards
+/// the hard one.
+#[test]
+fn a_low_soft_limit_of_open_files_does_not_fail_a_large_tree() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    let dirs = 400;
+    for i in 0..dirs {
+        t.write(format!("tree/pkg{i:03}/__init__.py"), format!("X = {i}\n"));
+    }
+    let tree = t.join("tree");
+    let limited = |args: &[&std::ffi::OsStr]| {
+        let base = t.pycstore();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg("ulimit -Sn 128 && exec \"$@\"")
+            .arg("sh")
+            .arg(base.get_program())
+            .args(base.get_args())
+            .args(args);
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd
+    };
+    let args = [
+        "link".as_ref(),
+        "--python".as_ref(),
+        python.as_os_str(),
+        tree.as_os_str(),
+    ];
+    let (out, cold) = link_json(&mut limited(&args));
+    assert!(out.status.success(), "{cold}");
+    assert_eq!(cold["compiled"], dirs, "{cold}");
+    remove_pycache(&tree);
+    let (out, warm) = link_json(&mut limited(&args));
+    assert!(out.status.success(), "{warm}");
+    assert_eq!(warm["hits"], dirs, "{warm}");
+    assert_eq!(warm["failed"], 0, "{warm}");
+}

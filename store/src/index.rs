@@ -849,12 +849,12 @@ impl Index {
             Family::Links => 1,
             _ => 0,
         };
-        ops.sort_by(|a, b| (rank(a.0), a.0 as u8, &a.1).cmp(&(rank(b.0), b.0 as u8, &b.1)));
-        ops.dedup_by(|later, first| later.0 as u8 == first.0 as u8 && later.1 == first.1);
+        ops.sort_by(|a, b| (rank(a.0), a.0, &a.1).cmp(&(rank(b.0), b.0, &b.1)));
+        ops.dedup_by(|later, first| (later.0, &later.1) == (first.0, &first.1));
         let options = Self::family_options();
         let mut ingest = IngestExternalFileOptions::default();
         ingest.set_move_files(true);
-        for chunk in ops.chunk_by(|a, b| a.0 as u8 == b.0 as u8) {
+        for chunk in ops.chunk_by(|a, b| a.0 == b.0) {
             let family = chunk[0].0;
             let table = self.path.join(format!(
                 "ingest-{}-{}.sst",

@@ -146,19 +146,26 @@ pub struct RemoteReport {
     pub disabled: Option<String>,
 }
 
+/// How a remote's records are read.
+enum Via {
+    /// Redis, reached without OpenDAL, for reads and writes (`op` still
+    /// serves the listing of [`Remotes::raw_list`]).
+    Redis(Box<redis_client::RedisClient>),
+    /// The directory of a `file://` remote, read without OpenDAL (see
+    /// [`read_file`]; written through it).
+    File(std::path::PathBuf),
+    /// OpenDAL; `http`: an `http://` or `https://` remote, whose 403 is
+    /// about one name ([`read_capped`]).
+    OpenDal { http: bool },
+}
+
 struct Remote {
     label: String,
     op: Operator,
-    /// Redis, reached without OpenDAL (reads and writes; `op` still serves
-    /// the listing of [`Remotes::raw_list`]).
-    redis: Option<redis_client::RedisClient>,
+    /// How records are read (and, for Redis, written).
+    via: Via,
     /// Host and port to reach before the first request (network remotes).
     address: Option<(String, u16)>,
-    /// The directory of a `file://` remote (read without OpenDAL: see
-    /// [`read_file`]).
-    file_root: Option<std::path::PathBuf>,
-    /// An `http://` or `https://` remote.
-    http: bool,
     /// Whether the address answered: checked on first use, and again by
     /// each retry after an outage (a new cell).
     reachable: Mutex<Arc<tokio::sync::OnceCell<Result<(), String>>>>,
@@ -686,13 +693,13 @@ impl Remotes {
                 ConfigError(format!("cannot use remote `{}`: {e}", spec.label))
             };
             let op = operator(spec).map_err(|e| cannot(&e))?.layer(retries());
-            let redis = match &spec.kind {
+            let via = match &spec.kind {
                 Kind::Redis {
                     endpoint,
                     username,
                     password,
                     db,
-                } => Some(
+                } => Via::Redis(Box::new(
                     redis_client::RedisClient::new(
                         endpoint,
                         username.as_deref(),
@@ -701,19 +708,16 @@ impl Remotes {
                         settings.timeout,
                     )
                     .map_err(|e| cannot(&e))?,
-                ),
-                _ => None,
+                )),
+                Kind::File { root } => Via::File(root.clone()),
+                Kind::Http { .. } => Via::OpenDal { http: true },
+                Kind::S3 { .. } => Via::OpenDal { http: false },
             };
             remotes.push(Remote {
                 label: spec.label.clone(),
                 op,
-                redis,
+                via,
                 address: spec.address(),
-                http: matches!(spec.kind, Kind::Http { .. }),
-                file_root: match &spec.kind {
-                    Kind::File { root } => Some(root.clone()),
-                    _ => None,
-                },
                 reachable: Mutex::new(Arc::new(tokio::sync::OnceCell::new())),
                 counters: AtomicCounters::default(),
                 recorded: Mutex::new(RemoteCounters::default()),
@@ -1372,7 +1376,7 @@ impl Shared {
 
     /// The error of a request that did not answer in time.
     fn timed_out(&self, i: usize) -> String {
-        if let Some(redis) = &self.remotes[i].redis {
+        if let Via::Redis(redis) = &self.remotes[i].via {
             redis.reset();
         }
         format!(
@@ -1397,7 +1401,12 @@ impl Shared {
         }
         // A network answer comes in pieces of up to a few hundred KiB: the
         // last one may be read whole before the read stops.
-        let most = limit + if r.file_root.is_some() { 0 } else { 1 << 20 };
+        let most = limit
+            + if matches!(r.via, Via::File(_)) {
+                0
+            } else {
+                1 << 20
+            };
         let budget = Arc::clone(&self.budget[kind.budget()])
             .acquire_many_owned(most.div_ceil(1024) as u32)
             .await
@@ -1405,24 +1414,22 @@ impl Shared {
         AtomicCounters::add(&r.counters.requests, 1);
         let counters = &r.counters;
         let read = async {
-            if let Some(redis) = &r.redis {
-                let fetched = redis.get(path, limit).await;
-                if let Ok(Fetch::Bytes(bytes)) = &fetched {
-                    AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
+            let fetched = match &r.via {
+                Via::OpenDal { http } => {
+                    return read_capped(&r.op, path, limit, counters, *http).await;
                 }
-                return fetched;
-            }
-            if let Some(root) = &r.file_root {
-                let (root, path) = (root.clone(), path.to_string());
-                let fetched =
-                    tokio::task::spawn_blocking(move || read_file(&root, &path, limit)).await;
-                let fetched = fetched.unwrap_or_else(|e| Err(e.to_string()));
-                if let Ok(Fetch::Bytes(bytes)) = &fetched {
-                    AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
+                Via::Redis(redis) => redis.get(path, limit).await,
+                Via::File(root) => {
+                    let (root, path) = (root.clone(), path.to_string());
+                    tokio::task::spawn_blocking(move || read_file(&root, &path, limit))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
                 }
-                return fetched;
+            };
+            if let Ok(Fetch::Bytes(bytes)) = &fetched {
+                AtomicCounters::add(&counters.bytes_in, bytes.len() as u64);
             }
-            read_capped(&r.op, path, limit, counters, r.http).await
+            fetched
         };
         match tokio::time::timeout(self.settings.timeout, read).await {
             Err(_) => Read::Failed(self.timed_out(i)),
@@ -1457,9 +1464,9 @@ impl Shared {
         AtomicCounters::add(&r.counters.requests, 1);
         let len = bytes.len() as u64;
         let write = async {
-            match &r.redis {
-                Some(redis) => redis.set(path, bytes).await,
-                None => {
+            match &r.via {
+                Via::Redis(redis) => redis.set(path, bytes).await,
+                Via::File(_) | Via::OpenDal { .. } => {
                     r.op.write(path, bytes)
                         .await
                         .map(drop)

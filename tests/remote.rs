@@ -1697,6 +1697,58 @@ fn a_file_remote_reads_regular_files_only() {
     assert_modules_load(&t, "b", count);
 }
 
+/// Whoever else can write a shared `file://` remote cannot make a reader
+/// read, or a writer write, anywhere else through a symlink: a directory
+/// of entries swapped for a symlink to a copy of itself elsewhere gives
+/// nothing (every pyc is compiled), and nothing is written there.
+#[test]
+fn a_file_remote_is_never_read_or_written_through_a_symlink() {
+    let Some(b) = Backend::get(Kind::File) else {
+        return;
+    };
+    let t = TestDir::new();
+    let count = 10;
+    let (out, a) = b.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
+    assert_ok(&out, &a);
+    let root = b.disk.clone().unwrap();
+    let ns = root.join(format!("pycstore-v1/{}", b.namespace));
+    std::fs::remove_dir_all(ns.join("bundles")).unwrap();
+    let elsewhere = t.join("elsewhere");
+    std::fs::rename(ns.join("entries"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, ns.join("entries")).unwrap();
+    let files = || {
+        walkdir::WalkDir::new(&elsewhere)
+            .into_iter()
+            .flatten()
+            .count()
+    };
+    let before = files();
+
+    let (out, v) = b.link(
+        &t.join("store-b"),
+        &modules(&t, "b", count),
+        &["--remote-read-only"],
+    );
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "fetched"), 0, "{v}");
+    assert_eq!(n(&v, "compiled"), count as u64 + 1, "{v}");
+    assert!(n(remote0(&v), "rejected") > 0, "{v}");
+    assert_modules_load(&t, "b", count);
+
+    // New pycs, written: not into the directory the symlink names.
+    let (out, v) = b.link(
+        &t.join("store-c"),
+        &modules_salted(&t, "c", count, "new"),
+        &[],
+    );
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), count as u64 + 1, "{v}");
+    assert_eq!(files(), before, "written through the symlink");
+    assert!(std::fs::symlink_metadata(ns.join("entries"))
+        .unwrap()
+        .is_symlink());
+}
+
 /// A front to the HTTP server at `upstream` that answers the first
 /// request of every other connection with `503 Service Unavailable` (what
 /// a busy S3 server says, "slow down") and closes it, and relays the

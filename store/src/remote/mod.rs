@@ -151,8 +151,8 @@ enum Via {
     /// Redis, reached without OpenDAL, for reads and writes (`op` still
     /// serves the listing of [`Remotes::raw_list`]).
     Redis(Box<redis_client::RedisClient>),
-    /// The directory of a `file://` remote, read without OpenDAL (see
-    /// [`read_file`]; written through it).
+    /// The directory of a `file://` remote, read and written without
+    /// OpenDAL, never through a symlink ([`read_file`], [`write_file`]).
     File(std::path::PathBuf),
     /// OpenDAL; `http`: an `http://` or `https://` remote, whose 403 is
     /// about one name ([`read_capped`]).
@@ -411,29 +411,69 @@ async fn read_capped(
     }
 }
 
-/// Reads `path` in the directory of a `file://` remote, at most `limit + 1`
-/// bytes, without following a symlink, and only from a regular file: a
-/// FIFO or a device there would block a reader, or feed it without end. An
-/// empty file is no record. (OpenDAL's file service follows symlinks and
-/// opens whatever is there.)
+/// The directory of the record `path` in the `file://` remote at `root`,
+/// and the record's name: reached beneath `root` without following any
+/// symlink (made, with every directory above it, when `create`), so that
+/// whoever else can write the shared directory cannot turn a read or a
+/// write of this process to a file elsewhere.
+fn file_dir(
+    root: &std::path::Path,
+    path: &str,
+    create: bool,
+) -> std::io::Result<(std::os::fd::OwnedFd, std::ffi::OsString)> {
+    use std::os::fd::AsFd;
+    use std::path::Path;
+    let path = Path::new(path);
+    let name = path
+        .file_name()
+        .expect("a record has a name")
+        .to_os_string();
+    let parent = path.parent().unwrap_or(Path::new(""));
+    let root = crate::tree::open_root(root)?;
+    if !create {
+        return Ok((
+            crate::tree::open_listable_beneath(root.as_fd(), parent)?,
+            name,
+        ));
+    }
+    let mut dir = root;
+    for component in parent.components() {
+        match rustix::fs::mkdirat(
+            &dir,
+            component.as_os_str(),
+            rustix::fs::Mode::from_raw_mode(0o777),
+        ) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        dir = crate::tree::open_dir(dir.as_fd(), component.as_os_str())?;
+    }
+    Ok((dir, name))
+}
+
+/// Reads the record `path` of the `file://` remote at `root`: at most
+/// `limit + 1` bytes, only from a regular file, reached without following
+/// a symlink (see [`file_dir`]). A FIFO or a device there would block a
+/// reader, or feed it without end; a symlink would read a file elsewhere.
+/// An empty file is no record. (OpenDAL's file service follows symlinks
+/// and opens whatever is there.)
 fn read_file(root: &std::path::Path, path: &str, limit: usize) -> Result<Fetch, String> {
+    use rustix::fs::{Mode, OFlags};
     use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let full = root.join(path);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&full);
     let not_a_record = |what: &str| Ok(Fetch::NotARecord(what.to_string()));
-    let file = match file {
-        Ok(file) => file,
+    let opened = file_dir(root, path, false).and_then(|(dir, name)| {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        Ok(rustix::fs::openat(&dir, &name, flags, Mode::empty())?)
+    });
+    let file = match opened {
+        Ok(fd) => std::fs::File::from(fd),
         Err(e) => {
             return match (e.kind(), e.raw_os_error()) {
                 (std::io::ErrorKind::NotFound, _) => Ok(Fetch::Missing),
-                (_, Some(libc::ELOOP)) => not_a_record("a symlink"),
+                (_, Some(libc::ELOOP | libc::EXDEV)) => not_a_record("a symlink"),
                 (_, Some(libc::ENOTDIR)) => not_a_record("a file where a directory belongs"),
                 (_, Some(libc::EISDIR)) => not_a_record("a directory"),
-                _ => Err(format!("cannot read `{}`: {e}", full.display())),
+                _ => Err(format!("cannot read `{path}` in `{}`: {e}", root.display())),
             }
         }
     };
@@ -447,12 +487,30 @@ fn read_file(root: &std::path::Path, path: &str, limit: usize) -> Result<Fetch, 
     let mut bytes = Vec::with_capacity((meta.len() as usize).min(limit + 1));
     file.take(limit as u64 + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read `{}`: {e}", full.display()))?;
+        .map_err(|e| format!("cannot read `{path}` in `{}`: {e}", root.display()))?;
     Ok(if bytes.is_empty() {
         Fetch::Missing
     } else {
         Fetch::Bytes(bytes)
     })
+}
+
+/// Writes the record `path` of the `file://` remote at `root` whole: a new
+/// temp file beside it (exclusive, never following a symlink), renamed
+/// over it, in directories reached without following any (see
+/// [`file_dir`]).
+fn write_file(root: &std::path::Path, path: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::fd::AsFd;
+    let (dir, name) = file_dir(root, path, true)?;
+    let (temp, fd) = crate::tree::create_temp(dir.as_fd(), 0o666)?;
+    let written = std::fs::File::from(fd)
+        .write_all(bytes)
+        .and_then(|()| Ok(rustix::fs::renameat(&dir, &temp, &dir, &name)?));
+    if written.is_err() {
+        let _ = crate::tree::remove(dir.as_fd(), &temp);
+    }
+    written
 }
 
 /// The misses of consecutive directories ([`Bundler`]), sent together to
@@ -1466,7 +1524,17 @@ impl Shared {
         let write = async {
             match &r.via {
                 Via::Redis(redis) => redis.set(path, bytes).await,
-                Via::File(_) | Via::OpenDal { .. } => {
+                Via::File(root) => {
+                    let (root, path) = (root.clone(), path.to_string());
+                    tokio::task::spawn_blocking(move || {
+                        write_file(&root, &path, &bytes).map_err(|e| {
+                            format!("cannot write `{path}` in `{}`: {e}", root.display())
+                        })
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                }
+                Via::OpenDal { .. } => {
                     r.op.write(path, bytes)
                         .await
                         .map(drop)

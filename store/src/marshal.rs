@@ -233,9 +233,10 @@ enum Kind {
     Bytes {
         /// Its length.
         len: u32,
-        /// How many of its bytes have bit 0x20 set: as a 3.11 code
-        /// object's `co_localspluskinds`, how many plain locals it has.
-        fast_locals: u32,
+        /// Where its bytes start in the body: as a 3.11 code object's
+        /// `co_localspluskinds`, the bytes are counted (how many plain
+        /// locals, bit 0x20), only there.
+        start: usize,
     },
     Str,
     /// A str with a NUL in it, for PyPy, whose code objects refuse it
@@ -576,12 +577,12 @@ impl<'a> Parser<'a> {
             }
             code::STRING => {
                 let n = self.size("a bytes object")?;
-                let bytes = self.take(n, "a bytes object")?;
-                let fast_locals = bytes.iter().filter(|&&b| b & CO_FAST_LOCAL != 0).count();
+                let start = self.pos;
+                self.take(n, "a bytes object")?;
                 // Sizes are at most i32::MAX.
                 let kind = Kind::Bytes {
                     len: n as u32,
-                    fast_locals: fast_locals as u32,
+                    start,
                 };
                 self.remember(flag, kind)
             }
@@ -747,14 +748,16 @@ impl<'a> Parser<'a> {
                         *names = len;
                         false
                     }
-                    ("co_localspluskinds", Kind::Bytes { len, fast_locals }) => {
+                    ("co_localspluskinds", Kind::Bytes { len, start }) => {
                         if len != *names {
                             return Err(Bad::at(
                                 at,
                                 "a code object with more or fewer local kinds than local names",
                             ));
                         }
-                        i64::from(fast_locals) < *args
+                        let kinds = &self.data[start..start + len as usize];
+                        let fast_locals = kinds.iter().filter(|&&b| b & CO_FAST_LOCAL != 0).count();
+                        (fast_locals as i64) < *args
                     }
                     _ => false,
                 };
@@ -981,15 +984,30 @@ mod tests {
     /// A minimal 3.11 code object with the given consts (a marshalled
     /// tuple) and filename.
     pub(super) fn code_311(consts: &[u8], filename: &str) -> Vec<u8> {
+        code_311_locals(consts, filename, 0, &[], b"")
+    }
+
+    /// [`code_311`] taking `argcount` arguments, with these local names and
+    /// their kinds.
+    fn code_311_locals(
+        consts: &[u8],
+        filename: &str,
+        argcount: i32,
+        names: &[&str],
+        kinds: &[u8],
+    ) -> Vec<u8> {
         let mut v = vec![code::CODE];
-        for n in [0i32, 0, 0, 1, 0] {
+        for n in [argcount, 0, 0, 1, 0] {
             v.extend_from_slice(&n.to_le_bytes());
         }
         v.extend(bytes_obj(&[0x97, 0x00, 0x64, 0x00, 0x53, 0x00]));
         v.extend_from_slice(consts);
         v.extend_from_slice(&[code::SMALL_TUPLE, 0]);
-        v.extend_from_slice(&[code::SMALL_TUPLE, 0]);
-        v.extend(bytes_obj(b""));
+        v.extend_from_slice(&[code::SMALL_TUPLE, names.len() as u8]);
+        for name in names {
+            v.extend(short_str(name));
+        }
+        v.extend(bytes_obj(kinds));
         v.extend(short_str(filename));
         v.extend(short_str("<module>"));
         v.extend(short_str("<module>"));
@@ -997,6 +1015,22 @@ mod tests {
         v.extend(bytes_obj(b""));
         v.extend(bytes_obj(b""));
         v
+    }
+
+    #[test]
+    fn arguments_need_as_many_plain_locals() {
+        let consts = [code::SMALL_TUPLE, 1, code::NONE];
+        let code = |args, names: &[&str], kinds: &[u8]| {
+            pyc(&code_311_locals(&consts, "m.py", args, names, kinds))
+        };
+        check_pyc(&code(1, &["x"], &[CO_FAST_LOCAL])).unwrap();
+        check_pyc(&code(1, &["x", "y"], &[0x40, CO_FAST_LOCAL])).unwrap();
+        // A cell variable is not a plain local.
+        assert!(damaged(&code(1, &["x"], &[0x40])).contains("fewer local names than arguments"));
+        assert!(damaged(&code(2, &["x", "y"], &[CO_FAST_LOCAL, 0x40]))
+            .contains("fewer local names than arguments"));
+        assert!(damaged(&code(1, &["x"], &[CO_FAST_LOCAL, CO_FAST_LOCAL]))
+            .contains("more or fewer local kinds"));
     }
 
     fn damaged(bytes: &[u8]) -> String {

@@ -14,7 +14,6 @@ use crate::compile::{Outcome, WorkerSlot};
 use crate::error::{Cause, FileError, Op};
 use crate::index::{Entry, EntrySlot};
 use crate::key::CompileKey;
-use crate::source::Source;
 use crate::util::lock;
 
 use super::lookup::Target;
@@ -22,10 +21,9 @@ use super::{Run, Settled};
 
 /// One key to compile (or to take from a remote).
 pub(super) struct CompileJob {
-    pub(super) key: CompileKey,
-    pub(super) source: Arc<Source>,
-    pub(super) interpreter: usize,
-    pub(super) optimize: u8,
+    /// The miss that made the job: its object is written for this target
+    /// (the others of its key wait in [`InFlight::waiting`]).
+    pub(super) target: Target,
     /// What a remote returned for this miss, still to be checked.
     pub(super) fetched: Option<crate::remote::Fetched>,
     /// The bundle this run writes for the miss's directory, if any: given
@@ -39,7 +37,8 @@ pub(super) struct Compiles(Mutex<InFlight>);
 
 #[derive(Default)]
 struct InFlight {
-    /// Misses being compiled, with every target waiting for them.
+    /// Misses being compiled, with the targets waiting for them besides
+    /// the job's own.
     waiting: HashMap<CompileKey, Vec<Target>>,
     /// Bodies compiled by this run, recorded before their key leaves
     /// `waiting`, so a late miss of the same key uses them.
@@ -100,16 +99,12 @@ impl Run<'_> {
                 )),
             };
         }
-        let job = CompileJob {
-            key: target.key,
-            source: Arc::clone(&target.source),
-            interpreter: target.interpreter,
-            optimize: target.optimize,
+        state.waiting.insert(target.key, Vec::new());
+        Ok(Some(CompileJob {
+            target,
             fetched: None,
             bundle: None,
-        };
-        state.waiting.insert(target.key, vec![target]);
-        Ok(Some(job))
+        }))
     }
 
     /// A compile thread: one worker process per interpreter, started lazily.
@@ -128,62 +123,67 @@ impl Run<'_> {
             let answer = match fetched {
                 Some(fetched) => Answer::Body(Body::Fetched(fetched)),
                 None => {
-                    let slot = slots[job.interpreter].get_or_insert_with(|| {
+                    let first = &job.target;
+                    let slot = slots[first.interpreter].get_or_insert_with(|| {
                         WorkerSlot::new(
-                            self.interpreters[job.interpreter].executable.clone(),
+                            self.interpreters[first.interpreter].executable.clone(),
                             self.options.timeout,
                         )
                     });
-                    let answer = match job.source.bytes() {
-                        Ok(bytes) => match slot.compile(&bytes, &job.source.path, job.optimize) {
+                    let answer = match first.source.bytes() {
+                        Ok(bytes) => match slot.compile(&bytes, &first.source.path, first.optimize)
+                        {
                             Outcome::Compiled(body) => Answer::Body(Body::Compiled(body)),
                             Outcome::Rejected(message) => Answer::Rejected(message),
                             Outcome::WorkerFailed(e) => Answer::Failed(FileError::new(
-                                &job.source.path,
+                                &first.source.path,
                                 Op::Compile,
                                 Cause::Worker(Arc::new(e)),
                             )),
                         },
                         Err(e) => Answer::Failed(e),
                     };
-                    self.ledger.tally(job.interpreter, |c| c.compiles += 1);
+                    self.ledger.tally(first.interpreter, |c| c.compiles += 1);
                     answer
                 }
             };
-            // Record the result while the key is still in flight, so a miss
-            // of the same key arriving now finds it instead of compiling again.
-            let (targets, stored) = {
-                let mut guard = lock(&self.compiles.0);
-                let state = &mut *guard;
-                let stored = match &answer {
-                    Answer::Body(body) => {
-                        let first = &state.waiting[&job.key][0];
-                        let slot = self.slot(first);
-                        // A fetched body was checked when it was accepted.
-                        let stored = match body {
-                            Body::Fetched(fetched) => self.store_fetched(first, slot, fetched),
-                            Body::Compiled(body) => self.store_pyc(first, slot, body, true, false),
-                        };
-                        if let Ok(entry) = &stored {
-                            state.compiled.insert(job.key, (slot, *entry, how));
-                            if let Body::Compiled(body) = body {
-                                record = self.upload(&job, body);
-                            }
-                        }
-                        Some(stored.map(|entry| (slot, entry)))
+            // The object is written, checked and uploaded by this thread
+            // alone: the key stays in flight meanwhile, so a miss of it
+            // arriving now waits for the result instead of compiling again.
+            let first = &job.target;
+            let stored = match &answer {
+                Answer::Body(body) => {
+                    let slot = self.slot(first);
+                    // A fetched body was checked when it was accepted.
+                    let stored = match body {
+                        Body::Fetched(fetched) => self.store_fetched(first, slot, fetched),
+                        Body::Compiled(body) => self.store_pyc(first, slot, body, true, false),
+                    };
+                    if let (Ok(_), Body::Compiled(body)) = (&stored, body) {
+                        record = self.upload(&job, body);
                     }
-                    Answer::Rejected(message) => {
-                        self.ledger.rejected(&job.key, message);
-                        None
-                    }
-                    Answer::Failed(_) => None,
-                };
-                if !matches!(stored, Some(Ok(_))) {
-                    record = None;
+                    Some(stored.map(|entry| (slot, entry)))
                 }
-                (state.waiting.remove(&job.key).unwrap_or_default(), stored)
+                Answer::Rejected(message) => {
+                    self.ledger.rejected(&first.key, message);
+                    None
+                }
+                Answer::Failed(_) => None,
             };
-            for target in targets {
+            if !matches!(stored, Some(Ok(_))) {
+                record = None;
+            }
+            // The result is recorded before the key leaves the flight, so a
+            // later miss of it finds the body.
+            let others = {
+                let mut state = lock(&self.compiles.0);
+                if let Some(Ok((slot, entry))) = &stored {
+                    state.compiled.insert(first.key, (*slot, *entry, how));
+                }
+                state.waiting.remove(&first.key).unwrap_or_default()
+            };
+            let bundle = job.bundle.take();
+            for target in std::iter::once(job.target).chain(others) {
                 let result = match (&answer, &stored) {
                     (Answer::Body(_), Some(Err(e))) => Err(e.clone()),
                     (Answer::Body(body), Some(Ok((slot, entry)))) => {
@@ -203,7 +203,7 @@ impl Run<'_> {
                     self.fail(&target.source.path, target.interpreter, e);
                 }
             }
-            if let (Some(bundle), Some(remotes)) = (job.bundle.take(), &self.options.remotes) {
+            if let (Some(bundle), Some(remotes)) = (bundle, &self.options.remotes) {
                 remotes.bundle_part(&bundle, record);
             }
             self.remote_warnings();

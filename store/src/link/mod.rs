@@ -48,7 +48,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::FileError;
-use crate::index::{EntrySlot, Writes};
+use crate::index::{EntrySlot, Index, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::CompileKey;
 use crate::materialize::{LinkMode, Materializer};
@@ -356,18 +356,20 @@ pub fn link(
         remotes.finish();
         run.remote_warnings();
     }
-    if let Err(e) = run.ledger.flush(store, &run.interpreters) {
-        run.ledger.index_failed(store.index_path(), e);
-    }
-    if !options.dry_run {
-        if let Some(remotes) = &options.remotes {
-            if let Err(e) = store
-                .index()
-                .and_then(|mut index| remotes.record(&mut index))
-            {
-                tracing::debug!("cannot record the remotes' counters: {e}");
+    // The remotes' counters go in the session of the run's records.
+    let record_remotes = options
+        .remotes
+        .as_ref()
+        .filter(|remotes| !options.dry_run && remotes.unrecorded())
+        .map(|remotes| {
+            |index: &mut Index| {
+                if let Err(e) = remotes.record(index) {
+                    tracing::debug!("cannot record the remotes' counters: {e}");
+                }
             }
-        }
+        });
+    if let Err(e) = run.ledger.flush(store, &run.interpreters, record_remotes) {
+        run.ledger.index_failed(store.index_path(), e);
     }
     tracing::debug!("recorded at {:.3}s", started.elapsed().as_secs_f64());
     let Run {
@@ -455,7 +457,8 @@ impl Run<'_> {
     }
 
     fn remote_key(&self, job: &CompileJob) -> Option<CompileKey> {
-        self.remote_eligible(job.interpreter).then_some(job.key)
+        self.remote_eligible(job.target.interpreter)
+            .then_some(job.target.key)
     }
 
     /// The body of what a remote returned for `job`, if it checks out, with
@@ -471,8 +474,8 @@ impl Run<'_> {
             return (None, None);
         };
         let record = fetched.take_record();
-        let interpreter = &self.interpreters[job.interpreter];
-        let Ok(source) = job.source.bytes() else {
+        let interpreter = &self.interpreters[job.target.interpreter];
+        let Ok(source) = job.target.source.bytes() else {
             return (None, None);
         };
         let body = remotes.accept(
@@ -489,13 +492,13 @@ impl Run<'_> {
     /// bundle), if uploaded.
     fn upload(&self, job: &CompileJob, body: &[u8]) -> Option<crate::remote::BundleRecord> {
         let remotes = self.options.remotes.as_ref()?;
-        let interpreter = &self.interpreters[job.interpreter];
+        let interpreter = &self.interpreters[job.target.interpreter];
         if self.remote_key(job).is_none() || !remotes.writable() {
             return None;
         }
-        let source = job.source.bytes().ok()?;
+        let source = job.target.source.bytes().ok()?;
         remotes.upload(
-            &job.key,
+            &job.target.key,
             interpreter.magic,
             interpreter.hash_variant,
             &source,

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{FileError, Op};
-use crate::index::{Counters, Entry, EntrySlot, Writes};
+use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::CompileKey;
 use crate::pyc::Flavor;
@@ -191,10 +191,27 @@ impl<'a> Ledger<'a> {
         Some(self.apply(store, writes))
     }
 
-    /// Applies the pending writes and counters in one index session.
-    pub(super) fn flush(&self, store: &Store, interpreters: &[Interpreter]) -> Result<()> {
+    /// Applies the pending writes and counters in one index session, and
+    /// `also` (what else the run records, the remotes' counters) in the
+    /// same session.
+    pub(super) fn flush(
+        &self,
+        store: &Store,
+        interpreters: &[Interpreter],
+        also: Option<impl FnOnce(&mut Index)>,
+    ) -> Result<()> {
         let writes = lock(&self.state).take(interpreters);
-        self.apply(store, writes)
+        if self.dry_run || (writes.is_empty() && also.is_none()) {
+            return Ok(());
+        }
+        let mut index = store.index()?;
+        if !writes.is_empty() {
+            index.apply(writes)?;
+        }
+        if let Some(also) = also {
+            also(&mut index);
+        }
+        Ok(())
     }
 
     fn apply(&self, store: &Store, writes: Writes) -> Result<()> {

@@ -864,9 +864,12 @@ impl<'a> Parser<'a> {
     fn ascii(&mut self, n: usize) -> Result<Kind, Bad> {
         let at = self.pos;
         let text = self.take(n, "a str")?;
+        if !self.pypy {
+            return Ok(Kind::Str);
+        }
         match text.iter().position(|b| !b.is_ascii()) {
-            Some(i) if self.pypy => Err(Bad::at(at + i, "an ASCII str that is not ASCII")),
-            _ => Ok(self.str_kind(text)),
+            Some(i) => Err(Bad::at(at + i, "an ASCII str that is not ASCII")),
+            None => Ok(self.str_kind(text)),
         }
     }
 

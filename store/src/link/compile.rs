@@ -8,6 +8,7 @@
 //! becomes a compile job, in one step.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::compile::{Outcome, WorkerSlot};
@@ -33,7 +34,12 @@ pub(super) struct CompileJob {
 
 /// The compiles of a run.
 #[derive(Default)]
-pub(super) struct Compiles(Mutex<InFlight>);
+pub(super) struct Compiles {
+    state: Mutex<InFlight>,
+    /// Jobs made and not yet done: each holds its source's bytes, and,
+    /// from a remote, its pyc.
+    jobs: AtomicUsize,
+}
 
 #[derive(Default)]
 struct InFlight {
@@ -74,11 +80,24 @@ impl Body {
 }
 
 impl Run<'_> {
+    /// Waits, up to `patience`, until at most `ahead` compile jobs are
+    /// made and not done: for lookups that would otherwise run far ahead
+    /// of the compile threads, every job keeping its source (and a
+    /// fetched pyc) in memory, in pages fresh from the kernel.
+    pub(super) fn keep_within(&self, ahead: usize, patience: std::time::Duration) {
+        let until = std::time::Instant::now() + patience;
+        while self.compiles.jobs.load(Ordering::Relaxed) > ahead
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// A miss: waits for its key in flight, takes the body this run
     /// compiled for it, or becomes a compile job (returned: the caller
     /// sends it on).
     pub(super) fn miss(&self, target: Target) -> Result<Option<CompileJob>, FileError> {
-        let mut state = lock(&self.compiles.0);
+        let mut state = lock(&self.compiles.state);
         if let Some(waiting) = state.waiting.get_mut(&target.key) {
             waiting.push(target);
             return Ok(None);
@@ -100,6 +119,7 @@ impl Run<'_> {
             };
         }
         state.waiting.insert(target.key, Vec::new());
+        self.compiles.jobs.fetch_add(1, Ordering::Relaxed);
         Ok(Some(CompileJob {
             target,
             fetched: None,
@@ -176,7 +196,7 @@ impl Run<'_> {
             // The result is recorded before the key leaves the flight, so a
             // later miss of it finds the body.
             let others = {
-                let mut state = lock(&self.compiles.0);
+                let mut state = lock(&self.compiles.state);
                 if let Some(Ok((slot, entry))) = &stored {
                     state.compiled.insert(first.key, (*slot, *entry, how));
                 }
@@ -206,6 +226,7 @@ impl Run<'_> {
             if let (Some(bundle), Some(remotes)) = (bundle, &self.options.remotes) {
                 remotes.bundle_part(&bundle, record);
             }
+            self.compiles.jobs.fetch_sub(1, Ordering::Relaxed);
             self.remote_warnings();
             if let Some(Err(e)) = self.ledger.flush_due(self.store, &self.interpreters) {
                 self.progress

@@ -303,6 +303,14 @@ pub fn link(
                     });
                     let taken = std::sync::atomic::AtomicUsize::new(0);
                     rayon::broadcast(|_| loop {
+                        // At most a few bundles' worth of misses ahead of
+                        // the compile threads (which place what arrives);
+                        // never waiting long: the misses of directories
+                        // still to come may be what completes a bundle.
+                        run.keep_within(
+                            4 * crate::remote::MAX_BUNDLE_KEYS,
+                            Duration::from_millis(50),
+                        );
                         let i = taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(dir) = dirs.get(i) else { break };
                         let mut keys = Vec::new();

@@ -56,6 +56,18 @@ fn record_commit() {
     if let Some(refs) = git_path(&manifest, "refs") {
         println!("cargo:rerun-if-changed={}", refs.display());
     }
+    // Whether the checkout is dirty changes with its files, not its HEAD:
+    // without these, a binary built from an edited checkout kept
+    // `-dirty` once the edit was undone (and a clean build kept its
+    // cleanliness through later edits).
+    if let Some(index) = git_path(&manifest, "index") {
+        println!("cargo:rerun-if-changed={}", index.display());
+    }
+    if let Some(workspace) = manifest.parent() {
+        for tracked in ["Cargo.toml", "Cargo.lock", "cli/src", "store/src", "fuse/src"] {
+            println!("cargo:rerun-if-changed={}", workspace.join(tracked).display());
+        }
+    }
 }
 
 /// The short commit of the checkout, with `-dirty` when tracked files

@@ -917,8 +917,9 @@ impl Index {
             let _ = std::fs::remove_file(&table);
         }
         // Freeing tens of thousands of keys and values takes milliseconds
-        // the run need not wait for.
-        std::thread::spawn(move || drop(ops));
+        // the run need not wait for. (When no thread can be had, the
+        // batch is freed here: `spawn` drops the closure it could not run.)
+        let _ = std::thread::Builder::new().spawn(move || drop(ops));
         if let Some(e) = failed {
             return Err(self.write_failed(e));
         }

@@ -64,8 +64,17 @@ fn record_commit() {
         println!("cargo:rerun-if-changed={}", index.display());
     }
     if let Some(workspace) = manifest.parent() {
-        for tracked in ["Cargo.toml", "Cargo.lock", "cli/src", "store/src", "fuse/src"] {
-            println!("cargo:rerun-if-changed={}", workspace.join(tracked).display());
+        for tracked in [
+            "Cargo.toml",
+            "Cargo.lock",
+            "cli/src",
+            "store/src",
+            "fuse/src",
+        ] {
+            println!(
+                "cargo:rerun-if-changed={}",
+                workspace.join(tracked).display()
+            );
         }
     }
 }

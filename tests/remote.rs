@@ -1644,20 +1644,28 @@ mod s3 {
     backend_tests!(@each Kind::S3; a_busy_server_is_asked_again);
 }
 
+/// A file remote warmed by a link of `count` modules (`a`, into
+/// `store-a`), with the test's directory and the remote's; `None` when
+/// the backend cannot run here.
+fn warm_file_remote(count: usize) -> Option<(Backend, TestDir, PathBuf)> {
+    let b = Backend::get(Kind::File)?;
+    let t = TestDir::new();
+    let (out, a) = b.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
+    assert_ok(&out, &a);
+    let root = b.disk.clone().unwrap();
+    Some((b, t, root))
+}
+
 /// A file remote is read from regular files only: a FIFO (which would
 /// block a reader for good) and a symlink (to a valid entry elsewhere)
 /// under entries' names are rejected at once, and the link ends.
 #[test]
 fn a_file_remote_reads_regular_files_only() {
-    let Some(b) = Backend::get(Kind::File) else {
+    let count = 10;
+    let Some((b, t, root)) = warm_file_remote(count) else {
         return;
     };
-    let t = TestDir::new();
-    let count = 10;
-    let (out, a) = b.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
-    assert_ok(&out, &a);
     let stored = b.stored();
-    let root = b.disk.clone().unwrap();
     for bundle in stored.iter().filter(|s| s.contains("/bundles/")) {
         std::fs::remove_file(root.join(bundle)).unwrap();
     }
@@ -1703,14 +1711,10 @@ fn a_file_remote_reads_regular_files_only() {
 /// nothing (every pyc is compiled), and nothing is written there.
 #[test]
 fn a_file_remote_is_never_read_or_written_through_a_symlink() {
-    let Some(b) = Backend::get(Kind::File) else {
+    let count = 10;
+    let Some((b, t, root)) = warm_file_remote(count) else {
         return;
     };
-    let t = TestDir::new();
-    let count = 10;
-    let (out, a) = b.link(&t.join("store-a"), &modules(&t, "a", count), &[]);
-    assert_ok(&out, &a);
-    let root = b.disk.clone().unwrap();
     let ns = root.join(format!("pycstore-v1/{}", b.namespace));
     std::fs::remove_dir_all(ns.join("bundles")).unwrap();
     let elsewhere = t.join("elsewhere");

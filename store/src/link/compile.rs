@@ -8,7 +8,6 @@
 //! becomes a compile job, in one step.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::compile::{Outcome, WorkerSlot};
@@ -36,15 +35,13 @@ pub(super) struct CompileJob {
 #[derive(Default)]
 pub(super) struct Compiles {
     state: Mutex<InFlight>,
-    /// Jobs made and not yet done: each holds its source's bytes, and,
-    /// from a remote, its pyc.
-    jobs: AtomicUsize,
 }
 
 #[derive(Default)]
 struct InFlight {
-    /// Misses being compiled, with the targets waiting for them besides
-    /// the job's own.
+    /// Misses being compiled (one compile job each, holding its source's
+    /// bytes and, from a remote, its pyc), with the targets waiting for
+    /// them besides the job's own.
     waiting: HashMap<CompileKey, Vec<Target>>,
     /// Bodies compiled by this run, recorded before their key leaves
     /// `waiting`, so a late miss of the same key uses them.
@@ -86,7 +83,7 @@ impl Run<'_> {
     /// fetched pyc) in memory, in pages fresh from the kernel.
     pub(super) fn keep_within(&self, ahead: usize, patience: std::time::Duration) {
         let until = std::time::Instant::now() + patience;
-        while self.compiles.jobs.load(Ordering::Relaxed) > ahead
+        while lock(&self.compiles.state).waiting.len() > ahead
             && std::time::Instant::now() < until
         {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -119,7 +116,6 @@ impl Run<'_> {
             };
         }
         state.waiting.insert(target.key, Vec::new());
-        self.compiles.jobs.fetch_add(1, Ordering::Relaxed);
         Ok(Some(CompileJob {
             target,
             fetched: None,
@@ -226,7 +222,6 @@ impl Run<'_> {
             if let (Some(bundle), Some(remotes)) = (bundle, &self.options.remotes) {
                 remotes.bundle_part(&bundle, record);
             }
-            self.compiles.jobs.fetch_sub(1, Ordering::Relaxed);
             self.remote_warnings();
             if let Some(Err(e)) = self.ledger.flush_due(self.store, &self.interpreters) {
                 self.progress

@@ -77,19 +77,6 @@ impl Body {
 }
 
 impl Run<'_> {
-    /// Waits, up to `patience`, until at most `ahead` compile jobs are
-    /// made and not done: for lookups that would otherwise run far ahead
-    /// of the compile threads, every job keeping its source (and a
-    /// fetched pyc) in memory, in pages fresh from the kernel.
-    pub(super) fn keep_within(&self, ahead: usize, patience: std::time::Duration) {
-        let until = std::time::Instant::now() + patience;
-        while lock(&self.compiles.state).waiting.len() > ahead
-            && std::time::Instant::now() < until
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    }
-
     /// A miss: waits for its key in flight, takes the body this run
     /// compiled for it, or becomes a compile job (returned: the caller
     /// sends it on).

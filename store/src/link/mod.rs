@@ -148,6 +148,13 @@ pub struct LinkReport {
     pub remotes: Vec<crate::remote::RemoteReport>,
 }
 
+/// Jobs waiting for the compile threads past which a remote link's lookups
+/// pause: from a fast remote, they would otherwise run far ahead of the
+/// placing, every job holding its source and its fetched pyc, in pages
+/// fresh from the kernel. Jobs still waiting for a remote do not count: a
+/// slow remote is asked for as much at once as before.
+const QUEUED_MAX: usize = 256;
+
 /// Where `link` reports progress and warnings (a progress bar, or nothing).
 pub trait Progress: Sync {
     /// The number of pycs the run will consider.
@@ -245,7 +252,8 @@ pub fn link(
                     scope.spawn(move || run.compile_loop(rx))
                 })
                 .collect();
-            drop(rx);
+            // Kept for its length: the jobs waiting for a compile thread.
+            let queued = rx;
             // Remote tier hook: with remotes, misses go to them first, a
             // directory's together (they may come in one bundle), and reach
             // the compile threads with what was fetched, if anything.
@@ -303,14 +311,14 @@ pub fn link(
                     });
                     let taken = std::sync::atomic::AtomicUsize::new(0);
                     rayon::broadcast(|_| loop {
-                        // At most a few bundles' worth of misses ahead of
-                        // the compile threads (which place what arrives);
-                        // never waiting long: the misses of directories
-                        // still to come may be what completes a bundle.
-                        run.keep_within(
-                            4 * crate::remote::MAX_BUNDLE_KEYS,
-                            Duration::from_millis(50),
-                        );
+                        // A pause while more than QUEUED_MAX fetched jobs
+                        // wait for the compile threads; at most 50 ms a
+                        // directory, so that compile threads held up never
+                        // hold up the lookups for good.
+                        let until = Instant::now() + Duration::from_millis(50);
+                        while queued.len() > QUEUED_MAX && Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                         let i = taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(dir) = dirs.get(i) else { break };
                         let mut keys = Vec::new();

@@ -404,3 +404,86 @@ fn a_low_soft_limit_of_open_files_does_not_fail_a_large_tree() {
     assert_eq!(warm["hits"], dirs, "{warm}");
     assert_eq!(warm["failed"], 0, "{warm}");
 }
+
+/// `cmd` run under a limit of `limit` open files (soft and hard: a link
+/// cannot raise it).
+fn with_open_file_limit(cmd: &std::process::Command, limit: u32) -> std::process::Command {
+    let mut limited = std::process::Command::new("prlimit");
+    limited
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => limited.env(key, value),
+            None => limited.env_remove(key),
+        };
+    }
+    limited
+}
+
+/// A link holds a descriptor for each directory with sources (and its
+/// `__pycache__`) until its pycs are placed. A tree with more of them than
+/// the limit on open files allows (a hard limit of 1,024 is common) still
+/// links whole, cold, warm into a copy and again; what finds no room is
+/// opened when used. Before, most sources failed with "Too many open
+/// files".
+#[test]
+fn links_more_directories_than_open_files_allow() {
+    let t = TestDir::new();
+    let python = python("3.11");
+    let venv = t.join("venv");
+    make_venv(&python, &venv);
+    let site = venv.join("lib/python3.11/site-packages");
+    let packages = 400;
+    let mut imports = String::new();
+    for i in 0..packages {
+        t.write(
+            site.join(format!("many_{i}/__init__.py")),
+            format!("from . import sub\nVALUE = {i}\n"),
+        );
+        t.write(
+            site.join(format!("many_{i}/sub/__init__.py")),
+            format!("SUB = {i} * 2\n"),
+        );
+        imports.push_str(&format!("import many_{i}\n"));
+    }
+    let link = |prefix: &std::path::Path, limit: u32| {
+        let mut cmd = t.pycstore();
+        cmd.arg("link").arg(prefix);
+        link_json(&mut with_open_file_limit(&cmd, limit))
+    };
+    // 512: room for some directories (the rest opened when used); 128:
+    // for none.
+    let (out, json) = link(&venv, 512);
+    assert_output!(
+        out,
+        out.status.success(),
+        "cold link under 512 open files: {json}"
+    );
+    assert_eq!(json["failed"], 0, "{json}");
+    assert!(json["compiled"].as_u64().unwrap() > 2 * packages, "{json}");
+    let copy = t.join("copy");
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&venv)
+            .arg(&copy),
+    );
+    remove_pycache(&copy);
+    for limit in [128, 512] {
+        let (out, json) = link(&copy, limit);
+        assert_output!(out, out.status.success(), "warm link under {limit}: {json}");
+        assert_eq!(json["failed"], 0, "{json}");
+        assert_eq!(json["compiled"], 0, "{json}");
+        remove_pycache(&copy);
+    }
+    let (_, json) = link(&copy, 128);
+    assert_eq!(json["failed"], 0, "{json}");
+    let (out, json) = link(&copy, 128);
+    assert_output!(out, out.status.success(), "re-link under 128: {json}");
+    assert_eq!(json["up_to_date"], json["pycs"], "{json}");
+    let log = python_v(&copy.join("bin/python"), &["-c", &imports], &[]);
+    assert_nothing_compiled(&log, &copy, 2 * packages as usize);
+}

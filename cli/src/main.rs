@@ -22,6 +22,8 @@ mod remote;
 mod version;
 
 fn main() -> ExitCode {
+    // Before any thread starts (see its doc).
+    pycstore_store::tree::prepare_descriptors();
     let cli = match config::parse() {
         Ok(cli) => cli,
         Err(err) => {

@@ -4,7 +4,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -134,7 +134,7 @@ impl Source {
             };
             // Listed as a regular file: never follow a symlink swapped in
             // since (that one is picked up by the next run).
-            match open_source(dir, &found.name, OFlags::NOFOLLOW, path) {
+            match open_source(dir.as_fd(), &found.name, OFlags::NOFOLLOW, path) {
                 Ok(Some((fd, st))) => (SourceStat::of(&st), Some(fd)),
                 Ok(None) => return Hashed::Skipped,
                 Err(e) => return Hashed::Failed(e),
@@ -164,7 +164,7 @@ impl Source {
                 let read = match opened.take() {
                     Some(fd) => read_open(fd, &meta, limit, path),
                     None => match found.dir.fd() {
-                        Ok(dir) => read_source(dir, &found.name, &meta, limit, path),
+                        Ok(dir) => read_source(dir.as_fd(), &found.name, &meta, limit, path),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                         Err(e) => Err(FileError::new(path, Op::Read, e)),
                     },
@@ -212,7 +212,7 @@ impl Source {
                     .dir
                     .fd()
                     .map_err(|e| FileError::new(path, Op::Read, e))?;
-                let bytes = read_source(dir, &self.name, &self.meta, self.limit, path)?
+                let bytes = read_source(dir.as_fd(), &self.name, &self.meta, self.limit, path)?
                     .filter(|bytes| SourceDigest::of(bytes) == self.digest)
                     .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
                 Ok(Arc::new(bytes))

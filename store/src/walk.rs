@@ -16,7 +16,7 @@ use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 
 use crate::error::{Cause, FileError, Op};
 use crate::index::{Index, ListingRecord};
-use crate::tree;
+use crate::tree::{self, DirFd, Held};
 use crate::{Error, Result};
 
 /// A directory of a prefix that holds sources. Its descriptor is the one
@@ -34,7 +34,14 @@ pub struct SourceDir {
     root: Arc<OwnedFd>,
     relative: PathBuf,
     ino: u64,
-    fd: OnceLock<std::result::Result<OwnedFd, (std::io::ErrorKind, String)>>,
+    /// The directory, held open: the walk's descriptor, or one opened
+    /// beneath the root on first use (by a `stat`, unchecked). `None` when
+    /// the budget of held descriptors had no room ([`Held`]): then it is
+    /// opened for each use that writes, and `stat`ed through by path.
+    fd: OnceLock<std::result::Result<Option<Held>, Failure>>,
+    /// Whether `fd` is the directory the walk found (its device and inode),
+    /// decided before anything is written through it.
+    checked: OnceLock<std::result::Result<(), Failure>>,
     /// The device of the directory: where its pycs are written.
     pub dev: u64,
     /// The directory's owner.
@@ -49,9 +56,23 @@ pub struct SourceDir {
     pycache: OnceLock<std::result::Result<Option<Pycache>, FileError>>,
 }
 
-/// A source directory's `__pycache__`, open.
+/// An error kept for every later use of what failed.
+type Failure = (std::io::ErrorKind, String);
+
+fn failure(e: &std::io::Error) -> Failure {
+    (e.kind(), e.to_string())
+}
+
+fn error((kind, message): &Failure) -> std::io::Error {
+    std::io::Error::new(*kind, message.clone())
+}
+
+/// A source directory's `__pycache__`, found.
 struct Pycache {
-    fd: OwnedFd,
+    /// Held open; `None` when the budget had no room, then opened for each
+    /// use and checked to be the directory first opened, `id`.
+    fd: Option<Held>,
+    id: (u64, u64),
     /// Made by this run: empty when it was made, so a pyc is linked at its
     /// name without looking there first.
     made: bool,
@@ -61,7 +82,7 @@ struct Pycache {
 pub struct PycacheDir<'a> {
     /// The directory, open; `None` when it does not exist and was not to
     /// be made.
-    pub fd: Option<BorrowedFd<'a>>,
+    pub fd: Option<DirFd<'a>>,
     /// Whether this run made it (then it was empty, and whatever is there
     /// now was placed by this run or raced in since).
     pub made: bool,
@@ -70,73 +91,103 @@ pub struct PycacheDir<'a> {
 }
 
 impl SourceDir {
-    /// The directory's descriptor: the walk's, or opened now beneath the
-    /// prefix's root without following a symlink. An error when it cannot be
-    /// opened, or is no longer the directory listed (then its sources are
-    /// picked up by the next run).
-    pub fn fd(&self) -> std::io::Result<BorrowedFd<'_>> {
-        let opened = self.fd.get_or_init(|| {
-            let fd = tree::open_dir_beneath(self.root.as_fd(), &self.relative)
-                .map_err(|e| (e.kind(), e.to_string()))?;
-            match rustix::fs::fstat(&fd) {
-                Ok(st) if (st.st_dev, st.st_ino) == (self.dev, self.ino) => Ok(fd),
-                Ok(_) => Err((
-                    std::io::ErrorKind::NotFound,
-                    "replaced while being linked".to_string(),
-                )),
-                Err(e) => Err((
-                    std::io::ErrorKind::Other,
-                    std::io::Error::from(e).to_string(),
-                )),
+    /// The directory's descriptor: the walk's, or opened beneath the
+    /// prefix's root without following a symlink, and checked to be the
+    /// directory listed. An error when it cannot be opened, or is no longer
+    /// the directory listed (then its sources are picked up by the next
+    /// run).
+    pub fn fd(&self) -> std::io::Result<DirFd<'_>> {
+        match self.held_or_error()? {
+            Some(fd) => {
+                self.checked
+                    .get_or_init(|| self.is_listed(fd).map_err(|e| failure(&e)))
+                    .as_ref()
+                    .map_err(error)?;
+                Ok(DirFd::Held(fd))
             }
-        });
-        match opened {
-            Ok(fd) => Ok(fd.as_fd()),
-            Err((kind, message)) => Err(std::io::Error::new(*kind, message.clone())),
+            None => {
+                let fd = self.open_beneath()?;
+                self.is_listed(fd.as_fd())?;
+                Ok(DirFd::Own(fd))
+            }
+        }
+    }
+
+    /// The held descriptor, opened on first use when the budget has room:
+    /// `None` when it had none. Not checked to be the directory listed.
+    fn held_or_error(&self) -> std::io::Result<Option<BorrowedFd<'_>>> {
+        let held = self
+            .fd
+            .get_or_init(|| match Held::open(|| self.open_beneath()) {
+                Some(Ok(fd)) => Ok(Some(fd)),
+                Some(Err(e)) => Err(failure(&e)),
+                None => Ok(None),
+            });
+        match held {
+            Ok(fd) => Ok(fd.as_ref().map(AsFd::as_fd)),
+            Err(f) => Err(error(f)),
+        }
+    }
+
+    fn open_beneath(&self) -> std::io::Result<OwnedFd> {
+        tree::open_dir_beneath(self.root.as_fd(), &self.relative)
+    }
+
+    /// Whether `fd` is the directory the walk listed.
+    fn is_listed(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        match rustix::fs::fstat(fd) {
+            Ok(st) if (st.st_dev, st.st_ino) == (self.dev, self.ino) => Ok(()),
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "replaced while being linked",
+            )),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// `stat` of the entry `name` (following a symlink unless `flags` says
-    /// not to): through the directory's descriptor once it is open, else by
-    /// path beneath the prefix's root (one system call, no descriptor; for
-    /// reading only: a directory above swapped for a symlink meanwhile is
-    /// followed, and nothing is written on the strength of it).
+    /// not to), through the directory's held descriptor: one path component
+    /// for the kernel to walk rather than the whole path from the root, for
+    /// the price of one open per directory. For reading only: the
+    /// descriptor may not be checked yet (see [`SourceDir::fd`]). Without
+    /// one, by path beneath the prefix's root (a directory above swapped
+    /// for a symlink meanwhile is followed; nothing is written on the
+    /// strength of it).
     pub fn stat_at(&self, name: &OsStr, flags: AtFlags) -> rustix::io::Result<rustix::fs::Stat> {
-        match self.fd.get() {
-            Some(Ok(fd)) => rustix::fs::statat(fd, name, flags),
+        match self.held_or_error() {
+            Ok(Some(fd)) => rustix::fs::statat(fd, name, flags),
             _ => rustix::fs::statat(self.root.as_fd(), self.relative.join(name), flags),
         }
     }
 
     /// `lstat` of the pyc `name` in the directory's `__pycache__`: through
-    /// the descriptors this run opened, else by path beneath the prefix's
-    /// root (for reading only, as [`SourceDir::stat_at`]). `None` when there
-    /// is no such file, or no `__pycache__` was listed.
+    /// the `__pycache__` this run opened, else through the directory (for
+    /// reading only, as [`SourceDir::stat_at`]). `None` when there is no
+    /// such file, or no `__pycache__` was listed.
     pub fn pyc_stat(&self, name: &OsStr) -> Option<rustix::fs::Stat> {
         let nofollow = AtFlags::SYMLINK_NOFOLLOW;
+        let in_pycache = || Path::new("__pycache__").join(name);
         if let Some(Ok(pycache)) = self.pycache.get() {
             // One this run made held nothing of an earlier run.
             let pycache = pycache.as_ref().filter(|p| !p.made)?;
-            return rustix::fs::statat(&pycache.fd, name, nofollow).ok();
+            return match &pycache.fd {
+                Some(fd) => rustix::fs::statat(fd, name, nofollow).ok(),
+                None => self.stat_at(in_pycache().as_os_str(), nofollow).ok(),
+            };
         }
         if !self.listed_pycache {
             return None;
         }
-        let in_pycache = Path::new("__pycache__").join(name);
-        match self.fd.get() {
-            Some(Ok(fd)) => rustix::fs::statat(fd, &in_pycache, nofollow).ok(),
-            _ => {
-                rustix::fs::statat(self.root.as_fd(), self.relative.join(in_pycache), nofollow).ok()
-            }
-        }
+        self.stat_at(in_pycache().as_os_str(), nofollow).ok()
     }
 
     /// A fresh listing record of the directory when this run made its
     /// `__pycache__` (which changed it since the walk listed it), so that
     /// the next walk need not list it again: its `stat`, then its entries.
+    /// Only through the walk's descriptor, when it was held.
     pub fn listing_after_run(&self, now_ns: i64) -> Option<ListingRecord> {
         let made = self.pycache.get()?.as_ref().ok()?.as_ref()?.made;
-        let fd = self.fd.get()?.as_ref().ok()?;
+        let fd = self.fd.get()?.as_ref().ok()?.as_ref()?;
         if !made {
             return None;
         }
@@ -155,9 +206,12 @@ impl SourceDir {
     /// error is this directory's: report it under each source with
     /// [`FileError::at`].
     pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, FileError> {
+        let name = OsStr::new("__pycache__");
+        let fail = |op: fn(PathBuf) -> Op, cause: Cause| {
+            FileError::new(&self.path, op(self.path.join(name)), cause)
+        };
         let mut first = false;
         let opened = self.pycache.get_or_init(|| {
-            let name = OsStr::new("__pycache__");
             // One attempt per directory: make it when the listing had none.
             if !create && !self.listed_pycache {
                 return Ok(None);
@@ -165,12 +219,10 @@ impl SourceDir {
             let dir = self
                 .fd()
                 .map_err(|e| FileError::new(&self.path, Op::Read, e))?;
+            let dir = dir.as_fd();
             let is_symlink = || {
                 rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
-            };
-            let fail = |op: fn(PathBuf) -> Op, cause: Cause| {
-                FileError::new(&self.path, op(self.path.join(name)), cause)
             };
             let refuse = |e: std::io::Error| match e.raw_os_error() {
                 Some(libc::ELOOP | libc::ENOTDIR) if is_symlink() => {
@@ -184,34 +236,76 @@ impl SourceDir {
                 Err(rustix::io::Errno::EXIST) => Ok(false),
                 Err(e) => Err(fail(Op::MakePycache, e.into())),
             };
+            // Held when the budget has room; else its identity, to check
+            // each later open against.
+            let keep = |fd: OwnedFd, made: bool| match Held::keep(fd) {
+                Ok(fd) => Ok(Some(Pycache {
+                    fd: Some(fd),
+                    id: (0, 0),
+                    made,
+                })),
+                Err(fd) => match rustix::fs::fstat(&fd) {
+                    Ok(st) => Ok(Some(Pycache {
+                        fd: None,
+                        id: (st.st_dev, st.st_ino),
+                        made,
+                    })),
+                    Err(e) => Err(fail(Op::OpenPycache, std::io::Error::from(e).into())),
+                },
+            };
             if create && !self.listed_pycache {
                 let made = make()?;
                 first = made;
-                return tree::open_dir(dir, name)
-                    .map(|fd| Some(Pycache { fd, made }))
-                    .map_err(refuse);
+                let fd = tree::open_dir(dir, name).map_err(refuse)?;
+                return keep(fd, made);
             }
             match tree::open_dir(dir, name) {
-                Ok(fd) => Ok(Some(Pycache { fd, made: false })),
+                Ok(fd) => keep(fd, false),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                     let made = make()?;
                     first = made;
-                    tree::open_dir(dir, name)
-                        .map(|fd| Some(Pycache { fd, made }))
-                        .map_err(refuse)
+                    let fd = tree::open_dir(dir, name).map_err(refuse)?;
+                    keep(fd, made)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(refuse(e)),
             }
         });
-        match opened {
-            Ok(pycache) => Ok(PycacheDir {
-                fd: pycache.as_ref().map(|p| p.fd.as_fd()),
-                made: pycache.as_ref().is_some_and(|p| p.made),
-                first,
-            }),
-            Err(e) => Err(e.clone()),
-        }
+        let pycache = match opened {
+            Ok(Some(pycache)) => pycache,
+            Ok(None) => {
+                return Ok(PycacheDir {
+                    fd: None,
+                    made: false,
+                    first,
+                })
+            }
+            Err(e) => return Err(e.clone()),
+        };
+        let fd = match &pycache.fd {
+            Some(fd) => DirFd::Held(fd.as_fd()),
+            // Not held: opened again, and refused unless it is the one
+            // first opened (never one swapped in since).
+            None => {
+                let reopen = || -> std::io::Result<OwnedFd> {
+                    let fd = tree::open_dir(self.fd()?.as_fd(), name)?;
+                    let st = rustix::fs::fstat(&fd)?;
+                    if (st.st_dev, st.st_ino) != pycache.id {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "replaced while being linked",
+                        ));
+                    }
+                    Ok(fd)
+                };
+                DirFd::Own(reopen().map_err(|e| fail(Op::OpenPycache, e.into()))?)
+            }
+        };
+        Ok(PycacheDir {
+            fd: Some(fd),
+            made: pycache.made,
+            first,
+        })
     }
 }
 
@@ -326,7 +420,12 @@ impl Listed {
 /// path beneath the root. A prefix linked before costs one `stat` per
 /// directory.
 pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) -> Walk {
-    let opened = tree::open_root(prefix).and_then(|root| Ok((root, tree::open_root(prefix)?)));
+    let opened = tree::open_root(prefix).and_then(|root| {
+        // The root listed through a descriptor of its own, held if the
+        // budget has room (else opened beneath `root` when visited).
+        let first = Held::open(|| tree::open_root(prefix)).transpose()?;
+        Ok((root, first))
+    });
     let (root, first) = match opened {
         Ok(fds) => fds,
         Err(e) => {
@@ -343,7 +442,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
         known,
         root: Arc::new(root),
     };
-    visit(&at, prefix.to_path_buf(), Some(first), 0)
+    visit(&at, prefix.to_path_buf(), first, 0)
 }
 
 /// What every directory of one walk shares.
@@ -369,7 +468,7 @@ const PARALLEL_DEPTH: usize = 8;
 /// beneath the root), then its subdirectories: its sources first, then
 /// each subdirectory's, in name order (depth first, as a sequential walk
 /// finds them). Subtrees above [`PARALLEL_DEPTH`] are walked on every core.
-fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>, depth: usize) -> Walk {
+fn visit(at: &At<'_>, path: PathBuf, fd: Option<Held>, depth: usize) -> Walk {
     let mut walk = Walk {
         found: Vec::new(),
         errors: Vec::new(),
@@ -402,14 +501,22 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<OwnedFd>, depth: usize) -> Walk 
 fn one_dir(
     at: &At<'_>,
     path: PathBuf,
-    fd: Option<OwnedFd>,
+    fd: Option<Held>,
     walk: &mut Walk,
-) -> Vec<(PathBuf, Option<OwnedFd>)> {
+) -> Vec<(PathBuf, Option<Held>)> {
     let (prefix, excludes, known, root) = (at.prefix, at.excludes, at.known, &at.root);
     let relative = path.strip_prefix(prefix).unwrap_or(&path).to_path_buf();
     let stat = match &fd {
-        Some(fd) => rustix::fs::fstat(fd),
-        None => rustix::fs::statat(root.as_fd(), &relative, AtFlags::SYMLINK_NOFOLLOW),
+        Some(fd) => rustix::fs::fstat(fd.as_fd()),
+        None => {
+            // The root itself when its own descriptor found no room.
+            let at = if relative.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                &relative
+            };
+            rustix::fs::statat(root.as_fd(), at, AtFlags::SYMLINK_NOFOLLOW)
+        }
     };
     let stat = match stat {
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
@@ -428,6 +535,10 @@ fn one_dir(
             (r.dev, r.ino, r.mtime_ns, r.ctime_ns) == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
                 && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
         });
+    // The directory as listed: through `fd` (held), or opened by path for
+    // the listing alone when the budget had no room (then its children are
+    // opened by path too, when visited).
+    let mut own = None;
     let (listed, fd, from_record) = match record {
         Some(record) => (
             Listed {
@@ -441,23 +552,43 @@ fn one_dir(
         ),
         None => {
             let fd = match fd {
-                Some(fd) => fd,
-                None => match tree::open_listable_beneath(root.as_fd(), &relative) {
+                Some(fd) => Some(fd),
+                None => {
                     // The directory stat'ed by path, not one swapped in
-                    // since: its owner decides who may share an inode
-                    // with its pycs.
-                    Ok(fd) if same_dir(&fd, &stat) => fd,
-                    Ok(_) => return Vec::new(),
-                    Err(e) if gone(&e) => return Vec::new(),
-                    Err(e) => {
-                        walk.errors.push(FileError::new(path, Op::Read, e));
-                        return Vec::new();
+                    // since: its owner decides who may share an inode with
+                    // its pycs.
+                    let open = || match tree::open_listable_beneath(root.as_fd(), &relative) {
+                        Ok(fd) if same_dir(&fd, &stat) => Ok(fd),
+                        Ok(_) => Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
+                        Err(e) => Err(e),
+                    };
+                    let opened = match Held::open(open) {
+                        Some(held) => held.map(Some),
+                        None => open().map(|fd| {
+                            own = Some(fd);
+                            None
+                        }),
+                    };
+                    match opened {
+                        Ok(fd) => fd,
+                        Err(e) if gone(&e) => return Vec::new(),
+                        Err(e) => {
+                            walk.errors.push(FileError::new(path, Op::Read, e));
+                            return Vec::new();
+                        }
                     }
-                },
+                }
+            };
+            let Some(listing) = fd
+                .as_ref()
+                .map(AsFd::as_fd)
+                .or(own.as_ref().map(AsFd::as_fd))
+            else {
+                return Vec::new();
             };
             let listed = LISTING.with(|buf| {
                 list(
-                    fd.as_fd(),
+                    listing,
                     &path,
                     Some((prefix, excludes)),
                     &mut buf.borrow_mut(),
@@ -477,7 +608,7 @@ fn one_dir(
                 walk.listed
                     .push((path.clone(), listed.record(&stat, now_ns)));
             }
-            (listed, Some(fd), false)
+            (listed, fd, false)
         }
     };
     let mut subdirs = Vec::new();
@@ -487,15 +618,22 @@ fn one_dir(
             continue;
         }
         // Below a directory known from its record, subdirectories are
-        // `stat`ed by path and opened only if they changed.
-        let Some(fd) = fd.as_ref().filter(|_| !from_record) else {
-            subdirs.push((child, None));
-            continue;
+        // `stat`ed by path and opened only if they changed; below one
+        // without a held descriptor, opened by path when visited; and so
+        // is any the budget of held descriptors has no room for.
+        let parent = match (&fd, &own) {
+            (Some(fd), _) if !from_record => fd.as_fd(),
+            (None, Some(own)) => own.as_fd(),
+            _ => {
+                subdirs.push((child, None));
+                continue;
+            }
         };
-        match tree::open_dir(fd.as_fd(), &name) {
-            Ok(fd) => subdirs.push((child, Some(fd))),
-            Err(e) if gone(&e) => {}
-            Err(e) => walk.errors.push(FileError::new(child, Op::Read, e)),
+        match Held::open(|| tree::open_dir(parent, &name)) {
+            Some(Ok(fd)) => subdirs.push((child, Some(fd))),
+            None => subdirs.push((child, None)),
+            Some(Err(e)) if gone(&e) => {}
+            Some(Err(e)) => walk.errors.push(FileError::new(child, Op::Read, e)),
         }
     }
     let sources: Vec<_> = listed
@@ -508,9 +646,11 @@ fn one_dir(
     if sources.is_empty() {
         return subdirs;
     }
-    let opened = OnceLock::new();
+    let (opened, checked) = (OnceLock::new(), OnceLock::new());
     if let Some(fd) = fd {
-        let _ = opened.set(Ok(fd));
+        // Opened through its parent's descriptor and `fstat`ed above.
+        let _ = opened.set(Ok(Some(fd)));
+        let _ = checked.set(Ok(()));
     }
     let dir = Arc::new(SourceDir {
         path,
@@ -518,6 +658,7 @@ fn one_dir(
         relative,
         ino: stat.st_ino,
         fd: opened,
+        checked,
         dev: stat.st_dev,
         uid: stat.st_uid,
         gid: stat.st_gid,

@@ -39,6 +39,11 @@ fn main() {
         std::process::exit(2);
     };
     let object = CString::new(object.as_str()).expect("a path");
+    // The descriptor table grown while the process has one thread, as
+    // `pycstore` does (`tree::prepare_descriptors`): a table shared by
+    // threads grows only after an RCU grace period, which is no filesystem
+    // work.
+    drop(rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 8191));
     let started = Instant::now();
     let root = open_dir(CWD, tree.as_str());
     rayon::scope(|scope| walk(scope, root, &object, tag));

@@ -6,7 +6,7 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -430,7 +430,7 @@ impl Run<'_> {
             .dir
             .pycache(!self.options.dry_run)
             .map_err(|e| e.at(path))?;
-        let dir = pycache.fd;
+        let dir = pycache.fd.as_ref().map(AsFd::as_fd);
         let Some(name) = target.pyc.file_name() else {
             return Err(FileError::new(path, Op::Place, Cause::NotAModuleName));
         };

@@ -204,13 +204,18 @@ impl<'a> Ledger<'a> {
         if self.dry_run || (writes.is_empty() && also.is_none()) {
             return Ok(());
         }
+        let t = Instant::now();
         let mut index = store.index()?;
+        tracing::debug!("record: opened in {:.4}s", t.elapsed().as_secs_f64());
         if !writes.is_empty() {
             index.apply(writes)?;
         }
+        tracing::debug!("record: applied at {:.4}s", t.elapsed().as_secs_f64());
         if let Some(also) = also {
             also(&mut index);
         }
+        drop(index);
+        tracing::debug!("record: closed at {:.4}s", t.elapsed().as_secs_f64());
         Ok(())
     }
 

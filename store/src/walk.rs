@@ -34,6 +34,8 @@ pub struct SourceDir {
     root: Arc<OwnedFd>,
     relative: PathBuf,
     ino: u64,
+    /// How many sources the walk found in it.
+    sources: usize,
     /// The directory, held open: the walk's descriptor, or one opened
     /// beneath the root on first use (by a `stat`, unchecked). `None` when
     /// the budget of held descriptors had no room ([`Held`]): then it is
@@ -147,16 +149,23 @@ impl SourceDir {
 
     /// `stat` of the entry `name` (following a symlink unless `flags` says
     /// not to), through the directory's held descriptor: one path component
-    /// for the kernel to walk rather than the whole path from the root, for
-    /// the price of one open per directory. For reading only: the
-    /// descriptor may not be checked yet (see [`SourceDir::fd`]). Without
-    /// one, by path beneath the prefix's root (a directory above swapped
-    /// for a symlink meanwhile is followed; nothing is written on the
-    /// strength of it).
+    /// for the kernel to walk rather than the whole path from the root. A
+    /// directory not open yet is opened for it when it holds at least
+    /// [`STAT_THROUGH_DIR_MIN`] sources (two `stat`s each, source and pyc,
+    /// are then worth an `openat2` and a `close`). For reading only: the
+    /// descriptor may not be checked yet (see [`SourceDir::fd`]). Else by
+    /// path beneath the prefix's root (a directory above swapped for a
+    /// symlink meanwhile is followed; nothing is written on the strength
+    /// of it).
     pub fn stat_at(&self, name: &OsStr, flags: AtFlags) -> rustix::io::Result<rustix::fs::Stat> {
-        match self.held_or_error() {
-            Ok(Some(fd)) => rustix::fs::statat(fd, name, flags),
-            _ => rustix::fs::statat(self.root.as_fd(), self.relative.join(name), flags),
+        let through_dir = match self.fd.get() {
+            Some(held) => held.as_ref().ok().and_then(Option::as_ref).map(AsFd::as_fd),
+            None if self.sources >= STAT_THROUGH_DIR_MIN => self.held_or_error().ok().flatten(),
+            None => None,
+        };
+        match through_dir {
+            Some(fd) => rustix::fs::statat(fd, name, flags),
+            None => rustix::fs::statat(self.root.as_fd(), self.relative.join(name), flags),
         }
     }
 
@@ -308,6 +317,16 @@ impl SourceDir {
         })
     }
 }
+
+/// The sources a directory not yet open must hold for its `stat`s to go
+/// through a descriptor opened for them ([`SourceDir::stat_at`]). Each one
+/// opened costs two syscalls (`openat2`, `close`) and saves the kernel a
+/// walk of the path above it for each `stat`. A re-link of the reference
+/// corpus (842 directories with sources, 6,990 sources; dist build, tmpfs,
+/// 60 runs each, twice): CPU time 82.9 and 82.5 ms with 4 (about 480
+/// directories opened, 19,400 syscalls in all), 97.5 and 97.4 ms with none
+/// opened (18,870 syscalls); wall times within the machine's noise.
+const STAT_THROUGH_DIR_MIN: usize = 4;
 
 /// A source file found by the walk.
 #[derive(Clone)]
@@ -657,6 +676,7 @@ fn one_dir(
         root: Arc::clone(root),
         relative,
         ino: stat.st_ino,
+        sources: sources.len(),
         fd: opened,
         checked,
         dev: stat.st_dev,

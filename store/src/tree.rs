@@ -301,7 +301,7 @@ const DESCRIPTOR_TABLE: u64 = 8192;
 /// Readies the process for the descriptors a link holds (one or two per
 /// directory with sources, until its pycs are placed): raises the soft
 /// limit on open files to the hard limit, and grows the descriptor table
-/// to [`DESCRIPTOR_TABLE`] slots (or the limit) at once. Call it first
+/// to 8,192 slots (or the limit) at once. Call it first
 /// thing in `main`, while the process has one thread: the kernel grows a
 /// table shared by several threads only after an RCU grace period, during
 /// which every thread opening a descriptor waits. A warm link of the
@@ -389,7 +389,7 @@ impl AsFd for Held {
     }
 }
 
-/// A directory's descriptor for one use: one [`Held`] for the run, or one
+/// A directory's descriptor for one use: one held for the run (`Held`), or one
 /// opened for this use alone (closed when dropped).
 pub enum DirFd<'a> {
     /// Held for the run.

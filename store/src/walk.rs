@@ -151,8 +151,8 @@ impl SourceDir {
     /// not to), through the directory's held descriptor: one path component
     /// for the kernel to walk rather than the whole path from the root. A
     /// directory not open yet is opened for it when it holds at least
-    /// [`STAT_THROUGH_DIR_MIN`] sources (two `stat`s each, source and pyc,
-    /// are then worth an `openat2` and a `close`). For reading only: the
+    /// four sources (`STAT_THROUGH_DIR_MIN`): two `stat`s each, source and
+    /// pyc, are then worth an `openat2` and a `close`. For reading only: the
     /// descriptor may not be checked yet (see [`SourceDir::fd`]). Else by
     /// path beneath the prefix's root (a directory above swapped for a
     /// symlink meanwhile is followed; nothing is written on the strength

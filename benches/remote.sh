@@ -118,6 +118,34 @@ cpu_seconds() {
   awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"
 }
 
+# Waits (at most 60 s) until the servers are idle: under 0.02 s of CPU in
+# half a second, all together. A warm link is timed against an idle server,
+# as the next machine finds it: not while Garage still writes the blocks
+# and metadata of the upload run before it (its upload runs take twice as
+# long as Redis's and nginx's). Says how long it waited.
+quiet_servers() {
+  local pids=() pidfile waited=0
+  for pidfile in "$servers"/*/*.pid; do
+    [[ -f $pidfile ]] && pids+=("$(cat "$pidfile")")
+  done
+  sync
+  # The servers' CPU seconds so far, all together.
+  servers_cpu() {
+    local pid
+    for pid in "${pids[@]}"; do cpu_seconds "$pid" 2>/dev/null && echo; done |
+      awk '{t += $1} END {printf "%.2f", t}'
+  }
+  while ((waited < 120)); do
+    local before after
+    before=$(servers_cpu)
+    sleep 0.5
+    waited=$((waited + 1))
+    after=$(servers_cpu)
+    awk -v a="$after" -v b="$before" 'BEGIN {exit !(a - b < 0.02)}' && break
+  done
+  echo "servers idle after $((waited / 2)).$((waited % 2 * 5)) s" >&2
+}
+
 settle
 load_before=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
@@ -134,6 +162,7 @@ for kind in s3 redis http; do
   say "$kind: warming the remote (a cold link that uploads)"
   read -r up_s _ _ up_requests _ up_bytes _ < <(link "$kind-upload" "${url[$kind]}")
   say "$kind: empty store, warm remote"
+  quiet_servers
   read -r s compiled fetched requests bytes _ _ < <(link "$kind-warm" "${url[$kind]}")
   # The same through a proxy adding 20 ms to every request.
   target=${url[$kind]}
@@ -148,6 +177,7 @@ for kind in s3 redis http; do
   done
   port=$(cat "$work/proxy-$kind.port")
   say "$kind: empty store, warm remote 20 ms away (proxy on port $port)"
+  quiet_servers
   if [[ $kind == s3 ]]; then
     read -r ds dcompiled dfetched drequests dbytes _ _ < <(AWS_ENDPOINT_URL=http://127.0.0.1:$port link "$kind-delayed" "$target")
   else

@@ -22,12 +22,16 @@
 # inode table is not yet written back): a link right after `rm -rf` of a
 # corpus copy spends seconds of system time there, more than the link
 # itself. So each case has its own copy and store, all removed at the end,
-# and on such a filesystem the first timed run waits until five minutes
+# and on such a filesystem the first timed run waits until ten minutes
 # after the last removal (this script's, of a previous run's leftovers, or
 # of the end of the previous run), synced: the links themselves keep the
 # inode tables dirty, so a minute is not enough (measured: warm links of 4 s
 # instead of 0.8 s two minutes after a removal). Removals by others are not
-# known here: leave the machine alone for five minutes before a run.
+# known here: leave the machine alone for ten minutes before a run. Five
+# were not enough twice: runs started five minutes after the previous
+# run's removal of 6 GB had their cold link and S3 cases slow (S3 warm
+# 2.5 s against 0.6-0.7 s), and their Redis and HTTP cases, a minute
+# later, were not.
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
@@ -74,16 +78,16 @@ pays_for_freed_inodes() {
   [[ $fstype == ext4 ]] && ! compgen -G "/proc/fs/jbd2/$dev-*" >/dev/null
 }
 
-# Waits until the last removal is five minutes old (nothing is removed
+# Waits until the last removal is ten minutes old (nothing is removed
 # after).
 settle() {
   sync
   pays_for_freed_inodes || return 0
   local last wait
   last=$(stat -c %Y "$removed_mark" 2>/dev/null || echo 0)
-  wait=$((last + 301 - $(date +%s)))
+  wait=$((last + 601 - $(date +%s)))
   if ((wait > 0)); then
-    say "waiting ${wait}s: inodes freed in the last five minutes slow every file creation here"
+    say "waiting ${wait}s: inodes freed in the last ten minutes slow every file creation here"
     sleep "$wait"
   fi
 }

@@ -195,6 +195,8 @@ pub fn link(
     crate::tree::raise_open_file_limit();
     let domain = TrustDomain::of(store);
     let run;
+    // The record session, when it was opened ahead (see below).
+    let mut record_session = None;
     {
         // Phase 1: one read-only index session for the probes and every
         // lookup; what it learns is written in one session at its end.
@@ -287,9 +289,6 @@ pub fn link(
                     // walk order (each thread takes the next), and their
                     // misses gathered in walk order into bundles
                     // ([`crate::remote::Bundler`]).
-                    let same_dir = |a: &(Found, Vec<usize>), b: &(Found, Vec<usize>)| {
-                        Arc::ptr_eq(&a.0.dir, &b.0.dir)
-                    };
                     let dirs: Vec<_> = found.chunk_by(same_dir).collect();
                     let (dir_tx, dir_rx) = crossbeam_channel::unbounded();
                     scope.spawn(move || {
@@ -350,19 +349,30 @@ pub fn link(
         });
         // Directories whose `__pycache__` this run made changed since the
         // walk listed them: listed again, so the next walk need not.
+        // On every core: 842 directories of the corpus, 10 ms in one thread.
+        // Meanwhile the record session opens (5 ms), when there is
+        // something to record already.
         if !options.dry_run {
             let now = now_ns();
-            let mut relisted = Writes::default();
-            let mut last = None;
-            for (found, _) in &found {
-                if last.replace(Arc::as_ptr(&found.dir)) == Some(Arc::as_ptr(&found.dir)) {
-                    continue;
+            std::thread::scope(|scope| {
+                let opening = run.ledger.pending().then(|| scope.spawn(|| store.index()));
+                let records: Vec<_> = found
+                    .chunk_by(same_dir)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .filter_map(|sources| {
+                        let dir = &sources[0].0.dir;
+                        Some((&dir.path, dir.listing_after_run(now)?))
+                    })
+                    .collect();
+                let mut relisted = Writes::default();
+                for (path, record) in records {
+                    relisted.listing(path, &record);
                 }
-                if let Some(record) = found.dir.listing_after_run(now) {
-                    relisted.listing(&found.dir.path, &record);
-                }
-            }
-            run.ledger.learned(&mut relisted);
+                run.ledger.learned(&mut relisted);
+                record_session = opening
+                    .map(|opening| opening.join().expect("opening the index does not panic"));
+            });
         }
     }
 
@@ -384,7 +394,10 @@ pub fn link(
                 }
             }
         });
-    if let Err(e) = run.ledger.flush(store, &run.interpreters, record_remotes) {
+    if let Err(e) = run
+        .ledger
+        .flush(store, &run.interpreters, record_remotes, record_session)
+    {
         run.ledger.index_failed(store.index_path(), e);
     }
     tracing::debug!("recorded at {:.3}s", started.elapsed().as_secs_f64());
@@ -407,6 +420,12 @@ pub fn link(
             .map(|r| r.report())
             .unwrap_or_default(),
     })
+}
+
+/// Whether two sources the walk found are in one directory (the walk finds
+/// a directory's sources one after the other).
+fn same_dir(a: &(Found, Vec<usize>), b: &(Found, Vec<usize>)) -> bool {
+    Arc::ptr_eq(&a.0.dir, &b.0.dir)
 }
 
 /// One `link` run, shared by the walk's threads and the compile threads.

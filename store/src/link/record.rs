@@ -168,6 +168,12 @@ impl<'a> Ledger<'a> {
         }
     }
 
+    /// Whether the run has writes for the index already (then its record
+    /// session can be opened ahead of [`Ledger::flush`]).
+    pub(super) fn pending(&self) -> bool {
+        !self.dry_run && !lock(&self.state).writes.is_empty()
+    }
+
     /// The walk's index session is closed: flushes may open the index.
     pub(super) fn session_closed(&self) {
         lock(&self.state).session_open = false;
@@ -191,21 +197,25 @@ impl<'a> Ledger<'a> {
         Some(self.apply(store, writes))
     }
 
-    /// Applies the pending writes and counters in one index session, and
-    /// `also` (what else the run records, the remotes' counters) in the
-    /// same session.
+    /// Applies the pending writes and counters in one index session (the
+    /// one `opened` ahead, if any), and `also` (what else the run records,
+    /// the remotes' counters) in the same session.
     pub(super) fn flush(
         &self,
         store: &Store,
         interpreters: &[Interpreter],
         also: Option<impl FnOnce(&mut Index)>,
+        opened: Option<Result<Index>>,
     ) -> Result<()> {
         let writes = lock(&self.state).take(interpreters);
         if self.dry_run || (writes.is_empty() && also.is_none()) {
             return Ok(());
         }
         let t = Instant::now();
-        let mut index = store.index()?;
+        let mut index = match opened {
+            Some(opened) => opened?,
+            None => store.index()?,
+        };
         tracing::debug!("record: opened in {:.4}s", t.elapsed().as_secs_f64());
         if !writes.is_empty() {
             index.apply(writes)?;

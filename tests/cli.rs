@@ -405,24 +405,6 @@ fn a_low_soft_limit_of_open_files_does_not_fail_a_large_tree() {
     assert_eq!(warm["failed"], 0, "{warm}");
 }
 
-/// `cmd` run under a limit of `limit` open files (soft and hard: a link
-/// cannot raise it).
-fn with_open_file_limit(cmd: &std::process::Command, limit: u32) -> std::process::Command {
-    let mut limited = std::process::Command::new("prlimit");
-    limited
-        .arg(format!("--nofile={limit}:{limit}"))
-        .arg("--")
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (key, value) in cmd.get_envs() {
-        match value {
-            Some(value) => limited.env(key, value),
-            None => limited.env_remove(key),
-        };
-    }
-    limited
-}
-
 /// A link holds a descriptor for each directory with sources (and its
 /// `__pycache__`) until its pycs are placed. A tree with more of them than
 /// the limit on open files allows (a hard limit of 1,024 is common) still

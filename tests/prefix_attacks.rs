@@ -135,6 +135,21 @@ fn exchange(dir: &Path, a: &str, b: &str) {
 
 #[test]
 fn directories_swapped_for_symlinks_mid_run_never_lead_outside() {
+    swapped_directories_never_lead_outside(None);
+}
+
+/// The same with no room for a held descriptor (an open-file limit of 64,
+/// below the reserve): every directory and `__pycache__` is opened again
+/// for each write, beneath the root and checked to be the one found.
+#[test]
+fn swapped_directories_never_lead_outside_when_every_descriptor_is_reopened() {
+    swapped_directories_never_lead_outside(Some(64));
+}
+
+/// Swaps a package directory and a symlink to root's directory outside the
+/// prefix in a loop while `link` runs (under an open-file limit, if given):
+/// nothing outside is ever written.
+fn swapped_directories_never_lead_outside(open_file_limit: Option<u32>) {
     let python = system_python();
     let t = open_test_dir();
     // Root's directory outside the prefix, with a pycache of its own.
@@ -158,11 +173,14 @@ fn directories_swapped_for_symlinks_mid_run_never_lead_outside() {
                     swaps.fetch_add(1, Ordering::Relaxed);
                 }
             });
-            let out = run(t
-                .pycstore()
-                .args(["link", "-O", "0,1,2", "--python"])
+            let mut cmd = t.pycstore();
+            cmd.args(["link", "-O", "0,1,2", "--python"])
                 .arg(&python)
-                .arg(t.join("app")));
+                .arg(t.join("app"));
+            if let Some(limit) = open_file_limit {
+                cmd = with_open_file_limit(&cmd, limit);
+            }
+            let out = run(&mut cmd);
             stop.store(true, Ordering::Relaxed);
             assert!(
                 out.status.code().is_some_and(|c| c <= 1),

@@ -466,3 +466,21 @@ pub fn system_python() -> PathBuf {
     );
     p
 }
+
+/// `cmd` run under a limit of `limit` open files (soft and hard: a link
+/// cannot raise it).
+pub fn with_open_file_limit(cmd: &Command, limit: u32) -> Command {
+    let mut limited = Command::new("prlimit");
+    limited
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => limited.env(key, value),
+            None => limited.env_remove(key),
+        };
+    }
+    limited
+}

@@ -71,13 +71,19 @@ fn error((kind, message): &Failure) -> std::io::Error {
 
 /// A source directory's `__pycache__`, found.
 struct Pycache {
-    /// Held open; `None` when the budget had no room, then opened for each
-    /// use and checked to be the directory first opened, `id`.
-    fd: Option<Held>,
-    id: (u64, u64),
+    fd: PycacheFd,
     /// Made by this run: empty when it was made, so a pyc is linked at its
     /// name without looking there first.
     made: bool,
+}
+
+/// How a found `__pycache__` is reached again.
+enum PycacheFd {
+    /// Held open.
+    Held(Held),
+    /// The budget had no room: opened for each use, and checked to be the
+    /// directory first opened (its device and inode).
+    Reopened((u64, u64)),
 }
 
 /// A source directory's `__pycache__` as [`SourceDir::pycache`] found it.
@@ -137,14 +143,7 @@ impl SourceDir {
 
     /// Whether `fd` is the directory the walk listed.
     fn is_listed(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        match rustix::fs::fstat(fd) {
-            Ok(st) if (st.st_dev, st.st_ino) == (self.dev, self.ino) => Ok(()),
-            Ok(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "replaced while being linked",
-            )),
-            Err(e) => Err(e.into()),
-        }
+        is_same(fd, (self.dev, self.ino))
     }
 
     /// `stat` of the entry `name` (following a symlink unless `flags` says
@@ -180,8 +179,8 @@ impl SourceDir {
             // One this run made held nothing of an earlier run.
             let pycache = pycache.as_ref().filter(|p| !p.made)?;
             return match &pycache.fd {
-                Some(fd) => rustix::fs::statat(fd, name, nofollow).ok(),
-                None => self.stat_at(in_pycache().as_os_str(), nofollow).ok(),
+                PycacheFd::Held(fd) => rustix::fs::statat(fd, name, nofollow).ok(),
+                PycacheFd::Reopened(_) => self.stat_at(in_pycache().as_os_str(), nofollow).ok(),
             };
         }
         if !self.listed_pycache {
@@ -247,20 +246,17 @@ impl SourceDir {
             };
             // Held when the budget has room; else its identity, to check
             // each later open against.
-            let keep = |fd: OwnedFd, made: bool| match Held::keep(fd) {
-                Ok(fd) => Ok(Some(Pycache {
-                    fd: Some(fd),
-                    id: (0, 0),
-                    made,
-                })),
-                Err(fd) => match rustix::fs::fstat(&fd) {
-                    Ok(st) => Ok(Some(Pycache {
-                        fd: None,
-                        id: (st.st_dev, st.st_ino),
-                        made,
-                    })),
-                    Err(e) => Err(fail(Op::OpenPycache, std::io::Error::from(e).into())),
-                },
+            let keep = |fd: OwnedFd, made: bool| {
+                let fd = match Held::keep(fd) {
+                    Ok(fd) => PycacheFd::Held(fd),
+                    Err(fd) => match rustix::fs::fstat(&fd) {
+                        Ok(st) => PycacheFd::Reopened((st.st_dev, st.st_ino)),
+                        Err(e) => {
+                            return Err(fail(Op::OpenPycache, std::io::Error::from(e).into()))
+                        }
+                    },
+                };
+                Ok(Some(Pycache { fd, made }))
             };
             if create && !self.listed_pycache {
                 let made = make()?;
@@ -291,20 +287,14 @@ impl SourceDir {
             }
             Err(e) => return Err(e.clone()),
         };
-        let fd = match &pycache.fd {
-            Some(fd) => DirFd::Held(fd.as_fd()),
+        let fd = match pycache.fd {
+            PycacheFd::Held(ref fd) => DirFd::Held(fd.as_fd()),
             // Not held: opened again, and refused unless it is the one
             // first opened (never one swapped in since).
-            None => {
+            PycacheFd::Reopened(id) => {
                 let reopen = || -> std::io::Result<OwnedFd> {
                     let fd = tree::open_dir(self.fd()?.as_fd(), name)?;
-                    let st = rustix::fs::fstat(&fd)?;
-                    if (st.st_dev, st.st_ino) != pycache.id {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "replaced while being linked",
-                        ));
-                    }
+                    is_same(fd.as_fd(), id)?;
                     Ok(fd)
                 };
                 DirFd::Own(reopen().map_err(|e| fail(Op::OpenPycache, e.into()))?)
@@ -577,7 +567,7 @@ fn one_dir(
                     // since: its owner decides who may share an inode with
                     // its pycs.
                     let open = || match tree::open_listable_beneath(root.as_fd(), &relative) {
-                        Ok(fd) if same_dir(&fd, &stat) => Ok(fd),
+                        Ok(fd) if is_same(fd.as_fd(), (stat.st_dev, stat.st_ino)).is_ok() => Ok(fd),
                         Ok(_) => Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
                         Err(e) => Err(e),
                     };
@@ -598,13 +588,11 @@ fn one_dir(
                     }
                 }
             };
-            let Some(listing) = fd
+            let listing = fd
                 .as_ref()
                 .map(AsFd::as_fd)
                 .or(own.as_ref().map(AsFd::as_fd))
-            else {
-                return Vec::new();
-            };
+                .expect("held, or opened for the listing alone");
             let listed = LISTING.with(|buf| {
                 list(
                     listing,
@@ -703,9 +691,17 @@ fn times_ns(stat: &rustix::fs::Stat) -> (i64, i64) {
     )
 }
 
-/// Whether `fd` is the directory `stat` describes.
-fn same_dir(fd: &OwnedFd, stat: &rustix::fs::Stat) -> bool {
-    rustix::fs::fstat(fd).is_ok_and(|st| (st.st_dev, st.st_ino) == (stat.st_dev, stat.st_ino))
+/// `Ok` when `fd` is the file `id` (device, inode) names; an error, naming
+/// the replacement, when another one took its name since it was found.
+fn is_same(fd: BorrowedFd<'_>, id: (u64, u64)) -> std::io::Result<()> {
+    let st = rustix::fs::fstat(fd)?;
+    if (st.st_dev, st.st_ino) != id {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "replaced while being linked",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether opening a directory failed because it is no longer one (swapped

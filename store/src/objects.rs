@@ -410,9 +410,13 @@ impl Objects {
     /// [`Objects::private_mode`] for a source not everyone may read. In a
     /// group store the file is given the store's group.
     fn write_temp_with_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
+        // Created with the object's mode (the descriptor is writable
+        // whatever the mode), so only a umask that takes some of its bits
+        // costs a `chmod`.
         let mut tmp = tempfile::Builder::new()
             .prefix(".pycstore-")
             .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(mode))
             .tempfile_in(&self.tmp)
             .at("create a temp file in", &self.tmp)?;
         tmp.write_all(bytes).at("write", tmp.path())?;
@@ -420,9 +424,11 @@ impl Objects {
             std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))
                 .at("change the group of", tmp.path())?;
         }
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .at("set permissions of", tmp.path())?;
+        if umask().is_none_or(|umask| mode & umask != 0) {
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .at("set permissions of", tmp.path())?;
+        }
         rustix::fs::futimens(tmp.as_file(), &seal_times())
             .map_err(io::Error::from)
             .at("set the modification time of", tmp.path())?;
@@ -463,6 +469,17 @@ impl Objects {
         temp.persist(&path)
             .map_err(|e| with_path(e.error, "rename a temp file to", &path))
     }
+}
+
+/// The process's umask, from `/proc/self/status` (read once: nothing here
+/// changes it); `None` when that cannot be read.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
 }
 
 /// The access time left as it is, the modification time [`SEAL_MTIME`].
@@ -508,6 +525,9 @@ pub(crate) fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
             }
             create_dir(dir, mode)
         }
+        // mkdir(2) takes the permission bits less the umask and drops the
+        // setgid bit: a `chmod` only when either took something.
+        Ok(()) if mode & !0o777 == 0 && umask().is_some_and(|umask| mode & umask == 0) => Ok(()),
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
             .at("set permissions of", dir),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),

@@ -6,15 +6,20 @@
 # delaying proxy (benches/delay-proxy, a small workspace member built
 # here).
 #
-#   benches/remote.sh
+#   benches/remote.sh            (RUNS=3: timed runs of each case)
 #
-# Each case is one run: a fresh copy of the corpus without pycs, a new empty
+# Each timed run is a fresh copy of the corpus without pycs, a new empty
 # store, `pycstore link --json`; the requests and bytes come from its
-# per-remote counters. The servers come from scripts/test-servers (Garage
+# per-remote counters. The cold link and every warm case are run RUNS
+# times; the report gives the median of each with its range (min-max), and
+# each ratio as median against median, with the worst pairing (slowest
+# warm run against fastest cold run) beside it. One run per case swung a
+# ratio by 20% from run to run on this machine. The servers come from scripts/test-servers (Garage
 # from scripts/garage). Prints a Markdown report and writes it to
 # benches/results/remote-DATE.md. Scratch data lives in BENCH_DIR (default
-# ~/.cache/pycstore-bench); the run needs about 6 GB there (every case keeps
-# its copy and store until the end, see below). Environment as for
+# ~/.cache/pycstore-bench); the run needs about 0.6 GB there per timed run
+# (14 GB with RUNS=3: every run keeps its copy and store until the end, see
+# below). Environment as for
 # benches/corpus.sh.
 #
 # Nothing is deleted while runs are timed. On ext4 without a journal, every
@@ -153,8 +158,13 @@ quiet_servers() {
 settle
 load_before=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
-say "cold: compiling from scratch, no remote"
-read -r cold_s cold_compiled _ _ _ _ pycs < <(link cold)
+runs=${RUNS:-3}
+cold_runs=()
+for i in $(seq "$runs"); do
+  say "cold: compiling from scratch, no remote (run $i of $runs)"
+  read -r cold_s cold_compiled _ _ _ _ pycs < <(link "cold-$i")
+  cold_runs+=("$cold_s")
+done
 
 declare -A url=(
   [s3]="s3://$PYCSTORE_TEST_S3_BUCKET/bench"
@@ -165,9 +175,13 @@ rows=()
 for kind in s3 redis http; do
   say "$kind: warming the remote (a cold link that uploads)"
   read -r up_s _ _ up_requests _ up_bytes _ < <(link "$kind-upload" "${url[$kind]}")
-  say "$kind: empty store, warm remote"
-  quiet_servers
-  read -r s compiled fetched requests bytes _ _ < <(link "$kind-warm" "${url[$kind]}")
+  warm_runs=()
+  for i in $(seq "$runs"); do
+    say "$kind: empty store, warm remote (run $i of $runs)"
+    quiet_servers
+    read -r s compiled fetched requests bytes _ _ < <(link "$kind-warm-$i" "${url[$kind]}")
+    warm_runs+=("$s")
+  done
   # The same through a proxy adding 20 ms to every request.
   target=${url[$kind]}
   upstream=$(port_of "${AWS_ENDPOINT_URL}")
@@ -180,33 +194,46 @@ for kind in s3 redis http; do
     sleep 0.05
   done
   port=$(cat "$work/proxy-$kind.port")
-  say "$kind: empty store, warm remote 20 ms away (proxy on port $port)"
-  quiet_servers
-  if [[ $kind == s3 ]]; then
-    read -r ds dcompiled dfetched drequests dbytes _ _ < <(AWS_ENDPOINT_URL=http://127.0.0.1:$port link "$kind-delayed" "$target")
-  else
-    read -r ds dcompiled dfetched drequests dbytes _ _ < <(link "$kind-delayed" "${target/127.0.0.1:$upstream/127.0.0.1:$port}")
-  fi
+  delayed_runs=()
+  for i in $(seq "$runs"); do
+    say "$kind: empty store, warm remote 20 ms away (proxy on port $port; run $i of $runs)"
+    quiet_servers
+    if [[ $kind == s3 ]]; then
+      read -r ds dcompiled dfetched drequests dbytes _ _ < <(AWS_ENDPOINT_URL=http://127.0.0.1:$port link "$kind-delayed-$i" "$target")
+    else
+      read -r ds dcompiled dfetched drequests dbytes _ _ < <(link "$kind-delayed-$i" "${target/127.0.0.1:$upstream/127.0.0.1:$port}")
+    fi
+    delayed_runs+=("$ds")
+  done
   proxy_cpu=$(cpu_seconds "$proxy")
   kill "$proxy"
-  rows+=("$kind $up_s $up_requests $up_bytes $s $compiled $fetched $requests $bytes $ds $dcompiled $dfetched $drequests $dbytes $proxy_cpu")
+  # Times of the runs joined by commas; the counts are the last run's.
+  rows+=("$kind $up_s $up_requests $up_bytes $(IFS=,; echo "${warm_runs[*]}") $compiled $fetched $requests $bytes $(IFS=,; echo "${delayed_runs[*]}") $dcompiled $dfetched $drequests $dbytes $proxy_cpu")
 done
 load_after=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
-report=$(python3 - "$cold_s" "$cold_compiled" "$pycs" "$load_before" "$load_after" "${rows[@]}" <<'PY'
-import sys
-cold, cold_compiled, pycs = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+report=$(python3 - "$(IFS=,; echo "${cold_runs[*]}")" "$cold_compiled" "$pycs" "$load_before" "$load_after" "${rows[@]}" <<'PY'
+import statistics, sys
+times = lambda arg: sorted(float(t) for t in arg.split(","))
+colds, cold_compiled, pycs = times(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cold = statistics.median(colds)
 load_before, load_after = sys.argv[4], sys.argv[5]
-print(f"Cold link of the corpus with no remote (compiling from scratch): {cold:.2f} s, "
-      f"{cold_compiled} of {pycs} pycs compiled. Load average (1, 5, 15 min) before the "
-      f"runs: {load_before}; after: {load_after}.\n")
+spread = lambda ts: f"{statistics.median(ts):.2f} s ({ts[0]:.2f}-{ts[-1]:.2f})" if len(ts) > 1 else f"{ts[0]:.2f} s"
+ratio = lambda ts: f"{cold / statistics.median(ts):.1f}x ({colds[0] / ts[-1]:.1f}x)"
+print(f"Cold link of the corpus with no remote (compiling from scratch), {len(colds)} runs: "
+      f"median {spread(colds)}, {cold_compiled} of {pycs} pycs compiled. Load average "
+      f"(1, 5, 15 min) before the runs: {load_before}; after: {load_after}.\n")
+print(f"Times are medians of {len(colds)} runs (range in brackets); ratios are the median "
+      "cold link against the median warm link, the worst pairing (fastest cold run, "
+      "slowest warm run) in brackets. Counts are the last run's.\n")
 print("| remote | upload run | requests | MiB out | warm remote | compiled | fetched | requests | MiB in | vs. cold | +20 ms/request | compiled | fetched | requests | MiB in | vs. cold | proxy CPU |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 mib = lambda x: f"{int(x) / 2**20:.1f}"
 for row in sys.argv[6:]:
     k, up_s, up_r, up_b, s, c, f, r, b, ds, dc, df, dr, db, pcpu = row.split()
-    print(f"| {k} | {float(up_s):.2f} s | {up_r} | {mib(up_b)} | {float(s):.2f} s | {c} | {f} | {r} | {mib(b)} | "
-          f"{cold / float(s):.1f}x | {float(ds):.2f} s | {dc} | {df} | {dr} | {mib(db)} | {cold / float(ds):.1f}x | {pcpu} s |")
+    s, ds = times(s), times(ds)
+    print(f"| {k} | {float(up_s):.2f} s | {up_r} | {mib(up_b)} | {spread(s)} | {c} | {f} | {r} | {mib(b)} | "
+          f"{ratio(s)} | {spread(ds)} | {dc} | {df} | {dr} | {mib(db)} | {ratio(ds)} | {pcpu} s |")
 print()
 for row in sys.argv[6:]:
     k, _, up_r, up_b, _, _, _, r, b = row.split()[:9]
@@ -220,7 +247,7 @@ mkdir -p "$results"
 {
   echo "# Remote tier on the reference corpus, $date"
   echo
-  machine_info "$pycstore" "$corpus" "$work" 1 | sed 's/^/- /'
+  machine_info "$pycstore" "$corpus" "$work" "$runs" | sed 's/^/- /'
   echo
   echo "$report"
 } | tee "$results/remote-$date.md" >&3

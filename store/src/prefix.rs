@@ -82,8 +82,14 @@ pub fn status(
     let excludes = Excludes::new(&options.excludes)?;
     let index = store.index_reader()?;
     let mut probes = Writes::default();
-    let plan = Plan::resolve(prefixes, &options.python, &index, &mut probes)?;
-    let (found, errors) = plan.walk(&excludes, &index, None);
+    let (plan, (found, errors)) = Plan::resolve_and_walk(
+        prefixes,
+        &options.python,
+        &excludes,
+        &index,
+        &mut probes,
+        None,
+    )?;
     let mut recorded: HashMap<PathBuf, LinkRecord> = HashMap::new();
     for (prefix, _) in &plan.prefixes {
         for (pyc, record) in index.links(Some(prefix))? {

@@ -362,73 +362,126 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Resolves each prefix's interpreters: `python` when given, else the
-    /// prefix's own; new probes are recorded into `writes`.
-    pub fn resolve(
+    /// Resolves each prefix's interpreters (`python` when given, else the
+    /// prefix's own; new probes are recorded into `probes`) and walks every
+    /// prefix: the sources with their interpreters, and what could not be
+    /// read.
+    ///
+    /// Every prefix is checked and its interpreter found before anything
+    /// is walked. Then the interpreters are probed while the prefixes are
+    /// walked: a probe that the index does not know yet runs the
+    /// interpreter, tens of milliseconds in a store's first run for it (a
+    /// fresh CI machine's), which the walk needs not wait for.
+    ///
+    /// Directories unchanged since `index`'s listing records of them are
+    /// not listed again ([`walk::walk`]); with `listings`, what this walk
+    /// listed is recorded there.
+    pub fn resolve_and_walk(
         prefixes: &[PathBuf],
         python: &[PathBuf],
+        excludes: &Excludes,
+        index: &Index,
+        probes: &mut Writes,
+        listings: Option<&mut Writes>,
+    ) -> Result<(Plan, Walked)> {
+        let mut located = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            check_prefix(prefix)?;
+            let prefix = std::path::absolute(prefix)?;
+            let executables = if python.is_empty() {
+                vec![interpreter::find_in_prefix(&prefix)?]
+            } else {
+                python.to_vec()
+            };
+            located.push((prefix, executables));
+        }
+        let probe = || {
+            let mut writes = Writes::default();
+            (Self::probe(&located, index, &mut writes), writes)
+        };
+        let ((resolved, mut probed), walked) = std::thread::scope(|scope| {
+            let probing = std::thread::Builder::new()
+                .name("pycstore-probe".into())
+                .spawn_scoped(scope, probe);
+            let walked = walk_prefixes(&located, excludes, index, listings);
+            let resolved = match probing {
+                Ok(probing) => probing
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                // No thread to be had: probed after the walk instead.
+                Err(_) => probe(),
+            };
+            (resolved, walked)
+        });
+        probes.append(&mut probed);
+        let plan = resolved?;
+        let (found, errors) = walked;
+        let sources = found
+            .into_iter()
+            .zip(&plan.prefixes)
+            .flat_map(|(found, (_, chosen))| found.into_iter().map(|f| (f, chosen.clone())))
+            .collect();
+        Ok((plan, (sources, errors)))
+    }
+
+    /// Probes (or finds in `index`) every interpreter of `located`, each
+    /// once.
+    fn probe(
+        located: &[(PathBuf, Vec<PathBuf>)],
         index: &Index,
         writes: &mut Writes,
     ) -> Result<Plan> {
         let mut interpreters: Vec<Interpreter> = Vec::new();
-        let mut index_of = |exe: &Path, writes: &mut Writes| -> Result<usize> {
-            if let Some(i) = interpreters.iter().position(|p| p.executable == exe) {
-                return Ok(i);
+        let mut resolved = Vec::with_capacity(located.len());
+        for (prefix, executables) in located {
+            let mut chosen = Vec::with_capacity(executables.len());
+            for exe in executables {
+                let i = match interpreters.iter().position(|p| p.executable == *exe) {
+                    Some(i) => i,
+                    None => {
+                        interpreters.push(Interpreter::probe_cached(exe, index, writes)?);
+                        interpreters.len() - 1
+                    }
+                };
+                chosen.push(i);
             }
-            interpreters.push(Interpreter::probe_cached(exe, index, writes)?);
-            Ok(interpreters.len() - 1)
-        };
-        let mut resolved = Vec::new();
-        for prefix in prefixes {
-            check_prefix(prefix)?;
-            let prefix = std::path::absolute(prefix)?;
-            let chosen = if python.is_empty() {
-                vec![index_of(&interpreter::find_in_prefix(&prefix)?, writes)?]
-            } else {
-                python
-                    .iter()
-                    .map(|exe| index_of(exe, writes))
-                    .collect::<Result<Vec<_>>>()?
-            };
-            resolved.push((prefix, chosen));
+            resolved.push((prefix.clone(), chosen));
         }
         Ok(Plan {
             interpreters,
             prefixes: resolved,
         })
     }
+}
 
-    /// Walks every prefix: the sources with their interpreters, and what
-    /// could not be read.
-    ///
-    /// Directories unchanged since `index`'s listing records of them are
-    /// not listed again ([`walk::walk`]); with `learned`, what this walk
-    /// listed is recorded there.
-    pub fn walk(
-        &self,
-        excludes: &Excludes,
-        index: &Index,
-        mut learned: Option<&mut Writes>,
-    ) -> Walked {
-        let mut sources = Vec::new();
-        let mut errors = Vec::new();
-        let now = crate::util::now_ns();
-        for (prefix, chosen) in &self.prefixes {
-            if !prefix.is_dir() {
-                errors.push(FileError::new(prefix, Op::Read, Cause::NotADirectory));
-                continue;
-            }
-            let walked = walk::walk(prefix, excludes, Some((index, now)));
-            errors.extend(walked.errors);
-            if let Some(writes) = learned.as_deref_mut() {
-                for (dir, record) in &walked.listed {
-                    writes.listing(dir, record);
-                }
-            }
-            sources.extend(walked.found.into_iter().map(|f| (f, chosen.clone())));
+/// Walks every prefix of `located`: the sources of each, in order, and
+/// what could not be read. With `listings`, what was listed is recorded
+/// there.
+fn walk_prefixes(
+    located: &[(PathBuf, Vec<PathBuf>)],
+    excludes: &Excludes,
+    index: &Index,
+    mut listings: Option<&mut Writes>,
+) -> (Vec<Vec<Found>>, Vec<FileError>) {
+    let mut sources = Vec::with_capacity(located.len());
+    let mut errors = Vec::new();
+    let now = crate::util::now_ns();
+    for (prefix, _) in located {
+        if !prefix.is_dir() {
+            errors.push(FileError::new(prefix, Op::Read, Cause::NotADirectory));
+            sources.push(Vec::new());
+            continue;
         }
-        (sources, errors)
+        let walked = walk::walk(prefix, excludes, Some((index, now)));
+        errors.extend(walked.errors);
+        if let Some(writes) = listings.as_deref_mut() {
+            for (dir, record) in &walked.listed {
+                writes.listing(dir, record);
+            }
+        }
+        sources.push(walked.found);
     }
+    (sources, errors)
 }
 
 /// Refuses a prefix that is not a directory, before anything is looked for

@@ -202,12 +202,16 @@ pub fn link(
         // lookup; what it learns is written in one session at its end.
         let index = store.index_reader()?;
         let mut learned = Writes::default();
-        let plan = Plan::resolve(prefixes, &options.python, &index, &mut learned)?;
-        let (found, errors) = plan.walk(
+        let mut listings = Writes::default();
+        let (plan, (found, errors)) = Plan::resolve_and_walk(
+            prefixes,
+            &options.python,
             &excludes,
             &index,
-            (!options.dry_run).then_some(&mut learned),
-        );
+            &mut learned,
+            (!options.dry_run).then_some(&mut listings),
+        )?;
+        learned.append(&mut listings);
         tracing::debug!(
             "found {} sources in {:.3}s",
             found.len(),

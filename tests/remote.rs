@@ -1854,7 +1854,8 @@ fn a_bundle_carries_no_other_remotes_entries() {
     let count = 20;
     let (out, v) = b.link(&t.join("store-b"), &modules(&t, "b", count), &[]);
     assert_ok(&out, &v);
-    // B holds entries and no bundle (as a remote warmed by `push` does).
+    // B holds entries and no bundle (as a remote warmed by an older `push`,
+    // or whose bundles were lost, does).
     for name in b.stored().iter().filter(|s| s.contains("/bundles/")) {
         std::fs::remove_file(b.disk.clone().unwrap().join(name)).unwrap();
     }
@@ -1969,7 +1970,8 @@ fn bad_remote_settings_exit_2_and_write_nothing() {
 }
 
 /// `pycstore push` uploads what the store holds, so a later machine fetches
-/// everything; untrusted keys (an interpreter others can change) never go.
+/// everything, each directory's pycs in one bundle, as from a remote a
+/// link warmed; untrusted keys (an interpreter others can change) never go.
 #[test]
 fn push_prewarms_a_remote() {
     let Some(b) = Backend::get(Kind::File) else {
@@ -1990,16 +1992,45 @@ fn push_prewarms_a_remote() {
     let out = run_ok(b.cmd(&t.store(), "push").arg(&src).arg("--json"));
     let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(n(&pushed, "uploaded"), count as u64 + 1, "{pushed}");
+    assert_eq!(
+        n(&pushed, "bundles"),
+        1,
+        "one directory, one bundle: {pushed}"
+    );
+    let stored = b.stored();
+    assert_eq!(
+        stored.iter().filter(|s| s.contains("/bundles/")).count(),
+        1,
+        "{stored:#?}"
+    );
     let out = run_ok(b.cmd(&t.store(), "push").arg("--json"));
     let again: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(n(&again, "uploaded"), 0, "{again}");
     assert_eq!(n(&again, "present"), count as u64 + 1, "{again}");
+    assert_eq!(
+        n(&again, "bundles"),
+        0,
+        "held whole, not written again: {again}"
+    );
 
+    // Another machine: the directory's 16 pycs in one request.
     let src_b = modules(&t, "b", count);
     let (out, v) = b.link(&t.join("store-b"), &src_b, &[]);
     assert_ok(&out, &v);
     assert_eq!(n(&v, "compiled"), 0, "{v}");
+    assert_eq!(n(&v, "fetched"), count as u64 + 1, "{v}");
+    assert_eq!(n(remote0(&v), "requests"), 1, "{v}");
     assert_modules_load(&t, "b", count);
+
+    // A bundle cut short on the remote is written again whole by the next
+    // push, and read whole again.
+    let bundle = stored.iter().find(|s| s.contains("/bundles/")).unwrap();
+    let bytes = b.read(bundle);
+    b.write(bundle, &bytes[..bytes.len() - 7]);
+    let out = run_ok(b.cmd(&t.store(), "push").arg("--json"));
+    let mended: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&mended, "bundles"), 1, "{mended}");
+    assert_eq!(b.read(bundle), bytes);
 
     // Read-only remotes: push refuses, exit 2.
     let out = run(b.cmd(&t.store(), "push").arg("--remote-read-only"));

@@ -45,8 +45,14 @@ pub fn run(global: &GlobalArgs, args: &PushArgs) -> anyhow::Result<ExitCode> {
     } else {
         writeln!(
             out,
-            "{} recorded pycs, {} distinct keys: {} uploaded, {} already there, {} skipped",
-            report.pycs, report.keys, report.uploaded, report.present, report.skipped
+            "{} recorded pycs, {} distinct keys: {} uploaded, {} already there, {} skipped; \
+             {} bundles written",
+            report.pycs,
+            report.keys,
+            report.uploaded,
+            report.present,
+            report.skipped,
+            report.bundles
         )?;
     }
     let failed = per_remote.iter().any(|r| r.disabled.is_some());

@@ -9,14 +9,14 @@
 //! matches its source (the source changed since), nor one Python could not
 //! load.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
-use super::{format, prepare, Remotes};
+use super::{format, prepare, Bundler, Read as Got, Record, Remotes};
 use crate::index::Family;
 use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::pyc::{self, HashVariant, HEADER_LEN};
@@ -33,6 +33,9 @@ pub struct PushReport {
     pub present: u64,
     /// Keys uploaded to at least one remote.
     pub uploaded: u64,
+    /// Bundles written to at least one remote (those every remote held
+    /// whole are not written again).
+    pub bundles: u64,
     /// Recorded pycs left out: interpreters whose keys are their own, sources
     /// changed or gone, objects missing or not loadable.
     pub skipped: u64,
@@ -108,7 +111,9 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
         }
         (records, variants(&index)?)
     };
-    let mut wanted: HashMap<CompileKey, (format::RemoteEntry, Vec<u8>)> = HashMap::new();
+    let mut wanted: HashMap<CompileKey, Arc<Pushed>> = HashMap::new();
+    // The keys of each source directory, for the bundles.
+    let mut dirs: BTreeMap<PathBuf, Vec<CompileKey>> = BTreeMap::new();
     for (path, value) in records {
         report.pycs += 1;
         let pyc_path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
@@ -157,26 +162,60 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
                 optimize,
                 COMPILE_FLAGS_DEFAULT,
             );
-            Some(prepare(&key, magic, variant, &source, &bytes[HEADER_LEN..]))
+            let dir = source_path.parent()?.to_path_buf();
+            Some((
+                dir,
+                prepare(&key, magic, variant, &source, &bytes[HEADER_LEN..]),
+            ))
         })();
         match found {
-            Some((entry, pyc)) => {
-                wanted.entry(entry.key).or_insert((entry, pyc));
+            Some((dir, (entry, pyc))) => {
+                dirs.entry(dir).or_default().push(entry.key);
+                wanted.entry(entry.key).or_insert_with(|| {
+                    Arc::new(Pushed {
+                        entry,
+                        pyc,
+                        encoded: OnceLock::new(),
+                    })
+                });
             }
             None => report.skipped += 1,
         }
     }
     report.keys = wanted.len() as u64;
+    // The bundles a link of these directories asks for: only groups of
+    // more than one pyc are asked for as a bundle.
+    let mut bundler = Bundler::default();
+    let mut groups = Vec::new();
+    for keys in dirs.into_values() {
+        groups.extend(bundler.add(keys.clone(), keys));
+    }
+    groups.extend(bundler.finish());
+    let bundles: Vec<([u8; 32], Vec<Arc<Pushed>>)> = groups
+        .into_iter()
+        .filter_map(|group| {
+            let id = group.bundle.filter(|_| group.misses.len() > 1)?;
+            let mut keys = group.misses;
+            keys.sort_unstable_by_key(|k| k.0);
+            keys.dedup();
+            Some((
+                id,
+                keys.iter().filter_map(|k| wanted.get(k).cloned()).collect(),
+            ))
+        })
+        .collect();
     let shared = Arc::clone(&remotes.shared);
     let semaphore = Arc::clone(&remotes.semaphore);
-    let (present, uploaded) = remotes.runtime.block_on(async move {
+    let (present, uploaded, bundled) = remotes.runtime.block_on(async move {
+        // The entries (and objects) first: a bundle names objects stored
+        // apart, which must be there when it is read.
         let mut tasks = Vec::new();
-        for (_, (entry, pyc)) in wanted {
+        for pushed in wanted.into_values() {
             let shared = Arc::clone(&shared);
             let permit = Arc::clone(&semaphore).acquire_owned().await;
             tasks.push(tokio::spawn(async move {
                 let _permit = permit;
-                shared.push_one(&entry, &pyc).await
+                shared.push_one(&pushed).await
             }));
         }
         let (mut present, mut uploaded) = (0, 0);
@@ -187,20 +226,46 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
                 Err(_) => {}
             }
         }
-        (present, uploaded)
+        let mut tasks = Vec::new();
+        for (id, items) in bundles {
+            let shared = Arc::clone(&shared);
+            let permit = Arc::clone(&semaphore).acquire_owned().await;
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                shared.push_bundle(&id, &items).await
+            }));
+        }
+        let mut bundled = 0;
+        for task in tasks {
+            if let Ok(true) = task.await {
+                bundled += 1;
+            }
+        }
+        (present, uploaded, bundled)
     });
     report.present = present;
     report.uploaded = uploaded;
+    report.bundles = bundled;
     Ok(report)
+}
+
+/// A pyc to push: its entry, the pyc, and both as stored on a remote
+/// (made once, when a remote lacks either).
+struct Pushed {
+    entry: format::RemoteEntry,
+    pyc: Vec<u8>,
+    /// The object stored apart (when too large to go inline) and the
+    /// entry's record.
+    encoded: OnceLock<(Option<Vec<u8>>, Vec<u8>)>,
 }
 
 impl super::Shared {
     /// Uploads one pyc to every remote that does not hold a valid entry for
     /// it; whether any upload was made.
-    async fn push_one(&self, entry: &format::RemoteEntry, pyc: &[u8]) -> bool {
+    async fn push_one(&self, pushed: &Pushed) -> bool {
+        let entry = &pushed.entry;
         let ns = &self.settings.namespace;
         let mut uploaded = false;
-        let mut encoded = None;
         for i in 0..self.remotes.len() {
             if self.remotes[i]
                 .off
@@ -209,31 +274,88 @@ impl super::Shared {
                 continue;
             }
             match self
-                .get(i, &format::entry_path(ns, &entry.key), super::Record::Entry)
+                .get(i, &format::entry_path(ns, &entry.key), Record::Entry)
                 .await
             {
-                super::Read::Found(bytes)
-                    if format::decode_entry(&bytes, &entry.key, ns, &self.settings.trusted)
-                        .is_ok_and(|(e, _)| e.object == entry.object)
-                        && (self.settings.signing_key.is_none()
-                            || format::decode_entry(&bytes, &entry.key, ns, &self.own_key())
-                                .is_ok()) =>
-                {
-                    continue
-                }
-                super::Read::Failed(e) => {
+                Got::Found(bytes) if self.holds(&bytes, entry) => continue,
+                Got::Failed(e) => {
                     self.failed(i, "reading an entry", e);
                     continue;
                 }
                 // Missing, too large or not valid: replaced.
                 _ => {}
             }
-            let (object, record) = encoded.get_or_insert_with(|| self.encode(entry, pyc));
+            let (object, record) = self.encoded(pushed);
             self.put_to(i, entry, object.as_deref(), record.clone())
                 .await;
             uploaded = true;
         }
         uploaded
+    }
+
+    /// Writes the bundle `id` of `items` to every remote that does not
+    /// hold it whole (each of the items' entries in it, valid as
+    /// [`Shared::holds`] says); whether any write was made.
+    async fn push_bundle(&self, id: &[u8; 32], items: &[Arc<Pushed>]) -> bool {
+        if items.is_empty() {
+            return false;
+        }
+        let path = format::bundle_path(&self.settings.namespace, id);
+        let mut written = false;
+        for i in 0..self.remotes.len() {
+            if self.remotes[i]
+                .off
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                continue;
+            }
+            match self.get(i, &path, Record::Bundle).await {
+                Got::Found(bytes)
+                    if format::decode_bundle(&bytes).is_ok_and(|entries| {
+                        items.iter().all(|item| {
+                            entries
+                                .get(&item.entry.key)
+                                .is_some_and(|bytes| self.holds(bytes, &item.entry))
+                        })
+                    }) =>
+                {
+                    continue
+                }
+                Got::Failed(e) => {
+                    self.failed(i, "reading a bundle", e);
+                    continue;
+                }
+                // Missing, partial, too large or not valid: replaced.
+                _ => {}
+            }
+            let records: Vec<&[u8]> = items
+                .iter()
+                .map(|item| self.encoded(item).1.as_slice())
+                .collect();
+            match self.write(i, &path, format::encode_bundle(&records)).await {
+                Ok(()) => written = true,
+                Err(e) => self.failed(i, "writing a bundle", e),
+            }
+        }
+        written
+    }
+
+    /// Whether the entry record `bytes` (from a remote) is as good as
+    /// `entry`'s: valid for the readers' trusted keys, naming the same
+    /// object, and signed with this writer's key when it has one.
+    fn holds(&self, bytes: &[u8], entry: &format::RemoteEntry) -> bool {
+        let ns = &self.settings.namespace;
+        format::decode_entry(bytes, &entry.key, ns, &self.settings.trusted)
+            .is_ok_and(|(e, _)| e.object == entry.object)
+            && (self.settings.signing_key.is_none()
+                || format::decode_entry(bytes, &entry.key, ns, &self.own_key()).is_ok())
+    }
+
+    /// `pushed` as stored on a remote, made on first use.
+    fn encoded<'a>(&self, pushed: &'a Pushed) -> &'a (Option<Vec<u8>>, Vec<u8>) {
+        pushed
+            .encoded
+            .get_or_init(|| self.encode(&pushed.entry, &pushed.pyc))
     }
 
     /// The signing key's public half, as trusted keys.

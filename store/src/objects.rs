@@ -411,8 +411,8 @@ impl Objects {
     /// group store the file is given the store's group.
     fn write_temp_with_mode(&self, bytes: &[u8], mode: u32) -> io::Result<tempfile::TempPath> {
         // Created with the object's mode (the descriptor is writable
-        // whatever the mode), so only a umask that takes some of its bits
-        // costs a `chmod`.
+        // whatever the mode): a `chmod` only where creation does not give
+        // it whole ([`created_whole`]).
         let mut tmp = tempfile::Builder::new()
             .prefix(".pycstore-")
             .suffix(".tmp")
@@ -424,7 +424,7 @@ impl Objects {
             std::os::unix::fs::fchown(tmp.as_file(), None, Some(gid))
                 .at("change the group of", tmp.path())?;
         }
-        if umask().is_none_or(|umask| mode & umask != 0) {
+        if !created_whole(tmp.as_file(), mode) {
             tmp.as_file()
                 .set_permissions(std::fs::Permissions::from_mode(mode))
                 .at("set permissions of", tmp.path())?;
@@ -471,15 +471,32 @@ impl Objects {
     }
 }
 
-/// The process's umask, from `/proc/self/status` (read once: nothing here
-/// changes it); `None` when that cannot be read.
-fn umask() -> Option<u32> {
-    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    *UMASK.get_or_init(|| {
-        let status = fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
-        u32::from_str_radix(line.trim(), 8).ok()
-    })
+/// Whether `file`, just created in the scratch space with `mode`, has
+/// that mode whole. What creation takes (the umask, or a default ACL of
+/// the scratch directory, which replaces it) is the same for every file
+/// made there with one mode, so the first file of each object mode is
+/// `fstat`ed and the answer kept for the process; every other mode is
+/// set by `chmod`. Creation only ever takes bits, so a wrong answer could
+/// leave an object less readable than it should be, never more.
+fn created_whole(file: &std::fs::File, mode: u32) -> bool {
+    use std::sync::atomic::AtomicU8;
+    // Per object mode: 0 not known yet, 1 created whole, 2 not.
+    static WHOLE: [AtomicU8; 3] = [AtomicU8::new(0), AtomicU8::new(0), AtomicU8::new(0)];
+    let slot = match mode {
+        PUBLIC_MODE => &WHOLE[0],
+        0o440 => &WHOLE[1],
+        0o400 => &WHOLE[2],
+        _ => return false,
+    };
+    match slot.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let whole = rustix::fs::fstat(file).is_ok_and(|st| st.st_mode & 0o7777 == mode);
+            slot.store(if whole { 1 } else { 2 }, Ordering::Relaxed);
+            whole
+        }
+    }
 }
 
 /// The access time left as it is, the modification time [`SEAL_MTIME`].
@@ -525,9 +542,6 @@ pub(crate) fn create_dir(dir: &Path, mode: u32) -> io::Result<()> {
             }
             create_dir(dir, mode)
         }
-        // mkdir(2) takes the permission bits less the umask and drops the
-        // setgid bit: a `chmod` only when either took something.
-        Ok(()) if mode & !0o777 == 0 && umask().is_some_and(|umask| mode & umask == 0) => Ok(()),
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
             .at("set permissions of", dir),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),

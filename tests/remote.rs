@@ -2037,6 +2037,66 @@ fn push_prewarms_a_remote() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// The bundles `push` writes are the ones a link of the same tree asks
+/// for, across nested directories and with a source that does not compile
+/// (its keys name its bundle too): a read-only link from the pushed remote
+/// asks for bundles, not for each pyc by its own name.
+#[test]
+fn pushed_bundles_are_the_ones_a_link_asks_for() {
+    let Some(b) = Backend::get(Kind::File) else {
+        return;
+    };
+    let t = TestDir::new();
+    let tree = |root: &str| {
+        for p in 0..12 {
+            t.write(format!("{root}/p{p}/__init__.py"), format!("P = {p}\n"));
+            for m in 0..3 {
+                t.write(
+                    format!("{root}/p{p}/m{m}.py"),
+                    format!("def f():\n    return {p} * 10 + {m}\n"),
+                );
+            }
+            t.write(format!("{root}/p{p}/sub/x.py"), format!("X = {p}\n"));
+        }
+        t.write(format!("{root}/p3/bad.py"), "def (:\n");
+        t.join(root)
+    };
+    let python = python("3.11");
+    let a = tree("a");
+    let out = run(t
+        .pycstore()
+        .arg("link")
+        .arg(&a)
+        .arg("--python")
+        .arg(&python));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "bad.py does not compile: {out:?}"
+    );
+    let out = run_ok(b.cmd(&t.store(), "push").arg(&a).arg("--json"));
+    let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let good = 12 * 5;
+    assert_eq!(n(&pushed, "uploaded"), good, "{pushed}");
+    let bundles = n(&pushed, "bundles");
+    assert!(bundles >= 1, "{pushed}");
+
+    let (out, v) = b.link(&t.join("store-b"), &tree("b"), &["--remote-read-only"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "bad.py does not compile: {out:?}"
+    );
+    assert_eq!(n(&v, "fetched"), good, "{v}");
+    // One request per bundle, and at most a few for runs of a single pyc;
+    // by name, the 60 pycs take 60.
+    let requests = n(remote0(&v), "requests");
+    assert!(
+        requests <= bundles + 3,
+        "{requests} requests, {bundles} bundles: {v}"
+    );
+}
+
 /// An `https://` remote whose certificate comes from a CA the client trusts
 /// through `SSL_CERT_FILE`, with HTTP basic auth (nginx's `auth_basic`,
 /// scripts/test-servers): what one link uploads, a link into an empty

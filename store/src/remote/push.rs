@@ -9,7 +9,8 @@
 //! matches its source (the source changed since), nor one Python could not
 //! load.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -112,8 +113,8 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
         (records, variants(&index)?)
     };
     let mut wanted: HashMap<CompileKey, Arc<Pushed>> = HashMap::new();
-    // The keys of each source directory, for the bundles.
-    let mut dirs: BTreeMap<PathBuf, Vec<CompileKey>> = BTreeMap::new();
+    // Each source directory's pycs, for the bundles.
+    let mut dirs: BTreeMap<PathBuf, DirKeys> = BTreeMap::new();
     for (path, value) in records {
         report.pycs += 1;
         let pyc_path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
@@ -163,14 +164,18 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
                 COMPILE_FLAGS_DEFAULT,
             );
             let dir = source_path.parent()?.to_path_buf();
+            let name = source_path.file_name()?.to_os_string();
             Some((
-                dir,
+                (dir, name, (magic, optimize)),
                 prepare(&key, magic, variant, &source, &bytes[HEADER_LEN..]),
             ))
         })();
         match found {
-            Some((dir, (entry, pyc))) => {
-                dirs.entry(dir).or_default().push(entry.key);
+            Some(((dir, name, kind), (entry, pyc))) => {
+                let keys = dirs.entry(dir).or_default();
+                keys.keys.push(entry.key);
+                keys.kinds.insert(kind);
+                keys.have.insert((name, kind));
                 wanted.entry(entry.key).or_insert_with(|| {
                     Arc::new(Pushed {
                         entry,
@@ -187,8 +192,9 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
     // more than one pyc are asked for as a bundle.
     let mut bundler = Bundler::default();
     let mut groups = Vec::new();
-    for keys in dirs.into_values() {
-        groups.extend(bundler.add(keys.clone(), keys));
+    for (dir, mut keys) in dirs {
+        keys.add_unrecorded(&dir);
+        groups.extend(bundler.add(keys.keys.clone(), keys.keys));
     }
     groups.extend(bundler.finish());
     let bundles: Vec<([u8; 32], Vec<Arc<Pushed>>)> = groups
@@ -247,6 +253,59 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
     report.uploaded = uploaded;
     report.bundles = bundled;
     Ok(report)
+}
+
+/// The compile keys of a source directory's pycs, as `link` names its
+/// bundle after them: every pyc of every source it finds there, not only
+/// those that were placed.
+#[derive(Default)]
+struct DirKeys {
+    keys: Vec<CompileKey>,
+    /// The interpreters (by magic number) and optimize levels of the
+    /// pushed pycs.
+    kinds: BTreeSet<([u8; 4], u8)>,
+    /// The sources with a pushed pyc, and of which kind.
+    have: HashSet<(OsString, ([u8; 4], u8))>,
+}
+
+impl DirKeys {
+    /// Adds the keys of the sources in `dir` that have no pushed pyc of
+    /// one of the directory's kinds (a source that does not compile, or
+    /// whose recorded pyc was left out): `link` names the bundle after
+    /// their keys too, and would otherwise ask for one nobody wrote. A
+    /// source that cannot be read is left out, as `link` leaves it.
+    fn add_unrecorded(&mut self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_source = name.as_encoded_bytes().ends_with(b".py")
+                && entry.file_type().is_ok_and(|t| t.is_file());
+            if !is_source
+                || self
+                    .kinds
+                    .iter()
+                    .all(|k| self.have.contains(&(name.clone(), *k)))
+            {
+                continue;
+            }
+            let Some(source) = read_source(&dir.join(&name)) else {
+                continue;
+            };
+            let digest = SourceDigest::of(&source);
+            for &(magic, optimize) in &self.kinds {
+                if !self.have.contains(&(name.clone(), (magic, optimize))) {
+                    self.keys.push(CompileKey::new(
+                        &digest,
+                        magic,
+                        optimize,
+                        COMPILE_FLAGS_DEFAULT,
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// A pyc to push: its entry, the pyc, and both as stored on a remote
@@ -312,10 +371,13 @@ impl super::Shared {
             match self.get(i, &path, Record::Bundle).await {
                 Got::Found(bytes)
                     if format::decode_bundle(&bytes).is_ok_and(|entries| {
-                        items.iter().all(|item| {
-                            entries
-                                .get(&item.entry.key)
-                                .is_some_and(|bytes| self.holds(bytes, &item.entry))
+                        // A bundle at its size limit holds what fitted
+                        // (`format::encode_bundle`); the rest is asked
+                        // for by name.
+                        let full = bytes.len() + 4 + format::ENTRY_MAX > format::BUNDLE_MAX;
+                        items.iter().all(|item| match entries.get(&item.entry.key) {
+                            Some(bytes) => self.holds(bytes, &item.entry),
+                            None => full,
                         })
                     }) =>
                 {

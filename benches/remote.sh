@@ -18,7 +18,7 @@
 # from scripts/garage). Prints a Markdown report and writes it to
 # benches/results/remote-DATE.md. Scratch data lives in BENCH_DIR (default
 # ~/.cache/pycstore-bench); the run needs about 0.6 GB there per timed run
-# (14 GB with RUNS=3: every run keeps its copy and store until the end, see
+# (20 GB with RUNS=3: every run keeps its copy and store until the end, see
 # below). Environment as for
 # benches/corpus.sh.
 #
@@ -98,7 +98,8 @@ settle() {
 }
 
 # link NAME URL...: one timed link of a fresh copy (its own) into an empty
-# store (its own); prints "seconds compiled fetched requests bytes_in
+# store (its own), in the remotes' namespace $namespace (default bench),
+# read-only when $read_only is 1; prints "seconds compiled fetched requests bytes_in
 # bytes_out pycs" (and only that on stdout: it is read from a pipe).
 link() {
   local name=$1
@@ -107,11 +108,12 @@ link() {
   cp -a "$corpus" "$copy"
   find "$copy" -name __pycache__ -prune -exec rm -rf {} +
   sync
-  local args=()
+  local args=(--remote-namespace "${namespace:-bench}")
   for url in "$@"; do args+=(--remote "$url"); done
+  [[ ${read_only:-} == 1 ]] && args+=(--remote-read-only)
   local start end
   start=$(date +%s.%N)
-  "$pycstore" --store "$store" link "$copy" "${args[@]}" --remote-namespace bench --json >"$work/$name.json"
+  "$pycstore" --store "$store" link "$copy" "${args[@]}" --json >"$work/$name.json"
   end=$(date +%s.%N)
   python3 - "$work/$name.json" "$start" "$end" <<'PY'
 import json, sys
@@ -207,8 +209,20 @@ for kind in s3 redis http; do
   done
   proxy_cpu=$(cpu_seconds "$proxy")
   kill "$proxy"
+  # The flow for untrusted jobs: a trusted store pushes (here the first
+  # cold run's), readers link read-only.
+  say "$kind: push from the cold run's store (namespace bench-push)"
+  "$pycstore" --store "$work/store-cold-1" push "$work/copy-cold-1" --remote "${url[$kind]}" \
+    --remote-namespace bench-push --json >"$work/$kind-push.json"
+  pushed_runs=()
+  for i in $(seq "$runs"); do
+    say "$kind: empty store, read-only, remote warmed by push (run $i of $runs)"
+    quiet_servers
+    read -r ps pcompiled _ prequests _ _ _ < <(namespace=bench-push read_only=1 link "$kind-pushed-$i" "${url[$kind]}")
+    pushed_runs+=("$ps")
+  done
   # Times of the runs joined by commas; the counts are the last run's.
-  rows+=("$kind $up_s $up_requests $up_bytes $(IFS=,; echo "${warm_runs[*]}") $compiled $fetched $requests $bytes $(IFS=,; echo "${delayed_runs[*]}") $dcompiled $dfetched $drequests $dbytes $proxy_cpu")
+  rows+=("$kind $up_s $up_requests $up_bytes $(IFS=,; echo "${warm_runs[*]}") $compiled $fetched $requests $bytes $(IFS=,; echo "${delayed_runs[*]}") $dcompiled $dfetched $drequests $dbytes $proxy_cpu $(IFS=,; echo "${pushed_runs[*]}") $pcompiled $prequests")
 done
 load_after=$(cut -d ' ' -f 1-3 /proc/loadavg)
 
@@ -230,10 +244,20 @@ print("| remote | upload run | requests | MiB out | warm remote | compiled | fet
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 mib = lambda x: f"{int(x) / 2**20:.1f}"
 for row in sys.argv[6:]:
-    k, up_s, up_r, up_b, s, c, f, r, b, ds, dc, df, dr, db, pcpu = row.split()
+    k, up_s, up_r, up_b, s, c, f, r, b, ds, dc, df, dr, db, pcpu = row.split()[:15]
     s, ds = times(s), times(ds)
     print(f"| {k} | {float(up_s):.2f} s | {up_r} | {mib(up_b)} | {spread(s)} | {c} | {f} | {r} | {mib(b)} | "
           f"{ratio(s)} | {spread(ds)} | {dc} | {df} | {dr} | {mib(db)} | {ratio(ds)} | {pcpu} s |")
+print("\nA remote warmed by `pycstore push` (from the first cold run's store, in a "
+      "namespace of its own), read by links with `--remote-read-only`, as untrusted "
+      "jobs do:\n")
+print("| remote | pushed, read-only | compiled | requests | vs. cold |")
+print("|---|---|---|---|---|")
+for row in sys.argv[6:]:
+    k = row.split()[0]
+    ps, pc, pr = row.split()[15:18]
+    ps = times(ps)
+    print(f"| {k} | {spread(ps)} | {pc} | {pr} | {ratio(ps)} |")
 print()
 for row in sys.argv[6:]:
     k, _, up_r, up_b, _, _, _, r, b = row.split()[:9]

@@ -97,25 +97,27 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
     let mut report = PushReport::default();
     let (records, variants) = {
         let index = store.index_reader()?;
+        // Each record with the place of its prefix among `prefixes`.
         let mut records = Vec::new();
         if prefixes.is_empty() {
-            records = index.scan(Family::Links, b"")?;
+            records.extend(index.scan(Family::Links, b"")?.into_iter().map(|r| (0, r)));
         } else {
-            for prefix in prefixes {
+            for (i, prefix) in prefixes.iter().enumerate() {
                 let abs = std::path::absolute(prefix).unwrap_or_else(|_| prefix.clone());
                 let mut key = crate::index::path_key(&abs);
                 if !key.ends_with(b"/") {
                     key.push(b'/');
                 }
-                records.extend(index.scan(Family::Links, &key)?);
+                records.extend(index.scan(Family::Links, &key)?.into_iter().map(|r| (i, r)));
             }
         }
         (records, variants(&index)?)
     };
     let mut wanted: HashMap<CompileKey, Arc<Pushed>> = HashMap::new();
-    // Each source directory's pycs, for the bundles.
-    let mut dirs: BTreeMap<PathBuf, DirKeys> = BTreeMap::new();
-    for (path, value) in records {
+    // Each source directory's pycs, for the bundles, in the order a link
+    // of the prefixes walks them: prefix after prefix, as given.
+    let mut dirs: BTreeMap<(usize, PathBuf), DirKeys> = BTreeMap::new();
+    for (prefix, (path, value)) in records {
         report.pycs += 1;
         let pyc_path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
         let found = (|| {
@@ -172,7 +174,7 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
         })();
         match found {
             Some(((dir, name, kind), (entry, pyc))) => {
-                let keys = dirs.entry(dir).or_default();
+                let keys = dirs.entry((prefix, dir)).or_default();
                 keys.keys.push(entry.key);
                 keys.kinds.insert(kind);
                 keys.have.insert((name, kind));
@@ -192,7 +194,7 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
     // more than one pyc are asked for as a bundle.
     let mut bundler = Bundler::default();
     let mut groups = Vec::new();
-    for (dir, mut keys) in dirs {
+    for ((_, dir), mut keys) in dirs {
         keys.add_unrecorded(&dir);
         groups.extend(bundler.add(keys.keys.clone(), keys.keys));
     }

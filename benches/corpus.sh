@@ -47,6 +47,11 @@ set -euo pipefail
 runs=${RUNS:-3}
 source "$(dirname "$0")/common.sh"
 
+# Every prepare step ends with a sync: the copies it writes (380 MB each)
+# are not written back during the next timed run. Without it, the last of
+# five warm links took 0.62 s against 0.17 to 0.20 s for the others (and
+# the last of three 0.46 s), the kernel's writeback of the copies made
+# before catching up with it.
 # Nothing is removed while the script measures: what a run replaces is moved
 # into the trash, removed at the end. ext4 without a journal skips inodes
 # freed in the last minute when it allocates, at a cost that grows with
@@ -94,7 +99,7 @@ hyperfine_to() {
 say "python -m compileall"
 compiled=$work/compileall
 fresh_copy "$compiled"
-hyperfine_to compileall --prepare "$(rm_pycs "$compiled")" \
+hyperfine_to compileall --prepare "$(rm_pycs "$compiled") && sync" \
   -n "compileall -j0" "$(q "$compiled/bin/python") -m compileall -q -j0 $(q "$compiled")"
 
 say "uv pip install, with and without --compile-bytecode"
@@ -103,8 +108,8 @@ new_venv="$(aside "$venv") && $(q "$uv") venv -q --python $(q "$python") $(q "$v
 install="$(q "$uv") pip install -q --python $(q "$venv/bin/python") --link-mode copy -r $(q "$requirements")"
 sh -c "$new_venv && $install" # warms the uv cache
 hyperfine_to uv \
-  -n "uv pip install" --prepare "$new_venv" "$install" \
-  -n "uv pip install --compile-bytecode" --prepare "$new_venv" "$install --compile-bytecode"
+  -n "uv pip install" --prepare "$new_venv && sync" "$install" \
+  -n "uv pip install --compile-bytecode" --prepare "$new_venv && sync" "$install --compile-bytecode"
 uv_pycs=$(count_pycs "$venv")
 
 say "pycstore link"
@@ -113,10 +118,10 @@ link="$(q "$pycstore") --store $(q "$store") link -q"
 rm_store="$(aside "$store")"
 cold=$work/link-cold
 fresh_copy "$cold"
-hyperfine_to link-cold --prepare "$rm_store && $(rm_pycs "$cold")" \
+hyperfine_to link-cold --prepare "$rm_store && $(rm_pycs "$cold") && sync" \
   -n "pycstore link, empty store" "$link $(q "$cold")"
 linked=$work/link-warm
-hyperfine_to link-warm --prepare "$(aside "$linked") && cp -a $(q "$corpus") $(q "$linked")" \
+hyperfine_to link-warm --prepare "$(aside "$linked") && cp -a $(q "$corpus") $(q "$linked") && sync" \
   -n "pycstore link, warm store" "$link $(q "$linked")"
 say "the filesystem floor of a warm link (benches/fs-floor)"
 (cd "$repo" && cargo build --release -p pycstore-fs-floor)
@@ -126,7 +131,7 @@ floor_bin=$CARGO_TARGET_DIR/release/fs-floor
 floor_object=$work/floor-object.pyc
 cp "$(find "$linked" -name '*.pyc' -print -quit)" "$floor_object"
 floored=$work/floor
-hyperfine_to fs-floor --prepare "$(aside "$floored") && cp -a $(q "$corpus") $(q "$floored")" \
+hyperfine_to fs-floor --prepare "$(aside "$floored") && cp -a $(q "$corpus") $(q "$floored") && sync" \
   -n "fs-floor" "$(q "$floor_bin") $(q "$floored") $(q "$floor_object") cpython-311"
 hyperfine_to link-again --warmup 1 \
   -n "pycstore link, already linked" "$link $(q "$linked")"
@@ -201,7 +206,7 @@ imported=$work/store-imported
 # A CI job exports right after linking, with the objects in the page cache.
 hyperfine_to pack-export --warmup 1 --prepare "rm -f $(q "$pack")" \
   -n "pycstore export" "$(q "$pycstore") --store $(q "$store") export $(q "$pack")"
-hyperfine_to pack-import --prepare "$(aside "$imported")" \
+hyperfine_to pack-import --prepare "$(aside "$imported") && sync" \
   -n "pycstore import" "$(q "$pycstore") --store $(q "$imported") import $(q "$pack")"
 exported=$("$pycstore" --store "$store" export --json "$pack")
 # What the import is for: a fresh prefix links from it without compiling.

@@ -2022,6 +2022,20 @@ fn push_prewarms_a_remote() {
     assert_eq!(n(remote0(&v), "requests"), 1, "{v}");
     assert_modules_load(&t, "b", count);
 
+    // An entry whose object (carried inline) was damaged on the remote is
+    // written again by the next push, not counted as there.
+    let entry = stored.iter().find(|s| s.contains("/entries/")).unwrap();
+    let good = b.read(entry);
+    let mut damaged = good.clone();
+    let inline = u32::from_le_bytes(damaged[106..110].try_into().unwrap()) as usize;
+    assert!(inline > 0, "small objects travel in their entry");
+    damaged[110 + inline / 2] ^= 0x55;
+    b.write(entry, &damaged);
+    let out = run_ok(b.cmd(&t.store(), "push").arg("--json"));
+    let repaired: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&repaired, "uploaded"), 1, "{repaired}");
+    assert_eq!(b.read(entry), good);
+
     // A bundle cut short on the remote is written again whole by the next
     // push, and read whole again.
     let bundle = stored.iter().find(|s| s.contains("/bundles/")).unwrap();

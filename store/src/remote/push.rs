@@ -406,13 +406,18 @@ impl super::Shared {
 
     /// Whether the entry record `bytes` (from a remote) is as good as
     /// `entry`'s: valid for the readers' trusted keys, naming the same
-    /// object, and signed with this writer's key when it has one.
+    /// object, carrying it whole when it carries it (what readers check:
+    /// a damaged one is written again, not left for every reader to
+    /// reject), and signed with this writer's key when it has one.
     fn holds(&self, bytes: &[u8], entry: &format::RemoteEntry) -> bool {
         let ns = &self.settings.namespace;
-        format::decode_entry(bytes, &entry.key, ns, &self.settings.trusted)
-            .is_ok_and(|(e, _)| e.object == entry.object)
-            && (self.settings.signing_key.is_none()
-                || format::decode_entry(bytes, &entry.key, ns, &self.own_key()).is_ok())
+        format::decode_entry(bytes, &entry.key, ns, &self.settings.trusted).is_ok_and(
+            |(e, inline)| {
+                e.object == entry.object
+                    && inline.is_none_or(|object| format::decode_object(object, &e).is_ok())
+            },
+        ) && (self.settings.signing_key.is_none()
+            || format::decode_entry(bytes, &entry.key, ns, &self.own_key()).is_ok())
     }
 
     /// `pushed` as stored on a remote, made on first use.

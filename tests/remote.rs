@@ -2051,6 +2051,60 @@ fn push_prewarms_a_remote() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// A timestamp pyc's header names its source's mtime and size, not its
+/// content: the owner of a linked tree who replaces a source by another of
+/// the same size, mtime put back, must not get `push` to upload the old
+/// source's bytecode under the new source's key (signed by the trusted
+/// writer), for every machine with that source to run.
+#[test]
+fn push_never_pairs_a_pyc_with_a_source_it_was_not_compiled_from() {
+    let Some(b) = Backend::get(Kind::File) else {
+        return;
+    };
+    let t = TestDir::new();
+    let planted = "def who():\n    return 'planted'\n";
+    let genuine = "def who():\n    return 'genuine'\n";
+    assert_eq!(planted.len(), genuine.len());
+    let src = t.join("a");
+    t.write("a/pkg/__init__.py", "");
+    t.write("a/pkg/m.py", planted);
+    let out = run(t
+        .pycstore()
+        .arg("link")
+        .arg(&src)
+        .arg("--python")
+        .arg(python("3.11"))
+        .args(["--invalidation-mode", "timestamp"]));
+    assert!(out.status.success(), "{out:?}");
+    // The source swapped for the genuine one, its mtime put back.
+    let m = src.join("pkg/m.py");
+    let mtime = std::fs::metadata(&m).unwrap().modified().unwrap();
+    std::fs::write(&m, genuine).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&m)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out = run_ok(b.cmd(&t.store(), "push").arg(&src).arg("--json"));
+    let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&pushed, "skipped"), 1, "{pushed}");
+
+    // Another machine with the genuine source: it compiles it.
+    t.write("b/pkg/__init__.py", "");
+    t.write("b/pkg/m.py", genuine);
+    let (out, v) = b.link(&t.join("store-b"), &t.join("b"), &[]);
+    assert_ok(&out, &v);
+    assert_eq!(n(&v, "compiled"), 1, "{v}");
+    let out = run_ok(
+        Command::new(python("3.11"))
+            .arg("-c")
+            .arg("import sys; sys.path.insert(0, sys.argv[1]); import pkg.m; print(pkg.m.who())")
+            .arg(t.join("b")),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "genuine");
+}
+
 /// The bundles `push` writes are the ones a link of the same tree asks
 /// for, across nested directories and with a source that does not compile
 /// (its keys name its bundle too): a read-only link from the pushed remote

@@ -10,15 +10,17 @@
 //! load.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
 use super::{format, prepare, Bundler, Read as Got, Record, Remotes};
-use crate::index::Family;
+use crate::index::{EntrySlot, Family};
 use crate::key::{CompileKey, SourceDigest, COMPILE_FLAGS_DEFAULT};
 use crate::pyc::{self, HashVariant, HEADER_LEN};
 use crate::{Result, Store};
@@ -95,8 +97,8 @@ fn variants(index: &crate::index::Index) -> Result<HashMap<[u8; 4], HashVariant>
 /// remotes lack.
 pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<PushReport> {
     let mut report = PushReport::default();
+    let index = store.index_reader()?;
     let (records, variants) = {
-        let index = store.index_reader()?;
         // Each record with the place of its prefix among `prefixes`.
         let mut records = Vec::new();
         if prefixes.is_empty() {
@@ -165,6 +167,17 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
                 optimize,
                 COMPILE_FLAGS_DEFAULT,
             );
+            // The store made this body from this very source: its entry
+            // for the key has the same body. A timestamp header names the
+            // source's mtime and size only, which the owner of the tree
+            // can give another source since the link.
+            let made = index.entry(&key, EntrySlot::Body).ok()??;
+            if made.object != object
+                && store.objects.read(&made.object).ok()?.get(HEADER_LEN..)
+                    != bytes.get(HEADER_LEN..)
+            {
+                return None;
+            }
             let dir = source_path.parent()?.to_path_buf();
             let name = source_path.file_name()?.to_os_string();
             Some((
@@ -189,13 +202,20 @@ pub fn push(store: &Store, remotes: &Remotes, prefixes: &[PathBuf]) -> Result<Pu
             None => report.skipped += 1,
         }
     }
+    drop(index);
     report.keys = wanted.len() as u64;
     // The bundles a link of these directories asks for: only groups of
     // more than one pyc are asked for as a bundle.
+    let root = rustix::fs::open(
+        "/",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(std::io::Error::from)?;
     let mut bundler = Bundler::default();
     let mut groups = Vec::new();
     for ((_, dir), mut keys) in dirs {
-        keys.add_unrecorded(&dir);
+        keys.add_unrecorded(root.as_fd(), &dir);
         groups.extend(bundler.add(keys.keys.clone(), keys.keys));
     }
     groups.extend(bundler.finish());
@@ -275,36 +295,46 @@ impl DirKeys {
     /// one of the directory's kinds (a source that does not compile, or
     /// whose recorded pyc was left out): `link` names the bundle after
     /// their keys too, and would otherwise ask for one nobody wrote. A
-    /// source that cannot be read is left out, as `link` leaves it.
-    fn add_unrecorded(&mut self, dir: &Path) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
+    /// source that cannot be read is left out, as `link` leaves it. The
+    /// directory is opened from `root` (`/`) following no symlink, and its
+    /// sources are read through it ([`crate::tree::read_at`]: regular
+    /// files only, no symlink, no FIFO blocking): a directory of the tree
+    /// swapped for a symlink since the link is not read.
+    fn add_unrecorded(&mut self, root: BorrowedFd<'_>, dir: &Path) {
+        let Some(fd) = dir
+            .strip_prefix("/")
+            .ok()
+            .and_then(|relative| crate::tree::open_listable_beneath(root, relative).ok())
+        else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let is_source = name.as_encoded_bytes().ends_with(b".py")
-                && entry.file_type().is_ok_and(|t| t.is_file());
-            if !is_source
-                || self
-                    .kinds
-                    .iter()
-                    .all(|k| self.have.contains(&(name.clone(), *k)))
-            {
+        let Ok(mut entries) = rustix::fs::Dir::read_from(&fd) else {
+            return;
+        };
+        while let Some(Ok(entry)) = entries.next() {
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            let unrecorded = |k: &([u8; 4], u8)| !self.have.contains(&(name.to_os_string(), *k));
+            if !name.as_bytes().ends_with(b".py") || !self.kinds.iter().any(unrecorded) {
                 continue;
             }
-            let Some(source) = read_source(&dir.join(&name)) else {
+            // Its bytes' blake3, which is what a source digest is.
+            let Some((_, hash)) = crate::tree::read_at(&fd, name) else {
                 continue;
             };
-            let digest = SourceDigest::of(&source);
-            for &(magic, optimize) in &self.kinds {
-                if !self.have.contains(&(name.clone(), (magic, optimize))) {
-                    self.keys.push(CompileKey::new(
-                        &digest,
-                        magic,
-                        optimize,
-                        COMPILE_FLAGS_DEFAULT,
-                    ));
-                }
+            let digest = SourceDigest(hash.0);
+            let missing: Vec<_> = self
+                .kinds
+                .iter()
+                .copied()
+                .filter(|k| unrecorded(k))
+                .collect();
+            for (magic, optimize) in missing {
+                self.keys.push(CompileKey::new(
+                    &digest,
+                    magic,
+                    optimize,
+                    COMPILE_FLAGS_DEFAULT,
+                ));
             }
         }
     }

@@ -436,14 +436,18 @@ impl super::Shared {
 
     /// Whether the entry record `bytes` (from a remote) is as good as
     /// `entry`'s: valid for the readers' trusted keys, naming the same
-    /// object, carrying it whole when it carries it (what readers check:
+    /// object and size, carrying it whole when it carries it (what readers check:
     /// a damaged one is written again, not left for every reader to
     /// reject), and signed with this writer's key when it has one.
     fn holds(&self, bytes: &[u8], entry: &format::RemoteEntry) -> bool {
         let ns = &self.settings.namespace;
         format::decode_entry(bytes, &entry.key, ns, &self.settings.trusted).is_ok_and(
             |(e, inline)| {
+                // The same object has the same size: checked first, so a
+                // forged size cannot make the check below decompress more
+                // than this pyc.
                 e.object == entry.object
+                    && e.size == entry.size
                     && inline.is_none_or(|object| format::decode_object(object, &e).is_ok())
             },
         ) && (self.settings.signing_key.is_none()

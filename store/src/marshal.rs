@@ -195,10 +195,20 @@ pub fn check_pyc(bytes: &[u8]) -> Result<PycFormat, BodyError> {
 /// well-formed code object in `format`. Offsets in errors count from the
 /// start of `body`.
 pub(crate) fn check_body(format: PycFormat, body: &[u8]) -> Result<(), BodyError> {
+    // The back-reference table and the container stack of the thread's
+    // last check, emptied: a pyc has hundreds of back references, and a
+    // table grown one by one for each of the thousands of pycs a link
+    // fetches costs reallocations (and their allocator's lock).
+    thread_local! {
+        static SCRATCH: std::cell::Cell<(Vec<Slot>, Vec<Frame>)> =
+            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+    let (refs, stack) = SCRATCH.take();
     let mut parser = Parser {
         data: body,
         pos: 0,
-        refs: Vec::new(),
+        refs,
+        stack,
         layout: format.layout,
         pypy: format.pypy,
     };
@@ -211,12 +221,27 @@ pub(crate) fn check_body(format: PycFormat, body: &[u8]) -> Result<(), BodyError
         Kind::Null => Err(Bad::at(0, "a NULL object instead of a code object")),
         other => Err(Bad::at(0, format!("{other} instead of a code object"))),
     });
+    let Parser {
+        mut refs,
+        mut stack,
+        ..
+    } = parser;
+    // Kept for the next check unless a hostile pyc made them huge.
+    if refs.capacity() <= SCRATCH_KEPT && stack.capacity() <= SCRATCH_KEPT {
+        refs.clear();
+        stack.clear();
+        SCRATCH.set((refs, stack));
+    }
     result.map_err(|bad| BodyError::Damaged {
         python: format.python,
         offset: bad.offset,
         what: bad.what,
     })
 }
+
+/// The most back-reference slots or stack frames a thread keeps between
+/// checks.
+const SCRATCH_KEPT: usize = 1 << 16;
 
 /// What a parsed object is, as far as the checks need to know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,6 +385,8 @@ struct Parser<'a> {
     data: &'a [u8],
     pos: usize,
     refs: Vec<Slot>,
+    /// The containers being read ([`Parser::object`]).
+    stack: Vec<Frame>,
     layout: Layout,
     pypy: bool,
 }
@@ -438,7 +465,13 @@ impl<'a> Parser<'a> {
     /// an explicit stack of the containers being read, at most
     /// [`MAX_DEPTH`] deep.
     fn object(&mut self) -> Result<Kind, Bad> {
-        let mut stack: Vec<Frame> = Vec::new();
+        let mut stack = std::mem::take(&mut self.stack);
+        let result = self.object_with(&mut stack);
+        self.stack = stack;
+        result
+    }
+
+    fn object_with(&mut self, stack: &mut Vec<Frame>) -> Result<Kind, Bad> {
         loop {
             let at = self.pos;
             let byte = self.byte("an object")?;

@@ -1967,6 +1967,37 @@ fn bad_remote_settings_exit_2_and_write_nothing() {
         assert!(!t.store().exists(), "{args:?} wrote the store");
         assert!(pycs_under(&src).is_empty(), "{args:?} placed pycs");
     }
+    // A signing key given where its public key belongs (its file, or its
+    // text) is refused without a word of it in the message.
+    run_ok(
+        pycstore(&t.join("keys-store"))
+            .arg("keygen")
+            .arg("ci")
+            .arg("--dir")
+            .arg(t.path()),
+    );
+    let secret = std::fs::read_to_string(t.join("ci.secret")).unwrap();
+    let b64 = secret.trim().split_once(':').unwrap().1.to_string();
+    for trusted in [t.join("ci.secret").display().to_string(), secret] {
+        let mut cmd = t.pycstore();
+        cmd.arg("link")
+            .arg(&src)
+            .arg("--python")
+            .arg(python("3.11"))
+            .args(["--remote", "redis://127.0.0.1:1/0"])
+            .env("PYCSTORE_REMOTE_TRUSTED_KEYS", &trusted);
+        let out = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_output!(
+            out,
+            out.status.code() == Some(2)
+                && stderr.contains("a secret key")
+                && stderr.contains("PYCSTORE_REMOTE_TRUSTED_KEYS"),
+            "a secret key as trusted key: expected exit 2 saying so"
+        );
+        assert!(!stderr.contains(&b64[..12]), "{stderr}");
+        assert!(!t.store().exists(), "wrote the store");
+    }
 }
 
 /// `pycstore push` uploads what the store holds, so a later machine fetches

@@ -39,27 +39,36 @@ impl TrustedKeys {
 
     /// Parses a whitespace-separated list of public keys (`NAME:BASE64`) or
     /// files holding such keys (`#` starts a comment in a file).
+    ///
+    /// An error never quotes key material: a secret key given by mistake
+    /// (its file's path, or its text) would otherwise end up in a CI log.
     pub fn parse(list: &str) -> Result<TrustedKeys, String> {
         let mut keys = TrustedKeys::default();
-        for item in list.split_whitespace() {
+        for (n, item) in list.split_whitespace().enumerate() {
             if let Some((name, key)) = parse_public(item) {
                 keys.insert(name, key);
                 continue;
             }
             let path = Path::new(item);
             if !path.is_file() {
-                return Err(format!(
-                    "`{item}` is neither a public key (NAME:BASE64, as `pycstore keygen` prints) \
-                     nor a file of them"
-                ));
+                return Err(match not_a_public_key(item) {
+                    // Key material: described, never quoted.
+                    Some(what) => format!("trusted key {} is {what}", n + 1),
+                    None => format!(
+                        "`{item}` is neither a public key (NAME:BASE64, as `pycstore keygen` \
+                         prints) nor a file of them"
+                    ),
+                });
             }
             let text =
                 std::fs::read_to_string(path).map_err(|e| format!("cannot read `{item}`: {e}"))?;
-            for line in text.lines() {
+            for (l, line) in text.lines().enumerate() {
                 let line = line.split('#').next().unwrap_or("");
                 for word in line.split_whitespace() {
                     let (name, key) = parse_public(word).ok_or_else(|| {
-                        format!("`{item}` holds `{word}`, which is not a public key (NAME:BASE64)")
+                        let what = not_a_public_key(word)
+                            .unwrap_or_else(|| "not a public key (NAME:BASE64)".into());
+                        format!("`{item}`, line {}: {what}", l + 1)
                     })?;
                     keys.insert(name, key);
                 }
@@ -67,6 +76,23 @@ impl TrustedKeys {
         }
         Ok(keys)
     }
+}
+
+/// What a word that should be a public key is, when it looks like key
+/// material (`NAME:BASE64`); `None` for anything else.
+fn not_a_public_key(word: &str) -> Option<String> {
+    let (_, bytes) = split_named(word)?;
+    Some(if bytes.len() == 64 {
+        "a secret key (NAME:BASE64 of 64 bytes, as in the `.secret` file `pycstore keygen` \
+         writes), not a public key: trust the public key it printed (its `.pub` file) instead, \
+         and treat this secret key as disclosed if this went anywhere others can read"
+            .into()
+    } else {
+        format!(
+            "not a public key: NAME:BASE64 of {} bytes, where a public key has 32",
+            bytes.len()
+        )
+    })
 }
 
 fn split_named(text: &str) -> Option<(&str, Vec<u8>)> {
@@ -133,5 +159,34 @@ mod tests {
         let from_file = TrustedKeys::parse(dir.path().join("trusted").to_str().unwrap()).unwrap();
         assert_eq!(from_file.names(), vec!["ci-1"]);
         assert!(TrustedKeys::parse("nope:AAAA").is_err());
+    }
+
+    #[test]
+    fn a_secret_key_given_as_trusted_is_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = generate("ci-1").unwrap();
+        let path = dir.path().join("ci-1.secret");
+        std::fs::write(&path, &secret).unwrap();
+        let b64 = secret.trim().split_once(':').unwrap().1;
+        // The secret key file where its public key should be, the secret
+        // key's text itself, and the file among good keys.
+        for list in [
+            path.to_str().unwrap().to_string(),
+            secret.trim().to_string(),
+            format!("{public} {}", path.display()),
+        ] {
+            let e = TrustedKeys::parse(&list).unwrap_err();
+            assert!(!e.contains(b64), "{e}");
+            assert!(!e.contains(&b64[..16]), "{e}");
+            assert!(e.contains("a secret key"), "{e}");
+        }
+        let e = TrustedKeys::parse(path.to_str().unwrap()).unwrap_err();
+        assert!(
+            e.contains(path.to_str().unwrap()) && e.contains("line 1"),
+            "{e}"
+        );
+        // A path that is no file is still named, to be corrected.
+        let e = TrustedKeys::parse("/no/such/keys.pub").unwrap_err();
+        assert!(e.contains("/no/such/keys.pub"), "{e}");
     }
 }

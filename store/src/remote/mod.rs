@@ -214,6 +214,8 @@ struct Shared {
     /// The read budgets, in KiB ([`READ_BUDGET`]): entries and bundles,
     /// objects stored apart.
     budget: [Arc<tokio::sync::Semaphore>; 2],
+    /// The budget of fetched pycs, in KiB ([`PYC_BUDGET`]).
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 /// A pyc a remote returned, consistent with its name and entry; still to
@@ -226,6 +228,8 @@ pub struct Fetched {
     /// The entry it came in, when fetched by its own name (for a bundle
     /// this run may write).
     record: Option<Vec<u8>>,
+    /// The pyc's share of [`PYC_BUDGET`], given back when it is dropped.
+    _held: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Fetched {
@@ -256,6 +260,8 @@ pub struct Accepted {
     pub(crate) pyc: Vec<u8>,
     /// Its blake3, checked (the store writes the pyc under it unhashed).
     pub(crate) object: ObjectId,
+    /// The pyc's share of [`PYC_BUDGET`], still held.
+    _held: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Accepted {
@@ -328,6 +334,28 @@ const _: () = assert!(
     format::ENTRY_MAX < READ_BUDGET && format::BUNDLE_MAX + (1 << 20) <= READ_BUDGET,
     "a read never waits for more than its budget holds"
 );
+
+/// The most bytes of fetched pycs held at once, decompressed: each takes
+/// its size from this budget before it is decompressed, and gives it back
+/// when dropped (stored, rejected or not needed). A record read counts
+/// against [`READ_BUDGET`] compressed, and 10 KB of zstd can hold a
+/// 64 MiB pyc: without this, a writer without a trusted key could store
+/// such entries for the sources a reader links and have its fetches
+/// outrun the compile threads that check and store them until memory ran
+/// out. A bundle takes what all its pycs need at once, so fetches never
+/// hold part of this while waiting for more.
+const PYC_BUDGET: usize = 256 << 20;
+
+const _: () = assert!(
+    format::BUNDLE_PYCS_MAX as usize <= PYC_BUDGET && format::MAX_OBJECT as usize <= PYC_BUDGET,
+    "a fetch never waits for more than the budget holds"
+);
+
+/// KiB (rounded up) of a pyc of `size` bytes, as [`PYC_BUDGET`] counts:
+/// no more than the largest valid pyc (a larger one is rejected unread).
+fn pyc_kib(size: u64) -> u32 {
+    size.min(format::MAX_OBJECT).div_ceil(1024) as u32
+}
 
 /// What reading a name on a remote gave.
 enum Read {
@@ -802,6 +830,7 @@ impl Remotes {
                 warnings: Mutex::new(Vec::new()),
                 pending_uploads: AtomicU64::new(0),
                 budget: [0, 1].map(|_| Arc::new(tokio::sync::Semaphore::new(READ_BUDGET >> 10))),
+                held: Arc::new(tokio::sync::Semaphore::new(PYC_BUDGET >> 10)),
             }),
             runtime: std::mem::ManuallyDrop::new(runtime),
             semaphore,
@@ -1056,6 +1085,7 @@ impl Remotes {
             remote,
             pyc,
             object,
+            _held,
             ..
         } = fetched;
         let checked = (|| {
@@ -1070,7 +1100,7 @@ impl Remotes {
         match checked {
             Ok(()) => {
                 AtomicCounters::add(&r.counters.hits, 1);
-                Some(Accepted { pyc, object })
+                Some(Accepted { pyc, object, _held })
             }
             Err(why) => {
                 self.shared.reject(remote, &why);
@@ -1579,7 +1609,7 @@ impl Shared {
             Ok(bytes) => bytes,
             Err(step) => return step,
         };
-        let step = self.open_entry(i, key, &bytes).await;
+        let step = self.open_entry(i, key, &bytes, None).await;
         match step {
             // Kept to go into a bundle, should this run write one (out of
             // the read budget: it is small, and kept until the bundle's
@@ -1613,10 +1643,27 @@ impl Shared {
         }
     }
 
+    /// Takes `kib` of [`PYC_BUDGET`], waiting for fetched pycs to be
+    /// dropped if need be.
+    async fn hold(&self, kib: u32) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.held)
+            .acquire_many_owned(kib)
+            .await
+            .expect("the budget is never closed")
+    }
+
     /// The pyc of the entry `bytes` of `key` from remote `i` (fetching its
     /// object when the entry does not carry it), checked against its name
-    /// and entry.
-    async fn open_entry(&self, i: usize, key: &CompileKey, bytes: &[u8]) -> Step {
+    /// and entry. Its share of [`PYC_BUDGET`] is taken from `bundle`, when
+    /// the entry came in a bundle (which took what its pycs need), else
+    /// waited for before the pyc is decompressed.
+    async fn open_entry(
+        &self,
+        i: usize,
+        key: &CompileKey,
+        bytes: &[u8],
+        bundle: Option<&mut tokio::sync::OwnedSemaphorePermit>,
+    ) -> Step {
         let ns = &self.settings.namespace;
         let (entry, inline) = match format::decode_entry(bytes, key, ns, &self.settings.trusted) {
             Ok(found) => found,
@@ -1625,15 +1672,28 @@ impl Shared {
                 return Step::Rejected;
             }
         };
+        // A size no pyc taken from a remote has is rejected unread; what
+        // the pyc needs of PYC_BUDGET is taken before an object stored
+        // apart is read (every fetch takes its budgets in one order).
+        if let Err(why) = format::check_size(&entry) {
+            self.reject(i, &why);
+            return Step::Rejected;
+        }
+        let need = pyc_kib(entry.size);
+        let held = match bundle {
+            Some(taken) => match taken.split(need as usize) {
+                Some(held) => held,
+                // Not counted when the bundle took its share (it cannot
+                // be: the same bytes give the size): fetched by name.
+                None => return Step::Missing,
+            },
+            None => self.hold(need).await,
+        };
         let compressed;
         let object: &[u8] = match inline {
             Some(inline) => inline,
             None => {
                 // Read no more than the entry's size allows.
-                if let Err(why) = format::check_size(&entry) {
-                    self.reject(i, &why);
-                    return Step::Rejected;
-                }
                 let path = format::object_path(ns, &entry.object);
                 let limit = format::object_limit(entry.size);
                 // Missing: an entry whose object is gone (or not there yet).
@@ -1653,6 +1713,7 @@ impl Shared {
                 pyc,
                 object: entry.object,
                 record: None,
+                _held: held,
             }),
             Err(why) => {
                 self.reject(i, &why);
@@ -1701,8 +1762,23 @@ impl Shared {
                 }
             };
             usable = true;
-            let mut taken = 0u64;
-            for (key, slot) in keys.iter().zip(&mut got) {
+            // What the bundle gives is held until it is all checked: past
+            // BUNDLE_PYCS_MAX, the rest is fetched by name. What its pycs
+            // need of PYC_BUDGET is taken at once, before any of them.
+            let (mut taken, mut need, mut upto) = (0u64, 0u32, keys.len());
+            for (n, key) in keys.iter().enumerate() {
+                if let Some(entry) = entries.get(key) {
+                    let size = format::entry_size(entry).unwrap_or(0);
+                    if taken + size.min(format::MAX_OBJECT) > format::BUNDLE_PYCS_MAX {
+                        upto = n;
+                        break;
+                    }
+                    taken += size.min(format::MAX_OBJECT);
+                    need += pyc_kib(size);
+                }
+            }
+            let mut held = self.hold(need).await;
+            for (key, slot) in keys[..upto].iter().zip(&mut got) {
                 // A request for an object stored apart failed: the remote
                 // is left alone, for the rest of the bundle too.
                 if r.off.load(Ordering::Relaxed) {
@@ -1710,15 +1786,8 @@ impl Shared {
                     break;
                 }
                 if let Some(entry) = entries.get(key) {
-                    // What the bundle gave is held until it is all checked:
-                    // past this much, the rest is fetched by name.
-                    let size = format::entry_size(entry).unwrap_or(0);
-                    if taken + size.min(format::MAX_OBJECT) > format::BUNDLE_PYCS_MAX {
-                        break;
-                    }
-                    match self.open_entry(i, key, entry).await {
+                    match self.open_entry(i, key, entry, Some(&mut held)).await {
                         Step::Got(fetched) => {
-                            taken += fetched.pyc.len() as u64;
                             *slot = Some(fetched);
                         }
                         Step::Rejected => usable = false,
@@ -1932,5 +2001,85 @@ mod tests {
             assert!(bundler.add(vec![key(d), key(d + 1000)], vec![]).is_none());
         }
         assert!(bundler.finish().is_none());
+    }
+
+    /// Fetched pycs are held, decompressed, within [`PYC_BUDGET`]: entries
+    /// of a few hundred bytes whose pycs take 8 MiB each, taken by a
+    /// consumer slower than the fetches, never have more than the budget
+    /// alive at once (without it, 43 of the 48, 344 MiB, were).
+    #[test]
+    fn fetched_pycs_are_held_within_their_budget() {
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().unwrap();
+        let requested = Requested {
+            urls: vec![format!("file://{}", dir.path().display())],
+            timeout_secs: 30.0,
+            namespace: "budget".into(),
+            concurrency: 16,
+            ..Default::default()
+        };
+        let settings = Settings::resolve(&requested, &|_| None).unwrap().unwrap();
+        let remotes = Remotes::new(settings).unwrap();
+        let magic = [0xa7, 0x0d, 0x0d, 0x0a];
+        let body = vec![0u8; 8 << 20];
+        let keys: Vec<CompileKey> = (0..48).map(key).collect();
+        for k in &keys {
+            remotes.upload(k, magic, HashVariant::Siphash13, b"x = 1\n", &body);
+        }
+        remotes.finish();
+        let entries = remotes.raw_list(0, "").unwrap();
+        assert!(
+            entries.iter().filter(|e| e.contains("/entries/")).count() == keys.len()
+                && !entries.iter().any(|e| e.contains("/objects/")),
+            "every pyc travels in its entry: {entries:?}"
+        );
+        let live = Arc::new(AtomicU64::new(0));
+        let most = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = crossbeam_channel::unbounded::<Fetched>();
+        let consumer = {
+            let live = Arc::clone(&live);
+            std::thread::spawn(move || {
+                let mut taken = 0;
+                for fetched in rx {
+                    std::thread::sleep(Duration::from_millis(20));
+                    // Counted out before it is dropped: a fetch waiting
+                    // for its share goes on only once it is.
+                    live.fetch_sub(fetched.pyc.len() as u64, Ordering::SeqCst);
+                    drop(fetched);
+                    taken += 1;
+                }
+                taken
+            })
+        };
+        let (wanted_tx, wanted) = crossbeam_channel::unbounded();
+        for k in &keys {
+            wanted_tx
+                .send(MissGroup {
+                    bundle: None,
+                    misses: vec![*k],
+                })
+                .unwrap();
+        }
+        drop(wanted_tx);
+        let counted = (Arc::clone(&live), Arc::clone(&most));
+        remotes.fetch_misses(
+            wanted,
+            |k: &CompileKey| Some(*k),
+            move |_, fetched, _| {
+                let fetched = fetched.expect("every key is on the remote");
+                let now = counted
+                    .0
+                    .fetch_add(fetched.pyc.len() as u64, Ordering::SeqCst)
+                    + fetched.pyc.len() as u64;
+                counted.1.fetch_max(now, Ordering::SeqCst);
+                tx.send(fetched).unwrap();
+            },
+        );
+        assert_eq!(consumer.join().unwrap(), keys.len());
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            most > 0 && most <= PYC_BUDGET as u64,
+            "{most} bytes of fetched pycs alive at once, against a budget of {PYC_BUDGET}"
+        );
     }
 }

@@ -398,6 +398,21 @@ impl Objects {
         std::fs::symlink_metadata(self.path(id)).is_ok_and(|m| m.is_file() && m.len() == size)
     }
 
+    /// The first [`HEADER_LEN`](crate::pyc::HEADER_LEN) bytes of the object
+    /// `id` (zeros past a shorter one), read without following a symlink;
+    /// `None` when it cannot be read.
+    pub(crate) fn header(&self, id: &ObjectId) -> Option<[u8; crate::pyc::HEADER_LEN]> {
+        use std::io::Read;
+        let file = crate::link::open_no_follow(&self.path(id)).ok()?;
+        let mut bytes = Vec::with_capacity(crate::pyc::HEADER_LEN);
+        file.take(crate::pyc::HEADER_LEN as u64)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        let mut header = [0u8; crate::pyc::HEADER_LEN];
+        header[..bytes.len()].copy_from_slice(&bytes);
+        Some(header)
+    }
+
     /// Writes an object's bytes (which the caller has checked against its
     /// id) to a read-only temp file in the store's scratch space, for
     /// [`Objects::adopt`] to move into place later. Dropped instead, the

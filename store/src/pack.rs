@@ -608,10 +608,12 @@ pub fn import<R: Read>(store: &Store, pack: R, name: &Path) -> Result<ImportRepo
                     entry.object.to_hex()
                 )))
             }
-            None if store.objects.contains(&entry.object, entry.size) => {}
+            None if store.objects.contains(&entry.object, entry.size)
+                && store.objects.header(&entry.object) == Some(entry.header) => {}
             None => {
                 return Err(reader.reject(format!(
-                    "an entry names the object {}, which is neither in the pack nor in the store",
+                    "an entry names the object {}, which is neither in the pack nor in the store \
+                     with the size and header the entry records",
                     entry.object.to_hex()
                 )))
             }
@@ -1382,6 +1384,44 @@ mod tests {
                 )
             }
             other => panic!("{other:?}"),
+        }
+        // Nor is one naming an object the store has, with its size but
+        // another header: the store is left as it was.
+        let (object, size) = {
+            let index = a.index().unwrap();
+            let e = index
+                .entry(&CompileKey([1; 32]), EntrySlot::Body)
+                .unwrap()
+                .unwrap();
+            (e.object, e.size)
+        };
+        for (header, kept) in [
+            ([7u8; 16], false),
+            (a.objects.header(&object).unwrap(), true),
+        ] {
+            let mut value = object.0.to_vec();
+            value.extend_from_slice(&size.to_le_bytes());
+            value.extend_from_slice(&header);
+            let mut pack = Vec::new();
+            let declared = Declared {
+                entries: 1,
+                ..Declared::default()
+            };
+            let mut w = PackWriter::new(&mut pack, Path::new("p"), &declared).unwrap();
+            w.entry(&key, &value).unwrap();
+            w.finish(1, 0, 0).unwrap();
+            let before = snapshot(&dir.path().join("a"));
+            match import(&a, &pack[..], Path::new("p")) {
+                Ok(report) if kept => assert_eq!(report.entries_added, 1),
+                Err(Error::Pack { message, .. }) if !kept => {
+                    assert!(message.contains("size and header"), "{message}");
+                    assert!(
+                        snapshot(&dir.path().join("a")) == before,
+                        "the store changed"
+                    );
+                }
+                other => panic!("{header:?}: {other:?}"),
+            }
         }
     }
 

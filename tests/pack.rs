@@ -518,6 +518,81 @@ fn importing_a_directory_says_it_is_one() {
     );
 }
 
+/// A FIFO where the pack should be (a cache restored with one in its
+/// place) is refused as a truncated pack at once: the import does not wait
+/// for a writer that never comes. A pipe that is written is read.
+#[test]
+fn a_fifo_nothing_writes_is_refused_not_waited_on() {
+    let t = TestDir::new();
+    let fifo = t.join("pycs.pack");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let mut child = t
+        .pycstore()
+        .arg("import")
+        .arg(&fifo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Waited for at most 60 s: a hang fails the test instead of the run.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("import of a FIFO nothing writes to is still waiting after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_output!(
+        out,
+        out.status.code() == Some(2) && stderr.contains(&fifo.display().to_string()),
+        "expected exit 2 naming the FIFO"
+    );
+    assert!(tmp_files(&t.store()).is_empty());
+    // A FIFO with a writer: read to its end. The writer (this process) holds
+    // the FIFO open until the import has opened it too, then closes it.
+    let pack = t.join("empty.pack");
+    run_ok(t.pycstore().arg("export").arg(&pack));
+    let bytes = std::fs::read(&pack).unwrap();
+    assert!(bytes.len() < 64 << 10, "fits in the pipe's buffer");
+    let mut writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    writer.write_all(&bytes).unwrap();
+    let child = t
+        .pycstore()
+        .arg("import")
+        .arg(&fifo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fds = PathBuf::from(format!("/proc/{}/fd", child.id()));
+    let opened = || {
+        std::fs::read_dir(&fds)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to == fifo))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !opened() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the import never opened the FIFO"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(writer);
+    let out = child.wait_with_output().unwrap();
+    assert_output!(out, out.status.success(), "a written FIFO is imported");
+}
+
 /// A pyc's header, the code type byte and garbage: what a pycache-prefix
 /// mount once ingested.
 fn header_and_garbage(pyc: &[u8]) -> Vec<u8> {

@@ -23,7 +23,7 @@ pub fn run(global: &GlobalArgs, args: &ImportArgs) -> anyhow::Result<ExitCode> {
                 args.file.display()
             );
         }
-        let file = std::fs::File::open(&args.file)
+        let file = open_pack(&args.file)
             .with_context(|| format!("cannot open the pack `{}`", args.file.display()))?;
         pack::import(&store, BufReader::with_capacity(1 << 20, file), &args.file)?
     };
@@ -52,4 +52,21 @@ pub fn run(global: &GlobalArgs, args: &ImportArgs) -> anyhow::Result<ExitCode> {
         report.elapsed_seconds,
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the pack at `path` for reading without waiting for a writer: a
+/// FIFO that nothing writes to (one left where a cache restores its pack)
+/// reads as empty, and is rejected as a truncated pack, instead of holding
+/// the job until its timeout. A pipe something writes to
+/// (`pycstore import <(...)`) is read as usual: reads block again once
+/// open.
+fn open_pack(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let flags = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
+    Ok(file)
 }

@@ -31,7 +31,7 @@
 //! link an object it deletes.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,7 @@ use crate::index::{Entry, Family, Writes};
 use crate::layout::{INDEX_DIR, INDEX_LOCK_FILE, LOCK_FILE, OBJECTS_DIR, TMP_DIR};
 use crate::link::Failure;
 use crate::objects::ObjectId;
+use crate::trust::Owner;
 use crate::util::{now_secs, PathError};
 use crate::{Result, Store};
 
@@ -152,7 +153,12 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
             }
         }
     }
-    stats.tmp_removed = sweep_tmp(&store.root().join(TMP_DIR), options.dry_run, &mut failures);
+    stats.tmp_removed = sweep_tmp(
+        &store.root().join(TMP_DIR),
+        store.objects.owner(),
+        options.dry_run,
+        &mut failures,
+    );
 
     // The objects: size, disk, links, mtime. Under the exclusive lock
     // nothing appears or vanishes meanwhile.
@@ -340,12 +346,10 @@ fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
 
 /// Removes temp files no process is writing: under the exclusive lock, all
 /// but the youngest (see [`TMP_GRACE`]). Returns how many went.
-fn sweep_tmp(tmp: &Path, dry_run: bool, failures: &mut Vec<PathError>) -> u64 {
-    let stale = crate::objects::stale_temps(tmp, TMP_GRACE);
-    if !dry_run {
-        failures.extend(stale.iter().filter_map(|path| remove_tree(path).err()));
-    }
-    stale.len() as u64
+fn sweep_tmp(tmp: &Path, owner: Owner, dry_run: bool, failures: &mut Vec<PathError>) -> u64 {
+    let (removed, failed) = crate::objects::sweep_temps(tmp, TMP_GRACE, owner, dry_run);
+    failures.extend(failed);
+    removed
 }
 
 /// Removes a file or a directory tree; directories made read-only (old
@@ -360,7 +364,16 @@ fn remove_tree(path: &Path) -> std::result::Result<(), PathError> {
     }
     for entry in walkdir::WalkDir::new(path).into_iter().flatten() {
         if entry.file_type().is_dir() {
-            let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o700));
+            // Through a descriptor of the directory itself: a name swapped
+            // for a symlink since the walk saw it is not followed.
+            use rustix::fs::{Mode, OFlags};
+            if let Ok(dir) = rustix::fs::open(
+                entry.path(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                let _ = rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700));
+            }
         }
     }
     std::fs::remove_dir_all(path).map_err(|e| PathError::new(e, "remove", path))
@@ -412,6 +425,49 @@ mod tests {
         );
     }
 
+    /// What is planted in `tmp/` (group members can) is swept, never
+    /// followed: an old symlink to a file elsewhere goes itself, and the
+    /// file keeps its mode and its bytes, whoever opens the store.
+    #[test]
+    fn opening_the_store_sweeps_a_planted_symlink_not_its_target() {
+        use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        drop(Store::open_with(&root, crate::lock::LockMode::Shared).unwrap());
+        let outside = dir.path().join("passwd");
+        std::fs::write(&outside, "root:x:0:0::/root:/bin/sh\n").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tmp = root.join(TMP_DIR);
+        let (link, old) = (tmp.join("planted"), tmp.join("left-by-a-dead-writer"));
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        std::fs::write(&old, "").unwrap();
+        let day_ago = Timespec {
+            tv_sec: now_secs() as i64 - 86_400,
+            tv_nsec: 0,
+        };
+        let times = Timestamps {
+            last_access: day_ago,
+            last_modification: day_ago,
+        };
+        for path in [&link, &old] {
+            rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        }
+        drop(Store::open_with(&root, crate::lock::LockMode::Shared).unwrap());
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "the symlink stayed"
+        );
+        assert!(!old.exists(), "the old temp file stayed");
+        let meta = std::fs::metadata(&outside).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o644,
+            "its target was chmod'ed"
+        );
+        assert!(std::fs::read(&outside).unwrap().starts_with(b"root:"));
+    }
+
     #[test]
     fn a_sealed_temp_file_being_written_is_not_swept() {
         let (dir, objects) = crate::objects::Objects::scratch();
@@ -420,7 +476,7 @@ mod tests {
         let mtime = std::fs::metadata(&temp).unwrap().mtime();
         assert!(mtime < 60, "sealed: {mtime}");
         let mut failures = Vec::new();
-        assert_eq!(sweep_tmp(&tmp, false, &mut failures), 0);
+        assert_eq!(sweep_tmp(&tmp, objects.owner(), false, &mut failures), 0);
         assert!(temp.exists());
     }
     use crate::key::CompileKey;

@@ -163,7 +163,7 @@ impl Store {
             }
             None => None,
         };
-        sweep_tmp(&root.join(TMP_DIR));
+        sweep_tmp(&root.join(TMP_DIR), owner);
         Ok(Store {
             objects: Objects::with_owner(root.join(OBJECTS_DIR), root.join(TMP_DIR), owner),
             root: root.to_path_buf(),
@@ -242,11 +242,8 @@ pub fn default_root() -> Option<PathBuf> {
 }
 
 /// Removes leftovers of writers that died: anything in `tmp/` untouched for an
-/// hour. Younger files may belong to a running process.
-fn sweep_tmp(tmp: &Path) {
-    for path in crate::objects::stale_temps(tmp, std::time::Duration::from_secs(3600)) {
-        // Objects are read-only; make the leftover removable first.
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        let _ = std::fs::remove_file(&path);
-    }
+/// hour (never through a symlink: [`crate::objects::sweep_temps`]). Younger
+/// files may belong to a running process.
+fn sweep_tmp(tmp: &Path, owner: Owner) {
+    crate::objects::sweep_temps(tmp, std::time::Duration::from_secs(3600), owner, false);
 }

@@ -22,6 +22,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,19 +52,70 @@ pub(crate) fn last_written(meta: &std::fs::Metadata) -> i64 {
     }
 }
 
-/// What in `tmp` was last written more than `grace` ago ([`last_written`]:
-/// a temp object carries the seal before its rename, and by its mtime alone
-/// every temp object another process is writing would look ancient).
-pub(crate) fn stale_temps(tmp: &Path, grace: std::time::Duration) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return Vec::new();
+/// Removes what in the scratch directory `tmp` was last written more than
+/// `grace` ago ([`last_written`]: a temp object carries the seal before its
+/// rename, and by its mtime alone every temp object another process is
+/// writing would look ancient); with `dry_run`, only counts it. Returns
+/// how many, and what could not be removed.
+///
+/// In a group store every member can rename and replace what is in the
+/// store's directories, `tmp` itself included, and this runs (as root, as
+/// anyone) on every open of the store. So `tmp` is opened once without
+/// following a symlink and must belong to the store (else nothing is
+/// swept), each entry is looked at without following it, and what goes is
+/// unlinked by its name in that descriptor: a symlink planted there goes
+/// itself, never what it points to, and nothing is `chmod`ed (removing a
+/// file takes the directory's write permission, not the file's). Only
+/// files and symlinks go: nothing this code writes there is a directory.
+pub(crate) fn sweep_temps(
+    tmp: &Path,
+    grace: std::time::Duration,
+    owner: Owner,
+    dry_run: bool,
+) -> (u64, Vec<crate::util::PathError>) {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let Ok(dir) = rustix::fs::open(
+        tmp,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return (0, Vec::new());
+    };
+    match rustix::fs::fstat(&dir) {
+        Ok(st) if owner.owns(st.st_uid, st.st_gid) => {}
+        _ => return (0, Vec::new()),
+    }
+    let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
+        return (0, Vec::new());
     };
     let cutoff = crate::util::now_secs().saturating_sub(grace.as_secs()) as i64;
-    entries
-        .flatten()
-        .filter(|e| e.metadata().is_ok_and(|m| last_written(&m) < cutoff))
-        .map(|e| e.path())
-        .collect()
+    let (mut removed, mut failures) = (0, Vec::new());
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let kind = FileType::from_raw_mode(st.st_mode);
+        let written = if (st.st_mtime, st.st_mtime_nsec as i64) == SEAL_MTIME {
+            st.st_ctime
+        } else {
+            st.st_mtime
+        };
+        if written >= cutoff || !matches!(kind, FileType::RegularFile | FileType::Symlink) {
+            continue;
+        }
+        removed += 1;
+        if !dry_run {
+            if let Err(e) = rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+                let path = tmp.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                failures.push(crate::util::PathError::new(e.into(), "remove", &path));
+            }
+        }
+    }
+    (removed, failures)
 }
 
 /// The content address of an object: blake3 of its bytes.

@@ -1247,3 +1247,46 @@ fn overlay_does_not_block_on_a_fifo_source() {
     assert!(mnt.join("__pycache__/ok.cpython-311.pyc").is_file());
     m.unmount();
 }
+
+/// A directory of the tree swapped for a symlink after the kernel looked
+/// it up (it keeps the entry for `--cache-ttl`) leads nowhere: the overlay
+/// never serves, as the mount's owner, a file from outside the tree that
+/// the symlink points to.
+#[test]
+fn a_directory_swapped_for_a_symlink_serves_nothing_from_outside() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let src = t.join("src");
+    t.write("src/w/d/data.txt", "inside\n");
+    t.write(
+        "outside/data.txt",
+        "outside: a secret of the mount's owner\n",
+    );
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    // Looked up (not read) through the view, then swapped in the tree.
+    assert!(mnt.join("w/d/data.txt").is_file());
+    std::fs::rename(src.join("w/d"), src.join("w/x")).unwrap();
+    std::os::unix::fs::symlink(t.join("outside"), src.join("w/d")).unwrap();
+    let read = std::fs::read_to_string(mnt.join("w/d/data.txt"));
+    assert!(
+        !read.as_deref().unwrap_or("").contains("outside"),
+        "the view served a file from outside the tree: {read:?}"
+    );
+    m.unmount();
+}

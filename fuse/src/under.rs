@@ -123,27 +123,56 @@ impl Under {
         .join(rel)
     }
 
+    /// Calls `op` with the directory holding `rel` and `rel`'s last
+    /// component. The directory is reached from the base without following
+    /// any symlink (`RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`): the kernel
+    /// resolves the tree's symlinks itself, through the view, so a
+    /// directory of the tree swapped for a symlink after the kernel cached
+    /// it (to `/proc/self` or `/root`) leads nowhere, instead of to a file
+    /// outside the tree opened as the mount's owner. Only `op` decides
+    /// whether the last component is followed.
+    fn at<T>(
+        &self,
+        rel: &Path,
+        op: impl FnOnce(std::os::fd::BorrowedFd<'_>, &Path) -> rustix::io::Result<T>,
+    ) -> io::Result<T> {
+        use std::os::fd::AsFd;
+        match (rel.parent(), rel.file_name()) {
+            (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
+                let dir = pycstore_store::tree::open_dir_beneath(self.base.as_fd(), parent)?;
+                Ok(op(dir.as_fd(), Path::new(name))?)
+            }
+            _ => Ok(op(self.base.as_fd(), arg(rel))?),
+        }
+    }
+
     /// `lstat` of `rel` (a symlink is reported as itself).
     pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
-        let st = rustix::fs::statat(&self.base, arg(rel), AtFlags::SYMLINK_NOFOLLOW)?;
+        let st = self.at(rel, |dir, name| {
+            rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        })?;
         Ok(Meta::from_stat(&st))
     }
 
     /// `stat` of `rel`, following a final symlink.
     pub fn stat(&self, rel: &Path) -> io::Result<Meta> {
-        let st = rustix::fs::statat(&self.base, arg(rel), AtFlags::empty())?;
+        let st = self.at(rel, |dir, name| {
+            rustix::fs::statat(dir, name, AtFlags::empty())
+        })?;
         Ok(Meta::from_stat(&st))
     }
 
     /// Opens a regular file for reading; a final symlink is refused (the
     /// kernel follows symlinks itself, through the view).
     pub fn open_file(&self, rel: &Path) -> io::Result<File> {
-        let fd = rustix::fs::openat(
-            &self.base,
-            arg(rel),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )?;
+        let fd = self.at(rel, |dir, name| {
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+                Mode::empty(),
+            )
+        })?;
         Ok(File::from(fd))
     }
 
@@ -152,12 +181,14 @@ impl Under {
     pub fn read(&self, rel: &Path) -> io::Result<(Meta, Vec<u8>)> {
         // O_NONBLOCK: a FIFO named like a source cannot block a request;
         // only a regular file of at most the link's source size limit is read.
-        let fd = rustix::fs::openat(
-            &self.base,
-            arg(rel),
-            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-            Mode::empty(),
-        )?;
+        let fd = self.at(rel, |dir, name| {
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+                Mode::empty(),
+            )
+        })?;
         let st = rustix::fs::fstat(&fd)?;
         let limit = pycstore_store::MAX_SOURCE_SIZE;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 > limit
@@ -182,12 +213,9 @@ impl Under {
     /// bits only if every one of those directories lets all its members
     /// search, whichever class of the directory they fall in.
     pub fn reach_mask(&self, rel: &Path, target: &Meta) -> io::Result<u32> {
-        let fd = rustix::fs::openat(
-            &self.base,
-            arg(rel),
-            OFlags::PATH | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let fd = self.at(rel, |dir, name| {
+            rustix::fs::openat(dir, name, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
+        })?;
         let real = fd_path(&fd)?;
         let mut mask = 0o777;
         for dir in real.ancestors().skip(1) {
@@ -204,17 +232,23 @@ impl Under {
 
     /// The target of a symlink.
     pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
-        Ok(rustix::fs::readlinkat(&self.base, arg(rel), Vec::new())?.into_bytes())
+        Ok(self
+            .at(rel, |dir, name| {
+                rustix::fs::readlinkat(dir, name, Vec::new())
+            })?
+            .into_bytes())
     }
 
     /// The entries of a directory, without `.` and `..`.
     pub fn list(&self, rel: &Path) -> io::Result<Vec<Listed>> {
-        let fd = rustix::fs::openat(
-            &self.base,
-            arg(rel),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let fd = self.at(rel, |dir, name| {
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        })?;
         let mut out = Vec::new();
         for entry in rustix::fs::Dir::new(fd)? {
             let entry = entry?;

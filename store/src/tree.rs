@@ -49,7 +49,7 @@ pub(crate) fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<Owned
 /// RESOLVE_NO_SYMLINKS` where the kernel has it (Linux 5.6), else one
 /// `O_NOFOLLOW` open per component. `relative` must be a plain relative
 /// path (no `..`).
-pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
+pub fn open_dir_beneath(root: BorrowedFd<'_>, relative: &Path) -> io::Result<OwnedFd> {
     open_beneath(root, relative, OFlags::PATH)
 }
 

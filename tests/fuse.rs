@@ -937,6 +937,52 @@ fn overlay_pycs_as_readable_as_their_sources() {
     m.unmount();
 }
 
+/// A pyc keeps the read bits its source's way gave it when it was made: a
+/// symlink to a source others may not reach, replaced by a file they may
+/// read, does not open the pyc made from the first (its bytes are that
+/// source's) to them, even where the kernel asks for its attributes again
+/// before forgetting it.
+#[test]
+fn a_replaced_symlink_opens_no_pyc_made_through_it() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = permission_tree(&t);
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let py = system_python();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--allow-other"),
+        ],
+    );
+    let linked = mnt.join("__pycache__/linked.cpython-311.pyc");
+    let made = std::fs::read(&linked).unwrap().len();
+    assert!(made > 16);
+    assert_eq!(nobody_reads(&[&linked]), ["EACCES"]);
+    // The symlink gives way to a file everyone may read; the kernel still
+    // holds the pyc it looked up, and asks for its attributes again.
+    std::fs::remove_file(src.join("linked.py")).unwrap();
+    std::fs::write(src.join("linked.py"), "").unwrap();
+    run_ok(Command::new("stat").arg("--cached=never").arg(&linked));
+    // The pyc of the empty file that replaced it has another length.
+    let got = nobody_reads(&[&linked]);
+    assert!(
+        got != [made.to_string()],
+        "nobody read the pyc made from the symlink's target ({made} bytes): {got:?}"
+    );
+    m.unmount();
+}
+
 /// With --allow-other, the pycache-prefix view mirrors the tree's
 /// directories, owner and mode included, and gives each pyc its source's
 /// read bits: another user imports a world-readable module from its pyc,

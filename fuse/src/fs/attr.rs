@@ -58,9 +58,10 @@ impl Inner {
 
     /// A pyc is never more readable than its source: it has the source's
     /// owner, group and read bits (no write or execute), less what the way
-    /// to a symlinked source's target takes away.
+    /// to a symlinked source's target took away when the pyc was made, and
+    /// what it takes away now.
     fn pyc_attr(&self, ino: u64, pyc: &PycNode) -> FileAttr {
-        let perm = pyc.source.mode & 0o444 & self.reach_mask(&pyc.rel, &pyc.source);
+        let perm = pyc.source.mode & 0o444 & pyc.reach & self.reach_mask(&pyc.rel, &pyc.source);
         FileAttr {
             ino: INodeNo(ino),
             size: pyc.served.size,

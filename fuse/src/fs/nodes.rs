@@ -34,6 +34,12 @@ pub(super) struct PycNode {
     pub source: Meta,
     /// The source, relative to the tree's base.
     pub rel: PathBuf,
+    /// The permission bits the way to the source left when the pyc was
+    /// made ([`Inner::reach_mask`](super::Inner)): its bytes are that
+    /// source's, whatever `rel` is later (a symlink to a file others may
+    /// not read, replaced by a file they may, must not open the pyc to
+    /// them).
+    pub reach: u32,
 }
 
 #[derive(Clone)]

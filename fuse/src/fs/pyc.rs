@@ -93,11 +93,13 @@ impl Inner {
         let key = Key::Pyc(pyc, SourceState::of(&source.meta));
         let meta = source.meta;
         let rel = source.rel.clone();
+        let reach = self.reach_mask(&rel, &meta);
         self.entry(key, move || {
             Node::Pyc(Arc::new(PycNode {
                 served,
                 source: meta,
                 rel,
+                reach,
             }))
         })
     }

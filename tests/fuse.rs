@@ -1294,6 +1294,44 @@ fn overlay_does_not_block_on_a_fifo_source() {
     m.unmount();
 }
 
+/// A file of the tree swapped for a FIFO after the kernel looked it up:
+/// reading it through the overlay fails at once instead of holding a
+/// request thread until a writer comes.
+#[test]
+fn a_file_swapped_for_a_fifo_does_not_block_the_overlay() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let src = t.join("src");
+    t.write("src/data.txt", "data\n");
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    assert!(mnt.join("data.txt").is_file());
+    std::fs::remove_file(src.join("data.txt")).unwrap();
+    run_ok(Command::new("mkfifo").arg(src.join("data.txt")));
+    let out = run(Command::new("timeout")
+        .arg("20")
+        .arg("cat")
+        .arg(mnt.join("data.txt")));
+    assert_ne!(out.status.code(), Some(124), "reading the FIFO hung");
+    assert!(!out.status.success(), "a FIFO was read: {out:?}");
+    m.unmount();
+}
+
 /// A directory of the tree swapped for a symlink after the kernel looked
 /// it up (it keeps the entry for `--cache-ttl`) leads nowhere: the overlay
 /// never serves, as the mount's owner, a file from outside the tree that

@@ -163,16 +163,32 @@ impl Under {
     }
 
     /// Opens a regular file for reading; a final symlink is refused (the
-    /// kernel follows symlinks itself, through the view).
+    /// kernel follows symlinks itself, through the view), and so is
+    /// anything else that is not a regular file: opened with `O_NONBLOCK`,
+    /// a FIFO swapped in for a file the kernel looked up cannot hold a
+    /// request thread waiting for a writer.
     pub fn open_file(&self, rel: &Path) -> io::Result<File> {
         let fd = self.at(rel, |dir, name| {
             rustix::fs::openat(
                 dir,
                 name,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+                OFlags::RDONLY
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY
+                    | OFlags::NONBLOCK,
                 Mode::empty(),
             )
         })?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        // Reads of a regular file ignore O_NONBLOCK; cleared all the same.
+        let flags = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?;
         Ok(File::from(fd))
     }
 

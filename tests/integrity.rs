@@ -436,6 +436,46 @@ fn a_group_store_works_for_every_member_under_any_umask() {
             "{user} imports pkg: {from_pyc} from pycs, {compiled} compiled"
         );
     }
+    // Root links a tree of the group from the store: the objects A wrote
+    // stay A's, who could make one writable again, so root's pycs get
+    // their own inodes instead of A's (the kernel would not stop root).
+    let r = t.join("r");
+    write_pkg(&r, 4);
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "root:pycstore-grp"])
+            .arg(&r),
+    );
+    // Root, with the group among its groups (as a CI runner's root would
+    // be, to use the runners' store).
+    let out = run(Command::new("setpriv")
+        .args(["--groups", "pycstore-grp", "--"])
+        .arg(&bin)
+        .arg("--store")
+        .arg(&store)
+        .env_remove("PYCSTORE_DIR")
+        .env("PYCSTORE_CONFIG", "/dev/null")
+        .args(["link", "--json", "--python"])
+        .arg(&python)
+        .arg(&r));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_output!(
+        out,
+        out.status.success() && json["compiled"] == 0,
+        "root links from the group store: {json}"
+    );
+    let hex = ObjectId::of(&std::fs::read(pyc(&a, "m0")).unwrap()).to_hex();
+    let object =
+        std::fs::metadata(store.join("objects-v1").join(&hex[..2]).join(&hex[2..])).unwrap();
+    let placed = std::fs::metadata(pyc(&r, "m0")).unwrap();
+    let a_uid =
+        String::from_utf8(run_ok(Command::new("id").args(["-u", "pycstore-a"])).stdout).unwrap();
+    assert_eq!(object.uid().to_string(), a_uid.trim());
+    assert_ne!(
+        (placed.dev(), placed.ino()),
+        (object.dev(), object.ino()),
+        "root hard linked an object pycstore-a owns"
+    );
     for user in ["pycstore-a", "pycstore-b"] {
         let out = run(&mut as_user(
             user,

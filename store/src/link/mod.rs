@@ -245,6 +245,7 @@ pub fn link(
             progress,
             now_ns: now,
             warned_metadata: AtomicBool::new(false),
+            warned_foreign: AtomicBool::new(false),
         };
         // Phase 2 runs while the lookups go on: hits are placed at once,
         // misses go to the compile threads, which outlive the session.
@@ -448,6 +449,8 @@ struct Run<'a> {
     now_ns: i64,
     /// Whether the warning about objects whose metadata changed was said.
     warned_metadata: AtomicBool,
+    /// Whether the copies of other members' objects were said.
+    warned_foreign: AtomicBool,
 }
 
 /// How a pyc came to be settled.

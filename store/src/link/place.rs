@@ -29,14 +29,24 @@ pub(super) struct TrustDomain<'a> {
     objects: &'a crate::objects::Objects,
     /// Whether the caller is root (and can give pycs their source's owner).
     root: bool,
+    /// The caller's user id.
+    euid: u32,
 }
 
 impl<'a> TrustDomain<'a> {
     pub(super) fn of(store: &'a Store) -> TrustDomain<'a> {
+        let euid = rustix::process::geteuid();
         TrustDomain {
             objects: &store.objects,
-            root: rustix::process::geteuid().is_root(),
+            root: euid.is_root(),
+            euid: euid.as_raw(),
         }
+    }
+
+    /// Whether an object written by `uid` belongs to another member of a
+    /// group store.
+    fn foreign(&self, uid: u32) -> bool {
+        matches!(self.objects.owner(), crate::trust::Owner::Group(_)) && uid != self.euid
     }
 
     /// Who may read the pyc of `source`: a source every user may read gets
@@ -80,6 +90,8 @@ pub(super) struct Checked {
     dev: u64,
     ino: u64,
     mode: u32,
+    /// Who wrote it (in a group store, any member).
+    uid: u32,
 }
 
 impl Checked {
@@ -88,6 +100,7 @@ impl Checked {
             dev: st.st_dev,
             ino: st.st_ino,
             mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
         }
     }
 }
@@ -424,7 +437,7 @@ impl Run<'_> {
         how: Settled,
     ) -> Result<(), FileError> {
         let path = &target.source.path;
-        let access = self.domain.access(&target.source);
+        let mut access = self.domain.access(&target.source);
         let pycache = target
             .source
             .dir
@@ -435,6 +448,22 @@ impl Run<'_> {
             return Err(FileError::new(path, Op::Place, Cause::NotAModuleName));
         };
         let object = object.or_else(|| self.identity(&entry.object));
+        // In a group store, an object another member wrote is theirs: they
+        // could make it writable again and change, through it, every pyc
+        // hard linked to it. Root is not held back by the kernel's
+        // protected_hardlinks, which keeps the other members from linking
+        // it: it is copied (or reflinked) here too.
+        if access.hardlink && object.is_some_and(|o| self.domain.foreign(o.uid)) {
+            access.hardlink = false;
+            if !self.warned_foreign.swap(true, Ordering::Relaxed) {
+                self.progress.warn(&format!(
+                    "copying pycs into `{}`: in a store shared with a group, only the objects \
+                     this user wrote are hard linked; other members could change the pycs \
+                     linked from theirs",
+                    target.source.dir.path.display()
+                ));
+            }
+        }
         // A `__pycache__` this run made held nothing: no need to look.
         let existing = if pycache.made {
             Existing::Other

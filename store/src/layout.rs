@@ -163,6 +163,14 @@ impl Store {
             }
             None => None,
         };
+        // Checked again once the lock is held: whoever made this process
+        // wait for it (a member of a group store holding it) had the time
+        // to swap a bucket for a symlink.
+        if guard.is_some() {
+            for (name, kind) in BUCKETS {
+                trust::check_bucket(root, name, kind, owner)?;
+            }
+        }
         sweep_tmp(&root.join(TMP_DIR), owner);
         Ok(Store {
             objects: Objects::with_owner(root.join(OBJECTS_DIR), root.join(TMP_DIR), owner),

@@ -464,7 +464,30 @@ fn check_objects(
 /// again; good underneath, that is a permission repaired.
 fn read_again(store: &Store, id: &ObjectId, checked: &mut Checked, found: &mut Findings) {
     let path = store.objects.path(id);
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444));
+    // Through the object itself, reached without following a symlink.
+    if let Ok((dir, name)) = beneath_store(store.objects.dir(), &path) {
+        use rustix::fs::{Mode, OFlags};
+        // An object that cannot be read cannot be opened for fchmod: its
+        // O_PATH descriptor, once it is known to be a regular file, is
+        // chmod'ed through /proc (which leads to that inode, nothing else).
+        if let Ok(file) = rustix::fs::openat(
+            &dir,
+            &name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            let regular = rustix::fs::fstat(&file).is_ok_and(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            });
+            if regular {
+                use std::os::fd::AsRawFd;
+                let _ = std::fs::set_permissions(
+                    format!("/proc/self/fd/{}", file.as_raw_fd()),
+                    std::fs::Permissions::from_mode(0o444),
+                );
+            }
+        }
+    }
     let Some(again) = check_object(&store.objects, id, &path) else {
         return;
     };
@@ -843,7 +866,7 @@ fn repair_files(store: &Store, found: &mut Findings) {
         ..
     } = found;
     for (path, at) in remove.iter() {
-        let outcome = remove_object(path);
+        let outcome = remove_object(store.objects.dir(), path);
         repairs.objects_removed += outcome.is_ok() as u64;
         let done = "removed it: the next `pycstore link` compiles it again";
         settle(&mut problems[*at], outcome, done);
@@ -861,7 +884,7 @@ fn repair_files(store: &Store, found: &mut Findings) {
         settle(&mut problems[*at], outcome, done);
     }
     for (path, at) in shards.iter() {
-        let outcome = give_back_shard(store.objects.owner(), path);
+        let outcome = give_back_shard(store.objects.owner(), store.objects.dir(), path);
         repairs.owners_fixed += outcome.is_ok() as u64;
         let done = "gave it back to the store's owner, mode 0700 (2770 in a group store)";
         settle(&mut problems[*at], outcome, done);
@@ -880,7 +903,7 @@ fn repair_files(store: &Store, found: &mut Findings) {
     }
     let removed: Vec<bool> = orphans
         .par_iter()
-        .map(|id| remove_object(&store.objects.path(id)).is_ok())
+        .map(|id| remove_object(store.objects.dir(), &store.objects.path(id)).is_ok())
         .collect();
     repairs.orphans_removed = removed.into_iter().filter(|&ok| ok).count() as u64;
 }
@@ -1007,19 +1030,33 @@ fn check_shards(store: &Store, found: &mut Findings) {
     }
 }
 
-/// Gives a shard directory back to the store's owner, mode 0700 (2770).
-fn give_back_shard(owner: Owner, path: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path).at("stat", path)?;
-    if !meta.is_dir() {
-        return Ok(());
-    }
-    let (uid, gid) = match owner {
-        Owner::User(uid) => (Some(uid), None),
-        Owner::Group(gid) => (None, Some(gid)),
+/// Gives a shard directory back to the store's owner, mode 0700 (2770),
+/// through a descriptor of the shard itself, reached without following a
+/// symlink ([`beneath_store`]).
+fn give_back_shard(owner: Owner, objects: &Path, path: &Path) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let (parent, name) = beneath_store(objects, path)?;
+    let shard = match rustix::fs::openat(
+        &parent,
+        &name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // No longer a directory: nothing to give back.
+        Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP | rustix::io::Errno::NOENT) => {
+            return Ok(())
+        }
+        Err(e) => return Err(with_path(e.into(), "open", path)),
     };
-    std::os::unix::fs::lchown(path, uid, gid).at("change the owner of", path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(owner.dir_mode()))
-        .at("set permissions of", path)
+    let (uid, gid) = match owner {
+        Owner::User(uid) => (Some(rustix::fs::Uid::from_raw(uid)), None),
+        Owner::Group(gid) => (None, Some(rustix::fs::Gid::from_raw(gid))),
+    };
+    rustix::fs::fchown(&shard, uid, gid)
+        .map_err(|e| with_path(e.into(), "change the owner of", path))?;
+    rustix::fs::fchmod(&shard, Mode::from_raw_mode(owner.dir_mode()))
+        .map_err(|e| with_path(e.into(), "set permissions of", path))
 }
 
 /// Something wrong with one recorded pyc.
@@ -1254,27 +1291,118 @@ fn source_of(pyc: &Path) -> Option<(PathBuf, u8)> {
     Some((cache.parent()?.join(format!("{stem}.py")), optimize))
 }
 
-/// Removes a damaged object, or whatever stands in its place.
-fn remove_object(path: &Path) -> std::io::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(with_path(e, "stat", path)),
+/// The directory holding `path` (a name in the store's bucket `objects`,
+/// or in one of its shards) and `path`'s last component: reached from the
+/// store's directory without following any symlink, so that a bucket or a
+/// shard swapped for a symlink (in a group store every member can) makes
+/// the repair fail rather than act on what it points to.
+fn beneath_store(objects: &Path, path: &Path) -> std::io::Result<(OwnedFd, std::ffi::OsString)> {
+    use rustix::fs::{Mode, OFlags};
+    let outside = || {
+        with_path(
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not in the store"),
+            "find",
+            path,
+        )
     };
-    if meta.is_dir() {
-        return std::fs::remove_dir_all(path).at("remove", path);
+    let root = objects.parent().ok_or_else(outside)?;
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(outside());
+    };
+    let relative = parent.strip_prefix(root).map_err(|_| outside())?;
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| with_path(e.into(), "open", root))?;
+    let dir = crate::tree::open_dir_beneath(std::os::fd::AsFd::as_fd(&root_fd), relative)
+        .at("open", parent)?;
+    Ok((dir, name.to_os_string()))
+}
+
+/// Removes a damaged object, or whatever stands in its place, by its name
+/// in its directory ([`beneath_store`]): a symlink goes itself, a
+/// directory with what is in it (never following a symlink).
+fn remove_object(objects: &Path, path: &Path) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    let (dir, name) = match beneath_store(objects, path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let st = match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(with_path(e.into(), "stat", path)),
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        // Through the descriptor held: no name on the way can be swapped.
+        FileType::Directory => {
+            let held = Path::new("/proc/self/fd")
+                .join(dir.as_raw_fd().to_string())
+                .join(&name);
+            return std::fs::remove_dir_all(held).at("remove", path);
+        }
+        FileType::RegularFile => {
+            // Objects are read-only, and SMB mounts refuse to delete
+            // read-only files.
+            if let Ok(file) = rustix::fs::openat(
+                &dir,
+                &name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                let _ = rustix::fs::fchmod(&file, Mode::from_raw_mode(0o644));
+            }
+        }
+        _ => {}
     }
-    if meta.is_file() {
-        // Objects are read-only, and SMB mounts refuse to delete read-only
-        // files.
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
-    }
-    std::fs::remove_file(path).at("remove", path)
+    rustix::fs::unlinkat(&dir, &name, AtFlags::empty())
+        .map_err(|e| with_path(e.into(), "remove", path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `verify --repair` removes and chmods what is in the store through
+    /// descriptors reached from the store without following a symlink: a
+    /// bucket or a shard swapped for a symlink to another directory (a
+    /// member of a group store can) makes the repair fail, and what the
+    /// symlink points to keeps its files and modes.
+    #[test]
+    fn repairs_never_follow_a_bucket_or_shard_swapped_for_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, elsewhere) = (dir.path().join("store"), dir.path().join("etc"));
+        std::fs::create_dir_all(elsewhere.join("ab")).unwrap();
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::write(elsewhere.join("passwd"), "root:x:0:0\n").unwrap();
+        std::fs::write(elsewhere.join("ab/shadow"), "root:*\n").unwrap();
+        std::fs::set_permissions(elsewhere.join("ab"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let objects = store.join("objects-v1");
+        // The bucket is a symlink.
+        std::os::unix::fs::symlink(&elsewhere, &objects).unwrap();
+        assert!(remove_object(&objects, &objects.join("passwd")).is_err());
+        assert!(remove_object(&objects, &objects.join("ab/shadow")).is_err());
+        assert!(give_back_shard(Owner::current_user(), &objects, &objects.join("ab")).is_err());
+        // The bucket is real, a shard is a symlink.
+        std::fs::remove_file(&objects).unwrap();
+        std::fs::create_dir(&objects).unwrap();
+        std::os::unix::fs::symlink(elsewhere.join("ab"), objects.join("ab")).unwrap();
+        assert!(remove_object(&objects, &objects.join("ab/shadow")).is_err());
+        // ... which itself goes, as a stray, not what it points to.
+        remove_object(&objects, &objects.join("ab")).unwrap();
+        assert!(std::fs::symlink_metadata(objects.join("ab")).is_err());
+        assert!(elsewhere.join("passwd").exists() && elsewhere.join("ab/shadow").exists());
+        let mode = std::fs::metadata(elsewhere.join("ab"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
+    }
     use crate::index::EntrySlot;
     use crate::key::CompileKey;
     use crate::lock::LockMode;

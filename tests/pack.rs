@@ -527,14 +527,16 @@ fn a_fifo_nothing_writes_is_refused_not_waited_on() {
     let fifo = t.join("pycs.pack");
     let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(status.success());
-    let mut child = t
-        .pycstore()
-        .arg("import")
-        .arg(&fifo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let import = || {
+        t.pycstore()
+            .arg("import")
+            .arg(&fifo)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = import();
     // Waited for at most 60 s: a hang fails the test instead of the run.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
@@ -564,14 +566,7 @@ fn a_fifo_nothing_writes_is_refused_not_waited_on() {
         .open(&fifo)
         .unwrap();
     writer.write_all(&bytes).unwrap();
-    let child = t
-        .pycstore()
-        .arg("import")
-        .arg(&fifo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = import();
     let fds = PathBuf::from(format!("/proc/{}/fd", child.id()));
     let opened = || {
         std::fs::read_dir(&fds)

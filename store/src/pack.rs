@@ -1364,17 +1364,7 @@ mod tests {
         // ...and a pack that has it anyway is refused.
         let mut key = vec![7; 32];
         key.push(Flavor::CheckedHash.tag());
-        let mut value = entry.object.0.to_vec();
-        value.extend_from_slice(&entry.size.to_le_bytes());
-        value.extend_from_slice(&entry.header);
-        let mut pack = Vec::new();
-        let declared = Declared {
-            entries: 1,
-            ..Declared::default()
-        };
-        let mut w = PackWriter::new(&mut pack, Path::new("p"), &declared).unwrap();
-        w.entry(&key, &value).unwrap();
-        w.finish(1, 0, 0).unwrap();
+        let pack = pack_of_an_entry(&key, &entry);
         let b = Store::open(&dir.path().join("b")).unwrap();
         match import(&b, &pack[..], Path::new("p")) {
             Err(Error::Pack { message, .. }) => {
@@ -1387,29 +1377,17 @@ mod tests {
         }
         // Nor is one naming an object the store has, with its size but
         // another header: the store is left as it was.
-        let (object, size) = {
-            let index = a.index().unwrap();
-            let e = index
-                .entry(&CompileKey([1; 32]), EntrySlot::Body)
-                .unwrap()
-                .unwrap();
-            (e.object, e.size)
-        };
+        let stored = a
+            .index()
+            .unwrap()
+            .entry(&CompileKey([1; 32]), EntrySlot::Body)
+            .unwrap()
+            .unwrap();
         for (header, kept) in [
             ([7u8; 16], false),
-            (a.objects.header(&object).unwrap(), true),
+            (a.objects.header(&stored.object).unwrap(), true),
         ] {
-            let mut value = object.0.to_vec();
-            value.extend_from_slice(&size.to_le_bytes());
-            value.extend_from_slice(&header);
-            let mut pack = Vec::new();
-            let declared = Declared {
-                entries: 1,
-                ..Declared::default()
-            };
-            let mut w = PackWriter::new(&mut pack, Path::new("p"), &declared).unwrap();
-            w.entry(&key, &value).unwrap();
-            w.finish(1, 0, 0).unwrap();
+            let pack = pack_of_an_entry(&key, &Entry { header, ..stored });
             let before = snapshot(&dir.path().join("a"));
             match import(&a, &pack[..], Path::new("p")) {
                 Ok(report) if kept => assert_eq!(report.entries_added, 1),
@@ -1423,6 +1401,22 @@ mod tests {
                 other => panic!("{header:?}: {other:?}"),
             }
         }
+    }
+
+    /// A pack holding the one entry `entry` under the index key `key`.
+    fn pack_of_an_entry(key: &[u8], entry: &Entry) -> Vec<u8> {
+        let mut value = entry.object.0.to_vec();
+        value.extend_from_slice(&entry.size.to_le_bytes());
+        value.extend_from_slice(&entry.header);
+        let mut pack = Vec::new();
+        let declared = Declared {
+            entries: 1,
+            ..Declared::default()
+        };
+        let mut w = PackWriter::new(&mut pack, Path::new("p"), &declared).unwrap();
+        w.entry(key, &value).unwrap();
+        w.finish(1, 0, 0).unwrap();
+        pack
     }
 
     /// A pack of one object record whose length field says `len`, followed

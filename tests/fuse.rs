@@ -1374,3 +1374,42 @@ fn a_directory_swapped_for_a_symlink_serves_nothing_from_outside() {
     );
     m.unmount();
 }
+
+/// The pycache-prefix view names a pyc after the path Python imported its
+/// source by: a source reached through a symlinked directory (a merged
+/// `/usr`, a venv's `lib64`) gets its pyc under that path too.
+#[test]
+fn pycache_prefix_follows_a_symlinked_directory() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    t.write("real/module.py", "VALUE = 1\n");
+    std::os::unix::fs::symlink(t.join("real"), t.join("linked")).unwrap();
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let py = python("3.11");
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    for dir in ["real", "linked"] {
+        let pyc = prefix
+            .join(t.join(dir).strip_prefix("/").unwrap())
+            .join("module.cpython-311.pyc");
+        let read = std::fs::read(&pyc);
+        assert!(
+            read.as_ref().is_ok_and(|b| b.len() > 16),
+            "{}: {read:?}",
+            pyc.display()
+        );
+    }
+    m.unmount();
+}

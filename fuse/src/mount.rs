@@ -165,7 +165,8 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
             (under, Kind::Overlay, python)
         }
         View::PycachePrefix => {
-            let under = Under::open(Path::new("/")).map_err(io_err(Path::new("/")))?;
+            let under =
+                Under::open_following_dirs(Path::new("/")).map_err(io_err(Path::new("/")))?;
             let rel = mountpoint
                 .strip_prefix("/")
                 .unwrap_or(&mountpoint)

@@ -18,6 +18,9 @@ pub(crate) struct Under {
     root: PathBuf,
     /// `root` with every symlink resolved, as the kernel names the base.
     real_root: PathBuf,
+    /// Whether a symlink to a directory on the way to a node is followed
+    /// ([`Under::at`]).
+    follow_dirs: bool,
 }
 
 /// `stat` of a file of the tree, in the form the views need.
@@ -84,8 +87,23 @@ pub(crate) struct Listed {
 }
 
 impl Under {
-    /// Opens `root` (following symlinks) as the base of a tree.
+    /// Opens `root` (following symlinks) as the base of a tree whose
+    /// nodes the kernel reaches itself, following the tree's symlinks
+    /// through the view (the overlay): no symlink on the way to a node is
+    /// followed here.
     pub fn open(root: &Path) -> io::Result<Under> {
+        Self::open_with(root, false)
+    }
+
+    /// [`Under::open`] for a view that mirrors a symlink to a directory as
+    /// the directory (the pycache-prefix view: Python names a source's pyc
+    /// after the path it imported the source by, symlinked directories
+    /// included), which follows such symlinks on the way to a node.
+    pub fn open_following_dirs(root: &Path) -> io::Result<Under> {
+        Self::open_with(root, true)
+    }
+
+    fn open_with(root: &Path, follow_dirs: bool) -> io::Result<Under> {
         let base = rustix::fs::open(
             root,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -97,6 +115,7 @@ impl Under {
             base,
             root: root.to_path_buf(),
             real_root,
+            follow_dirs,
         })
     }
 
@@ -130,7 +149,9 @@ impl Under {
     /// directory of the tree swapped for a symlink after the kernel cached
     /// it (to `/proc/self` or `/root`) leads nowhere, instead of to a file
     /// outside the tree opened as the mount's owner. Only `op` decides
-    /// whether the last component is followed.
+    /// whether the last component is followed. (In a view that follows
+    /// symlinked directories, [`Under::open_following_dirs`], `rel` is
+    /// resolved as a path, as before.)
     fn at<T>(
         &self,
         rel: &Path,
@@ -138,7 +159,7 @@ impl Under {
     ) -> io::Result<T> {
         use std::os::fd::AsFd;
         match (rel.parent(), rel.file_name()) {
-            (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
+            (Some(parent), Some(name)) if !parent.as_os_str().is_empty() && !self.follow_dirs => {
                 let dir = pycstore_store::tree::open_dir_beneath(self.base.as_fd(), parent)?;
                 Ok(op(dir.as_fd(), Path::new(name))?)
             }

@@ -167,6 +167,63 @@ fn a_bucket_that_is_a_symlink_or_belongs_to_another_user_is_refused() {
     assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o700));
 }
 
+/// Whoever holds the store's lock while a command waits for it (in a group
+/// store, any member) has all the time they want to swap a bucket for a
+/// symlink: the buckets are checked again once the lock is had, and the
+/// swapped one refused, before anything is swept, written or linked.
+#[test]
+fn a_bucket_swapped_while_a_link_waits_for_the_lock_is_refused() {
+    use std::io::Read;
+    let t = TestDir::new();
+    write_pkg(&t.join("app"), 2);
+    link(&t, "hardlink", &t.join("app"), Some(&python("3.11")));
+    let elsewhere = t.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("old"), "").unwrap();
+    // Held exclusive, as `gc` holds it.
+    let lock = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(t.store().join("lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    write_pkg(&t.join("other"), 2);
+    let mut child = t
+        .pycstore()
+        .args(["link", "--python"])
+        .arg(python("3.11"))
+        .arg(t.join("other"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until it says it waits.
+    let mut stderr = child.stderr.take().unwrap();
+    let mut said = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&said).contains("waiting for") {
+        assert_eq!(
+            stderr.read(&mut byte).unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&said)
+        );
+        said.push(byte[0]);
+    }
+    let tmp = t.store().join("tmp");
+    std::fs::rename(&tmp, t.join("tmp-was")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+    lock.unlock().unwrap();
+    stderr.read_to_end(&mut said).unwrap();
+    let status = child.wait().unwrap();
+    let said = String::from_utf8_lossy(&said);
+    assert!(
+        status.code() == Some(2) && said.contains(&format!("`{}` is a symlink", tmp.display())),
+        "{status:?}: {said}"
+    );
+    assert!(elsewhere.join("old").exists());
+    assert!(pycs_under(&t.join("other")).is_empty());
+}
+
 /// The attack: root links two venvs from one store; a `chown -R
 /// app` of one of them (a common Dockerfile step) hands the shared objects
 /// to `app`, who could then change root's other venv through them.

@@ -163,10 +163,10 @@ impl Store {
             }
             None => None,
         };
-        // Checked again once the lock is held: whoever made this process
-        // wait for it (a member of a group store holding it) had the time
-        // to swap a bucket for a symlink.
-        if guard.is_some() {
+        // Checked again once the lock is held, when it had to be waited
+        // for: whoever held it (a member of a group store) had all the
+        // time they wanted to swap a bucket for a symlink.
+        if guard.as_ref().is_some_and(LockGuard::waited) {
             for (name, kind) in BUCKETS {
                 trust::check_bucket(root, name, kind, owner)?;
             }

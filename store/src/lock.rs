@@ -34,6 +34,15 @@ pub enum LockMode {
 #[derive(Debug)]
 pub struct LockGuard {
     _file: File,
+    waited: bool,
+}
+
+impl LockGuard {
+    /// Whether another process held the lock when it was asked for (so
+    /// that this one waited for it).
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
 }
 
 /// Takes the lock on `path` (creating the file), waiting as long as it
@@ -73,8 +82,8 @@ pub fn lock(path: &Path, mode: LockMode, what: &str) -> io::Result<LockGuard> {
         LockMode::Shared => file.try_lock_shared(),
         LockMode::Exclusive => file.try_lock(),
     };
-    match attempt {
-        Ok(()) => {}
+    let waited = match attempt {
+        Ok(()) => false,
         Err(std::fs::TryLockError::WouldBlock) => {
             if !what.is_empty() {
                 eprintln!("pycstore: waiting for {what} (`{}`)", path.display());
@@ -84,8 +93,12 @@ pub fn lock(path: &Path, mode: LockMode, what: &str) -> io::Result<LockGuard> {
                 LockMode::Exclusive => file.lock(),
             }
             .at("lock", path)?;
+            true
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(PathError::new(e, "lock", path).into()),
-    }
-    Ok(LockGuard { _file: file })
+    };
+    Ok(LockGuard {
+        _file: file,
+        waited,
+    })
 }

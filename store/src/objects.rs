@@ -45,10 +45,15 @@ pub const SEAL_MTIME: (i64, i64) = (1, 0);
 /// before its rename, whose mtime says nothing of when), its status change
 /// time, which no `utimensat` sets back.
 pub(crate) fn last_written(meta: &std::fs::Metadata) -> i64 {
-    if (meta.mtime(), meta.mtime_nsec()) == SEAL_MTIME {
-        meta.ctime()
+    written_at(meta.mtime(), meta.mtime_nsec(), meta.ctime())
+}
+
+/// [`last_written`] from the times of a stat.
+fn written_at(mtime: i64, mtime_nsec: i64, ctime: i64) -> i64 {
+    if (mtime, mtime_nsec) == SEAL_MTIME {
+        ctime
     } else {
-        meta.mtime()
+        mtime
     }
 }
 
@@ -99,11 +104,7 @@ pub(crate) fn sweep_temps(
             continue;
         };
         let kind = FileType::from_raw_mode(st.st_mode);
-        let written = if (st.st_mtime, st.st_mtime_nsec as i64) == SEAL_MTIME {
-            st.st_ctime
-        } else {
-            st.st_mtime
-        };
+        let written = written_at(st.st_mtime, st.st_mtime_nsec as i64, st.st_ctime);
         if written >= cutoff || !matches!(kind, FileType::RegularFile | FileType::Symlink) {
             continue;
         }

@@ -464,29 +464,8 @@ fn check_objects(
 /// again; good underneath, that is a permission repaired.
 fn read_again(store: &Store, id: &ObjectId, checked: &mut Checked, found: &mut Findings) {
     let path = store.objects.path(id);
-    // Through the object itself, reached without following a symlink.
     if let Ok((dir, name)) = beneath_store(store.objects.dir(), &path) {
-        use rustix::fs::{Mode, OFlags};
-        // An object that cannot be read cannot be opened for fchmod: its
-        // O_PATH descriptor, once it is known to be a regular file, is
-        // chmod'ed through /proc (which leads to that inode, nothing else).
-        if let Ok(file) = rustix::fs::openat(
-            &dir,
-            &name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            let regular = rustix::fs::fstat(&file).is_ok_and(|st| {
-                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-            });
-            if regular {
-                use std::os::fd::AsRawFd;
-                let _ = std::fs::set_permissions(
-                    format!("/proc/self/fd/{}", file.as_raw_fd()),
-                    std::fs::Permissions::from_mode(0o444),
-                );
-            }
-        }
+        chmod_file_at(&dir, &name, 0o444);
     }
     let Some(again) = check_object(&store.objects, id, &path) else {
         return;
@@ -1321,11 +1300,37 @@ fn beneath_store(objects: &Path, path: &Path) -> std::io::Result<(OwnedFd, std::
     Ok((dir, name.to_os_string()))
 }
 
+/// Sets the mode of the regular file `name` in `dir` (doing nothing to
+/// anything else), through the file itself: its `O_PATH` descriptor,
+/// opened without following a symlink, is chmod'ed through `/proc`, which
+/// leads to that inode only (an object no one may read cannot be opened
+/// for `fchmod`).
+fn chmod_file_at(dir: &OwnedFd, name: &OsStr, mode: u32) {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    let Ok(file) = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    if rustix::fs::fstat(&file)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+    {
+        let _ = std::fs::set_permissions(
+            format!("/proc/self/fd/{}", file.as_raw_fd()),
+            std::fs::Permissions::from_mode(mode),
+        );
+    }
+}
+
 /// Removes a damaged object, or whatever stands in its place, by its name
 /// in its directory ([`beneath_store`]): a symlink goes itself, a
 /// directory with what is in it (never following a symlink).
 fn remove_object(objects: &Path, path: &Path) -> std::io::Result<()> {
-    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use rustix::fs::{AtFlags, FileType};
     use std::os::fd::AsRawFd;
     let (dir, name) = match beneath_store(objects, path) {
         Ok(found) => found,
@@ -1345,18 +1350,9 @@ fn remove_object(objects: &Path, path: &Path) -> std::io::Result<()> {
                 .join(&name);
             return std::fs::remove_dir_all(held).at("remove", path);
         }
-        FileType::RegularFile => {
-            // Objects are read-only, and SMB mounts refuse to delete
-            // read-only files.
-            if let Ok(file) = rustix::fs::openat(
-                &dir,
-                &name,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                let _ = rustix::fs::fchmod(&file, Mode::from_raw_mode(0o644));
-            }
-        }
+        // Objects are read-only, and SMB mounts refuse to delete read-only
+        // files.
+        FileType::RegularFile => chmod_file_at(&dir, &name, 0o644),
         _ => {}
     }
     rustix::fs::unlinkat(&dir, &name, AtFlags::empty())

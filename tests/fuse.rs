@@ -1156,6 +1156,120 @@ fn pycache_prefix_refuses_an_unloadable_body() {
     assert_nothing_compiled(&log, &app, 1);
 }
 
+/// A timestamp pyc names its source by mtime and size, not by its bytes,
+/// and the view stores what Python writes under the digest of the source's
+/// bytes, for every tree holding them. So one is stored only for a source
+/// nobody but root and the mount's owner can change, that last changed
+/// before Python began writing: a user who swaps their file for another of
+/// the same size, its mtime put back, while root's Python compiles it (here
+/// the forged result is written directly: the bytecode of `X = 'a'` under
+/// the header of their `X = 'u'`) gets nothing served to another tree,
+/// and a source written just before Python wrote its pyc is not stored
+/// either. Root's settled source is.
+#[test]
+fn pycache_prefix_stores_timestamp_pycs_only_of_sources_no_one_else_changes() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let py = python("3.11");
+    let theirs = t.join("theirs");
+    let their_source = t.write("theirs/mod.py", "X = 'u'\n");
+    for p in [&theirs, &their_source] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
+    let mine = t.join("mine");
+    t.write("mine/old.py", "Y = 'old'\n");
+    std::thread::sleep(Duration::from_millis(1200));
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let store = t.join("store-ingest");
+    let mut m = Mounted::start(
+        &t,
+        &store,
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--no-compile"),
+        ],
+    );
+    t.write("mine/fresh.py", "Z = 'fresh'\n");
+    let env = [
+        ("PYTHONPYCACHEPREFIX", prefix.as_os_str()),
+        ("PYTHONPATH", mine.as_os_str()),
+    ];
+    let log = python_v(&py, &["-S", "-c", "import old, fresh"], &env);
+    assert_output!(log.output, log.output.status.success(), "import failed");
+    let compiled = |dir: &Path| {
+        log.from_source
+            .iter()
+            .filter(|p| p.starts_with(dir.to_str().unwrap()))
+            .count()
+    };
+    assert_eq!(compiled(&mine), 2, "{:?}", log.from_source);
+    let mut view_dir = prefix.as_os_str().to_owned();
+    view_dir.push(theirs.as_os_str());
+    let forged = PathBuf::from(view_dir).join("mod.cpython-311.pyc");
+    let forge = "import importlib.util, marshal, os, sys\n\
+                 st = os.stat(sys.argv[1])\n\
+                 header = importlib.util.MAGIC_NUMBER + bytes(4) \
+                 + (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, 'little') \
+                 + (st.st_size & 0xFFFFFFFF).to_bytes(4, 'little')\n\
+                 body = marshal.dumps(compile(b\"X = 'a'\\n\", sys.argv[1], 'exec'))\n\
+                 try:\n\
+                 \x20   with open(sys.argv[2], 'wb') as f:\n\
+                 \x20       f.write(header + body)\n\
+                 except OSError as e:\n\
+                 \x20   print('refused:', e)\n";
+    let out = run_ok(
+        Command::new(&py)
+            .args(["-c", forge])
+            .arg(&their_source)
+            .arg(&forged),
+    );
+    let report = m.unmount();
+    // Root's settled source, and the standard library Python compiled on
+    // the way, are stored; the other two are refused.
+    assert!(
+        reported(&report, "written by Python stored") >= 1,
+        "{report}\n{out:?}"
+    );
+    assert_eq!(reported(&report, "refused"), 2, "{report}\n{out:?}");
+    assert!(
+        report.contains("belongs to user id 65534") && report.contains("less than a second"),
+        "the view did not say why it refused: {report}"
+    );
+
+    // Another tree holding the same three sources: only root's settled one
+    // is served from what Python wrote; the others compile, and import as
+    // their own bytes say.
+    let other = t.join("other");
+    t.write("other/mod.py", "X = 'u'\n");
+    t.write("other/old.py", "Y = 'old'\n");
+    t.write("other/fresh.py", "Z = 'fresh'\n");
+    let (out, json) = link_json(
+        pycstore(&store)
+            .args(["link", "--python"])
+            .arg(&py)
+            .arg(&other),
+    );
+    assert_output!(out, out.status.success(), "link failed");
+    assert_eq!(json["hits"], 1, "{json}");
+    assert_eq!(json["compiled"], 2, "{json}");
+    let log = python_v(
+        &py,
+        &[
+            "-c",
+            "import mod, old, fresh; assert (mod.X, old.Y, fresh.Z) == ('u', 'old', 'fresh')",
+        ],
+        &[("PYTHONPATH", other.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &other, 3);
+}
+
 /// The object check `link` makes reaches the overlay: a `chown` through a
 /// hardlinked pyc hands its store object to `nobody`, and its bytes are
 /// then changed (a body of the same length, under the same header, that

@@ -47,6 +47,11 @@ use crate::{lock, Error};
 /// How often compiled pycs, use times and counters are recorded in the index.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
+/// How long before Python began writing a timestamp pyc its source must
+/// have last changed for the pyc to be stored ([`Pycs::ingest`]): more than
+/// Python takes to read, compile and start writing a module.
+pub(crate) const TIMESTAMP_SETTLED: Duration = Duration::from_secs(1);
+
 /// An interpreter a view serves pycs for, with its compile workers.
 pub(crate) struct Interp {
     /// What the probe said.
@@ -862,7 +867,17 @@ impl Pycs {
     /// Checks a pyc that Python wrote for the source `rel` and stores it:
     /// the magic must be the interpreter's, the flags a valid flavor, the
     /// header must match the live source (its hash, or its mtime and size),
-    /// and the body must start like a marshalled code object.
+    /// and the body must be one code object Python can load.
+    ///
+    /// A timestamp pyc says which bytes it was compiled from only by their
+    /// mtime and size, and it is stored under the digest of the bytes read
+    /// here, for every tree that holds them. So it is stored only when the
+    /// bytes cannot have changed since Python read them: the source (every
+    /// symlink and directory on its way included) is one nobody but root
+    /// and the mount's owner can change, and it last changed at least
+    /// [`TIMESTAMP_SETTLED`] before Python began writing the pyc (`begun`).
+    /// Otherwise a user could swap a same-size file, its mtime put back, in
+    /// between, and get the bytecode of one file served for the other.
     pub fn ingest(
         &self,
         under: &Under,
@@ -870,6 +885,7 @@ impl Pycs {
         interp: usize,
         optimize: u8,
         data: &[u8],
+        begun: SystemTime,
     ) -> Result<(), Errno> {
         let refuse = |why: &str| {
             self.refuse(under, rel, why);
@@ -902,6 +918,24 @@ impl Pycs {
         };
         if data[..HEADER_LEN] != pyc::header(interpreter.magic, flavor, expected) {
             return refuse("its header does not match the source");
+        }
+        if flavor == Flavor::Timestamp {
+            let path = under.display_path(rel);
+            if let Some(doubt) = pycstore_store::python_trust::others_can_change(&path) {
+                return refuse(&format!(
+                    "a timestamp pyc does not say which bytes it was compiled from, and \
+                     another user can change the source ({doubt}); pycs compiled by the \
+                     mount, or hash-based ones (`--invalidation-mode checked-hash`), are \
+                     stored"
+                ));
+            }
+            let changed = UNIX_EPOCH + Duration::from_nanos(meta.ctime_ns.max(0) as u64);
+            if changed + TIMESTAMP_SETTLED > begun {
+                return refuse(
+                    "its source changed less than a second before Python wrote it, so \
+                     the timestamp pyc may hold other bytes; the next one written is stored",
+                );
+            }
         }
         // One whole code object Python can load, nothing after it; a pyc of
         // a Python whose format the checker does not know is not stored.

@@ -55,6 +55,24 @@ pub(crate) struct Doubt {
     pub reason: String,
 }
 
+impl std::fmt::Display for Doubt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` {}", self.path.display(), self.reason)
+    }
+}
+
+/// Why someone other than root and this process's user could change what
+/// `path` names (the file, a symlink or a directory on the way, resolved
+/// from `/` as for an interpreter), or `None` when nobody else can: then
+/// its bytes are the ones root or this user left there, whatever anyone
+/// else does meanwhile.
+pub fn others_can_change(path: &Path) -> Option<String> {
+    Checker::new()
+        .path(path)
+        .err()
+        .map(|doubt| doubt.to_string())
+}
+
 /// The result of checking an interpreter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {

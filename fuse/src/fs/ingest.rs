@@ -31,6 +31,8 @@ pub(super) struct Written {
     pub gid: u32,
     pub mode: u32,
     pub mtime: SystemTime,
+    /// When it was created: Python read its source before this.
+    pub created: SystemTime,
     /// Still reachable by its name (not renamed away or unlinked).
     pub linked: bool,
     /// Who created it.
@@ -136,6 +138,7 @@ impl Inner {
             // Python asks for, from the source's).
             mode: mode & 0o600,
             mtime: SystemTime::now(),
+            created: SystemTime::now(),
             linked: true,
             writer,
         }));
@@ -216,10 +219,18 @@ impl Inner {
         }
     }
 
-    /// Checks and stores what Python wrote as `dir/name`, for `writer`, who
-    /// must be able to read the source (the directories on the way were
-    /// checked by the kernel against the mirrored ones).
-    fn ingest(&self, writer: &Writer, dir: &Path, name: &OsStr, data: &[u8]) -> Result<(), Errno> {
+    /// Checks and stores what Python wrote as `dir/name` (a file created at
+    /// `created`), for `writer`, who must be able to read the source (the
+    /// directories on the way were checked by the kernel against the
+    /// mirrored ones).
+    fn ingest(
+        &self,
+        writer: &Writer,
+        dir: &Path,
+        name: &OsStr,
+        data: &[u8],
+        created: SystemTime,
+    ) -> Result<(), Errno> {
         let (stem, interp, optimize) = self
             .pycs
             .parse_any_name(name.as_bytes())
@@ -238,21 +249,27 @@ impl Inner {
             return Err(Errno::EACCES);
         }
         self.pycs
-            .ingest(&self.under, &source, interp, optimize, data)
+            .ingest(&self.under, &source, interp, optimize, data, created)
     }
 
     /// A file being written was closed: one written under its final name,
     /// not through a temp file, is checked and stored now.
     pub(super) fn close_written(&self, w: &Mutex<Written>) {
-        let (dir, name, data, writer) = {
+        let (dir, name, data, writer, created) = {
             let w = lock(w);
             if !w.linked {
                 return;
             }
-            (w.dir.clone(), w.name.clone(), w.data.clone(), w.writer)
+            (
+                w.dir.clone(),
+                w.name.clone(),
+                w.data.clone(),
+                w.writer,
+                w.created,
+            )
         };
         if self.pycs.parse_any_name(name.as_bytes()).is_some()
-            && self.ingest(&writer, &dir, &name, &data).is_ok()
+            && self.ingest(&writer, &dir, &name, &data, created).is_ok()
         {
             lock(&self.nodes).written.remove(&(dir, name));
             lock(w).linked = false;
@@ -283,8 +300,11 @@ impl Inner {
         if lock(&w).writer.uid != writer.uid {
             return Err(Errno::EACCES);
         }
-        let data = lock(&w).data.clone();
-        let result = self.ingest(writer, &newdir, newname, &data);
+        let (data, created) = {
+            let w = lock(&w);
+            (w.data.clone(), w.created)
+        };
+        let result = self.ingest(writer, &newdir, newname, &data, created);
         let mut nodes = lock(&self.nodes);
         nodes.written.remove(&key);
         {

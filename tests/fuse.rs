@@ -1489,6 +1489,106 @@ fn a_directory_swapped_for_a_symlink_serves_nothing_from_outside() {
     m.unmount();
 }
 
+/// The pycache-prefix view mirrors `/`, its own mount point included when
+/// reached by another path (a symlink to a directory above it, as
+/// `/var/run` is to `/run`). Looking up a name there must not make the
+/// server look into its own mount: each pass through it would hold one
+/// request thread waiting for another, and with the kernel's cache off
+/// (`--cache-ttl 0`, or the default's minute gone) a path passing through
+/// the mount eight times took all four threads and hung the view for
+/// every reader. Now the lookup fails at once and the view goes on serving.
+#[test]
+fn pycache_prefix_never_looks_into_its_own_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    t.write("app/mod.py", "VALUE = 1\n");
+    std::os::unix::fs::symlink(t.path(), t.join("alias")).unwrap();
+    let prefix = t.join("pycache");
+    std::fs::create_dir(&prefix).unwrap();
+    let py = python("3.11");
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &prefix,
+        &[
+            OsStr::new("--pycache-prefix"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--threads"),
+            OsStr::new("4"),
+            OsStr::new("--cache-ttl"),
+            OsStr::new("0"),
+        ],
+    );
+    let mirror = |dir: &Path| prefix.join(dir.strip_prefix("/").unwrap());
+    let mut deep = prefix.clone();
+    for _ in 0..8 {
+        deep = deep
+            .join(t.path().strip_prefix("/").unwrap())
+            .join("alias/pycache");
+    }
+    let deep = deep.join(t.path().strip_prefix("/").unwrap()).join("app");
+    let mut stat = Command::new("stat")
+        .arg(&deep)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stat.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            // Killing the server would not end requests its own threads
+            // wait on: abort the connection, which fails them all.
+            abort_fuse_connection(&prefix);
+            let _ = stat.wait();
+            panic!(
+                "the view hung on a path through its own mount:\n{}",
+                m.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = stat.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let pyc = mirror(&t.join("app")).join("mod.cpython-311.pyc");
+    let read = std::fs::read(&pyc);
+    assert!(
+        read.as_ref().is_ok_and(|b| b.len() > 16),
+        "{}: {read:?}",
+        pyc.display()
+    );
+    m.unmount();
+}
+
+/// Aborts the FUSE connection of the mount at `mountpoint` (fusectl,
+/// mounted for the purpose if it is not), failing every request waiting on
+/// it: a server whose own threads wait on it cannot end otherwise.
+fn abort_fuse_connection(mountpoint: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = mountpoint.to_str().unwrap();
+    let Some(minor) = info.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&want)).then(|| fields[2].split(':').nth(1).unwrap().to_string())
+    }) else {
+        return;
+    };
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let mounted_here = std::fs::read_dir(connections).is_ok_and(|mut d| d.next().is_none())
+        && Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(connections)
+            .status()
+            .is_ok_and(|s| s.success());
+    let _ = std::fs::write(connections.join(&minor).join("abort"), "1");
+    if mounted_here {
+        let _ = Command::new("umount").arg(connections).status();
+    }
+    let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+}
+
 /// The pycache-prefix view names a pyc after the path Python imported its
 /// source by: a source reached through a symlinked directory (a merged
 /// `/usr`, a venv's `lib64`) gets its pyc under that path too.

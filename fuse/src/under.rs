@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, StatxFlags};
 
 /// A directory tree reached through a descriptor.
 pub(crate) struct Under {
@@ -149,9 +149,9 @@ impl Under {
     /// directory of the tree swapped for a symlink after the kernel cached
     /// it (to `/proc/self` or `/root`) leads nowhere, instead of to a file
     /// outside the tree opened as the mount's owner. Only `op` decides
-    /// whether the last component is followed. (In a view that follows
-    /// symlinked directories, [`Under::open_following_dirs`], `rel` is
-    /// resolved as a path, as before.)
+    /// whether the last component is followed. (A view that follows
+    /// symlinked directories, [`Under::open_following_dirs`], resolves
+    /// `rel` with [`Under::open_following`] instead.)
     fn at<T>(
         &self,
         rel: &Path,
@@ -167,8 +167,134 @@ impl Under {
         }
     }
 
+    /// Opens `rel` with `flags` in a view that follows symlinks on the way
+    /// (the pycache-prefix view, whose tree is `/`), never into a pycstore
+    /// mount: the view's own mount point, reached by another path (a
+    /// symlink such as `/var/run`, or `/proc/self/root`), would make this
+    /// request wait on another one of the same server, nested once per
+    /// pass through the mount, until every thread waits and the view
+    /// hangs for everyone. A path that stays on one filesystem is opened by
+    /// the kernel in one call (`RESOLVE_NO_XDEV`); one that crosses a mount
+    /// is walked a component at a time ([`Under::walk`]), and reopened
+    /// through its descriptor.
+    fn open_following(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        let flags = flags | OFlags::CLOEXEC;
+        match rustix::fs::openat2(
+            &self.base,
+            arg(rel),
+            flags,
+            Mode::empty(),
+            ResolveFlags::NO_XDEV,
+        ) {
+            Err(rustix::io::Errno::XDEV) => {}
+            opened => return Ok(opened?),
+        }
+        let fd = self.walk(rel, !flags.contains(OFlags::NOFOLLOW))?;
+        if flags.contains(OFlags::PATH) {
+            return Ok(fd);
+        }
+        let kind = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+        if kind == FileType::Symlink {
+            return Err(rustix::io::Errno::LOOP.into());
+        }
+        if flags.contains(OFlags::DIRECTORY) && kind != FileType::Directory {
+            return Err(rustix::io::Errno::NOTDIR.into());
+        }
+        // The descriptor's own file, opened again: no name is looked up.
+        use std::os::fd::AsRawFd;
+        Ok(rustix::fs::open(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            flags - OFlags::NOFOLLOW,
+            Mode::empty(),
+        )?)
+    }
+
+    /// Resolves `rel` from the base one component at a time, following
+    /// symlinks (the final one only if `follow_final`), to an `O_PATH`
+    /// descriptor. Each step is opened with `O_NOFOLLOW` and looked at with
+    /// `statx(AT_STATX_DONT_SYNC)`, which asks no FUSE server anything; a
+    /// step onto another filesystem that is a pycstore mount ends the walk
+    /// with `ELOOP` before anything in it is looked up.
+    fn walk(&self, rel: &Path, follow_final: bool) -> io::Result<OwnedFd> {
+        let open = |dir: &OwnedFd, name: &OsStr| {
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        };
+        let look = |fd: &OwnedFd| {
+            rustix::fs::statx(
+                fd,
+                "",
+                AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+                StatxFlags::TYPE,
+            )
+            .map(|st| {
+                (
+                    FileType::from_raw_mode(st.stx_mode.into()),
+                    rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+                )
+            })
+        };
+        let mut pending: Vec<OsString> = steps(rel);
+        pending.reverse();
+        let mut current = open(&self.base, OsStr::new("."))?;
+        let (_, mut dev) = look(&current)?;
+        let mut hops = 0;
+        while let Some(name) = pending.pop() {
+            let next = open(&current, &name)?;
+            let (kind, next_dev) = look(&next)?;
+            if next_dev != dev && is_pycstore_mount(next_dev) {
+                tracing::debug!(
+                    "`{}` leads into a pycstore mount: not followed",
+                    self.display_path(rel).display()
+                );
+                return Err(rustix::io::Errno::LOOP.into());
+            }
+            if kind == FileType::Symlink && (follow_final || !pending.is_empty()) {
+                hops += 1;
+                if hops > MAX_SYMLINKS {
+                    return Err(rustix::io::Errno::LOOP.into());
+                }
+                let target = rustix::fs::readlinkat(&next, "", Vec::new())?;
+                let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+                if target.has_root() {
+                    current = rustix::fs::open(
+                        "/",
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    dev = look(&current)?.1;
+                }
+                pending.extend(steps(&target).into_iter().rev());
+                continue;
+            }
+            current = next;
+            dev = next_dev;
+        }
+        Ok(current)
+    }
+
+    /// Opens `rel` with `flags` (which say whether a final symlink is
+    /// followed): through [`Under::at`], or, in a view that follows
+    /// symlinked directories, through [`Under::open_following`].
+    fn open_at(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        if self.follow_dirs {
+            return self.open_following(rel, flags);
+        }
+        self.at(rel, |dir, name| {
+            rustix::fs::openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty())
+        })
+    }
+
     /// `lstat` of `rel` (a symlink is reported as itself).
     pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
+        if self.follow_dirs {
+            let fd = self.open_following(rel, OFlags::PATH | OFlags::NOFOLLOW)?;
+            return Ok(Meta::from_stat(&rustix::fs::fstat(&fd)?));
+        }
         let st = self.at(rel, |dir, name| {
             rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         })?;
@@ -177,6 +303,10 @@ impl Under {
 
     /// `stat` of `rel`, following a final symlink.
     pub fn stat(&self, rel: &Path) -> io::Result<Meta> {
+        if self.follow_dirs {
+            let fd = self.open_following(rel, OFlags::PATH)?;
+            return Ok(Meta::from_stat(&rustix::fs::fstat(&fd)?));
+        }
         let st = self.at(rel, |dir, name| {
             rustix::fs::statat(dir, name, AtFlags::empty())
         })?;
@@ -189,18 +319,10 @@ impl Under {
     /// a FIFO swapped in for a file the kernel looked up cannot hold a
     /// request thread waiting for a writer.
     pub fn open_file(&self, rel: &Path) -> io::Result<File> {
-        let fd = self.at(rel, |dir, name| {
-            rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::CLOEXEC
-                    | OFlags::NOCTTY
-                    | OFlags::NONBLOCK,
-                Mode::empty(),
-            )
-        })?;
+        let fd = self.open_at(
+            rel,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+        )?;
         if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -218,14 +340,7 @@ impl Under {
     pub fn read(&self, rel: &Path) -> io::Result<(Meta, Vec<u8>)> {
         // O_NONBLOCK: a FIFO named like a source cannot block a request;
         // only a regular file of at most the link's source size limit is read.
-        let fd = self.at(rel, |dir, name| {
-            rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-                Mode::empty(),
-            )
-        })?;
+        let fd = self.open_at(rel, OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK)?;
         let st = rustix::fs::fstat(&fd)?;
         let limit = pycstore_store::MAX_SOURCE_SIZE;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 > limit
@@ -250,9 +365,7 @@ impl Under {
     /// bits only if every one of those directories lets all its members
     /// search, whichever class of the directory they fall in.
     pub fn reach_mask(&self, rel: &Path, target: &Meta) -> io::Result<u32> {
-        let fd = self.at(rel, |dir, name| {
-            rustix::fs::openat(dir, name, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
-        })?;
+        let fd = self.open_at(rel, OFlags::PATH)?;
         let real = fd_path(&fd)?;
         let mut mask = 0o777;
         for dir in real.ancestors().skip(1) {
@@ -269,6 +382,10 @@ impl Under {
 
     /// The target of a symlink.
     pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        if self.follow_dirs {
+            let fd = self.open_following(rel, OFlags::PATH | OFlags::NOFOLLOW)?;
+            return Ok(rustix::fs::readlinkat(&fd, "", Vec::new())?.into_bytes());
+        }
         Ok(self
             .at(rel, |dir, name| {
                 rustix::fs::readlinkat(dir, name, Vec::new())
@@ -278,14 +395,7 @@ impl Under {
 
     /// The entries of a directory, without `.` and `..`.
     pub fn list(&self, rel: &Path) -> io::Result<Vec<Listed>> {
-        let fd = self.at(rel, |dir, name| {
-            rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-        })?;
+        let fd = self.open_at(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
         let mut out = Vec::new();
         for entry in rustix::fs::Dir::new(fd)? {
             let entry = entry?;
@@ -325,6 +435,45 @@ fn searchable_by(dir: &Meta, file: &Meta) -> u32 {
     (if owner { 0o700 } else { 0 })
         | (if group { 0o070 } else { 0 })
         | (if everyone { 0o007 } else { 0 })
+}
+
+/// The most symlinks followed while resolving one path (Linux's limit).
+const MAX_SYMLINKS: u32 = 40;
+
+/// The components of a path to walk: names and `..`; `/` and `.` dropped.
+fn steps(path: &Path) -> Vec<OsString> {
+    use std::path::Component;
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether the filesystem of device `dev` is a pycstore mount (this view
+/// or another: two views could lead into each other), as
+/// `/proc/self/mountinfo` says. FUSE filesystems have anonymous devices
+/// (major 0); no other device is looked up.
+fn is_pycstore_mount(dev: u64) -> bool {
+    if rustix::fs::major(dev) != 0 {
+        return false;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        // Unknown: not followed.
+        return true;
+    };
+    let want = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    info.lines().any(|line| {
+        let mut fields = line.split(' ');
+        if fields.nth(2) != Some(want.as_str()) {
+            return false;
+        }
+        let mut after = line.split(" - ").nth(1).unwrap_or("").split(' ');
+        let (fstype, source) = (after.next().unwrap_or(""), after.next().unwrap_or(""));
+        fstype == "fuse.pycstore" || (fstype.starts_with("fuse") && source == "pycstore")
+    })
 }
 
 /// The path the kernel gives an open descriptor, every symlink resolved.

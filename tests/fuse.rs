@@ -1489,6 +1489,74 @@ fn a_directory_swapped_for_a_symlink_serves_nothing_from_outside() {
     m.unmount();
 }
 
+/// The view keeps a node for every name the kernel knows, and drops it
+/// once the kernel forgets the name: names a tree's writer keeps making up
+/// (five rounds of 12,000 new files, each listed and looked up through the
+/// overlay, then removed, the kernel's caches dropped) do not grow the
+/// server round after round: measured, 6 MB over the last three rounds;
+/// before, when every node stayed for good, 44 MB. (One malloc arena, so
+/// that memory freed in one round is what the next one reuses, whichever
+/// thread allocates it.)
+#[test]
+fn overlay_memory_stays_bounded_as_names_come_and_go() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = t.join("tree");
+    t.write("tree/app/mod.py", "VALUE = 1\n");
+    let dir = src.join("names");
+    std::fs::create_dir(&dir).unwrap();
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let py = python("3.11");
+    let mut cmd = pycstore(&t.store());
+    cmd.arg("mount")
+        .arg("--source")
+        .arg(&src)
+        .arg(&mnt)
+        .arg("--python")
+        .arg(&py)
+        .env("MALLOC_ARENA_MAX", "1");
+    let m = Mounted::spawn(&t, cmd, &t.store(), &mnt);
+    let pid = m.child.as_ref().unwrap().id();
+    let rss_kb = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let pad = "x".repeat(200);
+    let mut rss = Vec::new();
+    for round in 0..5 {
+        let names: Vec<String> = (0..12_000).map(|i| format!("r{round}-{i}-{pad}")).collect();
+        for name in &names {
+            File::create(dir.join(name)).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_dir(mnt.join("names")).unwrap().count(),
+            names.len()
+        );
+        for name in &names {
+            std::fs::metadata(mnt.join("names").join(name)).unwrap();
+        }
+        for name in &names {
+            std::fs::remove_file(dir.join(name)).unwrap();
+        }
+        // The kernel forgets what it no longer caches.
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        rss.push(rss_kb());
+    }
+    let growth = rss[4].saturating_sub(rss[1]);
+    assert!(
+        growth < 20 * 1024,
+        "the server grew by {growth} KiB over three rounds (RSS after each: {rss:?} KiB)"
+    );
+    let read = std::fs::read(mnt.join("app/__pycache__/mod.cpython-311.pyc")).unwrap();
+    assert!(read.len() > 16);
+    drop(m);
+}
+
 /// The pycache-prefix view mirrors `/`, its own mount point included when
 /// reached by another path (a symlink to a directory above it, as
 /// `/var/run` is to `/run`). Looking up a name there must not make the

@@ -52,6 +52,9 @@ pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Python takes to read, compile and start writing a module.
 pub(crate) const TIMESTAMP_SETTLED: Duration = Duration::from_secs(1);
 
+/// The most source digests kept by inode ([`Pycs::source`]).
+const MAX_KNOWN_SOURCES: usize = 1 << 20;
+
 /// An interpreter a view serves pycs for, with its compile workers.
 pub(crate) struct Interp {
     /// What the probe said.
@@ -439,7 +442,13 @@ impl Pycs {
             .collect();
         // Trusted later only once settled, as `link`'s stat cache.
         if resolve::settled(meta.mtime_ns, meta.ctime_ns, now_ns()) {
-            lock(&self.sources).insert(
+            let mut sources = lock(&self.sources);
+            // Bounded: files a tree's writer keeps making cannot grow it
+            // without end (forgotten, a digest is taken again).
+            if sources.len() >= MAX_KNOWN_SOURCES {
+                sources.clear();
+            }
+            sources.insert(
                 (meta.dev, meta.ino),
                 Known {
                     state,

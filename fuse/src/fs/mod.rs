@@ -183,7 +183,8 @@ impl Inner {
     }
 
     /// The kernel forgot `nlookup` lookups of `ino`: once it knows the node
-    /// no more, the tree's file kept open for it is closed.
+    /// no more, the tree's file kept open for it is closed, and a listing
+    /// left half read is dropped.
     fn forget(&self, ino: INodeNo, nlookup: u64) {
         let gone = {
             let mut nodes = lock(&self.nodes);
@@ -192,6 +193,7 @@ impl Inner {
         };
         if gone {
             lock(&self.files).remove(&ino.0);
+            lock(&self.listings).remove(&ino.0);
         }
     }
 }

@@ -68,19 +68,29 @@ pub(super) struct Nodes {
     /// Files being written, by directory and name.
     pub written: HashMap<(PathBuf, OsString), u64>,
     pub next: u64,
+    /// The table's size at which nodes the kernel does not know are swept
+    /// ([`Nodes::insert`]).
+    sweep_at: usize,
 }
+
+/// The root's number.
+const ROOT: u64 = 1;
+
+/// The least table size at which unknown nodes are swept.
+const SWEEP_AT_LEAST: usize = 1 << 16;
 
 impl Nodes {
     /// A table holding the root (node 1, the tree's base), which the kernel
     /// never forgets.
     pub fn with_root() -> Nodes {
         let mut nodes = Nodes {
-            next: 1,
+            next: ROOT,
+            sweep_at: SWEEP_AT_LEAST,
             ..Nodes::default()
         };
-        nodes.by_key.insert(Key::Path(PathBuf::new()), 1);
+        nodes.by_key.insert(Key::Path(PathBuf::new()), ROOT);
         nodes.slots.insert(
-            1,
+            ROOT,
             Slot {
                 node: Node::Real(PathBuf::new()),
                 key: Key::Path(PathBuf::new()),
@@ -98,7 +108,11 @@ impl Nodes {
     }
 
     /// The node for `key`, made by `make` if new; counts a lookup when the
-    /// kernel is told about it.
+    /// kernel is told about it. A listing makes nodes the kernel is not told
+    /// about (their numbers go out as `d_ino`, so that a later lookup gives
+    /// the same): once the table doubled since the last sweep, those are
+    /// dropped, so that names a tree's writer keeps making up cannot grow
+    /// it without end (a name listed again gets a new number).
     pub fn insert(&mut self, key: Key, counted: bool, make: impl FnOnce() -> Node) -> (u64, Node) {
         if let Some(&ino) = self.by_key.get(&key) {
             if let Some(slot) = self.slots.get_mut(&ino) {
@@ -107,6 +121,9 @@ impl Nodes {
                 }
                 return (ino, slot.node.clone());
             }
+        }
+        if self.slots.len() >= self.sweep_at {
+            self.sweep();
         }
         self.next += 1;
         let ino = self.next;
@@ -123,25 +140,38 @@ impl Nodes {
         (ino, node)
     }
 
-    /// The kernel forgot `n` lookups: pycs and written files it no longer
-    /// knows are dropped (tree nodes stay, so their numbers stay stable).
+    /// The kernel forgot `n` lookups: a node it no longer knows is dropped
+    /// (but the root, and a file being written that still has its name).
     pub fn forget(&mut self, ino: u64, n: u64) {
         let Some(slot) = self.slots.get_mut(&ino) else {
             return;
         };
         slot.lookups = slot.lookups.saturating_sub(n);
-        let droppable = match &slot.node {
-            Node::Pyc(_) => true,
-            Node::Written(w) => !w.lock().map(|w| w.linked).unwrap_or(false),
-            Node::Real(_) | Node::Pycache(_) => false,
-        };
-        if slot.lookups == 0 && droppable {
+        if slot.lookups == 0 && droppable(ino, slot) {
             if let Some(slot) = self.slots.remove(&ino) {
                 if self.by_key.get(&slot.key) == Some(&ino) {
                     self.by_key.remove(&slot.key);
                 }
             }
         }
+    }
+
+    /// Drops every node the kernel does not know.
+    fn sweep(&mut self) {
+        self.slots
+            .retain(|&ino, slot| slot.lookups > 0 || !droppable(ino, slot));
+        let slots = &self.slots;
+        self.by_key.retain(|_, ino| slots.contains_key(ino));
+        self.sweep_at = (2 * self.slots.len()).max(SWEEP_AT_LEAST);
+    }
+}
+
+/// Whether a node the kernel does not know may go.
+fn droppable(ino: u64, slot: &Slot) -> bool {
+    match &slot.node {
+        _ if ino == ROOT => false,
+        Node::Written(w) => !w.lock().map(|w| w.linked).unwrap_or(false),
+        Node::Real(_) | Node::Pycache(_) | Node::Pyc(_) => true,
     }
 }
 

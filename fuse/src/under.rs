@@ -289,28 +289,52 @@ impl Under {
         })
     }
 
-    /// `lstat` of `rel` (a symlink is reported as itself).
+    /// `lstat` of `rel` (a symlink is reported as itself), its mode
+    /// narrowed by its ACL ([`narrow_by_acl`]).
     pub fn lstat(&self, rel: &Path) -> io::Result<Meta> {
-        if self.follow_dirs {
-            let fd = self.open_following(rel, OFlags::PATH | OFlags::NOFOLLOW)?;
-            return Ok(Meta::from_stat(&rustix::fs::fstat(&fd)?));
-        }
-        let st = self.at(rel, |dir, name| {
-            rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-        })?;
-        Ok(Meta::from_stat(&st))
+        self.stat_with(rel, false)
     }
 
-    /// `stat` of `rel`, following a final symlink.
+    /// `stat` of `rel`, following a final symlink, its mode narrowed by its
+    /// ACL ([`narrow_by_acl`]).
     pub fn stat(&self, rel: &Path) -> io::Result<Meta> {
+        self.stat_with(rel, true)
+    }
+
+    fn stat_with(&self, rel: &Path, follow: bool) -> io::Result<Meta> {
+        use std::os::fd::AsRawFd;
         if self.follow_dirs {
-            let fd = self.open_following(rel, OFlags::PATH)?;
-            return Ok(Meta::from_stat(&rustix::fs::fstat(&fd)?));
+            let flags = if follow {
+                OFlags::PATH
+            } else {
+                OFlags::PATH | OFlags::NOFOLLOW
+            };
+            let fd = self.open_following(rel, flags)?;
+            let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
+            // An O_PATH descriptor has no xattrs of its own: its file's,
+            // through /proc (never a symlink's: those have no ACL).
+            return Ok(with_acl(meta, |buf| {
+                rustix::fs::getxattr(format!("/proc/self/fd/{}", fd.as_raw_fd()), ACL_XATTR, buf)
+            }));
         }
-        let st = self.at(rel, |dir, name| {
-            rustix::fs::statat(dir, name, AtFlags::empty())
-        })?;
-        Ok(Meta::from_stat(&st))
+        self.at(rel, |dir, name| {
+            let at = if follow {
+                AtFlags::empty()
+            } else {
+                AtFlags::SYMLINK_NOFOLLOW
+            };
+            let meta = Meta::from_stat(&rustix::fs::statat(dir, name, at)?);
+            let path = Path::new("/proc/self/fd")
+                .join(dir.as_raw_fd().to_string())
+                .join(name);
+            Ok(with_acl(meta, |buf| {
+                if follow {
+                    rustix::fs::getxattr(&path, ACL_XATTR, buf)
+                } else {
+                    rustix::fs::lgetxattr(&path, ACL_XATTR, buf)
+                }
+            }))
+        })
     }
 
     /// Opens a regular file for reading; a final symlink is refused (the
@@ -350,7 +374,9 @@ impl Under {
                 "not a regular file of at most the source size limit",
             ));
         }
-        let meta = Meta::from_stat(&st);
+        let meta = with_acl(Meta::from_stat(&st), |buf| {
+            rustix::fs::fgetxattr(&fd, ACL_XATTR, buf)
+        });
         let mut bytes = Vec::with_capacity(meta.size as usize);
         File::from(fd).take(limit + 1).read_to_end(&mut bytes)?;
         Ok((meta, bytes))
@@ -437,6 +463,76 @@ fn searchable_by(dir: &Meta, file: &Meta) -> u32 {
         | (if everyone { 0o007 } else { 0 })
 }
 
+/// The extended attribute holding a file's POSIX access ACL.
+const ACL_XATTR: &str = "system.posix_acl_access";
+
+/// `meta` with its mode narrowed by the access ACL `get` reads into the
+/// buffer it is given (nothing to narrow without one: no ACL, no xattr
+/// support, or a mode that gives group and others nothing).
+fn with_acl(mut meta: Meta, get: impl FnOnce(&mut [u8]) -> rustix::io::Result<usize>) -> Meta {
+    if meta.mode & 0o077 == 0 || meta.file_type() == FileType::Symlink {
+        return meta;
+    }
+    let mut buf = [0u8; 512];
+    match get(&mut buf) {
+        Ok(n) => meta.mode = narrow_by_acl(meta.mode, &buf[..n]),
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => {}
+        // Unreadable or larger than any ACL this reads: the owner only.
+        Err(_) => meta.mode &= !0o077,
+    }
+    meta
+}
+
+/// The mode bits a view may show for a file whose POSIX access ACL is
+/// `acl` (the `system.posix_acl_access` value), given its `mode`. The
+/// views answer with mode bits, which the kernel checks for every reader
+/// (`default_permissions`), and mode bits cannot say what an ACL's named
+/// entries do: `user:bob:---` denies bob what others may, and a `group::`
+/// entry narrower than the mask (the mode's group bits) denies the owning
+/// group what the mode shows. So the group bits become what every member
+/// of the owning group gets whoever else they are (`group::`, and every
+/// named user's entry, under the mask), and the other bits what everyone
+/// gets (`other::`, and every named entry under the mask): never more than
+/// the ACL grants anyone. What named entries grant beyond that is not
+/// shown: those users get `EACCES` from the view (for a pyc, Python
+/// compiles the source itself).
+pub(crate) fn narrow_by_acl(mode: u32, acl: &[u8]) -> u32 {
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    let owner_only = mode & !0o077;
+    if acl.len() < 4 || u32::from_le_bytes([acl[0], acl[1], acl[2], acl[3]]) != 2 {
+        return owner_only;
+    }
+    let (mut group_obj, mut mask, mut other) = (7u32, 7u32, 7u32);
+    // The AND of the named users' and the named groups' entries: what the
+    // least of them gets.
+    let (mut named_users, mut named_groups) = (None::<u32>, None::<u32>);
+    let entries = acl[4..].chunks_exact(8);
+    if !entries.remainder().is_empty() {
+        return owner_only;
+    }
+    for e in entries {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u32::from(u16::from_le_bytes([e[2], e[3]])) & 7;
+        match tag {
+            USER => named_users = Some(named_users.unwrap_or(7) & perm),
+            GROUP_OBJ => group_obj = perm,
+            GROUP => named_groups = Some(named_groups.unwrap_or(7) & perm),
+            MASK => mask = perm,
+            OTHER => other = perm,
+            _ => {}
+        }
+    }
+    let least_user = named_users.map_or(7, |p| p & mask);
+    let least_group = named_groups.map_or(7, |p| p & mask);
+    let group = group_obj & mask & least_user;
+    let everyone = other & least_user & least_group;
+    (mode & !0o077) | (mode & 0o070 & (group << 3)) | (mode & 0o007 & everyone)
+}
+
 /// The most symlinks followed while resolving one path (Linux's limit).
 const MAX_SYMLINKS: u32 = 40;
 
@@ -492,3 +588,70 @@ fn arg(rel: &Path) -> &Path {
 }
 
 use pycstore_store::util::with_path;
+
+#[cfg(test)]
+mod tests {
+    use super::narrow_by_acl;
+
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+
+    fn acl(entries: &[(u16, u16)]) -> Vec<u8> {
+        let mut out = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in entries {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&perm.to_le_bytes());
+            out.extend_from_slice(&1000u32.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn the_mode_shows_no_class_more_than_the_acl_gives_any_of_its_members() {
+        let minimal = acl(&[(USER_OBJ, 6), (GROUP_OBJ, 4), (OTHER, 4)]);
+        assert_eq!(narrow_by_acl(0o100644, &minimal), 0o100644);
+        // user:bob:--- denies bob what others get.
+        let deny_user = acl(&[
+            (USER_OBJ, 6),
+            (USER, 0),
+            (GROUP_OBJ, 4),
+            (MASK, 4),
+            (OTHER, 4),
+        ]);
+        assert_eq!(narrow_by_acl(0o100644, &deny_user), 0o100600);
+        // group::--- with a named group granting r: the mask shows r.
+        let narrow_group = acl(&[
+            (USER_OBJ, 6),
+            (GROUP_OBJ, 0),
+            (GROUP, 4),
+            (MASK, 4),
+            (OTHER, 0),
+        ]);
+        assert_eq!(narrow_by_acl(0o100640, &narrow_group), 0o100600);
+        // group:staff:--x on a 0755 directory: staff may not list it.
+        let deny_group = acl(&[
+            (USER_OBJ, 7),
+            (GROUP_OBJ, 5),
+            (GROUP, 1),
+            (MASK, 5),
+            (OTHER, 5),
+        ]);
+        assert_eq!(narrow_by_acl(0o040755, &deny_group), 0o040751);
+        // A named entry granting more than the classes changes nothing.
+        let grant = acl(&[
+            (USER_OBJ, 6),
+            (USER, 6),
+            (GROUP_OBJ, 4),
+            (MASK, 6),
+            (OTHER, 4),
+        ]);
+        assert_eq!(narrow_by_acl(0o100664, &grant), 0o100644);
+        // Unknown or damaged: the owner only.
+        assert_eq!(narrow_by_acl(0o100644, b"\x03\0\0\0"), 0o100600);
+        assert_eq!(narrow_by_acl(0o100644, &minimal[..7]), 0o100600);
+    }
+}

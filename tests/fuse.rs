@@ -1156,18 +1156,22 @@ fn pycache_prefix_refuses_an_unloadable_body() {
     assert_nothing_compiled(&log, &app, 1);
 }
 
-/// A timestamp pyc names its source by mtime and size, not by its bytes,
-/// and the view stores what Python writes under the digest of the source's
-/// bytes, for every tree holding them. So one is stored only for a source
-/// nobody but root and the mount's owner can change, that last changed
-/// before Python began writing: a user who swaps their file for another of
-/// the same size, its mtime put back, while root's Python compiles it (here
-/// the forged result is written directly: the bytecode of `X = 'a'` under
-/// the header of their `X = 'u'`) gets nothing served to another tree,
-/// and a source written just before Python wrote its pyc is not stored
-/// either. Root's settled source is.
+/// The view stores what Python writes under the digest of the source's
+/// bytes, for every tree holding them, but Python compiled what it read
+/// before. So a pyc is stored only for a source nobody but root and the
+/// mount's owner can change, written by a process that sees the same
+/// files, and a timestamp pyc (which names its source by mtime and size
+/// only) only if the source last changed before Python began writing. A
+/// user who swaps their file for another of the same size, its mtime put
+/// back, while root's Python compiles it (here the forged result is
+/// written directly: the bytecode of `X = 'a'` under the header of their
+/// `X = 'u'`) gets nothing served to another tree; nor does a real
+/// checked-hash pyc of their file (a 64-bit SipHash collision would
+/// serve one), nor a pyc of root's own settled file written from another
+/// mount namespace, nor one of a source written just before Python wrote
+/// its pyc. Root's settled source, imported as usual, is stored.
 #[test]
-fn pycache_prefix_stores_timestamp_pycs_only_of_sources_no_one_else_changes() {
+fn pycache_prefix_stores_pycs_only_of_sources_no_one_else_changes() {
     if !fuse_available() {
         return;
     }
@@ -1175,11 +1179,13 @@ fn pycache_prefix_stores_timestamp_pycs_only_of_sources_no_one_else_changes() {
     let py = python("3.11");
     let theirs = t.join("theirs");
     let their_source = t.write("theirs/mod.py", "X = 'u'\n");
-    for p in [&theirs, &their_source] {
+    let their_hashed = t.write("theirs/hashed.py", "H = 'h'\n");
+    for p in [&theirs, &their_source, &their_hashed] {
         std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
     }
     let mine = t.join("mine");
     t.write("mine/old.py", "Y = 'old'\n");
+    t.write("mine/ns.py", "N = 'ns'\n");
     std::thread::sleep(Duration::from_millis(1200));
     let prefix = t.join("pycache");
     std::fs::create_dir(&prefix).unwrap();
@@ -1230,18 +1236,46 @@ fn pycache_prefix_stores_timestamp_pycs_only_of_sources_no_one_else_changes() {
             .arg(&their_source)
             .arg(&forged),
     );
+    let hashed = "import py_compile, sys\n\
+                  py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True, \
+                  invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)\n";
+    let written = run(Command::new(&py)
+        .args(["-c", hashed])
+        .arg(&their_hashed)
+        .arg(forged.with_file_name("hashed.cpython-311.pyc")));
+    assert!(
+        !written.status.success(),
+        "the view took the pyc: {written:?}"
+    );
+    let other_ns = run(Command::new("unshare")
+        .args(["--mount", "--"])
+        .arg(&py)
+        .args(["-S", "-c", "import ns"])
+        .env_remove("PYTHONDONTWRITEBYTECODE")
+        .envs(env));
+    assert_output!(
+        other_ns,
+        other_ns.status.success(),
+        "import in another namespace"
+    );
     let report = m.unmount();
     // Root's settled source, and the standard library Python compiled on
-    // the way, are stored; the other two are refused.
+    // the way, are stored; the other four are refused.
     assert!(
         reported(&report, "written by Python stored") >= 1,
         "{report}\n{out:?}"
     );
-    assert_eq!(reported(&report, "refused"), 2, "{report}\n{out:?}");
-    assert!(
-        report.contains("belongs to user id 65534") && report.contains("less than a second"),
-        "the view did not say why it refused: {report}"
-    );
+    assert_eq!(reported(&report, "refused"), 4, "{report}\n{out:?}");
+    for why in [
+        "belongs to user id 65534",
+        "less than a second",
+        "another mount namespace",
+    ] {
+        assert!(
+            report.contains(why),
+            "the view did not say `{why}`: {report}"
+        );
+    }
 
     // Another tree holding the same three sources: only root's settled one
     // is served from what Python wrote; the others compile, and import as
@@ -1250,6 +1284,8 @@ fn pycache_prefix_stores_timestamp_pycs_only_of_sources_no_one_else_changes() {
     t.write("other/mod.py", "X = 'u'\n");
     t.write("other/old.py", "Y = 'old'\n");
     t.write("other/fresh.py", "Z = 'fresh'\n");
+    t.write("other/hashed.py", "H = 'h'\n");
+    t.write("other/ns.py", "N = 'ns'\n");
     let (out, json) = link_json(
         pycstore(&store)
             .args(["link", "--python"])
@@ -1258,16 +1294,17 @@ fn pycache_prefix_stores_timestamp_pycs_only_of_sources_no_one_else_changes() {
     );
     assert_output!(out, out.status.success(), "link failed");
     assert_eq!(json["hits"], 1, "{json}");
-    assert_eq!(json["compiled"], 2, "{json}");
+    assert_eq!(json["compiled"], 4, "{json}");
     let log = python_v(
         &py,
         &[
             "-c",
-            "import mod, old, fresh; assert (mod.X, old.Y, fresh.Z) == ('u', 'old', 'fresh')",
+            "import mod, old, fresh, hashed, ns; \
+             assert (mod.X, old.Y, fresh.Z) == ('u', 'old', 'fresh')",
         ],
         &[("PYTHONPATH", other.as_os_str())],
     );
-    assert_nothing_compiled(&log, &other, 3);
+    assert_nothing_compiled(&log, &other, 5);
 }
 
 /// The object check `link` makes reaches the overlay: a `chown` through a

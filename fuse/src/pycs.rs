@@ -878,15 +878,18 @@ impl Pycs {
     /// header must match the live source (its hash, or its mtime and size),
     /// and the body must be one code object Python can load.
     ///
-    /// A timestamp pyc says which bytes it was compiled from only by their
-    /// mtime and size, and it is stored under the digest of the bytes read
-    /// here, for every tree that holds them. So it is stored only when the
-    /// bytes cannot have changed since Python read them: the source (every
-    /// symlink and directory on its way included) is one nobody but root
-    /// and the mount's owner can change, and it last changed at least
-    /// [`TIMESTAMP_SETTLED`] before Python began writing the pyc (`begun`).
-    /// Otherwise a user could swap a same-size file, its mtime put back, in
-    /// between, and get the bytecode of one file served for the other.
+    /// A pyc is stored under the digest of the bytes read here, for every
+    /// tree that holds them, but Python compiled what it read before. So it
+    /// is stored only when the bytes cannot have changed in between: the
+    /// source (every symlink and directory on its way included) is one
+    /// nobody but root and the mount's owner can change, on a filesystem
+    /// that is not another user's FUSE mount (whose server answers what it
+    /// likes), and, for a timestamp pyc (which names its source by mtime
+    /// and size only), it last changed at least [`TIMESTAMP_SETTLED`]
+    /// before Python began writing the pyc (`begun`). Otherwise a user could
+    /// swap in a same-size file, its mtime put back (or, for a hash-based
+    /// pyc, one whose 64-bit SipHash, keyed by the public magic number,
+    /// collides), and get one file's bytecode served for the other.
     pub fn ingest(
         &self,
         under: &Under,
@@ -928,16 +931,23 @@ impl Pycs {
         if data[..HEADER_LEN] != pyc::header(interpreter.magic, flavor, expected) {
             return refuse("its header does not match the source");
         }
+        // Stored for every tree holding the source's bytes, a pyc Python
+        // wrote must be of those bytes: no one else may have been able to
+        // change them while Python compiled them.
+        let path = under.display_path(rel);
+        if !under.may_enter(meta.dev) {
+            return refuse(
+                "the source is on a FUSE filesystem of another user, whose server says \
+                 what its files are; pycs the mount compiles are stored",
+            );
+        }
+        if let Some(doubt) = pycstore_store::python_trust::others_can_change(&path) {
+            return refuse(&format!(
+                "another user can change the source ({doubt}), and with it what Python \
+                 compiled; pycs the mount compiles are stored"
+            ));
+        }
         if flavor == Flavor::Timestamp {
-            let path = under.display_path(rel);
-            if let Some(doubt) = pycstore_store::python_trust::others_can_change(&path) {
-                return refuse(&format!(
-                    "a timestamp pyc does not say which bytes it was compiled from, and \
-                     another user can change the source ({doubt}); pycs compiled by the \
-                     mount, or hash-based ones (`--invalidation-mode checked-hash`), are \
-                     stored"
-                ));
-            }
             let changed = UNIX_EPOCH + Duration::from_nanos(meta.ctime_ns.max(0) as u64);
             if changed + TIMESTAMP_SETTLED > begun {
                 return refuse(

@@ -21,6 +21,19 @@ pub(crate) struct Under {
     /// Whether a symlink to a directory on the way to a node is followed
     /// ([`Under::at`]).
     follow_dirs: bool,
+    /// Which filesystems a walk may enter ([`Under::may_enter`]).
+    mounts: std::sync::Mutex<Mounts>,
+}
+
+/// What `/proc/self/mountinfo` said of each filesystem with an anonymous
+/// device (FUSE, tmpfs, btrfs, overlay...), read again once it is a second
+/// old or names no such device: an anonymous device number is reused once
+/// its filesystem is gone.
+#[derive(Default)]
+struct Mounts {
+    read_at: Option<std::time::Instant>,
+    /// Device: whether a walk may enter it.
+    verdicts: std::collections::HashMap<u64, bool>,
 }
 
 /// `stat` of a file of the tree, in the form the views need.
@@ -116,6 +129,7 @@ impl Under {
             root: root.to_path_buf(),
             real_root,
             follow_dirs,
+            mounts: Default::default(),
         })
     }
 
@@ -186,7 +200,9 @@ impl Under {
             Mode::empty(),
             ResolveFlags::NO_XDEV,
         ) {
-            Err(rustix::io::Errno::XDEV) => {}
+            // Across a mount; or no openat2 (before Linux 5.6, or a
+            // seccomp filter that refuses it): walked.
+            Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {}
             opened => return Ok(opened?),
         }
         let fd = self.walk(rel, !flags.contains(OFlags::NOFOLLOW))?;
@@ -200,13 +216,7 @@ impl Under {
         if flags.contains(OFlags::DIRECTORY) && kind != FileType::Directory {
             return Err(rustix::io::Errno::NOTDIR.into());
         }
-        // The descriptor's own file, opened again: no name is looked up.
-        use std::os::fd::AsRawFd;
-        Ok(rustix::fs::open(
-            format!("/proc/self/fd/{}", fd.as_raw_fd()),
-            flags - OFlags::NOFOLLOW,
-            Mode::empty(),
-        )?)
+        reopen(&fd, flags - OFlags::NOFOLLOW)
     }
 
     /// Resolves `rel` from the base one component at a time, following
@@ -246,9 +256,9 @@ impl Under {
         while let Some(name) = pending.pop() {
             let next = open(&current, &name)?;
             let (kind, next_dev) = look(&next)?;
-            if next_dev != dev && is_pycstore_mount(next_dev) {
+            if next_dev != dev && !self.may_enter(next_dev) {
                 tracing::debug!(
-                    "`{}` leads into a pycstore mount: not followed",
+                    "`{}` leads into a pycstore mount or another user's FUSE mount: not followed",
                     self.display_path(rel).display()
                 );
                 return Err(rustix::io::Errno::LOOP.into());
@@ -275,6 +285,31 @@ impl Under {
             dev = next_dev;
         }
         Ok(current)
+    }
+
+    /// Whether a walk may enter the filesystem of device `dev`, and a
+    /// file on it be trusted to be what its attributes say: not a pycstore
+    /// mount (this view, or another that could lead back into it), nor a
+    /// FUSE mount of a user other than root and this process's, whose
+    /// server could answer anything, or never answer and hold a request
+    /// thread for good. Only anonymous devices (major 0) can be either.
+    pub fn may_enter(&self, dev: u64) -> bool {
+        if rustix::fs::major(dev) != 0 {
+            return true;
+        }
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = mounts
+            .read_at
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1));
+        if let (true, Some(&verdict)) = (fresh, mounts.verdicts.get(&dev)) {
+            return verdict;
+        }
+        mounts.verdicts = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|info| mount_verdicts(&info, rustix::process::geteuid().as_raw()))
+            .unwrap_or_default();
+        mounts.read_at = Some(std::time::Instant::now());
+        // Not listed (or unreadable): not entered.
+        mounts.verdicts.get(&dev).copied().unwrap_or(false)
     }
 
     /// Opens `rel` with `flags` (which say whether a final symlink is
@@ -362,10 +397,13 @@ impl Under {
     /// Reads a whole file, following a final symlink (a source file may be
     /// one).
     pub fn read(&self, rel: &Path) -> io::Result<(Meta, Vec<u8>)> {
-        // O_NONBLOCK: a FIFO named like a source cannot block a request;
-        // only a regular file of at most the link's source size limit is read.
-        let fd = self.open_at(rel, OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK)?;
-        let st = rustix::fs::fstat(&fd)?;
+        // Only a regular file of at most the link's source size limit is
+        // read, and nothing else is even opened: found with O_PATH (which
+        // opens nothing), checked, then opened through that descriptor, so
+        // a source swapped for a symlink to a FIFO or a device (whose open
+        // alone can block, or act, as root) is refused unopened.
+        let found = self.open_at(rel, OFlags::PATH)?;
+        let st = rustix::fs::fstat(&found)?;
         let limit = pycstore_store::MAX_SOURCE_SIZE;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 > limit
         {
@@ -374,6 +412,7 @@ impl Under {
                 "not a regular file of at most the source size limit",
             ));
         }
+        let fd = reopen(&found, OFlags::RDONLY | OFlags::NOCTTY)?;
         let meta = with_acl(Meta::from_stat(&st), |buf| {
             rustix::fs::fgetxattr(&fd, ACL_XATTR, buf)
         });
@@ -548,28 +587,58 @@ fn steps(path: &Path) -> Vec<OsString> {
         .collect()
 }
 
-/// Whether the filesystem of device `dev` is a pycstore mount (this view
-/// or another: two views could lead into each other), as
-/// `/proc/self/mountinfo` says. FUSE filesystems have anonymous devices
-/// (major 0); no other device is looked up.
-fn is_pycstore_mount(dev: u64) -> bool {
-    if rustix::fs::major(dev) != 0 {
-        return false;
-    }
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        // Unknown: not followed.
-        return true;
-    };
-    let want = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
-    info.lines().any(|line| {
-        let mut fields = line.split(' ');
-        if fields.nth(2) != Some(want.as_str()) {
-            return false;
+/// For each filesystem with an anonymous device in `mountinfo` (the text
+/// of `/proc/self/mountinfo`): whether a walk may enter it, for a server
+/// run by user `me` ([`Under::may_enter`]).
+fn mount_verdicts(mountinfo: &str, me: u32) -> std::collections::HashMap<u64, bool> {
+    let mut out = std::collections::HashMap::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some((major, minor)) = left.split(' ').nth(2).and_then(|d| d.split_once(':')) else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse::<u32>(), minor.parse::<u32>()) else {
+            continue;
+        };
+        if major != 0 {
+            continue;
         }
-        let mut after = line.split(" - ").nth(1).unwrap_or("").split(' ');
-        let (fstype, source) = (after.next().unwrap_or(""), after.next().unwrap_or(""));
-        fstype == "fuse.pycstore" || (fstype.starts_with("fuse") && source == "pycstore")
-    })
+        let mut fields = right.split(' ');
+        let fstype = fields.next().unwrap_or("");
+        let source = fields.next().unwrap_or("");
+        let options = fields.next().unwrap_or("");
+        let may =
+            if fstype == "fuse.pycstore" || (fstype.starts_with("fuse") && source == "pycstore") {
+                false
+            } else if fstype.starts_with("fuse") {
+                // A FUSE server runs as the user who mounted it.
+                options
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("user_id="))
+                    .and_then(|u| u.parse::<u32>().ok())
+                    .is_some_and(|uid| uid == 0 || uid == me)
+            } else {
+                true
+            };
+        let dev = rustix::fs::makedev(major, minor);
+        // The same device mounted twice: the stricter verdict.
+        let verdict = out.entry(dev).or_insert(may);
+        *verdict &= may;
+    }
+    out
+}
+
+/// Opens the file an `O_PATH` descriptor stands for, with `flags`: no name
+/// is looked up, so it is that file whatever its path leads to now.
+fn reopen(fd: &OwnedFd, flags: OFlags) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    Ok(rustix::fs::open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// The path the kernel gives an open descriptor, every symlink resolved.
@@ -591,7 +660,8 @@ use pycstore_store::util::with_path;
 
 #[cfg(test)]
 mod tests {
-    use super::narrow_by_acl;
+    use super::{mount_verdicts, narrow_by_acl, Under};
+    use std::path::Path;
 
     const USER_OBJ: u16 = 0x01;
     const USER: u16 = 0x02;
@@ -653,5 +723,71 @@ mod tests {
         // Unknown or damaged: the owner only.
         assert_eq!(narrow_by_acl(0o100644, b"\x03\0\0\0"), 0o100600);
         assert_eq!(narrow_by_acl(0o100644, &minimal[..7]), 0o100600);
+    }
+
+    #[test]
+    fn walks_enter_no_pycstore_mount_nor_another_users_fuse_mount() {
+        let info = "\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:26 / /tmp rw shared:2 - tmpfs tmpfs rw
+40 22 0:40 / /run/pycs rw,nosuid,nodev - fuse pycstore rw,user_id=0,group_id=0
+41 22 0:41 / /home/bob/mnt rw,nosuid,nodev - fuse.sshfs bob@host:/ rw,user_id=1000,group_id=1000
+42 22 0:42 / /srv/data rw,nosuid,nodev - fuse.sshfs root@host:/ rw,user_id=0,group_id=0
+43 22 0:43 / /home/alice/mnt rw,nosuid,nodev - fuse.sshfs x rw,user_id=1001,group_id=1001
+44 22 0:44 / /run/other rw - fuse.pycstore pycstore rw,user_id=1001,group_id=1001
+";
+        let dev = |minor| rustix::fs::makedev(0, minor);
+        let v = mount_verdicts(info, 1001);
+        assert_eq!(v.get(&dev(26)), Some(&true), "tmpfs");
+        assert_eq!(v.get(&dev(40)), Some(&false), "a pycstore view");
+        assert_eq!(v.get(&dev(41)), Some(&false), "another user's FUSE");
+        assert_eq!(v.get(&dev(42)), Some(&true), "root's FUSE");
+        assert_eq!(v.get(&dev(43)), Some(&true), "this user's FUSE");
+        assert_eq!(v.get(&dev(44)), Some(&false), "this user's pycstore view");
+        assert_eq!(v.len(), 6, "only anonymous devices: {v:?}");
+    }
+
+    /// A source swapped for a symlink to a FIFO is refused without being
+    /// opened: a writer waiting for a reader to open the FIFO still waits.
+    #[test]
+    fn reading_a_source_swapped_for_a_fifo_opens_nothing() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&fifo, dir.path().join("mod.py")).unwrap();
+        let opened = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (fifo, opened) = (fifo.clone(), Arc::clone(&opened));
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&fifo);
+                opened.store(true, Ordering::SeqCst);
+                drop(f);
+            })
+        };
+        // The writer waits in its open.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for under in [
+            Under::open(dir.path()).unwrap(),
+            Under::open_following_dirs(dir.path()).unwrap(),
+        ] {
+            assert!(under.read(Path::new("mod.py")).is_err());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !opened.load(Ordering::SeqCst),
+            "reading the source opened the FIFO"
+        );
+        // Lets the writer go.
+        drop(std::fs::File::open(&fifo).unwrap());
+        writer.join().unwrap();
     }
 }

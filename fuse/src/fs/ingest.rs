@@ -73,6 +73,22 @@ impl Writer {
         perm & 0o004 != 0
     }
 
+    /// Whether the writer sees the files this server does: the same mount
+    /// namespace and root directory. A writer in a container the view is
+    /// bind-mounted into compiled its own `/usr/lib/...`, which the view
+    /// would check against the host's file of that name.
+    fn sees_our_tree(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let same =
+            |theirs: String, ours: &str| match (std::fs::metadata(theirs), std::fs::metadata(ours))
+            {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            };
+        same(format!("/proc/{}/ns/mnt", self.pid), "/proc/self/ns/mnt")
+            && same(format!("/proc/{}/root", self.pid), "/proc/self/root")
+    }
+
     fn groups(&self) -> Vec<u32> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
         status
@@ -238,6 +254,18 @@ impl Inner {
         let mut file = stem.to_vec();
         file.extend_from_slice(b".py");
         let source = dir.join(OsStr::from_bytes(&file));
+        if !writer.sees_our_tree() {
+            self.pycs.refuse(
+                &self.under,
+                &source,
+                &format!(
+                    "process {} runs in another mount namespace or root directory, so \
+                     its source may not be this one",
+                    writer.pid
+                ),
+            );
+            return Err(Errno::EACCES);
+        }
         let meta = self.under.stat(&source)?;
         let perm = meta.mode & self.reach_mask(&source, &meta);
         if !writer.may_read(&meta, perm) {

@@ -1540,11 +1540,13 @@ fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
 
 /// The views answer with mode bits, which the kernel checks for every
 /// reader; an ACL entry that denies a user what the mode bits give others
-/// (`user:nobody:---` on a 0644 source and on a 0755 directory) is applied
-/// by the view too: nobody reads neither the source, nor its pyc, nor the
-/// directory through the overlay, as on the tree itself, while a source
-/// without an ACL beside them stays readable. Before, the view showed the
-/// mode bits alone and nobody read all three.
+/// (`user:nobody:---` on a 0644 source and on a 0755 directory, in the
+/// tree and outside it on the way to a symlinked source) is applied by the
+/// view too: nobody reads neither the source, nor its pyc, nor the
+/// directory, nor the symlinked source's pyc through the overlay, as on
+/// the tree itself, while a source without an ACL beside them stays
+/// readable. Before, the view showed the mode bits alone and nobody read
+/// all four.
 #[test]
 fn overlay_applies_what_an_acl_denies() {
     if !fuse_available() {
@@ -1555,6 +1557,10 @@ fn overlay_applies_what_an_acl_denies() {
     let denied = t.write("app/denied.py", "SECRET = 1\n");
     t.write("app/plain.py", "PLAIN = 1\n");
     t.write("app/closed/data.py", "DATA = 1\n");
+    // A source reached by a symlink, in a directory outside the tree whose
+    // ACL denies nobody the search the mode bits allow.
+    let outside = t.write("home/victim/mod.py", "KEY = 1\n");
+    std::os::unix::fs::symlink(&outside, src.join("linked.py")).unwrap();
     let (user_obj, user, group_obj, mask, other) = (0x01, 0x02, 0x04, 0x10, 0x20);
     let none = u32::MAX;
     let file_acl = acl_xattr(&[
@@ -1578,20 +1584,22 @@ fn overlay_applies_what_an_acl_denies() {
         rustix::fs::XattrFlags::empty(),
     )
     .unwrap();
-    rustix::fs::setxattr(
-        src.join("closed"),
-        "system.posix_acl_access",
-        &dir_acl,
-        rustix::fs::XattrFlags::empty(),
-    )
-    .unwrap();
+    for dir in [src.join("closed"), t.join("home/victim")] {
+        rustix::fs::setxattr(
+            &dir,
+            "system.posix_acl_access",
+            &dir_acl,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+    }
     assert_eq!(
         std::fs::metadata(&denied).unwrap().mode() & 0o777,
         0o644,
         "the ACL changed the mode bits"
     );
-    let on_tree = nobody_reads(&[&denied, &src.join("closed")]);
-    assert_eq!(on_tree, ["EACCES"; 2], "the tree's filesystem ignores ACLs");
+    let on_tree = nobody_reads(&[&denied, &src.join("closed"), &src.join("linked.py")]);
+    assert_eq!(on_tree, ["EACCES"; 3], "the tree's filesystem ignores ACLs");
 
     let mnt = t.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -1613,12 +1621,13 @@ fn overlay_applies_what_an_acl_denies() {
         &mnt.join("denied.py"),
         &mnt.join("__pycache__/denied.cpython-311.pyc"),
         &mnt.join("closed"),
+        &mnt.join("__pycache__/linked.cpython-311.pyc"),
         &mnt.join("plain.py"),
         &mnt.join("__pycache__/plain.cpython-311.pyc"),
     ]);
-    assert_eq!(got[..3], ["EACCES"; 3], "nobody through the view: {got:?}");
-    assert_ne!(got[3], "EACCES", "{got:?}");
+    assert_eq!(got[..4], ["EACCES"; 4], "nobody through the view: {got:?}");
     assert_ne!(got[4], "EACCES", "{got:?}");
+    assert_ne!(got[5], "EACCES", "{got:?}");
     // The owner still reads all of it.
     assert!(
         std::fs::read(mnt.join("__pycache__/denied.cpython-311.pyc"))

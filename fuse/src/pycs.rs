@@ -446,7 +446,7 @@ impl Pycs {
             // Bounded: files a tree's writer keeps making cannot grow it
             // without end (forgotten, a digest is taken again).
             if sources.len() >= MAX_KNOWN_SOURCES {
-                sources.clear();
+                *sources = HashMap::new();
             }
             sources.insert(
                 (meta.dev, meta.ino),

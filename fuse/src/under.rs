@@ -308,8 +308,9 @@ impl Under {
             .map(|info| mount_verdicts(&info, rustix::process::geteuid().as_raw()))
             .unwrap_or_default();
         mounts.read_at = Some(std::time::Instant::now());
-        // Not listed (or unreadable): not entered.
-        mounts.verdicts.get(&dev).copied().unwrap_or(false)
+        // Not listed: no mount of its own (a btrfs subvolume, a layer of an
+        // overlay), so no FUSE server of its own either.
+        *mounts.verdicts.entry(dev).or_insert(true)
     }
 
     /// Opens `rel` with `flags` (which say whether a final symlink is
@@ -337,7 +338,6 @@ impl Under {
     }
 
     fn stat_with(&self, rel: &Path, follow: bool) -> io::Result<Meta> {
-        use std::os::fd::AsRawFd;
         if self.follow_dirs {
             let flags = if follow {
                 OFlags::PATH
@@ -345,31 +345,20 @@ impl Under {
                 OFlags::PATH | OFlags::NOFOLLOW
             };
             let fd = self.open_following(rel, flags)?;
-            let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
-            // An O_PATH descriptor has no xattrs of its own: its file's,
-            // through /proc (never a symlink's: those have no ACL).
-            return Ok(with_acl(meta, |buf| {
-                rustix::fs::getxattr(format!("/proc/self/fd/{}", fd.as_raw_fd()), ACL_XATTR, buf)
-            }));
+            return Ok(stat_with_acl(&fd)?);
         }
-        self.at(rel, |dir, name| {
-            let at = if follow {
-                AtFlags::empty()
-            } else {
-                AtFlags::SYMLINK_NOFOLLOW
-            };
-            let meta = Meta::from_stat(&rustix::fs::statat(dir, name, at)?);
-            let path = Path::new("/proc/self/fd")
-                .join(dir.as_raw_fd().to_string())
-                .join(name);
-            Ok(with_acl(meta, |buf| {
-                if follow {
-                    rustix::fs::getxattr(&path, ACL_XATTR, buf)
-                } else {
-                    rustix::fs::lgetxattr(&path, ACL_XATTR, buf)
-                }
-            }))
-        })
+        // The mode and the ACL of one file: both through one descriptor, so
+        // a symlink flipped between the two cannot pair one file's mode
+        // with another's (missing) ACL.
+        let flags = if follow {
+            OFlags::PATH
+        } else {
+            OFlags::PATH | OFlags::NOFOLLOW
+        };
+        let fd = self.at(rel, |dir, name| {
+            rustix::fs::openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty())
+        })?;
+        Ok(stat_with_acl(&fd)?)
     }
 
     /// Opens a regular file for reading; a final symlink is refused (the
@@ -412,7 +401,9 @@ impl Under {
                 "not a regular file of at most the source size limit",
             ));
         }
-        let fd = reopen(&found, OFlags::RDONLY | OFlags::NOCTTY)?;
+        // O_NONBLOCK kept: a regular file of a pseudo-filesystem that
+        // blocks reads (`/proc/kmsg`) fails instead of holding the thread.
+        let fd = reopen(&found, OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK)?;
         let meta = with_acl(Meta::from_stat(&st), |buf| {
             rustix::fs::fgetxattr(&fd, ACL_XATTR, buf)
         });
@@ -438,7 +429,11 @@ impl Under {
             // mount `--over` the tree covers its path).
             let meta = match dir.strip_prefix(&self.real_root) {
                 Ok(inside) => self.stat(inside)?,
-                Err(_) => Meta::from_stat(&rustix::fs::stat(dir)?),
+                Err(_) => stat_with_acl(&rustix::fs::open(
+                    dir,
+                    OFlags::PATH | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?)?,
             };
             mask &= searchable_by(&meta, target);
         }
@@ -500,6 +495,17 @@ fn searchable_by(dir: &Meta, file: &Meta) -> u32 {
     (if owner { 0o700 } else { 0 })
         | (if group { 0o070 } else { 0 })
         | (if everyone { 0o007 } else { 0 })
+}
+
+/// `fstat` of `fd` (an `O_PATH` descriptor will do), its mode narrowed by
+/// the file's ACL, read through `/proc/self/fd` (an `O_PATH` descriptor has
+/// no xattrs of its own; a symlink has no ACL and is not read).
+fn stat_with_acl(fd: &OwnedFd) -> rustix::io::Result<Meta> {
+    use std::os::fd::AsRawFd;
+    let meta = Meta::from_stat(&rustix::fs::fstat(fd)?);
+    Ok(with_acl(meta, |buf| {
+        rustix::fs::getxattr(format!("/proc/self/fd/{}", fd.as_raw_fd()), ACL_XATTR, buf)
+    }))
 }
 
 /// The extended attribute holding a file's POSIX access ACL.
@@ -745,6 +751,15 @@ mod tests {
         assert_eq!(v.get(&dev(43)), Some(&true), "this user's FUSE");
         assert_eq!(v.get(&dev(44)), Some(&false), "this user's pycstore view");
         assert_eq!(v.len(), 6, "only anonymous devices: {v:?}");
+    }
+
+    /// A device no mount lists (a btrfs subvolume's, an overlay layer's)
+    /// has no FUSE server of its own: entered.
+    #[test]
+    fn a_device_no_mount_lists_is_entered() {
+        let under = Under::open(Path::new("/")).unwrap();
+        assert!(under.may_enter(rustix::fs::makedev(0, 0xfffff)));
+        assert!(under.may_enter(rustix::fs::makedev(8, 1)));
     }
 
     /// A source swapped for a symlink to a FIFO is refused without being

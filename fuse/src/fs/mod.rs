@@ -136,8 +136,15 @@ impl Inner {
     /// Tells the kernel about the node for `key` (made by `make` if new).
     fn entry(&self, key: Key, make: impl FnOnce() -> Node) -> Result<Resolved, Errno> {
         let (ino, node) = lock(&self.nodes).insert(key, true, make);
-        let (ttl, attr) = self.attr(ino, &node)?;
-        Ok(Resolved::Entry(ttl, attr))
+        match self.attr(ino, &node) {
+            Ok((ttl, attr)) => Ok(Resolved::Entry(ttl, attr)),
+            Err(e) => {
+                // The kernel gets an error, so it will never forget this
+                // lookup: not counted.
+                lock(&self.nodes).forget(ino, 1);
+                Err(e)
+            }
+        }
     }
 
     fn lookup(&self, parent: INodeNo, name: &OsStr, pid: u32) -> Result<Resolved, Errno> {

@@ -221,9 +221,10 @@ impl Under {
 
     /// Resolves `rel` from the base one component at a time, following
     /// symlinks (the final one only if `follow_final`), to an `O_PATH`
-    /// descriptor. Each step is opened with `O_NOFOLLOW` and looked at with
+    /// descriptor. Each step is opened with `O_NOFOLLOW` (and, with more to
+    /// come, `O_DIRECTORY`, which triggers an automount) and looked at with
     /// `statx(AT_STATX_DONT_SYNC)`, which asks no FUSE server anything; a
-    /// step onto another filesystem that is a pycstore mount ends the walk
+    /// step onto a filesystem [`Under::may_enter`] refuses ends the walk
     /// with `ELOOP` before anything in it is looked up.
     fn walk(&self, rel: &Path, follow_final: bool) -> io::Result<OwnedFd> {
         let open = |dir: &OwnedFd, name: &OsStr| {
@@ -254,7 +255,26 @@ impl Under {
         let (_, mut dev) = look(&current)?;
         let mut hops = 0;
         while let Some(name) = pending.pop() {
-            let next = open(&current, &name)?;
+            // A step with more after it is opened as a directory first:
+            // only a lookup that wants a directory triggers an automount
+            // point (autofs, NFS), as the kernel's own walk would on the way.
+            let as_dir = match pending.is_empty() {
+                true => None,
+                false => match rustix::fs::openat(
+                    &current,
+                    &name,
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => Some(fd),
+                    Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => None,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            let next = match as_dir {
+                Some(fd) => fd,
+                None => open(&current, &name)?,
+            };
             let (kind, next_dev) = look(&next)?;
             if next_dev != dev && !self.may_enter(next_dev) {
                 tracing::debug!(

@@ -1781,6 +1781,76 @@ fn pycache_prefix_never_looks_into_its_own_mount() {
     m.unmount();
 }
 
+/// A tree's owner can make its sources symlinks through the overlay's own
+/// mount point (`x0.py -> MOUNT/x1.py -> ... -> MOUNT/real.py`). Following
+/// one for a pyc, a request thread waited on requests of the same server;
+/// eight readers at once (with the kernel's cache off) held all four
+/// threads and hung the overlay for every reader. Now such a source has no
+/// pyc (Python compiles it), and the view goes on serving.
+#[test]
+fn overlay_sources_symlinked_through_the_mount_do_not_hang_it() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = t.join("app");
+    t.write("app/real.py", "V = 1\n");
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    for i in 0..12 {
+        std::os::unix::fs::symlink(
+            mnt.join(format!("x{}.py", i + 1)),
+            src.join(format!("x{i}.py")),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink(mnt.join("real.py"), src.join("x12.py")).unwrap();
+    let py = python("3.11");
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--threads"),
+            OsStr::new("4"),
+            OsStr::new("--cache-ttl"),
+            OsStr::new("0"),
+        ],
+    );
+    let (done, finished) = std::sync::mpsc::channel();
+    for i in 0..8 {
+        let pyc = mnt.join(format!("__pycache__/x{i}.cpython-311.pyc"));
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let _ = std::fs::read(&pyc);
+            let _ = done.send(i);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for _ in 0..8 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if finished.recv_timeout(left).is_err() {
+            abort_fuse_connection(&mnt);
+            panic!(
+                "the overlay hung on sources symlinked through it:\n{}",
+                m.log()
+            );
+        }
+    }
+    let pyc = std::fs::read(mnt.join("__pycache__/real.cpython-311.pyc")).unwrap();
+    assert!(pyc.len() > 16);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("x0.py")).unwrap(),
+        "V = 1\n"
+    );
+    m.unmount();
+}
+
 /// Aborts the FUSE connection of the mount at `mountpoint` (fusectl,
 /// mounted for the purpose if it is not), failing every request waiting on
 /// it: a server whose own threads wait on it cannot end otherwise.

@@ -6,7 +6,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -171,7 +171,6 @@ impl Under {
         rel: &Path,
         op: impl FnOnce(std::os::fd::BorrowedFd<'_>, &Path) -> rustix::io::Result<T>,
     ) -> io::Result<T> {
-        use std::os::fd::AsFd;
         match (rel.parent(), rel.file_name()) {
             (Some(parent), Some(name)) if !parent.as_os_str().is_empty() && !self.follow_dirs => {
                 let dir = pycstore_store::tree::open_dir_beneath(self.base.as_fd(), parent)?;
@@ -182,30 +181,37 @@ impl Under {
     }
 
     /// Opens `rel` with `flags` in a view that follows symlinks on the way
-    /// (the pycache-prefix view, whose tree is `/`), never into a pycstore
-    /// mount: the view's own mount point, reached by another path (a
-    /// symlink such as `/var/run`, or `/proc/self/root`), would make this
-    /// request wait on another one of the same server, nested once per
-    /// pass through the mount, until every thread waits and the view
-    /// hangs for everyone. A path that stays on one filesystem is opened by
-    /// the kernel in one call (`RESOLVE_NO_XDEV`); one that crosses a mount
-    /// is walked a component at a time ([`Under::walk`]), and reopened
-    /// through its descriptor.
+    /// (the pycache-prefix view, whose tree is `/`): [`Under::open_from`]
+    /// the base.
     fn open_following(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        self.open_from(self.base.as_fd(), rel, flags)
+    }
+
+    /// Opens `rel` beneath `start` with `flags`, following symlinks (the
+    /// final one unless `flags` has `O_NOFOLLOW`), never into a pycstore
+    /// mount: the view's own mount point, reached by another path (a
+    /// symlink such as `/var/run`, `/proc/self/root`, or a source of the
+    /// tree symlinked through the mount), would make this request wait on
+    /// another one of the same server, nested once per pass through the
+    /// mount or once per concurrent request, until every thread waits and
+    /// the view hangs for everyone. A path that stays on one filesystem is
+    /// opened by the kernel in one call (`RESOLVE_NO_XDEV`); one that
+    /// crosses a mount is walked a component at a time ([`Under::walk`]),
+    /// and reopened through its descriptor.
+    fn open_from(
+        &self,
+        start: std::os::fd::BorrowedFd<'_>,
+        rel: &Path,
+        flags: OFlags,
+    ) -> io::Result<OwnedFd> {
         let flags = flags | OFlags::CLOEXEC;
-        match rustix::fs::openat2(
-            &self.base,
-            arg(rel),
-            flags,
-            Mode::empty(),
-            ResolveFlags::NO_XDEV,
-        ) {
+        match rustix::fs::openat2(start, arg(rel), flags, Mode::empty(), ResolveFlags::NO_XDEV) {
             // Across a mount; or no openat2 (before Linux 5.6, or a
             // seccomp filter that refuses it): walked.
             Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {}
             opened => return Ok(opened?),
         }
-        let fd = self.walk(rel, !flags.contains(OFlags::NOFOLLOW))?;
+        let fd = self.walk(start, rel, !flags.contains(OFlags::NOFOLLOW))?;
         if flags.contains(OFlags::PATH) {
             return Ok(fd);
         }
@@ -219,14 +225,19 @@ impl Under {
         reopen(&fd, flags - OFlags::NOFOLLOW)
     }
 
-    /// Resolves `rel` from the base one component at a time, following
+    /// Resolves `rel` from `start` one component at a time, following
     /// symlinks (the final one only if `follow_final`), to an `O_PATH`
     /// descriptor. Each step is opened with `O_NOFOLLOW` (and, with more to
     /// come, `O_DIRECTORY`, which triggers an automount) and looked at with
     /// `statx(AT_STATX_DONT_SYNC)`, which asks no FUSE server anything; a
     /// step onto a filesystem [`Under::may_enter`] refuses ends the walk
     /// with `ELOOP` before anything in it is looked up.
-    fn walk(&self, rel: &Path, follow_final: bool) -> io::Result<OwnedFd> {
+    fn walk(
+        &self,
+        start: std::os::fd::BorrowedFd<'_>,
+        rel: &Path,
+        follow_final: bool,
+    ) -> io::Result<OwnedFd> {
         let open = |dir: &OwnedFd, name: &OsStr| {
             rustix::fs::openat(
                 dir,
@@ -251,7 +262,12 @@ impl Under {
         };
         let mut pending: Vec<OsString> = steps(rel);
         pending.reverse();
-        let mut current = open(&self.base, OsStr::new("."))?;
+        let mut current = rustix::fs::openat(
+            start,
+            ".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         let (_, mut dev) = look(&current)?;
         let mut hops = 0;
         while let Some(name) = pending.pop() {
@@ -340,8 +356,17 @@ impl Under {
         if self.follow_dirs {
             return self.open_following(rel, flags);
         }
+        if flags.contains(OFlags::NOFOLLOW) {
+            return self.at(rel, |dir, name| {
+                rustix::fs::openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty())
+            });
+        }
+        // A final symlink is followed as the pycache-prefix view follows
+        // paths: a source of the tree symlinked through the mount itself
+        // must not make this request wait on the server's own threads.
         self.at(rel, |dir, name| {
-            rustix::fs::openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty())
+            self.open_from(dir, name, flags)
+                .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
         })
     }
 
@@ -375,9 +400,7 @@ impl Under {
         } else {
             OFlags::PATH | OFlags::NOFOLLOW
         };
-        let fd = self.at(rel, |dir, name| {
-            rustix::fs::openat(dir, name, flags | OFlags::CLOEXEC, Mode::empty())
-        })?;
+        let fd = self.open_at(rel, flags)?;
         Ok(stat_with_acl(&fd)?)
     }
 

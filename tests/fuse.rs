@@ -1851,6 +1851,62 @@ fn overlay_sources_symlinked_through_the_mount_do_not_hang_it() {
     m.unmount();
 }
 
+/// Under `--over`, a symlinked source whose target comes back into the
+/// tree (`lib/m.py -> ../share/m.py`, or an absolute path into the prefix)
+/// passes through the tree's root, where the mount is: followed without
+/// stepping into a pycstore mount, it still gets its pyc, from the tree
+/// underneath. A mount point inside the prefix it would show is refused.
+#[test]
+fn overlay_over_follows_symlinks_back_into_the_tree() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let prefix = t.join("env");
+    t.write("env/share/m.py", "M = 1\n");
+    t.write("env/share/n.py", "N = 1\n");
+    std::fs::create_dir(prefix.join("lib")).unwrap();
+    std::os::unix::fs::symlink("../share/m.py", prefix.join("lib/m.py")).unwrap();
+    std::os::unix::fs::symlink(prefix.join("share/n.py"), prefix.join("lib/n.py")).unwrap();
+    let py = python("3.11");
+    let inside = prefix.join("mnt");
+    std::fs::create_dir(&inside).unwrap();
+    let out = run(pycstore(&t.store())
+        .args(["mount", "--source"])
+        .arg(&prefix)
+        .arg(&inside)
+        .arg("--python")
+        .arg(&py));
+    assert_output!(
+        out,
+        out.status.code() == Some(2)
+            && String::from_utf8_lossy(&out.stderr).contains("inside the prefix"),
+        "a mount point inside the prefix was not refused"
+    );
+    std::fs::remove_dir(&inside).unwrap();
+    let mut m = Mounted::start(
+        &t,
+        &t.store(),
+        &prefix,
+        &[
+            OsStr::new("--over"),
+            prefix.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+        ],
+    );
+    for name in ["m", "n"] {
+        let pyc = prefix.join(format!("lib/__pycache__/{name}.cpython-311.pyc"));
+        let read = std::fs::read(&pyc);
+        assert!(
+            read.as_ref().is_ok_and(|b| b.len() > 16),
+            "{}: {read:?}",
+            pyc.display()
+        );
+    }
+    m.unmount();
+}
+
 /// Aborts the FUSE connection of the mount at `mountpoint` (fusectl,
 /// mounted for the purpose if it is not), failing every request waiting on
 /// it: a server whose own threads wait on it cannot end otherwise.

@@ -55,8 +55,9 @@ pub enum Error {
         /// What failed.
         error: io::Error,
     },
-    /// The mount point or the prefix of an overlay is missing or is not a
-    /// directory.
+    /// The mount point or the prefix of an overlay is missing, is not a
+    /// directory, or cannot hold the view (a mount point inside the
+    /// overlay's prefix).
     #[error("{what} `{path}` {problem}")]
     NotADirectory {
         /// `the mount point` or `the prefix`.

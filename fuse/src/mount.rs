@@ -156,7 +156,29 @@ pub fn mount(store: Store, options: &MountOptions) -> Result<Mount, Error> {
                     problem,
                 });
             }
-            let under = Under::open(&source).map_err(io_err(&source))?;
+            // A mount point inside the tree it shows would be in the view
+            // too: a reader walking `MOUNT/MOUNT/MOUNT/...` would make each
+            // request wait on the next one of the same server.
+            if !over {
+                if let (Ok(tree), Ok(point)) = (
+                    std::fs::canonicalize(&source),
+                    std::fs::canonicalize(&mountpoint),
+                ) {
+                    if point != tree && point.starts_with(&tree) {
+                        return Err(Error::NotADirectory {
+                            what: "the mount point",
+                            path: mountpoint,
+                            problem: "is inside the prefix the overlay shows, so the view would \
+                                      contain itself: mount it outside the prefix, or over the \
+                                      prefix itself with --over",
+                        });
+                    }
+                }
+            }
+            let mut under = Under::open(&source).map_err(io_err(&source))?;
+            if over {
+                under = under.covered();
+            }
             let python = if options.python.is_empty() {
                 vec![interpreter::find_in_prefix(&source)?]
             } else {

@@ -23,6 +23,9 @@ pub(crate) struct Under {
     follow_dirs: bool,
     /// Which filesystems a walk may enter ([`Under::may_enter`]).
     mounts: std::sync::Mutex<Mounts>,
+    /// The device and inode of the mount over `root` (`--over`), once
+    /// looked up: a walk that lands there means the base.
+    covering: Option<std::sync::OnceLock<Option<(u64, u64)>>>,
 }
 
 /// What `/proc/self/mountinfo` said of each filesystem with an anonymous
@@ -130,7 +133,38 @@ impl Under {
             real_root,
             follow_dirs,
             mounts: Default::default(),
+            covering: None,
         })
+    }
+
+    /// Marks the tree as covered by the view's own mount (`--over`).
+    pub fn covered(mut self) -> Under {
+        self.covering = Some(std::sync::OnceLock::new());
+        self
+    }
+
+    /// Whether `(dev, ino)` is the root of the mount over the tree
+    /// (`--over`), seen by path without asking the server anything.
+    fn covers_base(&self, dev: u64, ino: u64) -> bool {
+        let Some(covering) = &self.covering else {
+            return false;
+        };
+        let root = covering.get_or_init(|| {
+            rustix::fs::statx(
+                rustix::fs::CWD,
+                &self.root,
+                AtFlags::STATX_DONT_SYNC,
+                StatxFlags::INO,
+            )
+            .ok()
+            .map(|st| {
+                (
+                    rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+                    st.stx_ino,
+                )
+            })
+        });
+        *root == Some((dev, ino))
     }
 
     /// The path of `rel` as it was before mounting (for messages and for
@@ -211,7 +245,12 @@ impl Under {
             Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {}
             opened => return Ok(opened?),
         }
-        let fd = self.walk(start, rel, !flags.contains(OFlags::NOFOLLOW))?;
+        let fd = self.walk(
+            start,
+            rel,
+            !flags.contains(OFlags::NOFOLLOW),
+            flags.contains(OFlags::DIRECTORY),
+        )?;
         if flags.contains(OFlags::PATH) {
             return Ok(fd);
         }
@@ -237,6 +276,7 @@ impl Under {
         start: std::os::fd::BorrowedFd<'_>,
         rel: &Path,
         follow_final: bool,
+        want_dir: bool,
     ) -> io::Result<OwnedFd> {
         let open = |dir: &OwnedFd, name: &OsStr| {
             rustix::fs::openat(
@@ -251,12 +291,13 @@ impl Under {
                 fd,
                 "",
                 AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
-                StatxFlags::TYPE,
+                StatxFlags::TYPE | StatxFlags::INO,
             )
             .map(|st| {
                 (
                     FileType::from_raw_mode(st.stx_mode.into()),
                     rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+                    st.stx_ino,
                 )
             })
         };
@@ -268,13 +309,14 @@ impl Under {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        let (_, mut dev) = look(&current)?;
+        let (_, mut dev, _) = look(&current)?;
         let mut hops = 0;
         while let Some(name) = pending.pop() {
-            // A step with more after it is opened as a directory first:
-            // only a lookup that wants a directory triggers an automount
-            // point (autofs, NFS), as the kernel's own walk would on the way.
-            let as_dir = match pending.is_empty() {
+            // A step with more after it (or the last one, when a directory
+            // is wanted) is opened as a directory first: only a lookup that
+            // wants a directory triggers an automount point (autofs, NFS),
+            // as the kernel's own walk would.
+            let as_dir = match pending.is_empty() && !want_dir {
                 true => None,
                 false => match rustix::fs::openat(
                     &current,
@@ -287,12 +329,23 @@ impl Under {
                     Err(e) => return Err(e.into()),
                 },
             };
-            let next = match as_dir {
+            let mut next = match as_dir {
                 Some(fd) => fd,
                 None => open(&current, &name)?,
             };
-            let (kind, next_dev) = look(&next)?;
-            if next_dev != dev && !self.may_enter(next_dev) {
+            let (mut kind, mut next_dev, ino) = look(&next)?;
+            if next_dev != dev && self.covers_base(next_dev, ino) {
+                // Under `--over`, a `..` or an absolute path that comes back
+                // to the tree's root lands on the mount: the tree is the
+                // directory underneath, which the base holds.
+                next = rustix::fs::openat(
+                    &self.base,
+                    ".",
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                (kind, next_dev, _) = look(&next)?;
+            } else if next_dev != dev && !self.may_enter(next_dev) {
                 tracing::debug!(
                     "`{}` leads into a pycstore mount or another user's FUSE mount: not followed",
                     self.display_path(rel).display()
@@ -472,11 +525,17 @@ impl Under {
             // mount `--over` the tree covers its path).
             let meta = match dir.strip_prefix(&self.real_root) {
                 Ok(inside) => self.stat(inside)?,
-                Err(_) => stat_with_acl(&rustix::fs::open(
-                    dir,
-                    OFlags::PATH | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?)?,
+                // Outside, reached from `/` as the views follow paths: a
+                // path the kernel named may lead through a mount by now.
+                Err(_) => {
+                    let root = rustix::fs::open(
+                        "/",
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    let inside = dir.strip_prefix("/").unwrap_or(dir);
+                    stat_with_acl(&self.open_from(root.as_fd(), inside, OFlags::PATH)?)?
+                }
             };
             mask &= searchable_by(&meta, target);
         }

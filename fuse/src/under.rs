@@ -301,7 +301,7 @@ impl Under {
                 )
             })
         };
-        let mut pending: Vec<OsString> = steps(rel);
+        let mut pending: Vec<OsString> = components(rel);
         pending.reverse();
         let mut current = rustix::fs::openat(
             start,
@@ -367,7 +367,7 @@ impl Under {
                     )?;
                     dev = look(&current)?.1;
                 }
-                pending.extend(steps(&target).into_iter().rev());
+                pending.extend(components(&target).into_iter().rev());
                 continue;
             }
             current = next;
@@ -680,21 +680,6 @@ pub(crate) fn narrow_by_acl(mode: u32, acl: &[u8]) -> u32 {
     (mode & !0o077) | (mode & 0o070 & (group << 3)) | (mode & 0o007 & everyone)
 }
 
-/// The most symlinks followed while resolving one path (Linux's limit).
-const MAX_SYMLINKS: u32 = 40;
-
-/// The components of a path to walk: names and `..`; `/` and `.` dropped.
-fn steps(path: &Path) -> Vec<OsString> {
-    use std::path::Component;
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// For each filesystem with an anonymous device in `mountinfo` (the text
 /// of `/proc/self/mountinfo`): whether a walk may enter it, for a server
 /// run by user `me` ([`Under::may_enter`]).
@@ -764,6 +749,7 @@ fn arg(rel: &Path) -> &Path {
     }
 }
 
+use pycstore_store::python_trust::{components, MAX_SYMLINKS};
 use pycstore_store::util::with_path;
 
 #[cfg(test)]

@@ -32,7 +32,7 @@
 //! | [`pack`] | cli: `pycstore export` and `import` |
 //! | [`prefix`] | cli: `pycstore status` and `unlink` |
 //! | [`pyc`] | fuse: pyc headers and source hashes; benches |
-//! | [`python_trust`] | cli: `--trust-python` |
+//! | [`python_trust`] | cli: `--trust-python`; fuse: the checks on pycs Python writes, path steps |
 //! | [`remote`] | cli: `--remote`, `push`, `keygen`; fuse: a mount's remotes; tests: `remote` |
 //! | [`resolve`] | fuse: the rules every view shares (slot, object state, settled stats) |
 //! | [`stats`] | cli: `pycstore stats` |

@@ -44,7 +44,7 @@ pub fn overridden() -> bool {
 }
 
 /// The most symlinks followed while resolving one path (Linux's limit).
-const MAX_SYMLINKS: u32 = 40;
+pub const MAX_SYMLINKS: u32 = 40;
 
 /// A path step that someone other than root or the caller can change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -394,8 +394,9 @@ impl Checker {
     }
 }
 
-/// The normal components of an absolute or relative path, `..` kept.
-fn components(path: &Path) -> Vec<OsString> {
+/// The components of an absolute or relative path to resolve one at a
+/// time: names and `..`; `/` and `.` dropped.
+pub fn components(path: &Path) -> Vec<OsString> {
     path.components()
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),

@@ -470,15 +470,45 @@ pub(crate) fn is_pycstore_mount(path: &Path) -> bool {
         return false;
     };
     let want = path.to_string_lossy();
-    info.lines().any(|line| {
-        let Some((left, right)) = line.split_once(" - ") else {
-            return false;
-        };
-        let point = left.split(' ').nth(4).map(unescape_mountinfo);
+    let found = mount_lines(&info).any(|m| m.is_pycstore() && unescape_mountinfo(m.point) == want);
+    found
+}
+
+/// One line of `/proc/self/mountinfo`, the fields the views use.
+pub(crate) struct MountLine<'a> {
+    /// The device's major and minor numbers.
+    pub dev: (u32, u32),
+    /// The mount point, escaped as mountinfo escapes it.
+    pub point: &'a str,
+    pub fstype: &'a str,
+    pub source: &'a str,
+    /// The superblock's options (`user_id=N` for FUSE).
+    pub options: &'a str,
+}
+
+impl MountLine<'_> {
+    /// Whether this is a pycstore view (named `pycstore`, fsname and
+    /// subtype).
+    pub fn is_pycstore(&self) -> bool {
+        self.fstype.starts_with("fuse") && self.source == "pycstore"
+    }
+}
+
+/// The lines of `info` (the text of `/proc/self/mountinfo`) that parse.
+pub(crate) fn mount_lines(info: &str) -> impl Iterator<Item = MountLine<'_>> {
+    info.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut left = left.split(' ');
+        let (major, minor) = left.nth(2)?.split_once(':')?;
+        let point = left.nth(1)?;
         let mut right = right.split(' ');
-        let fstype = right.next().unwrap_or("");
-        let source = right.next().unwrap_or("");
-        point.as_deref() == Some(&*want) && fstype.starts_with("fuse") && source == "pycstore"
+        Some(MountLine {
+            dev: (major.parse().ok()?, minor.parse().ok()?),
+            point,
+            fstype: right.next()?,
+            source: right.next().unwrap_or(""),
+            options: right.next().unwrap_or(""),
+        })
     })
 }
 

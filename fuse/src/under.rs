@@ -157,6 +157,9 @@ impl Under {
                 StatxFlags::INO,
             )
             .ok()
+            // A FUSE root is node 1: whatever else a renamed ancestor put
+            // at that path is not the mount.
+            .filter(|st| st.stx_ino == 1)
             .map(|st| {
                 (
                     rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
@@ -199,7 +202,7 @@ impl Under {
     /// outside the tree opened as the mount's owner. Only `op` decides
     /// whether the last component is followed. (A view that follows
     /// symlinked directories, [`Under::open_following_dirs`], resolves
-    /// `rel` with [`Under::open_following`] instead.)
+    /// `rel` with [`Under::open_from`] instead.)
     fn at<T>(
         &self,
         rel: &Path,
@@ -212,13 +215,6 @@ impl Under {
             }
             _ => Ok(op(self.base.as_fd(), arg(rel))?),
         }
-    }
-
-    /// Opens `rel` with `flags` in a view that follows symlinks on the way
-    /// (the pycache-prefix view, whose tree is `/`): [`Under::open_from`]
-    /// the base.
-    fn open_following(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
-        self.open_from(self.base.as_fd(), rel, flags)
     }
 
     /// Opens `rel` beneath `start` with `flags`, following symlinks (the
@@ -303,12 +299,7 @@ impl Under {
         };
         let mut pending: Vec<OsString> = components(rel);
         pending.reverse();
-        let mut current = rustix::fs::openat(
-            start,
-            ".",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let mut current = dir_path_fd(start, ".")?;
         let (_, mut dev, _) = look(&current)?;
         let mut hops = 0;
         while let Some(name) = pending.pop() {
@@ -338,12 +329,7 @@ impl Under {
                 // Under `--over`, a `..` or an absolute path that comes back
                 // to the tree's root lands on the mount: the tree is the
                 // directory underneath, which the base holds.
-                next = rustix::fs::openat(
-                    &self.base,
-                    ".",
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                next = dir_path_fd(&self.base, ".")?;
                 (kind, next_dev, _) = look(&next)?;
             } else if next_dev != dev && !self.may_enter(next_dev) {
                 tracing::debug!(
@@ -360,11 +346,7 @@ impl Under {
                 let target = rustix::fs::readlinkat(&next, "", Vec::new())?;
                 let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
                 if target.has_root() {
-                    current = rustix::fs::open(
-                        "/",
-                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )?;
+                    current = dir_path_fd(rustix::fs::CWD, "/")?;
                     dev = look(&current)?.1;
                 }
                 pending.extend(components(&target).into_iter().rev());
@@ -404,10 +386,10 @@ impl Under {
 
     /// Opens `rel` with `flags` (which say whether a final symlink is
     /// followed): through [`Under::at`], or, in a view that follows
-    /// symlinked directories, through [`Under::open_following`].
+    /// symlinked directories, with [`Under::open_from`] the base.
     fn open_at(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
         if self.follow_dirs {
-            return self.open_following(rel, flags);
+            return self.open_from(self.base.as_fd(), rel, flags);
         }
         if flags.contains(OFlags::NOFOLLOW) {
             return self.at(rel, |dir, name| {
@@ -436,15 +418,6 @@ impl Under {
     }
 
     fn stat_with(&self, rel: &Path, follow: bool) -> io::Result<Meta> {
-        if self.follow_dirs {
-            let flags = if follow {
-                OFlags::PATH
-            } else {
-                OFlags::PATH | OFlags::NOFOLLOW
-            };
-            let fd = self.open_following(rel, flags)?;
-            return Ok(stat_with_acl(&fd)?);
-        }
         // The mode and the ACL of one file: both through one descriptor, so
         // a symlink flipped between the two cannot pair one file's mode
         // with another's (missing) ACL.
@@ -453,8 +426,7 @@ impl Under {
         } else {
             OFlags::PATH | OFlags::NOFOLLOW
         };
-        let fd = self.open_at(rel, flags)?;
-        Ok(stat_with_acl(&fd)?)
+        Ok(stat_with_acl(&self.open_at(rel, flags)?)?)
     }
 
     /// Opens a regular file for reading; a final symlink is refused (the
@@ -473,9 +445,8 @@ impl Under {
                 "not a regular file",
             ));
         }
-        // Reads of a regular file ignore O_NONBLOCK; cleared all the same.
-        let flags = rustix::fs::fcntl_getfl(&fd)?;
-        rustix::fs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?;
+        // O_NONBLOCK kept: reads of a regular file ignore it (and one of a
+        // pseudo-filesystem that would block fails instead), as in `read`.
         Ok(File::from(fd))
     }
 
@@ -520,6 +491,7 @@ impl Under {
         let fd = self.open_at(rel, OFlags::PATH)?;
         let real = fd_path(&fd)?;
         let mut mask = 0o777;
+        let mut slash = None;
         for dir in real.ancestors().skip(1) {
             // Inside the tree, a directory is reached through the base (a
             // mount `--over` the tree covers its path).
@@ -528,11 +500,10 @@ impl Under {
                 // Outside, reached from `/` as the views follow paths: a
                 // path the kernel named may lead through a mount by now.
                 Err(_) => {
-                    let root = rustix::fs::open(
-                        "/",
-                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )?;
+                    let root = match &mut slash {
+                        Some(root) => root,
+                        None => slash.insert(dir_path_fd(rustix::fs::CWD, "/")?),
+                    };
                     let inside = dir.strip_prefix("/").unwrap_or(dir);
                     stat_with_acl(&self.open_from(root.as_fd(), inside, OFlags::PATH)?)?
                 }
@@ -544,15 +515,8 @@ impl Under {
 
     /// The target of a symlink.
     pub fn readlink(&self, rel: &Path) -> io::Result<Vec<u8>> {
-        if self.follow_dirs {
-            let fd = self.open_following(rel, OFlags::PATH | OFlags::NOFOLLOW)?;
-            return Ok(rustix::fs::readlinkat(&fd, "", Vec::new())?.into_bytes());
-        }
-        Ok(self
-            .at(rel, |dir, name| {
-                rustix::fs::readlinkat(dir, name, Vec::new())
-            })?
-            .into_bytes())
+        let fd = self.open_at(rel, OFlags::PATH | OFlags::NOFOLLOW)?;
+        Ok(rustix::fs::readlinkat(&fd, "", Vec::new())?.into_bytes())
     }
 
     /// The entries of a directory, without `.` and `..`.
@@ -685,42 +649,36 @@ pub(crate) fn narrow_by_acl(mode: u32, acl: &[u8]) -> u32 {
 /// run by user `me` ([`Under::may_enter`]).
 fn mount_verdicts(mountinfo: &str, me: u32) -> std::collections::HashMap<u64, bool> {
     let mut out = std::collections::HashMap::new();
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
+    for m in crate::mount::mount_lines(mountinfo).filter(|m| m.dev.0 == 0) {
+        let may = if m.is_pycstore() {
+            false
+        } else if m.fstype.starts_with("fuse") {
+            // A FUSE server runs as the user who mounted it.
+            m.options
+                .split(',')
+                .find_map(|o| o.strip_prefix("user_id="))
+                .and_then(|u| u.parse::<u32>().ok())
+                .is_some_and(|uid| uid == 0 || uid == me)
+        } else {
+            true
         };
-        let Some((major, minor)) = left.split(' ').nth(2).and_then(|d| d.split_once(':')) else {
-            continue;
-        };
-        let (Ok(major), Ok(minor)) = (major.parse::<u32>(), minor.parse::<u32>()) else {
-            continue;
-        };
-        if major != 0 {
-            continue;
-        }
-        let mut fields = right.split(' ');
-        let fstype = fields.next().unwrap_or("");
-        let source = fields.next().unwrap_or("");
-        let options = fields.next().unwrap_or("");
-        let may =
-            if fstype == "fuse.pycstore" || (fstype.starts_with("fuse") && source == "pycstore") {
-                false
-            } else if fstype.starts_with("fuse") {
-                // A FUSE server runs as the user who mounted it.
-                options
-                    .split(',')
-                    .find_map(|o| o.strip_prefix("user_id="))
-                    .and_then(|u| u.parse::<u32>().ok())
-                    .is_some_and(|uid| uid == 0 || uid == me)
-            } else {
-                true
-            };
-        let dev = rustix::fs::makedev(major, minor);
         // The same device mounted twice: the stricter verdict.
-        let verdict = out.entry(dev).or_insert(may);
+        let verdict = out
+            .entry(rustix::fs::makedev(m.dev.0, m.dev.1))
+            .or_insert(may);
         *verdict &= may;
     }
     out
+}
+
+/// An `O_PATH` descriptor of the directory `path` (relative to `start`).
+fn dir_path_fd(start: impl AsFd, path: &str) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        start,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 /// Opens the file an `O_PATH` descriptor stands for, with `flags`: no name

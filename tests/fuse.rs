@@ -1707,6 +1707,93 @@ fn overlay_memory_stays_bounded_as_names_come_and_go() {
     drop(m);
 }
 
+/// A reader looking up many missing pycs at once (each lookup its own, as
+/// many processes would) had the server start a thread, as root, for each
+/// lookup waiting for a compile. Now at most 64 wait: a lookup past them
+/// is told at once that there is no pyc (Python then compiles the source
+/// itself), and every pyc is served once compiled.
+#[test]
+fn overlay_bounds_the_lookups_waiting_for_misses() {
+    if !fuse_available() {
+        return;
+    }
+    let t = TestDir::new();
+    let src = t.join("tree");
+    // One source, a second or two to compile, under 200 names: every
+    // lookup waits for the same compile.
+    let slow: String = (0..100_000).map(|i| format!("v{i} = {i}\n")).collect();
+    const NAMES: usize = 200;
+    let first = t.write("tree/app/m0.py", slow);
+    for i in 1..NAMES {
+        std::fs::hard_link(&first, src.join(format!("app/m{i}.py"))).unwrap();
+    }
+    t.write("tree/app/quick.py", "VALUE = 1\n");
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut cmd = pycstore(&t.store());
+    cmd.arg("mount")
+        .arg("--source")
+        .arg(&src)
+        .arg(&mnt)
+        .arg("--python")
+        .arg(python("3.11"))
+        .arg("--jobs")
+        .arg("1");
+    let m = Mounted::spawn(&t, cmd, &t.store(), &mnt);
+    let pid = m.child.as_ref().unwrap().id();
+    let threads = || -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    // The compile worker is started, and the server at rest.
+    std::fs::metadata(mnt.join("app/__pycache__/quick.cpython-311.pyc")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let at_rest = threads();
+    let pyc = |i: usize| mnt.join(format!("app/__pycache__/m{i}.cpython-311.pyc"));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(NAMES + 1));
+    let lookups: Vec<_> = (0..NAMES)
+        .map(|i| {
+            let (path, start) = (pyc(i), std::sync::Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                std::fs::metadata(path).map(|_| ()).map_err(|e| e.kind())
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    let mut most = 0;
+    while lookups.iter().any(|l| !l.is_finished()) && began.elapsed() < Duration::from_secs(120) {
+        most = most.max(threads());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let answers: Vec<_> = lookups.into_iter().map(|l| l.join().unwrap()).collect();
+    let served = answers.iter().filter(|a| a.is_ok()).count();
+    let turned_away = answers
+        .iter()
+        .filter(|a| **a == Err(std::io::ErrorKind::NotFound))
+        .count();
+    assert_eq!(served + turned_away, NAMES, "{answers:?}");
+    assert!(
+        served >= 1 && turned_away >= 1,
+        "{served} lookups waited for the compile, {turned_away} were turned away \
+         (in {:?}; the server ran {most} threads, {at_rest} at rest)",
+        began.elapsed()
+    );
+    // 64 waiting, and a few the compile and the store start meanwhile.
+    assert!(
+        most <= at_rest + 64 + 8,
+        "the server ran {most} threads during the lookups, {at_rest} at rest"
+    );
+    // Compiled once, served under every name.
+    for i in 0..NAMES {
+        let meta = std::fs::metadata(pyc(i)).unwrap_or_else(|e| panic!("m{i}: {e}"));
+        assert!(meta.len() > 16);
+    }
+    drop(m);
+}
+
 /// The pycache-prefix view mirrors `/`, its own mount point included when
 /// reached by another path (a symlink to a directory above it, as
 /// `/var/run` is to `/run`). Looking up a name there must not make the

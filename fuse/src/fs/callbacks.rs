@@ -4,7 +4,6 @@
 //! thread of its own.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
@@ -55,11 +54,15 @@ impl Filesystem for PycFs {
             Ok(Resolved::Entry(ttl, attr)) => reply.entry(&ttl, &attr, Generation(0)),
             Ok(Resolved::Absent(ttl)) => reply.entry(&ttl, &negative(), Generation(0)),
             Ok(Resolved::Compile(job)) => {
-                let inner = Arc::clone(&self.inner);
-                // If no thread can be started, the dropped reply answers EIO.
+                let Some(slot) = self.inner.miss_slot() else {
+                    reply.error(Errno::ENOENT);
+                    return;
+                };
+                // If no thread can be started, the dropped reply answers EIO
+                // and the dropped slot is given back.
                 let _ = std::thread::Builder::new()
                     .name("pycstore-miss".into())
-                    .spawn(move || match inner.compile(job) {
+                    .spawn(move || match slot.0.compile(job) {
                         Ok((ttl, attr)) => reply.entry(&ttl, &attr, Generation(0)),
                         Err(e) => reply.error(e),
                     });

@@ -31,7 +31,7 @@ mod pyc;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +90,30 @@ struct Inner {
     uid: u32,
     gid: u32,
     pid: u32,
+    /// Lookups waiting for a compile (or a remote) in threads of their
+    /// own, at most [`MISSES_AT_ONCE`].
+    misses: AtomicUsize,
+    /// Whether the log said that misses were turned away.
+    warned_misses: AtomicBool,
+}
+
+/// The most lookups that wait for a miss at once, each in a thread: past
+/// them a lookup of a missing pyc is answered at once that there is none,
+/// and Python compiles the source itself. Without a bound, a reader
+/// looking up many missing pycs at once (many processes, each with its
+/// own lookup in flight) had the server start a thread for each, as root,
+/// past the reader's own limits. Only the compile pool's few workers
+/// compile; the rest of the threads wait, for a remote or for them.
+const MISSES_AT_ONCE: usize = 64;
+
+/// One of the [`MISSES_AT_ONCE`] places, given back when dropped (when the
+/// miss is answered, or its thread could not start).
+struct MissSlot(Arc<Inner>);
+
+impl Drop for MissSlot {
+    fn drop(&mut self) {
+        self.0.misses.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What a lookup found: an answer, a name that is not there (which the
@@ -122,6 +146,8 @@ impl PycFs {
                 uid: rustix::process::geteuid().as_raw(),
                 gid: rustix::process::getegid().as_raw(),
                 pid: std::process::id(),
+                misses: AtomicUsize::new(0),
+                warned_misses: AtomicBool::new(false),
             }),
             ended: Some(ended),
         }
@@ -129,6 +155,22 @@ impl PycFs {
 }
 
 impl Inner {
+    /// A place for one more miss to wait in a thread, if there is one.
+    fn miss_slot(self: &Arc<Self>) -> Option<MissSlot> {
+        if self.misses.fetch_add(1, Ordering::AcqRel) < MISSES_AT_ONCE {
+            return Some(MissSlot(Arc::clone(self)));
+        }
+        self.misses.fetch_sub(1, Ordering::AcqRel);
+        if !self.warned_misses.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "more than {MISSES_AT_ONCE} lookups wait for pycs to be compiled or fetched: \
+                 further missing pycs are reported missing until some are done \
+                 (Python compiles their sources itself)"
+            );
+        }
+        None
+    }
+
     fn overlay(&self) -> bool {
         matches!(self.kind, Kind::Overlay)
     }

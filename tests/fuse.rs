@@ -1730,16 +1730,21 @@ fn overlay_bounds_the_lookups_waiting_for_misses() {
     t.write("tree/app/quick.py", "VALUE = 1\n");
     let mnt = t.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mut cmd = pycstore(&t.store());
-    cmd.arg("mount")
-        .arg("--source")
-        .arg(&src)
-        .arg(&mnt)
-        .arg("--python")
-        .arg(python("3.11"))
-        .arg("--jobs")
-        .arg("1");
-    let m = Mounted::spawn(&t, cmd, &t.store(), &mnt);
+    let py = python("3.11");
+    let m = Mounted::start(
+        &t,
+        &t.store(),
+        &mnt,
+        &[
+            OsStr::new("--source"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--python"),
+            py.as_os_str(),
+            OsStr::new("--jobs"),
+            OsStr::new("1"),
+        ],
+    );
     let pid = m.child.as_ref().unwrap().id();
     let threads = || -> usize {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

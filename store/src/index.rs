@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, Direction, IngestExternalFileOptions, IteratorMode,
-    Options, SstFileWriter, WriteBatch, DB,
+    Options, ReadOptions, SstFileWriter, WriteBatch, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -649,6 +649,8 @@ pub struct Index {
     failed: bool,
     /// The store is shared with a group: files are left group-writable.
     shared: bool,
+    /// The options of every lookup.
+    reads: ReadOptions,
     _lock: LockGuard,
 }
 
@@ -699,6 +701,7 @@ impl Index {
             ingested: Vec::new(),
             failed: false,
             shared: path.parent().is_some_and(crate::trust::is_shared),
+            reads: ReadOptions::default(),
             _lock: guard,
         })
     }
@@ -782,13 +785,23 @@ impl Index {
             .map_err(|e| Error::index(&self.path, e))
     }
 
-    /// Reads one value for a lookup: a value that cannot be read (a damaged
+    /// Reads one value for a lookup and decodes it where RocksDB holds it
+    /// (no copy, and the session's one [`ReadOptions`]: a warm link makes
+    /// three lookups per source). A value that cannot be read (a damaged
     /// block of the index) is a miss, with one warning per process.
-    fn lookup(&self, family: Family, key: &[u8]) -> Option<Vec<u8>> {
-        self.get(family, key).unwrap_or_else(|e| {
-            warn_unreadable(&self.path, &e);
-            None
-        })
+    fn lookup<T>(
+        &self,
+        family: Family,
+        key: &[u8],
+        decode: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<T> {
+        match self.db.get_pinned_cf_opt(self.cf(family), key, &self.reads) {
+            Ok(value) => decode(&value?),
+            Err(e) => {
+                warn_unreadable(&self.path, &Error::index(&self.path, e));
+                None
+            }
+        }
     }
 
     /// Every key and value of a family whose key starts with `prefix`.
@@ -981,43 +994,37 @@ impl Index {
     /// What `link` recorded of the pyc at `pyc` (an unreadable record is
     /// none).
     pub(crate) fn link_record(&self, pyc: &Path) -> Option<LinkRecord> {
-        self.lookup(Family::Links, &path_key(pyc))
-            .and_then(|v| LinkRecord::decode(&v))
+        self.lookup(Family::Links, &path_key(pyc), LinkRecord::decode)
     }
 
     /// Looks up a stored pyc. An undecodable or unreadable value is a miss.
     pub fn entry(&self, key: &CompileKey, slot: EntrySlot) -> Result<Option<Entry>> {
-        Ok(self
-            .lookup(Family::Entries, &entry_key(key, slot))
-            .and_then(|v| Entry::decode(&v)))
+        Ok(self.lookup(Family::Entries, &entry_key(key, slot), Entry::decode))
     }
 
     /// The compiler's message for a source that does not compile, if known
     /// (an unreadable value is not known).
     pub fn failure(&self, key: &CompileKey) -> Result<Option<String>> {
-        Ok(self
-            .lookup(Family::Failures, &key.0)
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.lookup(Family::Failures, &key.0, |v| {
+            Some(String::from_utf8_lossy(v).into_owned())
+        }))
     }
 
     /// The stat cache's record of a source path (an unreadable one is a
     /// miss: the source is hashed again).
     pub fn stat(&self, path: &Path) -> Result<Option<StatRecord>> {
-        Ok(self
-            .lookup(Family::Stat, &path_key(path))
-            .and_then(|v| StatRecord::decode(&v)))
+        Ok(self.lookup(Family::Stat, &path_key(path), StatRecord::decode))
     }
 
     /// What the walk listed in the directory `dir` (an unreadable record is
     /// a miss: the directory is listed again).
     pub fn listing(&self, dir: &Path) -> Option<ListingRecord> {
-        self.lookup(Family::Stat, &listing_key(dir))
-            .and_then(|v| ListingRecord::decode(&v))
+        self.lookup(Family::Stat, &listing_key(dir), ListingRecord::decode)
     }
 
     /// A cached interpreter probe (JSON); an unreadable one is a miss.
     pub fn interpreter(&self, exe: &Path) -> Result<Option<Vec<u8>>> {
-        Ok(self.lookup(Family::Interpreters, &path_key(exe)))
+        Ok(self.lookup(Family::Interpreters, &path_key(exe), |v| Some(v.to_vec())))
     }
 
     /// The counters of interpreter `label` ("" holds the time of the last reset).

@@ -373,7 +373,13 @@ impl Excludes {
         })
     }
 
-    fn excluded(&self, relative: &Path) -> bool {
+    /// Whether `path`, below `prefix`, is excluded. Without patterns (as
+    /// usual), the path is not even made relative.
+    fn excluded(&self, path: &Path, prefix: &Path) -> bool {
+        if self.by_path.is_empty() && self.by_name.is_empty() {
+            return false;
+        }
+        let relative = path.strip_prefix(prefix).unwrap_or(path);
         self.by_path.is_match(relative)
             || relative
                 .file_name()
@@ -621,7 +627,7 @@ fn one_dir(
     let mut subdirs = Vec::new();
     for name in listed.dirs {
         let child = path.join(&name);
-        if excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child)) {
+        if excludes.excluded(&child, prefix) {
             continue;
         }
         // Below a directory known from its record, subdirectories are
@@ -647,7 +653,7 @@ fn one_dir(
         .sources
         .into_iter()
         .map(|(name, symlink)| (path.join(&name), name, symlink))
-        .filter(|(child, _, _)| !excludes.excluded(child.strip_prefix(prefix).unwrap_or(child)))
+        .filter(|(child, _, _)| !excludes.excluded(child, prefix))
         .collect();
     // Only a directory that holds sources is kept (open, if it is).
     if sources.is_empty() {
@@ -772,9 +778,8 @@ fn list(
         if target != FileType::RegularFile {
             listed.rememberable = false;
             let child = path.join(&name);
-            let excluded = excludes.is_some_and(|(prefix, excludes)| {
-                excludes.excluded(child.strip_prefix(prefix).unwrap_or(&child))
-            });
+            let excluded =
+                excludes.is_some_and(|(prefix, excludes)| excludes.excluded(&child, prefix));
             if !excluded {
                 errors.push(FileError::new(child, Op::Read, Cause::NotRegular));
             }

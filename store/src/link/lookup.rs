@@ -89,7 +89,10 @@ impl Run<'_> {
                 };
                 match self.lookup(index, &target) {
                     Ok(lookup) => {
-                        if matches!(lookup, Lookup::Entry(_)) {
+                        // Without a `__pycache__` when the walk listed the
+                        // directory (a fresh copy), there is no pyc an
+                        // earlier run placed to recognise.
+                        if matches!(lookup, Lookup::Entry(_)) && found.dir.listed_pycache {
                             target.recorded = index.link_record(&target.pyc);
                         }
                         target.lookup = lookup;

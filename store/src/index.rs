@@ -991,10 +991,51 @@ impl Index {
             .collect())
     }
 
-    /// What `link` recorded of the pyc at `pyc` (an unreadable record is
-    /// none).
-    pub(crate) fn link_record(&self, pyc: &Path) -> Option<LinkRecord> {
-        self.lookup(Family::Links, &path_key(pyc), LinkRecord::decode)
+    /// [`Index::lookup`] of many keys of one family at once (RocksDB's
+    /// batched `MultiGet`: a directory's keys share its tables' filters and
+    /// blocks), in the order of `keys`.
+    fn lookup_many<T>(
+        &self,
+        family: Family,
+        keys: &[Vec<u8>],
+        decode: impl Fn(&[u8]) -> Option<T>,
+    ) -> Vec<Option<T>> {
+        let sorted = keys.is_sorted();
+        self.db
+            .batched_multi_get_cf_opt(self.cf(family), keys, sorted, &self.reads)
+            .into_iter()
+            .map(|value| match value {
+                Ok(value) => decode(&value?),
+                Err(e) => {
+                    warn_unreadable(&self.path, &Error::index(&self.path, e));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The stat cache's records of `paths` ([`Index::stat`] of each).
+    pub(crate) fn stats<'p>(
+        &self,
+        paths: impl IntoIterator<Item = &'p Path>,
+    ) -> Vec<Option<StatRecord>> {
+        let keys: Vec<_> = paths.into_iter().map(path_key).collect();
+        self.lookup_many(Family::Stat, &keys, StatRecord::decode)
+    }
+
+    /// [`Index::entry`] of each key and slot.
+    pub(crate) fn entries_of(&self, wanted: &[(CompileKey, EntrySlot)]) -> Vec<Option<Entry>> {
+        let keys: Vec<_> = wanted.iter().map(|(k, s)| entry_key(k, *s)).collect();
+        self.lookup_many(Family::Entries, &keys, Entry::decode)
+    }
+
+    /// What `link` recorded of each pyc (an unreadable record is none).
+    pub(crate) fn link_records<'p>(
+        &self,
+        pycs: impl IntoIterator<Item = &'p Path>,
+    ) -> Vec<Option<LinkRecord>> {
+        let keys: Vec<_> = pycs.into_iter().map(path_key).collect();
+        self.lookup_many(Family::Links, &keys, LinkRecord::decode)
     }
 
     /// Looks up a stored pyc. An undecodable or unreadable value is a miss.

@@ -115,6 +115,19 @@ impl Source {
         writes: Option<&mut Writes>,
         limit: u64,
     ) -> Hashed {
+        Self::hash_with(found, |path| index.stat(path), now_ns, writes, limit)
+    }
+
+    /// [`Source::hash`], with the stat cache's record of the source from
+    /// `cached` (asked only once the source is `stat`ed, and not at all if
+    /// it cannot be).
+    pub(crate) fn hash_with(
+        found: &Found,
+        cached: impl FnOnce(&Path) -> Result<Option<StatRecord>>,
+        now_ns: i64,
+        writes: Option<&mut Writes>,
+        limit: u64,
+    ) -> Hashed {
         // A source in a directory without `__pycache__` is most likely new
         // to the store: open it at once and take its stat from the open file
         // (no path lookup twice). Elsewhere stat it first: the stat cache
@@ -145,7 +158,7 @@ impl Source {
         }
         let mtime_ns = meta.mtime.0 * 1_000_000_000 + meta.mtime.1;
         let ctime_ns = meta.ctime.0 * 1_000_000_000 + meta.ctime.1;
-        let cached = match index.stat(path) {
+        let cached = match cached(path) {
             Ok(cached) => cached,
             Err(e) => return Hashed::Failed(FileError::new(path, Op::LookUp, e)),
         };

@@ -1,6 +1,6 @@
-//! Lookup: for one source found by the walk, its hash (from the stat cache,
-//! or read and hashed), the compile key of each wanted pyc, and what the
-//! index holds for it: one [`Target`] per pyc.
+//! Lookup: for the sources of one directory found by the walk, their hashes
+//! (from the stat cache, or read and hashed), the compile key of each wanted
+//! pyc, and what the index holds for it: one [`Target`] per pyc.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,79 +39,94 @@ pub(super) struct Target {
 }
 
 impl Run<'_> {
-    /// For one source: hash it, look up each of its pycs.
+    /// For the sources of one directory: hash each, look up each of its
+    /// pycs. The directory's records are read from the index together (the
+    /// stat cache's, then the entries, then the link records): a re-link
+    /// makes three lookups per source.
     pub(super) fn look_up(
         &self,
         index: &Index,
-        found: &Found,
-        chosen: &[usize],
+        sources: &[(Found, Vec<usize>)],
         optimize: &[u8],
     ) -> Vec<Target> {
-        let pycs = (chosen.len() * optimize.len()) as u64;
-        let mut learned = Writes::default();
-        let hashed = Source::hash(
-            found,
-            index,
-            self.now_ns,
-            Some(&mut learned),
-            self.options.max_source_size,
-        );
-        self.ledger.learned(&mut learned);
-        let source = match hashed {
-            Hashed::Source(source) => Arc::<Source>::from(source),
-            Hashed::Skipped => {
-                self.ledger.skipped(pycs);
-                return Vec::new();
-            }
-            Hashed::Failed(e) => {
-                self.ledger.fail(e, None, pycs);
-                return Vec::new();
-            }
-        };
-        let mut targets = Vec::with_capacity(pycs as usize);
-        for &i in chosen {
-            let interpreter = &self.interpreters[i];
-            for &optimize in optimize {
-                let Some(pyc) = source.pyc_path(interpreter, optimize) else {
-                    let e = FileError::new(&source.path, Op::LookUp, Cause::NotAModuleName);
-                    self.fail(&source.path, i, e);
+        let mut stats = index.stats(sources.iter().map(|(found, _)| found.path.as_path()));
+        let mut targets = Vec::new();
+        for ((found, chosen), cached) in sources.iter().zip(&mut stats) {
+            let pycs = (chosen.len() * optimize.len()) as u64;
+            let mut learned = Writes::default();
+            let hashed = Source::hash_with(
+                found,
+                |_| Ok(cached.take()),
+                self.now_ns,
+                Some(&mut learned),
+                self.options.max_source_size,
+            );
+            self.ledger.learned(&mut learned);
+            let source = match hashed {
+                Hashed::Source(source) => Arc::<Source>::from(source),
+                Hashed::Skipped => {
+                    self.ledger.skipped(pycs);
                     continue;
-                };
-                let key = interpreter.compile_key(&source.digest, optimize);
-                let mut target = Target {
-                    source: Arc::clone(&source),
-                    interpreter: i,
-                    optimize,
-                    key,
-                    pyc,
-                    lookup: Lookup::Miss,
-                    recorded: None,
-                };
-                match self.lookup(index, &target) {
-                    Ok(lookup) => {
-                        // Without a `__pycache__` when the walk listed the
-                        // directory (a fresh copy), there is no pyc an
-                        // earlier run placed to recognise.
-                        if matches!(lookup, Lookup::Entry(_)) && found.dir.listed_pycache {
-                            target.recorded = index.link_record(&target.pyc);
-                        }
-                        target.lookup = lookup;
-                        targets.push(target);
-                    }
-                    Err(e) => {
-                        let e = FileError::new(&source.path, Op::LookUp, e);
+                }
+                Hashed::Failed(e) => {
+                    self.ledger.fail(e, None, pycs);
+                    continue;
+                }
+            };
+            for &i in chosen {
+                let interpreter = &self.interpreters[i];
+                for &optimize in optimize {
+                    let Some(pyc) = source.pyc_path(interpreter, optimize) else {
+                        let e = FileError::new(&source.path, Op::LookUp, Cause::NotAModuleName);
                         self.fail(&source.path, i, e);
-                    }
+                        continue;
+                    };
+                    targets.push(Target {
+                        source: Arc::clone(&source),
+                        interpreter: i,
+                        optimize,
+                        key: interpreter.compile_key(&source.digest, optimize),
+                        pyc,
+                        lookup: Lookup::Miss,
+                        recorded: None,
+                    });
                 }
             }
         }
-        targets
+        let slots: Vec<_> = targets.iter().map(|t| (t.key, self.slot(t))).collect();
+        let mut found = Vec::with_capacity(targets.len());
+        for (mut target, entry) in targets.into_iter().zip(index.entries_of(&slots)) {
+            let lookup = match entry {
+                Some(entry) => Ok(Lookup::Entry(entry)),
+                None => self.lookup_other(index, &target),
+            };
+            match lookup {
+                Ok(lookup) => {
+                    target.lookup = lookup;
+                    found.push(target);
+                }
+                Err(e) => {
+                    let e = FileError::new(&target.source.path, Op::LookUp, e);
+                    self.fail(&target.source.path, target.interpreter, e);
+                }
+            }
+        }
+        // Without a `__pycache__` when the walk listed the directory (a
+        // fresh copy), there is no pyc an earlier run placed to recognise.
+        let hits: Vec<usize> = (0..found.len())
+            .filter(|&i| {
+                matches!(found[i].lookup, Lookup::Entry(_)) && found[i].source.dir.listed_pycache
+            })
+            .collect();
+        let records = index.link_records(hits.iter().map(|&i| found[i].pyc.as_path()));
+        for (i, record) in hits.into_iter().zip(records) {
+            found[i].recorded = record;
+        }
+        found
     }
 
-    fn lookup(&self, index: &Index, target: &Target) -> Result<Lookup> {
-        if let Some(entry) = index.entry(&target.key, self.slot(target))? {
-            return Ok(Lookup::Entry(entry));
-        }
+    /// What the index holds for a target whose entry it does not have.
+    fn lookup_other(&self, index: &Index, target: &Target) -> Result<Lookup> {
         if let Some(body) = index.entry(&target.key, EntrySlot::Body)? {
             return Ok(Lookup::Body(body));
         }

@@ -267,8 +267,9 @@ pub fn link(
             let session = index.as_ref().expect("open until the walk ends");
             match &options.remotes {
                 None => {
-                    found.par_iter().for_each(|(found, chosen)| {
-                        for target in run.look_up(session, found, chosen, &optimize) {
+                    let dirs: Vec<_> = found.chunk_by(same_dir).collect();
+                    dirs.into_par_iter().for_each(|sources| {
+                        for target in run.look_up(session, sources, &optimize) {
                             if let Some(job) = run.act_on(target) {
                                 tx.send(job).expect("compile threads outlive the walk");
                             }
@@ -327,13 +328,11 @@ pub fn link(
                         let Some(dir) = dirs.get(i) else { break };
                         let mut keys = Vec::new();
                         let mut misses = Vec::new();
-                        for (found, chosen) in *dir {
-                            for target in run.look_up(session, found, chosen, &optimize) {
-                                if run.remote_eligible(target.interpreter) {
-                                    keys.push(target.key);
-                                }
-                                misses.extend(run.act_on(target));
+                        for target in run.look_up(session, dir, &optimize) {
+                            if run.remote_eligible(target.interpreter) {
+                                keys.push(target.key);
                             }
+                            misses.extend(run.act_on(target));
                         }
                         let _ = dir_tx.send((i, keys, misses));
                     });

@@ -767,6 +767,11 @@ impl Index {
         table.set_bloom_filter(10.0, false);
         // A walk looks keys up in path order: larger blocks, fewer reads.
         table.set_block_size(32 * 1024);
+        // A key is found in its block by a binary search among restart
+        // points, then read forward from one: every 4th key a restart point
+        // rather than every 16th. A re-link of the reference corpus: 7%
+        // fewer instructions (callgrind), for a 3% larger index.
+        table.set_block_restart_interval(4);
         let mut opts = Options::default();
         opts.set_block_based_table_factory(&table);
         opts

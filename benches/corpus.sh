@@ -30,6 +30,8 @@
 # Counted with strace -f -c (every thread; counts do not drift with the
 # machine's load as times do): the syscalls of the warm link of a fresh
 # copy, of linking it again, and of status, per source; and of fs-floor.
+# Counted with valgrind's callgrind: the user-space instructions of the
+# warm link of a fresh copy and of linking it again.
 # Measured with du (hard links counted once): the store, what compileall's
 # pycs add to every prefix, and the new blocks a second linked prefix adds.
 #
@@ -166,6 +168,20 @@ sys_status=$(syscalls "$pycstore" --store "$store" status "$counted")
 fresh_copy "$floored"
 sys_floor=$(syscalls "$floor_bin" "$floored" "$floor_object" cpython-311)
 
+say "instructions"
+# The user-space instructions of one run, every thread together (valgrind's
+# callgrind: exact, and as steady as syscall counts; it runs the program
+# about 50 times slower, on one core). Of the warm link of a fresh copy and
+# of linking it again, as above.
+instructions() {
+  valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 >/dev/null |
+    awk '/Collected :/ {print $NF}'
+}
+counted=$work/link-counted
+fresh_copy "$counted"
+ins_warm=$(instructions "$pycstore" --store "$store" link -q "$counted")
+ins_again=$(instructions "$pycstore" --store "$store" link -q "$counted")
+
 say "disk"
 second=$work/link-second
 fresh_copy "$second"
@@ -250,6 +266,8 @@ PYTHONPATH=$repo/benches "$python" - "$json" "${machine[@]}" \
   sys_again="$sys_again" \
   sys_status="$sys_status" \
   sys_floor="$sys_floor" \
+  ins_warm="$ins_warm" \
+  ins_again="$ins_again" \
   <<'PY' | tee "$report" >&3
 """Turns the hyperfine JSON of corpus.sh into a Markdown report."""
 import json
@@ -330,6 +348,14 @@ Syscalls (`strace -f -c`, every thread, one run each):
 | link of the prefix again | {per_source(info['sys_again'])} |
 | `pycstore status` of the linked prefix | {per_source(info['sys_status'])} |
 | `fs-floor` on a fresh copy | {per_source(info['sys_floor'])} |
+
+Instructions in user space (valgrind's callgrind, every thread, one run
+each; exact, unlike times on this shared machine):
+
+| | instructions |
+|---|---|
+| warm link of a fresh copy | {int(info['ins_warm']) / 1e6:,.1f} M |
+| link of the prefix again | {int(info['ins_again']) / 1e6:,.1f} M |
 
 ## Carrying the pycs to another store (export, import)
 

@@ -39,8 +39,8 @@ pub(super) struct Target {
 }
 
 impl Run<'_> {
-    /// For the sources of one directory: hash each, look up each of its
-    /// pycs. The directory's records are read from the index together (the
+    /// For sources of one directory (all, or a batch of them): hash each,
+    /// look up each of its pycs. The directory's records are read from the index together (the
     /// stat cache's, then the entries, then the link records): a re-link
     /// makes three lookups per source.
     pub(super) fn look_up(

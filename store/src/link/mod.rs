@@ -155,6 +155,11 @@ pub struct LinkReport {
 /// slow remote is asked for as much at once as before.
 const QUEUED_MAX: usize = 256;
 
+/// The most sources of one directory looked up in one batch (and so by one
+/// thread): a directory of hundreds (CPython's `Lib/test`) is still spread
+/// over every core.
+const LOOKUP_BATCH: usize = 64;
+
 /// Where `link` reports progress and warnings (a progress bar, or nothing).
 pub trait Progress: Sync {
     /// The number of pycs the run will consider.
@@ -267,8 +272,11 @@ pub fn link(
             let session = index.as_ref().expect("open until the walk ends");
             match &options.remotes {
                 None => {
-                    let dirs: Vec<_> = found.chunk_by(same_dir).collect();
-                    dirs.into_par_iter().for_each(|sources| {
+                    let batches: Vec<_> = found
+                        .chunk_by(same_dir)
+                        .flat_map(|dir| dir.chunks(LOOKUP_BATCH))
+                        .collect();
+                    batches.into_par_iter().for_each(|sources| {
                         for target in run.look_up(session, sources, &optimize) {
                             if let Some(job) = run.act_on(target) {
                                 tx.send(job).expect("compile threads outlive the walk");

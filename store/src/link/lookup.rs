@@ -40,9 +40,9 @@ pub(super) struct Target {
 
 impl Run<'_> {
     /// For sources of one directory (all, or a batch of them): hash each,
-    /// look up each of its pycs. The directory's records are read from the index together (the
-    /// stat cache's, then the entries, then the link records): a re-link
-    /// makes three lookups per source.
+    /// look up each of its pycs. Their records are read from the index in
+    /// three batches (the stat cache's, then the entries, then the link
+    /// records) rather than in three lookups per source.
     pub(super) fn look_up(
         &self,
         index: &Index,

@@ -177,7 +177,6 @@ instructions() {
   valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 >/dev/null |
     awk '/Collected :/ {print $NF}'
 }
-counted=$work/link-counted
 fresh_copy "$counted"
 ins_warm=$(instructions "$pycstore" --store "$store" link -q "$counted")
 ins_again=$(instructions "$pycstore" --store "$store" link -q "$counted")

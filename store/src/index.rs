@@ -1024,8 +1024,18 @@ impl Index {
         &self,
         paths: impl IntoIterator<Item = &'p Path>,
     ) -> Vec<Option<StatRecord>> {
+        self.lookup_paths(Family::Stat, paths, StatRecord::decode)
+    }
+
+    /// [`Index::lookup_many`] of paths, in a family keyed by path.
+    fn lookup_paths<'p, T>(
+        &self,
+        family: Family,
+        paths: impl IntoIterator<Item = &'p Path>,
+        decode: impl Fn(&[u8]) -> Option<T>,
+    ) -> Vec<Option<T>> {
         let keys: Vec<_> = paths.into_iter().map(path_key).collect();
-        self.lookup_many(Family::Stat, &keys, StatRecord::decode)
+        self.lookup_many(family, &keys, decode)
     }
 
     /// [`Index::entry`] of each key and slot.
@@ -1039,8 +1049,7 @@ impl Index {
         &self,
         pycs: impl IntoIterator<Item = &'p Path>,
     ) -> Vec<Option<LinkRecord>> {
-        let keys: Vec<_> = pycs.into_iter().map(path_key).collect();
-        self.lookup_many(Family::Links, &keys, LinkRecord::decode)
+        self.lookup_paths(Family::Links, pycs, LinkRecord::decode)
     }
 
     /// Looks up a stored pyc. An undecodable or unreadable value is a miss.

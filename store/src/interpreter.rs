@@ -239,11 +239,21 @@ impl Interpreter {
     /// The pyc file name of `stem` (a module file name without `.py`) for
     /// optimize level `optimize`: `stem.TAG.pyc`, `stem.TAG.opt-1.pyc`.
     pub fn pyc_name(&self, stem: &str, optimize: u8) -> String {
-        if optimize == 0 {
-            format!("{stem}.{}.pyc", self.cache_tag)
-        } else {
-            format!("{stem}.{}.opt-{optimize}.pyc", self.cache_tag)
+        let mut name = stem.as_bytes().to_vec();
+        self.push_pyc_suffix(&mut name, optimize);
+        String::from_utf8(name).expect("a str stem and a str cache tag")
+    }
+
+    /// Appends what follows the stem in a pyc's name, `.TAG.pyc` or
+    /// `.TAG.opt-N.pyc`, to `name`.
+    pub(crate) fn push_pyc_suffix(&self, name: &mut Vec<u8>, optimize: u8) {
+        name.push(b'.');
+        name.extend_from_slice(self.cache_tag.as_bytes());
+        if optimize != 0 {
+            name.extend_from_slice(b".opt-");
+            name.extend_from_slice(optimize.to_string().as_bytes());
         }
+        name.extend_from_slice(b".pyc");
     }
 }
 

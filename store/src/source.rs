@@ -359,20 +359,15 @@ pub fn pyc_path(source: &Path, interpreter: &Interpreter, optimize: u8) -> Optio
     let stem = source.file_name()?.as_bytes().strip_suffix(b".py")?;
     // Made in one buffer of the right size (two `join`s and a `format!`
     // were a twentieth of a re-link's instructions).
-    let tag = interpreter.cache_tag.as_bytes();
-    let mut path = Vec::with_capacity(dir.len() + stem.len() + tag.len() + 32);
+    let tag = interpreter.cache_tag.len();
+    let mut path = Vec::with_capacity(dir.len() + stem.len() + tag + 32);
     path.extend_from_slice(dir);
     if !dir.is_empty() && !dir.ends_with(b"/") {
         path.push(b'/');
     }
     path.extend_from_slice(b"__pycache__/");
     path.extend_from_slice(stem);
-    path.push(b'.');
-    path.extend_from_slice(tag);
-    if optimize != 0 {
-        path.extend_from_slice(format!(".opt-{optimize}").as_bytes());
-    }
-    path.extend_from_slice(b".pyc");
+    interpreter.push_pyc_suffix(&mut path, optimize);
     Some(PathBuf::from(OsString::from_vec(path)))
 }
 

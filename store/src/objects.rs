@@ -283,8 +283,9 @@ impl Objects {
 
     /// Where the object `id` lives (whether or not it exists).
     pub fn path(&self, id: &ObjectId) -> PathBuf {
-        let hex = id.to_hex();
-        self.dir.join(&hex[..2]).join(&hex[2..])
+        let hex = blake3::Hash::from(id.0).to_hex();
+        let hex = hex.as_bytes();
+        crate::util::joined(&self.dir, &[&hex[..2], &hex[2..]])
     }
 
     /// Stores `bytes` readable by everyone (`PUBLIC_MODE`, 0444) and returns

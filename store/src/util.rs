@@ -20,6 +20,27 @@ pub fn hex(bytes: &[u8]) -> String {
     digits
 }
 
+/// `dir` joined with `names` in one allocation, as `dir.join(a).join(b)`
+/// would make it for names that are single components (no `/`, not
+/// absolute): a name is added after a `/` unless `dir` is empty or already
+/// ends with one. On the paths of every source and object, where
+/// `Path::join`'s copy and growth were a few percent of a link's
+/// instructions.
+pub fn joined(dir: &Path, names: &[&[u8]]) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let dir = dir.as_os_str().as_bytes();
+    let len = dir.len() + names.iter().map(|n| n.len() + 1).sum::<usize>();
+    let mut path = Vec::with_capacity(len);
+    path.extend_from_slice(dir);
+    for name in names {
+        if !path.is_empty() && !path.ends_with(b"/") {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(path))
+}
+
 /// The wall clock in nanoseconds since the Unix epoch; 0 for a clock set
 /// before it.
 pub fn now_ns() -> i64 {
@@ -139,6 +160,22 @@ mod tests {
     fn hex_is_lowercase_two_digits_a_byte() {
         assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         assert_eq!(hex(&[]), "");
+    }
+
+    #[test]
+    fn joined_is_path_join_of_single_components() {
+        for (dir, names) in [
+            ("/a/b", &["c"][..]),
+            ("/a/b/", &["c", "d.py"][..]),
+            ("rel", &["__pycache__", "m.cpython-311.pyc"][..]),
+            ("", &["ab", "cdef"][..]),
+            ("/", &["x"][..]),
+            ("/a", &[][..]),
+        ] {
+            let parts: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+            let by_join = names.iter().fold(PathBuf::from(dir), |p, n| p.join(n));
+            assert_eq!(joined(Path::new(dir), &parts), by_join, "{dir:?} {names:?}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use rustix::fs::{AtFlags, FileType, Mode, RawDir};
 use crate::error::{Cause, FileError, Op};
 use crate::index::{Index, ListingRecord};
 use crate::tree::{self, DirFd, Held};
+use crate::util::joined;
 use crate::{Error, Result};
 
 /// A directory of a prefix that holds sources. Its descriptor is the one
@@ -164,7 +165,11 @@ impl SourceDir {
         };
         match through_dir {
             Some(fd) => rustix::fs::statat(fd, name, flags),
-            None => rustix::fs::statat(self.root.as_fd(), self.relative.join(name), flags),
+            None => rustix::fs::statat(
+                self.root.as_fd(),
+                joined(&self.relative, &[name.as_bytes()]),
+                flags,
+            ),
         }
     }
 
@@ -174,7 +179,7 @@ impl SourceDir {
     /// such file, or no `__pycache__` was listed.
     pub fn pyc_stat(&self, name: &OsStr) -> Option<rustix::fs::Stat> {
         let nofollow = AtFlags::SYMLINK_NOFOLLOW;
-        let in_pycache = || Path::new("__pycache__").join(name);
+        let in_pycache = || joined(Path::new("__pycache__"), &[name.as_bytes()]);
         if let Some(Ok(pycache)) = self.pycache.get() {
             // One this run made held nothing of an earlier run.
             let pycache = pycache.as_ref().filter(|p| !p.made)?;
@@ -202,8 +207,9 @@ impl SourceDir {
         let stat = rustix::fs::fstat(fd).ok()?;
         // The walk read this descriptor to its end.
         rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0)).ok()?;
-        let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
-        let (listed, _) = list(fd.as_fd(), &self.path, None, &mut buf).ok()?;
+        let (listed, _) = LISTING
+            .with(|buf| list(fd.as_fd(), &self.path, None, &mut buf.borrow_mut()))
+            .ok()?;
         listed.rememberable.then(|| listed.record(&stat, now_ns))
     }
 
@@ -470,8 +476,9 @@ struct At<'a> {
 
 thread_local! {
     /// The buffer each thread lists directories into.
-    static LISTING: std::cell::RefCell<Vec<MaybeUninit<u8>>> =
-        std::cell::RefCell::new(vec![MaybeUninit::uninit(); 64 * 1024]);
+    /// (Not `vec![MaybeUninit::uninit(); N]`, which writes every byte.)
+    static LISTING: std::cell::RefCell<Box<[MaybeUninit<u8>]>> =
+        std::cell::RefCell::new(Box::new_uninit_slice(64 * 1024));
 }
 
 /// Below this depth (from the prefix), subdirectories are walked in
@@ -626,7 +633,7 @@ fn one_dir(
     };
     let mut subdirs = Vec::new();
     for name in listed.dirs {
-        let child = path.join(&name);
+        let child = joined(&path, &[name.as_bytes()]);
         if excludes.excluded(&child, prefix) {
             continue;
         }
@@ -652,7 +659,7 @@ fn one_dir(
     let sources: Vec<_> = listed
         .sources
         .into_iter()
-        .map(|(name, symlink)| (path.join(&name), name, symlink))
+        .map(|(name, symlink)| (joined(&path, &[name.as_bytes()]), name, symlink))
         .filter(|(child, _, _)| !excludes.excluded(child, prefix))
         .collect();
     // Only a directory that holds sources is kept (open, if it is).

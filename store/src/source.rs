@@ -336,20 +336,20 @@ fn read_open(
     }
     let size = meta.size as usize;
     // One byte more than the size: a single read that fills it shows growth.
-    // Read into the buffer's spare capacity, not zeroed first: a warm link
-    // of the reference corpus zeroed 113 MB to overwrite it at once.
-    let mut data = Vec::with_capacity(size + 1);
-    while data.len() < size {
-        match rustix::io::read(&fd, rustix::buffer::spare_capacity(&mut data)) {
+    let mut data = vec![0u8; size + 1];
+    let mut filled = 0;
+    while filled < size {
+        match rustix::io::read(&fd, &mut data[filled..]) {
             Ok(0) => return Ok(None),
-            Ok(_) => {}
+            Ok(n) => filled += n,
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(FileError::new(path, Op::Read, e)),
         }
     }
-    if data.len() > size {
+    if filled > size {
         return Ok(None);
     }
+    data.truncate(size);
     Ok(Some(data))
 }
 

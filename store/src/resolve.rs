@@ -45,13 +45,25 @@ const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
 /// and changed at `ctime_ns` can be trusted for as long as both stay the
 /// same.
 pub fn settled(mtime_ns: i64, ctime_ns: i64, seen_ns: i64) -> bool {
+    settles_after(mtime_ns, ctime_ns) < seen_ns
+}
+
+/// The time after which a file last modified at `mtime_ns` and changed at
+/// `ctime_ns` can be looked at for a digest or listing to trust
+/// ([`settled`]).
+pub fn settles_after(mtime_ns: i64, ctime_ns: i64) -> i64 {
     let window = if ctime_ns % 1_000_000_000 == 0 {
         RACY_WINDOW_COARSE_NS
     } else {
         RACY_WINDOW_NS
     };
-    ctime_ns.max(mtime_ns) + window < seen_ns
+    ctime_ns.max(mtime_ns).saturating_add(window)
 }
+
+/// The longest a run waits for what it changed to settle
+/// ([`settles_after`]) before it looks at it again: one window of a
+/// filesystem with fine times, never the two seconds of a coarse one.
+pub const SETTLE_WAIT_NS: i64 = RACY_WINDOW_NS;
 
 /// The entry slot of a source's pyc in `flavor`: hash-based flavors have one
 /// per key; a timestamp pyc's header carries the source's mtime and size.

@@ -59,6 +59,15 @@ pub struct SourceDir {
     pycache: OnceLock<std::result::Result<Option<Pycache>, FileError>>,
 }
 
+/// What [`SourceDir::listing_after_run`] made of a directory.
+pub enum Relisting {
+    /// Its listing record, to be trusted by the next walk.
+    Record(ListingRecord),
+    /// Changed too recently: to be listed after this time (nanoseconds
+    /// since the epoch).
+    After(i64),
+}
+
 /// An error kept for every later use of what failed.
 type Failure = (std::io::ErrorKind, String);
 
@@ -197,20 +206,31 @@ impl SourceDir {
     /// A fresh listing record of the directory when this run made its
     /// `__pycache__` (which changed it since the walk listed it), so that
     /// the next walk need not list it again: its `stat`, then its entries.
-    /// Only through the walk's descriptor, when it was held.
-    pub fn listing_after_run(&self, now_ns: i64) -> Option<ListingRecord> {
+    /// Only through the walk's descriptor, when it was held. A directory
+    /// changed too recently for a listing taken `now_ns` to be trusted
+    /// ([`crate::resolve::settled`]) is not listed: [`Relisting::After`]
+    /// says when it can be.
+    pub fn listing_after_run(&self, now_ns: i64) -> Option<Relisting> {
         let made = self.pycache.get()?.as_ref().ok()?.as_ref()?.made;
         let fd = self.fd.get()?.as_ref().ok()?.as_ref()?;
         if !made {
             return None;
         }
         let stat = rustix::fs::fstat(fd).ok()?;
+        let (mtime_ns, ctime_ns) = times_ns(&stat);
+        if !crate::resolve::settled(mtime_ns, ctime_ns, now_ns) {
+            return Some(Relisting::After(crate::resolve::settles_after(
+                mtime_ns, ctime_ns,
+            )));
+        }
         // The walk read this descriptor to its end.
         rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0)).ok()?;
         let (listed, _) = LISTING
             .with(|buf| list(fd.as_fd(), &self.path, None, &mut buf.borrow_mut()))
             .ok()?;
-        listed.rememberable.then(|| listed.record(&stat, now_ns))
+        listed
+            .rememberable
+            .then(|| Relisting::Record(listed.record(&stat, now_ns)))
     }
 
     /// Its `__pycache__`, opened without following a symlink, and whether
@@ -852,5 +872,37 @@ mod tests {
         assert_eq!(names, ["a.py", "pkg/b.py"]);
         assert!(errors.is_empty());
         assert!(found.iter().all(|f| f.dir.dev != 0));
+    }
+
+    /// A directory whose `__pycache__` a run just made is not listed for a
+    /// record until that change has settled: a record taken sooner would
+    /// not be trusted by the next walk (which would list it again).
+    #[test]
+    fn a_directory_just_changed_is_listed_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.py"), "").unwrap();
+        let Walk { found, .. } = walk(dir.path(), &Excludes::new(&[]).unwrap(), None);
+        let source_dir = &found[0].dir;
+        let made = source_dir.pycache(true).unwrap();
+        assert!(made.first && made.made);
+        let Some(Relisting::After(after)) = source_dir.listing_after_run(crate::util::now_ns())
+        else {
+            panic!("a directory changed just now is not to be listed yet")
+        };
+        let stat = rustix::fs::stat(dir.path()).unwrap();
+        let (mtime_ns, ctime_ns) = times_ns(&stat);
+        assert_eq!(after, crate::resolve::settles_after(mtime_ns, ctime_ns));
+        while crate::util::now_ns() <= after {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let now = crate::util::now_ns();
+        match source_dir.listing_after_run(now) {
+            Some(Relisting::Record(record)) => {
+                assert!(record.pycache);
+                assert_eq!(record.sources, [OsString::from("a.py")]);
+                assert!(crate::resolve::settled(mtime_ns, ctime_ns, record.seen_ns));
+            }
+            _ => panic!("a settled directory is listed for its record"),
+        }
     }
 }

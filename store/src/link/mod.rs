@@ -56,7 +56,7 @@ use crate::pyc::Flavor;
 use crate::resolve;
 use crate::source::Plan;
 use crate::util::now_ns;
-use crate::walk::{Excludes, Found};
+use crate::walk::{Excludes, Found, Relisting, SourceDir};
 use crate::{Result, Store};
 
 use compile::{CompileJob, Compiles};
@@ -362,28 +362,58 @@ pub fn link(
         // Directories whose `__pycache__` this run made changed since the
         // walk listed them: listed again, so the next walk need not.
         // On every core: 842 directories of the corpus, 10 ms in one thread.
-        // Meanwhile the record session opens (5 ms), when there is
-        // something to record already.
+        // Meanwhile the record session opens (10 ms), when there is
+        // something to record already. Those changed too recently for a
+        // listing to be trusted yet (made in the run's last 20 ms) are
+        // listed once the session is open, after waiting for the rest of
+        // their 20 ms if that is at most a tenth of the run so far:
+        // otherwise the next walk lists them again (about 100 of the
+        // corpus's directories, and a read-write session for their
+        // records, in a re-link right after its warm link).
         if !options.dry_run {
-            let now = now_ns();
             std::thread::scope(|scope| {
                 let opening = run.ledger.pending().then(|| scope.spawn(|| store.index()));
-                let records: Vec<_> = found
+                let dirs: Vec<&SourceDir> = found
                     .chunk_by(same_dir)
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .filter_map(|sources| {
-                        let dir = &sources[0].0.dir;
-                        Some((&dir.path, dir.listing_after_run(now)?))
-                    })
+                    .map(|sources| sources[0].0.dir.as_ref())
                     .collect();
                 let mut relisted = Writes::default();
-                for (path, record) in records {
-                    relisted.listing(path, &record);
+                let mut later = Vec::new();
+                let mut until = i64::MIN;
+                for (dir, relisting) in relist(dirs) {
+                    match relisting {
+                        Relisting::Record(record) => relisted.listing(&dir.path, &record),
+                        Relisting::After(at) => {
+                            later.push(dir);
+                            until = until.max(at);
+                        }
+                    }
                 }
-                run.ledger.learned(&mut relisted);
                 record_session = opening
                     .map(|opening| opening.join().expect("opening the index does not panic"));
+                if !later.is_empty() {
+                    let wait = until.saturating_sub(now_ns()).max(0);
+                    let patience = started.elapsed().as_nanos() as i64 / 10;
+                    let waits = wait <= resolve::SETTLE_WAIT_NS.min(patience);
+                    if waits {
+                        std::thread::sleep(Duration::from_nanos(wait as u64 + 1));
+                    }
+                    tracing::debug!(
+                        "{} directories changed too recently; listed again {}",
+                        later.len(),
+                        if waits {
+                            format!("{:.1} ms later", wait as f64 / 1e6)
+                        } else {
+                            format!("without waiting {:.1} ms", wait as f64 / 1e6)
+                        }
+                    );
+                    for (dir, relisting) in relist(later) {
+                        if let Relisting::Record(record) = relisting {
+                            relisted.listing(&dir.path, &record);
+                        }
+                    }
+                }
+                run.ledger.learned(&mut relisted);
             });
         }
     }
@@ -458,6 +488,14 @@ struct Run<'a> {
     warned_metadata: AtomicBool,
     /// Whether the copies of other members' objects were said.
     warned_foreign: AtomicBool,
+}
+
+/// [`SourceDir::listing_after_run`] of each directory, on every core.
+fn relist(dirs: Vec<&SourceDir>) -> Vec<(&SourceDir, Relisting)> {
+    let now = now_ns();
+    dirs.into_par_iter()
+        .filter_map(|dir| Some((dir, dir.listing_after_run(now)?)))
+        .collect()
 }
 
 /// How a pyc came to be settled.

@@ -5,7 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -355,20 +355,16 @@ fn read_open(
 
 /// `DIR/__pycache__/NAME.TAG[.opt-N].pyc` for the source `DIR/NAME.py`.
 pub fn pyc_path(source: &Path, interpreter: &Interpreter, optimize: u8) -> Option<PathBuf> {
-    let dir = source.parent()?.as_os_str().as_bytes();
     let stem = source.file_name()?.as_bytes().strip_suffix(b".py")?;
-    // Made in one buffer of the right size (two `join`s and a `format!`
-    // were a twentieth of a re-link's instructions).
-    let tag = interpreter.cache_tag.len();
-    let mut path = Vec::with_capacity(dir.len() + stem.len() + tag + 32);
-    path.extend_from_slice(dir);
-    if !dir.is_empty() && !dir.ends_with(b"/") {
-        path.push(b'/');
-    }
-    path.extend_from_slice(b"__pycache__/");
-    path.extend_from_slice(stem);
-    interpreter.push_pyc_suffix(&mut path, optimize);
-    Some(PathBuf::from(OsString::from_vec(path)))
+    // Built from bytes (two `join`s and a `format!` were a twentieth of a
+    // re-link's instructions).
+    let mut name = Vec::with_capacity(stem.len() + interpreter.cache_tag.len() + 16);
+    name.extend_from_slice(stem);
+    interpreter.push_pyc_suffix(&mut name, optimize);
+    Some(crate::util::joined(
+        source.parent()?,
+        &[b"__pycache__", &name],
+    ))
 }
 
 /// What [`Plan::walk`] found: each source with the indexes of its

@@ -402,5 +402,8 @@ from the store, {after_import['compiled']} compiled.
 du does not see blocks that reflinked files share: where pycstore reflinks (XFS,
 btrfs), the prefix numbers overstate what is really new.""")
 PY
-chmod -R u+w "$trash" && rm -rf "$trash"
+# Only directories need to be writable to remove what they hold. A file's
+# mode is its inode's: the trash holds prefixes whose pycs are hard links of
+# the store's objects, and `chmod -R` would unseal every one of them.
+find "$trash" -type d ! -perm -u+w -exec chmod u+w {} + && rm -rf "$trash"
 echo "report: $report"

@@ -59,7 +59,9 @@ cleanup
 
 say "copies"
 rm_pycs() { find "$1" -name __pycache__ -type d -prune -exec rm -rf {} +; }
-chmod -R u+w "$store" "$cold_store" 2>/dev/null || true
+# Directories only: a file's mode is its inode's, shared with every hard link.
+writable_dirs() { find "$@" -type d ! -perm -u+w -exec chmod u+w {} + 2>/dev/null || true; }
+writable_dirs "$store" "$cold_store"
 rm -rf "$local_copy" "$ro" "$store" "$cold_store"
 cp -a "$corpus" "$local_copy"
 cp -a "$corpus" "$ro"
@@ -96,7 +98,7 @@ hyperfine_to warm --runs "$runs" --warmup 1 \
 sleep 1
 
 say "overlay, cold store (first access compiles)"
-remount="$pycstore unmount $(q "$ro") 2>/dev/null; sleep 0.5; chmod -R u+w $(q "$cold_store") 2>/dev/null; rm -rf $(q "$cold_store"); $(mount_over "$cold_store")"
+remount="$pycstore unmount $(q "$ro") 2>/dev/null; sleep 0.5; find $(q "$cold_store") -type d ! -perm -u+w -exec chmod u+w {} + 2>/dev/null; rm -rf $(q "$cold_store"); $(mount_over "$cold_store")"
 hyperfine_to cold --runs "$runs" --prepare "$remount" \
   -n "overlay, empty store" "$(import "$ro")"
 "$pycstore" unmount "$ro"

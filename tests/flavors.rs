@@ -117,3 +117,63 @@ fn a_new_flavor_reuses_the_compiled_body() {
     );
     assert_nothing_compiled(&log, &b, 1);
 }
+
+/// A prefix linked again in another invalidation mode gets that mode's
+/// pycs, and back; a timestamp pyc follows its source's mtime. What a link
+/// recorded of a pyc spares the next run the entry lookup only for the very
+/// entry it placed: the compile key, the mode, and for a timestamp pyc the
+/// source's mtime and size.
+#[test]
+fn a_relink_in_another_mode_or_after_a_touch_replaces_the_pyc() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/m.py", MODULE);
+    let app = t.join("app");
+    let source = app.join("m.py");
+    let pyc = app.join("__pycache__/m.cpython-311.pyc");
+    let link = |mode: &str| {
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "--invalidation-mode", mode, "--python"])
+                .arg(&python)
+                .arg(&app),
+        );
+        assert_output!(out, out.status.success(), "link {mode}");
+        assert_eq!(json["failed"], 0, "{json}");
+        json
+    };
+    let header = || std::fs::read(&pyc).unwrap()[4..16].to_vec();
+    let word = |h: &[u8], at: usize| u32::from_le_bytes(h[at..at + 4].try_into().unwrap());
+
+    assert_eq!(link("checked-hash")["compiled"], 1);
+    assert_eq!(header()[0], 3);
+    assert_eq!(link("checked-hash")["up_to_date"], 1);
+    for (mode, flags) in [("unchecked-hash", 1), ("checked-hash", 3)] {
+        let json = link(mode);
+        assert_eq!(json["up_to_date"], 0, "{mode}: {json}");
+        assert_eq!(header()[0], flags, "{mode}");
+        assert_eq!(link(mode)["up_to_date"], 1, "{mode}");
+    }
+
+    let json = link("timestamp");
+    assert_eq!(json["up_to_date"], 0, "{json}");
+    let mtime = |path: &std::path::Path| std::fs::metadata(path).unwrap().mtime() as u32;
+    assert_eq!((header()[0], word(&header(), 4)), (0, mtime(&source)));
+    // The same bytes, another mtime: the same compile key, another pyc.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(100);
+    std::fs::File::options()
+        .write(true)
+        .open(&source)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let json = link("timestamp");
+    assert_eq!(json["up_to_date"], 0, "{json}");
+    assert_eq!(word(&header(), 4), mtime(&source));
+    let log = python_v(
+        &python,
+        &["-c", "import m"],
+        &[("PYTHONPATH", app.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &app, 1);
+}

@@ -193,6 +193,41 @@ pub(crate) struct LinkRecord {
     /// a pyc that still has them (and the owner, mode and size of an
     /// object) is the object, known from one `stat` of the pyc.
     pub inode: Option<(u64, u64)>,
+    /// The index key of the entry placed (compile key and slot), when it was
+    /// hardlinked (recorded with the inode): a later run whose source,
+    /// interpreter and flavor make the same key needs no entry lookup to
+    /// know the pyc it finds at that inode is the one it wants.
+    pub entry_key: Option<RecordedKey>,
+    /// The index's entries epoch ([`Index::entries_epoch`]) when it was
+    /// recorded, with the key.
+    pub epoch: Option<u64>,
+}
+
+/// An entries-family key as a link record holds it: a compile key and its
+/// slot, at most 49 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RecordedKey {
+    len: u8,
+    bytes: [u8; ENTRY_KEY_MAX],
+}
+
+/// The longest entries-family key: a compile key, the flavor's tag, a
+/// timestamp pyc's source mtime and size.
+const ENTRY_KEY_MAX: usize = 32 + 1 + 16;
+
+impl RecordedKey {
+    fn of(key: &[u8]) -> Option<RecordedKey> {
+        let mut bytes = [0; ENTRY_KEY_MAX];
+        bytes.get_mut(..key.len())?.copy_from_slice(key);
+        Some(RecordedKey {
+            len: u8::try_from(key.len()).ok()?,
+            bytes,
+        })
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
 }
 
 impl LinkRecord {
@@ -207,8 +242,45 @@ impl LinkRecord {
                 let (dev, ino) = b.split_at(8);
                 (le(dev), le(ino))
             }),
+            epoch: v.get(58..66).map(le),
+            entry_key: v
+                .get(66..)
+                .filter(|k| !k.is_empty())
+                .and_then(RecordedKey::of),
         })
     }
+
+    /// Whether this pyc was placed for the entry `key` in `slot` by a run
+    /// of the entries epoch `epoch`: since then, no entry left the index,
+    /// so the pyc is still one the store holds.
+    pub(crate) fn placed_for(&self, key: &CompileKey, slot: EntrySlot, epoch: u64) -> bool {
+        self.epoch == Some(epoch)
+            && self
+                .entry_key
+                .is_some_and(|k| k.as_bytes() == entry_key(key, slot))
+    }
+}
+
+/// What a link record says of the pyc it was written for, when that pyc is
+/// a hardlink of the entry's object.
+pub(crate) struct Placed<'a> {
+    /// The object's device and inode.
+    pub inode: (u64, u64),
+    /// The entries epoch the run started in.
+    pub epoch: u64,
+    /// The entry's compile key and slot.
+    pub key: &'a CompileKey,
+    pub slot: EntrySlot,
+}
+
+/// The key, in the counters family, of the entries epoch.
+pub(crate) const ENTRIES_EPOCH_KEY: &[u8] = b"\0entries-epoch";
+
+/// A value for a new entries epoch: the time in nanoseconds, never one an
+/// earlier epoch of the same index had (unless the clock went back to the
+/// very nanosecond), never 0.
+pub(crate) fn new_entries_epoch() -> u64 {
+    (crate::util::now_ns().max(0) as u64) | 1
 }
 
 /// Whether a key of the entries family counts as an index entry in what
@@ -458,21 +530,24 @@ impl Writes {
     /// object, and its very inode when `inode` says which. The size is kept
     /// so that `stats` counts the pyc the same after `gc` evicted its
     /// object.
-    pub fn link(
+    pub(crate) fn link(
         &mut self,
         pyc: &Path,
         entry: &Entry,
         flavor: Flavor,
         trusted: bool,
-        inode: Option<(u64, u64)>,
+        placed: Option<Placed<'_>>,
     ) {
         let mut v = entry.object.0.to_vec();
         v.push(flavor.tag());
         v.push(u8::from(trusted));
         v.extend_from_slice(&entry.size.to_le_bytes());
-        if let Some((dev, ino)) = inode {
+        if let Some(placed) = placed {
+            let (dev, ino) = placed.inode;
             v.extend_from_slice(&dev.to_le_bytes());
             v.extend_from_slice(&ino.to_le_bytes());
+            v.extend_from_slice(&placed.epoch.to_le_bytes());
+            v.extend_from_slice(&entry_key(placed.key, placed.slot));
         }
         self.ops.push((Family::Links, path_key(pyc), Some(v)));
     }
@@ -518,8 +593,27 @@ impl Writes {
     }
 
     /// Deletes a key.
+    /// An entry deleted starts a new entries epoch ([`Index::entries_epoch`]).
     pub(crate) fn delete(&mut self, family: Family, key: &[u8]) {
+        if family == Family::Entries {
+            self.entries_changed();
+        }
         self.ops.push((family, key.to_vec(), None));
+    }
+
+    /// Starts a new entries epoch: link records of an earlier one no longer
+    /// vouch that the store holds their pyc's entry.
+    pub(crate) fn entries_changed(&mut self) {
+        self.set_entries_epoch(new_entries_epoch());
+    }
+
+    /// Sets the entries epoch (a value from [`new_entries_epoch`]).
+    pub(crate) fn set_entries_epoch(&mut self, epoch: u64) {
+        self.ops.push((
+            Family::Counters,
+            ENTRIES_EPOCH_KEY.to_vec(),
+            Some(epoch.to_le_bytes().to_vec()),
+        ));
     }
 
     /// Moves everything of `other` into `self`.
@@ -1082,6 +1176,17 @@ impl Index {
         Ok(self.lookup(Family::Interpreters, &path_key(exe), |v| Some(v.to_vec())))
     }
 
+    /// The entries epoch: a value that changes whenever an entry leaves the
+    /// index (`gc`, `verify --repair`, a rebuild), `None` for an index that
+    /// never had one. A link record of the current epoch, for the very
+    /// entry key a run wants, shows a pyc the store still holds without
+    /// looking the entry up.
+    pub(crate) fn entries_epoch(&self) -> Option<u64> {
+        self.lookup(Family::Counters, ENTRIES_EPOCH_KEY, |v| {
+            Some(u64::from_le_bytes(v.try_into().ok()?))
+        })
+    }
+
     /// The counters of interpreter `label` ("" holds the time of the last reset).
     pub fn counters(&self, label: &str) -> Result<Counters> {
         Ok(self
@@ -1300,6 +1405,71 @@ mod tests {
         assert_eq!(leftovers(), 1);
         drop(Index::open(&path).unwrap());
         assert_eq!(leftovers(), 0);
+    }
+
+    #[test]
+    fn link_records_vouch_for_their_entry_until_an_entry_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index");
+        let key = CompileKey([7; 32]);
+        let slot = EntrySlot::Hashed(Flavor::CheckedHash);
+        let entry = Entry {
+            object: ObjectId([9; 32]),
+            size: 1234,
+            header: [3; 16],
+        };
+        let pyc = Path::new("/p/__pycache__/m.cpython-311.pyc");
+        let epoch = new_entries_epoch();
+        {
+            let mut index = Index::open(&path).unwrap();
+            assert_eq!(index.entries_epoch(), None);
+            let mut w = Writes::default();
+            w.set_entries_epoch(epoch);
+            w.entry(&key, slot, &entry);
+            let placed = Placed {
+                inode: (1, 2),
+                epoch,
+                key: &key,
+                slot,
+            };
+            w.link(pyc, &entry, Flavor::CheckedHash, true, Some(placed));
+            index.apply(w).unwrap();
+        }
+        let index = Index::open_read_only(&path).unwrap();
+        assert_eq!(index.entries_epoch(), Some(epoch));
+        let record = index.link_records([pyc]).pop().unwrap().unwrap();
+        assert_eq!((record.inode, record.size), (Some((1, 2)), Some(1234)));
+        assert!(record.placed_for(&key, slot, epoch));
+        // Another mode, another source mtime, another key, another epoch.
+        let unchecked = EntrySlot::Hashed(Flavor::UncheckedHash);
+        assert!(!record.placed_for(&key, unchecked, epoch));
+        let stamp = EntrySlot::Timestamp { mtime: 1, size: 2 };
+        assert!(!record.placed_for(&key, stamp, epoch));
+        assert!(!record.placed_for(&CompileKey([8; 32]), slot, epoch));
+        assert!(!record.placed_for(&key, slot, epoch ^ 2));
+        // A record of before records carried the entry: nothing vouched.
+        let old =
+            LinkRecord::decode(&index.get(Family::Links, &path_key(pyc)).unwrap().unwrap()[..58])
+                .unwrap();
+        assert_eq!(old.inode, Some((1, 2)));
+        assert!(!old.placed_for(&key, slot, epoch));
+        drop(index);
+        // An entry leaving the index (gc, verify --repair) starts a new
+        // epoch, as a rebuild does.
+        let mut index = Index::open(&path).unwrap();
+        let mut w = Writes::default();
+        w.delete(Family::Entries, &entry_key(&key, slot));
+        index.apply(w).unwrap();
+        let after_delete = index.entries_epoch().unwrap();
+        assert_ne!(after_delete, epoch);
+        assert!(!record.placed_for(&key, slot, after_delete));
+        drop(index);
+        rebuild::rebuild(&path, |_| Writes::default()).unwrap();
+        let index = Index::open_read_only(&path).unwrap();
+        let rebuilt = index.entries_epoch().unwrap();
+        assert_ne!(rebuilt, after_delete);
+        let record = index.link_records([pyc]).pop().unwrap().unwrap();
+        assert!(!record.placed_for(&key, slot, rebuilt));
     }
 
     #[test]

@@ -136,11 +136,12 @@ pub fn status(
                     // the entry's: known from one stat of the pyc.
                     let still_linked = || {
                         let record = recorded.get(&pyc)?;
+                        let entry = entry.as_ref().filter(|e| e.object == record.object)?;
                         crate::resolve::still_linked(
                             &source.dir,
                             pyc.file_name()?,
                             record,
-                            entry.as_ref()?,
+                            entry.size,
                         )
                     };
                     let head = if still_linked().is_some() {

@@ -167,22 +167,23 @@ pub(crate) fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::
 }
 
 /// The `stat` of the pyc `name` in `dir` when it is still the object an
-/// earlier `link` hardlinked there for `entry`, as `record` says: the
-/// recorded inode (the entry's object), a regular file of the entry's size.
-/// One `statx`, no open or read; the stat is the object's, for callers that
-/// also judge its owner and mode. `None` for anything else (no inode
-/// recorded, another object, another file there).
+/// earlier `link` hardlinked there, as `record` says: the recorded inode, a
+/// regular file of `size` bytes (the entry's, or the record's). One
+/// `statx`, no open or read; the stat is the object's, for callers that
+/// also judge its owner and mode (and, with an entry, that it is the
+/// record's object). `None` for anything else (no inode recorded, another
+/// file there).
 pub(crate) fn still_linked(
     dir: &crate::walk::SourceDir,
     name: &OsStr,
     record: &LinkRecord,
-    entry: &Entry,
+    size: u64,
 ) -> Option<rustix::fs::Stat> {
-    let inode = record.inode.filter(|_| record.object == entry.object)?;
+    let inode = record.inode?;
     let st = dir.pyc_stat(name)?;
     let regular =
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
-    ((st.st_dev, st.st_ino) == inode && regular && st.st_size as u64 == entry.size).then_some(st)
+    ((st.st_dev, st.st_ino) == inode && regular && st.st_size as u64 == size).then_some(st)
 }
 
 #[cfg(test)]

@@ -108,7 +108,9 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
         stats.remotes = crate::remote::recorded(&index)?;
         for (key, value) in index.scan(Family::Counters, b"")? {
             let label = String::from_utf8_lossy(&key).into_owned();
-            if key.starts_with(crate::remote::COUNTER_PREFIX.as_bytes()) {
+            if key.starts_with(crate::remote::COUNTER_PREFIX.as_bytes())
+                || *key == *crate::index::ENTRIES_EPOCH_KEY
+            {
                 continue;
             }
             if label == RESET_KEY {

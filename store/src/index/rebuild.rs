@@ -228,8 +228,10 @@ fn build(
     }
     merged.damage = live.damage;
     let kept = merged.len();
-    let writes = derive(&merged);
+    let mut writes = derive(&merged);
     let derived = writes.ops.len() as u64;
+    // Entries may be lost: no link record of before vouches for one.
+    writes.entries_changed();
 
     let db = DB::open_cf_descriptors(&Index::options(), new, Index::families())
         .map_err(|e| write_error(path, new, e))?;

@@ -16,6 +16,9 @@ use super::Run;
 
 /// What the index said about one wanted pyc.
 pub(super) enum Lookup {
+    /// The pyc is still the object an earlier run placed for this very
+    /// entry key: nothing to do, and no entry to look up.
+    Placed,
     /// The store has this pyc.
     Entry(Entry),
     /// The store has the body in another flavor.
@@ -34,15 +37,17 @@ pub(super) struct Target {
     pub(super) key: CompileKey,
     pub(super) pyc: PathBuf,
     pub(super) lookup: Lookup,
-    /// What an earlier run recorded of the pyc, for a hit.
+    /// What an earlier run recorded of the pyc, where the walk found a
+    /// `__pycache__`.
     pub(super) recorded: Option<LinkRecord>,
 }
 
 impl Run<'_> {
     /// For sources of one directory (all, or a batch of them): hash each,
     /// look up each of its pycs. Their records are read from the index in
-    /// three batches (the stat cache's, then the entries, then the link
-    /// records) rather than in three lookups per source.
+    /// batches (the stat cache's, then the link records, then the entries
+    /// of the pycs their link records do not show in place) rather than in
+    /// a lookup per source and family.
     pub(super) fn look_up(
         &self,
         index: &Index,
@@ -93,10 +98,38 @@ impl Run<'_> {
                 }
             }
         }
-        let slots: Vec<_> = targets.iter().map(|t| (t.key, self.slot(t))).collect();
+        // Without a `__pycache__` when the walk listed the directory (a
+        // fresh copy), there is no pyc an earlier run placed to recognise.
+        let listed: Vec<usize> = (0..targets.len())
+            .filter(|&i| targets[i].source.dir.listed_pycache)
+            .collect();
+        let records = index.link_records(listed.iter().map(|&i| targets[i].pyc.as_path()));
+        for (i, record) in listed.into_iter().zip(records) {
+            targets[i].recorded = record;
+        }
+        // A pyc placed for the very entry key wanted, still that object:
+        // done from its record and one `stat`. The rest need their entries.
+        let mut placed = vec![false; targets.len()];
+        for (target, placed) in targets.iter_mut().zip(&mut placed) {
+            if self.still_placed_for_key(target) {
+                target.lookup = Lookup::Placed;
+                *placed = true;
+            }
+        }
+        let wanted: Vec<_> = targets
+            .iter()
+            .zip(&placed)
+            .filter(|(_, placed)| !**placed)
+            .map(|(t, _)| (t.key, self.slot(t)))
+            .collect();
+        let mut entries = index.entries_of(&wanted).into_iter();
         let mut found = Vec::with_capacity(targets.len());
-        for (mut target, entry) in targets.into_iter().zip(index.entries_of(&slots)) {
-            let lookup = match entry {
+        for (mut target, placed) in targets.into_iter().zip(placed) {
+            if placed {
+                found.push(target);
+                continue;
+            }
+            let lookup = match entries.next().flatten() {
                 Some(entry) => Ok(Lookup::Entry(entry)),
                 None => self.lookup_other(index, &target),
             };
@@ -110,17 +143,6 @@ impl Run<'_> {
                     self.fail(&target.source.path, target.interpreter, e);
                 }
             }
-        }
-        // Without a `__pycache__` when the walk listed the directory (a
-        // fresh copy), there is no pyc an earlier run placed to recognise.
-        let hits: Vec<usize> = (0..found.len())
-            .filter(|&i| {
-                matches!(found[i].lookup, Lookup::Entry(_)) && found[i].source.dir.listed_pycache
-            })
-            .collect();
-        let records = index.link_records(hits.iter().map(|&i| found[i].pyc.as_path()));
-        for (i, record) in hits.into_iter().zip(records) {
-            found[i].recorded = record;
         }
         found
     }

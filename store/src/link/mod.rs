@@ -227,6 +227,15 @@ pub fn link(
             .map(|(_, chosen)| (chosen.len() * optimize.len()) as u64)
             .sum();
         progress.start(total);
+        // An index without an entries epoch gets one with this run's
+        // records (see `Index::entries_epoch`).
+        let entries_epoch = index.entries_epoch().unwrap_or_else(|| {
+            let epoch = crate::index::new_entries_epoch();
+            if !options.dry_run {
+                learned.set_entries_epoch(epoch);
+            }
+            epoch
+        });
         let now = now_ns();
         run = Run {
             store,
@@ -249,6 +258,7 @@ pub fn link(
             compiles: Compiles::default(),
             progress,
             now_ns: now,
+            entries_epoch,
             warned_metadata: AtomicBool::new(false),
             warned_foreign: AtomicBool::new(false),
         };
@@ -484,6 +494,9 @@ struct Run<'a> {
     compiles: Compiles,
     progress: &'a dyn Progress,
     now_ns: i64,
+    /// The index's entries epoch when the run started (no `gc` or `verify
+    /// --repair` runs beside a link: they hold the store's lock alone).
+    entries_epoch: u64,
     /// Whether the warning about objects whose metadata changed was said.
     warned_metadata: AtomicBool,
     /// Whether the copies of other members' objects were said.

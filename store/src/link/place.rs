@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::error::{Cause, FileError, Op};
-use crate::index::{Entry, EntrySlot};
+use crate::index::{Entry, EntrySlot, LinkRecord, Placed};
 use crate::materialize::{Access, Destination, LinkMode};
 use crate::objects::{ObjectId, PUBLIC_MODE};
 use crate::pyc::{self, Flavor, HEADER_LEN};
@@ -110,8 +110,18 @@ impl Run<'_> {
     pub(super) fn act(&self, mut target: Target) -> Result<Option<CompileJob>, FileError> {
         let lookup = std::mem::replace(&mut target.lookup, Lookup::Miss);
         match lookup {
+            Lookup::Placed => {
+                self.ledger.settled(|s| s.up_to_date += 1);
+                return Ok(None);
+            }
             Lookup::Entry(entry) => {
                 if self.still_placed(&target, &entry) {
+                    // A record from before records carried the entry's key:
+                    // written again with it, once.
+                    if !self.recorded_for_key(&target) {
+                        let inode = target.recorded.as_ref().and_then(|r| r.inode);
+                        self.record_link(&target, &entry, inode);
+                    }
                     self.ledger.settled(|s| s.up_to_date += 1);
                     return Ok(None);
                 }
@@ -148,9 +158,35 @@ impl Run<'_> {
     /// entry and the owner and mode of an object (the pyc's stat is the
     /// object's). Anything else goes the long way ([`Run::settle`]).
     fn still_placed(&self, target: &Target, entry: &Entry) -> bool {
+        target.recorded.as_ref().is_some_and(|recorded| {
+            recorded.object == entry.object && self.still_placed_as(target, recorded, entry.size)
+        })
+    }
+
+    /// [`Run::still_placed`] without the entry: the pyc was placed for the
+    /// very entry key `target` wants, in the index's current entries epoch
+    /// (no entry has left the index since: the store still holds it), and
+    /// is still that object, of the size recorded.
+    pub(super) fn still_placed_for_key(&self, target: &Target) -> bool {
         let Some(recorded) = &target.recorded else {
             return false;
         };
+        let Some(size) = recorded.size else {
+            return false;
+        };
+        self.recorded_for_key(target) && self.still_placed_as(target, recorded, size)
+    }
+
+    /// Whether the record of `target`'s pyc was written for the entry key
+    /// `target` wants, in the current entries epoch.
+    fn recorded_for_key(&self, target: &Target) -> bool {
+        target
+            .recorded
+            .as_ref()
+            .is_some_and(|r| r.placed_for(&target.key, self.slot(target), self.entries_epoch))
+    }
+
+    fn still_placed_as(&self, target: &Target, recorded: &LinkRecord, size: u64) -> bool {
         let access = self.domain.access(&target.source);
         if !access.hardlink || access.mode != PUBLIC_MODE {
             return false;
@@ -158,7 +194,7 @@ impl Run<'_> {
         let Some(name) = target.pyc.file_name() else {
             return false;
         };
-        resolve::still_linked(&target.source.dir, name, recorded, entry)
+        resolve::still_linked(&target.source.dir, name, recorded, size)
             .is_some_and(|st| self.domain.object_ok(&st) && st.st_mode & 0o7777 == PUBLIC_MODE)
     }
 
@@ -348,9 +384,17 @@ impl Run<'_> {
 
     /// Remembers that the pyc of `target` is the store's object (its very
     /// inode, when `inode` says which).
+    /// With the inode goes the entry's key, so that the next run can tell
+    /// from the record alone that the pyc is the one it wants.
     fn record_link(&self, target: &Target, entry: &Entry, inode: Option<(u64, u64)>) {
         let trusted = self.interpreters[target.interpreter].key_domain.is_none();
-        self.ledger.record_link(&target.pyc, entry, trusted, inode);
+        let placed = inode.map(|inode| Placed {
+            inode,
+            epoch: self.entries_epoch,
+            key: &target.key,
+            slot: self.slot(target),
+        });
+        self.ledger.record_link(&target.pyc, entry, trusted, placed);
     }
 
     /// Writes the object for `target` with `body` and records its entries.
@@ -476,7 +520,7 @@ impl Run<'_> {
                 // object's earlier inode: the next run needs one stat.
                 let inode = object.map(|o| (o.dev, o.ino));
                 let recorded = target.recorded.as_ref().and_then(|r| r.inode);
-                if inode.is_some() && recorded != inode {
+                if inode.is_some() && (recorded != inode || !self.recorded_for_key(target)) {
                     self.record_link(target, entry, inode);
                 }
                 self.ledger.settled(|s| s.up_to_date += 1);

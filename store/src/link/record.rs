@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{FileError, Op};
-use crate::index::{Counters, Entry, EntrySlot, Index, Writes};
+use crate::index::{Counters, Entry, EntrySlot, Index, Placed, Writes};
 use crate::interpreter::Interpreter;
 use crate::key::CompileKey;
 use crate::pyc::Flavor;
@@ -131,13 +131,13 @@ impl<'a> Ledger<'a> {
         pyc: &Path,
         entry: &Entry,
         trusted: bool,
-        inode: Option<(u64, u64)>,
+        placed: Option<Placed<'_>>,
     ) {
         if self.dry_run {
             return;
         }
         let writes = &mut lock(&self.state).writes;
-        writes.link(pyc, entry, self.flavor, trusted, inode);
+        writes.link(pyc, entry, self.flavor, trusted, placed);
         writes.used(&entry.object, self.now_secs);
     }
 

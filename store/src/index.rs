@@ -486,6 +486,8 @@ impl std::ops::AddAssign for Counters {
 pub struct Writes {
     ops: Vec<(Family, Vec<u8>, Option<Vec<u8>>)>,
     counters: BTreeMap<String, Counters>,
+    /// An entry is deleted: a new entries epoch is among the ops.
+    new_epoch: bool,
 }
 
 impl Writes {
@@ -595,8 +597,9 @@ impl Writes {
     /// Deletes a key.
     /// An entry deleted starts a new entries epoch ([`Index::entries_epoch`]).
     pub(crate) fn delete(&mut self, family: Family, key: &[u8]) {
-        if family == Family::Entries {
+        if family == Family::Entries && !self.new_epoch {
             self.entries_changed();
+            self.new_epoch = true;
         }
         self.ops.push((family, key.to_vec(), None));
     }
@@ -619,6 +622,7 @@ impl Writes {
     /// Moves everything of `other` into `self`.
     pub fn append(&mut self, other: &mut Writes) {
         self.ops.append(&mut other.ops);
+        self.new_epoch |= std::mem::take(&mut other.new_epoch);
         for (label, c) in std::mem::take(&mut other.counters) {
             *self.counters.entry(label).or_default() += c;
         }

@@ -1,7 +1,7 @@
 //! All three invalidation modes and all three optimize levels, imported by a
 //! real interpreter under `-O` and `-OO`.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use crate::util::*;
 
@@ -176,4 +176,70 @@ fn a_relink_in_another_mode_or_after_a_touch_replaces_the_pyc() {
         &[("PYTHONPATH", app.as_os_str())],
     );
     assert_nothing_compiled(&log, &app, 1);
+}
+
+/// A pyc written to through its hard link (made writable, changed, made
+/// read-only again: the object's inode, so the store's object too) is not
+/// taken for up to date by the next link, though its record still names
+/// that inode: the write broke the object's seal (its mtime). That link
+/// finds the store's object damaged and writes it again, so the store is
+/// whole right after, and another prefix gets the good pyc.
+#[test]
+fn a_pyc_written_through_its_hard_link_is_not_up_to_date() {
+    use std::os::unix::fs::PermissionsExt;
+    let python = python("3.11");
+    let t = TestDir::new();
+    t.write("app/m.py", MODULE);
+    t.write("other/m.py", MODULE);
+    let link = |dir: &str| {
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "--python"])
+                .arg(&python)
+                .arg(t.join(dir)),
+        );
+        assert_output!(out, out.status.success(), "link {dir}");
+        (out, json)
+    };
+    let pyc = t.join("app/__pycache__/m.cpython-311.pyc");
+    assert_eq!(link("app").1["compiled"], 1);
+    assert_eq!(link("app").1["up_to_date"], 1);
+    let good = std::fs::read(&pyc).unwrap();
+    let inode = std::fs::metadata(&pyc).unwrap().ino();
+    // Same size, same header, a changed body.
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    let set_mode = |mode| std::fs::set_permissions(&pyc, std::fs::Permissions::from_mode(mode));
+    set_mode(0o644).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pyc)
+        .unwrap()
+        .write_all_at(&bad, 0)
+        .unwrap();
+    set_mode(0o444).unwrap();
+    assert_eq!(std::fs::metadata(&pyc).unwrap().ino(), inode);
+
+    let (out, json) = link("app");
+    assert_eq!(json["up_to_date"], 0, "{json}");
+    assert_output!(
+        out,
+        String::from_utf8_lossy(&out.stderr).contains("does not hash to its name"),
+        "the damaged object is reported"
+    );
+    let verify = t.pycstore().arg("verify").output().unwrap();
+    assert_output!(verify, verify.status.success(), "verify right after");
+    let (_, json) = link("other");
+    assert_eq!(json["compiled"], 0, "{json}");
+    let other = t.join("other/__pycache__/m.cpython-311.pyc");
+    assert_eq!(std::fs::read(&other).unwrap(), good);
+    assert_ne!(std::fs::metadata(&other).unwrap().ino(), inode);
+    let log = python_v(
+        &python,
+        &["-c", "import m; print(m.f(5))"],
+        &[("PYTHONPATH", t.join("other").as_os_str())],
+    );
+    assert_nothing_compiled(&log, &t.join("other"), 1);
+    assert_eq!(String::from_utf8_lossy(&log.output.stdout).trim(), "5");
 }

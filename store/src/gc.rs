@@ -238,6 +238,11 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
             stats.freed_physical += c.disk;
         }
     }
+    // A linked object leaving (an orphan too: a prefix may hold it) starts
+    // a new entries epoch, so links look its pycs' entries up again.
+    if evict.iter().any(|&i| candidates[i].linked) {
+        writes.entries_changed();
+    }
     if !options.dry_run {
         index.apply(writes)?;
     }

@@ -9,10 +9,11 @@
 //! stat            absolute source path                    dev ‖ ino ‖ size ‖ mtime ‖ ctime ‖ seen ‖ blake3
 //!                 absolute directory path ‖ 0x00          dev ‖ ino ‖ mtime ‖ ctime ‖ seen ‖ has __pycache__ ‖ (kind ‖ len ‖ name)* (ListingRecord)
 //! interpreters    executable path                         identity + probe (JSON)
-//! links           absolute pyc path                       object id ‖ flavor tag ‖ trusted ‖ size [‖ dev ‖ ino]
+//! links           absolute pyc path                       object id ‖ flavor tag ‖ trusted ‖ size [‖ dev ‖ ino [‖ epoch ‖ entries key]]
 //! dirs            absolute __pycache__ path               (empty): created by pycstore
 //! used            object id                               last use, seconds since the epoch
 //! counters        interpreter label, or "" for the reset time   Counters (JSON)
+//!                 0x00 ‖ "entries-epoch"                  the entries epoch (u64)
 //! ```
 //!
 //! RocksDB lets one process open a database at a time, so the index is used
@@ -276,11 +277,10 @@ pub(crate) struct Placed<'a> {
 /// The key, in the counters family, of the entries epoch.
 pub(crate) const ENTRIES_EPOCH_KEY: &[u8] = b"\0entries-epoch";
 
-/// A value for a new entries epoch: the time in nanoseconds, never one an
-/// earlier epoch of the same index had (unless the clock went back to the
-/// very nanosecond), never 0.
+/// A value for a new entries epoch: 64 random bits (whatever the clock
+/// says), never 0.
 pub(crate) fn new_entries_epoch() -> u64 {
-    (crate::util::now_ns().max(0) as u64) | 1
+    fastrand::u64(1..)
 }
 
 /// Whether a key of the entries family counts as an index entry in what
@@ -486,8 +486,9 @@ impl std::ops::AddAssign for Counters {
 pub struct Writes {
     ops: Vec<(Family, Vec<u8>, Option<Vec<u8>>)>,
     counters: BTreeMap<String, Counters>,
-    /// An entry is deleted: a new entries epoch is among the ops.
-    new_epoch: bool,
+    /// The new entries epoch among the ops, when an entry is deleted or an
+    /// object leaves: written first ([`Index::apply`]).
+    new_epoch: Option<u64>,
 }
 
 impl Writes {
@@ -597,17 +598,22 @@ impl Writes {
     /// Deletes a key.
     /// An entry deleted starts a new entries epoch ([`Index::entries_epoch`]).
     pub(crate) fn delete(&mut self, family: Family, key: &[u8]) {
-        if family == Family::Entries && !self.new_epoch {
+        if family == Family::Entries {
             self.entries_changed();
-            self.new_epoch = true;
         }
         self.ops.push((family, key.to_vec(), None));
     }
 
-    /// Starts a new entries epoch: link records of an earlier one no longer
-    /// vouch that the store holds their pyc's entry.
+    /// Starts a new entries epoch (once per batch): link records of an
+    /// earlier one no longer vouch that the store holds their pyc's entry
+    /// and object. For every entry deleted, and every object removed that
+    /// a prefix may still hold.
     pub(crate) fn entries_changed(&mut self) {
-        self.set_entries_epoch(new_entries_epoch());
+        if self.new_epoch.is_none() {
+            let epoch = new_entries_epoch();
+            self.new_epoch = Some(epoch);
+            self.set_entries_epoch(epoch);
+        }
     }
 
     /// Sets the entries epoch (a value from [`new_entries_epoch`]).
@@ -622,7 +628,9 @@ impl Writes {
     /// Moves everything of `other` into `self`.
     pub fn append(&mut self, other: &mut Writes) {
         self.ops.append(&mut other.ops);
-        self.new_epoch |= std::mem::take(&mut other.new_epoch);
+        if let Some(epoch) = other.new_epoch.take() {
+            self.new_epoch = Some(epoch);
+        }
         for (label, c) in std::mem::take(&mut other.counters) {
             *self.counters.entry(label).or_default() += c;
         }
@@ -928,6 +936,20 @@ impl Index {
     pub fn apply(&mut self, writes: Writes) -> Result<()> {
         if writes.is_empty() {
             return Ok(());
+        }
+        // A new epoch goes first, alone: a batch ingested family by family
+        // could otherwise delete entries and fail before the epoch.
+        if let Some(epoch) = writes.new_epoch {
+            if !self.wrote.contains(&Family::Counters) {
+                self.wrote.push(Family::Counters);
+            }
+            self.db
+                .put_cf(
+                    self.cf(Family::Counters),
+                    ENTRIES_EPOCH_KEY,
+                    epoch.to_le_bytes(),
+                )
+                .map_err(|e| self.write_failed(e))?;
         }
         if writes.ops.len() >= INGEST_AT {
             return self.ingest(writes);
@@ -1474,6 +1496,21 @@ mod tests {
         assert_ne!(rebuilt, after_delete);
         let record = index.link_records([pyc]).pop().unwrap().unwrap();
         assert!(!record.placed_for(&key, slot, rebuilt));
+        drop(index);
+        // A batch large enough to be ingested family by family starts a new
+        // epoch too (written before the tables, alone).
+        let mut w = Writes::default();
+        for i in 0..INGEST_AT as u16 {
+            let mut k = [0; 32];
+            k[..2].copy_from_slice(&i.to_le_bytes());
+            w.delete(Family::Entries, &entry_key(&CompileKey(k), slot));
+        }
+        Index::open(&path).unwrap().apply(w).unwrap();
+        let epoch = Index::open_read_only(&path)
+            .unwrap()
+            .entries_epoch()
+            .unwrap();
+        assert_ne!(epoch, rebuilt);
     }
 
     #[test]

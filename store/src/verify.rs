@@ -810,6 +810,11 @@ fn repair_index(store: &Store, found: &mut Findings) -> Result<()> {
     for (pyc, ..) in &found.unlink {
         writes.delete(Family::Links, &crate::index::path_key(pyc));
     }
+    // Objects leaving (orphans a prefix may hold, damaged files) start a
+    // new entries epoch, as deleted entries do.
+    if !found.orphans.is_empty() || !found.remove.is_empty() {
+        writes.entries_changed();
+    }
     if !writes.is_empty() {
         store.index()?.apply(writes)?;
     }

@@ -116,11 +116,12 @@ impl Run<'_> {
             }
             Lookup::Entry(entry) => {
                 if self.still_placed(&target, &entry) {
-                    // A record from before records carried the entry's key:
-                    // written again with it, once.
+                    // A record of an earlier entries epoch (after a `gc`),
+                    // or from before records carried the entry's key:
+                    // written again, once per epoch.
                     if !self.recorded_for_key(&target) {
                         let inode = target.recorded.as_ref().and_then(|r| r.inode);
-                        self.record_link(&target, &entry, inode);
+                        self.rerecord_link(&target, &entry, inode);
                     }
                     self.ledger.settled(|s| s.up_to_date += 1);
                     return Ok(None);
@@ -194,8 +195,10 @@ impl Run<'_> {
         let Some(name) = target.pyc.file_name() else {
             return false;
         };
-        resolve::still_linked(&target.source.dir, name, recorded, size)
-            .is_some_and(|st| self.domain.object_ok(&st) && st.st_mode & 0o7777 == PUBLIC_MODE)
+        // Sealed: nothing wrote to the object's inode since the store did.
+        resolve::still_linked(&target.source.dir, name, recorded, size).is_some_and(|st| {
+            self.store.objects.sealed(&st, size) && st.st_mode & 0o7777 == PUBLIC_MODE
+        })
     }
 
     /// Checks an entry's object before it is placed ([`open_object`]):
@@ -387,6 +390,23 @@ impl Run<'_> {
     /// With the inode goes the entry's key, so that the next run can tell
     /// from the record alone that the pyc is the one it wants.
     fn record_link(&self, target: &Target, entry: &Entry, inode: Option<(u64, u64)>) {
+        self.write_link_record(target, entry, inode, true);
+    }
+
+    /// [`Run::record_link`] of a pyc found in place, recorded again for this
+    /// entries epoch and key: not a use of its object (which would move it
+    /// in `gc`'s order).
+    fn rerecord_link(&self, target: &Target, entry: &Entry, inode: Option<(u64, u64)>) {
+        self.write_link_record(target, entry, inode, false);
+    }
+
+    fn write_link_record(
+        &self,
+        target: &Target,
+        entry: &Entry,
+        inode: Option<(u64, u64)>,
+        used: bool,
+    ) {
         let trusted = self.interpreters[target.interpreter].key_domain.is_none();
         let placed = inode.map(|inode| Placed {
             inode,
@@ -394,7 +414,8 @@ impl Run<'_> {
             key: &target.key,
             slot: self.slot(target),
         });
-        self.ledger.record_link(&target.pyc, entry, trusted, placed);
+        self.ledger
+            .record_link(&target.pyc, entry, trusted, placed, used);
     }
 
     /// Writes the object for `target` with `body` and records its entries.

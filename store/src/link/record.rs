@@ -124,7 +124,8 @@ impl<'a> Ledger<'a> {
     }
 
     /// Remembers that the pyc at `pyc` is the object of `entry` (its very
-    /// inode, when `inode` says which), and that the object was used now.
+    /// inode, when `placed` says which), and, with `used`, that the object
+    /// was used now.
     /// `trusted`: compiled by an interpreter no other user can change.
     pub(super) fn record_link(
         &self,
@@ -132,13 +133,16 @@ impl<'a> Ledger<'a> {
         entry: &Entry,
         trusted: bool,
         placed: Option<Placed<'_>>,
+        used: bool,
     ) {
         if self.dry_run {
             return;
         }
         let writes = &mut lock(&self.state).writes;
         writes.link(pyc, entry, self.flavor, trusted, placed);
-        writes.used(&entry.object, self.now_secs);
+        if used {
+            writes.used(&entry.object, self.now_secs);
+        }
     }
 
     /// Records the entry of a pyc just written, in `slot` (and as the body

@@ -486,15 +486,15 @@ impl std::ops::AddAssign for Counters {
 pub struct Writes {
     ops: Vec<(Family, Vec<u8>, Option<Vec<u8>>)>,
     counters: BTreeMap<String, Counters>,
-    /// The new entries epoch among the ops, when an entry is deleted or an
-    /// object leaves: written first ([`Index::apply`]).
-    new_epoch: Option<u64>,
+    /// An entries epoch to write (a new one when an entry is deleted or an
+    /// object leaves): written first, alone ([`Index::apply`]).
+    epoch: Option<u64>,
 }
 
 impl Writes {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.counters.is_empty()
+        self.ops.is_empty() && self.counters.is_empty() && self.epoch.is_none()
     }
 
     /// How many writes are pending.
@@ -609,27 +609,19 @@ impl Writes {
     /// and object. For every entry deleted, and every object removed that
     /// a prefix may still hold.
     pub(crate) fn entries_changed(&mut self) {
-        if self.new_epoch.is_none() {
-            let epoch = new_entries_epoch();
-            self.new_epoch = Some(epoch);
-            self.set_entries_epoch(epoch);
-        }
+        self.epoch.get_or_insert_with(new_entries_epoch);
     }
 
     /// Sets the entries epoch (a value from [`new_entries_epoch`]).
     pub(crate) fn set_entries_epoch(&mut self, epoch: u64) {
-        self.ops.push((
-            Family::Counters,
-            ENTRIES_EPOCH_KEY.to_vec(),
-            Some(epoch.to_le_bytes().to_vec()),
-        ));
+        self.epoch = Some(epoch);
     }
 
     /// Moves everything of `other` into `self`.
     pub fn append(&mut self, other: &mut Writes) {
         self.ops.append(&mut other.ops);
-        if let Some(epoch) = other.new_epoch.take() {
-            self.new_epoch = Some(epoch);
+        if let Some(epoch) = other.epoch.take() {
+            self.epoch = Some(epoch);
         }
         for (label, c) in std::mem::take(&mut other.counters) {
             *self.counters.entry(label).or_default() += c;
@@ -939,7 +931,7 @@ impl Index {
         }
         // A new epoch goes first, alone: a batch ingested family by family
         // could otherwise delete entries and fail before the epoch.
-        if let Some(epoch) = writes.new_epoch {
+        if let Some(epoch) = writes.epoch {
             if !self.wrote.contains(&Family::Counters) {
                 self.wrote.push(Family::Counters);
             }

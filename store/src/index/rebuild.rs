@@ -32,7 +32,10 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{IteratorMode, Options, ReadOptions, WriteBatch, DB};
 
-use super::{entry_key, free_bytes, is_no_space, EntrySlot, Family, Index, Writes, REPAIR_MARGIN};
+use super::{
+    entry_key, free_bytes, is_no_space, EntrySlot, Family, Index, Writes, ENTRIES_EPOCH_KEY,
+    REPAIR_MARGIN,
+};
 use crate::key::CompileKey;
 use crate::layout::INDEX_DIR;
 use crate::lock::{self, LockMode};
@@ -253,6 +256,12 @@ fn build(
             db.write(std::mem::take(&mut batch))
                 .map_err(|e| write_error(path, new, e))?;
         }
+    }
+    if let Some(epoch) = writes.epoch {
+        let cf = db
+            .cf_handle(Family::Counters.name())
+            .ok_or_else(|| Error::index(new, "a column family is missing"))?;
+        batch.put_cf(cf, ENTRIES_EPOCH_KEY, epoch.to_le_bytes());
     }
     db.write(batch).map_err(|e| write_error(path, new, e))?;
     for family in Family::ALL {

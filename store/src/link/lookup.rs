@@ -109,23 +109,21 @@ impl Run<'_> {
         }
         // A pyc placed for the very entry key wanted, still that object:
         // done from its record and one `stat`. The rest need their entries.
-        let mut placed = vec![false; targets.len()];
-        for (target, placed) in targets.iter_mut().zip(&mut placed) {
+        for target in &mut targets {
             if self.still_placed_for_key(target) {
                 target.lookup = Lookup::Placed;
-                *placed = true;
             }
         }
+        let placed = |t: &Target| matches!(t.lookup, Lookup::Placed);
         let wanted: Vec<_> = targets
             .iter()
-            .zip(&placed)
-            .filter(|(_, placed)| !**placed)
-            .map(|(t, _)| (t.key, self.slot(t)))
+            .filter(|t| !placed(t))
+            .map(|t| (t.key, self.slot(t)))
             .collect();
         let mut entries = index.entries_of(&wanted).into_iter();
         let mut found = Vec::with_capacity(targets.len());
-        for (mut target, placed) in targets.into_iter().zip(placed) {
-            if placed {
+        for mut target in targets {
+            if placed(&target) {
                 found.push(target);
                 continue;
             }

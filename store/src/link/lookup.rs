@@ -43,11 +43,11 @@ pub(super) struct Target {
 }
 
 impl Run<'_> {
-    /// For sources of one directory (all, or a batch of them): hash each,
-    /// look up each of its pycs. Their records are read from the index in
-    /// batches (the stat cache's, then the link records, then the entries
-    /// of the pycs their link records do not show in place) rather than in
-    /// a lookup per source and family.
+    /// For a batch of sources in walk order (a directory's, part of one, or
+    /// several small ones): hash each, look up each of its pycs. Their
+    /// records are read from the index in batches (the stat cache's, then
+    /// the link records, then the entries of the pycs their link records do
+    /// not show in place) rather than in a lookup per source and family.
     pub(super) fn look_up(
         &self,
         index: &Index,

@@ -1,6 +1,7 @@
-//! Lookup: for the sources of one directory found by the walk, their hashes
-//! (from the stat cache, or read and hashed), the compile key of each wanted
-//! pyc, and what the index holds for it: one [`Target`] per pyc.
+//! Lookup: for a batch of the sources the walk found (a directory's, part
+//! of one, or several small ones), their hashes (from the stat cache, or
+//! read and hashed), the compile key of each wanted pyc, and what the index
+//! holds for it: one [`Target`] per pyc.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -194,41 +194,14 @@ pub(crate) struct LinkRecord {
     /// a pyc that still has them (and the owner, mode and size of an
     /// object) is the object, known from one `stat` of the pyc.
     pub inode: Option<(u64, u64)>,
-    /// The index key of the entry placed (compile key and slot), when it was
-    /// hardlinked (recorded with the inode): a later run whose source,
-    /// interpreter and flavor make the same key needs no entry lookup to
-    /// know the pyc it finds at that inode is the one it wants.
-    pub entry_key: Option<RecordedKey>,
+    /// The entry placed (compile key and slot), when it was hardlinked
+    /// (recorded with the inode): a later run whose source, interpreter and
+    /// flavor make the same key needs no entry lookup to know the pyc it
+    /// finds at that inode is the one it wants.
+    pub entry: Option<(CompileKey, EntrySlot)>,
     /// The index's entries epoch ([`Index::entries_epoch`]) when it was
     /// recorded, with the key.
     pub epoch: Option<u64>,
-}
-
-/// An entries-family key as a link record holds it: a compile key and its
-/// slot, at most 49 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RecordedKey {
-    len: u8,
-    bytes: [u8; ENTRY_KEY_MAX],
-}
-
-/// The longest entries-family key: a compile key, the flavor's tag, a
-/// timestamp pyc's source mtime and size.
-const ENTRY_KEY_MAX: usize = 32 + 1 + 16;
-
-impl RecordedKey {
-    fn of(key: &[u8]) -> Option<RecordedKey> {
-        let mut bytes = [0; ENTRY_KEY_MAX];
-        bytes.get_mut(..key.len())?.copy_from_slice(key);
-        Some(RecordedKey {
-            len: u8::try_from(key.len()).ok()?,
-            bytes,
-        })
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
 }
 
 impl LinkRecord {
@@ -244,10 +217,7 @@ impl LinkRecord {
                 (le(dev), le(ino))
             }),
             epoch: v.get(58..66).map(le),
-            entry_key: v
-                .get(66..)
-                .filter(|k| !k.is_empty())
-                .and_then(RecordedKey::of),
+            entry: v.get(66..).and_then(EntrySlot::decode_key),
         })
     }
 
@@ -255,10 +225,7 @@ impl LinkRecord {
     /// of the entries epoch `epoch`: since then, no entry left the index,
     /// so the pyc is still one the store holds.
     pub(crate) fn placed_for(&self, key: &CompileKey, slot: EntrySlot, epoch: u64) -> bool {
-        self.epoch == Some(epoch)
-            && self
-                .entry_key
-                .is_some_and(|k| k.as_bytes() == entry_key(key, slot))
+        self.epoch == Some(epoch) && self.entry == Some((*key, slot))
     }
 }
 

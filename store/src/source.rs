@@ -336,20 +336,19 @@ fn read_open(
     }
     let size = meta.size as usize;
     // One byte more than the size: a single read that fills it shows growth.
-    let mut data = vec![0u8; size + 1];
-    let mut filled = 0;
-    while filled < size {
-        match rustix::io::read(&fd, &mut data[filled..]) {
+    // Read into the spare capacity, not zeroed first.
+    let mut data = Vec::with_capacity(size + 1);
+    while data.len() < size {
+        match rustix::io::read(&fd, rustix::buffer::spare_capacity(&mut data)) {
             Ok(0) => return Ok(None),
-            Ok(n) => filled += n,
+            Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(FileError::new(path, Op::Read, e)),
         }
     }
-    if filled > size {
+    if data.len() > size {
         return Ok(None);
     }
-    data.truncate(size);
     Ok(Some(data))
 }
 

@@ -55,7 +55,19 @@ impl Run<'_> {
         sources: &[(Found, Vec<usize>)],
         optimize: &[u8],
     ) -> Vec<Target> {
-        let mut stats = index.stats(sources.iter().map(|(found, _)| found.path.as_path()));
+        // The stat cache is asked only for sources in a directory the walk
+        // found with a `__pycache__`. Elsewhere (a fresh copy, a new
+        // install) a source is new to the store, or a new file where one of
+        // the same path was (its inode differs from the record's): it is
+        // read and hashed either way.
+        let asked: Vec<usize> = (0..sources.len())
+            .filter(|&i| sources[i].0.dir.listed_pycache)
+            .collect();
+        let mut stats = vec![None; sources.len()];
+        let records = index.stats(asked.iter().map(|&i| sources[i].0.path.as_path()));
+        for (i, record) in asked.into_iter().zip(records) {
+            stats[i] = record;
+        }
         let mut targets = Vec::new();
         for ((found, chosen), cached) in sources.iter().zip(&mut stats) {
             let pycs = (chosen.len() * optimize.len()) as u64;

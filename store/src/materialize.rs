@@ -27,7 +27,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Mutex;
 
-use rustix::fs::{AtFlags, Mode, CWD};
+use rustix::fs::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{ObjectId, Objects};
@@ -268,7 +268,7 @@ impl<'a> Materializer<'a> {
     ) -> io::Result<()> {
         let mut attempts = 0;
         loop {
-            let err = match rustix::fs::linkat(CWD, source, dir, name, AtFlags::empty()) {
+            let err = match self.objects.link_object(id, dir, name) {
                 Ok(()) => return Ok(()),
                 Err(e) => io::Error::from(e),
             };

@@ -157,12 +157,7 @@ pub fn open_object(objects: &Objects, entry: &Entry) -> io::Result<ObjectState> 
 /// and checked ([`open_object`]): missing, changed since, or written before
 /// objects were sealed.
 pub(crate) fn sealed_object(objects: &Objects, entry: &Entry) -> Option<rustix::fs::Stat> {
-    let st = rustix::fs::statat(
-        rustix::fs::CWD,
-        objects.path(&entry.object),
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .ok()?;
+    let st = objects.stat_object(&entry.object).ok()?;
     objects.sealed(&st, entry.size).then_some(st)
 }
 

@@ -271,7 +271,7 @@ impl Run<'_> {
 
     /// The identity of an object this run just checked or wrote.
     pub(super) fn identity(&self, object: &ObjectId) -> Option<Checked> {
-        let st = rustix::fs::stat(self.store.objects.path(object)).ok()?;
+        let st = self.store.objects.stat_object(object).ok()?;
         self.domain.object_ok(&st).then(|| Checked::of(&st))
     }
 

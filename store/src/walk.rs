@@ -3,11 +3,13 @@
 //! minus what the user excluded. Unreadable directories and other walk errors
 //! are reported per path, never the end of the walk.
 
+use std::collections::LinkedList;
 use std::ffi::{OsStr, OsString};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -85,6 +87,8 @@ struct Pycache {
     /// Made by this run: empty when it was made, so a pyc is linked at its
     /// name without looking there first.
     made: bool,
+    /// Whether a caller was told it made it ([`PycacheDir::first`]).
+    claimed: AtomicBool,
 }
 
 /// How a found `__pycache__` is reached again.
@@ -104,7 +108,8 @@ pub struct PycacheDir<'a> {
     /// Whether this run made it (then it was empty, and whatever is there
     /// now was placed by this run or raced in since).
     pub made: bool,
-    /// Whether this very call made it: true for one call per directory.
+    /// Whether this run made it and this is the first [`SourceDir::pycache`]
+    /// call told so: true for one call per directory.
     pub first: bool,
 }
 
@@ -240,11 +245,25 @@ impl SourceDir {
     /// error is this directory's: report it under each source with
     /// [`FileError::at`].
     pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, FileError> {
+        self.pycache_as(create, true)
+    }
+
+    /// Makes (or opens) its `__pycache__` ahead of its first pyc, as
+    /// [`SourceDir::pycache`] with `create` would: that call is still the
+    /// one told it is `first`.
+    pub fn make_pycache(&self) {
+        let _ = self.pycache_as(true, false);
+    }
+
+    fn pycache_as(
+        &self,
+        create: bool,
+        claim: bool,
+    ) -> std::result::Result<PycacheDir<'_>, FileError> {
         let name = OsStr::new("__pycache__");
         let fail = |op: fn(PathBuf) -> Op, cause: Cause| {
             FileError::new(&self.path, op(self.path.join(name)), cause)
         };
-        let mut first = false;
         let opened = self.pycache.get_or_init(|| {
             // One attempt per directory: make it when the listing had none.
             if !create && !self.listed_pycache {
@@ -282,11 +301,14 @@ impl SourceDir {
                         }
                     },
                 };
-                Ok(Some(Pycache { fd, made }))
+                Ok(Some(Pycache {
+                    fd,
+                    made,
+                    claimed: AtomicBool::new(false),
+                }))
             };
             if create && !self.listed_pycache {
                 let made = make()?;
-                first = made;
                 let fd = tree::open_dir(dir, name).map_err(refuse)?;
                 return keep(fd, made);
             }
@@ -294,7 +316,6 @@ impl SourceDir {
                 Ok(fd) => keep(fd, false),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                     let made = make()?;
-                    first = made;
                     let fd = tree::open_dir(dir, name).map_err(refuse)?;
                     keep(fd, made)
                 }
@@ -308,7 +329,7 @@ impl SourceDir {
                 return Ok(PycacheDir {
                     fd: None,
                     made: false,
-                    first,
+                    first: false,
                 })
             }
             Err(e) => return Err(e.clone()),
@@ -329,7 +350,7 @@ impl SourceDir {
         Ok(PycacheDir {
             fd: Some(fd),
             made: pycache.made,
-            first,
+            first: claim && pycache.made && !pycache.claimed.swap(true, Ordering::Relaxed),
         })
     }
 }
@@ -483,7 +504,7 @@ pub fn walk(prefix: &Path, excludes: &Excludes, known: Option<(&Index, i64)>) ->
         known,
         root: Arc::new(root),
     };
-    visit(&at, prefix.to_path_buf(), first, 0)
+    Walk::joined(visit(&at, prefix.to_path_buf(), first, 0))
 }
 
 /// What every directory of one walk shares.
@@ -510,7 +531,11 @@ const PARALLEL_DEPTH: usize = 8;
 /// beneath the root), then its subdirectories: its sources first, then
 /// each subdirectory's, in name order (depth first, as a sequential walk
 /// finds them). Subtrees above [`PARALLEL_DEPTH`] are walked on every core.
-fn visit(at: &At<'_>, path: PathBuf, fd: Option<Held>, depth: usize) -> Walk {
+///
+/// What each subtree found comes back in pieces, joined by moving list
+/// nodes: the sources and listings are copied once, into the walk's result
+/// ([`Walk::joined`]), not once more at every level on the way up.
+fn visit(at: &At<'_>, path: PathBuf, fd: Option<Held>, depth: usize) -> LinkedList<Walk> {
     let mut walk = Walk {
         found: Vec::new(),
         errors: Vec::new(),
@@ -518,23 +543,40 @@ fn visit(at: &At<'_>, path: PathBuf, fd: Option<Held>, depth: usize) -> Walk {
     };
     let subdirs = one_dir(at, path, fd, &mut walk);
     if depth < PARALLEL_DEPTH {
-        let subtrees: Vec<Walk> = subdirs
+        let subtrees: Vec<LinkedList<Walk>> = subdirs
             .into_par_iter()
             .map(|(child, fd)| visit(at, child, fd, depth + 1))
             .collect();
-        for sub in subtrees {
-            walk.found.extend(sub.found);
-            walk.errors.extend(sub.errors);
-            walk.listed.extend(sub.listed);
+        let mut pieces = LinkedList::from([walk]);
+        for mut sub in subtrees {
+            pieces.append(&mut sub);
         }
+        pieces
     } else {
         let mut pending: Vec<_> = subdirs.into_iter().rev().collect();
         while let Some((child, fd)) = pending.pop() {
             let subdirs = one_dir(at, child, fd, &mut walk);
             pending.extend(subdirs.into_iter().rev());
         }
+        LinkedList::from([walk])
     }
-    walk
+}
+
+impl Walk {
+    /// The pieces of a walk, in order, as one.
+    fn joined(pieces: LinkedList<Walk>) -> Walk {
+        let mut walk = Walk {
+            found: Vec::with_capacity(pieces.iter().map(|w| w.found.len()).sum()),
+            errors: Vec::new(),
+            listed: Vec::with_capacity(pieces.iter().map(|w| w.listed.len()).sum()),
+        };
+        for mut piece in pieces {
+            walk.found.append(&mut piece.found);
+            walk.errors.append(&mut piece.errors);
+            walk.listed.append(&mut piece.listed);
+        }
+        walk
+    }
 }
 
 /// One directory of a walk: its sources (and what could not be read) added
@@ -883,8 +925,14 @@ mod tests {
         std::fs::write(dir.path().join("a.py"), "").unwrap();
         let Walk { found, .. } = walk(dir.path(), &Excludes::new(&[]).unwrap(), None);
         let source_dir = &found[0].dir;
+        // Made ahead of its first pyc (as `link` does): the first pyc is
+        // still the one told it made it, and only that one.
+        source_dir.make_pycache();
+        assert!(dir.path().join("__pycache__").is_dir());
         let made = source_dir.pycache(true).unwrap();
         assert!(made.first && made.made);
+        let again = source_dir.pycache(true).unwrap();
+        assert!(!again.first && again.made);
         let Some(Relisting::After(after)) = source_dir.listing_after_run(crate::util::now_ns())
         else {
             panic!("a directory changed just now is not to be listed yet")

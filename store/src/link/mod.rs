@@ -285,13 +285,20 @@ pub fn link(
             match &options.remotes {
                 None => {
                     let batches = lookup_batches(&found);
-                    batches.into_par_iter().for_each(|sources| {
-                        for target in run.look_up(session, sources, &optimize) {
-                            if let Some(job) = run.act_on(target) {
-                                tx.send(job).expect("compile threads outlive the walk");
+                    let look_up = || {
+                        batches.into_par_iter().for_each(|sources| {
+                            for target in run.look_up(session, sources, &optimize) {
+                                if let Some(job) = run.act_on(target) {
+                                    tx.send(job).expect("compile threads outlive the walk");
+                                }
                             }
-                        }
-                    });
+                        })
+                    };
+                    if options.dry_run {
+                        look_up();
+                    } else {
+                        rayon::join(|| make_pycaches(&found), look_up);
+                    }
                     drop(tx);
                 }
                 Some(remotes) => {
@@ -373,12 +380,12 @@ pub fn link(
         // On every core: 842 directories of the corpus, 10 ms in one thread.
         // Meanwhile the record session opens (10 ms), when there is
         // something to record already. Those changed too recently for a
-        // listing to be trusted yet (made in the run's last 20 ms) are
+        // listing to be trusted yet (made in the run's last 20 ms: with
+        // `make_pycaches`, only in a run that short, or with remotes) are
         // listed once the session is open, after waiting for the rest of
         // their 20 ms if that is at most a tenth of the run so far:
-        // otherwise the next walk lists them again (about 100 of the
-        // corpus's directories, and a read-write session for their
-        // records, in a re-link right after its warm link).
+        // otherwise the next walk lists them again (and a re-link right
+        // after would need a read-write session for their records).
         if !options.dry_run {
             std::thread::scope(|scope| {
                 let opening = run.ledger.pending().then(|| scope.spawn(|| store.index()));
@@ -492,6 +499,23 @@ fn lookup_batches(found: &[(Found, Vec<usize>)]) -> Vec<&[(Found, Vec<usize>)]> 
         batches.push(&found[start..end]);
     }
     batches
+}
+
+/// Makes the `__pycache__` of every directory the walk found without one,
+/// in walk order, while the lookups go on (which wait for a directory's
+/// if they reach it first): all made early in the run, rather than each
+/// when its first pyc is placed. A directory changed (by its new
+/// `__pycache__`) in the last 20 ms of a run cannot be listed again for
+/// the next run without waiting for its listing to be trusted (see
+/// `link`): made this way, none is. A directory's failure to make or open
+/// one is kept, and reported under each of its sources when placed.
+fn make_pycaches(found: &[(Found, Vec<usize>)]) {
+    for sources in found.chunk_by(same_dir) {
+        let dir = &sources[0].0.dir;
+        if !dir.listed_pycache {
+            dir.make_pycache();
+        }
+    }
 }
 
 /// Whether two sources the walk found are in one directory (the walk finds

@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    IngestExternalFileOptions, IteratorMode, Options, ReadOptions, SstFileWriter, WriteBatch, DB,
+    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IngestExternalFileOptions, IteratorMode,
+    Options, ReadOptions, SstFileWriter, WriteBatch, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -839,12 +839,6 @@ impl Index {
         table.set_block_restart_interval(4);
         let mut opts = Options::default();
         opts.set_block_based_table_factory(&table);
-        // LZ4, not RocksDB's default (Snappy, when built with it): every
-        // build has it (the system library, and the `bundled-rocksdb`
-        // feature's, which has no Snappy and could not read Snappy tables).
-        // The tables come out the same size, are written in as many
-        // instructions, and are read in fewer (a re-link: -1.8%).
-        opts.set_compression_type(DBCompressionType::Lz4);
         opts
     }
 

@@ -152,6 +152,39 @@ fn status_and_unlink_agree_after_python_recompiles() {
     assert_eq!(pycs_under(&app).len() as u64, 2 - removed);
 }
 
+/// `link` makes a directory's `__pycache__` before its pycs are placed: one
+/// that ends up with none (its only source does not compile) is still the
+/// run's, and `unlink` removes it with the others.
+#[test]
+fn unlink_removes_a_pycache_link_made_that_got_no_pyc() {
+    let python = python("3.11");
+    let t = TestDir::new();
+    let app = app(&t, 1);
+    t.write("app/broken/bad.py", "def f(:\n");
+    let out = run(t
+        .pycstore()
+        .args(["link", "-q", "--python"])
+        .arg(&python)
+        .arg(&app));
+    assert!(
+        !out.status.success(),
+        "a source that does not compile fails"
+    );
+    assert!(app.join("broken/__pycache__").is_dir());
+    assert!(pycs_under(&app.join("broken")).is_empty());
+    let bytes = pyc_bytes(&app);
+    let out = run_ok(t.pycstore().arg("unlink").arg(&app));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "removed 1 pyc ({bytes} B) and 2 empty __pycache__ directories; \
+             0 changed since linking were left alone\n"
+        )
+    );
+    assert!(!app.join("broken/__pycache__").exists());
+    assert!(!app.join("__pycache__").exists());
+}
+
 /// After `gc` evicted their objects, the pycs pycstore placed are still its
 /// own: `status` counts them from the store and `unlink` removes them.
 #[test]

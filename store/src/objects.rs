@@ -228,8 +228,13 @@ impl Objects {
         if let Some(fd) = self.fd.get() {
             return Some(fd.as_fd());
         }
-        let flags =
-            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        // Not through a symlink (the store's checks refuse a bucket that is
+        // one). Until it opens, objects are reached by path, as everything
+        // else in the bucket is.
+        let flags = rustix::fs::OFlags::PATH
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC;
         let fd = rustix::fs::open(&self.dir, flags, rustix::fs::Mode::empty()).ok()?;
         Some(self.fd.get_or_init(|| fd).as_fd())
     }

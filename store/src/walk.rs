@@ -9,7 +9,6 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -58,6 +57,12 @@ pub struct SourceDir {
     /// once rather than stat them first) and the directory is made without
     /// trying to open it first.
     pub listed_pycache: bool,
+    /// Whether the index has a listing record of this very directory (its
+    /// device and inode at its path), current or not: an earlier walk
+    /// listed it, so its sources may be in the stat cache. A directory new
+    /// since (a fresh copy, a new install) has none, and neither have its
+    /// sources (new files: new inodes).
+    pub seen_before: bool,
     pycache: OnceLock<std::result::Result<Option<Pycache>, FileError>>,
 }
 
@@ -87,8 +92,6 @@ struct Pycache {
     /// Made by this run: empty when it was made, so a pyc is linked at its
     /// name without looking there first.
     made: bool,
-    /// Whether a caller was told it made it ([`PycacheDir::first`]).
-    claimed: AtomicBool,
 }
 
 /// How a found `__pycache__` is reached again.
@@ -108,8 +111,7 @@ pub struct PycacheDir<'a> {
     /// Whether this run made it (then it was empty, and whatever is there
     /// now was placed by this run or raced in since).
     pub made: bool,
-    /// Whether this run made it and this is the first [`SourceDir::pycache`]
-    /// call told so: true for one call per directory.
+    /// Whether this very call made it: true for one call per directory.
     pub first: bool,
 }
 
@@ -245,25 +247,11 @@ impl SourceDir {
     /// error is this directory's: report it under each source with
     /// [`FileError::at`].
     pub fn pycache(&self, create: bool) -> std::result::Result<PycacheDir<'_>, FileError> {
-        self.pycache_as(create, true)
-    }
-
-    /// Makes (or opens) its `__pycache__` ahead of its first pyc, as
-    /// [`SourceDir::pycache`] with `create` would: that call is still the
-    /// one told it is `first`.
-    pub fn make_pycache(&self) {
-        let _ = self.pycache_as(true, false);
-    }
-
-    fn pycache_as(
-        &self,
-        create: bool,
-        claim: bool,
-    ) -> std::result::Result<PycacheDir<'_>, FileError> {
         let name = OsStr::new("__pycache__");
         let fail = |op: fn(PathBuf) -> Op, cause: Cause| {
             FileError::new(&self.path, op(self.path.join(name)), cause)
         };
+        let mut first = false;
         let opened = self.pycache.get_or_init(|| {
             // One attempt per directory: make it when the listing had none.
             if !create && !self.listed_pycache {
@@ -301,14 +289,11 @@ impl SourceDir {
                         }
                     },
                 };
-                Ok(Some(Pycache {
-                    fd,
-                    made,
-                    claimed: AtomicBool::new(false),
-                }))
+                Ok(Some(Pycache { fd, made }))
             };
             if create && !self.listed_pycache {
                 let made = make()?;
+                first = made;
                 let fd = tree::open_dir(dir, name).map_err(refuse)?;
                 return keep(fd, made);
             }
@@ -316,6 +301,7 @@ impl SourceDir {
                 Ok(fd) => keep(fd, false),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
                     let made = make()?;
+                    first = made;
                     let fd = tree::open_dir(dir, name).map_err(refuse)?;
                     keep(fd, made)
                 }
@@ -329,7 +315,7 @@ impl SourceDir {
                 return Ok(PycacheDir {
                     fd: None,
                     made: false,
-                    first: false,
+                    first,
                 })
             }
             Err(e) => return Err(e.clone()),
@@ -350,7 +336,7 @@ impl SourceDir {
         Ok(PycacheDir {
             fd: Some(fd),
             made: pycache.made,
-            first: claim && pycache.made && !pycache.claimed.swap(true, Ordering::Relaxed),
+            first,
         })
     }
 }
@@ -613,12 +599,14 @@ fn one_dir(
         }
     };
     let (mtime_ns, ctime_ns) = times_ns(&stat);
-    let record = known
-        .and_then(|(index, _)| index.listing(&path))
-        .filter(|r| {
-            (r.dev, r.ino, r.mtime_ns, r.ctime_ns) == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
-                && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
-        });
+    let record = known.and_then(|(index, _)| index.listing(&path));
+    let seen_before = record
+        .as_ref()
+        .is_some_and(|r| (r.dev, r.ino) == (stat.st_dev, stat.st_ino));
+    let record = record.filter(|r| {
+        (r.dev, r.ino, r.mtime_ns, r.ctime_ns) == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
+            && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
+    });
     // The directory as listed: through `fd` (held), or opened by path for
     // the listing alone when the budget had no room (then its children are
     // opened by path too, when visited).
@@ -746,6 +734,7 @@ fn one_dir(
         uid: stat.st_uid,
         gid: stat.st_gid,
         listed_pycache: listed.pycache,
+        seen_before,
         pycache: OnceLock::new(),
     });
     walk.found
@@ -925,10 +914,6 @@ mod tests {
         std::fs::write(dir.path().join("a.py"), "").unwrap();
         let Walk { found, .. } = walk(dir.path(), &Excludes::new(&[]).unwrap(), None);
         let source_dir = &found[0].dir;
-        // Made ahead of its first pyc (as `link` does): the first pyc is
-        // still the one told it made it, and only that one.
-        source_dir.make_pycache();
-        assert!(dir.path().join("__pycache__").is_dir());
         let made = source_dir.pycache(true).unwrap();
         assert!(made.first && made.made);
         let again = source_dir.pycache(true).unwrap();

@@ -55,13 +55,15 @@ impl Run<'_> {
         sources: &[(Found, Vec<usize>)],
         optimize: &[u8],
     ) -> Vec<Target> {
-        // The stat cache is asked only for sources in a directory the walk
-        // found with a `__pycache__`. Elsewhere (a fresh copy, a new
-        // install) a source is new to the store, or a new file where one of
-        // the same path was (its inode differs from the record's): it is
-        // read and hashed either way.
+        // The stat cache is asked only for sources in a directory an
+        // earlier walk listed, or that has a `__pycache__`. A directory new
+        // since (a fresh copy, a new install) holds new files, of which it
+        // has no record: they are read and hashed either way.
         let asked: Vec<usize> = (0..sources.len())
-            .filter(|&i| sources[i].0.dir.listed_pycache)
+            .filter(|&i| {
+                let dir = &sources[i].0.dir;
+                dir.listed_pycache || dir.seen_before
+            })
             .collect();
         let mut stats = vec![None; sources.len()];
         let records = index.stats(asked.iter().map(|&i| sources[i].0.path.as_path()));

@@ -297,7 +297,7 @@ pub fn link(
                     if options.dry_run {
                         look_up();
                     } else {
-                        rayon::join(|| make_pycaches(&found), look_up);
+                        rayon::join(|| run.make_pycaches(&found), look_up);
                     }
                     drop(tx);
                 }
@@ -501,23 +501,6 @@ fn lookup_batches(found: &[(Found, Vec<usize>)]) -> Vec<&[(Found, Vec<usize>)]> 
     batches
 }
 
-/// Makes the `__pycache__` of every directory the walk found without one,
-/// in walk order, while the lookups go on (which wait for a directory's
-/// if they reach it first): all made early in the run, rather than each
-/// when its first pyc is placed. A directory changed (by its new
-/// `__pycache__`) in the last 20 ms of a run cannot be listed again for
-/// the next run without waiting for its listing to be trusted (see
-/// `link`): made this way, none is. A directory's failure to make or open
-/// one is kept, and reported under each of its sources when placed.
-fn make_pycaches(found: &[(Found, Vec<usize>)]) {
-    for sources in found.chunk_by(same_dir) {
-        let dir = &sources[0].0.dir;
-        if !dir.listed_pycache {
-            dir.make_pycache();
-        }
-    }
-}
-
 /// Whether two sources the walk found are in one directory (the walk finds
 /// a directory's sources one after the other).
 fn same_dir(a: &(Found, Vec<usize>), b: &(Found, Vec<usize>)) -> bool {
@@ -564,6 +547,29 @@ enum Settled {
 }
 
 impl Run<'_> {
+    /// Makes the `__pycache__` of every directory the walk found without
+    /// one, in walk order, while the lookups go on (which wait for a
+    /// directory's if they reach it first): all made early in the run,
+    /// rather than each when its first pyc is placed. A directory changed
+    /// (by its new `__pycache__`) in the last 20 ms of a run cannot be
+    /// listed again for the next run without waiting for its listing to be
+    /// trusted (see `link`): made this way, none is. Each one made is
+    /// recorded as the run's, so that `unlink` removes it even if no pyc
+    /// gets placed in it (all of its sources fail, or the run stops). A
+    /// directory's failure to make or open one is kept, and reported under
+    /// each of its sources when placed.
+    fn make_pycaches(&self, found: &[(Found, Vec<usize>)]) {
+        for sources in found.chunk_by(same_dir) {
+            let dir = &sources[0].0.dir;
+            if dir.listed_pycache {
+                continue;
+            }
+            if dir.pycache(true).is_ok_and(|pycache| pycache.first) {
+                self.ledger.created_dir(&dir.path.join("__pycache__"));
+            }
+        }
+    }
+
     /// Acts on one target ([`Run::act`]): its compile job, if it is one,
     /// failures reported.
     fn act_on(&self, target: Target) -> Option<CompileJob> {

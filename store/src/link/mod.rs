@@ -381,7 +381,7 @@ pub fn link(
         // Meanwhile the record session opens (10 ms), when there is
         // something to record already. Those changed too recently for a
         // listing to be trusted yet (made in the run's last 20 ms: with
-        // `make_pycaches`, only in a run that short, or with remotes) are
+        // `Run::make_pycaches`, few, most often none) are
         // listed once the session is open, after waiting for the rest of
         // their 20 ms if that is at most a tenth of the run so far:
         // otherwise the next walk lists them again (and a re-link right

@@ -553,7 +553,7 @@ impl Run<'_> {
     /// rather than each when its first pyc is placed. A directory changed
     /// (by its new `__pycache__`) in the last 20 ms of a run cannot be
     /// listed again for the next run without waiting for its listing to be
-    /// trusted (see `link`): made this way, none is. Each one made is
+    /// trusted (see `link`): made this way, few are. Each one made is
     /// recorded as the run's, so that `unlink` removes it even if no pyc
     /// gets placed in it (all of its sources fail, or the run stops). A
     /// directory's failure to make or open one is kept, and reported under

@@ -1475,20 +1475,23 @@ fn a_mount_retries_a_remote_that_failed(b: Backend) {
     assert_eq!(n(remote0(&v), "uploads"), count as u64 + 1, "{v}");
     let _up = Proxy::start_at(port, b.port());
     std::thread::sleep(Duration::from_secs(cooldown + 1));
-    // The first access after the cooldown starts the retry (and compiles);
-    // those after it fetch.
+    // The first access after the cooldown starts the retry, in the
+    // background: that module's pyc is compiled, or fetched when the retry
+    // is done before Python reads the pyc (a race this test does not pin:
+    // on a loaded machine it goes either way). Those after it fetch.
     import_some(&mnt, half..half + 1);
     std::thread::sleep(Duration::from_secs(2));
     import_some(&mnt, half + 1..count);
 
     let report = m.unmount();
-    assert_eq!(
-        reported(&report, "compiled on first access"),
-        half as u64 + 2,
+    // The package and the first half while down, perhaps one more.
+    let compiled = reported(&report, "compiled on first access");
+    assert!(
+        (half as u64 + 1..=half as u64 + 2).contains(&compiled),
         "{report}"
     );
     let fetched = reported(&report, "fetched from remotes");
-    assert_eq!(fetched, (count - half - 1) as u64, "{report}");
+    assert_eq!(compiled + fetched, count as u64 + 1, "{report}");
     let w = mount_warnings(&report);
     assert_eq!(w.len(), 1, "{report}");
     assert!(

@@ -183,7 +183,7 @@ pub struct Objects {
     shards: [AtomicBool; 256],
     /// The bucket's directory, opened once (`O_PATH`) when first needed:
     /// objects are `stat`ed and linked through it by their two-component
-    /// name ([`Objects::at`]), not by a path the kernel walks from `/` for
+    /// name ([`Objects::stat_object`], [`Objects::link_object`]), not by a path the kernel walks from `/` for
     /// each (twice per pyc placed: 14,000 walks of eight components in a
     /// warm link of the reference corpus). While it cannot be opened, by
     /// path.
@@ -355,9 +355,8 @@ impl Objects {
 
     /// Where the object `id` lives (whether or not it exists).
     pub fn path(&self, id: &ObjectId) -> PathBuf {
-        let hex = blake3::Hash::from(id.0).to_hex();
-        let hex = hex.as_bytes();
-        crate::util::joined(&self.dir, &[&hex[..2], &hex[2..]])
+        let name = Self::name(id);
+        crate::util::joined(&self.dir, &[&name.0[..65]])
     }
 
     /// Stores `bytes` readable by everyone (`PUBLIC_MODE`, 0444) and returns

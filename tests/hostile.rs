@@ -11,6 +11,16 @@ use crate::util::*;
 
 #[test]
 fn empty_and_huge_sources() {
+    empty_and_huge_sources_read("1");
+}
+
+/// The same, with sources read one by one (where io_uring cannot be used).
+#[test]
+fn empty_and_huge_sources_read_one_by_one() {
+    empty_and_huge_sources_read("0");
+}
+
+fn empty_and_huge_sources_read(io_uring: &str) {
     let t = TestDir::new();
     let python = python("3.11");
     t.write("app/empty.py", "");
@@ -22,6 +32,7 @@ fn empty_and_huge_sources() {
     let app = t.join("app");
     let (out, json) = link_json(
         t.pycstore()
+            .env("PYCSTORE_IO_URING", io_uring)
             .args(["link", "--python"])
             .arg(&python)
             .arg(&app),
@@ -67,6 +78,16 @@ fn symlink_loops_and_dangling_links_are_skipped() {
 /// hash); once the writes stop, one more link makes everything current.
 #[test]
 fn sources_changing_during_the_walk() {
+    sources_changing_during_the_walk_read("1");
+}
+
+/// The same, with sources read one by one (where io_uring cannot be used).
+#[test]
+fn sources_changing_during_the_walk_read_one_by_one() {
+    sources_changing_during_the_walk_read("0");
+}
+
+fn sources_changing_during_the_walk_read(io_uring: &str) {
     let t = TestDir::new();
     let python = python("3.11");
     for i in 0..200 {
@@ -96,6 +117,7 @@ fn sources_changing_during_the_walk() {
     for _ in 0..5 {
         let out = run(t
             .pycstore()
+            .env("PYCSTORE_IO_URING", io_uring)
             .args(["link", "-q", "--python"])
             .arg(&python)
             .arg(&app));
@@ -142,6 +164,16 @@ fn chown_tree(root: &Path) {
 
 #[test]
 fn unreadable_files_and_directories_are_reported() {
+    unreadable_files_and_directories_are_reported_read("1");
+}
+
+/// The same, with sources read one by one (where io_uring cannot be used).
+#[test]
+fn unreadable_files_and_directories_are_reported_read_one_by_one() {
+    unreadable_files_and_directories_are_reported_read("0");
+}
+
+fn unreadable_files_and_directories_are_reported_read(io_uring: &str) {
     let t = TestDir::new();
     std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let python = system_python();
@@ -156,6 +188,7 @@ fn unreadable_files_and_directories_are_reported() {
     std::fs::create_dir(&store).unwrap();
     chown_tree(&store);
     let out = run(as_nobody(&store)
+        .env("PYCSTORE_IO_URING", io_uring)
         .args(["link", "--json", "--python"])
         .arg(&python)
         .arg(&app));

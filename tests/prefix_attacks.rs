@@ -301,6 +301,16 @@ fn shared_inodes_only_in_the_store_owners_trees_and_a_chown_never_spreads() {
 
 #[test]
 fn fifos_devices_and_huge_sources_are_reported_and_skipped() {
+    fifos_devices_and_huge_sources_read("1");
+}
+
+/// The same, with sources read one by one (where io_uring cannot be used).
+#[test]
+fn fifos_devices_and_huge_sources_are_reported_and_skipped_read_one_by_one() {
+    fifos_devices_and_huge_sources_read("0");
+}
+
+fn fifos_devices_and_huge_sources_read(io_uring: &str) {
     let python = python("3.11");
     let t = TestDir::new();
     t.write("app/ok.py", "OK = 1\n");
@@ -321,6 +331,7 @@ fn fifos_devices_and_huge_sources_are_reported_and_skipped() {
         .arg("120")
         .args(["prlimit", "--as=2147483648", "--"])
         .arg(env!("CARGO_BIN_EXE_pycstore"))
+        .env("PYCSTORE_IO_URING", io_uring)
         .arg("--store")
         .arg(t.store())
         .args(["link", "--json", "--max-source-size", "2K", "--python"])

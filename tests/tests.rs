@@ -21,6 +21,7 @@ mod link_modes;
 mod marshal;
 mod pack;
 mod prefix_attacks;
+mod reads;
 mod remote;
 mod stdlib;
 mod trust;

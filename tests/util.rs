@@ -86,6 +86,7 @@ pub fn pycstore(store: &Path) -> Command {
         "PYCSTORE_JOBS",
         "PYCSTORE_INVALIDATION_MODE",
         "PYCSTORE_EXCLUDE",
+        "PYCSTORE_IO_URING",
     ] {
         cmd.env_remove(var);
     }

@@ -70,18 +70,38 @@ impl Run<'_> {
         for (i, record) in asked.into_iter().zip(records) {
             stats[i] = record;
         }
-        let mut targets = Vec::new();
-        for ((found, chosen), cached) in sources.iter().zip(&mut stats) {
-            let pycs = (chosen.len() * optimize.len()) as u64;
+        // New files are read in batches (through io_uring, where it is in
+        // use), the rest one by one.
+        let new: Vec<usize> = (0..sources.len())
+            .filter(|&i| Source::is_new(&sources[i].0))
+            .collect();
+        let mut read: Vec<Option<Hashed>> = (0..sources.len()).map(|_| None).collect();
+        if !new.is_empty() {
+            let found: Vec<&Found> = new.iter().map(|&i| &sources[i].0).collect();
             let mut learned = Writes::default();
-            let hashed = Source::hash_with(
-                found,
-                |_| Ok(cached.take()),
-                self.now_ns,
-                Some(&mut learned),
-                self.options.max_source_size,
-            );
+            let limit = self.options.max_source_size;
+            if let Some(hashed) = Source::hash_new(&found, self.now_ns, &mut learned, limit) {
+                for (i, hashed) in new.into_iter().zip(hashed) {
+                    read[i] = Some(hashed);
+                }
+            }
             self.ledger.learned(&mut learned);
+        }
+        let mut targets = Vec::new();
+        for (((found, chosen), cached), read) in sources.iter().zip(&mut stats).zip(read) {
+            let pycs = (chosen.len() * optimize.len()) as u64;
+            let hashed = read.unwrap_or_else(|| {
+                let mut learned = Writes::default();
+                let hashed = Source::hash_with(
+                    found,
+                    |_| Ok(cached.take()),
+                    self.now_ns,
+                    Some(&mut learned),
+                    self.options.max_source_size,
+                );
+                self.ledger.learned(&mut learned);
+                hashed
+            });
             let source = match hashed {
                 Hashed::Source(source) => Arc::<Source>::from(source),
                 Hashed::Skipped => {

@@ -69,7 +69,7 @@ pub(crate) mod source;
 pub mod stats;
 pub mod tree;
 pub(crate) mod trust;
-pub mod uring;
+pub(crate) mod uring;
 pub mod util;
 pub mod verify;
 pub(crate) mod walk;

@@ -482,7 +482,7 @@ pub fn pyc_path(source: &Path, interpreter: &Interpreter, optimize: u8) -> Optio
     ))
 }
 
-/// What [`Plan::walk`] found: each source with the indexes of its
+/// What [`Plan::resolve_and_walk`] found: each source with the indexes of its
 /// interpreters, and the paths that could not be read, with why.
 pub type Walked = (Vec<(Found, Vec<usize>)>, Vec<FileError>);
 

@@ -76,9 +76,10 @@ fn allowed() -> bool {
     })
 }
 
-/// Whether this process reads through io_uring: allowed, and a ring could
+/// Whether this thread reads through io_uring: allowed, and a ring could
 /// be set up with the operations needed.
-pub fn in_use() -> bool {
+#[cfg(test)]
+fn in_use() -> bool {
     with_ring(|_| Some(())).is_some()
 }
 

@@ -386,7 +386,7 @@ impl super::Shared {
 
     /// Writes the bundle `id` of `items` to every remote that does not
     /// hold it whole (each of the items' entries in it, valid as
-    /// [`Shared::holds`] says); whether any write was made.
+    /// [`Self::holds`] says); whether any write was made.
     async fn push_bundle(&self, id: &[u8; 32], items: &[Arc<Pushed>]) -> bool {
         if items.is_empty() {
             return false;

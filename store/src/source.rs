@@ -4,7 +4,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -17,6 +17,7 @@ use crate::index::{Index, StatRecord, Writes};
 use crate::interpreter::{self, Interpreter};
 use crate::key::SourceDigest;
 use crate::pyc::{self, Flavor, HeaderInput};
+use crate::tree::DirFd;
 use crate::uring::{self, Opened};
 use crate::walk::{self, Excludes, Found, SourceDir};
 use crate::Result;
@@ -238,58 +239,91 @@ impl Source {
 
     /// [`Source::hash`] of new files ([`Source::is_new`]), read in batches
     /// through io_uring ([`crate::uring`]): what one-by-one reads would
-    /// give, in three syscalls a batch rather than four a file. `None`
-    /// when io_uring is not in use: then [`Source::hash`] each.
+    /// give, in one syscall a file and two a batch rather than four a file.
+    /// `None` when io_uring is not in use: then [`Source::hash`] each.
     pub(crate) fn hash_new(
         found: &[&Found],
         now_ns: i64,
         writes: &mut Writes,
         limit: u64,
     ) -> Option<Vec<Hashed>> {
+        if !uring::in_use() {
+            return None;
+        }
         let mut hashed = Vec::with_capacity(found.len());
-        for batch in found.chunks(uring::BATCH) {
-            let dirs: Vec<_> = batch.iter().map(|found| found.dir.fd()).collect();
+        for batch in found.chunks(uring::batch_size()) {
+            // Each directory opened once (a batch holds a directory's
+            // sources, or several small directories').
+            let mut dirs: Vec<(&Arc<SourceDir>, io::Result<DirFd<'_>>)> = Vec::new();
+            let mut dir_of = Vec::with_capacity(batch.len());
+            for found in batch {
+                if !dirs
+                    .last()
+                    .is_some_and(|(dir, _)| Arc::ptr_eq(dir, &found.dir))
+                {
+                    dirs.push((&found.dir, found.dir.fd()));
+                }
+                dir_of.push(dirs.len() - 1);
+            }
             // Those whose directory is there to open them from.
             let (items, read): (Vec<_>, Vec<_>) = batch
                 .iter()
-                .zip(&dirs)
-                .filter_map(|(found, dir)| {
-                    let dir = dir.as_ref().ok()?.as_fd();
+                .zip(&dir_of)
+                .filter_map(|(found, &d)| {
+                    let dir = dirs[d].1.as_ref().ok()?.as_fd();
                     Some(((dir, found.name.as_os_str()), *found))
                 })
                 .unzip();
             let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW;
             // Read only what is regular and not too large.
-            let out = uring::open_stat_read(&items, flags, |i, stat| {
-                let meta = SourceStat::of(stat);
-                check_kind_and_size(&meta, limit, &read[i].path)
-                    .ok()
-                    .map(|()| meta.size)
-            });
-            if out.is_none() && hashed.is_empty() && !items.is_empty() {
-                return None;
-            }
-            // The rest of the batches one by one when the ring broke.
-            let mut opened = out.unwrap_or_default().into_iter();
+            let out = if items.is_empty() {
+                Some(Vec::new())
+            } else {
+                uring::open_stat_read(&items, flags, |i, stat| {
+                    let meta = SourceStat::of(stat);
+                    check_kind_and_size(&meta, limit, &read[i].path)
+                        .ok()
+                        .map(|()| meta.size)
+                })
+            };
             drop(items);
-            for (found, dir) in batch.iter().zip(dirs) {
+            let Some(out) = out else {
+                // The ring broke, with opens relative to these directories
+                // perhaps still in flight: their descriptors are never
+                // closed (their numbers not reused). This batch and the
+                // rest are read one by one.
+                for (_, dir) in dirs {
+                    if let Ok(DirFd::Own(fd)) = dir {
+                        let _ = fd.into_raw_fd();
+                    }
+                }
+                hashed.extend(
+                    batch
+                        .iter()
+                        .map(|found| Self::hash_one_new(found, now_ns, writes, limit)),
+                );
+                for found in &found[hashed.len()..] {
+                    hashed.push(Self::hash_one_new(found, now_ns, writes, limit));
+                }
+                return Some(hashed);
+            };
+            let mut opened = out.into_iter();
+            for (found, &d) in batch.iter().zip(&dir_of) {
                 let path = &found.path;
-                let dir = match dir {
-                    Ok(dir) => dir,
+                let dir = match &dirs[d].1 {
+                    Ok(dir) => dir.as_fd(),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         hashed.push(Hashed::Skipped);
                         continue;
                     }
                     Err(e) => {
-                        hashed.push(Hashed::Failed(FileError::new(path, Op::Read, e)));
+                        let e = FileError::new(path, Op::Read, same_error(e));
+                        hashed.push(Hashed::Failed(e));
                         continue;
                     }
                 };
                 let one = match opened.next() {
-                    None | Some(Opened::Again) => {
-                        let by_one = |_: &Path| Ok(None);
-                        Self::hash_with(found, by_one, now_ns, Some(&mut *writes), limit)
-                    }
+                    None | Some(Opened::Again) => Self::hash_one_new(found, now_ns, writes, limit),
                     Some(Opened::OpenFailed(Errno::NOENT | Errno::LOOP)) => Hashed::Skipped,
                     Some(Opened::OpenFailed(e)) => {
                         Hashed::Failed(FileError::new(path, Op::Read, e))
@@ -303,9 +337,14 @@ impl Source {
                             None => check_kind_and_size(&meta, limit, path).map(|()| None),
                             Some(uring::Read::Whole(data)) => Ok(Some(data)),
                             Some(uring::Read::Grew) => Ok(None),
-                            // Shrunk, or read in part: again, by itself.
-                            Some(uring::Read::Short) => {
-                                read_source(dir.as_fd(), &found.name, &meta, limit, path)
+                            Some(uring::Read::Failed(Errno::AGAIN)) => {
+                                uring::give_up();
+                                read_source(dir, &found.name, &meta, limit, path, OFlags::NOFOLLOW)
+                            }
+                            // Shrunk, or cut short: read again by itself,
+                            // the same file or none.
+                            Some(uring::Read::Short | uring::Read::Failed(Errno::INTR)) => {
+                                read_source(dir, &found.name, &meta, limit, path, OFlags::NOFOLLOW)
                             }
                             Some(uring::Read::Failed(e)) => Err(FileError::new(path, Op::Read, e)),
                         };
@@ -318,6 +357,12 @@ impl Source {
         Some(hashed)
     }
 
+    /// One new file, read by itself (the path [`Source::hash_new`] falls
+    /// back to).
+    fn hash_one_new(found: &Found, now_ns: i64, writes: &mut Writes, limit: u64) -> Hashed {
+        Self::hash_with(found, |_| Ok(None), now_ns, Some(writes), limit)
+    }
+
     /// The source bytes, read at most once and checked against the digest
     /// the keys were made from.
     pub(crate) fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, FileError> {
@@ -328,9 +373,16 @@ impl Source {
                     .dir
                     .fd()
                     .map_err(|e| FileError::new(path, Op::Read, e))?;
-                let bytes = read_source(dir.as_fd(), &self.name, &self.meta, self.limit, path)?
-                    .filter(|bytes| SourceDigest::of(bytes) == self.digest)
-                    .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
+                let bytes = read_source(
+                    dir.as_fd(),
+                    &self.name,
+                    &self.meta,
+                    self.limit,
+                    path,
+                    OFlags::empty(),
+                )?
+                .filter(|bytes| SourceDigest::of(bytes) == self.digest)
+                .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
                 Ok(Arc::new(bytes))
             })
             .clone()
@@ -409,23 +461,40 @@ fn read_found(
     limit: u64,
 ) -> std::result::Result<Option<Vec<u8>>, FileError> {
     match found.dir.fd() {
-        Ok(dir) => read_source(dir.as_fd(), &found.name, meta, limit, &found.path),
+        Ok(dir) => read_source(
+            dir.as_fd(),
+            &found.name,
+            meta,
+            limit,
+            &found.path,
+            OFlags::empty(),
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(FileError::new(&found.path, Op::Read, e)),
     }
 }
 
+/// An error like `e` (the same errno, or kind and message).
+fn same_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 /// Reads a source through its directory's descriptor: only a regular file,
 /// the same file that was stat'ed, at most `limit` bytes counted as read.
-/// `None` when it vanished or changed meanwhile.
+/// `None` when it vanished or changed meanwhile. `extra` flags the open
+/// (`O_NOFOLLOW` for a file listed as regular).
 fn read_source(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     meta: &SourceStat,
     limit: u64,
     path: &Path,
+    extra: OFlags,
 ) -> std::result::Result<Option<Vec<u8>>, FileError> {
-    let Some((fd, st)) = open_source(dir, name, OFlags::empty(), path)? else {
+    let Some((fd, st)) = open_source(dir, name, extra, path)? else {
         return Ok(None);
     };
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {

@@ -338,6 +338,14 @@ fn held_max() -> usize {
     })
 }
 
+/// How many descriptors are left outside the [`Held`] budget: at least
+/// [`UNHELD_RESERVE`], a quarter of the limit when that is more.
+pub(crate) fn unheld() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let limit = usize::try_from(limit.current.unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
+    limit.saturating_sub(held_max())
+}
+
 /// A directory descriptor kept open across a link's phases (a walked
 /// directory with sources, its `__pycache__`), counted against a budget
 /// taken from the limit on open files. A tree with more such directories

@@ -28,6 +28,16 @@ use rustix::io::Errno;
 /// The most files in one batch: their reads and closes fill the queue.
 pub(crate) const BATCH: usize = 64;
 
+/// The files of one batch on this thread: [`BATCH`], or fewer when the
+/// limit on open files is low. A batch holds its files open at once, and
+/// the directories it opens them from when those are not held: an eighth
+/// of the descriptors outside the walk's budget is shared among the pool's
+/// threads (16 each with 2 threads under a limit of 1,024).
+pub(crate) fn batch_size() -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (crate::tree::unheld() / (8 * threads)).clamp(1, BATCH)
+}
+
 /// The queue's entries: a read and a close for each file of a batch.
 const ENTRIES: u32 = 2 * BATCH as u32;
 
@@ -54,6 +64,7 @@ pub(crate) enum Opened {
 }
 
 /// A read of a file's whole size, asked for one byte more.
+#[derive(Debug)]
 pub(crate) enum Read {
     /// Exactly its size: the file as stat'ed.
     Whole(Vec<u8>),
@@ -65,21 +76,33 @@ pub(crate) enum Read {
     Failed(Errno),
 }
 
-/// Whether io_uring may be tried at all (`PYCSTORE_IO_URING=0` says no).
+/// Set once reads through the ring have been seen to fail where reads one
+/// by one would not: none is tried again in this process.
+static GIVEN_UP: AtomicBool = AtomicBool::new(false);
+
+/// Whether io_uring may be tried (`PYCSTORE_IO_URING=0` says no).
 fn allowed() -> bool {
     static ALLOWED: OnceLock<bool> = OnceLock::new();
-    *ALLOWED.get_or_init(|| {
+    let allowed = *ALLOWED.get_or_init(|| {
         !matches!(
             std::env::var("PYCSTORE_IO_URING").as_deref(),
             Ok("0" | "off" | "no" | "false")
         )
-    })
+    });
+    allowed && !GIVEN_UP.load(Ordering::Relaxed)
+}
+
+/// No more batches in this process: a read through the ring failed with
+/// `EAGAIN`. Kernels before 6.4 fail, rather than wait for, the read of an
+/// `O_NONBLOCK` file on a filesystem they cannot read without blocking
+/// (tmpfs, overlayfs, NFS, FUSE), where `read(2)` ignores the flag.
+pub(crate) fn give_up() {
+    GIVEN_UP.store(true, Ordering::Relaxed);
 }
 
 /// Whether this thread reads through io_uring: allowed, and a ring could
 /// be set up with the operations needed.
-#[cfg(test)]
-fn in_use() -> bool {
+pub(crate) fn in_use() -> bool {
     with_ring(|_| Some(())).is_some()
 }
 
@@ -273,13 +296,23 @@ pub(crate) fn open_stat_read(
             entries.push(opcode::Close::new(fd).build().user_data(2 * i as u64 + 1));
         }
         let done = round(ring, &entries, &mut results);
-        // Closed by the kernel, or in flight: never closed again here.
-        for fd in fds.into_iter().flatten() {
-            let _ = fd.into_raw_fd();
-        }
         if done.is_none() {
+            // Closed by the kernel, or in flight: never closed here.
+            for fd in fds.into_iter().flatten() {
+                let _ = fd.into_raw_fd();
+            }
             buffers.leak();
             return None;
+        }
+        for (i, fd) in fds.into_iter().enumerate() {
+            // A close cancelled (its read could not be issued) leaves the
+            // descriptor open: it is closed on drop. Any other result
+            // means the kernel closed it.
+            if let Some(fd) = fd {
+                if results[2 * i + 1] != -libc::ECANCELED {
+                    let _ = fd.into_raw_fd();
+                }
+            }
         }
         for (i, buffer) in buffers.into_iter().enumerate() {
             let Some((mut buffer, want)) = buffer else {

@@ -17,6 +17,17 @@ const SOURCES: usize = DIRS * PER_DIR;
 /// The calls `cmd` made, by name, every thread together (`strace -f -c`),
 /// and its output.
 fn counted(t: &TestDir, name: &str, cmd: &Command) -> (HashMap<String, u64>, serde_json::Value) {
+    counted_as(t, name, cmd, |_| {})
+}
+
+/// [`counted`], with `prepare` applied to the `strace` command (which runs
+/// `cmd` as its child).
+fn counted_as(
+    t: &TestDir,
+    name: &str,
+    cmd: &Command,
+    prepare: impl FnOnce(&mut Command),
+) -> (HashMap<String, u64>, serde_json::Value) {
     let counts = t.join(format!("{name}.strace"));
     let mut strace = Command::new("strace");
     strace
@@ -30,6 +41,7 @@ fn counted(t: &TestDir, name: &str, cmd: &Command) -> (HashMap<String, u64>, ser
             None => strace.env_remove(key),
         };
     }
+    prepare(&mut strace);
     let out = run(&mut strace);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{name}: no JSON ({e}): {out:?}"));
@@ -173,4 +185,107 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
             .map(|dir| dir.join(program))
             .find(|candidate| candidate.is_file())
     })
+}
+
+/// Makes `io_uring_setup` fail with `EPERM` in the process `cmd` starts
+/// and its children, as the default seccomp profile of Docker and Podman
+/// does.
+fn refuse_io_uring(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only calls `prctl`, on memory of its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Classic BPF: load the call's number; io_uring_setup (425,
+            // the same number on every architecture) gets EPERM, anything
+            // else is allowed.
+            let filter = [
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                }, // ld [nr]
+                libc::sock_filter {
+                    code: 0x15, // jeq
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_io_uring_setup as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06, // ret
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ALLOW,
+                },
+            ];
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Where a seccomp profile refuses io_uring (a container's), new sources
+/// are read one by one: the same link, and Python compiles nothing.
+#[test]
+fn where_a_seccomp_profile_refuses_io_uring_sources_are_read_one_by_one() {
+    if which("strace").is_none() {
+        skip("strace is not installed (scripts/setup installs it)");
+        return;
+    }
+    let python = python("3.11");
+    let t = TestDir::new();
+    for d in 0..3 {
+        for m in 0..PER_DIR {
+            t.write(
+                format!("tree/pkg{d}/m{m}.py"),
+                format!("VALUE = {}\n", d * 100 + m),
+            );
+        }
+    }
+    let (tree, fresh) = (t.join("tree"), t.join("fresh"));
+    copy(&tree, &fresh);
+    run_ok(&mut link(&t, &python, &tree, "1"));
+    let cmd = link(&t, &python, &fresh, "1");
+    let (calls, json) = counted_as(&t, "seccomp", &cmd, refuse_io_uring);
+    let sources = 3 * PER_DIR;
+    assert_eq!(json["hits"], sources, "{json}");
+    assert_eq!(json["failed"], 0, "{json}");
+    let count = |name: &str| calls.get(name).copied().unwrap_or(0);
+    // Asked, refused (twice at most by each thread: with the flags of
+    // kernels from 6.1, then without), and not asked again for each batch.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let setups = count("io_uring_setup");
+    assert!(setups >= 1 && setups <= 2 * threads, "{calls:?}");
+    assert_eq!(count("io_uring_enter"), 0, "{calls:?}");
+    assert!(count("openat") >= sources as u64, "{calls:?}");
+    assert_eq!(pycs_under(&fresh).len(), sources);
+    let modules: Vec<String> = (0..3)
+        .flat_map(|d| (0..PER_DIR).map(move |m| format!("pkg{d}.m{m}")))
+        .collect();
+    let script =
+        format!("import importlib\nfor name in {modules:?}:\n    importlib.import_module(name)\n");
+    let log = python_v(
+        &python,
+        &["-c", &script],
+        &[("PYTHONPATH", fresh.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &fresh, sources);
 }

@@ -297,31 +297,22 @@ impl Source {
                         let _ = fd.into_raw_fd();
                     }
                 }
+                let rest = &found[hashed.len()..];
                 hashed.extend(
-                    batch
-                        .iter()
+                    rest.iter()
                         .map(|found| Self::hash_one_new(found, now_ns, writes, limit)),
                 );
-                for found in &found[hashed.len()..] {
-                    hashed.push(Self::hash_one_new(found, now_ns, writes, limit));
-                }
                 return Some(hashed);
             };
             let mut opened = out.into_iter();
             for (found, &d) in batch.iter().zip(&dir_of) {
                 let path = &found.path;
-                let dir = match &dirs[d].1 {
-                    Ok(dir) => dir.as_fd(),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        hashed.push(Hashed::Skipped);
-                        continue;
-                    }
-                    Err(e) => {
-                        let e = FileError::new(path, Op::Read, same_error(e));
-                        hashed.push(Hashed::Failed(e));
-                        continue;
-                    }
-                };
+                // A directory that could not be opened: tried again, and
+                // reported, by the one-by-one path.
+                if dirs[d].1.is_err() {
+                    hashed.push(Self::hash_one_new(found, now_ns, writes, limit));
+                    continue;
+                }
                 let one = match opened.next() {
                     None | Some(Opened::Again) => Self::hash_one_new(found, now_ns, writes, limit),
                     Some(Opened::OpenFailed(Errno::NOENT | Errno::LOOP)) => Hashed::Skipped,
@@ -337,16 +328,13 @@ impl Source {
                             None => check_kind_and_size(&meta, limit, path).map(|()| None),
                             Some(uring::Read::Whole(data)) => Ok(Some(data)),
                             Some(uring::Read::Grew) => Ok(None),
-                            Some(uring::Read::Failed(Errno::AGAIN)) => {
-                                uring::give_up();
-                                read_source(dir, &found.name, &meta, limit, path, OFlags::NOFOLLOW)
-                            }
-                            // Shrunk, or cut short: read again by itself,
-                            // the same file or none.
-                            Some(uring::Read::Short | uring::Read::Failed(Errno::INTR)) => {
-                                read_source(dir, &found.name, &meta, limit, path, OFlags::NOFOLLOW)
-                            }
                             Some(uring::Read::Failed(e)) => Err(FileError::new(path, Op::Read, e)),
+                            // Shrunk, cut short or not done: by itself,
+                            // opened and stat'ed again.
+                            Some(uring::Read::Again) => {
+                                hashed.push(Self::hash_one_new(found, now_ns, writes, limit));
+                                continue;
+                            }
                         };
                         Self::from_read(found, meta, read, now_ns, Some(&mut *writes), limit)
                     }
@@ -373,16 +361,9 @@ impl Source {
                     .dir
                     .fd()
                     .map_err(|e| FileError::new(path, Op::Read, e))?;
-                let bytes = read_source(
-                    dir.as_fd(),
-                    &self.name,
-                    &self.meta,
-                    self.limit,
-                    path,
-                    OFlags::empty(),
-                )?
-                .filter(|bytes| SourceDigest::of(bytes) == self.digest)
-                .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
+                let bytes = read_source(dir.as_fd(), &self.name, &self.meta, self.limit, path)?
+                    .filter(|bytes| SourceDigest::of(bytes) == self.digest)
+                    .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
                 Ok(Arc::new(bytes))
             })
             .clone()
@@ -461,40 +442,23 @@ fn read_found(
     limit: u64,
 ) -> std::result::Result<Option<Vec<u8>>, FileError> {
     match found.dir.fd() {
-        Ok(dir) => read_source(
-            dir.as_fd(),
-            &found.name,
-            meta,
-            limit,
-            &found.path,
-            OFlags::empty(),
-        ),
+        Ok(dir) => read_source(dir.as_fd(), &found.name, meta, limit, &found.path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(FileError::new(&found.path, Op::Read, e)),
     }
 }
 
-/// An error like `e` (the same errno, or kind and message).
-fn same_error(e: &io::Error) -> io::Error {
-    match e.raw_os_error() {
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::new(e.kind(), e.to_string()),
-    }
-}
-
 /// Reads a source through its directory's descriptor: only a regular file,
 /// the same file that was stat'ed, at most `limit` bytes counted as read.
-/// `None` when it vanished or changed meanwhile. `extra` flags the open
-/// (`O_NOFOLLOW` for a file listed as regular).
+/// `None` when it vanished or changed meanwhile.
 fn read_source(
     dir: BorrowedFd<'_>,
     name: &OsStr,
     meta: &SourceStat,
     limit: u64,
     path: &Path,
-    extra: OFlags,
 ) -> std::result::Result<Option<Vec<u8>>, FileError> {
-    let Some((fd, st)) = open_source(dir, name, extra, path)? else {
+    let Some((fd, st)) = open_source(dir, name, OFlags::empty(), path)? else {
         return Ok(None);
     };
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {

@@ -64,14 +64,14 @@ pub(crate) enum Opened {
 }
 
 /// A read of a file's whole size, asked for one byte more.
-#[derive(Debug)]
 pub(crate) enum Read {
     /// Exactly its size: the file as stat'ed.
     Whole(Vec<u8>),
     /// More than its size: it grew after its `fstat`.
     Grew,
-    /// Less than its size: it shrank, or the kernel returned part of it.
-    Short,
+    /// Less than its size (it shrank, or the kernel returned part of it),
+    /// or not done (`EAGAIN`, `EINTR`): read it one by one.
+    Again,
     /// The read failed.
     Failed(Errno),
 }
@@ -92,11 +92,11 @@ fn allowed() -> bool {
     allowed && !GIVEN_UP.load(Ordering::Relaxed)
 }
 
-/// No more batches in this process: a read through the ring failed with
-/// `EAGAIN`. Kernels before 6.4 fail, rather than wait for, the read of an
+/// No more batches in this process, once a read through the ring failed
+/// with `EAGAIN`. Kernels before 6.4 fail, rather than wait for, the read of an
 /// `O_NONBLOCK` file on a filesystem they cannot read without blocking
 /// (tmpfs, overlayfs, NFS, FUSE), where `read(2)` ignores the flag.
-pub(crate) fn give_up() {
+fn give_up() {
     GIVEN_UP.store(true, Ordering::Relaxed);
 }
 
@@ -319,12 +319,17 @@ pub(crate) fn open_stat_read(
                 continue;
             };
             let result = results[2 * i];
-            let read = if result < 0 {
+            let read = if result == -libc::EAGAIN {
+                give_up();
+                Read::Again
+            } else if result == -libc::EINTR {
+                Read::Again
+            } else if result < 0 {
                 Read::Failed(errno(result))
             } else if result as usize > want {
                 Read::Grew
             } else if (result as usize) < want {
-                Read::Short
+                Read::Again
             } else {
                 // SAFETY: the kernel wrote `want` bytes into the buffer.
                 unsafe { buffer.set_len(want) };

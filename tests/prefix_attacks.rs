@@ -207,6 +207,78 @@ fn swapped_directories_never_lead_outside(open_file_limit: Option<u32>) {
     );
 }
 
+/// Sources of a new directory swapped, in a loop while root links it, for
+/// symlinks to a root-only file: whatever the link read (a swapped-in
+/// symlink is refused while the name was listed as a regular file, and
+/// followed, like compileall, where the walk saw a symlink), no pyc
+/// carrying the root-only bytes is readable by anyone but root. Read in
+/// batches, as new sources are.
+#[test]
+fn sources_swapped_for_symlinks_to_root_files_mid_run_leak_nothing() {
+    sources_swapped_for_symlinks_leak_nothing("1");
+}
+
+/// The same, read one by one (where io_uring cannot be used).
+#[test]
+fn sources_swapped_for_symlinks_to_root_files_mid_run_leak_nothing_read_one_by_one() {
+    sources_swapped_for_symlinks_leak_nothing("0");
+}
+
+fn sources_swapped_for_symlinks_leak_nothing(io_uring: &str) {
+    let python = system_python();
+    let t = open_test_dir();
+    let marker = "ROOT_ONLY_MARKER_5d1c";
+    let key = t.write("rootonly/key.py", format!("KEY = '{marker}'\n"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let swaps = std::sync::atomic::AtomicU64::new(0);
+    for round in 0..8 {
+        // A new directory each round: its sources are new to the index.
+        let app = t.join(format!("app{round}"));
+        for i in 0..40 {
+            t.write(app.join(format!("pkg/m{i}.py")), format!("X = {i}\n"));
+            std::os::unix::fs::symlink(&key, app.join(format!("pkg/bait{i}"))).unwrap();
+        }
+        chown_nobody(&app);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    for i in 0..40 {
+                        exchange(&app.join("pkg"), &format!("m{i}.py"), &format!("bait{i}"));
+                    }
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let out = run(t
+                .pycstore()
+                .env("PYCSTORE_IO_URING", io_uring)
+                .args(["link", "--python"])
+                .arg(&python)
+                .arg(&app));
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                out.status.code().is_some_and(|c| c <= 1),
+                "round {round}: {out:?}"
+            );
+        });
+        for pyc in pycs_under(&app) {
+            let pyc = app.join(pyc);
+            let bytes = std::fs::read(&pyc).unwrap();
+            if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                let meta = std::fs::metadata(&pyc).unwrap();
+                assert_eq!(
+                    meta.mode() & 0o077,
+                    0,
+                    "{} leaks root's file",
+                    pyc.display()
+                );
+                assert_eq!(meta.uid(), 0, "{} leaks root's file", pyc.display());
+            }
+        }
+    }
+    assert!(swaps.load(Ordering::Relaxed) > 8, "the swapper did not run");
+}
+
 #[test]
 fn a_pyc_is_never_more_readable_than_its_source() {
     let python = system_python();

@@ -275,6 +275,78 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Inodes in use on the filesystem at `path`.
+fn inodes_used(path: &Path) -> u64 {
+    let out = run_ok(Command::new("df").args(["--output=iused"]).arg(path));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no inode count from df: {out:?}"))
+}
+
+/// A filesystem that runs out of room as an index session ends used to
+/// leave the process waiting for ever in RocksDB: with `paranoid_checks`
+/// off, as the index runs, a flush of the session's memtable that fails for
+/// lack of space (here, of an inode for its table file) is no error to it,
+/// and is not tried again. The session now ends with an error that says so,
+/// and nothing is lost: what it wrote is in the write-ahead log, which the
+/// next session takes up.
+#[test]
+fn an_index_session_that_cannot_flush_as_it_ends_says_so_and_loses_nothing() {
+    use pycstore_store::index::{Counters, Index, Writes};
+    let t = TestDir::new();
+    let Some(small) = Tmpfs::mount(&t, "small", "64m") else {
+        return;
+    };
+    let path = small.path.join("index-v1");
+    let write = |label: &str| {
+        let mut index = Index::open(&path).unwrap();
+        let mut writes = Writes::default();
+        let counters = Counters {
+            hits: 7,
+            ..Counters::default()
+        };
+        writes.count(label, counters);
+        index.apply(writes).unwrap();
+        index
+    };
+    write("before").close().unwrap();
+    let index = write("kept");
+    // One inode left: the memtable's switch takes it (a new write-ahead
+    // log), and the flush's table finds none.
+    let limit = inodes_used(&small.path) + 1;
+    run_ok(
+        Command::new("mount")
+            .args(["-o", &format!("remount,nr_inodes={limit}")])
+            .arg(&small.path),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(index.close()).unwrap());
+    let closed = rx.recv_timeout(std::time::Duration::from_secs(60));
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,nr_inodes=100000"])
+            .arg(&small.path),
+    );
+    let closed = closed.expect("the session did not end in 60 s");
+    let message = closed
+        .expect_err("a flush without an inode failed")
+        .to_string();
+    assert!(
+        message.contains("cannot flush the index")
+            && message.contains("the filesystem is full")
+            && message.contains("kept in its write-ahead log")
+            && message.contains("free some space on that filesystem"),
+        "{message}"
+    );
+    // The next session has what the failed one wrote.
+    let index = Index::open(&path).unwrap();
+    assert_eq!(index.counters("kept").unwrap().hits, 7);
+    assert_eq!(index.counters("before").unwrap().hits, 7);
+    index.close().unwrap();
+}
+
 #[test]
 fn a_full_disk_leaves_nothing_half_written() {
     let t = TestDir::new();

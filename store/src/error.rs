@@ -42,6 +42,27 @@ pub enum Error {
         detail: String,
     },
 
+    /// What a session wrote could not be flushed from the index's memory
+    /// to its tables at the end of the session. It is not lost: it is in
+    /// the write-ahead log, which the next session that can write flushes.
+    #[error(
+        "cannot flush the index at `{path}` ({detail}); what this run recorded is kept in its \
+         write-ahead log, and written by the next run{}",
+        if *full {
+            " once there is room: free some space on that filesystem"
+        } else {
+            ""
+        }
+    )]
+    IndexFlush {
+        /// The index directory.
+        path: PathBuf,
+        /// What failed, and where to read more.
+        detail: String,
+        /// The filesystem is full (of bytes or of inodes).
+        full: bool,
+    },
+
     /// An interpreter could not be probed.
     #[error("failed to probe the Python interpreter `{path}`: {message}")]
     Probe {
@@ -299,7 +320,7 @@ impl fmt::Display for Message<'_> {
                 Op::Store | Op::Place => write!(f, "{e}"),
                 _ => write!(f, "cannot read: {e}"),
             },
-            Cause::Index(e) if *op == Op::Record => {
+            Cause::Index(e) if *op == Op::Record && !matches!(**e, Error::IndexFlush { .. }) => {
                 write!(f, "{e}; what this run compiled is not recorded")
             }
             Cause::Index(e) => write!(f, "{e}"),

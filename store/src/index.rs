@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, Direction, IngestExternalFileOptions, IteratorMode,
-    Options, ReadOptions, SstFileWriter, WriteBatch, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, FlushOptions,
+    IngestExternalFileOptions, IteratorMode, Options, ReadOptions, SstFileWriter, WriteBatch, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -842,7 +842,7 @@ impl Index {
         opts
     }
 
-    fn cf(&self, family: Family) -> &rocksdb::ColumnFamily {
+    fn cf(&self, family: Family) -> &ColumnFamily {
         self.db
             .cf_handle(family.name())
             .expect("column families are created on open")
@@ -1186,39 +1186,123 @@ impl Index {
     }
 }
 
-impl Drop for Index {
-    /// Flushes what this session wrote, so the next session does not replay
-    /// the write-ahead log, and compacts when small files pile up.
-    fn drop(&mut self) {
+impl Index {
+    /// Ends the session: flushes what it wrote, so the next session does
+    /// not replay the write-ahead log, and compacts when small files pile
+    /// up. A flush that fails (the filesystem is full) is an error: what
+    /// the session wrote stays in the write-ahead log, and the next session
+    /// that can write takes it from there.
+    pub fn close(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
         if self.failed {
             // Closing RocksDB after a failed write (a full disk) makes the
             // library abort the process; leave the database as a crash
             // would, to be recovered from its log by the next session.
-            return;
+            return Ok(());
         }
-        for family in std::mem::take(&mut self.wrote) {
-            let cf = self.cf(family);
-            // (Nearly free for a family only ingested: its memtable is
-            // empty.)
-            if let Err(e) = self.db.flush_cf(cf) {
-                tracing::debug!("flushing `{}` failed: {e}", self.path.display());
-                return;
+        let wrote = std::mem::take(&mut self.wrote);
+        let families: Vec<&ColumnFamily> = wrote.iter().map(|f| self.cf(*f)).collect();
+        // (Nearly free for a family only ingested: its memtable is empty.)
+        let flushed =
+            flush(&self.db, &families).map_err(|message| flush_error(&self.path, message));
+        if flushed.is_ok() {
+            for cf in families {
+                let level0 = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                if level0 >= 8 {
+                    self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+                }
             }
-            let level0 = self
-                .db
-                .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
-                .ok()
-                .flatten()
-                .unwrap_or(0);
-            if level0 >= 8 {
-                self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-            }
+        } else {
+            tracing::debug!("flushing `{}` failed", self.path.display());
+        }
+        flushed
+    }
+}
+
+impl Drop for Index {
+    /// [`Index::close`], for a session not closed by it (its error, if
+    /// any, is only logged).
+    fn drop(&mut self) {
+        let closing = !self.failed;
+        if let Err(e) = self.finish() {
+            tracing::debug!("{e}");
+        }
+        if !closing {
+            return;
         }
         // SAFETY: `db` is not used after this, and dropped only here.
         unsafe { ManuallyDrop::drop(&mut self.db) };
         if self.shared {
             share_files(&self.path);
         }
+    }
+}
+
+/// Flushes the memtables of `families` and waits for the flushes to end.
+///
+/// RocksDB's own wait (`flush_cf`) never ends when a flush fails for lack
+/// of space (or of inodes) with `paranoid_checks` off, as the index runs:
+/// the failure is then no error to it, and the memtable stays, waiting for
+/// a flush that is not tried again. So the flushes are started without
+/// waiting, and watched: done when no family has a memtable waiting, failed
+/// when RocksDB counts a new background error (it logs which in the
+/// index's `LOG`). Nothing is lost by a failed flush: what the memtables
+/// hold is in the write-ahead log.
+pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<(), String> {
+    let errors = || {
+        db.property_int_value("rocksdb.background-errors")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    let before = errors();
+    let mut options = FlushOptions::default();
+    options.set_wait(false);
+    for cf in families {
+        db.flush_cf_opt(cf, &options).map_err(|e| e.to_string())?;
+    }
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        let waiting = families.iter().any(|cf| {
+            db.property_int_value_cf(cf, "rocksdb.num-immutable-mem-table")
+                .ok()
+                .flatten()
+                .is_some_and(|n| n > 0)
+        });
+        if !waiting {
+            return Ok(());
+        }
+        if errors() > before {
+            return Err("a background flush failed".into());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_micros(500));
+    }
+}
+
+/// The error of a failed [`flush`] of the index at `path`: whether the
+/// filesystem is full (of bytes or of inodes) is said.
+pub(crate) fn flush_error(path: &Path, message: String) -> Error {
+    let full = rustix::fs::statvfs(path).is_ok_and(|st| {
+        st.f_bavail.saturating_mul(st.f_frsize) < MIN_FREE_BYTES
+            || (st.f_files > 0 && st.f_favail == 0)
+    });
+    Error::IndexFlush {
+        path: path.to_path_buf(),
+        detail: format!(
+            "{message}{}; RocksDB's log `{}` says why",
+            if full { ": the filesystem is full" } else { "" },
+            path.join("LOG").display()
+        ),
+        full,
     }
 }
 

@@ -264,11 +264,21 @@ fn build(
         batch.put_cf(cf, ENTRIES_EPOCH_KEY, epoch.to_le_bytes());
     }
     db.write(batch).map_err(|e| write_error(path, new, e))?;
-    for family in Family::ALL {
-        if let Some(cf) = db.cf_handle(family.name()) {
-            db.flush_cf(cf).map_err(|e| write_error(path, new, e))?;
-        }
-    }
+    let families: Vec<_> = Family::ALL
+        .iter()
+        .filter_map(|family| db.cf_handle(family.name()))
+        .collect();
+    super::flush(&db, &families).map_err(|message| match super::flush_error(new, message) {
+        Error::IndexFlush {
+            detail, full: true, ..
+        } => Error::IndexNoSpace {
+            path: path.to_path_buf(),
+            action: "repair",
+            detail,
+        },
+        Error::IndexFlush { detail, .. } => Error::index(new, detail),
+        e => e,
+    })?;
     drop(db);
     if path.parent().is_some_and(crate::trust::is_shared) {
         super::share_files(new);

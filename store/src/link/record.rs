@@ -228,7 +228,7 @@ impl<'a> Ledger<'a> {
         if let Some(also) = also {
             also(&mut index);
         }
-        drop(index);
+        index.close()?;
         tracing::debug!("record: closed at {:.4}s", t.elapsed().as_secs_f64());
         Ok(())
     }

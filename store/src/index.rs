@@ -1246,6 +1246,10 @@ impl Drop for Index {
     }
 }
 
+/// How long a flush still waited for after a background error is given to
+/// finish.
+const FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Flushes the memtables of `families` and waits for the flushes to end.
 ///
 /// RocksDB's own wait (`flush_cf`) never ends when a flush fails for lack
@@ -1253,9 +1257,11 @@ impl Drop for Index {
 /// the failure is then no error to it, and the memtable stays, waiting for
 /// a flush that is not tried again. So the flushes are started without
 /// waiting, and watched: done when no family has a memtable waiting, failed
-/// when RocksDB counts a new background error (it logs which in the
-/// index's `LOG`). Nothing is lost by a failed flush: what the memtables
-/// hold is in the write-ahead log.
+/// when one still has [`FLUSH_PATIENCE`] after RocksDB counted a new
+/// background error (it logs which in the index's `LOG`). The error may be
+/// another's, a compaction's that met a damaged table: a flush that
+/// finishes meanwhile is done. Nothing is lost by a failed flush: what the
+/// memtables hold is in the write-ahead log.
 pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<(), String> {
     let errors = || {
         db.property_int_value("rocksdb.background-errors")
@@ -1270,6 +1276,7 @@ pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<
         db.flush_cf_opt(cf, &options).map_err(|e| e.to_string())?;
     }
     let mut pause = std::time::Duration::from_micros(20);
+    let mut failed_at = None;
     loop {
         let waiting = families.iter().any(|cf| {
             db.property_int_value_cf(cf, "rocksdb.num-immutable-mem-table")
@@ -1280,8 +1287,12 @@ pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<
         if !waiting {
             return Ok(());
         }
-        if errors() > before {
-            return Err("a background flush failed".into());
+        match failed_at {
+            None if errors() > before => failed_at = Some(std::time::Instant::now()),
+            Some(at) if at.elapsed() > FLUSH_PATIENCE => {
+                return Err("a background flush failed".into());
+            }
+            _ => {}
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(std::time::Duration::from_micros(500));

@@ -958,7 +958,10 @@ impl Index {
         ops.par_sort_by(|a, b| (rank(a.0), a.0, &a.1).cmp(&(rank(b.0), b.0, &b.1)));
         ops.dedup_by(|later, first| (later.0, &later.1) == (first.0, &first.1));
         // The tables are built on every core, then added in family order.
-        let options = Self::family_options();
+        // Uncompressed: they are in level 0 only until RocksDB compacts
+        // them with the rest, into compressed tables.
+        let mut options = Self::family_options();
+        options.set_compression_type(rocksdb::DBCompressionType::None);
         let (dir, shared) = (&self.path, self.shared);
         let built: Vec<_> = ops
             .chunk_by(|a, b| a.0 == b.0)

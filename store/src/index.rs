@@ -1272,6 +1272,9 @@ pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<
             .flatten()
             .unwrap_or(0)
     };
+    if families.is_empty() {
+        return Ok(());
+    }
     let before = errors();
     let mut options = FlushOptions::default();
     options.set_wait(false);
@@ -1302,13 +1305,19 @@ pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<
     }
 }
 
-/// The error of a failed [`flush`] of the index at `path`: whether the
-/// filesystem is full (of bytes or of inodes) is said.
-pub(crate) fn flush_error(path: &Path, message: String) -> Error {
-    let full = rustix::fs::statvfs(path).is_ok_and(|st| {
+/// Whether the filesystem holding `path` is full: less than
+/// [`MIN_FREE_BYTES`] free, or no inode left.
+pub(crate) fn filesystem_full(path: &Path) -> bool {
+    rustix::fs::statvfs(path).is_ok_and(|st| {
         st.f_bavail.saturating_mul(st.f_frsize) < MIN_FREE_BYTES
             || (st.f_files > 0 && st.f_favail == 0)
-    });
+    })
+}
+
+/// The error of a failed [`flush`] of the index at `path`: whether the
+/// filesystem is full is said.
+fn flush_error(path: &Path, message: String) -> Error {
+    let full = filesystem_full(path);
     Error::IndexFlush {
         path: path.to_path_buf(),
         detail: format!(

@@ -268,16 +268,16 @@ fn build(
         .iter()
         .filter_map(|family| db.cf_handle(family.name()))
         .collect();
-    super::flush(&db, &families).map_err(|message| match super::flush_error(new, message) {
-        Error::IndexFlush {
-            detail, full: true, ..
-        } => Error::IndexNoSpace {
-            path: path.to_path_buf(),
-            action: "repair",
-            detail,
-        },
-        Error::IndexFlush { detail, .. } => Error::index(new, detail),
-        e => e,
+    super::flush(&db, &families).map_err(|message| {
+        if super::filesystem_full(new) {
+            Error::IndexNoSpace {
+                path: path.to_path_buf(),
+                action: "repair",
+                detail: message,
+            }
+        } else {
+            Error::index(new, format!("{message}; RocksDB's log in it says why"))
+        }
     })?;
     drop(db);
     if path.parent().is_some_and(crate::trust::is_shared) {

@@ -279,6 +279,53 @@ fn sources_swapped_for_symlinks_leak_nothing(io_uring: &str) {
     assert!(swaps.load(Ordering::Relaxed) > 8, "the swapper did not run");
 }
 
+/// A source in a user's tree that is a hard link to a root-only file (made
+/// where `fs.protected_hardlinks` is off, or before the file became root's):
+/// its pyc is root's and readable by no one else, as the file is. A new
+/// directory: read in batches.
+#[test]
+fn a_source_hard_linked_to_a_root_only_file_leaks_nothing() {
+    source_hard_linked_to_a_root_only_file("1");
+}
+
+/// The same, read one by one (where io_uring cannot be used).
+#[test]
+fn a_source_hard_linked_to_a_root_only_file_leaks_nothing_read_one_by_one() {
+    source_hard_linked_to_a_root_only_file("0");
+}
+
+fn source_hard_linked_to_a_root_only_file(io_uring: &str) {
+    let python = system_python();
+    let t = open_test_dir();
+    let root_only = t.write("rootonly/key.py", "KEY = 'root only'\n");
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    t.write("user/pkg/mine.py", "MINE = 1\n");
+    chown_nobody(&t.join("user"));
+    // After the chown: a hard link is the root-only file itself.
+    std::fs::hard_link(&root_only, t.join("user/pkg/leak.py")).unwrap();
+    let out = run(t
+        .pycstore()
+        .env("PYCSTORE_IO_URING", io_uring)
+        .args(["link", "--python"])
+        .arg(&python)
+        .arg(t.join("user")));
+    assert_output!(out, out.status.success(), "link failed");
+    let leak = t.join("user/pkg/__pycache__/leak.cpython-311.pyc");
+    let meta = std::fs::metadata(&leak).unwrap();
+    assert_eq!(
+        meta.mode() & 0o077,
+        0,
+        "the pyc of a root-only file is readable by others"
+    );
+    assert_eq!(meta.uid(), 0, "the pyc of a root-only file is not root's");
+    let out = run(as_nobody("cat").arg(&leak));
+    assert!(
+        !out.status.success(),
+        "nobody read the pyc of a root-only file"
+    );
+    run_ok(as_nobody("cat").arg(t.join("user/pkg/__pycache__/mine.cpython-311.pyc")));
+}
+
 #[test]
 fn a_pyc_is_never_more_readable_than_its_source() {
     let python = system_python();

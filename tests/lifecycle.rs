@@ -381,3 +381,66 @@ fn relink_sees_every_change_below_directories_it_listed_before() {
     );
     assert_nothing_compiled(&log, &app, 7);
 }
+
+/// A directory replaced since the last link (a package reinstalled, a
+/// fresh copy where a linked prefix was) is walked as new, and so is
+/// everything below it, without asking the index about each subdirectory:
+/// still, a subdirectory moved into it whole keeps its placed pycs, and
+/// every change in it is seen.
+#[test]
+fn relink_below_a_replaced_directory_sees_moved_and_changed_subtrees() {
+    let t = TestDir::new();
+    let app = t.join("app");
+    for (path, text) in [
+        ("app/pkg/__init__.py", ""),
+        ("app/pkg/a.py", "A = 1\n"),
+        ("app/pkg/sub/__init__.py", ""),
+        ("app/pkg/sub/b.py", "B = 1\n"),
+        ("app/pkg/sub/deep/__init__.py", ""),
+        ("app/pkg/sub/deep/d.py", "D = 1\n"),
+    ] {
+        t.write(path, text);
+    }
+    let link = |expect_placed: u64, expect_up_to_date: u64| {
+        let (out, json) = link_json(
+            t.pycstore()
+                .args(["link", "--python"])
+                .arg(python("3.11"))
+                .arg(&app),
+        );
+        assert_output!(out, out.status.success(), "link");
+        let placed = json["compiled"].as_u64().unwrap() + json["hits"].as_u64().unwrap();
+        assert_eq!(
+            (placed, json["up_to_date"].as_u64()),
+            (expect_placed, Some(expect_up_to_date)),
+            "{json}"
+        );
+    };
+    link(6, 0);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    link(0, 6);
+    std::thread::sleep(std::time::Duration::from_millis(250));
+
+    // `pkg` replaced by a new directory, `sub` moved into it whole (same
+    // inode, its `__pycache__` with it), `a.py` new, `deep/d.py` edited.
+    let old = t.join("old");
+    std::fs::rename(app.join("pkg"), &old).unwrap();
+    std::fs::create_dir(app.join("pkg")).unwrap();
+    std::fs::rename(old.join("sub"), app.join("pkg/sub")).unwrap();
+    std::fs::remove_dir_all(&old).unwrap();
+    t.write("app/pkg/__init__.py", "");
+    t.write("app/pkg/a.py", "A = 2\n");
+    std::fs::write(app.join("pkg/sub/deep/d.py"), "D = 2\n").unwrap();
+
+    // `pkg`'s two and the edited `d` placed; the rest of `sub` up to date.
+    link(3, 3);
+    let log = python_v(
+        &python("3.11"),
+        &[
+            "-c",
+            "import pkg.a, pkg.sub.b, pkg.sub.deep.d; assert (pkg.a.A, pkg.sub.deep.d.D) == (2, 2)",
+        ],
+        &[("PYTHONPATH", app.as_os_str())],
+    );
+    assert_nothing_compiled(&log, &app, 6);
+}

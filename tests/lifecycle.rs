@@ -316,6 +316,32 @@ fn pycs_the_store_does_not_know_are_counted_recorded_and_exported() {
     );
 }
 
+/// Writes each `(path, text)` under `t`, as a tree to link.
+fn write_tree(t: &TestDir, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        t.write(path, text);
+    }
+}
+
+/// Links `app` for CPython 3.11, and checks how many pycs were placed
+/// (compiled, or hits: empty modules share one object) and how many were
+/// up to date.
+fn link_expecting(t: &TestDir, app: &std::path::Path, placed: u64, up_to_date: u64) {
+    let (out, json) = link_json(
+        t.pycstore()
+            .args(["link", "--python"])
+            .arg(python("3.11"))
+            .arg(app),
+    );
+    assert_output!(out, out.status.success(), "link");
+    let done = json["compiled"].as_u64().unwrap() + json["hits"].as_u64().unwrap();
+    assert_eq!(
+        (done, json["up_to_date"].as_u64()),
+        (placed, Some(up_to_date)),
+        "{json}"
+    );
+}
+
 /// A re-link of a prefix walks directories it listed before by one `stat`
 /// each (their listing records); every change below them is still seen:
 /// a module added, a package added deeper down, a module edited in place
@@ -324,34 +350,19 @@ fn pycs_the_store_does_not_know_are_counted_recorded_and_exported() {
 fn relink_sees_every_change_below_directories_it_listed_before() {
     let t = TestDir::new();
     let app = t.join("app");
-    for (path, text) in [
-        ("app/top.py", "TOP = 1\n"),
-        ("app/pkg/__init__.py", ""),
-        ("app/pkg/a.py", "A = 1\n"),
-        ("app/pkg/sub/__init__.py", ""),
-        ("app/pkg/sub/b.py", "B = 1\n"),
-        ("app/pkg/gone/__init__.py", ""),
-        ("app/pkg/gone/g.py", "G = 1\n"),
-    ] {
-        t.write(path, text);
-    }
-    // pycs placed (compiled, or hits: empty modules share one object), and
-    // pycs up to date.
-    let link = |expect_compiled: u64, expect_up_to_date: u64| {
-        let (out, json) = link_json(
-            t.pycstore()
-                .args(["link", "--python"])
-                .arg(python("3.11"))
-                .arg(&app),
-        );
-        assert_output!(out, out.status.success(), "link");
-        let placed = json["compiled"].as_u64().unwrap() + json["hits"].as_u64().unwrap();
-        assert_eq!(
-            (placed, json["up_to_date"].as_u64()),
-            (expect_compiled, Some(expect_up_to_date)),
-            "{json}"
-        );
-    };
+    write_tree(
+        &t,
+        &[
+            ("app/top.py", "TOP = 1\n"),
+            ("app/pkg/__init__.py", ""),
+            ("app/pkg/a.py", "A = 1\n"),
+            ("app/pkg/sub/__init__.py", ""),
+            ("app/pkg/sub/b.py", "B = 1\n"),
+            ("app/pkg/gone/__init__.py", ""),
+            ("app/pkg/gone/g.py", "G = 1\n"),
+        ],
+    );
+    let link = |placed, up_to_date| link_expecting(&t, &app, placed, up_to_date);
     link(7, 0);
     // Listings are trusted once older than the filesystem's clock tick.
     std::thread::sleep(std::time::Duration::from_millis(250));
@@ -391,31 +402,18 @@ fn relink_sees_every_change_below_directories_it_listed_before() {
 fn relink_below_a_replaced_directory_sees_moved_and_changed_subtrees() {
     let t = TestDir::new();
     let app = t.join("app");
-    for (path, text) in [
-        ("app/pkg/__init__.py", ""),
-        ("app/pkg/a.py", "A = 1\n"),
-        ("app/pkg/sub/__init__.py", ""),
-        ("app/pkg/sub/b.py", "B = 1\n"),
-        ("app/pkg/sub/deep/__init__.py", ""),
-        ("app/pkg/sub/deep/d.py", "D = 1\n"),
-    ] {
-        t.write(path, text);
-    }
-    let link = |expect_placed: u64, expect_up_to_date: u64| {
-        let (out, json) = link_json(
-            t.pycstore()
-                .args(["link", "--python"])
-                .arg(python("3.11"))
-                .arg(&app),
-        );
-        assert_output!(out, out.status.success(), "link");
-        let placed = json["compiled"].as_u64().unwrap() + json["hits"].as_u64().unwrap();
-        assert_eq!(
-            (placed, json["up_to_date"].as_u64()),
-            (expect_placed, Some(expect_up_to_date)),
-            "{json}"
-        );
-    };
+    write_tree(
+        &t,
+        &[
+            ("app/pkg/__init__.py", ""),
+            ("app/pkg/a.py", "A = 1\n"),
+            ("app/pkg/sub/__init__.py", ""),
+            ("app/pkg/sub/b.py", "B = 1\n"),
+            ("app/pkg/sub/deep/__init__.py", ""),
+            ("app/pkg/sub/deep/d.py", "D = 1\n"),
+        ],
+    );
+    let link = |placed, up_to_date| link_expecting(&t, &app, placed, up_to_date);
     link(6, 0);
     std::thread::sleep(std::time::Duration::from_millis(250));
     link(0, 6);

@@ -397,7 +397,8 @@ fn relink_sees_every_change_below_directories_it_listed_before() {
 /// fresh copy where a linked prefix was) is walked as new, and so is
 /// everything below it, without asking the index about each subdirectory:
 /// still, a subdirectory moved into it whole keeps its placed pycs, and
-/// every change in it is seen.
+/// every change in it is seen. (That the index is not asked is shown by
+/// the walk's own tests, `walk::tests::below_a_replaced_directory_*`.)
 #[test]
 fn relink_below_a_replaced_directory_sees_moved_and_changed_subtrees() {
     let t = TestDir::new();

@@ -61,7 +61,8 @@ pub struct SourceDir {
     /// device and inode at its path), current or not: an earlier walk
     /// listed it, so its sources may be in the stat cache. A directory new
     /// since (a fresh copy, a new install) has none, and neither have its
-    /// sources (new files: new inodes).
+    /// sources (new files: new inodes). Not asked below a replaced
+    /// directory ([`Child::ask`]): there it is false.
     pub seen_before: bool,
     pycache: OnceLock<std::result::Result<Option<Pycache>, FileError>>,
 }
@@ -530,6 +531,10 @@ struct Child {
     /// directory moved there whole is known again from its next listing.
     /// 3,257 lookups (12,000 instructions each) for a fresh copy of the
     /// reference corpus where it was linked before.
+    ///
+    /// Only where the replaced directory gets a record of its own this
+    /// walk: one that cannot (a source that is a symlink, something to
+    /// report) keeps its old record, and the next walks still ask below it.
     ask: bool,
 }
 
@@ -621,8 +626,7 @@ fn one_dir(at: &At<'_>, dir: Child, walk: &mut Walk) -> Vec<Child> {
     let seen_before = record
         .as_ref()
         .is_some_and(|r| (r.dev, r.ino) == (stat.st_dev, stat.st_ino));
-    // Replaced since its record: so are its subdirectories.
-    let ask = seen_before || (ask && record.is_none());
+    let replaced = record.is_some() && !seen_before;
     let record = record.filter(|r| {
         (r.dev, r.ino, r.mtime_ns, r.ctime_ns) == (stat.st_dev, stat.st_ino, mtime_ns, ctime_ns)
             && crate::resolve::settled(mtime_ns, ctime_ns, r.seen_ns)
@@ -701,6 +705,9 @@ fn one_dir(at: &At<'_>, dir: Child, walk: &mut Walk) -> Vec<Child> {
             (listed, fd, false)
         }
     };
+    // Replaced since its record, and recorded anew by this walk: so are its
+    // subdirectories, new too.
+    let ask = ask && !(replaced && listed.rememberable);
     let mut subdirs = Vec::new();
     for name in listed.dirs {
         let child = joined(&path, &[name.as_bytes()]);
@@ -968,6 +975,111 @@ mod tests {
                 assert!(crate::resolve::settled(mtime_ns, ctime_ns, record.seen_ns));
             }
             _ => panic!("a settled directory is listed for its record"),
+        }
+    }
+
+    /// Writes an empty file at each of `paths` under `root`.
+    fn files(root: &Path, paths: &[&str]) {
+        for p in paths {
+            let path = root.join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "").unwrap();
+        }
+    }
+
+    /// Walks `root` with `index`, records what it listed (as a link does),
+    /// and returns the walk.
+    fn walk_and_record(root: &Path, index: &mut Index) -> Walk {
+        let walked = walk(
+            root,
+            &Excludes::new(&[]).unwrap(),
+            Some((index, crate::util::now_ns())),
+        );
+        let mut writes = crate::index::Writes::default();
+        for (dir, record) in &walked.listed {
+            writes.listing(dir, record);
+        }
+        index.apply(writes).unwrap();
+        walked
+    }
+
+    /// Below a directory replaced since its record, the index is not asked:
+    /// a record of `deep` (moved in whole, unchanged) that matches its
+    /// `stat` but lists no source would hide `d.py` if it were taken.
+    #[test]
+    fn below_a_replaced_directory_no_listing_record_is_asked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("app");
+        files(&root, &["pkg/a.py", "pkg/sub/b.py", "pkg/sub/deep/d.py"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut index = Index::open(&tmp.path().join("index")).unwrap();
+        walk_and_record(&root, &mut index);
+
+        let old = tmp.path().join("old");
+        std::fs::rename(root.join("pkg"), &old).unwrap();
+        std::fs::create_dir(root.join("pkg")).unwrap();
+        std::fs::rename(old.join("sub"), root.join("pkg/sub")).unwrap();
+        files(&root, &["pkg/a.py"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let deep = root.join("pkg/sub/deep");
+        let stat = rustix::fs::stat(&deep).unwrap();
+        let (mtime_ns, ctime_ns) = times_ns(&stat);
+        let mut writes = crate::index::Writes::default();
+        let record = ListingRecord {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+            mtime_ns,
+            ctime_ns,
+            seen_ns: crate::util::now_ns(),
+            pycache: false,
+            dirs: Vec::new(),
+            sources: Vec::new(),
+        };
+        writes.listing(&deep, &record);
+        index.apply(writes).unwrap();
+
+        let walked = walk_and_record(&root, &mut index);
+        assert!(walked.found.iter().any(|f| f.path == deep.join("d.py")));
+        assert!(walked.listed.iter().any(|(dir, _)| dir == &deep));
+        assert!(walked.found.iter().all(|f| !f.dir.seen_before));
+    }
+
+    /// A replaced directory that gets no record of its own (a source of it
+    /// is a symlink) keeps its old one: below it, the index is still asked,
+    /// and a subdirectory is known from its record from the next walk on.
+    #[test]
+    fn below_a_replaced_directory_without_a_record_the_index_is_still_asked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("app");
+        files(&root, &["pkg/a.py", "pkg/sub/b.py"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut index = Index::open(&tmp.path().join("index")).unwrap();
+        walk_and_record(&root, &mut index);
+
+        // Kept aside, so that the new ones cannot have their inodes.
+        std::fs::rename(root.join("pkg"), tmp.path().join("old")).unwrap();
+        files(&root, &["pkg/a.py", "pkg/sub/b.py"]);
+        std::os::unix::fs::symlink("a.py", root.join("pkg/l.py")).unwrap();
+        let sub = root.join("pkg/sub");
+        for round in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let walked = walk_and_record(&root, &mut index);
+            let pkg = walked.found.iter().find(|f| f.dir.path == root.join("pkg"));
+            assert!(pkg.is_some_and(|f| !f.dir.seen_before), "walk {round}");
+            let listed = walked.listed.iter().any(|(dir, _)| dir == &sub);
+            let seen = walked
+                .found
+                .iter()
+                .find(|f| f.dir.path == sub)
+                .map(|f| f.dir.seen_before);
+            // The first walk lists `sub` (new) and records it; the next
+            // take it from that record.
+            let expected = if round == 0 {
+                (true, Some(false))
+            } else {
+                (false, Some(true))
+            };
+            assert_eq!((listed, seen), expected, "walk {round}");
         }
     }
 }

@@ -1209,24 +1209,19 @@ impl Index {
         let wrote = std::mem::take(&mut self.wrote);
         let families: Vec<&ColumnFamily> = wrote.iter().map(|f| self.cf(*f)).collect();
         // (Nearly free for a family only ingested: its memtable is empty.)
-        let flushed =
-            flush(&self.db, &families).map_err(|message| flush_error(&self.path, message));
-        if flushed.is_ok() {
-            for cf in families {
-                let level0 = self
-                    .db
-                    .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-                if level0 >= 8 {
-                    self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-                }
+        flush(&self.db, &families).map_err(|message| flush_error(&self.path, message))?;
+        for cf in families {
+            let level0 = self
+                .db
+                .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            if level0 >= 8 {
+                self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
             }
-        } else {
-            tracing::debug!("flushing `{}` failed", self.path.display());
         }
-        flushed
+        Ok(())
     }
 }
 

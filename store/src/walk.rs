@@ -719,31 +719,24 @@ fn one_dir(at: &At<'_>, dir: Child, walk: &mut Walk) -> Vec<Child> {
         // without a held descriptor, opened by path when visited; and so
         // is any the budget of held descriptors has no room for.
         let parent = match (&fd, &own) {
-            (Some(fd), _) if !from_record => fd.as_fd(),
-            (None, Some(own)) => own.as_fd(),
-            _ => {
-                subdirs.push(Child {
-                    path: child,
-                    fd: None,
-                    ask,
-                });
+            (Some(fd), _) if !from_record => Some(fd.as_fd()),
+            (None, Some(own)) => Some(own.as_fd()),
+            _ => None,
+        };
+        let fd = match parent.and_then(|parent| Held::open(|| tree::open_dir(parent, &name))) {
+            None => None,
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) if gone(&e) => continue,
+            Some(Err(e)) => {
+                walk.errors.push(FileError::new(child, Op::Read, e));
                 continue;
             }
         };
-        match Held::open(|| tree::open_dir(parent, &name)) {
-            Some(Ok(fd)) => subdirs.push(Child {
-                path: child,
-                fd: Some(fd),
-                ask,
-            }),
-            None => subdirs.push(Child {
-                path: child,
-                fd: None,
-                ask,
-            }),
-            Some(Err(e)) if gone(&e) => {}
-            Some(Err(e)) => walk.errors.push(FileError::new(child, Op::Read, e)),
-        }
+        subdirs.push(Child {
+            path: child,
+            fd,
+            ask,
+        });
     }
     let sources: Vec<_> = listed
         .sources

@@ -94,6 +94,8 @@ pub struct Source {
     /// blake3 of its bytes.
     pub digest: SourceDigest,
     limit: u64,
+    /// Found as a symlink: read through it (else never).
+    symlink: bool,
     bytes: OnceLock<std::result::Result<Arc<Vec<u8>>, FileError>>,
 }
 
@@ -181,6 +183,7 @@ impl Source {
                 meta,
                 digest: record.digest,
                 limit,
+                symlink: found.symlink,
                 bytes: OnceLock::new(),
             }));
         }
@@ -206,7 +209,23 @@ impl Source {
             Ok(None) => return Hashed::Skipped,
             Err(e) => return Hashed::Failed(e),
         };
-        let digest = SourceDigest::of(&data);
+        let source = Self::of_bytes(found, meta, &data, now_ns, writes, limit);
+        let _ = source.bytes.set(Ok(Arc::new(data)));
+        Hashed::Source(source)
+    }
+
+    /// The source `found`, stat'ed as `meta`, read as `data` (not kept:
+    /// [`Source::bytes`] reads it again if asked): hashed, and its hash
+    /// recorded into `writes`.
+    fn of_bytes(
+        found: &Found,
+        meta: SourceStat,
+        data: &[u8],
+        now_ns: i64,
+        writes: Option<&mut Writes>,
+        limit: u64,
+    ) -> Box<Source> {
+        let digest = SourceDigest::of(data);
         if let Some(writes) = writes {
             let record = StatRecord {
                 dev: meta.dev,
@@ -219,15 +238,16 @@ impl Source {
             };
             writes.stat(&found.path, &record);
         }
-        Hashed::Source(Box::new(Source {
+        Box::new(Source {
             path: found.path.clone(),
             dir: Arc::clone(&found.dir),
             name: found.name.clone(),
             meta,
             digest,
             limit,
-            bytes: OnceLock::from(Ok(Arc::new(data))),
-        }))
+            symlink: found.symlink,
+            bytes: OnceLock::new(),
+        })
     }
 
     /// Whether `found` is read by [`Source::hash_new`]: a file listed as
@@ -275,27 +295,49 @@ impl Source {
                 })
                 .unzip();
             let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW;
-            // Read only what is regular and not too large.
+            // Read only what is regular and not too large; hashed as read
+            // (the bytes are not kept: a pyc compiled reads them again).
+            let mut whole: Vec<Option<Box<Source>>> = (0..items.len()).map(|_| None).collect();
             let out = if items.is_empty() {
                 Some(Vec::new())
             } else {
-                uring::open_stat_read(&items, flags, |i, stat| {
-                    let meta = SourceStat::of(stat);
-                    check_kind_and_size(&meta, limit, &read[i].path)
-                        .ok()
-                        .map(|()| meta.size)
-                })
+                uring::open_stat_read(
+                    &items,
+                    flags,
+                    |i, stat| {
+                        let meta = SourceStat::of(stat);
+                        check_kind_and_size(&meta, limit, &read[i].path)
+                            .ok()
+                            .map(|()| meta.size)
+                    },
+                    |i, stat, data| {
+                        let meta = SourceStat::of(stat);
+                        let source =
+                            Self::of_bytes(read[i], meta, data, now_ns, Some(&mut *writes), limit);
+                        whole[i] = Some(source);
+                    },
+                )
             };
             drop(items);
             let Some(out) = out else {
                 // The ring broke, with opens relative to these directories
                 // perhaps still in flight: their descriptors are never
-                // closed (their numbers not reused). This batch and the
-                // rest are read one by one.
+                // closed (their numbers not reused). What it read is kept;
+                // the rest of this batch, and the batches after it, are
+                // read one by one.
+                let opened: Vec<bool> = dirs.iter().map(|(_, dir)| dir.is_ok()).collect();
                 for (_, dir) in dirs {
                     if let Ok(DirFd::Own(fd)) = dir {
                         let _ = fd.into_raw_fd();
                     }
+                }
+                let mut whole = whole.into_iter();
+                for (found, &d) in batch.iter().zip(&dir_of) {
+                    let done = opened[d].then(|| whole.next().flatten()).flatten();
+                    hashed.push(match done {
+                        Some(source) => Hashed::Source(source),
+                        None => Self::hash_one_new(found, now_ns, writes, limit),
+                    });
                 }
                 let rest = &found[hashed.len()..];
                 hashed.extend(
@@ -304,7 +346,7 @@ impl Source {
                 );
                 return Some(hashed);
             };
-            let mut opened = out.into_iter();
+            let mut opened = out.into_iter().zip(whole);
             for (found, &d) in batch.iter().zip(&dir_of) {
                 let path = &found.path;
                 // A directory that could not be opened: tried again, and
@@ -314,29 +356,37 @@ impl Source {
                     continue;
                 }
                 let one = match opened.next() {
-                    None | Some(Opened::Again) => Self::hash_one_new(found, now_ns, writes, limit),
-                    Some(Opened::OpenFailed(Errno::NOENT | Errno::LOOP)) => Hashed::Skipped,
-                    Some(Opened::OpenFailed(e)) => {
+                    None | Some((Opened::Again, _)) => {
+                        Self::hash_one_new(found, now_ns, writes, limit)
+                    }
+                    Some((Opened::OpenFailed(Errno::NOENT | Errno::LOOP), _)) => Hashed::Skipped,
+                    Some((Opened::OpenFailed(e), _)) => {
                         Hashed::Failed(FileError::new(path, Op::Read, e))
                     }
-                    Some(Opened::StatFailed(e)) => {
+                    Some((Opened::StatFailed(e), _)) => {
                         Hashed::Failed(FileError::new(path, Op::Stat, e))
                     }
-                    Some(Opened::Stated { stat, read }) => {
+                    Some((Opened::Stated { stat, read }, whole)) => {
                         let meta = SourceStat::of(&stat);
-                        let read = match read {
-                            None => check_kind_and_size(&meta, limit, path).map(|()| None),
-                            Some(uring::Read::Whole(data)) => Ok(Some(data)),
-                            Some(uring::Read::Grew) => Ok(None),
-                            Some(uring::Read::Failed(e)) => Err(FileError::new(path, Op::Read, e)),
+                        match read {
+                            None => match check_kind_and_size(&meta, limit, path) {
+                                Ok(()) => Hashed::Skipped,
+                                Err(e) => Hashed::Failed(e),
+                            },
+                            Some(uring::Read::Whole) => match whole {
+                                Some(source) => Hashed::Source(source),
+                                None => Self::hash_one_new(found, now_ns, writes, limit),
+                            },
+                            Some(uring::Read::Grew) => Hashed::Skipped,
+                            Some(uring::Read::Failed(e)) => {
+                                Hashed::Failed(FileError::new(path, Op::Read, e))
+                            }
                             // Shrunk, cut short or not done: by itself,
                             // opened and stat'ed again.
                             Some(uring::Read::Again) => {
-                                hashed.push(Self::hash_one_new(found, now_ns, writes, limit));
-                                continue;
+                                Self::hash_one_new(found, now_ns, writes, limit)
                             }
-                        };
-                        Self::from_read(found, meta, read, now_ns, Some(&mut *writes), limit)
+                        }
                     }
                 };
                 hashed.push(one);
@@ -361,9 +411,16 @@ impl Source {
                     .dir
                     .fd()
                     .map_err(|e| FileError::new(path, Op::Read, e))?;
-                let bytes = read_source(dir.as_fd(), &self.name, &self.meta, self.limit, path)?
-                    .filter(|bytes| SourceDigest::of(bytes) == self.digest)
-                    .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
+                let bytes = read_source(
+                    dir.as_fd(),
+                    &self.name,
+                    self.symlink,
+                    &self.meta,
+                    self.limit,
+                    path,
+                )?
+                .filter(|bytes| SourceDigest::of(bytes) == self.digest)
+                .ok_or_else(|| FileError::new(path, Op::Read, Cause::Changed))?;
                 Ok(Arc::new(bytes))
             })
             .clone()
@@ -442,23 +499,37 @@ fn read_found(
     limit: u64,
 ) -> std::result::Result<Option<Vec<u8>>, FileError> {
     match found.dir.fd() {
-        Ok(dir) => read_source(dir.as_fd(), &found.name, meta, limit, &found.path),
+        Ok(dir) => read_source(
+            dir.as_fd(),
+            &found.name,
+            found.symlink,
+            meta,
+            limit,
+            &found.path,
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(FileError::new(&found.path, Op::Read, e)),
     }
 }
 
 /// Reads a source through its directory's descriptor: only a regular file,
-/// the same file that was stat'ed, at most `limit` bytes counted as read.
-/// `None` when it vanished or changed meanwhile.
+/// the same file that was stat'ed, at most `limit` bytes counted as read,
+/// and through a symlink only if it was found as one. `None` when it
+/// vanished or changed meanwhile.
 fn read_source(
     dir: BorrowedFd<'_>,
     name: &OsStr,
+    symlink: bool,
     meta: &SourceStat,
     limit: u64,
     path: &Path,
 ) -> std::result::Result<Option<Vec<u8>>, FileError> {
-    let Some((fd, st)) = open_source(dir, name, OFlags::empty(), path)? else {
+    let flags = if symlink {
+        OFlags::empty()
+    } else {
+        OFlags::NOFOLLOW
+    };
+    let Some((fd, st)) = open_source(dir, name, flags, path)? else {
         return Ok(None);
     };
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
@@ -686,6 +757,7 @@ pub(crate) fn check_prefix(prefix: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     #[test]
     fn pyc_paths_are_where_python_looks() {
@@ -726,5 +798,58 @@ mod tests {
             );
         }
         assert_eq!(pyc_path(Path::new("/p/m.pyw"), &interpreter, 0), None);
+    }
+
+    /// A source read and hashed in a batch keeps no bytes: compiling it
+    /// reads it again, checked against its digest. A symlink swapped in
+    /// for it meanwhile is not even opened through (its target could be a
+    /// device whose open does something), and the source counts as
+    /// changed.
+    #[test]
+    fn a_source_read_again_to_compile_is_never_opened_through_a_symlink_swapped_in() {
+        if !uring::usable_in_tests() {
+            return; // Read one by one, a source keeps its bytes.
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("app");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("a.py"), b"A = 1\n").unwrap();
+        std::fs::write(root.join("b.py"), b"B = 2\n").unwrap();
+        let target = tmp.path().join("target.py");
+        std::fs::write(&target, b"B = 2\n").unwrap();
+        let walked = walk::walk(&root, &Excludes::new(&[]).unwrap(), None);
+        let found: Vec<&Found> = walked.found.iter().collect();
+        let mut writes = Writes::default();
+        let hashed = Source::hash_new(&found, 0, &mut writes, MAX_SOURCE_SIZE).unwrap();
+        let sources: Vec<Box<Source>> = hashed
+            .into_iter()
+            .map(|h| match h {
+                Hashed::Source(source) => source,
+                _ => panic!("both sources hashed"),
+            })
+            .collect();
+        assert!(sources.iter().all(|s| s.bytes.get().is_none()));
+        assert_eq!(*sources[0].bytes().unwrap(), b"A = 1\n");
+
+        // b.py, now a symlink to a file with its very bytes: watched for
+        // any open.
+        std::fs::remove_file(root.join("b.py")).unwrap();
+        std::os::unix::fs::symlink(&target, root.join("b.py")).unwrap();
+        // SAFETY: plain calls on a descriptor owned here.
+        let watch = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(watch >= 0);
+        let watch = unsafe { OwnedFd::from_raw_fd(watch) };
+        let name = std::ffi::CString::new(target.as_os_str().as_bytes()).unwrap();
+        let added =
+            unsafe { libc::inotify_add_watch(watch.as_raw_fd(), name.as_ptr(), libc::IN_OPEN) };
+        assert!(added >= 0);
+        let e = sources[1].bytes().expect_err("b.py changed");
+        assert!(e.to_string().contains("changed"), "{e}");
+        let mut events = [0u8; 256];
+        let read = rustix::io::read(&watch, &mut events);
+        assert_eq!(read, Err(Errno::AGAIN), "the target was opened");
+        // What a read of the symlink would have done, seen by the watch.
+        std::fs::read(root.join("b.py")).unwrap();
+        assert!(rustix::io::read(&watch, &mut events).is_ok_and(|n| n > 0));
     }
 }

@@ -282,7 +282,8 @@ pub(crate) fn open_stat_read(
                 }
             };
             match size(i, &stat) {
-                Some(want) if want >= MAX_READ => {} // Again
+                // Too large for one read: left `Again`, read one by one.
+                Some(want) if want >= MAX_READ => continue,
                 Some(want) => wants.push((i, want as usize)),
                 None => {}
             }
@@ -349,10 +350,13 @@ pub(crate) fn open_stat_read(
                 }
             }
             if round(ring, &entries, &mut results).is_none() {
-                // Closed by the kernel, or in flight: never closed here;
+                // This round's files closed by the kernel, or in flight:
+                // never closed here (those of later rounds are, on drop);
                 // and the memory read into is never freed.
-                for fd in fds.into_iter().flatten() {
-                    let _ = fd.into_raw_fd();
+                for i in closing {
+                    if let Some(fd) = fds[i].take() {
+                        let _ = fd.into_raw_fd();
+                    }
                 }
                 arena.map(Box::leak);
                 own.map(Box::leak);
@@ -435,8 +439,13 @@ mod tests {
         std::fs::write(dir.path().join("big.py"), vec![b'#'; 300_000]).unwrap();
         std::os::unix::fs::symlink("a.py", dir.path().join("link.py")).unwrap();
         std::fs::create_dir(dir.path().join("sub.py")).unwrap();
+        // Sparse: too large for one read through the ring.
+        let huge = std::fs::File::create(dir.path().join("huge.py")).unwrap();
+        huge.set_len(MAX_READ).unwrap();
         let fd = std::fs::File::open(dir.path()).unwrap();
-        let names = ["a.py", "empty.py", "big.py", "link.py", "gone.py", "sub.py"];
+        let names = [
+            "a.py", "empty.py", "big.py", "link.py", "gone.py", "sub.py", "huge.py",
+        ];
         let items: Vec<_> = names
             .iter()
             .map(|name| (fd.as_fd(), OsStr::new(name)))
@@ -480,6 +489,7 @@ mod tests {
         assert!(matches!(out[3], Opened::OpenFailed(Errno::LOOP)));
         assert!(matches!(out[4], Opened::OpenFailed(Errno::NOENT)));
         assert!(matches!(out[5], Opened::Stated { read: None, .. }));
+        assert!(matches!(out[6], Opened::Again));
     }
 
     /// Files read in rounds through one thread's memory, a file larger

@@ -270,7 +270,6 @@ pub(crate) fn open_stat_read(
         // The `fstat`s of the open files, one by one: the ring would hand
         // each `statx` to a kernel worker thread (an `IORING_OP_STATX` is
         // never run inline), slower than the calls themselves.
-        let mut stats: Vec<Option<Stat>> = vec![None; n];
         let mut wants: Vec<(usize, usize)> = Vec::with_capacity(n);
         for (i, fd) in fds.iter().enumerate() {
             let Some(fd) = fd else { continue };
@@ -291,7 +290,6 @@ pub(crate) fn open_stat_read(
                 stat: Box::new(stat),
                 read: None,
             };
-            stats[i] = Some(stat);
         }
 
         // The reads, in rounds that fit in the arena (a file larger than
@@ -386,11 +384,12 @@ pub(crate) fn open_stat_read(
                 } else if (result as usize) < want {
                     Read::Again
                 } else {
-                    let stat = stats[i].as_ref().expect("read files are stat'ed");
-                    whole(i, stat, &buffer[at..at + want]);
                     Read::Whole
                 };
-                if let Opened::Stated { read: slot, .. } = &mut out[i] {
+                if let Opened::Stated { stat, read: slot } = &mut out[i] {
+                    if let Read::Whole = read {
+                        whole(i, stat, &buffer[at..at + want]);
+                    }
                     *slot = Some(read);
                 }
             }

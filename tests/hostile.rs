@@ -347,6 +347,102 @@ fn an_index_session_that_cannot_flush_as_it_ends_says_so_and_loses_nothing() {
     index.close().unwrap();
 }
 
+/// A library that makes every new table file (`*.sst`) fail to be created
+/// with ENOSPC, loaded into a command with `LD_PRELOAD`: the index opens
+/// and takes writes (its log, manifest and options are no tables), and
+/// every flush fails, as on a filesystem that has just filled up.
+fn no_space_for_tables(t: &TestDir) -> PathBuf {
+    const SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <string.h>
+
+static int refused(const char *path, int flags) {
+    size_t n = strlen(path);
+    if ((flags & O_CREAT) && n > 4 && strcmp(path + n - 4, ".sst") == 0) {
+        errno = ENOSPC;
+        return 1;
+    }
+    return 0;
+}
+
+#define OPEN(name)                                                        \
+    int name(const char *path, int flags, ...) {                          \
+        static int (*real)(const char *, int, ...);                       \
+        va_list ap; va_start(ap, flags); int mode = va_arg(ap, int); va_end(ap); \
+        if (refused(path, flags)) return -1;                              \
+        if (!real) real = dlsym(RTLD_NEXT, #name);                        \
+        return real(path, flags, mode);                                   \
+    }
+#define OPENAT(name)                                                      \
+    int name(int dir, const char *path, int flags, ...) {                 \
+        static int (*real)(int, const char *, int, ...);                  \
+        va_list ap; va_start(ap, flags); int mode = va_arg(ap, int); va_end(ap); \
+        if (refused(path, flags)) return -1;                              \
+        if (!real) real = dlsym(RTLD_NEXT, #name);                        \
+        return real(dir, path, flags, mode);                              \
+    }
+OPEN(open)
+OPEN(open64)
+OPENAT(openat)
+OPENAT(openat64)
+"#;
+    let source = t.join("no-space-for-tables.c");
+    std::fs::write(&source, SHIM).unwrap();
+    let library = t.join("no-space-for-tables.so");
+    run_ok(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1", "-o"])
+            .arg(&library)
+            .arg(&source)
+            .arg("-ldl"),
+    );
+    library
+}
+
+/// Every command that writes to the index ends its session by flushing,
+/// and says so when that fails: here `stats --zero`, whose reset used to be
+/// reported done (exit 0) while its flush failed. Nothing is lost: the
+/// reset waits in the write-ahead log, and the next session has it.
+#[test]
+fn a_command_whose_index_flush_fails_says_so_and_loses_nothing() {
+    let t = TestDir::new();
+    let venv = t.join("venv");
+    make_venv(&python("3.11"), &venv);
+    run_ok(t.pycstore().arg("link").arg("-q").arg(&venv));
+    let usage = |out: &std::process::Output| {
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            json["usage"].as_object().unwrap().len(),
+            json["since"].as_u64().unwrap(),
+        )
+    };
+    let (labels, since) = usage(&run_ok(t.pycstore().args(["stats", "--json"])));
+    assert!(labels > 0 && since == 0, "the link counted its work");
+
+    let out = run(t
+        .pycstore()
+        .env("LD_PRELOAD", no_space_for_tables(&t))
+        .args(["stats", "--zero"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_output!(
+        out,
+        !out.status.success()
+            && stderr.contains("cannot flush the index")
+            && stderr.contains("index-v1")
+            && stderr.contains("kept in its write-ahead log"),
+        "a reset whose flush failed is reported"
+    );
+    let (labels, since) = usage(&run_ok(t.pycstore().args(["stats", "--json"])));
+    assert!(
+        labels == 0 && since > 0,
+        "the reset was kept: {labels} labels, since {since}"
+    );
+}
+
 #[test]
 fn a_full_disk_leaves_nothing_half_written() {
     let t = TestDir::new();

@@ -338,7 +338,7 @@ impl Pycs {
             }
         }
         let failures: HashSet<CompileKey> = index.failure_keys()?.into_iter().collect();
-        drop(index);
+        index.close()?;
         tracing::debug!(
             "loaded {} stored bodies and {} known failures",
             bodies.len(),
@@ -1050,10 +1050,10 @@ impl Pycs {
         }
         let result = self.store.index().and_then(|mut index: Index| {
             index.apply(writes)?;
-            match &self.remotes {
-                Some(remotes) => remotes.record(&mut index),
-                None => Ok(()),
+            if let Some(remotes) = &self.remotes {
+                remotes.record(&mut index)?;
             }
+            index.close()
         });
         if let Err(e) = result {
             tracing::warn!("cannot record what the mount compiled in the index: {e}");

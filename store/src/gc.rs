@@ -246,7 +246,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
     if !options.dry_run {
         index.apply(writes)?;
     }
-    drop(index);
+    index.close()?;
 
     if !options.dry_run {
         let removed: Vec<std::result::Result<(), PathError>> = evict

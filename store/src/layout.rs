@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use fs_err as fs;
 
-use crate::index::Index;
+use crate::index::{Index, Writes};
 use crate::lock::{self, LockGuard, LockMode};
 use crate::objects::Objects;
 use crate::trust::{self, Bucket, Owner};
@@ -183,6 +183,16 @@ impl Store {
     /// Keep it short: one process at a time can have one.
     pub fn index(&self) -> Result<Index> {
         Index::open(&self.index_path())
+    }
+
+    /// Writes `writes` in an index session of their own, and ends it: an
+    /// error when the writes fail, or the flush that ends the session (a
+    /// full filesystem; what was written then waits in the write-ahead log
+    /// for the next session).
+    pub fn record(&self, writes: Writes) -> Result<()> {
+        let mut index = self.index()?;
+        index.apply(writes)?;
+        index.close()
     }
 
     /// Opens a read-only session on the index; readers do not wait for

@@ -403,6 +403,7 @@ fn choose(store: &Store, selection: &Selection, report: &mut ExportReport) -> Re
         } else {
             Vec::new()
         };
+        index.close()?;
         (entries, failures)
     };
 
@@ -670,7 +671,7 @@ pub fn import<R: Read>(store: &Store, pack: R, name: &Path) -> Result<ImportRepo
     report.entries_added = new_entries.iter().filter(|raw| !raw.is_body).count() as u64;
     report.failures_added = new_failures.len() as u64;
     if !writes.is_empty() {
-        store.index()?.apply(writes)?;
+        store.record(writes)?;
     }
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     Ok(report)

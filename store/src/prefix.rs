@@ -429,7 +429,7 @@ pub fn unlink(store: &Store, prefixes: &[PathBuf], dry_run: bool) -> Result<Unli
         }
     }
     if !dry_run {
-        store.index()?.apply(writes)?;
+        store.record(writes)?;
     }
     Ok(report)
 }

@@ -143,7 +143,7 @@ pub fn stats(store: &Store, zero: bool) -> Result<Stats> {
             RESET_KEY.as_bytes(),
             &crate::util::now_secs().to_le_bytes(),
         );
-        store.index()?.apply(writes)?;
+        store.record(writes)?;
     }
     Ok(stats)
 }

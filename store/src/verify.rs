@@ -816,7 +816,7 @@ fn repair_index(store: &Store, found: &mut Findings) -> Result<()> {
         writes.entries_changed();
     }
     if !writes.is_empty() {
-        store.index()?.apply(writes)?;
+        store.record(writes)?;
     }
     found.repairs.entries_removed = found.entries_dropped;
     for problem in &mut found.problems {

@@ -20,10 +20,10 @@ pub fn run(global: &GlobalArgs, args: &PushArgs) -> anyhow::Result<ExitCode> {
     for message in remotes.take_warnings() {
         eprintln!("pycstore: warning: {message}");
     }
-    if let Err(e) = store
-        .index()
-        .and_then(|mut index| remotes.record(&mut index))
-    {
+    if let Err(e) = store.index().and_then(|mut index| {
+        remotes.record(&mut index)?;
+        index.close()
+    }) {
         tracing::debug!("cannot record the remotes' counters: {e}");
     }
     let per_remote = remotes.report();

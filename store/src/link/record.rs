@@ -237,7 +237,7 @@ impl<'a> Ledger<'a> {
         if self.dry_run || writes.is_empty() {
             return Ok(());
         }
-        store.index()?.apply(writes)
+        store.record(writes)
     }
 
     /// The report's counters, and its failures as they are reported.

@@ -360,6 +360,11 @@ fn no_space_for_tables(t: &TestDir) -> PathBuf {
 #include <stdarg.h>
 #include <string.h>
 
+/* The mode is an argument only when a file may be made. */
+static int takes_mode(int flags) {
+    return (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE;
+}
+
 static int refused(const char *path, int flags) {
     size_t n = strlen(path);
     if ((flags & O_CREAT) && n > 4 && strcmp(path + n - 4, ".sst") == 0) {
@@ -372,7 +377,10 @@ static int refused(const char *path, int flags) {
 #define OPEN(name)                                                        \
     int name(const char *path, int flags, ...) {                          \
         static int (*real)(const char *, int, ...);                       \
-        va_list ap; va_start(ap, flags); int mode = va_arg(ap, int); va_end(ap); \
+        int mode = 0;                                                     \
+        va_list ap; va_start(ap, flags);                                  \
+        if (takes_mode(flags)) mode = va_arg(ap, int);                    \
+        va_end(ap);                                                       \
         if (refused(path, flags)) return -1;                              \
         if (!real) real = dlsym(RTLD_NEXT, #name);                        \
         return real(path, flags, mode);                                   \
@@ -380,7 +388,10 @@ static int refused(const char *path, int flags) {
 #define OPENAT(name)                                                      \
     int name(int dir, const char *path, int flags, ...) {                 \
         static int (*real)(int, const char *, int, ...);                  \
-        va_list ap; va_start(ap, flags); int mode = va_arg(ap, int); va_end(ap); \
+        int mode = 0;                                                     \
+        va_list ap; va_start(ap, flags);                                  \
+        if (takes_mode(flags)) mode = va_arg(ap, int);                    \
+        va_end(ap);                                                       \
         if (refused(path, flags)) return -1;                              \
         if (!real) real = dlsym(RTLD_NEXT, #name);                        \
         return real(dir, path, flags, mode);                              \
@@ -405,8 +416,9 @@ OPENAT(openat64)
 
 /// Every command that writes to the index ends its session by flushing,
 /// and says so when that fails: here `stats --zero`, whose reset used to be
-/// reported done (exit 0) while its flush failed. Nothing is lost: the
-/// reset waits in the write-ahead log, and the next session has it.
+/// reported done (exit 0) while its flush failed, and `gc`. Nothing is
+/// lost: what they wrote waits in the write-ahead log, and the next
+/// session has it; the gc's files are removed all the same.
 #[test]
 fn a_command_whose_index_flush_fails_says_so_and_loses_nothing() {
     let t = TestDir::new();
@@ -441,6 +453,83 @@ fn a_command_whose_index_flush_fails_says_so_and_loses_nothing() {
         labels == 0 && since > 0,
         "the reset was kept: {labels} labels, since {since}"
     );
+
+    // A gc whose flush fails still removes the objects it evicts (a full
+    // disk is when it is run), and says so after.
+    let held = |out: &std::process::Output| {
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            json["objects"].as_u64().unwrap(),
+            json["entries"].as_u64().unwrap(),
+        )
+    };
+    let (objects, entries) = held(&run_ok(t.pycstore().args(["stats", "--json"])));
+    assert!(
+        objects > 0 && entries > 0,
+        "{objects} objects, {entries} entries"
+    );
+    // The reset still waits in the log: a read-write session flushes it as
+    // it opens (with the library loaded, that open would fail for room).
+    run_ok(t.pycstore().args(["gc", "--dry-run"]));
+    let out = run(t
+        .pycstore()
+        .env("LD_PRELOAD", no_space_for_tables(&t))
+        .args(["gc", "--max-size", "0"]));
+    assert_output!(
+        out,
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("cannot flush the index"),
+        "a gc whose flush failed is reported"
+    );
+    let (objects, entries) = held(&run_ok(t.pycstore().args(["stats", "--json"])));
+    assert_eq!(
+        (objects, entries),
+        (0, 0),
+        "the evicted objects went, and their entries with them"
+    );
+}
+
+/// `verify --repair` whose flush fails still removes the damaged pycs whose
+/// records it deleted (they would otherwise stay, no longer recorded, where
+/// no later `verify` looks), and says so after.
+#[test]
+fn a_repair_whose_index_flush_fails_still_repairs_the_files() {
+    let t = TestDir::new();
+    t.write("app/pkg/__init__.py", "");
+    t.write(
+        "app/pkg/m0.py",
+        "VALUE = 0\n\n\ndef f(x):\n    return x + VALUE\n",
+    );
+    let app = t.join("app");
+    run_ok(
+        t.pycstore()
+            .args(["link", "-q", "--link-mode", "hardlink", "--python"])
+            .arg(python("3.11"))
+            .arg(&app),
+    );
+    // The pyc is a hard link of its object: one bit flipped damages both.
+    let pyc = app.join("pkg/__pycache__/m0.cpython-311.pyc");
+    let mut bytes = std::fs::read(&pyc).unwrap();
+    bytes[40] ^= 0x01;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pyc)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes))
+        .unwrap();
+
+    let out = run(t
+        .pycstore()
+        .env("LD_PRELOAD", no_space_for_tables(&t))
+        .args(["verify", "--repair"]));
+    assert_output!(
+        out,
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("cannot flush the index"),
+        "a repair whose flush failed is reported"
+    );
+    assert!(!pyc.exists(), "the damaged pyc was removed all the same");
+    let out = run(t.pycstore().arg("verify"));
+    assert_output!(out, out.status.success(), "the store verifies clean after");
 }
 
 #[test]

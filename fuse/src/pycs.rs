@@ -338,7 +338,11 @@ impl Pycs {
             }
         }
         let failures: HashSet<CompileKey> = index.failure_keys()?.into_iter().collect();
-        index.close()?;
+        // What this session wrote (new probes) is a cache: a flush that
+        // fails leaves it in the write-ahead log, and the mount goes on.
+        if let Err(e) = index.close() {
+            tracing::warn!("{e}");
+        }
         tracing::debug!(
             "loaded {} stored bodies and {} known failures",
             bodies.len(),

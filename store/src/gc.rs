@@ -246,7 +246,11 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
     if !options.dry_run {
         index.apply(writes)?;
     }
-    index.close()?;
+    // A session fails to close only when its flush fails: the entries'
+    // deletions are then in the write-ahead log, taken up by the next
+    // session, so the objects still go (a full disk is when a gc is run
+    // to free space), and the error is returned after.
+    let closed = index.close();
 
     if !options.dry_run {
         let removed: Vec<std::result::Result<(), PathError>> = evict
@@ -262,6 +266,7 @@ pub fn gc(store: &Store, options: &GcOptions) -> Result<GcReport> {
             .collect();
         failures.extend(removed.into_iter().filter_map(|r| r.err()));
     }
+    closed?;
 
     stats.objects_after = stats.objects_before - stats.evicted;
     stats.bytes_after = stats.bytes_before - evict.iter().map(|&i| candidates[i].disk).sum::<u64>();

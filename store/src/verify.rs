@@ -418,8 +418,15 @@ pub fn verify(store: &Store, options: &VerifyOptions) -> Result<VerifyReport> {
     check_shards(store, &mut found);
     check_links(store, &index.links, &objects, &mut found);
     if options.repair {
-        repair_index(store, &mut found)?;
+        // A flush that failed leaves the index's repairs in the write-ahead
+        // log, for the next session: the files are repaired all the same
+        // (the pycs whose records went would otherwise stay, no longer
+        // recorded), and the error is returned after.
+        let unflushed = repair_index(store, &mut found)?;
         repair_files(store, &mut found);
+        if let Some(e) = unflushed {
+            return Err(e);
+        }
     }
     Ok(VerifyReport {
         stats: found.stats,
@@ -801,8 +808,9 @@ fn check_links(
 
 /// Repair, first the index: the entries and use times of what goes, and
 /// the records of pycs to be removed, are deleted before any file, as in
-/// `gc`.
-fn repair_index(store: &Store, found: &mut Findings) -> Result<()> {
+/// `gc`. A flush that failed once they were written is handed back, not
+/// returned: the deletions wait in the write-ahead log.
+fn repair_index(store: &Store, found: &mut Findings) -> Result<Option<crate::Error>> {
     let mut writes = std::mem::take(&mut found.writes);
     for id in &found.orphans {
         writes.delete(Family::Used, &id.0);
@@ -815,8 +823,13 @@ fn repair_index(store: &Store, found: &mut Findings) -> Result<()> {
     if !found.orphans.is_empty() || !found.remove.is_empty() {
         writes.entries_changed();
     }
+    let mut unflushed = None;
     if !writes.is_empty() {
-        store.record(writes)?;
+        match store.record(writes) {
+            Ok(()) => {}
+            Err(e @ crate::Error::IndexFlush { .. }) => unflushed = Some(e),
+            Err(e) => return Err(e),
+        }
     }
     found.repairs.entries_removed = found.entries_dropped;
     for problem in &mut found.problems {
@@ -831,7 +844,7 @@ fn repair_index(store: &Store, found: &mut Findings) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(unflushed)
 }
 
 /// Repair, then the files: damaged, unreadable and stray files go, objects

@@ -374,32 +374,25 @@ static int refused(const char *path, int flags) {
     return 0;
 }
 
-#define OPEN(name)                                                        \
-    int name(const char *path, int flags, ...) {                          \
-        static int (*real)(const char *, int, ...);                       \
-        int mode = 0;                                                     \
-        va_list ap; va_start(ap, flags);                                  \
-        if (takes_mode(flags)) mode = va_arg(ap, int);                    \
-        va_end(ap);                                                       \
-        if (refused(path, flags)) return -1;                              \
-        if (!real) real = dlsym(RTLD_NEXT, #name);                        \
-        return real(path, flags, mode);                                   \
-    }
-#define OPENAT(name)                                                      \
-    int name(int dir, const char *path, int flags, ...) {                 \
-        static int (*real)(int, const char *, int, ...);                  \
-        int mode = 0;                                                     \
-        va_list ap; va_start(ap, flags);                                  \
-        if (takes_mode(flags)) mode = va_arg(ap, int);                    \
-        va_end(ap);                                                       \
-        if (refused(path, flags)) return -1;                              \
-        if (!real) real = dlsym(RTLD_NEXT, #name);                        \
-        return real(dir, path, flags, mode);                              \
-    }
-OPEN(open)
-OPEN(open64)
-OPENAT(openat)
-OPENAT(openat64)
+/* Every open goes to the real openat (AT_FDCWD for a path alone). */
+static int forward(int dir, const char *path, int flags, int mode) {
+    static int (*real)(int, const char *, int, ...);
+    if (refused(path, flags)) return -1;
+    if (!real) real = dlsym(RTLD_NEXT, "openat");
+    return real(dir, path, flags, mode);
+}
+
+#define MODE(flags)                                                       \
+    int mode = 0;                                                         \
+    va_list ap;                                                           \
+    va_start(ap, flags);                                                  \
+    if (takes_mode(flags)) mode = va_arg(ap, int);                        \
+    va_end(ap)
+
+int open(const char *path, int flags, ...) { MODE(flags); return forward(AT_FDCWD, path, flags, mode); }
+int open64(const char *path, int flags, ...) { MODE(flags); return forward(AT_FDCWD, path, flags, mode); }
+int openat(int dir, const char *path, int flags, ...) { MODE(flags); return forward(dir, path, flags, mode); }
+int openat64(int dir, const char *path, int flags, ...) { MODE(flags); return forward(dir, path, flags, mode); }
 "#;
     let source = t.join("no-space-for-tables.c");
     std::fs::write(&source, SHIM).unwrap();

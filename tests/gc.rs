@@ -45,7 +45,7 @@ fn objects_of(t: &TestDir, app: &Path) -> Vec<PathBuf> {
 
 /// Records when each object was last used, as `link` does.
 fn set_last_use(t: &TestDir, objects: &[PathBuf], when: u64) {
-    let mut index = Index::open(&t.store().join("index-v1")).unwrap();
+    let mut index = Index::open(&t.store().join("index-v2")).unwrap();
     let mut writes = Writes::default();
     for object in objects {
         writes.used(&id_of(object), when);
@@ -218,7 +218,7 @@ fn older_than_evicts_objects_unused_since_and_keeps_linked_ones() {
     // Without a use time, the object file's mtime says when it was made.
     let o_unrecorded = objects_of(&t, &unrecorded);
     {
-        let mut index = Index::open(&t.store().join("index-v1")).unwrap();
+        let mut index = Index::open(&t.store().join("index-v2")).unwrap();
         let mut writes = Writes::default();
         for o in &o_unrecorded {
             writes.forget_use(&id_of(o));

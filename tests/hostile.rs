@@ -299,7 +299,7 @@ fn an_index_session_that_cannot_flush_as_it_ends_says_so_and_loses_nothing() {
     let Some(small) = Tmpfs::mount(&t, "small", "64m") else {
         return;
     };
-    let path = small.path.join("index-v1");
+    let path = small.path.join("index-v2");
     let write = |label: &str| {
         let mut index = Index::open(&path).unwrap();
         let mut writes = Writes::default();
@@ -437,7 +437,7 @@ fn a_command_whose_index_flush_fails_says_so_and_loses_nothing() {
         out,
         !out.status.success()
             && stderr.contains("cannot flush the index")
-            && stderr.contains("index-v1")
+            && stderr.contains("index-v2")
             && stderr.contains("kept in its write-ahead log"),
         "a reset whose flush failed is reported"
     );

@@ -135,7 +135,7 @@ fn a_bucket_that_is_a_symlink_or_belongs_to_another_user_is_refused() {
     run_ok(t.pycstore().arg("stats"));
 
     // Each bucket handed to another user is refused, naming it.
-    for bucket in ["objects-v1", "tmp", "index-v1", "lock", "index-v1.lock"] {
+    for bucket in ["objects-v1", "tmp", "index-v2", "lock", "index-v2.lock"] {
         let path = t.store().join(bucket);
         std::os::unix::fs::lchown(&path, Some(65534), Some(65534)).unwrap();
         let out = run(t.pycstore().arg("stats"));
@@ -448,9 +448,9 @@ fn a_group_store_works_for_every_member_under_any_umask() {
         (store.clone(), 0o2770),
         (store.join("objects-v1"), 0o2770),
         (store.join("tmp"), 0o2770),
-        (store.join("index-v1"), 0o2770),
+        (store.join("index-v2"), 0o2770),
         (store.join("lock"), 0o660),
-        (store.join("index-v1.lock"), 0o660),
+        (store.join("index-v2.lock"), 0o660),
     ] {
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(

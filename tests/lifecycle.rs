@@ -207,7 +207,7 @@ fn a_store_of_another_user_is_refused_unless_shared() {
     assert_eq!(meta.mode() & 0o7777, 0o2770);
     assert_eq!(meta.gid(), 0);
     // The group's members can open the index after this process wrote it.
-    for entry in std::fs::read_dir(shared.join("index-v1"))
+    for entry in std::fs::read_dir(shared.join("index-v2"))
         .unwrap()
         .flatten()
     {

@@ -613,7 +613,7 @@ fn a_pack_whose_object_python_cannot_load_is_refused_and_never_linked() {
     value.extend_from_slice(&(garbage.len() as u64).to_le_bytes());
     value.extend_from_slice(&garbage[..16]);
     let keys: Vec<Vec<u8>> = {
-        let index = pycstore_store::index::Index::open(&store_a.join("index-v1")).unwrap();
+        let index = pycstore_store::index::Index::open(&store_a.join("index-v2")).unwrap();
         index
             .entries()
             .unwrap()

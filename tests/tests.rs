@@ -25,4 +25,5 @@ mod reads;
 mod remote;
 mod stdlib;
 mod trust;
+mod upgrade;
 mod verify;

@@ -354,7 +354,7 @@ fn a_damaged_index_is_a_clear_error_and_verify_repair_recovers() {
     let t = TestDir::new();
     let app = write_app(&t, "app", 3);
     link(&t, "hardlink", &app);
-    let index = t.store().join("index-v1");
+    let index = t.store().join("index-v2");
     damage_index(&index);
 
     let other = copy_sources(&t, &app, "other");
@@ -397,7 +397,7 @@ fn an_index_beyond_repair_is_set_aside_and_started_afresh() {
     let t = TestDir::new();
     let app = write_app(&t, "app", 3);
     link(&t, "hardlink", &app);
-    let index = t.store().join("index-v1");
+    let index = t.store().join("index-v2");
     // Not even a directory: RocksDB's repair cannot help.
     std::fs::remove_dir_all(&index).unwrap();
     std::fs::write(&index, "not a database").unwrap();
@@ -446,9 +446,10 @@ fn an_index_beyond_repair_is_set_aside_and_started_afresh() {
     assert!(aside.exists());
 }
 
-/// Every table (SST) of the index holding the `entries` column family:
-/// RocksDB writes the family's name into each table's properties, after the
-/// shared prefix `rocksdb.column.family.` of the key before it.
+/// Every table (SST) of the index's column family holding the entries
+/// (RocksDB's default one, where they sort first): RocksDB writes the
+/// column family's name into each table's properties, after the shared
+/// prefix `rocksdb.column.family.` of the key before it.
 fn entries_tables(index: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(index)
         .unwrap()
@@ -457,22 +458,22 @@ fn entries_tables(index: &Path) -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "sst"))
         .filter(|p| {
             let bytes = std::fs::read(p).unwrap();
-            bytes.windows(11).any(|w| w == b"nameentries")
+            bytes.windows(11).any(|w| w == b"namedefault")
         })
         .collect();
     found.sort();
     assert!(
         !found.is_empty(),
-        "no table of the entries family in {}",
+        "no table of the entries' column family in {}",
         index.display()
     );
     found
 }
 
 /// Flips one byte inside the first data block of each table of the
-/// `entries` family, as a failing disk would. The first data block starts
-/// at offset 0 and holds at least one whole entry (a 33-byte key and a
-/// 56-byte value), so byte 20 is inside it.
+/// entries' column family, as a failing disk would. The first data block
+/// starts at offset 0 and holds the table's first records (entries sort
+/// first: a 34-byte key and a 56-byte value), so byte 20 is inside it.
 fn flip_a_byte_in_the_entries_tables(index: &Path) -> Vec<PathBuf> {
     let tables = entries_tables(index);
     for table in &tables {
@@ -510,7 +511,7 @@ fn set_aside(store: &Path) -> Vec<String> {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("index-v1.") && n != "index-v1.lock")
+        .filter(|n| n.starts_with("index-v2.") && n != "index-v2.lock")
         .collect()
 }
 
@@ -520,7 +521,7 @@ fn a_flipped_byte_in_an_index_table_is_found_and_repaired_and_nothing_is_lost() 
     let app = write_app(&t, "app", 5);
     link(&t, "hardlink", &app);
     let entries = entries_in_stats(&t);
-    let index = t.store().join("index-v1");
+    let index = t.store().join("index-v2");
     let tables = flip_a_byte_in_the_entries_tables(&index);
 
     // A full scan with checksums finds it, names the table and the way out.
@@ -574,7 +575,7 @@ fn link_treats_an_unreadable_index_entry_as_a_miss_on_every_run() {
     let t = TestDir::new();
     let app = write_app(&t, "app", 5);
     link(&t, "hardlink", &app);
-    let index = t.store().join("index-v1");
+    let index = t.store().join("index-v2");
     flip_a_byte_in_the_entries_tables(&index);
 
     // Each run says what is wrong and compiles what it cannot read; no run
@@ -653,7 +654,7 @@ fn a_full_disk_never_loses_the_index() {
         json
     };
     let before = stats(&store);
-    let index = store.join("index-v1");
+    let index = store.join("index-v2");
 
     // On a full disk the healthy index is not called damaged, and a repair
     // has nothing to do and moves nothing.
@@ -737,8 +738,8 @@ fn gc_keeps_orphans_while_an_index_is_set_aside() {
     let app = write_app(&t, "app", 3);
     link(&t, "hardlink", &app);
     // An older pycstore set the index aside and started an empty one.
-    let aside = t.store().join("index-v1.broken-1700000000");
-    std::fs::rename(t.store().join("index-v1"), &aside).unwrap();
+    let aside = t.store().join("index-v2.broken-1700000000");
+    std::fs::rename(t.store().join("index-v2"), &aside).unwrap();
     assert_eq!(entries_in_stats(&t), 0);
     let objects: Vec<PathBuf> = (0..3)
         .map(|i| object_of(&t, &pyc(&app, &format!("m{i}"))))

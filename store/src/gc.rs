@@ -7,7 +7,8 @@
 //!    in `tmp/`; orphaned objects, which no index entry names, so no `link`
 //!    can find them (a crash between writing an object and recording it
 //!    leaves one), unless an index set aside by `verify --repair`
-//!    (`index-v1.broken-*`, or any other `index-v1.*`) exists: it may name
+//!    (`index-v2.broken-*`, or any other `index-v2.*` or `index-v1.*`)
+//!    exists: it may name
 //!    them, so they are kept, and the set-aside index is never removed
 //!    here (its owner removes it when it is no longer needed);
 //! 2. with `--older-than AGE`: objects last used longer ago than `AGE`;
@@ -326,9 +327,10 @@ fn choose(candidates: &[Candidate], options: &GcOptions, now: u64) -> Vec<usize>
     order
 }
 
-/// Entries of the store root left by other layout versions: `objects-vN`
-/// and `index-vN` (with its `.lock`) other than the current ones. Indexes
-/// `verify --repair` moved aside are kept. Anything else unknown is left
+/// Entries of the store root left by older layout versions: `objects-vN`
+/// and `index-vN` (with its `.lock`) older than the current ones. Indexes
+/// `verify --repair` moved aside are kept, and so are buckets of a later
+/// version (one may be using the store too). Anything else unknown is left
 /// alone: it is not pycstore's.
 fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
@@ -341,12 +343,17 @@ fn old_layouts(root: &Path) -> Result<Vec<PathBuf>> {
         if KNOWN_ROOT_ENTRIES.contains(&name.as_str()) {
             continue;
         }
-        let versioned = |bucket: &str| {
+        let older = |current: &str| {
+            let at = current.rfind('v').expect("a versioned bucket") + 1;
+            let (bucket, version) = current.split_at(at);
+            let version: u32 = version.parse().expect("a versioned bucket");
             name.strip_prefix(bucket)
                 .map(|rest| rest.strip_suffix(".lock").unwrap_or(rest))
-                .is_some_and(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
+                .filter(|v| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|v| v < version)
         };
-        if versioned("objects-v") || versioned("index-v") {
+        if older(OBJECTS_DIR) || older(INDEX_DIR) {
             found.push(entry.path());
         }
     }
@@ -561,6 +568,11 @@ mod tests {
         std::fs::create_dir_all(root.join("objects-v0/ab")).unwrap();
         std::fs::write(root.join("objects-v0/ab/cd"), "old").unwrap();
         std::fs::create_dir(root.join("index-v0")).unwrap();
+        std::fs::write(root.join("index-v1.lock"), "").unwrap();
+        // A later version's buckets, and an earlier version's marker.
+        std::fs::create_dir(root.join("index-v3")).unwrap();
+        std::fs::create_dir(root.join("objects-v2")).unwrap();
+        std::fs::write(root.join("index-v1.migrated"), "").unwrap();
         std::fs::write(root.join("notes"), "not pycstore's").unwrap();
 
         let disk: u64 = ids
@@ -579,7 +591,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!((dry.stats.evicted, dry.stats.old_layouts_removed), (2, 2));
+        assert_eq!((dry.stats.evicted, dry.stats.old_layouts_removed), (2, 3));
         assert!(store.objects.path(&orphan).exists());
         assert!(root.join("objects-v0").exists());
 
@@ -606,9 +618,15 @@ mod tests {
         drop(index);
         assert_eq!(
             report.old_layouts,
-            [root.join("index-v0"), root.join("objects-v0")]
+            [
+                root.join("index-v0"),
+                root.join("index-v1.lock"),
+                root.join("objects-v0")
+            ]
         );
         assert!(!root.join("objects-v0").exists() && !root.join("index-v0").exists());
-        assert!(root.join("notes").exists());
+        for kept in ["notes", "index-v3", "objects-v2", "index-v1.migrated"] {
+            assert!(root.join(kept).exists(), "{kept}");
+        }
     }
 }

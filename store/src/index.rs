@@ -1,8 +1,16 @@
 //! The index: a RocksDB database holding everything the store remembers
 //! besides the objects themselves.
 //!
+//! Two column families hold every record, its key starting with the byte
+//! of its family (`Family::tag`): RocksDB's default one what the store
+//! holds (entries, failures, probes, use times, counters), and `prefixes`
+//! what was found and placed in prefixes (stat, links, dirs). A session
+//! opens, flushes and syncs two sets of tables, not one for each kind of
+//! record; and a damaged table of one column family leaves the other's
+//! records to rebuild it from (entries are derived again from links).
+//!
 //! ```text
-//! column family   key                                     value
+//! family          key (after the family's byte)           value
 //! entries         compile key ‖ flavor tag [‖ mtime ‖ size]  object id ‖ size ‖ header
 //!                 compile key ‖ 0  (any flavor: the body)     the same, to derive flavors
 //! failures        compile key                             the compiler's message
@@ -17,7 +25,7 @@
 //! ```
 //!
 //! RocksDB lets one process open a database at a time, so the index is used
-//! in short sessions: [`Index::open`] waits for `index-v1.lock`, and a
+//! in short sessions: [`Index::open`] waits for `index-v2.lock`, and a
 //! session lasts a lookup pass or the write of a batch of [`Writes`]
 //! gathered while compiling. Objects are written before the entries that
 //! name them, so an entry never points at a missing object after a crash.
@@ -26,6 +34,10 @@
 //! once per process; `verify` reads the whole index with checksums and
 //! `verify --repair` rebuilds it (`rebuild`). A full disk is
 //! [`Error::IndexNoSpace`], never taken for damage.
+//!
+//! An index of the earlier layout (`index-v1`, a column family for each
+//! family) is carried over once, whole, by the first process that opens
+//! the store (`rebuild::migrate`).
 
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
@@ -46,7 +58,8 @@ use crate::objects::ObjectId;
 use crate::pyc::{Flavor, HEADER_LEN};
 use crate::{Error, Result};
 
-/// The column families, in the order of the table above.
+/// The families of records, in the order of the table above (and of
+/// their bytes, [`Family::tag`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Family {
     /// Compile key (and flavor) → object.
@@ -92,9 +105,48 @@ impl Family {
         }
     }
 
-    /// The family of a column family name, if it is one of ours.
+    /// The family of a column family name of the earlier layout
+    /// (`index-v1`), if it is one of ours.
     fn from_name(name: &str) -> Option<Family> {
         Family::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The column family holding this family's records.
+    fn column(self) -> Column {
+        match self {
+            Family::Stat | Family::Links | Family::Dirs => Column::Prefixes,
+            _ => Column::Store,
+        }
+    }
+
+    /// The byte that starts the keys of this family's records: 1 to 8, in
+    /// the order of [`Family::ALL`], so records sort by family, then key.
+    fn tag(self) -> u8 {
+        match self {
+            Family::Entries => 1,
+            Family::Failures => 2,
+            Family::Stat => 3,
+            Family::Interpreters => 4,
+            Family::Links => 5,
+            Family::Dirs => 6,
+            Family::Used => 7,
+            Family::Counters => 8,
+        }
+    }
+
+    /// The family of a stored key and the key within it.
+    fn split(key: &[u8]) -> Option<(Family, &[u8])> {
+        let (&tag, rest) = key.split_first()?;
+        let family = Family::ALL.into_iter().find(|f| f.tag() == tag)?;
+        Some((family, rest))
+    }
+
+    /// The stored key of `key` in this family.
+    fn key(self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(1 + key.len());
+        k.push(self.tag());
+        k.extend_from_slice(key);
+        k
     }
 }
 
@@ -700,15 +752,36 @@ pub(crate) fn path_key(path: &Path) -> Vec<u8> {
     path.as_os_str().as_encoded_bytes().to_vec()
 }
 
+/// A column family of the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Column {
+    /// What the store holds: RocksDB's default column family.
+    Store,
+    /// What was found and placed in prefixes.
+    Prefixes,
+}
+
+impl Column {
+    const ALL: [Column; 2] = [Column::Store, Column::Prefixes];
+
+    fn name(self) -> &'static str {
+        match self {
+            Column::Store => "default",
+            Column::Prefixes => "prefixes",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Column> {
+        Column::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
 /// An open session on the index.
 pub struct Index {
     db: ManuallyDrop<DB>,
     path: PathBuf,
-    /// The families this session wrote: flushed on close, and compacted
-    /// when their small files pile up.
-    wrote: Vec<Family>,
-    /// The families this session added tables to ([`Index::ingest`]).
-    ingested: Vec<Family>,
+    /// The column families this session wrote: flushed on close.
+    wrote: Vec<Column>,
     /// A write failed (a full disk): nothing more is asked of RocksDB,
     /// which recovers from its log on the next open.
     failed: bool,
@@ -752,18 +825,17 @@ impl Index {
         };
         let guard = lock::lock(&lock_path, mode, "")?;
         let opened = if read_only {
-            DB::open_cf_descriptors_read_only(&Self::read_options(), path, Self::families(), false)
+            DB::open_cf_descriptors_read_only(&Self::read_options(), path, Self::columns(), false)
         } else {
             check_free_space(path)?;
             sweep_ingest_tables(path);
-            DB::open_cf_descriptors(&Self::options(), path, Self::families())
+            DB::open_cf_descriptors(&Self::options(), path, Self::columns())
         };
         let db = opened.map_err(|e| open_error(path, "open", e))?;
         Ok(Index {
             db: ManuallyDrop::new(db),
             path: path.to_path_buf(),
             wrote: Vec::new(),
-            ingested: Vec::new(),
             failed: false,
             shared: path.parent().is_some_and(crate::trust::is_shared),
             reads: ReadOptions::default(),
@@ -781,8 +853,22 @@ impl Index {
         opts
     }
 
+    /// The options of the index (and of the tables made for ingestion).
+    /// Its one column family keeps a bloom filter: most lookups of a warm
+    /// run go to small files flushed by earlier sessions.
     fn options() -> Options {
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        // A walk looks keys up in path order: larger blocks, fewer reads.
+        table.set_block_size(32 * 1024);
+        // A key is found in its block by a binary search among restart
+        // points, then read forward from one: every 4th key a restart point
+        // rather than every 16th. A re-link of the reference corpus: 7%
+        // fewer instructions (callgrind), for a 3% larger index.
+        table.set_block_restart_interval(4);
         let mut opts = Options::default();
+        opts.set_block_based_table_factory(&table);
+        opts.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
         // A damaged table is a miss for lookups (see `lookup`) and is found
         // by `verify`; without this, a compaction that meets it would stop
         // every later write of the session, and so fail every `link` until
@@ -804,7 +890,7 @@ impl Index {
         opts.set_max_open_files(1000);
         opts.set_skip_stats_update_on_db_open(true);
         opts.set_skip_checking_sst_file_sizes_on_db_open(true);
-        // RocksDB's own log (`index-v1/LOG`) keeps warnings and errors, not
+        // RocksDB's own log (`index-v2/LOG`) keeps warnings and errors, not
         // a line per table opened and flushed.
         opts.set_log_level(rocksdb::LogLevel::Warn);
         // The write-ahead log is preallocated to this size (by default to
@@ -818,40 +904,32 @@ impl Index {
         opts
     }
 
-    /// Every family keeps a bloom filter: most lookups of a warm run go to
-    /// small files flushed by earlier sessions.
-    fn families() -> impl Iterator<Item = ColumnFamilyDescriptor> {
-        Family::ALL
-            .iter()
-            .map(|f| ColumnFamilyDescriptor::new(f.name(), Self::family_options()))
+    /// The column families, each with the index's options.
+    fn columns() -> [ColumnFamilyDescriptor; 2] {
+        Column::ALL.map(|c| ColumnFamilyDescriptor::new(c.name(), Self::options()))
     }
 
-    /// The options of every family (and of the tables made for ingestion).
-    fn family_options() -> Options {
-        let mut table = BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        // A walk looks keys up in path order: larger blocks, fewer reads.
-        table.set_block_size(32 * 1024);
-        // A key is found in its block by a binary search among restart
-        // points, then read forward from one: every 4th key a restart point
-        // rather than every 16th. A re-link of the reference corpus: 7%
-        // fewer instructions (callgrind), for a 3% larger index.
-        table.set_block_restart_interval(4);
-        let mut opts = Options::default();
-        opts.set_block_based_table_factory(&table);
-        opts
+    fn column(&self, column: Column) -> &ColumnFamily {
+        self.db
+            .cf_handle(column.name())
+            .expect("column families are created on open")
     }
 
     fn cf(&self, family: Family) -> &ColumnFamily {
-        self.db
-            .cf_handle(family.name())
-            .expect("column families are created on open")
+        self.column(family.column())
+    }
+
+    /// Notes that the session wrote to `column`.
+    fn mark_written(&mut self, column: Column) {
+        if !self.wrote.contains(&column) {
+            self.wrote.push(column);
+        }
     }
 
     /// Reads one value.
     pub(crate) fn get(&self, family: Family, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db
-            .get_cf(self.cf(family), key)
+            .get_cf(self.cf(family), family.key(key))
             .map_err(|e| Error::index(&self.path, e))
     }
 
@@ -865,7 +943,10 @@ impl Index {
         key: &[u8],
         decode: impl FnOnce(&[u8]) -> Option<T>,
     ) -> Option<T> {
-        match self.db.get_pinned_cf_opt(self.cf(family), key, &self.reads) {
+        match self
+            .db
+            .get_pinned_cf_opt(self.cf(family), family.key(key), &self.reads)
+        {
             Ok(value) => decode(&value?),
             Err(e) => {
                 warn_unreadable(&self.path, &Error::index(&self.path, e));
@@ -874,19 +955,21 @@ impl Index {
         }
     }
 
-    /// Every key and value of a family whose key starts with `prefix`.
+    /// Every key and value of a family whose key starts with `prefix`
+    /// (the keys within the family).
     pub(crate) fn scan(&self, family: Family, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
+        let start = family.key(prefix);
         let iter = self.db.iterator_cf(
             self.cf(family),
-            IteratorMode::From(prefix, Direction::Forward),
+            IteratorMode::From(&start, Direction::Forward),
         );
         for item in iter {
             let (k, v) = item.map_err(|e| Error::index(&self.path, e))?;
-            if !k.starts_with(prefix) {
+            if !k.starts_with(&start) {
                 break;
             }
-            out.push((k.into_vec(), v.into_vec()));
+            out.push((k[1..].to_vec(), v.into_vec()));
         }
         Ok(out)
     }
@@ -896,16 +979,14 @@ impl Index {
         if writes.is_empty() {
             return Ok(());
         }
-        // A new epoch goes first, alone: a batch ingested family by family
-        // could otherwise delete entries and fail before the epoch.
+        // A new epoch goes first, alone: a batch ingested as tables could
+        // otherwise delete entries and fail before the epoch.
         if let Some(epoch) = writes.epoch {
-            if !self.wrote.contains(&Family::Counters) {
-                self.wrote.push(Family::Counters);
-            }
+            self.mark_written(Family::Counters.column());
             self.db
                 .put_cf(
                     self.cf(Family::Counters),
-                    ENTRIES_EPOCH_KEY,
+                    Family::Counters.key(ENTRIES_EPOCH_KEY),
                     epoch.to_le_bytes(),
                 )
                 .map_err(|e| self.write_failed(e))?;
@@ -915,72 +996,73 @@ impl Index {
         }
         let mut batch = WriteBatch::default();
         for (family, key, value) in &writes.ops {
-            if !self.wrote.contains(family) {
-                self.wrote.push(*family);
-            }
             match value {
-                Some(v) => batch.put_cf(self.cf(*family), key, v),
-                None => batch.delete_cf(self.cf(*family), key),
+                Some(v) => batch.put_cf(self.cf(*family), family.key(key), v),
+                None => batch.delete_cf(self.cf(*family), family.key(key)),
             }
-        }
-        if !writes.counters.is_empty() && !self.wrote.contains(&Family::Counters) {
-            self.wrote.push(Family::Counters);
+            self.mark_written(family.column());
         }
         for (label, add) in writes.counters {
-            let mut c = self.counters(&label)?;
+            // (Counters that cannot be read start again from zero.)
+            let mut c: Counters = self
+                .lookup(Family::Counters, label.as_bytes(), |v| {
+                    serde_json::from_slice(v).ok()
+                })
+                .unwrap_or_default();
             c += add;
             let json = serde_json::to_vec(&c).expect("counters serialize");
-            batch.put_cf(self.cf(Family::Counters), label.as_bytes(), json);
+            let counters = Family::Counters;
+            batch.put_cf(self.cf(counters), counters.key(label.as_bytes()), json);
+            self.mark_written(counters.column());
         }
         self.db.write(batch).map_err(|e| self.write_failed(e))
     }
 
     /// Applies many writes as tables built here and added to the index
-    /// whole (RocksDB's ingestion), one per family, then the counters as a
-    /// batch: no write-ahead log, no memtable, nothing to flush on close.
-    /// A warm link of the reference corpus writes 26,000 records: about
-    /// 100 ms through the memtable (and its flush on close), 30 to 37 ms
-    /// this way. Each record stands on its own
-    /// (a pyc's link, a source's stat, an object's use), so a crash
-    /// between two families loses records, as a crash before the write
-    /// would, and leaves none wrong.
+    /// whole (RocksDB's ingestion), for one column family after the other,
+    /// then the counters as a batch: no write-ahead log, no memtable,
+    /// nothing to flush on close. A warm link of the reference corpus
+    /// writes 26,000 records: about 100 ms through the memtable (and its
+    /// flush on close), 30 to 37 ms this way. The tables of a column
+    /// family hold disjoint runs of its sorted records, built on every
+    /// core, and are added together or not at all. Each record stands on
+    /// its own (a pyc's link, a source's stat, an object's use), so a crash
+    /// between the two column families loses records, as a crash before
+    /// the write would, and leaves none wrong; the store's records go
+    /// first, so a pyc's link is never there without its object's use time.
     fn ingest(&mut self, mut writes: Writes) -> Result<()> {
-        // By family and key; the last write of a key wins.
+        // By column family, family and key; the last write of a key wins.
         let mut ops = std::mem::take(&mut writes.ops);
         ops.reverse();
-        // A pyc's link is added last: a session killed between two
-        // families never leaves one without its object's use time, or
-        // without the `__pycache__` it made.
-        let rank = |f: Family| match f {
-            Family::Links => 1,
-            _ => 0,
-        };
-        ops.par_sort_by(|a, b| (rank(a.0), a.0, &a.1).cmp(&(rank(b.0), b.0, &b.1)));
+        let order = |op: &(Family, Vec<u8>, Option<Vec<u8>>)| (op.0.column(), op.0);
+        ops.par_sort_by(|a, b| (order(a), &a.1).cmp(&(order(b), &b.1)));
         ops.dedup_by(|later, first| (later.0, &later.1) == (first.0, &first.1));
-        // The tables are built on every core, then added in family order.
         // Uncompressed: they are in level 0 only until RocksDB compacts
         // them with the rest, into compressed tables.
-        let mut options = Self::family_options();
+        let mut options = Self::options();
         options.set_compression_type(rocksdb::DBCompressionType::None);
         let (dir, shared) = (&self.path, self.shared);
-        let built: Vec<_> = ops
-            .chunk_by(|a, b| a.0 == b.0)
-            .collect::<Vec<_>>()
+        let threads = rayon::current_num_threads();
+        let runs: Vec<_> = ops
+            .chunk_by(|a, b| a.0.column() == b.0.column())
+            .flat_map(|column| column.chunks(column.len().div_ceil(threads).max(INGEST_AT)))
+            .enumerate()
+            .collect();
+        let built: Vec<_> = runs
             .into_par_iter()
-            .map(|chunk| {
-                let family = chunk[0].0;
-                let table = dir.join(format!(
-                    "ingest-{}-{}.sst",
-                    std::process::id(),
-                    family.name()
-                ));
+            .map(|(n, run)| {
+                let table = dir.join(format!("ingest-{}-{n}.sst", std::process::id()));
                 let written = (|| {
                     let mut writer = SstFileWriter::create(&options);
                     writer.open(&table)?;
-                    for (_, key, value) in chunk {
+                    let mut k = Vec::new();
+                    for (family, key, value) in run {
+                        k.clear();
+                        k.push(family.tag());
+                        k.extend_from_slice(key);
                         match value {
-                            Some(v) => writer.put(key, v)?,
-                            None => writer.delete(key)?,
+                            Some(v) => writer.put(&k, v)?,
+                            None => writer.delete(&k)?,
                         }
                     }
                     writer.finish()
@@ -992,29 +1074,33 @@ impl Index {
                     let _ =
                         std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o660));
                 }
-                (family, table, written)
+                (run[0].0.column(), table, written)
             })
             .collect();
         let mut ingest = IngestExternalFileOptions::default();
         ingest.set_move_files(true);
-        let mut failed = None;
-        for (family, table, written) in built {
-            if failed.is_none() {
-                match written.and_then(|()| {
-                    self.db
-                        .ingest_external_file_cf_opts(self.cf(family), &ingest, vec![&table])
-                }) {
-                    Ok(()) => {
-                        for list in [&mut self.ingested, &mut self.wrote] {
-                            if !list.contains(&family) {
-                                list.push(family);
-                            }
-                        }
-                    }
-                    Err(e) => failed = Some(e),
-                }
+        let mut failed = built
+            .iter()
+            .find_map(|(_, _, written)| written.clone().err());
+        for column in Column::ALL {
+            let tables: Vec<&PathBuf> = built
+                .iter()
+                .filter(|(c, _, _)| *c == column)
+                .map(|(_, table, _)| table)
+                .collect();
+            if failed.is_some() || tables.is_empty() {
+                continue;
             }
-            let _ = std::fs::remove_file(&table);
+            match self
+                .db
+                .ingest_external_file_cf_opts(self.column(column), &ingest, tables)
+            {
+                Ok(()) => self.mark_written(column),
+                Err(e) => failed = Some(e),
+            }
+        }
+        for (_, table, _) in &built {
+            let _ = std::fs::remove_file(table);
         }
         // Freeing tens of thousands of keys and values takes milliseconds
         // the run need not wait for. (When no thread can be had, the
@@ -1078,9 +1164,9 @@ impl Index {
             .collect())
     }
 
-    /// [`Index::lookup`] of many keys of one family at once (RocksDB's
-    /// batched `MultiGet`: a directory's keys share its tables' filters and
-    /// blocks), in the order of `keys`.
+    /// [`Index::lookup`] of many stored keys of `family` ([`Family::key`]) at once
+    /// (RocksDB's batched `MultiGet`: a directory's keys share its tables'
+    /// filters and blocks), in the order of `keys`.
     fn lookup_many<T>(
         &self,
         family: Family,
@@ -1116,13 +1202,19 @@ impl Index {
         paths: impl IntoIterator<Item = &'p Path>,
         decode: impl Fn(&[u8]) -> Option<T>,
     ) -> Vec<Option<T>> {
-        let keys: Vec<_> = paths.into_iter().map(path_key).collect();
+        let keys: Vec<_> = paths
+            .into_iter()
+            .map(|p| family.key(p.as_os_str().as_encoded_bytes()))
+            .collect();
         self.lookup_many(family, &keys, decode)
     }
 
     /// [`Index::entry`] of each key and slot.
     pub(crate) fn entries_of(&self, wanted: &[(CompileKey, EntrySlot)]) -> Vec<Option<Entry>> {
-        let keys: Vec<_> = wanted.iter().map(|(k, s)| entry_key(k, *s)).collect();
+        let keys: Vec<_> = wanted
+            .iter()
+            .map(|(k, s)| Family::Entries.key(&entry_key(k, *s)))
+            .collect();
         self.lookup_many(Family::Entries, &keys, Entry::decode)
     }
 
@@ -1207,19 +1299,37 @@ impl Index {
             return Ok(());
         }
         let wrote = std::mem::take(&mut self.wrote);
-        let families: Vec<&ColumnFamily> = wrote.iter().map(|f| self.cf(*f)).collect();
-        // (Nearly free for a family only ingested: its memtable is empty.)
-        flush(&self.db, &families).map_err(|message| flush_error(&self.path, message))?;
-        for cf in families {
-            let level0 = self
-                .db
-                .property_int_value_cf(cf, "rocksdb.num-files-at-level0")
-                .ok()
-                .flatten()
-                .unwrap_or(0);
-            if level0 >= 8 {
-                self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        if wrote.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<&ColumnFamily> = wrote.iter().map(|c| self.column(*c)).collect();
+        // (Nearly free for a column family only ingested: its memtable is
+        // empty.)
+        flush(&self.db, &columns).map_err(|message| flush_error(&self.path, message))?;
+        // The index's small tables are merged by RocksDB as they come
+        // (universal compaction: small tables with small ones, rarely all),
+        // in the background, started right after a flush or an ingestion;
+        // a session's end would stop it, so it is waited for, unless it
+        // fails (the next session tries again). RocksDB says a compaction
+        // is pending even when it finds none worth doing (as many tables
+        // as its trigger, of unlike sizes): one pending that has not
+        // started within `COMPACTION_START` is not waited for.
+        let mut idle_since = std::time::Instant::now();
+        let compacting = |db: &DB| {
+            if property(db, None, "rocksdb.num-running-compactions") > 0 {
+                idle_since = std::time::Instant::now();
+                return true;
             }
+            idle_since.elapsed() < COMPACTION_START
+                && columns
+                    .iter()
+                    .any(|cf| property(db, Some(cf), "rocksdb.compaction-pending") > 0)
+        };
+        if let Err(message) = settle(&self.db, "compaction", &COMPACTION_PATIENCE, compacting) {
+            tracing::debug!(
+                "a compaction of `{}` failed: {message}",
+                self.path.display()
+            );
         }
         Ok(())
     }
@@ -1244,54 +1354,95 @@ impl Drop for Index {
     }
 }
 
-/// How long a flush still waited for after a background error is given to
-/// finish.
-const FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Flushes the memtables of `families` and waits for the flushes to end.
+/// Flushes the memtables of `columns` and waits for the flushes to end.
 ///
 /// RocksDB's own wait (`flush_cf`) never ends when a flush fails for lack
 /// of space (or of inodes) with `paranoid_checks` off, as the index runs:
 /// the failure is then no error to it, and the memtable stays, waiting for
 /// a flush that is not tried again. So the flushes are started without
-/// waiting, and watched: done when no family has a memtable waiting, failed
-/// when one still has [`FLUSH_PATIENCE`] after RocksDB counted a new
+/// waiting, and watched: done when no memtable is waiting, failed when one
+/// still is [`FLUSH_PATIENCE`] after RocksDB counted a new
 /// background error (it logs which in the index's `LOG`). The error may be
 /// another's, a compaction's that met a damaged table: a flush that
 /// finishes meanwhile is done. Nothing is lost by a failed flush: what the
 /// memtables hold is in the write-ahead log.
-pub(crate) fn flush(db: &DB, families: &[&ColumnFamily]) -> std::result::Result<(), String> {
-    let errors = || {
-        db.property_int_value("rocksdb.background-errors")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-    };
-    if families.is_empty() {
-        return Ok(());
-    }
-    let before = errors();
+pub(crate) fn flush(db: &DB, columns: &[&ColumnFamily]) -> std::result::Result<(), String> {
     let mut options = FlushOptions::default();
     options.set_wait(false);
-    for cf in families {
+    for cf in columns {
         db.flush_cf_opt(cf, &options).map_err(|e| e.to_string())?;
     }
+    settle(db, "flush", &FLUSH_PATIENCE, |db| {
+        columns
+            .iter()
+            .any(|cf| property(db, Some(cf), "rocksdb.num-immutable-mem-table") > 0)
+    })
+}
+
+/// An integer property of the index, or of one of its column families
+/// (0 when RocksDB does not say).
+fn property(db: &DB, column: Option<&ColumnFamily>, name: &str) -> u64 {
+    match column {
+        Some(cf) => db.property_int_value_cf(cf, name),
+        None => db.property_int_value(name),
+    }
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+/// How long to wait for RocksDB's background work of one kind.
+struct Patience {
+    /// After RocksDB counted a new background error.
+    after_error: std::time::Duration,
+    /// In all.
+    total: std::time::Duration,
+}
+
+/// A flush: given time to finish after an error that may be another's.
+const FLUSH_PATIENCE: Patience = Patience {
+    after_error: std::time::Duration::from_secs(3),
+    total: std::time::Duration::MAX,
+};
+
+/// A compaction: left (to be stopped as the session ends, and picked again
+/// by the next) once an error is counted or it takes too long, as one that
+/// meets a damaged table may be picked again and again.
+const COMPACTION_PATIENCE: Patience = Patience {
+    after_error: std::time::Duration::ZERO,
+    total: std::time::Duration::from_secs(600),
+};
+
+/// How long a compaction RocksDB says is pending is given to start.
+const COMPACTION_START: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Waits while `busy` says RocksDB's background `work` is not done, as
+/// long as `patience` allows.
+fn settle(
+    db: &DB,
+    work: &str,
+    patience: &Patience,
+    mut busy: impl FnMut(&DB) -> bool,
+) -> std::result::Result<(), String> {
+    let errors = || property(db, None, "rocksdb.background-errors");
+    let before = errors();
+    let start = std::time::Instant::now();
     let mut pause = std::time::Duration::from_micros(20);
     let mut failed_at = None;
     loop {
-        let waiting = families.iter().any(|cf| {
-            db.property_int_value_cf(cf, "rocksdb.num-immutable-mem-table")
-                .ok()
-                .flatten()
-                .is_some_and(|n| n > 0)
-        });
-        if !waiting {
+        if !busy(db) {
             return Ok(());
         }
         match failed_at {
             None if errors() > before => failed_at = Some(std::time::Instant::now()),
-            Some(at) if at.elapsed() > FLUSH_PATIENCE => {
-                return Err("a background flush failed".into());
+            Some(at) if at.elapsed() >= patience.after_error => {
+                return Err(format!("a background {work} failed"));
+            }
+            _ if start.elapsed() > patience.total => {
+                return Err(format!(
+                    "a background {work} took longer than {:?}",
+                    patience.total
+                ));
             }
             _ => {}
         }
@@ -1355,6 +1506,22 @@ fn share_files(dir: &Path) {
 mod tests {
     use super::*;
 
+    impl Index {
+        /// Records written through the memtable since it was last flushed.
+        fn memtable_records(&self) -> u64 {
+            Column::ALL
+                .iter()
+                .map(|c| {
+                    property(
+                        &self.db,
+                        Some(self.column(*c)),
+                        "rocksdb.num-entries-active-mem-table",
+                    )
+                })
+                .sum()
+        }
+    }
+
     #[test]
     fn a_listing_record_names_only_plain_entries() {
         let record = ListingRecord {
@@ -1387,7 +1554,7 @@ mod tests {
             let mut w = Writes::default();
             w.ops.push((Family::Used, b"gone".to_vec(), Some(vec![1])));
             index.apply(w).unwrap();
-            assert!(index.ingested.is_empty());
+            assert_eq!(index.memtable_records(), 1);
         }
         let links = |session: u8| {
             let mut w = Writes::default();
@@ -1410,7 +1577,8 @@ mod tests {
             w.ops.push((Family::Used, b"new".to_vec(), Some(vec![4])));
             w.count("x", Counters::default());
             index.apply(w).unwrap();
-            assert_eq!(index.ingested, vec![Family::Used, Family::Links]);
+            // Only the counters went through the memtable.
+            assert_eq!(index.memtable_records(), 1);
         }
         let leftovers = || {
             std::fs::read_dir(&path)
@@ -1469,7 +1637,7 @@ mod tests {
                 Some(vec![1])
             );
         }
-        // Sessions that each add a table keep the family's small files few.
+        // Sessions that each add a table keep the small files few.
         for session in 2..14 {
             Index::open(&path).unwrap().apply(links(session)).unwrap();
         }
@@ -1487,7 +1655,7 @@ mod tests {
         drop(index);
         // A table left by a session killed while building it is removed by
         // the next session that writes.
-        std::fs::write(path.join("ingest-1-links.sst"), b"partial").unwrap();
+        std::fs::write(path.join("ingest-1-0.sst"), b"partial").unwrap();
         drop(Index::open_read_only(&path).unwrap());
         assert_eq!(leftovers(), 1);
         drop(Index::open(&path).unwrap());
@@ -1558,8 +1726,8 @@ mod tests {
         let record = index.link_records([pyc]).pop().unwrap().unwrap();
         assert!(!record.placed_for(&key, slot, rebuilt));
         drop(index);
-        // A batch large enough to be ingested family by family starts a new
-        // epoch too (written before the tables, alone).
+        // A batch large enough to be ingested as tables starts a new epoch
+        // too (written before the tables, alone).
         let mut w = Writes::default();
         for i in 0..INGEST_AT as u16 {
             let mut k = [0; 32];

@@ -7,16 +7,18 @@
 //! │                       group store, 0440 for sources not all may read)
 //! │   └── 3f/             sharded by the first byte of the blake3 of the bytes
 //! │       └── 9a0c…e1     the remaining 62 hex digits
-//! ├── index-v1/           RocksDB: compile keys → objects, failures, probes,
+//! ├── index-v2/           RocksDB: compile keys → objects, failures, probes,
 //! │                       the stat cache, what was linked where, use times
-//! ├── index-v1.lock       held during the short sessions on the index
+//! ├── index-v2.lock       held during the short sessions on the index
 //! ├── lock                shared by every command, exclusive for gc
 //! └── tmp/                files being written; renamed into place when whole,
 //!                         leftovers older than an hour are swept on open
 //! ```
 //!
-//! Each bucket carries its layout version in its name; a bump leaves the old
-//! bucket as garbage for `gc` instead of misreading it.
+//! Each bucket carries its layout version in its name, so that no version
+//! misreads another's. The index of the earlier layout (`index-v1`, a
+//! column family for each kind of record) is carried over to `index-v2`
+//! once, as the store is opened (`index::rebuild::migrate`).
 //!
 //! Everything in the store belongs to its owner (in a group store, mode
 //! 2770 and 0660, to its group); no bucket is a symlink. Opening refuses
@@ -38,13 +40,16 @@ use crate::Result;
 /// The bucket holding objects, with its layout version.
 pub(crate) const OBJECTS_DIR: &str = "objects-v1";
 /// The bucket holding the RocksDB index, with its layout version.
-pub(crate) const INDEX_DIR: &str = "index-v1";
+pub(crate) const INDEX_DIR: &str = "index-v2";
+/// The index of the earlier layout, carried over to [`INDEX_DIR`] when
+/// found (`index::rebuild::migrate`).
+pub(crate) const OLD_INDEX_DIR: &str = "index-v1";
 /// Scratch space for files being written.
 pub(crate) const TMP_DIR: &str = "tmp";
 /// The store lock, shared by every command, exclusive for `gc`.
 pub(crate) const LOCK_FILE: &str = "lock";
 /// The lock of the sessions on the index.
-pub(crate) const INDEX_LOCK_FILE: &str = "index-v1.lock";
+pub(crate) const INDEX_LOCK_FILE: &str = "index-v2.lock";
 
 /// The buckets of the store: what each must be.
 const BUCKETS: [(&str, Bucket); 5] = [
@@ -163,10 +168,29 @@ impl Store {
             }
             None => None,
         };
+        // An index of the earlier layout is carried over (holding the
+        // store lock: not during an earlier version's `gc`); the buckets
+        // are then checked again, and a group's index given its mode.
+        let migrated = if root.join(OLD_INDEX_DIR).symlink_metadata().is_ok() {
+            let _held = match guard {
+                Some(_) => None,
+                None => Some(lock::lock(
+                    &root.join(LOCK_FILE),
+                    LockMode::Shared,
+                    "a running `pycstore gc` to finish",
+                )?),
+            };
+            crate::index::rebuild::migrate(root, owner)?
+        } else {
+            false
+        };
+        if migrated && matches!(owner, Owner::Group(_)) {
+            share_dir(&root.join(INDEX_DIR), owner)?;
+        }
         // Checked again once the lock is held, when it had to be waited
         // for: whoever held it (a member of a group store) had all the
         // time they wanted to swap a bucket for a symlink.
-        if guard.as_ref().is_some_and(LockGuard::waited) {
+        if migrated || guard.as_ref().is_some_and(LockGuard::waited) {
             for (name, kind) in BUCKETS {
                 trust::check_bucket(root, name, kind, owner)?;
             }
@@ -245,7 +269,10 @@ fn create_root(root: &Path, shared_group: Option<&str>) -> Result<()> {
 /// directory tag that opening a store writes (a bare or unrelated directory
 /// is not one).
 pub fn is_store(root: &Path) -> bool {
-    root.is_dir() && (root.join(INDEX_DIR).exists() || root.join("CACHEDIR.TAG").exists())
+    root.is_dir()
+        && (root.join(INDEX_DIR).exists()
+            || root.join(OLD_INDEX_DIR).exists()
+            || root.join("CACHEDIR.TAG").exists())
 }
 
 /// The default store location: `$XDG_CACHE_HOME/pycstore`, else

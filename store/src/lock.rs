@@ -3,7 +3,7 @@
 //! - `STORE/lock`: every command holds it for its whole run, shared, except
 //!   `gc` and `verify --repair`, which hold it exclusive: they may delete
 //!   objects, so no one else may be about to link one.
-//! - `STORE/index-v1.lock`: exclusive, held only for the short sessions in
+//! - `STORE/index-v2.lock`: exclusive, held only for the short sessions in
 //!   which a process reads or writes the RocksDB index (RocksDB itself lets
 //!   one process at a time open it). Nobody holds it while compiling, so a
 //!   long cold compile never blocks another process's hits.

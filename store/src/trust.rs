@@ -6,7 +6,7 @@
 //!
 //! Everything inside a store belongs to its [`Owner`]: the owning user of a
 //! private store, the group of a group store (each member owns what they
-//! wrote). A bucket (`objects-v1`, `tmp`, `index-v1`, the lock files) that
+//! wrote). A bucket (`objects-v1`, `tmp`, `index-v2`, the lock files) that
 //! is a symlink or belongs to someone else makes opening the store fail:
 //! its owner could change the pycs of every environment linked from it.
 
@@ -129,7 +129,7 @@ const SYMLINK: &str = "is a symlink: a store keeps its data inside its own direc
 /// What a bucket of the store should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bucket {
-    /// A directory (`objects-v1`, `tmp`, `index-v1`).
+    /// A directory (`objects-v1`, `tmp`, `index-v2`).
     Dir,
     /// A regular file (the lock files).
     File,
@@ -141,6 +141,18 @@ pub enum Bucket {
 /// report (an index that is a file is set aside by `verify --repair`).
 /// Opens it with `O_NOFOLLOW`, so no symlink is ever followed to decide.
 pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Result<()> {
+    open_bucket(root, name, kind, owner).map(drop)
+}
+
+/// [`check_bucket`], giving the bucket's descriptor (none when it is
+/// missing): what is read through it is what was checked, whatever its
+/// name is swapped for since.
+pub(crate) fn open_bucket(
+    root: &Path,
+    name: &str,
+    kind: Bucket,
+    owner: Owner,
+) -> Result<Option<OwnedFd>> {
     let path = root.join(name);
     let refuse = |what: String| {
         Err(Error::Untrusted {
@@ -166,7 +178,7 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
     };
     let fd: OwnedFd = match opened {
         Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(rustix::io::Errno::LOOP) => return refuse(SYMLINK.into()),
         Err(e) => return Err(with_path(e.into(), "open", &path).into()),
     };
@@ -188,7 +200,7 @@ pub fn check_bucket(root: &Path, name: &str, kind: Bucket, owner: Owner) -> Resu
     if stat.st_mode & 0o002 != 0 {
         return refuse("is writable by every user; `chmod o-w` it".into());
     }
-    Ok(())
+    Ok(Some(fd))
 }
 
 /// The effective user id of this process.

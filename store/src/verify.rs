@@ -32,7 +32,7 @@
 //! first rebuilt beside the old one from what can still be read of it and
 //! from entries derived again from the pycs linked from the store, then
 //! swapped in atomically; the damaged one is kept as
-//! `index-v1.broken-<unix time>` (see `index::rebuild`). Without
+//! `index-v2.broken-<unix time>` (see `index::rebuild`). Without
 //! room for that on the disk it fails before changing anything. Damaged,
 //! unreadable and stray files are removed, with every entry that names a
 //! removed or missing object and their use times; entries that disagree
@@ -207,7 +207,7 @@ pub struct VerifyReport {
     pub index: IndexState,
     /// Where the damaged index was moved, when it had to be rebuilt.
     pub index_moved_to: Option<PathBuf>,
-    /// Indexes set aside by repairs (`index-v1.*`): while one exists,
+    /// Indexes set aside by repairs (`index-v2.*`, `index-v1.*`): while one exists,
     /// orphaned objects are kept, since it may name them.
     pub set_aside_indexes: Vec<PathBuf>,
     /// What `repair` changed (absent without it).

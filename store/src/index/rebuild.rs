@@ -9,36 +9,44 @@
 //!
 //! ```text
 //! STORE/
-//! ├── index-v1/                    the damaged index: never written to
-//! ├── index-v1.salvage-<time>/     1. a copy (tables hard linked) given to
+//! ├── index-v2/                    the damaged index: never written to
+//! ├── index-v2.salvage-<time>/     1. a copy (tables hard linked) given to
 //! │                                   RocksDB's repair, which sets aside
 //! │                                   tables it cannot read
-//! ├── index-v1.new-<time>/         2. a new index: what the damaged one and
+//! ├── index-v2.new-<time>/         2. a new index: what the damaged one and
 //! │                                   the repaired copy give, and what the
 //! │                                   caller derives (entries re-derived
 //! │                                   from the pycs linked from the store)
-//! └── index-v1.broken-<time>/      3. the damaged index, once the new one
+//! └── index-v2.broken-<time>/      3. the damaged index, once the new one
 //!                                     took its name in one atomic exchange
 //! ```
 //!
 //! Free space for a second copy is checked before anything is written; until
 //! the exchange the damaged index is where it was, and any failure removes
 //! only the work directories. The damaged index is never deleted: `gc`
-//! keeps orphaned objects while any `index-v1.*` directory besides the index
-//! exists, since it may name them.
+//! keeps orphaned objects while any `index-v2.*` directory besides the index
+//! exists (or an `index-v1` or `index-v1.*` of an earlier version), since
+//! it may name them.
+//!
+//! [`migrate`] builds the index the same way from one of the earlier layout
+//! (`index-v1`, a column family for each family), once.
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{IteratorMode, Options, ReadOptions, WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB};
 
 use super::{
-    entry_key, free_bytes, is_no_space, EntrySlot, Family, Index, Writes, ENTRIES_EPOCH_KEY,
-    REPAIR_MARGIN,
+    entry_key, free_bytes, is_no_space, Column, EntrySlot, Family, Index, Writes,
+    ENTRIES_EPOCH_KEY, REPAIR_MARGIN,
 };
 use crate::key::CompileKey;
-use crate::layout::INDEX_DIR;
+use crate::layout::{INDEX_DIR, OLD_INDEX_DIR};
 use crate::lock::{self, LockMode};
+use crate::trust::{self, Bucket, Owner};
 use crate::util::{now_secs, with_path, PathContext};
 use crate::{Error, Result};
 
@@ -74,9 +82,9 @@ impl Readout {
     }
 }
 
-/// Reads every record of every family of the index at `path` in a read-only
-/// session (sharing the index lock with other readers), with checksums
-/// verified. The records of the families in `keep` are returned. Damage is
+/// Reads every record of every family of the index at `path` (of this
+/// layout or the earlier one) in a read-only session (sharing the index
+/// lock with other readers), with checksums verified. The records of the families in `keep` are returned. Damage is
 /// reported in [`Readout::damage`]; only a full disk is an error. A missing
 /// index reads as empty.
 pub(crate) fn read_all(path: &Path, keep: &[Family]) -> Result<Readout> {
@@ -108,28 +116,58 @@ fn read_unlocked(path: &Path, keep: &[Family]) -> Result<Readout> {
         }
     };
     for name in &names {
-        let family = Family::from_name(name);
+        // This layout's column families hold families, each key after its
+        // family's byte; in an index of the earlier layout the default one
+        // is empty, and each family has a column family of its name.
+        let named = Family::from_name(name);
+        if named.is_none() && Column::from_name(name).is_none() {
+            continue;
+        }
         let Some(cf) = db.cf_handle(name) else {
             continue;
         };
-        let mut read = ReadOptions::default();
-        read.set_verify_checksums(true);
-        read.fill_cache(false);
-        let records = family
-            .filter(|f| keep.contains(f))
-            .map(|f| out.records.entry(f).or_default());
-        let mut records = records;
-        for item in db.iterator_cf_opt(cf, read, IteratorMode::Start) {
-            match item {
-                Ok((k, v)) => {
-                    if let Some(records) = records.as_mut() {
-                        records.insert(k.into_vec(), v.into_vec());
+        // Read from `from` on; past damage, from the next family on (of a
+        // column family holding several), so that, as in the earlier
+        // layout, each family gives every record before its first damaged
+        // block.
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let mut read = ReadOptions::default();
+            read.set_verify_checksums(true);
+            read.fill_cache(false);
+            let mut tag = from.first().copied().unwrap_or(0);
+            let mut damaged = false;
+            let mode = IteratorMode::From(&from, Direction::Forward);
+            for item in db.iterator_cf_opt(cf, read, mode) {
+                match item {
+                    Ok((k, v)) => {
+                        let (family, key) = match named {
+                            Some(family) => (family, &k[..]),
+                            None => match Family::split(&k) {
+                                Some(split) => split,
+                                None => continue,
+                            },
+                        };
+                        tag = tag.max(k.first().copied().unwrap_or(0));
+                        if keep.contains(&family) {
+                            out.records
+                                .entry(family)
+                                .or_default()
+                                .insert(key.to_vec(), v.into_vec());
+                        }
+                    }
+                    Err(e) => {
+                        out.damage.push(format!("{e} (column family `{name}`)"));
+                        damaged = true;
+                        break;
                     }
                 }
-                Err(e) => {
-                    out.damage.push(format!("{e} (column family `{name}`)"));
-                    break;
+            }
+            match tag.checked_add(1) {
+                Some(next) if damaged && named.is_none() && Family::split(&[next]).is_some() => {
+                    from = vec![next]
                 }
+                _ => break,
             }
         }
     }
@@ -139,7 +177,7 @@ fn read_unlocked(path: &Path, keep: &[Family]) -> Result<Readout> {
 /// The outcome of [`rebuild`].
 #[derive(Debug)]
 pub struct Rebuilt {
-    /// Where the damaged index now is (`index-v1.broken-<time>`); `None`
+    /// Where the damaged index now is (`index-v2.broken-<time>`); `None`
     /// when there was none.
     pub set_aside: Option<PathBuf>,
     /// Records carried over from the damaged index.
@@ -174,10 +212,10 @@ pub fn rebuild(path: &Path, derive: impl FnOnce(&Readout) -> Writes) -> Result<R
     }
     let salvage = unused_name(root, "salvage");
     let new = unused_name(root, "new");
-    let built = build(path, &salvage, &new, derive);
+    let built = build(path, &salvage, &new, derive, false);
     let _ = remove_tree(&salvage);
-    let (kept, derived) = match built {
-        Ok(counts) => counts,
+    let built = match built {
+        Ok(built) => built,
         Err(e) => {
             let _ = remove_tree(&new);
             return Err(e);
@@ -186,18 +224,32 @@ pub fn rebuild(path: &Path, derive: impl FnOnce(&Readout) -> Writes) -> Result<R
     let set_aside = swap(path, &new, root)?;
     Ok(Rebuilt {
         set_aside,
-        kept,
-        derived,
+        kept: built.kept,
+        derived: built.derived,
     })
 }
 
+/// What [`build`] made.
+struct Built {
+    /// Records carried over.
+    kept: u64,
+    /// Records the caller derived.
+    derived: u64,
+    /// The index read had damage (records may be missing).
+    damaged: bool,
+}
+
 /// Steps 1 and 2: the salvage copy, its repair, and the new index.
+/// A new entries epoch is started (entries may be lost: no link record of
+/// before vouches for one) unless `whole_keeps_epoch` and everything could
+/// be read.
 fn build(
     path: &Path,
     salvage: &Path,
     new: &Path,
     derive: impl FnOnce(&Readout) -> Writes,
-) -> Result<(u64, u64)> {
+    whole_keeps_epoch: bool,
+) -> Result<Built> {
     let all = Family::ALL;
     // What the damaged index gives as it is: every record before the first
     // damaged block of each family, as current as it gets.
@@ -230,14 +282,20 @@ fn build(
         merged.records.entry(family).or_default().extend(records);
     }
     merged.damage = live.damage;
+    let damaged = !merged.damage.is_empty();
     let kept = merged.len();
     let mut writes = derive(&merged);
     let derived = writes.ops.len() as u64;
-    // Entries may be lost: no link record of before vouches for one.
-    writes.entries_changed();
+    if damaged || !whole_keeps_epoch {
+        writes.entries_changed();
+    }
 
-    let db = DB::open_cf_descriptors(&Index::options(), new, Index::families())
+    let db = DB::open_cf_descriptors(&Index::options(), new, Index::columns())
         .map_err(|e| write_error(path, new, e))?;
+    let column = |family: Family| {
+        db.cf_handle(family.column().name())
+            .ok_or_else(|| Error::index(new, "a column family is missing"))
+    };
     let mut batch = WriteBatch::default();
     let records = merged
         .records
@@ -245,12 +303,9 @@ fn build(
         .flat_map(|(f, r)| r.iter().map(move |(k, v)| (*f, k, Some(v))));
     let derived_ops = writes.ops.iter().map(|(f, k, v)| (*f, k, v.as_ref()));
     for (family, key, value) in records.chain(derived_ops) {
-        let cf = db
-            .cf_handle(family.name())
-            .ok_or_else(|| Error::index(new, "a column family is missing"))?;
         match value {
-            Some(v) => batch.put_cf(cf, key, v),
-            None => batch.delete_cf(cf, key),
+            Some(v) => batch.put_cf(column(family)?, family.key(key), v),
+            None => batch.delete_cf(column(family)?, family.key(key)),
         }
         if batch.len() >= 10_000 {
             db.write(std::mem::take(&mut batch))
@@ -258,17 +313,19 @@ fn build(
         }
     }
     if let Some(epoch) = writes.epoch {
-        let cf = db
-            .cf_handle(Family::Counters.name())
-            .ok_or_else(|| Error::index(new, "a column family is missing"))?;
-        batch.put_cf(cf, ENTRIES_EPOCH_KEY, epoch.to_le_bytes());
+        let counters = Family::Counters;
+        batch.put_cf(
+            column(counters)?,
+            counters.key(ENTRIES_EPOCH_KEY),
+            epoch.to_le_bytes(),
+        );
     }
     db.write(batch).map_err(|e| write_error(path, new, e))?;
-    let families: Vec<_> = Family::ALL
+    let columns: Vec<_> = Column::ALL
         .iter()
-        .filter_map(|family| db.cf_handle(family.name()))
+        .filter_map(|c| db.cf_handle(c.name()))
         .collect();
-    super::flush(&db, &families).map_err(|message| {
+    super::flush(&db, &columns).map_err(|message| {
         if super::filesystem_full(new) {
             Error::IndexNoSpace {
                 path: path.to_path_buf(),
@@ -280,15 +337,230 @@ fn build(
         }
     })?;
     drop(db);
-    if path.parent().is_some_and(crate::trust::is_shared) {
+    if path.parent().is_some_and(trust::is_shared) {
         super::share_files(new);
     }
-    Ok((kept, derived))
+    Ok(Built {
+        kept,
+        derived,
+        damaged,
+    })
+}
+
+/// Carries an index of the earlier layout (`STORE/index-v1`, a column
+/// family for each family) over to this one (`STORE/index-v2`), once, when
+/// there is no index of this layout yet. Called as the store is opened,
+/// holding the store lock (shared); says whether it carried one over.
+///
+/// The new index is built as [`rebuild`] builds one, from everything the
+/// old one gives, and takes its name when whole. The old index is then
+/// removed, or, when reading it met damage, set aside as
+/// `index-v1.broken-<time>` (so `gc` keeps the objects it may name); an
+/// `index-v1.migrated` marker is left for earlier versions, whose `gc`
+/// then keeps the objects their own index does not name. Both index locks
+/// are held meanwhile: sessions of this version, and of an earlier one on
+/// the old index, wait. Any failure leaves the old index as it was, and
+/// the next process tries again.
+///
+/// Whoever else can write the store root (a group store's members) may
+/// swap any name in it for a symlink at any moment: the old index is read
+/// through a descriptor opened without following one (and checked as a
+/// bucket), and the work is done in a directory of this process's own,
+/// private (0700) and named at random, reached through its descriptor
+/// too.
+pub(crate) fn migrate(root: &Path, owner: Owner) -> Result<bool> {
+    let old = root.join(OLD_INDEX_DIR);
+    let path = root.join(INDEX_DIR);
+    let migrated = || path.join("CURRENT").exists() || old.symlink_metadata().is_err();
+    if migrated() {
+        return Ok(false);
+    }
+    let cannot = |e: Error| Error::Index {
+        path: old.clone(),
+        message: format!(
+            "this index, of an earlier version's layout, cannot be carried over to this \
+             version's (`{INDEX_DIR}`): {e}; the earlier index is unchanged. A run that can \
+             write the store (as its owner) carries it over once"
+        ),
+    };
+    let _lock = lock::lock(
+        &path.with_extension("lock"),
+        LockMode::Exclusive,
+        "another pycstore process to carry the index over to this version's layout",
+    )
+    .map_err(|e| cannot(e.into()))?;
+    if migrated() {
+        return Ok(false);
+    }
+    let _old_lock = lock::lock(
+        &old.with_extension("lock"),
+        LockMode::Exclusive,
+        "an earlier pycstore version's session on the index",
+    )
+    .map_err(|e| cannot(e.into()))?;
+    let Some(old_dir) = trust::open_bucket(root, OLD_INDEX_DIR, Bucket::Dir, owner)? else {
+        return Ok(false);
+    };
+    if !rustix::fs::fstat(&old_dir).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+    }) {
+        return Err(cannot(Error::index(&old, "it is not a directory")));
+    }
+    let old_fd = fd_path(&old_dir);
+    let needed = tree_size(&old_fd) + REPAIR_MARGIN;
+    if let Some(free) = free_bytes(root) {
+        if free < needed {
+            return Err(Error::IndexNoSpace {
+                path: old,
+                action: "carry over",
+                detail: format!(
+                    "carrying the index over to this version's layout needs {} KiB free beside \
+                     it, {} KiB are; nothing was changed",
+                    needed / 1024,
+                    free / 1024
+                ),
+            });
+        }
+    }
+    sweep_work_dirs(root);
+    let (work_name, work) = work_dir(root).map_err(cannot)?;
+    let work_path = fd_path(&work);
+    let remove_work = || {
+        let _ = remove_tree(&root.join(&work_name));
+    };
+    let built = build(
+        &old_fd,
+        &work_path.join("salvage"),
+        &work_path.join("new"),
+        |_| Writes::default(),
+        true,
+    );
+    let built = match built {
+        Ok(built) => built,
+        Err(e) => {
+            remove_work();
+            return Err(cannot(e));
+        }
+    };
+    if let Err(e) = into_place(&work, root, &path) {
+        remove_work();
+        return Err(cannot(e));
+    }
+    // Earlier versions: keep objects their index does not name (their
+    // `gc` keeps orphans while any `index-v1.*` exists).
+    let marker = root.join(format!("{OLD_INDEX_DIR}.migrated"));
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&marker)
+        .and_then(|mut f| f.write_all(MIGRATED_MARKER.as_bytes()));
+    // The old index leaves its name in one step, into the work directory
+    // (removed with it), or to its set-aside name; it is read no more.
+    use rustix::fs::{renameat, CWD};
+    if built.damaged {
+        let aside = unused_old_name(root, "broken");
+        tracing::warn!(
+            "the index of an earlier version at `{}` was damaged: what could be read of it is \
+             carried over, and it is set aside as `{}`; `pycstore verify` reports it",
+            old.display(),
+            aside.display()
+        );
+        if let Err(e) = renameat(CWD, &old, CWD, &aside) {
+            tracing::warn!("cannot set aside `{}`: {e}", old.display());
+        }
+    } else if let Err(e) = renameat(CWD, &old, &work, "old") {
+        tracing::warn!("cannot remove `{}`: {e}", old.display());
+    }
+    remove_work();
+    tracing::debug!(
+        "carried {} records of `{}` over to `{}`",
+        built.kept,
+        old.display(),
+        path.display()
+    );
+    Ok(true)
+}
+
+/// What the marker `index-v1.migrated` says.
+const MIGRATED_MARKER: &str = "This store's index was carried over to index-v2 by a later \
+pycstore. While this file exists, an earlier pycstore's gc keeps objects its own index does not \
+name.\n";
+
+/// The path through which `dir` is reached: its descriptor, never a name
+/// someone may swap.
+fn fd_path(dir: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+}
+
+/// The prefix of work directories of [`migrate`].
+fn work_prefix() -> String {
+    format!("{INDEX_DIR}.work-")
+}
+
+/// A new work directory in `root`, private (0700) and named at random, with
+/// its name and its descriptor, checked to be the one this process made.
+fn work_dir(root: &Path) -> Result<(String, OwnedFd)> {
+    use rustix::fs::{Mode, OFlags};
+    let name = format!("{}{:016x}", work_prefix(), fastrand::u64(..));
+    let path = root.join(&name);
+    rustix::fs::mkdir(&path, Mode::from_raw_mode(0o700)).at("create", &path)?;
+    let fd = rustix::fs::open(
+        &path,
+        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .at("open", &path)?;
+    let stat = rustix::fs::fstat(&fd).at("stat", &path)?;
+    if stat.st_uid != trust::euid() || stat.st_mode & 0o077 != 0 {
+        return Err(Error::Untrusted {
+            path: root.to_path_buf(),
+            reason: format!("`{}` was replaced as it was made", path.display()),
+        });
+    }
+    Ok((name, fd))
+}
+
+/// Removes work directories of [`migrate`] that a process killed mid-way
+/// left (the caller holds the index lock: none is in use).
+fn sweep_work_dirs(root: &Path) {
+    let prefix = work_prefix();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = remove_tree(&entry.path());
+        }
+    }
+}
+
+/// The new index, `new` in the work directory `work`, takes the name
+/// `path`. Something at `path` without an index in it (an empty directory
+/// made for a group store, or what a killed run left) is set aside first.
+fn into_place(work: &OwnedFd, root: &Path, path: &Path) -> Result<()> {
+    use rustix::fs::{renameat, CWD};
+    use rustix::io::Errno;
+    match renameat(work, "new", CWD, path) {
+        Ok(()) => {}
+        Err(Errno::NOTEMPTY | Errno::EXIST | Errno::NOTDIR | Errno::ISDIR) => {
+            let aside = unused_name(root, "broken");
+            std::fs::rename(path, &aside).at("set aside", path)?;
+            tracing::warn!(
+                "`{}` held no index: it is set aside as `{}`",
+                path.display(),
+                aside.display()
+            );
+            renameat(work, "new", CWD, path).at("move into place", path)?;
+        }
+        Err(e) => return Err(with_path(e.into(), "move into place", path).into()),
+    }
+    if let Ok(dir) = std::fs::File::open(root) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 /// Step 3: `new` takes the name of `path` in one atomic exchange (two
 /// renames where the filesystem cannot exchange), and the old index goes
-/// to `index-v1.broken-<time>`.
+/// to `index-v2.broken-<time>`.
 fn swap(path: &Path, new: &Path, root: &Path) -> Result<Option<PathBuf>> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     use rustix::io::Errno;
@@ -297,7 +569,7 @@ fn swap(path: &Path, new: &Path, root: &Path) -> Result<Option<PathBuf>> {
     let set_aside = match exchanged {
         Ok(()) => {
             // `new` now holds the old index: give it its set-aside name.
-            // Should this fail, `gc` still keeps it (any `index-v1.*`).
+            // Should this fail, `gc` still keeps it (any `index-v2.*`).
             std::fs::rename(new, &aside).at("set aside the damaged index", new)?;
             Some(aside)
         }
@@ -349,13 +621,16 @@ fn copy_index(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every `index-v1.*` directory or file in the store root besides the index
-/// and its lock: indexes that `verify --repair` set aside (this version or
-/// an older one), and work directories a repair left behind. They may name
-/// objects the index does not.
+/// Every `index-v2.*` directory or file in the store root besides the index
+/// and its lock: indexes that `verify --repair` set aside, and work
+/// directories a repair left behind; and the same of the earlier layout
+/// (`index-v1.*`), with an earlier index set aside because it was damaged
+/// when carried over ([`migrate`]). They may name objects the index does
+/// not. (An `index-v1` itself, left or made again by an earlier version
+/// once the index was carried over, is a bucket of an older layout, which
+/// `gc` removes.)
 pub fn set_aside_indexes(root: &Path) -> Vec<PathBuf> {
-    let prefix = format!("{INDEX_DIR}.");
-    let lock = format!("{INDEX_DIR}.lock");
+    let prefixes = [format!("{INDEX_DIR}."), format!("{OLD_INDEX_DIR}.")];
     let mut found: Vec<PathBuf> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
@@ -363,7 +638,10 @@ pub fn set_aside_indexes(root: &Path) -> Vec<PathBuf> {
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            name.starts_with(&prefix) && name != lock && !name.ends_with(".lock")
+            !name.ends_with(".lock")
+                && !name.starts_with(&work_prefix())
+                && name != format!("{OLD_INDEX_DIR}.migrated")
+                && prefixes.iter().any(|p| name.starts_with(p))
         })
         .map(|e| e.path())
         .collect();
@@ -371,13 +649,22 @@ pub fn set_aside_indexes(root: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// `index-v1.<kind>-<unix time>`, unused.
+/// `index-v2.<kind>-<unix time>`, unused.
 fn unused_name(root: &Path, kind: &str) -> PathBuf {
+    unused(root, INDEX_DIR, kind)
+}
+
+/// `index-v1.<kind>-<unix time>`, unused.
+fn unused_old_name(root: &Path, kind: &str) -> PathBuf {
+    unused(root, OLD_INDEX_DIR, kind)
+}
+
+fn unused(root: &Path, dir: &str, kind: &str) -> PathBuf {
     let now = now_secs();
-    let mut path = root.join(format!("{INDEX_DIR}.{kind}-{now}"));
+    let mut path = root.join(format!("{dir}.{kind}-{now}"));
     let mut n = 1;
     while path.symlink_metadata().is_ok() {
-        path = root.join(format!("{INDEX_DIR}.{kind}-{now}-{n}"));
+        path = root.join(format!("{dir}.{kind}-{now}-{n}"));
         n += 1;
     }
     path

@@ -10,10 +10,12 @@
 //! ```text
 //! STORE/
 //! ├── index-v2/                    the damaged index: never written to
-//! ├── index-v2.salvage-<time>/     1. a copy (tables hard linked) given to
-//! │                                   RocksDB's repair, which sets aside
-//! │                                   tables it cannot read
-//! ├── index-v2.new-<time>/         2. a new index: what the damaged one and
+//! ├── index-v2.work-<random>/      private (0700), reached through its
+//! │   │                            descriptor, removed afterwards
+//! │   ├── salvage/                 1. a copy (tables hard linked) given to
+//! │   │                               RocksDB's repair, which sets aside
+//! │   │                               tables it cannot read
+//! │   └── new/                     2. a new index: what the damaged one and
 //! │                                   the repaired copy give, and what the
 //! │                                   caller derives (entries re-derived
 //! │                                   from the pycs linked from the store)
@@ -210,18 +212,29 @@ pub fn rebuild(path: &Path, derive: impl FnOnce(&Readout) -> Writes) -> Result<R
             });
         }
     }
-    let salvage = unused_name(root, "salvage");
-    let new = unused_name(root, "new");
-    let built = build(path, &salvage, &new, derive, false);
-    let _ = remove_tree(&salvage);
-    let built = match built {
+    // In a work directory of this process's own, reached through its
+    // descriptor (a group store's members can swap any name in its root).
+    sweep_work_dirs(root);
+    let (work_name, work) = work_dir(root)?;
+    let work_path = fd_path(&work);
+    let (salvage, new) = (work_path.join("salvage"), work_path.join("new"));
+    let built = match build(path, &salvage, &new, derive, false) {
         Ok(built) => built,
         Err(e) => {
-            let _ = remove_tree(&new);
+            let _ = remove_tree(&root.join(&work_name));
             return Err(e);
         }
     };
-    let set_aside = swap(path, &new, root)?;
+    let set_aside = match swap(path, &new, root) {
+        Ok(set_aside) => set_aside,
+        Err(e) => {
+            // The damaged index may be in it now: kept, under a name `gc`
+            // keeps (and reports).
+            let _ = std::fs::rename(root.join(&work_name), unused_name(root, "broken"));
+            return Err(e);
+        }
+    };
+    let _ = remove_tree(&root.join(&work_name));
     Ok(Rebuilt {
         set_aside,
         kept: built.kept,
@@ -493,7 +506,7 @@ fn fd_path(dir: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
 }
 
-/// The prefix of work directories of [`migrate`].
+/// The prefix of work directories of [`rebuild`] and [`migrate`].
 fn work_prefix() -> String {
     format!("{INDEX_DIR}.work-")
 }
@@ -521,7 +534,7 @@ fn work_dir(root: &Path) -> Result<(String, OwnedFd)> {
     Ok((name, fd))
 }
 
-/// Removes work directories of [`migrate`] that a process killed mid-way
+/// Removes work directories that a process killed mid-way
 /// left (the caller holds the index lock: none is in use).
 fn sweep_work_dirs(root: &Path) {
     let prefix = work_prefix();
@@ -569,7 +582,7 @@ fn swap(path: &Path, new: &Path, root: &Path) -> Result<Option<PathBuf>> {
     let set_aside = match exchanged {
         Ok(()) => {
             // `new` now holds the old index: give it its set-aside name.
-            // Should this fail, `gc` still keeps it (any `index-v2.*`).
+            // Should this fail, the caller sets the work directory aside.
             std::fs::rename(new, &aside).at("set aside the damaged index", new)?;
             Some(aside)
         }

@@ -198,43 +198,25 @@ pub struct Rebuilt {
 pub fn rebuild(path: &Path, derive: impl FnOnce(&Readout) -> Writes) -> Result<Rebuilt> {
     let root = path.parent().unwrap_or(Path::new("."));
     let _lock = lock::lock(&path.with_extension("lock"), LockMode::Exclusive, "")?;
-    let needed = tree_size(path) + REPAIR_MARGIN;
-    if let Some(free) = free_bytes(root) {
-        if free < needed {
-            return Err(Error::IndexNoSpace {
-                path: path.to_path_buf(),
-                action: "repair",
-                detail: format!(
-                    "a repair needs {} KiB free beside it, {} KiB are; nothing was changed",
-                    needed / 1024,
-                    free / 1024
-                ),
-            });
-        }
-    }
-    // In a work directory of this process's own, reached through its
-    // descriptor (a group store's members can swap any name in its root).
-    sweep_work_dirs(root);
-    let (work_name, work) = work_dir(root)?;
-    let work_path = fd_path(&work);
-    let (salvage, new) = (work_path.join("salvage"), work_path.join("new"));
-    let built = match build(path, &salvage, &new, derive, false) {
+    check_room(path, path, root, "repair", "a repair")?;
+    let work = WorkDir::create(root)?;
+    let built = match work.build(path, derive, false) {
         Ok(built) => built,
         Err(e) => {
-            let _ = remove_tree(&root.join(&work_name));
+            work.remove();
             return Err(e);
         }
     };
-    let set_aside = match swap(path, &new, root) {
+    let set_aside = match swap(path, &work.path().join("new"), root) {
         Ok(set_aside) => set_aside,
         Err(e) => {
             // The damaged index may be in it now: kept, under a name `gc`
             // keeps (and reports).
-            let _ = std::fs::rename(root.join(&work_name), unused_name(root, "broken"));
+            work.set_aside();
             return Err(e);
         }
     };
-    let _ = remove_tree(&root.join(&work_name));
+    work.remove();
     Ok(Rebuilt {
         set_aside,
         kept: built.kept,
@@ -420,43 +402,23 @@ pub(crate) fn migrate(root: &Path, owner: Owner) -> Result<bool> {
         return Err(cannot(Error::index(&old, "it is not a directory")));
     }
     let old_fd = fd_path(&old_dir);
-    let needed = tree_size(&old_fd) + REPAIR_MARGIN;
-    if let Some(free) = free_bytes(root) {
-        if free < needed {
-            return Err(Error::IndexNoSpace {
-                path: old,
-                action: "carry over",
-                detail: format!(
-                    "carrying the index over to this version's layout needs {} KiB free beside \
-                     it, {} KiB are; nothing was changed",
-                    needed / 1024,
-                    free / 1024
-                ),
-            });
-        }
-    }
-    sweep_work_dirs(root);
-    let (work_name, work) = work_dir(root).map_err(cannot)?;
-    let work_path = fd_path(&work);
-    let remove_work = || {
-        let _ = remove_tree(&root.join(&work_name));
-    };
-    let built = build(
+    check_room(
+        &old,
         &old_fd,
-        &work_path.join("salvage"),
-        &work_path.join("new"),
-        |_| Writes::default(),
-        true,
-    );
-    let built = match built {
+        root,
+        "carry over",
+        "carrying the index over to this version's layout",
+    )?;
+    let work = WorkDir::create(root).map_err(cannot)?;
+    let built = match work.build(&old_fd, |_| Writes::default(), true) {
         Ok(built) => built,
         Err(e) => {
-            remove_work();
+            work.remove();
             return Err(cannot(e));
         }
     };
-    if let Err(e) = into_place(&work, root, &path) {
-        remove_work();
+    if let Err(e) = into_place(&work.fd, root, &path) {
+        work.remove();
         return Err(cannot(e));
     }
     // Earlier versions: keep objects their index does not name (their
@@ -482,10 +444,10 @@ pub(crate) fn migrate(root: &Path, owner: Owner) -> Result<bool> {
         if let Err(e) = renameat(CWD, &old, CWD, &aside) {
             tracing::warn!("cannot set aside `{}`: {e}", old.display());
         }
-    } else if let Err(e) = renameat(CWD, &old, &work, "old") {
+    } else if let Err(e) = renameat(CWD, &old, &work.fd, "old") {
         tracing::warn!("cannot remove `{}`: {e}", old.display());
     }
-    remove_work();
+    work.remove();
     tracing::debug!(
         "carried {} records of `{}` over to `{}`",
         built.kept,
@@ -500,6 +462,31 @@ const MIGRATED_MARKER: &str = "This store's index was carried over to index-v2 b
 pycstore. While this file exists, an earlier pycstore's gc keeps objects its own index does not \
 name.\n";
 
+/// Fails with [`Error::IndexNoSpace`] for `index` (doing `action`) when
+/// the filesystem of `root` has no room for a second copy of what is at
+/// `measured` plus [`REPAIR_MARGIN`].
+fn check_room(
+    index: &Path,
+    measured: &Path,
+    root: &Path,
+    action: &'static str,
+    what: &str,
+) -> Result<()> {
+    let needed = tree_size(measured) + REPAIR_MARGIN;
+    match free_bytes(root) {
+        Some(free) if free < needed => Err(Error::IndexNoSpace {
+            path: index.to_path_buf(),
+            action,
+            detail: format!(
+                "{what} needs {} KiB free beside it, {} KiB are; nothing was changed",
+                needed / 1024,
+                free / 1024
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The path through which `dir` is reached: its descriptor, never a name
 /// someone may swap.
 fn fd_path(dir: &OwnedFd) -> PathBuf {
@@ -511,36 +498,95 @@ fn work_prefix() -> String {
     format!("{INDEX_DIR}.work-")
 }
 
-/// A new work directory in `root`, private (0700) and named at random, with
-/// its name and its descriptor, checked to be the one this process made.
-fn work_dir(root: &Path) -> Result<(String, OwnedFd)> {
-    use rustix::fs::{Mode, OFlags};
-    let name = format!("{}{:016x}", work_prefix(), fastrand::u64(..));
-    let path = root.join(&name);
-    rustix::fs::mkdir(&path, Mode::from_raw_mode(0o700)).at("create", &path)?;
-    let fd = rustix::fs::open(
-        &path,
-        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .at("open", &path)?;
-    let stat = rustix::fs::fstat(&fd).at("stat", &path)?;
-    if stat.st_uid != trust::euid() || stat.st_mode & 0o077 != 0 {
-        return Err(Error::Untrusted {
-            path: root.to_path_buf(),
-            reason: format!("`{}` was replaced as it was made", path.display()),
-        });
-    }
-    Ok((name, fd))
+/// A work directory of [`rebuild`] and [`migrate`] in the store root: this
+/// process's own, private (0700) and named at random, and reached through
+/// its descriptor (a group store's members can swap any name in the root).
+/// The caller holds the index lock.
+struct WorkDir {
+    root: PathBuf,
+    name: String,
+    fd: OwnedFd,
 }
 
-/// Removes work directories that a process killed mid-way
-/// left (the caller holds the index lock: none is in use).
+impl WorkDir {
+    /// Makes one, after sweeping those a process killed mid-way left.
+    fn create(root: &Path) -> Result<WorkDir> {
+        use rustix::fs::{Mode, OFlags};
+        sweep_work_dirs(root);
+        let name = format!("{}{:016x}", work_prefix(), fastrand::u64(..));
+        let path = root.join(&name);
+        rustix::fs::mkdir(&path, Mode::from_raw_mode(0o700)).at("create", &path)?;
+        let fd = rustix::fs::open(
+            &path,
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .at("open", &path)?;
+        let stat = rustix::fs::fstat(&fd).at("stat", &path)?;
+        if stat.st_uid != trust::euid() || stat.st_mode & 0o077 != 0 {
+            return Err(Error::Untrusted {
+                path: root.to_path_buf(),
+                reason: format!("`{}` was replaced as it was made", path.display()),
+            });
+        }
+        Ok(WorkDir {
+            root: root.to_path_buf(),
+            name,
+            fd,
+        })
+    }
+
+    /// The path that reaches it through its descriptor.
+    fn path(&self) -> PathBuf {
+        fd_path(&self.fd)
+    }
+
+    /// [`build`] from the index at `from`, into `new` in here (the salvage
+    /// copy in `salvage`).
+    fn build(
+        &self,
+        from: &Path,
+        derive: impl FnOnce(&Readout) -> Writes,
+        whole_keeps_epoch: bool,
+    ) -> Result<Built> {
+        let path = self.path();
+        build(
+            from,
+            &path.join("salvage"),
+            &path.join("new"),
+            derive,
+            whole_keeps_epoch,
+        )
+    }
+
+    fn remove(self) {
+        let _ = remove_tree(&self.root.join(&self.name));
+    }
+
+    /// Keeps it, under a set-aside name (`index-v2.broken-<time>`).
+    fn set_aside(self) {
+        let _ = std::fs::rename(
+            self.root.join(&self.name),
+            unused_name(&self.root, "broken"),
+        );
+    }
+}
+
+/// Clears work directories that a process killed mid-way left (the caller
+/// holds the index lock: none is in use). One holding an index (`new`) is
+/// set aside rather than removed: it may be the damaged index a repair had
+/// just exchanged for the new one, which is never deleted.
 fn sweep_work_dirs(root: &Path) {
     let prefix = work_prefix();
     for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = remove_tree(&entry.path());
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let path = entry.path();
+        if path.join("new").join("CURRENT").exists() {
+            let _ = std::fs::rename(&path, unused_name(root, "broken"));
+        } else {
+            let _ = remove_tree(&path);
         }
     }
 }
